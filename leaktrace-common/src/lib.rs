@@ -1,0 +1,359 @@
+//! The contract between leaktrace's BPF programs and its userspace engine.
+//!
+//! Everything that crosses the kernel/user boundary is defined here once: the
+//! fixed-size records sent through the ring buffer, the per-thread entry state,
+//! the stack map's value type, the load-time configuration, map and program
+//! names, capacities and counter ids. Types are `repr(C)` with fixed-width
+//! fields and explicit padding; their sizes are checked at compile time.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Deepest user stack captured, in frames (perf's default limit).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Default number of distinct stacks the kernel can hold.
+pub const DEFAULT_STACK_CAPACITY: u32 = 16_384;
+/// Default ring-buffer size in bytes (a power of two, multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 16 << 20;
+/// Default number of threads that can be inside an allocator call or a syscall at once.
+pub const DEFAULT_INFLIGHT_CAPACITY: u32 = 65_536;
+
+/// Map names, shared by the BPF `#[map]` statics and the loader.
+pub mod maps {
+    /// Ring buffer carrying [`crate::Event`] records.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU array of u64 loss and activity counters, indexed by [`crate::counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Hash map: stack id (i64) → [`crate::StackTrace`].
+    pub const STACKS: &str = "STACKS";
+    /// Per-CPU scratch slot for building a [`crate::StackTrace`].
+    pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
+    /// Hash map: thread id → [`crate::AllocEntry`] for allocator calls in flight.
+    pub const ALLOC_INFLIGHT: &str = "ALLOC_INFLIGHT";
+    /// Hash map: thread id → [`crate::SyscallEntry`] for syscalls in flight.
+    pub const SYSCALL_INFLIGHT: &str = "SYSCALL_INFLIGHT";
+}
+
+/// Name of the read-only global holding [`Config`].
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+
+/// Load-time configuration, placed in read-only data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Thread-group id (process id) being traced; events of other processes are ignored.
+    pub tgid: u32,
+    /// Bit set of `CONFIG_*` flags.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// [`Config::flags`]: capture user stacks (off: every stack id is [`STACK_NONE`]).
+pub const CONFIG_CAPTURE_STACKS: u32 = 1;
+
+/// Stack id meaning "no stack was requested".
+pub const STACK_NONE: i64 = -1_000_000;
+
+/// Allocator functions, each with the semantics the probes implement.
+///
+/// The discriminant travels in [`Event::func`] and [`AllocEntry::func`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AllocFn {
+    /// `void *malloc(size_t size)`
+    Malloc = 1,
+    /// `void *calloc(size_t nmemb, size_t size)`
+    Calloc = 2,
+    /// `void *realloc(void *ptr, size_t size)`
+    Realloc = 3,
+    /// `void *reallocarray(void *ptr, size_t nmemb, size_t size)`
+    Reallocarray = 4,
+    /// `int posix_memalign(void **memptr, size_t alignment, size_t size)`
+    PosixMemalign = 5,
+    /// `void *aligned_alloc(size_t alignment, size_t size)`
+    AlignedAlloc = 6,
+    /// `void *memalign(size_t alignment, size_t size)`
+    Memalign = 7,
+    /// `void *valloc(size_t size)`
+    Valloc = 8,
+    /// `void *pvalloc(size_t size)`
+    Pvalloc = 9,
+    /// `void free(void *ptr)`
+    Free = 10,
+}
+
+impl AllocFn {
+    /// Every allocator function leaktrace probes, in a stable order.
+    pub const ALL: [Self; 10] = [
+        Self::Malloc,
+        Self::Calloc,
+        Self::Realloc,
+        Self::Reallocarray,
+        Self::PosixMemalign,
+        Self::AlignedAlloc,
+        Self::Memalign,
+        Self::Valloc,
+        Self::Pvalloc,
+        Self::Free,
+    ];
+
+    /// The C symbol name.
+    pub const fn symbol(self) -> &'static str {
+        match self {
+            Self::Malloc => "malloc",
+            Self::Calloc => "calloc",
+            Self::Realloc => "realloc",
+            Self::Reallocarray => "reallocarray",
+            Self::PosixMemalign => "posix_memalign",
+            Self::AlignedAlloc => "aligned_alloc",
+            Self::Memalign => "memalign",
+            Self::Valloc => "valloc",
+            Self::Pvalloc => "pvalloc",
+            Self::Free => "free",
+        }
+    }
+
+    /// Decodes a discriminant sent by the kernel.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Malloc,
+            2 => Self::Calloc,
+            3 => Self::Realloc,
+            4 => Self::Reallocarray,
+            5 => Self::PosixMemalign,
+            6 => Self::AlignedAlloc,
+            7 => Self::Memalign,
+            8 => Self::Valloc,
+            9 => Self::Pvalloc,
+            10 => Self::Free,
+            _ => return None,
+        })
+    }
+
+    /// BPF program name of the entry probe.
+    pub const fn entry_program(self) -> &'static str {
+        match self {
+            Self::Malloc => "malloc_enter",
+            Self::Calloc => "calloc_enter",
+            Self::Realloc => "realloc_enter",
+            Self::Reallocarray => "reallocarray_enter",
+            Self::PosixMemalign => "posix_memalign_enter",
+            Self::AlignedAlloc => "aligned_alloc_enter",
+            Self::Memalign => "memalign_enter",
+            Self::Valloc => "valloc_enter",
+            Self::Pvalloc => "pvalloc_enter",
+            Self::Free => "free_enter",
+        }
+    }
+
+    /// BPF program name of the return probe, if the function needs one.
+    pub const fn return_program(self) -> Option<&'static str> {
+        match self {
+            Self::Free => None,
+            _ => Some("alloc_exit"),
+        }
+    }
+}
+
+/// Event kinds carried in [`Event::kind`]. Ids are stable; retired ids are never reused.
+pub mod kind {
+    /// A block was returned by an allocator: `addr` the block, `size` the requested
+    /// size, `func` the [`crate::AllocFn`]; for realloc/reallocarray `aux` is the old
+    /// pointer (0 for none) and `aux2` the entry timestamp. `addr` is 0 when the
+    /// call failed.
+    pub const ALLOC: u32 = 1;
+    /// `free(addr)` with a non-NULL `addr`.
+    pub const FREE: u32 = 2;
+    /// `mmap` returned `addr` for `size` bytes; `aux` = prot | flags << 32; `aux2` = fd.
+    pub const MMAP: u32 = 10;
+    /// `munmap(addr, size)` succeeded.
+    pub const MUNMAP: u32 = 11;
+    /// `mremap(aux, aux2 bytes → size bytes)` succeeded with the result `addr`.
+    pub const MREMAP: u32 = 12;
+    /// `brk` moved the break: `addr` is the new break, `aux` the requested one.
+    pub const BRK: u32 = 13;
+    /// `mprotect(addr, size, aux)` succeeded.
+    pub const MPROTECT: u32 = 14;
+    /// `madvise(addr, size, aux)` with MADV_DONTNEED or MADV_FREE succeeded.
+    pub const MADVISE: u32 = 15;
+}
+
+/// One record in the ring buffer. Meaning of the fields per [`kind`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// Kernel thread id of the caller.
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the call returned.
+    pub ts_ns: u64,
+    /// Primary address (see [`kind`]).
+    pub addr: u64,
+    /// Requested size or length.
+    pub size: u64,
+    /// Kind-specific.
+    pub aux: u64,
+    /// Kind-specific.
+    pub aux2: u64,
+    /// Stack id in [`maps::STACKS`]; negative: an errno from capture, or [`STACK_NONE`].
+    pub stack_id: i64,
+    /// [`AllocFn`] for heap events, the syscall number for address-space events.
+    pub func: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Event>() == 64);
+
+/// Per-thread state saved at an allocator's entry and consumed at its return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocEntry {
+    /// Requested size (nmemb × size for calloc/reallocarray, saturating).
+    pub size: u64,
+    /// realloc: old pointer; posix_memalign: the `memptr` out-pointer.
+    pub aux: u64,
+    /// User stack pointer at entry, to pair the return and detect nesting.
+    pub sp: u64,
+    /// Entry timestamp (`bpf_ktime_get_ns`).
+    pub ts_ns: u64,
+    /// Captured stack id (see [`Event::stack_id`]).
+    pub stack_id: i64,
+    /// [`AllocFn`] discriminant.
+    pub func: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AllocEntry>() == 48);
+
+/// Per-thread state saved at a syscall's entry and consumed at its exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallEntry {
+    /// The syscall's arguments as the tracepoint gives them.
+    pub args: [u64; 5],
+    /// Stack id of the calling code (or of the allocator call that issued it).
+    pub stack_id: i64,
+    /// Syscall number.
+    pub nr: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SyscallEntry>() == 56);
+
+/// A user stack as captured in the kernel, innermost frame first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackTrace {
+    /// A second, independent hash of the frames, to detect id collisions.
+    pub check: u64,
+    /// Number of valid frames.
+    pub len: u32,
+    /// Bit set of `STACK_*` flags.
+    pub flags: u32,
+    /// Return addresses (the first may be the interrupted instruction pointer).
+    pub frames: [u64; MAX_STACK_DEPTH],
+}
+const _: () = assert!(size_of::<StackTrace>() == 16 + 8 * MAX_STACK_DEPTH);
+
+/// [`StackTrace::flags`]: the walk stopped at [`MAX_STACK_DEPTH`] or at a frame it
+/// could not follow, before reaching the outermost frame.
+pub const STACK_TRUNCATED: u32 = 1;
+/// [`StackTrace::flags`]: frames\[0\] is the interrupted instruction pointer inside a
+/// syscall wrapper and frames\[1\] a return address guessed from the stack pointer.
+pub const STACK_SYSCALL: u32 = 2;
+
+/// Kernel-side counters, indexed into [`maps::COUNTERS`]. Ids are stable data.
+pub mod counter {
+    /// Ring-buffer reservations that failed: the event was lost.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// Inserts into the in-flight allocator map that failed: the call was lost.
+    pub const ALLOC_INFLIGHT_FULL: u32 = 1;
+    /// Inserts into the in-flight syscall map that failed: the call was lost.
+    pub const SYSCALL_INFLIGHT_FULL: u32 = 2;
+    /// Stack-map inserts that failed for lack of room: the event has no stack.
+    pub const STACK_MAP_FULL: u32 = 3;
+    /// Two different stacks hashed to one id: the event has no stack.
+    pub const STACK_COLLISION: u32 = 4;
+    /// The stack could not be read at all: the event has no stack.
+    pub const STACK_ERROR: u32 = 5;
+    /// Allocator returns with no matching entry (calls in flight at attach time).
+    pub const RETURN_WITHOUT_ENTRY: u32 = 6;
+    /// An entry was replaced before its return was seen (a lost return).
+    pub const STALE_ENTRY: u32 = 7;
+    /// Allocator calls made from inside another probed allocator call (counted once, as the outer call).
+    pub const NESTED_CALL: u32 = 8;
+    /// Syscall exits with no matching entry.
+    pub const SYSCALL_WITHOUT_ENTRY: u32 = 9;
+    /// Events successfully sent.
+    pub const EVENTS_SENT: u32 = 10;
+    /// Stacks cut short at the depth limit or an unreadable frame.
+    pub const STACK_TRUNCATED: u32 = 11;
+    /// Number of counters.
+    pub const COUNT: u32 = 12;
+
+    /// Stable name of each counter, as shown in reports and JSON.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ringbuf_full",
+        "alloc_inflight_full",
+        "syscall_inflight_full",
+        "stack_map_full",
+        "stack_collision",
+        "stack_error",
+        "return_without_entry",
+        "stale_entry",
+        "nested_call",
+        "syscall_without_entry",
+        "events_sent",
+        "stack_truncated",
+    ];
+
+    /// Whether a nonzero value of this counter means data was lost.
+    pub const fn is_loss(id: u32) -> bool {
+        matches!(
+            id,
+            RINGBUF_FULL
+                | ALLOC_INFLIGHT_FULL
+                | SYSCALL_INFLIGHT_FULL
+                | STACK_MAP_FULL
+                | STACK_COLLISION
+                | STACK_ERROR
+                | STALE_ENTRY
+                | SYSCALL_WITHOUT_ENTRY
+        )
+    }
+}
+
+/// x86-64 syscall numbers leaktrace traces.
+pub mod nr {
+    /// mmap
+    pub const MMAP: u32 = 9;
+    /// mprotect
+    pub const MPROTECT: u32 = 10;
+    /// munmap
+    pub const MUNMAP: u32 = 11;
+    /// brk
+    pub const BRK: u32 = 12;
+    /// mremap
+    pub const MREMAP: u32 = 25;
+    /// madvise
+    pub const MADVISE: u32 = 28;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{AllocEntry, Config, Event, StackTrace, SyscallEntry};
+
+    // SAFETY: all of these are repr(C), contain only integers, and have no implicit
+    // padding (sizes are asserted above to equal the sum of their fields).
+    unsafe impl aya::Pod for Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AllocEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SyscallEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for StackTrace {}
+}

@@ -1,0 +1,182 @@
+//! Allocator uprobes: one entry body and one return body for the whole malloc
+//! family, plus `free`.
+//!
+//! Entry saves the request in [`ALLOC_INFLIGHT`] keyed by thread id, together
+//! with the stack pointer; the return probe pairs with it only when the stack
+//! pointer shows it is the return of that very call. That makes nested calls
+//! (glibc's `reallocarray` calls `realloc` through the probed address) count
+//! once, as the outer call, and lets a lost return be detected instead of
+//! shifting every later pairing on the thread.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, pt_regs},
+    helpers::bpf_probe_read_user,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use leaktrace_common::{AllocEntry, AllocFn, Event, counter, kind};
+
+use crate::{
+    ALLOC_INFLIGHT, count, emit, now,
+    stack::{self, Regs},
+    traced_thread,
+};
+
+#[inline(always)]
+fn regs_of(ctx: *mut core::ffi::c_void) -> Regs {
+    let r = ctx.cast::<pt_regs>();
+    // SAFETY: uprobe programs receive a pointer to the user registers as context.
+    unsafe { Regs { ip: (*r).rip, sp: (*r).rsp, bp: (*r).rbp } }
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// `a * b`, saturating; `u64::saturating_mul` lowers to a 128-bit multiply BPF lacks.
+#[inline(always)]
+fn mul_sat(a: u64, b: u64) -> u64 {
+    // Split into 32-bit halves so LLVM cannot fold this into `umul.with.overflow`.
+    let (ah, al, bh, bl) = (a >> 32, a & 0xffff_ffff, b >> 32, b & 0xffff_ffff);
+    if ah != 0 && bh != 0 {
+        return u64::MAX;
+    }
+    let cross = ah * bl + al * bh;
+    if cross > 0xffff_ffff {
+        return u64::MAX;
+    }
+    let low = al * bl;
+    let r = low.wrapping_add(cross << 32);
+    if r < low { u64::MAX } else { r }
+}
+
+/// Records an allocator call in flight.
+#[inline(always)]
+fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
+    let Some(tid) = traced_thread() else { return 0 };
+    let regs = regs_of(ctx.as_ptr());
+    // SAFETY: a lookup returns a pointer valid for this program run.
+    if let Some(prev) = unsafe { ALLOC_INFLIGHT.get(&tid) } {
+        if regs.sp < prev.sp {
+            // Called from inside the outer allocator call: the outer one accounts for it.
+            count(counter::NESTED_CALL);
+            return 0;
+        }
+        // The previous call on this thread never returned through our probe.
+        count(counter::STALE_ENTRY);
+    }
+    let entry = AllocEntry {
+        size,
+        aux,
+        sp: regs.sp,
+        ts_ns: now(),
+        stack_id: stack::at_function_entry(regs),
+        func: func as u32,
+        _pad: 0,
+    };
+    if ALLOC_INFLIGHT.insert(&tid, &entry, BPF_ANY as u64).is_err() {
+        count(counter::ALLOC_INFLIGHT_FULL);
+    }
+    0
+}
+
+macro_rules! alloc_entry_probe {
+    ($name:ident, $func:expr, |$ctx:ident| ($size:expr, $aux:expr)) => {
+        #[doc = concat!("Entry uprobe of `", stringify!($func), "`.")]
+        #[uprobe]
+        pub fn $name($ctx: ProbeContext) -> u32 {
+            let size: u64 = $size;
+            let aux: u64 = $aux;
+            alloc_enter(&$ctx, $func, size, aux)
+        }
+    };
+}
+
+alloc_entry_probe!(malloc_enter, AllocFn::Malloc, |ctx| (arg(&ctx, 0), 0));
+alloc_entry_probe!(calloc_enter, AllocFn::Calloc, |ctx| (mul_sat(arg(&ctx, 0), arg(&ctx, 1)), 0));
+alloc_entry_probe!(realloc_enter, AllocFn::Realloc, |ctx| (arg(&ctx, 1), arg(&ctx, 0)));
+alloc_entry_probe!(reallocarray_enter, AllocFn::Reallocarray, |ctx| (
+    mul_sat(arg(&ctx, 1), arg(&ctx, 2)),
+    arg(&ctx, 0)
+));
+alloc_entry_probe!(posix_memalign_enter, AllocFn::PosixMemalign, |ctx| (arg(&ctx, 2), arg(&ctx, 0)));
+alloc_entry_probe!(aligned_alloc_enter, AllocFn::AlignedAlloc, |ctx| (arg(&ctx, 1), 0));
+alloc_entry_probe!(memalign_enter, AllocFn::Memalign, |ctx| (arg(&ctx, 1), 0));
+alloc_entry_probe!(valloc_enter, AllocFn::Valloc, |ctx| (arg(&ctx, 0), 0));
+alloc_entry_probe!(pvalloc_enter, AllocFn::Pvalloc, |ctx| (arg(&ctx, 0), 0));
+
+/// Return probe shared by every allocator function.
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    let Some(tid) = traced_thread() else { return 0 };
+    let regs = regs_of(ctx.as_ptr());
+    // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
+    let Some(entry) = (unsafe { ALLOC_INFLIGHT.get(&tid) }).copied() else {
+        count(counter::RETURN_WITHOUT_ENTRY);
+        return 0;
+    };
+    // After `ret`, sp is one slot above the entry's sp.
+    let expected_sp = entry.sp + 8;
+    if regs.sp < expected_sp {
+        // Return of a nested call we did not record.
+        return 0;
+    }
+    let _ = ALLOC_INFLIGHT.remove(&tid);
+    if regs.sp > expected_sp {
+        // The recorded call's return was lost and this is some outer frame's return.
+        count(counter::STALE_ENTRY);
+        count(counter::RETURN_WITHOUT_ENTRY);
+        return 0;
+    }
+    let ret: u64 = ctx.ret();
+    let addr = if entry.func == AllocFn::PosixMemalign as u32 {
+        if ret as u32 == 0 {
+            // SAFETY: reading user memory through the helper cannot fault the kernel.
+            unsafe { bpf_probe_read_user(entry.aux as *const u64) }.unwrap_or(0)
+        } else {
+            0
+        }
+    } else {
+        ret
+    };
+    let is_realloc =
+        entry.func == AllocFn::Realloc as u32 || entry.func == AllocFn::Reallocarray as u32;
+    emit(Event {
+        kind: kind::ALLOC,
+        tid,
+        ts_ns: now(),
+        addr,
+        size: entry.size,
+        aux: if is_realloc { entry.aux } else { 0 },
+        aux2: entry.ts_ns,
+        stack_id: entry.stack_id,
+        func: entry.func,
+        _pad: 0,
+    });
+    0
+}
+
+/// Entry uprobe of `free`.
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let Some(tid) = traced_thread() else { return 0 };
+    let ptr = arg(&ctx, 0);
+    if ptr == 0 {
+        return 0;
+    }
+    emit(Event {
+        kind: kind::FREE,
+        tid,
+        ts_ns: now(),
+        addr: ptr,
+        size: 0,
+        aux: 0,
+        aux2: 0,
+        stack_id: leaktrace_common::STACK_NONE,
+        func: AllocFn::Free as u32,
+        _pad: 0,
+    });
+    0
+}

@@ -1,0 +1,100 @@
+//! leaktrace's BPF programs.
+//!
+//! Allocator uprobes (`heap.rs`) and address-space syscall tracepoints
+//! (`syscalls.rs`) share the maps, the configuration and the stack capture
+//! (`stack.rs`) defined here. The kernel keeps only what must live there:
+//! per-thread in-flight state and deduplicated stacks. Everything else streams
+//! to userspace as fixed-size [`Event`] records through one ring buffer.
+#![no_std]
+#![no_main]
+#![allow(missing_docs, reason = "program shims are documented where they are generated")]
+
+mod heap;
+mod stack;
+mod syscalls;
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use leaktrace_common::{
+    AllocEntry, Config, DEFAULT_INFLIGHT_CAPACITY, DEFAULT_RING_BYTES, DEFAULT_STACK_CAPACITY,
+    Event, StackTrace, SyscallEntry, counter,
+};
+
+/// Load-time configuration (read-only data, set by the loader).
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> = Global::new(Config { tgid: 0, flags: 0 });
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map]
+static STACKS: HashMap<i64, StackTrace> = HashMap::with_max_entries(DEFAULT_STACK_CAPACITY, 0);
+
+#[map]
+static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static ALLOC_INFLIGHT: HashMap<u32, AllocEntry> =
+    HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+
+#[map]
+static SYSCALL_INFLIGHT: HashMap<u32, SyscallEntry> =
+    HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+fn count(id: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(id) {
+        // SAFETY: the pointer comes from a successful map lookup and the slot is
+        // this CPU's own, so no other program writes it concurrently.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The caller's (tgid, tid) if it belongs to the traced process.
+#[inline(always)]
+fn traced_thread() -> Option<u32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid != CONFIG.load().tgid {
+        return None;
+    }
+    Some(pid_tgid as u32)
+}
+
+/// Sends one event, counting a full ring buffer as a loss.
+#[inline(always)]
+fn emit(ev: Event) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut slot) => {
+            slot.write(Event { ts_ns: ev.ts_ns, ..ev });
+            slot.submit(0);
+            count(counter::EVENTS_SENT);
+        }
+        None => count(counter::RINGBUF_FULL),
+    }
+}
+
+/// Monotonic timestamp in nanoseconds.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,123 @@
+//! Address-space syscall tracepoints: mmap, munmap, mremap, brk, mprotect and
+//! madvise(MADV_DONTNEED/MADV_FREE).
+//!
+//! The entry tracepoint saves the arguments per thread (this kernel has no
+//! kprobes, and the exit tracepoint only carries the return value); the exit
+//! tracepoint emits one event for a successful call. A syscall made from inside
+//! a probed allocator call (glibc's malloc growing the heap with brk, or mapping
+//! a large chunk) takes the allocator call's stack, which names the code that
+//! asked for memory rather than glibc internals.
+//!
+//! Argument offsets are those of
+//! `/sys/kernel/tracing/events/syscalls/sys_enter_<name>/format` on x86-64:
+//! the common header takes 8 bytes, `__syscall_nr` is at 8, and the arguments
+//! follow at 16, 24, 32, 40, 48 (8 bytes each); `sys_exit_*` has `ret` at 16.
+
+use aya_ebpf::{
+    EbpfContext as _, bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext,
+};
+use leaktrace_common::{Event, STACK_NONE, SyscallEntry, counter, kind, nr};
+
+use crate::{ALLOC_INFLIGHT, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread};
+
+const MADV_DONTNEED: u64 = 4;
+const MADV_FREE: u64 = 8;
+
+/// Reads the `i`-th syscall argument (or, on exit, `ret` for `i == 0`).
+#[inline(always)]
+fn field(ctx: &TracePointContext, i: usize) -> u64 {
+    // SAFETY: tracepoint context is readable up to the size of its format; the
+    // syscall formats we attach to have at least `i + 1` 8-byte fields after offset 16.
+    unsafe { *(ctx.as_ptr() as *const u8).add(16 + 8 * i).cast::<u64>() }
+}
+
+#[inline(always)]
+fn sys_enter(ctx: &TracePointContext, nr: u32, want_stack: bool) -> u32 {
+    let Some(tid) = traced_thread() else { return 0 };
+    let mut args = [0u64; 5];
+    let n = if nr == nr::MMAP || nr == nr::MREMAP { 5 } else { 3 };
+    for (i, a) in args.iter_mut().enumerate().take(n) {
+        *a = field(ctx, i);
+    }
+    if nr == nr::MADVISE && args[2] != MADV_DONTNEED && args[2] != MADV_FREE {
+        return 0;
+    }
+    // SAFETY: a lookup returns a pointer valid for this program run.
+    let stack_id = match unsafe { ALLOC_INFLIGHT.get(&tid) } {
+        Some(alloc) => alloc.stack_id,
+        None if want_stack => stack::at_syscall(),
+        None => STACK_NONE,
+    };
+    let entry = SyscallEntry { args, stack_id, nr, _pad: 0 };
+    if SYSCALL_INFLIGHT.insert(&tid, &entry, BPF_ANY as u64).is_err() {
+        count(counter::SYSCALL_INFLIGHT_FULL);
+    }
+    0
+}
+
+#[inline(always)]
+fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
+    let Some(tid) = traced_thread() else { return 0 };
+    // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
+    let Some(e) = (unsafe { SYSCALL_INFLIGHT.get(&tid) }).copied() else {
+        // madvise with other advice is not recorded at entry.
+        if nr != nr::MADVISE {
+            count(counter::SYSCALL_WITHOUT_ENTRY);
+        }
+        return 0;
+    };
+    let _ = SYSCALL_INFLIGHT.remove(&tid);
+    if e.nr != nr {
+        count(counter::SYSCALL_WITHOUT_ENTRY);
+        return 0;
+    }
+    let ret = field(ctx, 0);
+    // brk returns the (possibly unchanged) break; the others return -errno on failure.
+    if nr != nr::BRK && (ret as i64) < 0 && (ret as i64) > -4096 {
+        return 0;
+    }
+    let a = e.args;
+    let (k, addr, size, aux, aux2) = match nr {
+        nr::MMAP => (kind::MMAP, ret, a[1], a[2] | (a[3] << 32), a[4]),
+        nr::MUNMAP => (kind::MUNMAP, a[0], a[1], 0, 0),
+        nr::MREMAP => (kind::MREMAP, ret, a[2], a[0], a[1]),
+        nr::BRK => (kind::BRK, ret, 0, a[0], 0),
+        nr::MPROTECT => (kind::MPROTECT, a[0], a[1], a[2], 0),
+        _ => (kind::MADVISE, a[0], a[1], a[2], 0),
+    };
+    emit(Event {
+        kind: k,
+        tid,
+        ts_ns: now(),
+        addr,
+        size,
+        aux,
+        aux2,
+        stack_id: e.stack_id,
+        func: nr,
+        _pad: 0,
+    });
+    0
+}
+
+macro_rules! syscall_probes {
+    ($enter:ident, $exit:ident, $nr:expr, $want_stack:expr) => {
+        #[doc = concat!("`", stringify!($enter), "` tracepoint.")]
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            sys_enter(&ctx, $nr, $want_stack)
+        }
+        #[doc = concat!("`", stringify!($exit), "` tracepoint.")]
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            sys_exit(&ctx, $nr)
+        }
+    };
+}
+
+syscall_probes!(sys_enter_mmap, sys_exit_mmap, nr::MMAP, true);
+syscall_probes!(sys_enter_munmap, sys_exit_munmap, nr::MUNMAP, false);
+syscall_probes!(sys_enter_mremap, sys_exit_mremap, nr::MREMAP, true);
+syscall_probes!(sys_enter_brk, sys_exit_brk, nr::BRK, true);
+syscall_probes!(sys_enter_mprotect, sys_exit_mprotect, nr::MPROTECT, false);
+syscall_probes!(sys_enter_madvise, sys_exit_madvise, nr::MADVISE, false);
