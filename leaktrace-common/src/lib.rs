@@ -31,6 +31,9 @@ pub mod maps {
     pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
     /// Hash map: thread id → [`crate::AllocEntry`] for allocator calls in flight.
     pub const ALLOC_INFLIGHT: &str = "ALLOC_INFLIGHT";
+    /// Per-CPU `[tid, sp]` of the last allocator return consumed, to recognise the
+    /// second return handler of a tail call (both run at the same stack pointer).
+    pub const LAST_RETURN: &str = "LAST_RETURN";
     /// Hash map: thread id → [`crate::SyscallEntry`] for syscalls in flight.
     pub const SYSCALL_INFLIGHT: &str = "SYSCALL_INFLIGHT";
 }
@@ -282,7 +285,8 @@ pub mod counter {
     pub const RETURN_WITHOUT_ENTRY: u32 = 6;
     /// An entry was replaced before its return was seen (a lost return).
     pub const STALE_ENTRY: u32 = 7;
-    /// Allocator calls made from inside another probed allocator call (counted once, as the outer call).
+    /// Allocator calls made from inside another probed allocator call, or tail-called
+    /// by one (glibc's `realloc(NULL, n)` jumps to `malloc`): counted once, as the outer call.
     pub const NESTED_CALL: u32 = 8;
     /// Syscall exits with no matching entry.
     pub const SYSCALL_WITHOUT_ENTRY: u32 = 9;
@@ -319,6 +323,7 @@ pub mod counter {
                 | STACK_MAP_FULL
                 | STACK_COLLISION
                 | STACK_ERROR
+                | RETURN_WITHOUT_ENTRY
                 | STALE_ENTRY
                 | SYSCALL_WITHOUT_ENTRY
         )

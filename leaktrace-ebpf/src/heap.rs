@@ -18,7 +18,7 @@ use aya_ebpf::{
 use leaktrace_common::{AllocEntry, AllocFn, Event, counter, kind};
 
 use crate::{
-    ALLOC_INFLIGHT, count, emit, now,
+    ALLOC_INFLIGHT, LAST_RETURN, count, emit, now,
     stack::{self, Regs},
     traced_thread,
 };
@@ -59,8 +59,9 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run.
     if let Some(prev) = unsafe { ALLOC_INFLIGHT.get(&tid) } {
-        if regs.sp < prev.sp {
-            // Called from inside the outer allocator call: the outer one accounts for it.
+        if regs.sp <= prev.sp {
+            // Called from inside the outer allocator call (sp below), or tail-called by it
+            // (same sp: `realloc(NULL, n)` jumps to `malloc`): the outer call accounts for it.
             count(counter::NESTED_CALL);
             return 0;
         }
@@ -114,6 +115,13 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(entry) = (unsafe { ALLOC_INFLIGHT.get(&tid) }).copied() else {
+        // A tail call leaves two return probes on one return: the first consumed the entry.
+        if let Some(last) = LAST_RETURN.get_ptr(0)
+            // SAFETY: this CPU's slot from a successful lookup.
+            && unsafe { *last } == [tid as u64, regs.sp]
+        {
+            return 0;
+        }
         count(counter::RETURN_WITHOUT_ENTRY);
         return 0;
     };
@@ -124,6 +132,10 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let _ = ALLOC_INFLIGHT.remove(&tid);
+    if let Some(last) = LAST_RETURN.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot from a successful lookup.
+        unsafe { *last = [tid as u64, regs.sp] };
+    }
     if regs.sp > expected_sp {
         // The recorded call's return was lost and this is some outer frame's return.
         count(counter::STALE_ENTRY);

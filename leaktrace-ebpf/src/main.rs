@@ -45,6 +45,9 @@ static ALLOC_INFLIGHT: HashMap<u32, AllocEntry> =
     HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
 
 #[map]
+static LAST_RETURN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
 static SYSCALL_INFLIGHT: HashMap<u32, SyscallEntry> =
     HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
 

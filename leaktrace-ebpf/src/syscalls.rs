@@ -32,11 +32,11 @@ fn field(ctx: &TracePointContext, i: usize) -> u64 {
 }
 
 #[inline(always)]
-fn sys_enter(ctx: &TracePointContext, nr: u32, want_stack: bool) -> u32 {
+fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -> u32 {
     let Some(tid) = traced_thread() else { return 0 };
     let mut args = [0u64; 5];
-    let n = if nr == nr::MMAP || nr == nr::MREMAP { 5 } else { 3 };
-    for (i, a) in args.iter_mut().enumerate().take(n) {
+    // Reading past the format's last field makes the kernel refuse to attach (EACCES).
+    for (i, a) in args.iter_mut().enumerate().take(nargs) {
         *a = field(ctx, i);
     }
     if nr == nr::MADVISE && args[2] != MADV_DONTNEED && args[2] != MADV_FREE {
@@ -101,11 +101,11 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
 }
 
 macro_rules! syscall_probes {
-    ($enter:ident, $exit:ident, $nr:expr, $want_stack:expr) => {
+    ($enter:ident, $exit:ident, $nr:expr, $nargs:expr, $want_stack:expr) => {
         #[doc = concat!("`", stringify!($enter), "` tracepoint.")]
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            sys_enter(&ctx, $nr, $want_stack)
+            sys_enter(&ctx, $nr, $nargs, $want_stack)
         }
         #[doc = concat!("`", stringify!($exit), "` tracepoint.")]
         #[tracepoint]
@@ -115,9 +115,10 @@ macro_rules! syscall_probes {
     };
 }
 
-syscall_probes!(sys_enter_mmap, sys_exit_mmap, nr::MMAP, true);
-syscall_probes!(sys_enter_munmap, sys_exit_munmap, nr::MUNMAP, false);
-syscall_probes!(sys_enter_mremap, sys_exit_mremap, nr::MREMAP, true);
-syscall_probes!(sys_enter_brk, sys_exit_brk, nr::BRK, true);
-syscall_probes!(sys_enter_mprotect, sys_exit_mprotect, nr::MPROTECT, false);
-syscall_probes!(sys_enter_madvise, sys_exit_madvise, nr::MADVISE, false);
+// (enter, exit, number, arguments read, capture a stack)
+syscall_probes!(sys_enter_mmap, sys_exit_mmap, nr::MMAP, 5, true);
+syscall_probes!(sys_enter_munmap, sys_exit_munmap, nr::MUNMAP, 2, false);
+syscall_probes!(sys_enter_mremap, sys_exit_mremap, nr::MREMAP, 5, true);
+syscall_probes!(sys_enter_brk, sys_exit_brk, nr::BRK, 1, true);
+syscall_probes!(sys_enter_mprotect, sys_exit_mprotect, nr::MPROTECT, 3, false);
+syscall_probes!(sys_enter_madvise, sys_exit_madvise, nr::MADVISE, 3, false);

@@ -1,1 +1,189 @@
-fn main(){}
+//! `leaktrace`: the command line. Parses flags into a [`leaktrace::Config`] and runs it.
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{ArgGroup, Parser, ValueEnum};
+use leaktrace::{Config, Format, Target};
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+    Trace a running process until Ctrl-C, then print what it still holds:
+        sudo leaktrace --pid $(pidof mydaemon)
+
+    Report every 10 s for a minute, top 5 stacks:
+        sudo leaktrace --pid 1234 --interval 10 --duration 60 --top 5
+
+    Launch a command under trace (probes are in place before it runs):
+        sudo leaktrace -- ./myprog --its-flags
+
+    One JSON document at the end, to a file:
+        sudo leaktrace --pid 1234 --duration 30 --format json -o report.json";
+
+/// Attach to a live process and account its outstanding memory by call stack.
+///
+/// leaktrace probes the allocator functions the target has mapped (malloc, calloc,
+/// realloc, reallocarray, posix_memalign, aligned_alloc, memalign, valloc, pvalloc,
+/// free) and traces its mmap/munmap/mremap/brk/mprotect/madvise syscalls, with eBPF.
+/// Nothing is injected into the target and it is not restarted.
+#[derive(Debug, Parser)]
+#[command(version, after_long_help = EXAMPLES, group(ArgGroup::new("what").required(true).args(["pid", "command"])))]
+struct Opts {
+    /// Process to attach to.
+    #[arg(short, long, value_name = "PID", value_parser = parse_pid)]
+    pid: Option<u32>,
+
+    /// Stop after this many seconds (default: until Ctrl-C, SIGTERM or the target exits).
+    #[arg(short, long, value_name = "S", value_parser = parse_seconds)]
+    duration: Option<Duration>,
+
+    /// Print a report every S seconds (text format only).
+    #[arg(short, long, value_name = "S", value_parser = parse_seconds)]
+    interval: Option<Duration>,
+
+    /// Stacks to show in each section.
+    #[arg(short = 'n', long, value_name = "N", default_value_t = Config::default().top)]
+    top: usize,
+
+    /// Frames to show per stack in text reports.
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_frames)]
+    max_frames: usize,
+
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = FormatArg::Text)]
+    format: FormatArg,
+
+    /// Write reports to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+
+    /// Ring-buffer size in KiB (power of two, at least 4).
+    #[arg(long, value_name = "KIB", default_value_t = Config::default().ring_bytes / 1024, value_parser = parse_ring_kib)]
+    ring_kib: u32,
+
+    /// Distinct stacks the kernel can hold.
+    #[arg(long, value_name = "N", default_value_t = Config::default().stack_capacity, value_parser = clap::value_parser!(u32).range(1..))]
+    stack_capacity: u32,
+
+    /// Threads that can be inside an allocator call or a traced syscall at once.
+    #[arg(long, value_name = "N", default_value_t = Config::default().inflight_capacity, value_parser = clap::value_parser!(u32).range(1..))]
+    inflight_capacity: u32,
+
+    /// Do not capture stacks (totals only).
+    #[arg(long)]
+    no_stacks: bool,
+
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Command to launch under trace, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Text,
+    Json,
+}
+
+fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) | Err(_) => Err(format!("'{s}' is not a process id (a positive integer, e.g. from `pidof NAME`)")),
+        Ok(p) => Ok(p),
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
+    }
+}
+
+fn parse_ring_kib(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(v) if v >= 4 && v.is_power_of_two() && v <= 4 << 20 => Ok(v),
+        Ok(v) => Err(format!(
+            "{v} KiB is not a power of two between 4 and 4194304; use {} or {}",
+            v.checked_next_power_of_two().map_or(4 << 20, |p| p / 2).max(4),
+            v.checked_next_power_of_two().unwrap_or(4 << 20).clamp(4, 4 << 20)
+        )),
+        Err(_) => Err(format!("'{s}' is not a size in KiB")),
+    }
+}
+
+fn config(opts: Opts) -> Config {
+    let target = match opts.pid {
+        Some(pid) => Target::Pid(pid),
+        None => Target::Command(opts.command),
+    };
+    Config {
+        target,
+        duration: opts.duration,
+        interval: opts.interval,
+        top: opts.top,
+        max_frames: opts.max_frames,
+        format: match opts.format {
+            FormatArg::Text => Format::Text,
+            FormatArg::Json => Format::Json,
+        },
+        output: opts.output,
+        ring_bytes: opts.ring_kib * 1024,
+        stack_capacity: opts.stack_capacity,
+        inflight_capacity: opts.inflight_capacity,
+        capture_stacks: !opts.no_stacks,
+    }
+}
+
+fn main() -> ExitCode {
+    let opts = match Opts::try_parse() {
+        Ok(o) => o,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            if code == 2 {
+                // One clear line, not clap's multi-line usage block.
+                let msg = e.render().to_string();
+                let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+                eprintln!("leaktrace: {first} (see --help)");
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(code);
+        }
+    };
+    if opts.pid.is_some() && !opts.command.is_empty() {
+        eprintln!("leaktrace: give either --pid or a command after --, not both");
+        return ExitCode::from(2);
+    }
+    if opts.interval.is_some() && matches!(opts.format, FormatArg::Json) {
+        eprintln!("leaktrace: --interval prints text reports; with --format json only the final document is printed, so drop one of them");
+        return ExitCode::from(2);
+    }
+    let level = match opts.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new().filter_level(level).parse_env("LEAKTRACE_LOG").init();
+    match leaktrace::run(&config(opts)) {
+        Ok(outcome) if outcome.interrupted => ExitCode::from(130),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leaktrace: {}", chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,139 @@
+//! Finding the allocator functions a process actually has mapped.
+//!
+//! Every ELF object mapped executable into the target is read (through
+//! `/proc/PID/root`, so processes in other mount namespaces work), and each
+//! definition of a malloc-family symbol becomes a probe site at its file offset.
+//! Probing every definer rather than guessing which one the dynamic linker
+//! binds is both simpler and right: an interposed allocator (jemalloc,
+//! tcmalloc) and the C library's own are each probed, and only the one called
+//! fires. Aliases (the same code under two names) are probed once.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use leaktrace_common::AllocFn;
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+
+/// One place to attach a probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeSite {
+    /// The function and its semantics.
+    pub func: AllocFn,
+    /// Path of the object as the target sees it.
+    pub object: String,
+    /// Path to open from our mount namespace.
+    pub host_path: PathBuf,
+    /// File offset of the function's first instruction.
+    pub offset: u64,
+}
+
+/// Reasons an object could not be searched.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The file could not be read.
+    #[error("failed to read {path}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not an ELF object we understand.
+    #[error("failed to parse {path} as ELF")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: object::Error,
+    },
+}
+
+/// Finds allocator definitions in one ELF object.
+pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, ObjectError> {
+    let data = fs::read(host_path).map_err(|source| ObjectError::Read { path: host_path.to_owned(), source })?;
+    let file = object::File::parse(&*data).map_err(|source| ObjectError::Parse { path: host_path.to_owned(), source })?;
+    // Dynamic symbols are what the dynamic linker binds; a static binary has only .symtab.
+    let mut syms: Vec<_> = file.dynamic_symbols().collect();
+    if syms.is_empty() {
+        syms = file.symbols().collect();
+    }
+    let segments: Vec<(u64, u64, u64)> = file
+        .segments()
+        .map(|s| (s.address(), s.size(), s.file_range().0))
+        .collect();
+    let mut sites = Vec::new();
+    let mut seen_offsets = BTreeSet::new();
+    for func in AllocFn::ALL {
+        let Some(sym) = syms.iter().find(|s| {
+            s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == func.symbol())
+        }) else {
+            continue;
+        };
+        let addr = sym.address();
+        let Some(&(vaddr, _, foff)) = segments.iter().find(|&&(va, size, _)| addr >= va && addr < va + size) else {
+            continue;
+        };
+        let offset = addr - vaddr + foff;
+        // An alias of a function already probed (glibc's aligned_alloc is memalign's code).
+        if !seen_offsets.insert(offset) {
+            continue;
+        }
+        sites.push(ProbeSite { func, object: object.to_owned(), host_path: host_path.to_owned(), offset });
+    }
+    Ok(sites)
+}
+
+/// Result of searching a process's objects.
+#[derive(Debug, Default)]
+pub struct Search {
+    /// Probe sites found.
+    pub sites: Vec<ProbeSite>,
+    /// Objects searched, as the target names them.
+    pub searched: Vec<String>,
+    /// Objects that could not be read, with why.
+    pub unreadable: Vec<String>,
+}
+
+/// Searches the given objects (target path, host path) for allocator functions.
+pub fn search<'a>(objects: impl IntoIterator<Item = (&'a str, PathBuf)>) -> Search {
+    let mut out = Search::default();
+    let mut done = BTreeSet::new();
+    for (object, host) in objects {
+        if !done.insert(object.to_owned()) {
+            continue;
+        }
+        out.searched.push(object.to_owned());
+        match find_in_object(object, &host) {
+            Ok(sites) => out.sites.extend(sites),
+            Err(e) => out.unreadable.push(format!("{e:#}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The C library this test runs on defines the whole malloc family; aliases collapse.
+    #[test]
+    fn finds_libc_allocators() {
+        let maps = crate::procfs::read_maps(std::process::id()).expect("own maps");
+        let libc = maps
+            .iter()
+            .find(|m| m.is_exec() && m.path.contains("libc.so"))
+            .expect("this test binary links libc dynamically");
+        let sites = find_in_object(&libc.path, Path::new(&libc.path)).expect("readable libc");
+        let names: Vec<_> = sites.iter().map(|s| s.func.symbol()).collect();
+        for required in ["malloc", "calloc", "realloc", "free", "posix_memalign", "valloc", "pvalloc"] {
+            assert!(names.contains(&required), "{required} missing from {names:?}");
+        }
+        let offsets: BTreeSet<_> = sites.iter().map(|s| s.offset).collect();
+        assert_eq!(offsets.len(), sites.len(), "each offset is probed once");
+    }
+}

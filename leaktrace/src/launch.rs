@@ -1,0 +1,170 @@
+//! Launching a command under trace without racing the attach.
+//!
+//! The child is forked and blocks on a pipe before `execve`; probes are
+//! attached to the objects the command *will* map (uprobes are bound to files,
+//! so they apply as soon as the dynamic linker maps them), and only then is the
+//! child released. If leaktrace dies before that, the pipe closes and the child
+//! exits without running the command.
+
+use std::{
+    ffi::{CString, OsStr, OsString},
+    fs,
+    os::{fd::{AsRawFd as _, FromRawFd as _, OwnedFd}, unix::ffi::OsStrExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::error::Error;
+
+/// A forked child waiting for the go signal.
+#[derive(Debug)]
+pub struct Blocked {
+    /// Its pid.
+    pub pid: u32,
+    go: OwnedFd,
+}
+
+impl Blocked {
+    /// Lets the child exec the command.
+    pub fn release(self) -> std::io::Result<()> {
+        let b = [b'g'];
+        // SAFETY: writing one byte from a valid buffer to an open pipe.
+        let n = unsafe { libc::write(self.go.as_raw_fd(), b.as_ptr().cast(), 1) };
+        if n == 1 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    }
+}
+
+/// Resolves a command name through PATH, as execvp would.
+pub fn resolve_program(program: &OsStr) -> Result<PathBuf, Error> {
+    let bad = |why: &str| Error::BadCommand { program: program.to_string_lossy().into_owned(), why: why.to_owned() };
+    let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
+        vec![PathBuf::from(program)]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+        std::env::split_paths(&path).map(|d| d.join(program)).collect()
+    };
+    for c in &candidates {
+        if let Ok(meta) = fs::metadata(c) {
+            use std::os::unix::fs::PermissionsExt as _;
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(c.clone());
+            }
+        }
+    }
+    Err(bad(if candidates.len() == 1 { "no such executable file" } else { "not found in PATH" }))
+}
+
+/// The ELF file that will actually run: follows `#!` interpreters (and `/usr/bin/env NAME`).
+pub fn effective_elf(path: &Path) -> Result<PathBuf, Error> {
+    let mut cur = path.to_path_buf();
+    for _ in 0..4 {
+        let head = fs::read(&cur).map(|d| d.into_iter().take(256).collect::<Vec<u8>>()).map_err(|source| Error::Read { path: cur.clone(), source })?;
+        if !head.starts_with(b"#!") {
+            return Ok(cur);
+        }
+        let line = head[2..].split(|&b| b == b'\n').next().unwrap_or(&[]);
+        let line = String::from_utf8_lossy(line);
+        let mut words = line.split_whitespace();
+        let interp = words.next().unwrap_or("");
+        cur = if interp.ends_with("/env") {
+            match words.find(|w| !w.starts_with('-')) {
+                Some(name) => resolve_program(OsStr::new(name))?,
+                None => PathBuf::from(interp),
+            }
+        } else {
+            PathBuf::from(interp)
+        };
+    }
+    Ok(cur)
+}
+
+/// The objects the dynamic linker will load for `elf`, found the way `ldd`
+/// does (`LD_TRACE_LOADED_OBJECTS=1` runs only the dynamic linker), plus the
+/// executable itself. A static executable is its own only object.
+pub fn objects_for(elf: &Path) -> Vec<PathBuf> {
+    let mut out = vec![elf.to_path_buf()];
+    let data = fs::read(elf).unwrap_or_default();
+    let dynamic = object::File::parse(&*data).is_ok_and(|f| {
+        use object::{Object as _, ObjectSection as _};
+        f.section_by_name(".interp").is_some_and(|s| s.size() > 0)
+    });
+    if !dynamic {
+        return out;
+    }
+    let Ok(outp) = Command::new(elf).env("LD_TRACE_LOADED_OBJECTS", "1").output() else { return out };
+    for line in String::from_utf8_lossy(&outp.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.trim(),
+            None => line.trim(),
+        };
+        let path = path.split(" (").next().unwrap_or("").trim();
+        if path.starts_with('/') {
+            let p = PathBuf::from(path);
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Forks a child that will `execve(program, args)` once released.
+pub fn spawn_blocked(program: &Path, args: &[OsString]) -> Result<Blocked, Error> {
+    let name = program.display().to_string();
+    let launch_err = |source| Error::Launch { program: name.clone(), source };
+    let cstr = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| Error::BadCommand { program: name.clone(), why: "argument contains a NUL byte".into() });
+    let path = cstr(program.as_os_str())?;
+    let mut argv: Vec<CString> = Vec::with_capacity(args.len() + 1);
+    argv.push(cstr(args.first().map_or(program.as_os_str(), |a| a.as_os_str()))?);
+    for a in args.iter().skip(1) {
+        argv.push(cstr(a)?);
+    }
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let envs: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    let mut env_ptrs: Vec<*const libc::c_char> = envs.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(launch_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the descriptors were just created and are owned by us alone.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child only calls async-signal-safe functions (close, read, execve, _exit)
+    // on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(launch_err(std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above; this is the child and never returns.
+        unsafe {
+            libc::close(wr.as_raw_fd());
+            let mut b = 0u8;
+            loop {
+                let n = libc::read(rd.as_raw_fd(), (&raw mut b).cast(), 1);
+                if n == 1 {
+                    break;
+                }
+                if n == 0 || *libc::__errno_location() != libc::EINTR {
+                    // leaktrace went away before attaching: do not run untraced.
+                    libc::_exit(126);
+                }
+            }
+            libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    drop(rd);
+    Ok(Blocked { pid: pid as u32, go: wr })
+}

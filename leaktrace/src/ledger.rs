@@ -1,0 +1,440 @@
+//! The engine's books: live heap blocks, per-stack totals and the address
+//! space, kept up to date from the kernel's event stream.
+//!
+//! Everything here is pure bookkeeping over [`Event`]s, so it is unit-tested
+//! without a kernel. Semantics follow the C library:
+//! * a NULL result is not an allocation (counted as a failed call);
+//! * `realloc` releases the old block only when it succeeds, except that
+//!   glibc's `realloc(p, 0)` frees `p` and returns NULL;
+//! * a free of an address we never saw allocated (a block from before attach)
+//!   is counted on its own and subtracts nothing.
+
+use rustc_hash::FxHashMap;
+use leaktrace_common::{AllocFn, Event, STACK_NONE, kind};
+
+use crate::intervals::{Region, RegionKind, RegionMap};
+
+const PAGE: u64 = 4096;
+const MAP_ANONYMOUS: u64 = 0x20;
+
+fn page_up(n: u64) -> u64 {
+    n.saturating_add(PAGE - 1) & !(PAGE - 1)
+}
+
+/// A live heap block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// Requested size.
+    pub size: u64,
+    /// Stack id of the allocating call.
+    pub stack_id: i64,
+    /// Monotonic time of allocation, ns.
+    pub ts_ns: u64,
+}
+
+/// Outstanding totals for one stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Bytes.
+    pub bytes: u64,
+    /// Blocks (heap) or regions (mappings).
+    pub count: u64,
+}
+
+/// Counters kept by userspace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UserCounters {
+    /// Frees of addresses never seen allocated (blocks from before attach, or lost events).
+    pub free_unknown: u64,
+    /// Successful reallocs of blocks never seen allocated.
+    pub realloc_unknown: u64,
+    /// Allocations returned at an address we still held as live (its free was not seen).
+    pub alloc_over_live: u64,
+    /// Allocator calls that returned NULL (or a non-zero error for posix_memalign).
+    pub failed_allocs: u64,
+    /// Events the engine could not decode.
+    pub bad_events: u64,
+    /// Bytes unmapped from ranges not tracked since attach.
+    pub untracked_unmapped_bytes: u64,
+}
+
+/// Cumulative activity since attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Activity {
+    /// Successful allocations.
+    pub allocs: u64,
+    /// Bytes requested by successful allocations.
+    pub alloc_bytes: u64,
+    /// Frees (non-NULL).
+    pub frees: u64,
+    /// mmap calls.
+    pub mmaps: u64,
+    /// munmap calls.
+    pub munmaps: u64,
+    /// mremap calls.
+    pub mremaps: u64,
+    /// brk calls.
+    pub brks: u64,
+    /// mprotect calls.
+    pub mprotects: u64,
+    /// madvise(MADV_DONTNEED/MADV_FREE) calls.
+    pub madvises: u64,
+    /// Bytes given back with madvise(MADV_DONTNEED/MADV_FREE).
+    pub madvised_bytes: u64,
+}
+
+/// The books.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    live: FxHashMap<u64, Block>,
+    heap_by_stack: FxHashMap<i64, Totals>,
+    live_bytes: u64,
+    regions: RegionMap,
+    mapped_by_stack: FxHashMap<i64, Totals>,
+    /// Current program break, once known.
+    brk: Option<u64>,
+    /// Start of the brk heap.
+    start_brk: Option<u64>,
+    /// Userspace counters.
+    pub counters: UserCounters,
+    /// Activity since attach.
+    pub activity: Activity,
+    /// Monotonic time of the newest event, ns.
+    pub last_ts_ns: u64,
+}
+
+impl Ledger {
+    /// A ledger for a process whose brk heap spans `[start_brk, brk)` at attach.
+    pub fn new(start_brk: Option<u64>, brk: Option<u64>) -> Self {
+        Self { start_brk, brk, ..Self::default() }
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, ev: &Event) {
+        self.last_ts_ns = self.last_ts_ns.max(ev.ts_ns);
+        match ev.kind {
+            kind::ALLOC => self.on_alloc(ev),
+            kind::FREE => {
+                self.activity.frees += 1;
+                if self.take(ev.addr).is_none() {
+                    self.counters.free_unknown += 1;
+                }
+            }
+            kind::MMAP => {
+                self.activity.mmaps += 1;
+                let flags = ev.aux >> 32;
+                let k = if flags & MAP_ANONYMOUS != 0 { RegionKind::Anon } else { RegionKind::File };
+                self.map(ev.addr, page_up(ev.size), k, ev.stack_id, ev.ts_ns);
+            }
+            kind::MUNMAP => {
+                self.activity.munmaps += 1;
+                let len = page_up(ev.size);
+                let removed = self.unmap(ev.addr, len);
+                self.counters.untracked_unmapped_bytes += len - removed;
+            }
+            kind::MREMAP => self.on_mremap(ev),
+            kind::BRK => self.on_brk(ev),
+            kind::MPROTECT => self.activity.mprotects += 1,
+            kind::MADVISE => {
+                self.activity.madvises += 1;
+                self.activity.madvised_bytes += page_up(ev.size);
+            }
+            _ => self.counters.bad_events += 1,
+        }
+    }
+
+    fn on_alloc(&mut self, ev: &Event) {
+        let Some(func) = AllocFn::from_u32(ev.func) else {
+            self.counters.bad_events += 1;
+            return;
+        };
+        let is_realloc = matches!(func, AllocFn::Realloc | AllocFn::Reallocarray);
+        if ev.addr == 0 {
+            if is_realloc && ev.aux != 0 && ev.size == 0 {
+                // glibc: realloc(p, 0) frees p and returns NULL.
+                self.release_old(ev);
+            } else {
+                self.counters.failed_allocs += 1;
+            }
+            return;
+        }
+        if is_realloc && ev.aux != 0 {
+            self.release_old(ev);
+        }
+        self.activity.allocs += 1;
+        self.activity.alloc_bytes += ev.size;
+        let block = Block { size: ev.size, stack_id: ev.stack_id, ts_ns: ev.ts_ns };
+        if let Some(old) = self.live.insert(ev.addr, block) {
+            self.counters.alloc_over_live += 1;
+            self.sub_heap(old);
+        }
+        self.live_bytes += block.size;
+        let t = self.heap_by_stack.entry(block.stack_id).or_default();
+        t.bytes += block.size;
+        t.count += 1;
+    }
+
+    /// Releases a realloc's old block, unless the address was handed out again
+    /// by another thread after this realloc started (it freed the block
+    /// internally, and that newer block's event arrived first).
+    fn release_old(&mut self, ev: &Event) {
+        match self.live.get(&ev.aux) {
+            Some(b) if b.ts_ns > ev.aux2 => {}
+            Some(_) => {
+                self.take(ev.aux);
+            }
+            None => self.counters.realloc_unknown += 1,
+        }
+    }
+
+    fn take(&mut self, addr: u64) -> Option<Block> {
+        let b = self.live.remove(&addr)?;
+        self.sub_heap(b);
+        Some(b)
+    }
+
+    fn sub_heap(&mut self, b: Block) {
+        self.live_bytes -= b.size;
+        if let Some(t) = self.heap_by_stack.get_mut(&b.stack_id) {
+            t.bytes -= b.size;
+            t.count -= 1;
+            if t.count == 0 {
+                self.heap_by_stack.remove(&b.stack_id);
+            }
+        }
+    }
+
+    fn map(&mut self, start: u64, len: u64, kind: RegionKind, stack_id: i64, ts_ns: u64) {
+        let removed = self.regions.insert(start, len, Region { end: 0, kind, stack_id, ts_ns });
+        self.sub_regions(&removed);
+        if kind != RegionKind::File {
+            self.mapped_by_stack.entry(stack_id).or_default().bytes += len;
+        }
+    }
+
+    /// Unmaps a range; returns the tracked bytes it removed.
+    fn unmap(&mut self, start: u64, len: u64) -> u64 {
+        let removed = self.regions.remove(start, len);
+        self.sub_regions(&removed);
+        removed.iter().map(|(s, r)| r.end - s).sum()
+    }
+
+    fn sub_regions(&mut self, removed: &[(u64, Region)]) {
+        for (s, r) in removed {
+            if r.kind == RegionKind::File {
+                continue;
+            }
+            if let Some(t) = self.mapped_by_stack.get_mut(&r.stack_id) {
+                t.bytes -= r.end - s;
+                if t.bytes == 0 {
+                    self.mapped_by_stack.remove(&r.stack_id);
+                }
+            }
+        }
+    }
+
+    fn on_mremap(&mut self, ev: &Event) {
+        self.activity.mremaps += 1;
+        let (old, old_len, new, new_len) = (ev.aux, page_up(ev.aux2), ev.addr, page_up(ev.size));
+        if old_len == 0 {
+            return; // duplicates a shared mapping; nothing is released
+        }
+        let pieces = self.regions.overlapping(old, old_len);
+        let tracked = pieces.first().map(|(_, r)| *r);
+        self.unmap(old, old_len);
+        let kept = old_len.min(new_len);
+        match tracked {
+            Some(r) => {
+                // The moved part keeps its creator; growth belongs to the caller of mremap.
+                self.map(new, kept, r.kind, r.stack_id, r.ts_ns);
+                if new_len > old_len {
+                    self.map(new + old_len, new_len - old_len, r.kind, ev.stack_id, ev.ts_ns);
+                }
+            }
+            None if new_len > old_len => {
+                // A mapping from before attach grew: only the growth is new.
+                self.map(new + old_len, new_len - old_len, RegionKind::Anon, ev.stack_id, ev.ts_ns);
+            }
+            None => {}
+        }
+    }
+
+    fn on_brk(&mut self, ev: &Event) {
+        self.activity.brks += 1;
+        let new = ev.addr;
+        if self.start_brk.is_none() {
+            self.start_brk = Some(new);
+        }
+        match self.brk {
+            Some(cur) if new > cur => self.map(cur, new - cur, RegionKind::Brk, ev.stack_id, ev.ts_ns),
+            Some(cur) if new < cur => {
+                self.unmap(new, cur - new);
+            }
+            _ => {}
+        }
+        self.brk = Some(new);
+    }
+
+    /// Live heap bytes (requested sizes).
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    /// Live heap blocks.
+    pub fn live_allocations(&self) -> u64 {
+        self.live.len() as u64
+    }
+
+    /// Anonymous bytes mapped since attach and still mapped.
+    pub fn anon_mapped_bytes(&self) -> u64 {
+        self.regions.bytes_of(RegionKind::Anon)
+    }
+
+    /// Size of the brk heap (`brk - start_brk`), if known.
+    pub fn brk_bytes(&self) -> Option<u64> {
+        Some(self.brk?.saturating_sub(self.start_brk?))
+    }
+
+    /// brk growth since attach still in place.
+    pub fn brk_grown_bytes(&self) -> u64 {
+        self.regions.bytes_of(RegionKind::Brk)
+    }
+
+    /// Outstanding heap totals per stack.
+    pub fn heap_by_stack(&self) -> &FxHashMap<i64, Totals> {
+        &self.heap_by_stack
+    }
+
+    /// Outstanding anonymous and brk bytes per stack (`count` is unused).
+    pub fn mapped_by_stack(&self) -> &FxHashMap<i64, Totals> {
+        &self.mapped_by_stack
+    }
+
+    /// The live blocks.
+    pub fn live(&self) -> &FxHashMap<u64, Block> {
+        &self.live
+    }
+
+    /// The tracked regions.
+    pub fn regions(&self) -> &RegionMap {
+        &self.regions
+    }
+
+    /// Oldest block timestamp per stack.
+    pub fn oldest_by_stack(&self) -> FxHashMap<i64, u64> {
+        let mut m: FxHashMap<i64, u64> = FxHashMap::default();
+        for b in self.live.values() {
+            let e = m.entry(b.stack_id).or_insert(u64::MAX);
+            *e = (*e).min(b.ts_ns);
+        }
+        for (s, r) in self.regions.iter() {
+            let _ = s;
+            if r.kind != RegionKind::File {
+                let e = m.entry(r.stack_id).or_insert(u64::MAX);
+                *e = (*e).min(r.ts_ns);
+            }
+        }
+        m
+    }
+
+    /// Stack ids referenced by the books (for symbolization).
+    pub fn referenced_stacks(&self) -> impl Iterator<Item = i64> + '_ {
+        self.heap_by_stack.keys().chain(self.mapped_by_stack.keys()).copied().filter(|&s| s != STACK_NONE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(func: AllocFn, addr: u64, size: u64, old: u64, stack: i64, ts: u64) -> Event {
+        Event { kind: kind::ALLOC, addr, size, aux: old, aux2: ts.saturating_sub(1), stack_id: stack, func: func as u32, ts_ns: ts, ..Event::default() }
+    }
+    fn free(addr: u64) -> Event {
+        Event { kind: kind::FREE, addr, func: AllocFn::Free as u32, ..Event::default() }
+    }
+
+    /// malloc/free/realloc sequences end in exact live bytes, blocks, and counters.
+    #[test]
+    fn heap_semantics() {
+        use AllocFn::*;
+        // (events, live bytes, live blocks, free_unknown, failed, realloc_unknown)
+        let cases: Vec<(Vec<Event>, u64, u64, u64, u64, u64)> = vec![
+            (vec![alloc(Malloc, 0x10, 100, 0, 1, 1)], 100, 1, 0, 0, 0),
+            (vec![alloc(Malloc, 0x10, 100, 0, 1, 1), free(0x10)], 0, 0, 0, 0, 0),
+            // NULL result is no allocation.
+            (vec![alloc(Malloc, 0, 100, 0, 1, 1)], 0, 0, 0, 1, 0),
+            // Free of a block from before attach.
+            (vec![free(0x99)], 0, 0, 1, 0, 0),
+            // realloc(NULL, n) allocates.
+            (vec![alloc(Realloc, 0x20, 64, 0, 1, 1)], 64, 1, 0, 0, 0),
+            // Grow in place, then move.
+            (vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Realloc, 0x10, 20, 0x10, 2, 2), alloc(Realloc, 0x30, 40, 0x10, 3, 3)], 40, 1, 0, 0, 0),
+            // Failed realloc keeps the old block.
+            (vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Realloc, 0, 1 << 40, 0x10, 2, 2)], 10, 1, 0, 1, 0),
+            // realloc(p, 0) frees p in glibc.
+            (vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Realloc, 0, 0, 0x10, 2, 2)], 0, 0, 0, 0, 0),
+            // realloc of a pre-attach block: new block counted, old unknown.
+            (vec![alloc(Realloc, 0x50, 30, 0x40, 1, 1)], 30, 1, 0, 0, 1),
+            // Another thread got the old address before the realloc's event arrived.
+            // (its realloc entered at t=2, freed 0x10 inside, another thread's malloc got 0x10 at t=3).
+            (
+                vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Malloc, 0x10, 7, 0, 9, 3), Event { aux2: 2, ..alloc(Realloc, 0x30, 40, 0x10, 2, 5) }],
+                47,
+                2,
+                0,
+                0,
+                0,
+            ),
+        ];
+        for (i, (evs, bytes, blocks, fu, failed, ru)) in cases.into_iter().enumerate() {
+            let mut l = Ledger::default();
+            for e in &evs {
+                l.apply(e);
+            }
+            assert_eq!((l.live_bytes(), l.live_allocations()), (bytes, blocks), "case {i}");
+            assert_eq!((l.counters.free_unknown, l.counters.failed_allocs, l.counters.realloc_unknown), (fu, failed, ru), "case {i}");
+            let per_stack: u64 = l.heap_by_stack().values().map(|t| t.bytes).sum();
+            assert_eq!(per_stack, l.live_bytes(), "case {i}: per-stack totals add up");
+        }
+    }
+
+    fn sys(k: u32, addr: u64, size: u64, aux: u64, aux2: u64, stack: i64) -> Event {
+        Event { kind: k, addr, size, aux, aux2, stack_id: stack, ..Event::default() }
+    }
+
+    /// mmap, partial munmap, mremap and brk move the mapped totals exactly.
+    #[test]
+    fn address_space_semantics() {
+        let anon = (MAP_ANONYMOUS | 0x02) << 32;
+        let mut l = Ledger::new(Some(0x10_0000), Some(0x12_1000));
+        l.apply(&sys(kind::MMAP, 0x7000_0000, 10 * PAGE, anon | 3, u64::MAX, 1));
+        assert_eq!(l.anon_mapped_bytes(), 10 * PAGE);
+        l.apply(&sys(kind::MUNMAP, 0x7000_0000 + 2 * PAGE, 3 * PAGE, 0, 0, -1));
+        assert_eq!(l.anon_mapped_bytes(), 7 * PAGE);
+        assert_eq!(l.regions().len(), 2);
+        // Grow the tail piece [5,10) pages to 8 pages, moving it.
+        l.apply(&sys(kind::MREMAP, 0x8000_0000, 8 * PAGE, 0x7000_0000 + 5 * PAGE, 5 * PAGE, 2));
+        assert_eq!(l.anon_mapped_bytes(), 10 * PAGE);
+        assert_eq!(l.mapped_by_stack()[&1].bytes, 7 * PAGE);
+        assert_eq!(l.mapped_by_stack()[&2].bytes, 3 * PAGE);
+        // File mappings are not anonymous memory.
+        l.apply(&sys(kind::MMAP, 0x9000_0000, PAGE, 1, 3, 4));
+        assert_eq!(l.anon_mapped_bytes(), 10 * PAGE);
+        // Unmapping something from before attach subtracts nothing.
+        l.apply(&sys(kind::MUNMAP, 0x1000, PAGE, 0, 0, -1));
+        assert_eq!(l.counters.untracked_unmapped_bytes, PAGE);
+        // brk growth and shrink.
+        assert_eq!(l.brk_bytes(), Some(0x2_1000));
+        l.apply(&sys(kind::BRK, 0x12_1000 + 5000, 0, 0x12_1000 + 5000, 0, 5));
+        assert_eq!((l.brk_bytes(), l.brk_grown_bytes()), (Some(0x2_1000 + 5000), 5000));
+        l.apply(&sys(kind::BRK, 0x12_1000 + 1000, 0, 0x12_1000 + 1000, 0, 6));
+        assert_eq!((l.brk_bytes(), l.brk_grown_bytes()), (Some(0x2_1000 + 1000), 1000));
+        assert_eq!(l.mapped_by_stack()[&5].bytes, 1000);
+        // Unmap everything tracked.
+        l.apply(&sys(kind::MUNMAP, 0x7000_0000, 5 * PAGE, 0, 0, -1));
+        l.apply(&sys(kind::MUNMAP, 0x8000_0000, 8 * PAGE, 0, 0, -1));
+        assert_eq!(l.anon_mapped_bytes(), 0);
+        assert!(!l.mapped_by_stack().contains_key(&1));
+    }
+}

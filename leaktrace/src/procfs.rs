@@ -1,0 +1,183 @@
+//! Reading `/proc/PID`: the memory map, process state, RSS and the break.
+
+use std::{
+    fs,
+    io,
+    path::{Path, PathBuf},
+};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// `rwxp`-style permissions.
+    pub perms: [u8; 4],
+    /// File offset of `start`.
+    pub offset: u64,
+    /// Inode (0 for anonymous mappings).
+    pub inode: u64,
+    /// Path or pseudo-name (`[heap]`, `[stack]`, …); empty for anonymous mappings.
+    pub path: String,
+}
+
+impl MapEntry {
+    /// Whether the mapping is executable.
+    pub fn is_exec(&self) -> bool {
+        self.perms[2] == b'x'
+    }
+
+    /// Whether the mapping is backed by a file (not anonymous, not a pseudo-name).
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+}
+
+/// Parses the text of `/proc/PID/maps`; malformed lines are skipped.
+pub fn parse_maps(text: &str) -> Vec<MapEntry> {
+    text.lines().filter_map(parse_map_line).collect()
+}
+
+fn parse_map_line(line: &str) -> Option<MapEntry> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.as_bytes();
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+    let _dev = it.next()?;
+    let inode = it.next()?.parse().ok()?;
+    let path = it.next().unwrap_or("").trim_start().to_owned();
+    let (s, e) = range.split_once('-')?;
+    Some(MapEntry {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        perms: perms.get(..4)?.try_into().ok()?,
+        offset,
+        inode,
+        path,
+    })
+}
+
+/// Reads and parses `/proc/PID/maps`.
+pub fn read_maps(pid: u32) -> io::Result<Vec<MapEntry>> {
+    Ok(parse_maps(&fs::read_to_string(format!("/proc/{pid}/maps"))?))
+}
+
+/// Path through which a file mapped by `pid` can be opened from our mount namespace.
+pub fn path_in_target(pid: u32, path: &str) -> PathBuf {
+    Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
+}
+
+/// Memory figures from `/proc/PID/status`, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Rss {
+    /// VmRSS.
+    pub rss_bytes: u64,
+    /// RssAnon.
+    pub anon_bytes: u64,
+    /// RssFile.
+    pub file_bytes: u64,
+    /// RssShmem.
+    pub shmem_bytes: u64,
+}
+
+/// What `/proc/PID/status` says about a process.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Single-letter state (`R`, `S`, `Z`, …).
+    pub state: char,
+    /// Thread-group id.
+    pub tgid: u32,
+    /// Memory figures (all zero for kernel threads).
+    pub rss: Rss,
+    /// Whether the task has a user address space (kernel threads have none).
+    pub has_mm: bool,
+}
+
+/// Parses the text of `/proc/PID/status`.
+pub fn parse_status(text: &str) -> Status {
+    let mut st = Status::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        let kb = || v.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        match k {
+            "State" => st.state = v.chars().next().unwrap_or('?'),
+            "Tgid" => st.tgid = v.parse().unwrap_or(0),
+            "VmRSS" => {
+                st.rss.rss_bytes = kb();
+                st.has_mm = true;
+            }
+            "RssAnon" => st.rss.anon_bytes = kb(),
+            "RssFile" => st.rss.file_bytes = kb(),
+            "RssShmem" => st.rss.shmem_bytes = kb(),
+            _ => {}
+        }
+    }
+    st
+}
+
+/// Reads `/proc/PID/status`.
+pub fn read_status(pid: u32) -> io::Result<Status> {
+    Ok(parse_status(&fs::read_to_string(format!("/proc/{pid}/status"))?))
+}
+
+/// `start_brk` from `/proc/PID/stat` (field 47), if the kernel shows it.
+pub fn read_start_brk(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // `rest` starts at field 3, so field 47 is index 44.
+    let v: u64 = rest.split_whitespace().nth(44)?.parse().ok()?;
+    (v != 0).then_some(v)
+}
+
+/// Kernel-thread flag in `/proc/PID/stat` field 9.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Whether `pid` is a kernel thread.
+pub fn is_kernel_thread(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some(close) = stat.rfind(')') else { return false };
+    stat[close + 2..]
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Maps lines with and without paths, pseudo-names and deleted files parse into fields.
+    #[test]
+    fn parses_maps_lines() {
+        let text = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234                       /usr/bin/cat
+55d0c0a01000-55d0c0a05000 r-xp 00001000 fe:01 1234                       /usr/bin/cat
+55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0                          [heap]
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 
+7f0000200000-7f0000201000 r-xp 00002000 fe:01 99 /tmp/lib with space.so (deleted)
+";
+        let m = parse_maps(text);
+        assert_eq!(m.len(), 5);
+        assert_eq!((m[1].start, m[1].end, m[1].offset, m[1].inode), (0x55d0c0a01000, 0x55d0c0a05000, 0x1000, 1234));
+        assert!(m[1].is_exec() && m[1].is_file());
+        assert_eq!(m[2].path, "[heap]");
+        assert!(!m[2].is_file());
+        assert_eq!(m[3].path, "");
+        assert_eq!(m[4].path, "/tmp/lib with space.so (deleted)");
+    }
+
+    /// Status fields used for validation and RSS are read in bytes.
+    #[test]
+    fn parses_status() {
+        let st = parse_status("Name:\tx\nState:\tZ (zombie)\nTgid:\t42\nVmRSS:\t  100 kB\nRssAnon:\t 60 kB\nRssFile:\t 40 kB\nRssShmem:\t 0 kB\n");
+        assert_eq!(st.state, 'Z');
+        assert_eq!(st.tgid, 42);
+        assert!(st.has_mm);
+        assert_eq!(st.rss, Rss { rss_bytes: 102_400, anon_bytes: 61_440, file_bytes: 40_960, shmem_bytes: 0 });
+    }
+}

@@ -1,0 +1,323 @@
+//! Reports: a serializable snapshot of the books, and its text rendering.
+//!
+//! The JSON shape is a stable contract (see README): fields are only added.
+
+use std::fmt::Write as _;
+
+use leaktrace_common::counter;
+use serde::Serialize;
+
+use crate::{
+    ledger::{Activity, Ledger, UserCounters},
+    procfs::Rss,
+    symbols::{Frame, Symbols},
+};
+
+/// One stack's outstanding heap.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeapStack {
+    /// Outstanding requested bytes.
+    pub live_bytes: u64,
+    /// Outstanding blocks.
+    pub live_allocations: u64,
+    /// Age of the oldest outstanding block, seconds.
+    pub oldest_age_s: f64,
+    /// Kernel stack id (negative: capture failed, see `lost`).
+    pub stack_id: i64,
+    /// The stack walk stopped early.
+    pub truncated: bool,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// One stack's outstanding mappings (anonymous mmap and brk growth).
+#[derive(Clone, Debug, Serialize)]
+pub struct MapStack {
+    /// Bytes still mapped.
+    pub mapped_bytes: u64,
+    /// Age of the oldest region, seconds.
+    pub oldest_age_s: f64,
+    /// Kernel stack id.
+    pub stack_id: i64,
+    /// The stack walk stopped early.
+    pub truncated: bool,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// Heap section.
+#[derive(Clone, Debug, Serialize)]
+pub struct Heap {
+    /// Outstanding requested bytes allocated since attach.
+    pub live_bytes: u64,
+    /// Outstanding blocks allocated since attach.
+    pub live_allocations: u64,
+    /// Stacks by outstanding bytes, largest first.
+    pub stacks: Vec<HeapStack>,
+}
+
+/// Address-space section.
+#[derive(Clone, Debug, Serialize)]
+pub struct Mappings {
+    /// Anonymous bytes mapped since attach and still mapped.
+    pub anon_mapped_bytes: u64,
+    /// Size of the brk heap (`brk − start_brk`), 0 if the process has none.
+    pub brk_bytes: u64,
+    /// brk growth since attach still in place.
+    pub brk_grown_bytes: u64,
+    /// Stacks by mapped bytes, largest first.
+    pub stacks: Vec<MapStack>,
+}
+
+/// A probe leaktrace attached.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeInfo {
+    /// Function name.
+    pub function: String,
+    /// Object as the target names it.
+    pub object: String,
+    /// File offset of the probe.
+    pub offset: u64,
+}
+
+/// A report, as printed at each interval and at the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Traced process.
+    pub pid: u32,
+    /// Seconds since the probes were attached.
+    pub duration_s: f64,
+    /// Resident set size (last value read while the target was alive).
+    pub rss_bytes: u64,
+    /// RSS split.
+    pub rss: Rss,
+    /// Whether this is the final report.
+    pub final_report: bool,
+    /// Why tracing ended (final report only).
+    pub end_reason: Option<String>,
+    /// Whether the target had exited.
+    pub target_exited: bool,
+    /// Heap accounting.
+    pub heap: Heap,
+    /// Address-space accounting.
+    pub mappings: Mappings,
+    /// Data lost, by cause; all zero means the report is complete.
+    pub lost: std::collections::BTreeMap<String, u64>,
+    /// Sum of `lost`.
+    pub lost_total: u64,
+    /// Other counters (not losses).
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Activity since attach.
+    pub activity: Activity,
+    /// Probes attached.
+    pub probes: Vec<ProbeInfo>,
+}
+
+/// Everything a report is built from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    /// Traced process.
+    pub pid: u32,
+    /// The books.
+    pub ledger: &'a Ledger,
+    /// Resolved stacks.
+    pub symbols: &'a Symbols,
+    /// Kernel counters, indexed by `counter::*`.
+    pub kernel_counters: &'a [u64],
+    /// Last RSS reading.
+    pub rss: Rss,
+    /// Seconds traced.
+    pub duration_s: f64,
+    /// Monotonic now, ns (for ages).
+    pub now_ns: u64,
+    /// Stacks to show per section.
+    pub top: usize,
+    /// Final report?
+    pub final_report: bool,
+    /// Why tracing ended.
+    pub end_reason: Option<String>,
+    /// Whether the target exited.
+    pub target_exited: bool,
+    /// Probes attached.
+    pub probes: &'a [ProbeInfo],
+}
+
+/// Builds a report.
+pub fn build(i: &Inputs<'_>) -> Report {
+    let oldest = i.ledger.oldest_by_stack();
+    let age = |id: i64| oldest.get(&id).map_or(0.0, |&t| i.now_ns.saturating_sub(t) as f64 / 1e9);
+    let frames = |id: i64| {
+        i.symbols.get(id).map_or((Vec::new(), false), |s| (s.frames.clone(), s.truncated))
+    };
+    let mut heap: Vec<_> = i.ledger.heap_by_stack().iter().map(|(&id, t)| (id, *t)).collect();
+    heap.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(&b.0)));
+    let heap_stacks = heap
+        .iter()
+        .take(i.top)
+        .map(|&(id, t)| {
+            let (frames, truncated) = frames(id);
+            HeapStack { live_bytes: t.bytes, live_allocations: t.count, oldest_age_s: age(id), stack_id: id, truncated, frames }
+        })
+        .collect();
+    let mut mapped: Vec<_> = i.ledger.mapped_by_stack().iter().map(|(&id, t)| (id, t.bytes)).collect();
+    mapped.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let map_stacks = mapped
+        .iter()
+        .take(i.top)
+        .map(|&(id, bytes)| {
+            let (frames, truncated) = frames(id);
+            MapStack { mapped_bytes: bytes, oldest_age_s: age(id), stack_id: id, truncated, frames }
+        })
+        .collect();
+
+    let mut lost = std::collections::BTreeMap::new();
+    let mut counters = std::collections::BTreeMap::new();
+    for (id, name) in counter::NAMES.iter().enumerate() {
+        let v = i.kernel_counters.get(id).copied().unwrap_or(0);
+        if counter::is_loss(id as u32) {
+            lost.insert((*name).to_owned(), v);
+        } else {
+            counters.insert((*name).to_owned(), v);
+        }
+    }
+    let UserCounters { free_unknown, realloc_unknown, alloc_over_live, failed_allocs, bad_events, untracked_unmapped_bytes } =
+        i.ledger.counters;
+    lost.insert("bad_events".into(), bad_events);
+    lost.insert("alloc_over_live".into(), alloc_over_live);
+    counters.insert("free_unknown".into(), free_unknown);
+    counters.insert("realloc_unknown".into(), realloc_unknown);
+    counters.insert("failed_allocs".into(), failed_allocs);
+    counters.insert("untracked_unmapped_bytes".into(), untracked_unmapped_bytes);
+    let lost_total = lost.values().sum();
+
+    Report {
+        pid: i.pid,
+        duration_s: (i.duration_s * 1000.0).round() / 1000.0,
+        rss_bytes: i.rss.rss_bytes,
+        rss: i.rss,
+        final_report: i.final_report,
+        end_reason: i.end_reason.clone(),
+        target_exited: i.target_exited,
+        heap: Heap { live_bytes: i.ledger.live_bytes(), live_allocations: i.ledger.live_allocations(), stacks: heap_stacks },
+        mappings: Mappings {
+            anon_mapped_bytes: i.ledger.anon_mapped_bytes(),
+            brk_bytes: i.ledger.brk_bytes().unwrap_or(0),
+            brk_grown_bytes: i.ledger.brk_grown_bytes(),
+            stacks: map_stacks,
+        },
+        lost,
+        lost_total,
+        counters,
+        activity: i.ledger.activity,
+        probes: i.probes.to_vec(),
+    }
+}
+
+/// Human-readable byte count (binary units).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn frame_line(f: &Frame) -> String {
+    let func = f.function.as_deref().unwrap_or("??");
+    let mut s = format!("{func}");
+    if let (Some(file), Some(line)) = (&f.file, f.line) {
+        let short = file.rsplit('/').next().unwrap_or(file);
+        let _ = write!(s, " ({short}:{line})");
+    }
+    if f.inlined {
+        s.push_str(" [inlined]");
+    }
+    let module = f.module.as_deref().map_or("?", |m| m.rsplit('/').next().unwrap_or(m));
+    let _ = write!(s, "  in {module}");
+    if f.function.is_none() {
+        let _ = write!(s, " @ {}", f.address);
+    }
+    s
+}
+
+fn write_frames(out: &mut String, frames: &[Frame], truncated: bool, max: usize) {
+    if frames.is_empty() {
+        out.push_str("      (no stack)\n");
+        return;
+    }
+    for f in frames.iter().take(max) {
+        let _ = writeln!(out, "      {}", frame_line(f));
+    }
+    if frames.len() > max {
+        let _ = writeln!(out, "      … {} more frames", frames.len() - max);
+    } else if truncated {
+        out.push_str("      … (stack truncated)\n");
+    }
+}
+
+/// Renders a report as text.
+pub fn render_text(r: &Report, max_frames: usize) -> String {
+    let mut o = String::new();
+    let title = if r.final_report { "final report" } else { "report" };
+    let _ = writeln!(o, "=== leaktrace {title}: pid {}, {:.1} s traced{} ===", r.pid, r.duration_s,
+        r.end_reason.as_deref().map(|e| format!(" ({e})")).unwrap_or_default());
+    let _ = writeln!(
+        o,
+        "RSS {} (anon {}, file {}, shmem {}){}",
+        bytes(r.rss.rss_bytes), bytes(r.rss.anon_bytes), bytes(r.rss.file_bytes), bytes(r.rss.shmem_bytes),
+        if r.target_exited { " — last reading; the target has exited" } else { "" }
+    );
+    let _ = writeln!(
+        o,
+        "Live heap allocated since attach: {} in {} blocks",
+        bytes(r.heap.live_bytes), r.heap.live_allocations
+    );
+    let _ = writeln!(
+        o,
+        "Anonymous mappings since attach: {}    brk heap: {} ({} grown since attach)",
+        bytes(r.mappings.anon_mapped_bytes), bytes(r.mappings.brk_bytes), bytes(r.mappings.brk_grown_bytes)
+    );
+    let a = &r.activity;
+    let _ = writeln!(o, "Activity: {} allocations ({}), {} frees, {} mmap, {} munmap, {} mremap, {} brk",
+        a.allocs, bytes(a.alloc_bytes), a.frees, a.mmaps, a.munmaps, a.mremaps, a.brks);
+    o.push('\n');
+    if r.heap.stacks.is_empty() {
+        o.push_str("No outstanding heap allocations since attach.\n");
+    } else {
+        let _ = writeln!(o, "Top {} stacks by outstanding heap bytes:", r.heap.stacks.len());
+        for (n, s) in r.heap.stacks.iter().enumerate() {
+            let _ = writeln!(o, "  #{} {} in {} blocks, oldest {:.1} s", n + 1, bytes(s.live_bytes), s.live_allocations, s.oldest_age_s);
+            write_frames(&mut o, &s.frames, s.truncated, max_frames);
+        }
+    }
+    if !r.mappings.stacks.is_empty() {
+        o.push('\n');
+        let _ = writeln!(o, "Top {} stacks by mapped bytes (anonymous mmap, brk):", r.mappings.stacks.len());
+        for (n, s) in r.mappings.stacks.iter().enumerate() {
+            let _ = writeln!(o, "  #{} {} mapped, oldest {:.1} s", n + 1, bytes(s.mapped_bytes), s.oldest_age_s);
+            write_frames(&mut o, &s.frames, s.truncated, max_frames);
+        }
+    }
+    o.push('\n');
+    let nonzero: Vec<String> = r.lost.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    if nonzero.is_empty() {
+        o.push_str("Losses: none — every event was accounted.\n");
+    } else {
+        let _ = writeln!(
+            o,
+            "LOSSES: {} — this report is built on incomplete data ({} events or stacks lost).",
+            nonzero.join(", "), r.lost_total
+        );
+    }
+    let c = &r.counters;
+    let _ = writeln!(
+        o,
+        "Not losses: {} frees of blocks from before attach, {} reallocs of such blocks, {} failed allocations, {} nested allocator calls, {} truncated stacks.",
+        c.get("free_unknown").unwrap_or(&0), c.get("realloc_unknown").unwrap_or(&0), c.get("failed_allocs").unwrap_or(&0),
+        c.get("nested_call").unwrap_or(&0), c.get("stack_truncated").unwrap_or(&0)
+    );
+    o
+}

@@ -1,0 +1,461 @@
+//! A tracing session: load and attach the BPF programs, consume events, report.
+
+use std::{
+    ffi::OsString,
+    io::Write as _,
+    num::NonZeroU32,
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+};
+use leaktrace_common::{
+    AllocFn, CONFIG_CAPTURE_STACKS, CONFIG_GLOBAL, Config as BpfConfig, DEFAULT_INFLIGHT_CAPACITY,
+    DEFAULT_RING_BYTES, DEFAULT_STACK_CAPACITY, Event, StackTrace, counter, maps,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    allocators::{self, ProbeSite},
+    error::Error,
+    launch,
+    ledger::Ledger,
+    procfs::{self, Rss},
+    report::{self, ProbeInfo, Report},
+    symbols::Symbols,
+    target,
+};
+
+/// What to trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A running process.
+    Pid(u32),
+    /// A command to launch under trace: program and its arguments (argv\[0\] first).
+    Command(Vec<OsString>),
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// Text reports at each interval and at the end.
+    #[default]
+    Text,
+    /// One JSON document at the end.
+    Json,
+}
+
+/// A validated session configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// What to trace.
+    pub target: Target,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Print a report this often.
+    pub interval: Option<Duration>,
+    /// Stacks per report section.
+    pub top: usize,
+    /// Frames shown per stack in text reports.
+    pub max_frames: usize,
+    /// Output format.
+    pub format: Format,
+    /// Write reports here instead of stdout.
+    pub output: Option<PathBuf>,
+    /// Ring-buffer size in bytes (power of two).
+    pub ring_bytes: u32,
+    /// Stack map capacity.
+    pub stack_capacity: u32,
+    /// In-flight call map capacity (threads).
+    pub inflight_capacity: u32,
+    /// Capture stacks.
+    pub capture_stacks: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            target: Target::Pid(0),
+            duration: None,
+            interval: None,
+            top: 10,
+            max_frames: 16,
+            format: Format::Text,
+            output: None,
+            ring_bytes: DEFAULT_RING_BYTES,
+            stack_capacity: DEFAULT_STACK_CAPACITY,
+            inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
+            capture_stacks: true,
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The final report.
+    pub report: Report,
+    /// Ended by SIGINT.
+    pub interrupted: bool,
+}
+
+/// Runs a session to its end and returns the final report (already written to the output).
+pub fn run(config: &Config) -> Result<Outcome, Error> {
+    target::check_privileges()?;
+    target::ensure_tracefs()?;
+
+    // Resolve the target and the objects to probe.
+    let (pid, objects, blocked) = match &config.target {
+        Target::Pid(pid) => {
+            let p = target::validate_pid(*pid)?;
+            (p.pid, target::mapped_objects(p.pid)?, None)
+        }
+        Target::Command(argv) => {
+            let program = argv.first().ok_or_else(|| Error::BadCommand { program: String::new(), why: "empty command".into() })?;
+            let path = launch::resolve_program(program)?;
+            let elf = launch::effective_elf(&path)?;
+            let objs: Vec<(String, PathBuf)> =
+                launch::objects_for(&elf).into_iter().map(|p| (p.display().to_string(), p)).collect();
+            let blocked = launch::spawn_blocked(&path, argv)?;
+            (blocked.pid, objs, Some(blocked))
+        }
+    };
+
+    let search = allocators::search(objects.iter().map(|(t, h)| (t.as_str(), h.clone())));
+    let has = |f: AllocFn| search.sites.iter().any(|s| s.func == f);
+    if !has(AllocFn::Malloc) || !has(AllocFn::Free) {
+        let looked_for = AllocFn::ALL.iter().map(|f| f.symbol()).collect::<Vec<_>>().join(", ");
+        let mut searched = search.searched.join(", ");
+        if searched.is_empty() {
+            searched = "no executable file mappings".into();
+        }
+        if !search.unreadable.is_empty() {
+            searched.push_str(&format!(" (unreadable: {})", search.unreadable.join("; ")));
+        }
+        if let Some(b) = blocked {
+            kill_blocked(b);
+        }
+        return Err(Error::NoAllocator { pid, looked_for, searched });
+    }
+
+    let mut ebpf = match load(config, pid) {
+        Ok(e) => e,
+        Err(e) => {
+            if let Some(b) = blocked {
+                kill_blocked(b);
+            }
+            return Err(e);
+        }
+    };
+    let probes = match attach(&mut ebpf, pid, &search.sites) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(b) = blocked {
+                kill_blocked(b);
+            }
+            return Err(e);
+        }
+    };
+    let launched = blocked.is_some();
+    let start_brk = if launched { None } else { procfs::read_start_brk(pid) };
+    let brk = if launched {
+        None
+    } else {
+        procfs::read_maps(pid).ok().and_then(|m| m.iter().find(|e| e.path == "[heap]").map(|e| e.end)).or(start_brk)
+    };
+    // Open the exit notifier before releasing a launched child, so its exit can't be missed.
+    let pidfd = open_pidfd(pid);
+    let started = Instant::now();
+    if let Some(b) = blocked {
+        b.release().map_err(|source| Error::Launch { program: format!("{:?}", config.target), source })?;
+    }
+    log::info!("attached {} probes to pid {pid}", probes.len());
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    let mut s = Session {
+        config,
+        pid,
+        launched,
+        ledger: Ledger::new(start_brk, brk),
+        symbols: None,
+        rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
+        probes,
+        started,
+        target_exited: false,
+        exit_status: None,
+        out: open_output(config)?,
+    };
+    rt.block_on(s.event_loop(&mut ebpf, pidfd))
+}
+
+fn kill_blocked(b: launch::Blocked) {
+    let pid = b.pid as i32;
+    drop(b); // closing the pipe makes the child exit without exec
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+}
+
+fn open_output(config: &Config) -> Result<Box<dyn std::io::Write>, Error> {
+    Ok(match &config.output {
+        Some(p) => Box::new(std::fs::File::create(p).map_err(|source| Error::Output { path: p.display().to_string(), source })?),
+        None => Box::new(std::io::stdout()),
+    })
+}
+
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative return is a descriptor we now own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
+    let bpf_config = BpfConfig { tgid: pid, flags: if config.capture_stacks { CONFIG_CAPTURE_STACKS } else { 0 } };
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(CONFIG_GLOBAL, &bpf_config, true)
+        .map_max_entries(maps::EVENTS, config.ring_bytes)
+        .map_max_entries(maps::STACKS, config.stack_capacity)
+        .map_max_entries(maps::ALLOC_INFLIGHT, config.inflight_capacity)
+        .map_max_entries(maps::SYSCALL_INFLIGHT, config.inflight_capacity);
+    // The verifier rejects programs with EACCES, so only EPERM means "not allowed".
+    loader.load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"))).map_err(|e| {
+        if Error::is_permission(&e) { Error::NotPrivileged } else { Error::Load(e) }
+    })
+}
+
+/// The syscall tracepoints, exit before entry so an exit never lacks its entry.
+const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "mprotect", "madvise"];
+
+fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInfo>, Error> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
+    let attach_err = |what: String| move |source| {
+        if Error::is_permission(&source) { Error::NotPrivileged } else { Error::Attach { what, source } }
+    };
+    let uprobe = |ebpf: &mut Ebpf, name: &'static str| -> Result<(), Error> {
+        let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
+        p.load().map_err(attach_err(name.into()))
+    };
+    // Return probes first: a return is then never seen without its entry, except
+    // for calls already in flight at attach (counted as return_without_entry).
+    uprobe(ebpf, "alloc_exit")?;
+    for site in sites.iter().filter(|s| s.func.return_program().is_some()) {
+        let p: &mut UProbe = ebpf.program_mut("alloc_exit").ok_or(Error::Missing("alloc_exit"))?.try_into().map_err(attach_err("alloc_exit".into()))?;
+        p.attach(site.offset, &site.host_path, scope)
+            .map_err(attach_err(format!("return probe on {} in {}", site.func.symbol(), site.object)))?;
+    }
+    let mut infos = Vec::new();
+    for site in sites {
+        let name = site.func.entry_program();
+        uprobe(ebpf, name)?;
+        let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
+        p.attach(site.offset, &site.host_path, scope)
+            .map_err(attach_err(format!("probe on {} in {}", site.func.symbol(), site.object)))?;
+        infos.push(ProbeInfo { function: site.func.symbol().into(), object: site.object.clone(), offset: site.offset });
+    }
+    for phase in ["exit", "enter"] {
+        for sc in SYSCALLS {
+            let name = format!("sys_{phase}_{sc}");
+            let prog = ebpf.program_mut(&name).ok_or(Error::Missing("a syscall tracepoint program"))?;
+            let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.clone()))?;
+            tp.load().map_err(attach_err(name.clone()))?;
+            tp.attach("syscalls", &name).map_err(attach_err(format!("tracepoint syscalls:{name}")))?;
+        }
+    }
+    Ok(infos)
+}
+
+struct Session<'a> {
+    config: &'a Config,
+    pid: u32,
+    launched: bool,
+    ledger: Ledger,
+    symbols: Option<Symbols>,
+    rss: Rss,
+    probes: Vec<ProbeInfo>,
+    started: Instant,
+    target_exited: bool,
+    exit_status: Option<String>,
+    out: Box<dyn std::io::Write>,
+}
+
+/// How often new stacks are symbolized and RSS is sampled.
+const TICK: Duration = Duration::from_millis(250);
+
+impl Session<'_> {
+    async fn event_loop(&mut self, ebpf: &mut Ebpf, pidfd: Option<OwnedFd>) -> Result<Outcome, Error> {
+        let ring = RingBuf::try_from(ebpf.take_map(maps::EVENTS).ok_or(Error::Missing("EVENTS map"))?)
+            .map_err(|source| Error::Map { name: maps::EVENTS, source })?;
+        let mut ring = async_fd(ring)?;
+        let stacks: BpfHashMap<MapData, i64, StackTrace> =
+            BpfHashMap::try_from(ebpf.take_map(maps::STACKS).ok_or(Error::Missing("STACKS map"))?)
+                .map_err(|source| Error::Map { name: maps::STACKS, source })?;
+        let counters: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(ebpf.take_map(maps::COUNTERS).ok_or(Error::Missing("COUNTERS map"))?)
+                .map_err(|source| Error::Map { name: maps::COUNTERS, source })?;
+        let pidfd = match pidfd {
+            Some(fd) => Some(async_fd(fd)?),
+            None => None,
+        };
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Runtime)?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Runtime)?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let far = Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut report_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
+            self.config.interval.unwrap_or(far),
+        );
+        let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
+        tokio::pin!(deadline);
+
+        let (reason, interrupted) = loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.map_err(Error::Runtime)?;
+                    drain(guard.get_inner_mut(), &mut self.ledger);
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    self.sample_rss();
+                    self.resolve_stacks(&stacks);
+                }
+                _ = report_tick.tick() => {
+                    if self.config.format == Format::Text {
+                        let r = self.report(&counters, false, None);
+                        self.write(&report::render_text(&r, self.config.max_frames))?;
+                    }
+                }
+                _ = sigint.recv() => break ("interrupted".to_owned(), true),
+                _ = sigterm.recv() => break ("terminated".to_owned(), false),
+                () = &mut deadline => break ("duration elapsed".to_owned(), false),
+                r = async { match &pidfd { Some(fd) => fd.readable().await.map(|mut g| g.clear_ready()), None => std::future::pending().await } } => {
+                    let _ = r;
+                    self.target_exited = true;
+                    self.reap();
+                    break (format!("target exited{}", self.exit_status.as_deref().map(|s| format!(", {s}")).unwrap_or_default()), false);
+                }
+            }
+        };
+        // Whatever is still in the ring buffer belongs in the final report.
+        drain(ring.get_mut(), &mut self.ledger);
+        if !self.target_exited {
+            self.sample_rss();
+        }
+        self.resolve_stacks(&stacks);
+        let report = self.report(&counters, true, Some(reason));
+        let text = match self.config.format {
+            Format::Text => report::render_text(&report, self.config.max_frames),
+            Format::Json => serde_json::to_string_pretty(&report).expect("report serializes") + "\n",
+        };
+        self.write(&text)?;
+        Ok(Outcome { report, interrupted })
+    }
+
+    fn write(&mut self, s: &str) -> Result<(), Error> {
+        let path = self.config.output.as_ref().map_or("stdout".into(), |p| p.display().to_string());
+        self.out.write_all(s.as_bytes()).and_then(|()| self.out.flush()).map_err(|source| Error::Output { path, source })
+    }
+
+    fn sample_rss(&mut self) {
+        if let Ok(st) = procfs::read_status(self.pid)
+            && st.has_mm
+        {
+            self.rss = st.rss;
+        }
+    }
+
+    fn reap(&mut self) {
+        if !self.launched {
+            return;
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own launched child.
+        let r = unsafe { libc::waitpid(self.pid as i32, &raw mut status, libc::WNOHANG) };
+        if r == self.pid as i32 {
+            self.exit_status = Some(if libc::WIFEXITED(status) {
+                format!("exit status {}", libc::WEXITSTATUS(status))
+            } else if libc::WIFSIGNALED(status) {
+                format!("killed by signal {}", libc::WTERMSIG(status))
+            } else {
+                "stopped".to_owned()
+            });
+        }
+    }
+
+    fn resolve_stacks(&mut self, stacks: &BpfHashMap<MapData, i64, StackTrace>) {
+        let pid = self.pid;
+        let symbols = self.symbols.get_or_insert_with(|| Symbols::new(pid));
+        let mut batch = Vec::new();
+        let mut seen = rustc_hash::FxHashSet::default();
+        for id in self.ledger.referenced_stacks() {
+            if id < 0 || symbols.has(id) || !seen.insert(id) {
+                continue;
+            }
+            if let Ok(st) = stacks.get(&id, 0) {
+                batch.push((id, st));
+            }
+        }
+        if !batch.is_empty() {
+            symbols.resolve(&batch);
+        }
+    }
+
+    fn report(&mut self, counters: &PerCpuArray<MapData, u64>, final_report: bool, reason: Option<String>) -> Report {
+        let kernel: Vec<u64> = (0..counter::COUNT)
+            .map(|i| counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect();
+        let now_ns = monotonic_ns();
+        let symbols = self.symbols.get_or_insert_with(|| Symbols::new(self.pid));
+        report::build(&report::Inputs {
+            pid: self.pid,
+            ledger: &self.ledger,
+            symbols,
+            kernel_counters: &kernel,
+            rss: self.rss,
+            duration_s: self.started.elapsed().as_secs_f64(),
+            now_ns,
+            top: self.config.top,
+            final_report,
+            end_reason: reason,
+            target_exited: self.target_exited,
+            probes: &self.probes,
+        })
+    }
+}
+
+/// Applies every event waiting in the ring buffer.
+fn drain(ring: &mut RingBuf<aya::maps::MapData>, ledger: &mut Ledger) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        n += 1;
+        if item.len() < size_of::<Event>() {
+            ledger.counters.bad_events += 1;
+            continue;
+        }
+        // SAFETY: the buffer holds at least one Event, a Pod written by our BPF program;
+        // read_unaligned copes with any alignment.
+        let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        ledger.apply(&ev);
+    }
+    n
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+
+fn async_fd<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, Error> {
+    // SAFETY: `inner` owns its descriptor, which stays open as long as the AsyncFd holds it.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| Error::Runtime(e.into()))
+}

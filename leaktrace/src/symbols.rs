@@ -1,0 +1,209 @@
+//! Turning stack addresses into frames with blazesym.
+//!
+//! Addresses are normalized against our own snapshot of the target's
+//! executable mappings and symbolized per object file by file offset, so a
+//! stack can still be named after the target exited (the snapshot and the
+//! files outlive it). Results are cached per address; new stacks are resolved
+//! in batches as they appear, while the target is alive.
+
+use std::path::PathBuf;
+
+use blazesym::symbolize::{Input, Symbolized, Symbolizer, source::{Elf, Source}};
+use leaktrace_common::{STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
+use rustc_hash::FxHashMap;
+
+use crate::procfs::{self, MapEntry};
+
+/// One frame of a symbolized stack.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Frame {
+    /// Function name, demangled; `null` when unknown.
+    pub function: Option<String>,
+    /// Source file, when debug info has it.
+    pub file: Option<String>,
+    /// Source line, when debug info has it.
+    pub line: Option<u32>,
+    /// Object the code belongs to.
+    pub module: Option<String>,
+    /// Always `"native"` for now; Python frames will say `"python"`.
+    pub kind: &'static str,
+    /// The address in the target, hex.
+    pub address: String,
+    /// Whether the function was inlined into the next frame.
+    pub inlined: bool,
+}
+
+/// A resolved stack.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stack {
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+    /// The walk stopped before the outermost frame.
+    pub truncated: bool,
+}
+
+/// Stack symbolizer for one target process.
+pub struct Symbols {
+    pid: u32,
+    exec_maps: Vec<MapEntry>,
+    symbolizer: Symbolizer,
+    cache: FxHashMap<(u64, bool), Vec<Frame>>,
+    stacks: FxHashMap<i64, Stack>,
+}
+
+impl std::fmt::Debug for Symbols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Symbols").field("pid", &self.pid).field("stacks", &self.stacks.len()).finish_non_exhaustive()
+    }
+}
+
+impl Symbols {
+    /// A symbolizer for `pid`, with an initial snapshot of its mappings.
+    pub fn new(pid: u32) -> Self {
+        let mut s = Self {
+            pid,
+            exec_maps: Vec::new(),
+            symbolizer: Symbolizer::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .build(),
+            cache: FxHashMap::default(),
+            stacks: FxHashMap::default(),
+        };
+        s.refresh_maps();
+        s
+    }
+
+    /// Re-reads the target's mappings; keeps the old snapshot if it is gone.
+    pub fn refresh_maps(&mut self) -> bool {
+        match procfs::read_maps(self.pid) {
+            Ok(m) => {
+                let fresh: Vec<MapEntry> = m.into_iter().filter(|m| m.is_exec() && m.is_file()).collect();
+                // Keep mappings that went away (dlclose) for stacks recorded earlier.
+                for old in std::mem::take(&mut self.exec_maps) {
+                    if !fresh.iter().any(|f| f.start < old.end && old.start < f.end) {
+                        self.exec_maps.push(old);
+                    }
+                }
+                self.exec_maps.extend(fresh);
+                self.exec_maps.sort_by_key(|m| m.start);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn mapping(&self, addr: u64) -> Option<&MapEntry> {
+        let i = self.exec_maps.partition_point(|m| m.start <= addr);
+        let m = self.exec_maps.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+
+    /// Whether a stack id has been resolved.
+    pub fn has(&self, id: i64) -> bool {
+        self.stacks.contains_key(&id)
+    }
+
+    /// A resolved stack.
+    pub fn get(&self, id: i64) -> Option<&Stack> {
+        self.stacks.get(&id)
+    }
+
+    /// Resolves raw stacks (id, trace) in one batch.
+    pub fn resolve(&mut self, raw: &[(i64, StackTrace)]) {
+        // Addresses to look up: (address, is_return_address).
+        let mut wanted: Vec<(u64, bool)> = Vec::new();
+        let mut plans: Vec<(i64, Vec<(u64, bool)>, bool)> = Vec::new();
+        let mut refreshed = false;
+        for (id, st) in raw {
+            let n = (st.len as usize).min(st.frames.len());
+            let mut addrs: Vec<(u64, bool)> = Vec::with_capacity(n);
+            for (i, &a) in st.frames[..n].iter().enumerate() {
+                let syscall = st.flags & STACK_SYSCALL != 0;
+                let is_ret = !(syscall && i == 0);
+                if self.mapping(a).is_none() && !refreshed {
+                    refreshed = true;
+                    self.refresh_maps();
+                }
+                // The syscall stack's second frame is a guess from [sp]: keep it only if it is code.
+                if syscall && i == 1 && self.mapping(a).is_none() {
+                    continue;
+                }
+                addrs.push((a, is_ret));
+            }
+            for &k in &addrs {
+                if !self.cache.contains_key(&k) {
+                    wanted.push(k);
+                }
+            }
+            plans.push((*id, addrs, st.flags & STACK_TRUNCATED != 0));
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        self.symbolize(&wanted);
+        for (id, addrs, truncated) in plans {
+            let frames = addrs.iter().flat_map(|k| self.cache.get(k).cloned().unwrap_or_default()).collect();
+            self.stacks.insert(id, Stack { frames, truncated });
+        }
+    }
+
+    fn symbolize(&mut self, wanted: &[(u64, bool)]) {
+        // Group by object: (host path, module name) → [(key, file offset)].
+        let mut by_obj: FxHashMap<(PathBuf, String), Vec<((u64, bool), u64)>> = FxHashMap::default();
+        for &(addr, is_ret) in wanted {
+            let Some(m) = self.mapping(addr) else {
+                self.cache.insert((addr, is_ret), vec![unknown(addr, None)]);
+                continue;
+            };
+            // A return address points after the call; look up the call itself.
+            let lookup = if is_ret { addr.saturating_sub(1) } else { addr };
+            let off = lookup - m.start + m.offset;
+            let host = procfs::path_in_target(self.pid, m.path.trim_end_matches(" (deleted)"));
+            by_obj.entry((host, m.path.clone())).or_default().push(((addr, is_ret), off));
+        }
+        for ((host, module), items) in by_obj {
+            let offsets: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
+            // After the target exits /proc/PID/root is gone; the file is usually still
+            // at the same path in our namespace.
+            let path = if host.exists() { host } else { PathBuf::from(&module) };
+            let src = Source::Elf(Elf::new(path));
+            let results = self.symbolizer.symbolize(&src, Input::FileOffset(&offsets));
+            for (i, (key, _)) in items.iter().enumerate() {
+                let frames = match results.as_ref().ok().and_then(|r| r.get(i)) {
+                    Some(Symbolized::Sym(sym)) => {
+                        let mut frames = Vec::with_capacity(1 + sym.inlined.len());
+                        // blazesym lists inlined calls outermost first; we want innermost first.
+                        for f in sym.inlined.iter().rev() {
+                            frames.push(Frame {
+                                function: Some(f.name.to_string()),
+                                file: f.code_info.as_ref().map(|c| c.to_path().display().to_string()),
+                                line: f.code_info.as_ref().and_then(|c| c.line),
+                                module: Some(module.clone()),
+                                kind: "native",
+                                address: format!("{:#x}", key.0),
+                                inlined: true,
+                            });
+                        }
+                        frames.push(Frame {
+                            function: Some(sym.name.to_string()),
+                            file: sym.code_info.as_ref().map(|c| c.to_path().display().to_string()),
+                            line: sym.code_info.as_ref().and_then(|c| c.line),
+                            module: Some(module.clone()),
+                            kind: "native",
+                            address: format!("{:#x}", key.0),
+                            inlined: false,
+                        });
+                        frames
+                    }
+                    _ => vec![unknown(key.0, Some(module.clone()))],
+                };
+                self.cache.insert(*key, frames);
+            }
+        }
+    }
+}
+
+fn unknown(addr: u64, module: Option<String>) -> Frame {
+    Frame { function: None, file: None, line: None, module, kind: "native", address: format!("{addr:#x}"), inlined: false }
+}
