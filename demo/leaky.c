@@ -41,17 +41,24 @@ __attribute__((noinline)) static void parse_request(int id) {
     free(copy);
 }
 
+static void serve(int i) {
+    parse_request(i);
+    remember_session(i);
+    if (i % 10 == 0) handle_error(i);
+    cache_append("0123456789abcdef");
+}
+
+/* leaky [REQUESTS]   handle REQUESTS requests (default 3000) over about 3 s, then exit
+ * leaky --forever    keep serving 1000 requests a second until killed */
 int main(int argc, char **argv) {
-    int requests = argc > 1 ? atoi(argv[1]) : 2000;
-    for (int i = 0; i < requests; i++) {
-        parse_request(i);
-        remember_session(i);
-        if (i % 10 == 0) handle_error(i);
-        cache_append("0123456789abcdef");
-        if (i % 100 == 0) usleep(1000);
+    int forever = argc > 1 && strcmp(argv[1], "--forever") == 0;
+    int requests = argc > 1 && !forever ? atoi(argv[1]) : 3000;
+    printf("leaky: pid %d serving %s\n", (int)getpid(), forever ? "forever" : "then exiting");
+    fflush(stdout);
+    for (int i = 0; forever || i < requests; i++) {
+        serve(i);
+        if (i % 100 == 99) usleep(100000);
     }
     printf("leaky: done, %d requests\n", requests);
-    fflush(stdout);
-    pause();
     return 0;
 }

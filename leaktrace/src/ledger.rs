@@ -10,7 +10,7 @@
 //!   is counted on its own and subtracts nothing.
 
 use rustc_hash::FxHashMap;
-use leaktrace_common::{AllocFn, Event, STACK_NONE, kind};
+use leaktrace_common::{AllocFn, Event, kind};
 
 use crate::intervals::{Region, RegionKind, RegionMap};
 
@@ -335,11 +335,6 @@ impl Ledger {
             }
         }
         m
-    }
-
-    /// Stack ids referenced by the books (for symbolization).
-    pub fn referenced_stacks(&self) -> impl Iterator<Item = i64> + '_ {
-        self.heap_by_stack.keys().chain(self.mapped_by_stack.keys()).copied().filter(|&s| s != STACK_NONE)
     }
 }
 

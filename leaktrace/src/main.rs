@@ -133,6 +133,7 @@ fn config(opts: Opts) -> Config {
         stack_capacity: opts.stack_capacity,
         inflight_capacity: opts.inflight_capacity,
         capture_stacks: !opts.no_stacks,
+        announce: true,
     }
 }
 

@@ -75,6 +75,8 @@ pub struct Config {
     pub inflight_capacity: u32,
     /// Capture stacks.
     pub capture_stacks: bool,
+    /// Print one line on stderr once the probes are attached.
+    pub announce: bool,
 }
 
 impl Default for Config {
@@ -91,6 +93,7 @@ impl Default for Config {
             stack_capacity: DEFAULT_STACK_CAPACITY,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
             capture_stacks: true,
+            announce: false,
         }
     }
 }
@@ -174,7 +177,16 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     if let Some(b) = blocked {
         b.release().map_err(|source| Error::Launch { program: format!("{:?}", config.target), source })?;
     }
-    log::info!("attached {} probes to pid {pid}", probes.len());
+    if config.announce {
+        #[expect(clippy::print_stderr, reason = "the one status line users and tests wait for")]
+        {
+            eprintln!(
+                "leaktrace: tracing pid {pid} ({} allocator probes, {} syscall tracepoints); Ctrl-C to stop",
+                probes.len(),
+                SYSCALLS.len() * 2
+            );
+        }
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
     let mut s = Session {
@@ -183,6 +195,9 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         launched,
         ledger: Ledger::new(start_brk, brk),
         symbols: None,
+        known_stacks: rustc_hash::FxHashSet::default(),
+        pending_stacks: Vec::new(),
+        maps_refreshed: None,
         rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
         probes,
         started,
@@ -276,6 +291,12 @@ struct Session<'a> {
     launched: bool,
     ledger: Ledger,
     symbols: Option<Symbols>,
+    /// Stack ids seen in events so far.
+    known_stacks: rustc_hash::FxHashSet<i64>,
+    /// Stack ids seen but not yet symbolized.
+    pending_stacks: Vec<i64>,
+    /// When the mappings snapshot was last refreshed for new stacks.
+    maps_refreshed: Option<Instant>,
     rss: Rss,
     probes: Vec<ProbeInfo>,
     started: Instant,
@@ -318,11 +339,13 @@ impl Session<'_> {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(Error::Runtime)?;
-                    drain(guard.get_inner_mut(), &mut self.ledger);
+                    drain(guard.get_inner_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks);
                     guard.clear_ready();
+                    self.snapshot_maps_for_new_stacks();
                 }
                 _ = tick.tick() => {
                     self.sample_rss();
+                    self.snapshot_maps_for_new_stacks();
                     self.resolve_stacks(&stacks);
                 }
                 _ = report_tick.tick() => {
@@ -343,7 +366,7 @@ impl Session<'_> {
             }
         };
         // Whatever is still in the ring buffer belongs in the final report.
-        drain(ring.get_mut(), &mut self.ledger);
+        drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks);
         if !self.target_exited {
             self.sample_rss();
         }
@@ -388,22 +411,32 @@ impl Session<'_> {
         }
     }
 
+    /// New stacks may point into objects mapped since the last snapshot: take a
+    /// new one now, while the target is surely alive, so they can be symbolized
+    /// later even if it exits first. Cheap (one read of /proc/PID/maps), and
+    /// throttled.
+    fn snapshot_maps_for_new_stacks(&mut self) {
+        if self.pending_stacks.is_empty() || self.maps_refreshed.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
+            return;
+        }
+        self.maps_refreshed = Some(Instant::now());
+        match &mut self.symbols {
+            Some(s) => {
+                s.refresh_maps();
+            }
+            None => self.symbols = Some(Symbols::new(self.pid)),
+        }
+    }
+
     fn resolve_stacks(&mut self, stacks: &BpfHashMap<MapData, i64, StackTrace>) {
+        if self.pending_stacks.is_empty() {
+            return;
+        }
         let pid = self.pid;
         let symbols = self.symbols.get_or_insert_with(|| Symbols::new(pid));
-        let mut batch = Vec::new();
-        let mut seen = rustc_hash::FxHashSet::default();
-        for id in self.ledger.referenced_stacks() {
-            if id < 0 || symbols.has(id) || !seen.insert(id) {
-                continue;
-            }
-            if let Ok(st) = stacks.get(&id, 0) {
-                batch.push((id, st));
-            }
-        }
-        if !batch.is_empty() {
-            symbols.resolve(&batch);
-        }
+        let batch: Vec<(i64, StackTrace)> =
+            self.pending_stacks.drain(..).filter_map(|id| stacks.get(&id, 0).ok().map(|st| (id, st))).collect();
+        symbols.resolve(&batch);
     }
 
     fn report(&mut self, counters: &PerCpuArray<MapData, u64>, final_report: bool, reason: Option<String>) -> Report {
@@ -429,8 +462,13 @@ impl Session<'_> {
     }
 }
 
-/// Applies every event waiting in the ring buffer.
-fn drain(ring: &mut RingBuf<aya::maps::MapData>, ledger: &mut Ledger) -> usize {
+/// Applies every event waiting in the ring buffer, noting stack ids not seen before.
+fn drain(
+    ring: &mut RingBuf<aya::maps::MapData>,
+    ledger: &mut Ledger,
+    known: &mut rustc_hash::FxHashSet<i64>,
+    pending: &mut Vec<i64>,
+) -> usize {
     let mut n = 0;
     while let Some(item) = ring.next() {
         n += 1;
@@ -442,6 +480,9 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, ledger: &mut Ledger) -> usize {
         // read_unaligned copes with any alignment.
         let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
         ledger.apply(&ev);
+        if ev.stack_id >= 0 && known.insert(ev.stack_id) {
+            pending.push(ev.stack_id);
+        }
     }
     n
 }

@@ -100,11 +100,6 @@ impl Symbols {
         (addr < m.end).then_some(m)
     }
 
-    /// Whether a stack id has been resolved.
-    pub fn has(&self, id: i64) -> bool {
-        self.stacks.contains_key(&id)
-    }
-
     /// A resolved stack.
     pub fn get(&self, id: i64) -> Option<&Stack> {
         self.stacks.get(&id)
