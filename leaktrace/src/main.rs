@@ -26,7 +26,7 @@ EXAMPLES:
 /// free) and traces its mmap/munmap/mremap/brk/mprotect/madvise syscalls, with eBPF.
 /// Nothing is injected into the target and it is not restarted.
 #[derive(Debug, Parser)]
-#[command(version, after_long_help = EXAMPLES, group(ArgGroup::new("what").required(true).args(["pid", "command"])))]
+#[command(version, after_long_help = EXAMPLES, allow_negative_numbers = true, group(ArgGroup::new("what").required(true).args(["pid", "command"])))]
 struct Opts {
     /// Process to attach to.
     #[arg(short, long, value_name = "PID", value_parser = parse_pid)]
@@ -144,19 +144,19 @@ fn main() -> ExitCode {
             let code = if e.use_stderr() { 2 } else { 0 };
             if code == 2 {
                 // One clear line, not clap's multi-line usage block.
-                let msg = e.render().to_string();
-                let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-                eprintln!("leaktrace: {first} (see --help)");
+                if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                    eprintln!("leaktrace: say what to trace: --pid PID, or a command after -- (see --help)");
+                } else {
+                    let msg = e.render().to_string();
+                    let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+                    eprintln!("leaktrace: {first} (see --help)");
+                }
             } else {
                 let _ = e.print();
             }
             return ExitCode::from(code);
         }
     };
-    if opts.pid.is_some() && !opts.command.is_empty() {
-        eprintln!("leaktrace: give either --pid or a command after --, not both");
-        return ExitCode::from(2);
-    }
     if opts.interval.is_some() && matches!(opts.format, FormatArg::Json) {
         eprintln!("leaktrace: --interval prints text reports; with --format json only the final document is printed, so drop one of them");
         return ExitCode::from(2);

@@ -173,21 +173,6 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     };
     // Open the exit notifier before releasing a launched child, so its exit can't be missed.
     let pidfd = open_pidfd(pid);
-    let started = Instant::now();
-    if let Some(b) = blocked {
-        b.release().map_err(|source| Error::Launch { program: format!("{:?}", config.target), source })?;
-    }
-    if config.announce {
-        #[expect(clippy::print_stderr, reason = "the one status line users and tests wait for")]
-        {
-            eprintln!(
-                "leaktrace: tracing pid {pid} ({} allocator probes, {} syscall tracepoints); Ctrl-C to stop",
-                probes.len(),
-                SYSCALLS.len() * 2
-            );
-        }
-    }
-
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
     let mut s = Session {
         config,
@@ -200,12 +185,31 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         maps_refreshed: None,
         rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
         probes,
-        started,
+        started: Instant::now(),
         target_exited: false,
         exit_status: None,
         out: open_output(config)?,
     };
-    rt.block_on(s.event_loop(&mut ebpf, pidfd))
+    rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked))
+}
+
+/// Starts the clock, releases a launched child, and tells the user we are tracing.
+/// Called once signal handlers are in place, so a Ctrl-C from then on gets a report.
+fn go(config: &Config, pid: u32, probes: usize, blocked: Option<launch::Blocked>) -> Result<Instant, Error> {
+    let started = Instant::now();
+    if let Some(b) = blocked {
+        b.release().map_err(|source| Error::Launch { program: format!("{:?}", config.target), source })?;
+    }
+    if config.announce {
+        #[expect(clippy::print_stderr, reason = "the one status line users and tests wait for")]
+        {
+            eprintln!(
+                "leaktrace: tracing pid {pid} ({probes} allocator probes, {} syscall tracepoints); Ctrl-C to stop",
+                SYSCALLS.len() * 2
+            );
+        }
+    }
+    Ok(started)
 }
 
 fn kill_blocked(b: launch::Blocked) {
@@ -309,7 +313,12 @@ struct Session<'a> {
 const TICK: Duration = Duration::from_millis(250);
 
 impl Session<'_> {
-    async fn event_loop(&mut self, ebpf: &mut Ebpf, pidfd: Option<OwnedFd>) -> Result<Outcome, Error> {
+    async fn event_loop(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pidfd: Option<OwnedFd>,
+        blocked: Option<launch::Blocked>,
+    ) -> Result<Outcome, Error> {
         let ring = RingBuf::try_from(ebpf.take_map(maps::EVENTS).ok_or(Error::Missing("EVENTS map"))?)
             .map_err(|source| Error::Map { name: maps::EVENTS, source })?;
         let mut ring = async_fd(ring)?;
@@ -332,6 +341,7 @@ impl Session<'_> {
             tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
             self.config.interval.unwrap_or(far),
         );
+        self.started = go(self.config, self.pid, self.probes.len(), blocked)?;
         let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
         tokio::pin!(deadline);
 

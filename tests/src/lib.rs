@@ -1,1 +1,282 @@
-//! x
+//! Test harness: fixture processes with a pid/ready handshake, and the
+//! `leaktrace` binary driven as a user drives it.
+//!
+//! Tests whose names start with `root_` need root (real probes); run them with
+//! `cargo xtask test`. `cargo test -- --skip root_` runs the rest unprivileged.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+/// Path of a fixture program built by build.rs.
+pub fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("FIXTURE_DIR")).join(name)
+}
+
+/// Path of the leaktrace binary (`LEAKTRACE_BIN`, or the workspace's debug build).
+pub fn leaktrace_bin() -> PathBuf {
+    let p = std::env::var_os("LEAKTRACE_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/leaktrace"),
+        PathBuf::from,
+    );
+    assert!(p.exists(), "leaktrace binary not found at {} (run `cargo xtask test`, which builds it)", p.display());
+    p
+}
+
+/// Panics unless running as root (probes need it); `cargo xtask test` runs as root in CI.
+#[track_caller]
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test attaches real probes and must run as root (cargo xtask test)");
+}
+
+/// A running fixture that printed `ready <pid>` and waits for `go`.
+pub struct Fixture {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// Its pid.
+    pub pid: u32,
+}
+
+impl Fixture {
+    /// Starts a fixture and waits for its ready line.
+    #[track_caller]
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(fixture_path(name))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start fixture {name}: {e}"));
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap_or_else(|e| panic!("failed to read ready line of {name}: {e}"));
+        let pid = line
+            .strip_prefix("ready ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("fixture {name} printed {line:?}, expected `ready <pid>`"));
+        assert_eq!(pid, child.id(), "fixture reports its own pid");
+        Self { child, stdin, stdout, pid }
+    }
+
+    /// Sends `go` and waits until the scenario printed `done`.
+    #[track_caller]
+    pub fn run_scenario(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"go\n").and_then(|()| stdin.flush()).expect("failed to send go to fixture");
+        self.expect_line("done");
+    }
+
+    /// Reads one stdout line and checks it.
+    #[track_caller]
+    pub fn expect_line(&mut self, want: &str) {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("failed to read fixture output");
+        assert_eq!(line.trim(), want, "fixture output");
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `leaktrace` whose stderr announced that probes are attached.
+pub struct Tracer {
+    child: Child,
+    /// JSON report path.
+    pub out: PathBuf,
+    stderr: mpsc::Receiver<String>,
+    /// Stderr lines seen so far.
+    pub stderr_lines: Vec<String>,
+}
+
+/// A unique temporary file path.
+pub fn temp_path(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("leaktrace-test-{}-{tag}-{n}", std::process::id()))
+}
+
+impl Tracer {
+    /// Starts `leaktrace ARGS --format json -o TMP` and waits for the attach line.
+    #[track_caller]
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with(args, Stdio::null())
+    }
+
+    /// Like [`Tracer::start`], with the given stdin for a launched command.
+    #[track_caller]
+    pub fn start_with(args: &[&str], stdin: Stdio) -> Self {
+        let out = temp_path("report.json");
+        let mut child = Command::new(leaktrace_bin())
+            .args(["--format", "json", "-o"])
+            .arg(&out)
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to start leaktrace");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut t = Self { child, out, stderr: rx, stderr_lines: Vec::new() };
+        t.wait_attached();
+        t
+    }
+
+    #[track_caller]
+    fn wait_attached(&mut self) {
+        loop {
+            match self.stderr.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    let done = line.starts_with("leaktrace: tracing pid");
+                    self.stderr_lines.push(line);
+                    if done {
+                        return;
+                    }
+                }
+                Err(_) => panic!("leaktrace did not attach; stderr: {:?}", self.stderr_lines),
+            }
+        }
+    }
+
+    /// The stdout of a launched command, if any (leaktrace's own stdout is unused with -o).
+    pub fn stdout(&mut self) -> BufReader<ChildStdout> {
+        BufReader::new(self.child.stdout.take().expect("stdout"))
+    }
+
+    /// leaktrace's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM, waits, and returns the JSON report.
+    #[track_caller]
+    pub fn finish(mut self) -> Value {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_report(0)
+    }
+
+    /// Waits for leaktrace to exit with `code` on its own and returns the report.
+    #[track_caller]
+    pub fn wait_report(&mut self, code: i32) -> Value {
+        let status = self.child.wait().expect("wait for leaktrace");
+        let rest: Vec<String> = self.stderr.try_iter().collect();
+        self.stderr_lines.extend(rest);
+        assert_eq!(status.code(), Some(code), "leaktrace exit status; stderr: {:?}", self.stderr_lines);
+        let text = std::fs::read_to_string(&self.out).expect("report file");
+        let _ = std::fs::remove_file(&self.out);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is not JSON ({e}): {text}"))
+    }
+
+    /// Kills leaktrace with SIGKILL.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.out);
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Function names of a stack's frames.
+pub fn functions(stack: &Value) -> Vec<String> {
+    stack["frames"]
+        .as_array()
+        .expect("frames array")
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("??").to_owned())
+        .collect()
+}
+
+/// The stacks of a section (`"heap"` or `"mappings"`) whose innermost named
+/// user frame is `function` (allocator-internal frames are skipped).
+pub fn stacks_at<'a>(report: &'a Value, section: &str, function: &str) -> Vec<&'a Value> {
+    report[section]["stacks"]
+        .as_array()
+        .expect("stacks array")
+        .iter()
+        .filter(|s| functions(s).iter().any(|f| f == function))
+        .collect()
+}
+
+/// The one stack of a section that contains `function`; panics otherwise.
+#[track_caller]
+pub fn stack_at<'a>(report: &'a Value, section: &str, function: &str) -> &'a Value {
+    let found = stacks_at(report, section, function);
+    assert_eq!(found.len(), 1, "expected exactly one {section} stack through {function}; report: {report:#}");
+    found[0]
+}
+
+/// Runs leaktrace with `args` and returns (exit code, stderr lines, stdout).
+pub fn run_cli(args: &[&str]) -> (Option<i32>, Vec<String>, String) {
+    let out = Command::new(leaktrace_bin()).args(args).stdin(Stdio::null()).output().expect("run leaktrace");
+    let stderr = String::from_utf8_lossy(&out.stderr).lines().map(str::to_owned).collect();
+    (out.status.code(), stderr, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Checks the JSON contract every report must satisfy.
+#[track_caller]
+pub fn check_shape(r: &Value) {
+    for key in ["pid", "duration_s", "rss_bytes", "heap", "mappings", "lost"] {
+        assert!(r.get(key).is_some(), "report lacks {key}: {r:#}");
+    }
+    for key in ["live_bytes", "live_allocations", "stacks"] {
+        assert!(r["heap"].get(key).is_some(), "heap lacks {key}");
+    }
+    for key in ["anon_mapped_bytes", "brk_bytes", "stacks"] {
+        assert!(r["mappings"].get(key).is_some(), "mappings lacks {key}");
+    }
+    for (section, bytes_key) in [("heap", "live_bytes"), ("mappings", "mapped_bytes")] {
+        let stacks = r[section]["stacks"].as_array().expect("stacks");
+        let sizes: Vec<u64> = stacks.iter().map(|s| s[bytes_key].as_u64().expect("bytes")).collect();
+        assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{section} stacks sorted by bytes, largest first: {sizes:?}");
+        for s in stacks {
+            for f in s["frames"].as_array().expect("frames") {
+                for key in ["function", "file", "line", "module", "kind"] {
+                    assert!(f.get(key).is_some(), "frame lacks {key}: {f}");
+                }
+                assert_eq!(f["kind"], "native");
+            }
+        }
+    }
+}
+
+/// A loss counter's value.
+pub fn lost(r: &Value, name: &str) -> u64 {
+    r["lost"][name].as_u64().unwrap_or_else(|| panic!("no lost counter {name}"))
+}
+
+/// A non-loss counter's value.
+pub fn counter(r: &Value, name: &str) -> u64 {
+    r["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
+}

@@ -1,0 +1,156 @@
+//! The command line as a user meets it: launch mode, bad input, SIGKILL.
+
+use std::{
+    io::BufRead as _,
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use leaktrace_tests::{
+    Fixture, Tracer, check_shape, fixture_path, leaktrace_bin, require_root, run_cli, stack_at,
+};
+
+/// Launch mode attaches before the command runs: allocations made first thing in main are seen.
+#[test]
+fn root_launch_sees_startup_allocations() {
+    require_root();
+    let fixture = fixture_path("launch");
+    let mut tracer = Tracer::start_with(&["--", fixture.to_str().unwrap()], Stdio::piped());
+    let mut out = tracer.stdout();
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read launched command's output");
+    assert_eq!(line.trim(), "done");
+    let r = tracer.finish();
+    check_shape(&r);
+    let s = stack_at(&r, "heap", "startup_leak");
+    assert_eq!((s["live_bytes"].as_u64(), s["live_allocations"].as_u64()), (Some(8 * 333), Some(8)), "{r:#}");
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
+/// When the launched command exits, leaktrace reports what it left outstanding and exits 0.
+#[test]
+fn root_launch_reports_at_target_exit() {
+    require_root();
+    let fixture = fixture_path("launch");
+    let mut tracer = Tracer::start(&["--", fixture.to_str().unwrap(), "exit"]);
+    let r = tracer.wait_report(0);
+    check_shape(&r);
+    assert_eq!(r["target_exited"], true);
+    assert_eq!(r["end_reason"], "target exited, exit status 0");
+    assert_eq!(r["heap"]["live_bytes"].as_u64().map(|b| b >= 8 * 333), Some(true), "{r:#}");
+}
+
+/// Reads one byte of another process's memory.
+fn peek(pid: u32, addr: u64) -> u8 {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open target memory");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, addr).expect("read target memory");
+    b[0]
+}
+
+/// If leaktrace is killed with SIGKILL, its probes go with it and the target runs on unharmed.
+#[test]
+fn root_sigkill_removes_probes() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    // Where malloc's first instruction sits in the target, and what the file has there.
+    let maps = leaktrace::procfs::read_maps(fx.pid).expect("maps");
+    let libc = maps.iter().find(|m| m.is_exec() && m.path.contains("libc.so")).expect("libc mapped");
+    let sites = leaktrace::allocators::find_in_object(&libc.path, Path::new(&libc.path)).expect("libc symbols");
+    let malloc = sites.iter().find(|s| s.func.symbol() == "malloc").expect("malloc");
+    let addr = libc.start + (malloc.offset - libc.offset);
+    let original = peek(fx.pid, addr);
+    assert_ne!(original, 0xcc, "malloc does not start with int3 before attach");
+
+    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
+    assert_eq!(peek(fx.pid, addr), 0xcc, "the uprobe is in place while attached");
+    tracer.kill();
+    assert_eq!(peek(fx.pid, addr), original, "the uprobe is gone after SIGKILL");
+    fx.run_scenario();
+    assert!(fx.alive(), "the target runs on");
+}
+
+/// Runs leaktrace with bad input and checks: exit 2, one line on stderr naming the problem.
+#[track_caller]
+fn rejects(args: &[&str], needle: &str) {
+    let (code, stderr, _) = run_cli(args);
+    assert_eq!(code, Some(2), "{args:?}: exit code; stderr: {stderr:?}");
+    assert_eq!(stderr.len(), 1, "{args:?}: exactly one line on stderr: {stderr:?}");
+    assert!(stderr[0].starts_with("leaktrace: "), "{args:?}: {stderr:?}");
+    assert!(stderr[0].contains(needle), "{args:?}: expected {needle:?} in {:?}", stderr[0]);
+}
+
+/// Option errors: each is one clear line and exit status 2, before anything is attached.
+#[test]
+fn bad_options_are_one_line_errors() {
+    // (arguments, what the message must say)
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "say what to trace: --pid PID, or a command after --"),
+        (&["--pid", "abc"], "not a process id"),
+        (&["--pid", "0"], "not a process id"),
+        (&["--pid", "1", "--duration", "-3"], "not a positive number of seconds"),
+        (&["--pid", "1", "--ring-kib", "5"], "power of two"),
+        (&["--pid", "1", "--format", "xml"], "xml"),
+        (&["--pid", "1", "--", "true"], "'--pid <PID>' cannot be used with '[CMD]...'"),
+        (&["--pid", "1", "--interval", "1", "--format", "json"], "--interval"),
+    ];
+    for (args, needle) in cases {
+        rejects(args, needle);
+    }
+}
+
+/// Targets that can't be traced are refused with one line each.
+#[test]
+fn root_bad_targets_are_one_line_errors() {
+    require_root();
+    rejects(&["--pid", "4000000"], "no process with pid 4000000");
+    rejects(&["--pid", "2"], "kernel thread");
+    rejects(&["--", "/nonexistent/program"], "cannot run `/nonexistent/program`");
+
+    // A zombie: a child that exited and that we do not reap yet.
+    let mut child = Command::new("true").spawn().expect("spawn true");
+    let zpid = child.id();
+    let state = || std::fs::read_to_string(format!("/proc/{zpid}/stat")).unwrap_or_default();
+    while !state().contains(") Z ") {
+        std::thread::yield_now();
+    }
+    rejects(&["--pid", &zpid.to_string()], "zombie");
+    child.wait().expect("reap");
+
+    // A process with no allocator at all (static, no C library).
+    let fx = Command::new(fixture_path("no_alloc")).spawn().expect("spawn no_alloc");
+    let pid = fx.id();
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") S ") {
+        std::thread::yield_now();
+    }
+    rejects(&["--pid", &pid.to_string()], "no allocator leaktrace recognizes: looked for malloc, calloc");
+    let mut fx = fx;
+    let _ = fx.kill();
+    let _ = fx.wait();
+}
+
+/// Without root or CAP_BPF + CAP_PERFMON, leaktrace says so in one line.
+#[test]
+fn root_unprivileged_user_is_told_what_is_needed() {
+    require_root();
+    let out = {
+        let mut cmd = Command::new(leaktrace_bin());
+        cmd.args(["--pid", &std::process::id().to_string()]);
+        // SAFETY: setgid/setuid in the child before exec; no allocation happens here.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.output().expect("run leaktrace as nobody")
+    };
+    let stderr: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap().lines().collect();
+    assert_eq!(out.status.code(), Some(2), "{stderr:?}");
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    assert!(stderr[0].contains("needs root, or the CAP_BPF and CAP_PERFMON"), "{stderr:?}");
+}

@@ -1,0 +1,129 @@
+//! Heap accounting on real processes: exact outstanding allocations per stack.
+
+use leaktrace_tests::{Fixture, Tracer, check_shape, counter, functions, lost, require_root, stack_at, stacks_at};
+
+/// What one heap_ops scenario must leave outstanding.
+struct Expect {
+    scenario: &'static str,
+    /// (function in the stack, live bytes, live blocks) for every stack allocated after attach.
+    stacks: &'static [(&'static str, u64, u64)],
+    /// Functions whose allocations were all freed and must not appear.
+    absent: &'static [&'static str],
+    free_unknown: u64,
+    failed_allocs: u64,
+}
+
+const CASES: &[Expect] = &[
+    Expect {
+        scenario: "basic",
+        stacks: &[("leak_malloc", 500, 5), ("leak_calloc", 900, 3)],
+        absent: &["churn", "free_null"],
+        free_unknown: 0,
+        failed_allocs: 0,
+    },
+    Expect {
+        scenario: "realloc",
+        // grow 100→200, shrink →50, move →1 MiB; a failed realloc keeps its 64-byte block;
+        // realloc(p, 0) frees; reallocarray(NULL, 7, 11) allocates 77.
+        stacks: &[("realloc_chain", 1 << 20, 1), ("realloc_fail", 64, 1), ("leak_reallocarray", 77, 1)],
+        absent: &["realloc_zero"],
+        free_unknown: 0,
+        failed_allocs: 1,
+    },
+    Expect {
+        scenario: "aligned",
+        stacks: &[
+            ("leak_posix_memalign", 1000, 1),
+            ("leak_aligned_alloc", 512, 1),
+            ("leak_memalign", 300, 1),
+            ("leak_valloc", 5000, 1),
+            ("leak_pvalloc", 100, 1),
+        ],
+        absent: &["failed_malloc"],
+        free_unknown: 0,
+        failed_allocs: 1,
+    },
+    Expect {
+        // 20 blocks allocated before attach are freed after it: counted apart, subtracting nothing.
+        scenario: "early",
+        stacks: &[("leak_malloc", 500, 5)],
+        absent: &["free_early", "early_blocks"],
+        free_unknown: 20,
+        failed_allocs: 0,
+    },
+];
+
+#[track_caller]
+fn check(scenario: &str) {
+    require_root();
+    let e = CASES.iter().find(|c| c.scenario == scenario).expect("case");
+    let mut fx = Fixture::spawn("heap_ops", &[scenario]);
+    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    assert_eq!(r["pid"], fx.pid);
+    for &(func, bytes, blocks) in e.stacks {
+        let s = stack_at(&r, "heap", func);
+        assert_eq!((s["live_bytes"].as_u64(), s["live_allocations"].as_u64()), (Some(bytes), Some(blocks)), "{scenario}: {func}: {s:#}");
+        assert_eq!(functions(s)[0], func, "{scenario}: the allocator's immediate caller is the innermost frame");
+        assert!(functions(s).iter().any(|f| f == "main"), "{scenario}: {func}'s stack reaches main: {:?}", functions(s));
+    }
+    let total: u64 = e.stacks.iter().map(|s| s.1).sum();
+    let blocks: u64 = e.stacks.iter().map(|s| s.2).sum();
+    assert_eq!(r["heap"]["live_bytes"].as_u64(), Some(total), "{scenario}: nothing else outstanding: {r:#}");
+    assert_eq!(r["heap"]["live_allocations"].as_u64(), Some(blocks), "{scenario}");
+    for func in e.absent {
+        assert!(stacks_at(&r, "heap", func).is_empty(), "{scenario}: {func} freed everything it allocated");
+    }
+    assert_eq!(counter(&r, "free_unknown"), e.free_unknown, "{scenario}: frees of pre-attach blocks");
+    assert_eq!(counter(&r, "failed_allocs"), e.failed_allocs, "{scenario}: NULL results");
+    assert_eq!(r["lost_total"], 0, "{scenario}: nothing lost: {}", r["lost"]);
+    assert!(fx.alive(), "the target runs on after leaktrace detaches");
+}
+
+/// malloc and calloc leaks are attributed exactly; churn and free(NULL) leave nothing.
+#[test]
+fn root_malloc_calloc_and_churn() {
+    check("basic");
+}
+
+/// realloc chains (grow, shrink, move, failure, size 0) and reallocarray follow glibc semantics.
+#[test]
+fn root_realloc_chains() {
+    check("realloc");
+}
+
+/// posix_memalign, aligned_alloc, memalign, valloc and pvalloc record their requested sizes.
+#[test]
+fn root_aligned_allocators() {
+    check("aligned");
+}
+
+/// Frees of blocks allocated before attach are counted on their own and subtract nothing.
+#[test]
+fn root_frees_of_blocks_from_before_attach() {
+    check("early");
+}
+
+/// Threads allocate and free each other's blocks; per-thread state keeps calls apart.
+#[test]
+fn root_threads_with_cross_thread_frees() {
+    require_root();
+    // (threads, blocks per thread, size)
+    for (threads, blocks, size) in [(4u64, 100u64, 48u64), (8, 500, 24)] {
+        let mut fx = Fixture::spawn("threads", &[&threads.to_string(), &blocks.to_string(), &size.to_string()]);
+        let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
+        fx.run_scenario();
+        let r = tracer.finish();
+        check_shape(&r);
+        // Each thread's even-numbered blocks were freed by its neighbour.
+        let s = stack_at(&r, "heap", "worker_alloc");
+        assert_eq!(s["live_allocations"].as_u64(), Some(threads * blocks / 2), "{r:#}");
+        assert_eq!(s["live_bytes"].as_u64(), Some(threads * blocks / 2 * size));
+        assert!(functions(s).iter().any(|f| f == "worker"), "{:?}", functions(s));
+        assert!(stacks_at(&r, "heap", "free_neighbours").is_empty());
+        assert_eq!(counter(&r, "free_unknown"), 0, "every cross-thread free matched its block");
+        assert_eq!(lost(&r, "stale_entry") + lost(&r, "return_without_entry"), 0);
+    }
+}
