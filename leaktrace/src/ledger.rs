@@ -44,7 +44,9 @@ pub struct Totals {
 /// Counters kept by userspace.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UserCounters {
-    /// Frees of addresses never seen allocated (blocks from before attach, or lost events).
+    /// Frees of addresses not allocated since attach: blocks from before attach, and
+    /// glibc freeing an exiting thread's cache (chunks already freed once, and the
+    /// cache itself, which glibc allocates without calling malloc).
     pub free_unknown: u64,
     /// Successful reallocs of blocks never seen allocated.
     pub realloc_unknown: u64,

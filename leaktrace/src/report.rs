@@ -243,9 +243,14 @@ fn frame_line(f: &Frame) -> String {
     s
 }
 
-fn write_frames(out: &mut String, frames: &[Frame], truncated: bool, max: usize) {
+fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bool, max: usize) {
     if frames.is_empty() {
-        out.push_str("      (no stack)\n");
+        let why = match stack_id {
+            leaktrace_common::STACK_NONE => "stacks are off".to_owned(),
+            id if id < 0 => format!("capture failed with errno {}, counted under losses", -id),
+            _ => "not symbolized".to_owned(),
+        };
+        let _ = writeln!(out, "      (no stack: {why})");
         return;
     }
     for f in frames.iter().take(max) {
@@ -290,7 +295,7 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         let _ = writeln!(o, "Top {} stacks by outstanding heap bytes:", r.heap.stacks.len());
         for (n, s) in r.heap.stacks.iter().enumerate() {
             let _ = writeln!(o, "  #{} {} in {} blocks, oldest {:.1} s", n + 1, bytes(s.live_bytes), s.live_allocations, s.oldest_age_s);
-            write_frames(&mut o, &s.frames, s.truncated, max_frames);
+            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
         }
     }
     if !r.mappings.stacks.is_empty() {
@@ -298,7 +303,7 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         let _ = writeln!(o, "Top {} stacks by mapped bytes (anonymous mmap, brk):", r.mappings.stacks.len());
         for (n, s) in r.mappings.stacks.iter().enumerate() {
             let _ = writeln!(o, "  #{} {} mapped, oldest {:.1} s", n + 1, bytes(s.mapped_bytes), s.oldest_age_s);
-            write_frames(&mut o, &s.frames, s.truncated, max_frames);
+            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
         }
     }
     o.push('\n');
@@ -315,9 +320,115 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     let c = &r.counters;
     let _ = writeln!(
         o,
-        "Not losses: {} frees of blocks from before attach, {} reallocs of such blocks, {} failed allocations, {} nested allocator calls, {} truncated stacks.",
+        "Not losses: {} frees of blocks not allocated since attach, {} reallocs of such blocks, {} failed allocations, {} nested allocator calls, {} truncated stacks.",
         c.get("free_unknown").unwrap_or(&0), c.get("realloc_unknown").unwrap_or(&0), c.get("failed_allocs").unwrap_or(&0),
         c.get("nested_call").unwrap_or(&0), c.get("stack_truncated").unwrap_or(&0)
     );
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str, file: &str, line: u32, module: &str, inlined: bool) -> Frame {
+        Frame {
+            function: Some(function.into()),
+            file: Some(file.into()),
+            line: Some(line),
+            module: Some(module.into()),
+            kind: "native",
+            address: "0x1234".into(),
+            inlined,
+        }
+    }
+
+    fn sample() -> Report {
+        let mut lost: std::collections::BTreeMap<String, u64> =
+            counter::NAMES.iter().enumerate().filter(|(i, _)| counter::is_loss(*i as u32)).map(|(_, n)| ((*n).to_owned(), 0)).collect();
+        lost.insert("ringbuf_full".into(), 12);
+        let counters = [("free_unknown", 3), ("realloc_unknown", 0), ("failed_allocs", 1), ("nested_call", 2), ("stack_truncated", 0)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        Report {
+            pid: 4242,
+            duration_s: 5.0,
+            rss_bytes: 10 << 20,
+            rss: Rss { rss_bytes: 10 << 20, anon_bytes: 6 << 20, file_bytes: 4 << 20, shmem_bytes: 0 },
+            final_report: true,
+            end_reason: Some("duration elapsed".into()),
+            target_exited: false,
+            heap: Heap {
+                live_bytes: 819_200 + 112_000,
+                live_allocations: 2200,
+                stacks: vec![
+                    HeapStack {
+                        live_bytes: 819_200,
+                        live_allocations: 200,
+                        oldest_age_s: 4.96,
+                        stack_id: 1,
+                        truncated: false,
+                        frames: vec![
+                            frame("make_buffer", "/src/leaky.c", 20, "/usr/bin/leaky", true),
+                            frame("handle_error", "/src/leaky.c", 21, "/usr/bin/leaky", false),
+                            frame("main", "/src/leaky.c", 59, "/usr/bin/leaky", false),
+                        ],
+                    },
+                    HeapStack { live_bytes: 112_000, live_allocations: 2000, oldest_age_s: 0.5, stack_id: -14, truncated: false, frames: vec![] },
+                ],
+            },
+            mappings: Mappings {
+                anon_mapped_bytes: 1 << 20,
+                brk_bytes: 135_168,
+                brk_grown_bytes: 0,
+                stacks: vec![MapStack {
+                    mapped_bytes: 1 << 20,
+                    oldest_age_s: 2.0,
+                    stack_id: 7,
+                    truncated: true,
+                    frames: vec![Frame { function: None, file: None, line: None, module: None, kind: "native", address: "0xdead".into(), inlined: false }],
+                }],
+            },
+            lost_total: 12,
+            lost,
+            counters,
+            activity: Activity { allocs: 8201, alloc_bytes: 35_481_186, frees: 4000, mmaps: 8, munmaps: 1, ..Activity::default() },
+            probes: vec![],
+        }
+    }
+
+    /// The text report renders totals, stacks innermost first, and a loud loss line.
+    #[test]
+    fn renders_text_report() {
+        let got = render_text(&sample(), 16);
+        let want = include_str!("testdata/report.txt");
+        assert_eq!(got, want, "rendered:\n{got}");
+    }
+
+    /// The JSON report carries the contract's keys with the documented nesting.
+    #[test]
+    fn serializes_json_contract() {
+        let v = serde_json::to_value(sample()).expect("serializes");
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["duration_s"], 5.0);
+        assert_eq!(v["rss_bytes"], 10 << 20);
+        assert_eq!(v["heap"]["live_bytes"], 931_200);
+        assert_eq!(v["heap"]["stacks"][0]["frames"][0]["function"], "make_buffer");
+        assert_eq!(v["heap"]["stacks"][0]["frames"][0]["kind"], "native");
+        assert_eq!(v["heap"]["stacks"][0]["frames"][0]["line"], 20);
+        assert_eq!(v["mappings"]["stacks"][0]["mapped_bytes"], 1 << 20);
+        assert_eq!(v["mappings"]["stacks"][0]["frames"][0]["function"], serde_json::Value::Null);
+        assert_eq!(v["lost"]["ringbuf_full"], 12);
+        assert_eq!(v["mappings"]["brk_bytes"], 135_168);
+    }
+
+    /// Byte counts use binary units with one decimal.
+    #[test]
+    fn formats_bytes() {
+        let cases = [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (819_200, "800.0 KiB"), (10 << 20, "10.0 MiB"), (3 << 30, "3.0 GiB")];
+        for (n, want) in cases {
+            assert_eq!(bytes(n), want);
+        }
+    }
 }

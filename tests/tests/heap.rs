@@ -123,7 +123,10 @@ fn root_threads_with_cross_thread_frees() {
         assert_eq!(s["live_bytes"].as_u64(), Some(threads * blocks / 2 * size));
         assert!(functions(s).iter().any(|f| f == "worker"), "{:?}", functions(s));
         assert!(stacks_at(&r, "heap", "free_neighbours").is_empty());
-        assert_eq!(counter(&r, "free_unknown"), 0, "every cross-thread free matched its block");
+        // Every cross-thread free matched its block; what is left unmatched is glibc
+        // handing each exiting thread's cache back through free(): at most 7 chunks
+        // of the one size class used here, plus the cache itself, per thread.
+        assert!(counter(&r, "free_unknown") <= threads * 8, "{}", r["counters"]);
         assert_eq!(lost(&r, "stale_entry") + lost(&r, "return_without_entry"), 0);
     }
 }

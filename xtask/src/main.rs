@@ -1,1 +1,177 @@
-fn main(){}
+//! Orchestration for leaktrace: `cargo xtask setup | test | demo | bench`.
+//!
+//! The BPF object itself is built by `leaktrace/build.rs` (aya-build); xtask
+//! installs what that build and the tests need, and runs things in order.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "leaktrace's setup, test, demo and bench tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent; fast when done).
+    Setup,
+    /// Set up, build, and run every test (the probe tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and trace the demo program as it leaks.
+    Demo,
+    /// Set up, build in release mode, and run the benchmarks.
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.task {
+        Task::Setup => setup(),
+        Task::Test { args } => setup().and_then(|()| test(&args)),
+        Task::Demo => setup().and_then(|()| demo()),
+        Task::Bench => setup().and_then(|()| bench()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("failed to run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn works(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+/// Installs, only where missing: a C compiler (fixtures, demo), the nightly
+/// toolchain's rust-src (the BPF build uses -Z build-std=core), and bpf-linker
+/// built against the nightly toolchain's own libLLVM (no prebuilt download works here).
+fn setup() -> Result<()> {
+    if !works(Command::new("cc").arg("--version")) {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "gcc", "libc6-dev"]))?;
+    }
+    if !works(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    ensure_bpf_linker()
+}
+
+/// bpf-linker must use the same LLVM as the nightly rustc that emits the bitcode.
+fn ensure_bpf_linker() -> Result<()> {
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("failed to list {}", libdir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {} (nightly without LLVM?)", libdir.display()))?;
+    // "libLLVM.so.22.1-rust-1.97.0-nightly" → 22
+    let major: u32 = lib["libLLVM.so.".len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot read the LLVM version from {lib}"))?;
+    // A prefix directory whose lib/ holds libLLVM.so (for bpf-linker's build) and the
+    // versioned name (its runtime SONAME, found through the RUNPATH the build records).
+    let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let prefix = home.join(".cache/leaktrace/llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("failed to create {}", prefix_lib.display()))?;
+    for name in ["libLLVM.so", lib.as_str()] {
+        let link = prefix_lib.join(name);
+        let target = libdir.join(&lib);
+        if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link)
+                .with_context(|| format!("failed to link {} → {}", link.display(), target.display()))?;
+        }
+    }
+    // Built against this prefix, it uses exactly the nightly's LLVM; anything else is rebuilt.
+    if works(Command::new("bpf-linker").arg("--version")) && linked_against(&prefix_lib) {
+        return Ok(());
+    }
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix)
+        .current_dir(env::temp_dir()))?;
+    if !works(Command::new("bpf-linker").arg("--version")) {
+        bail!("bpf-linker was installed but does not run; is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+/// Whether the installed bpf-linker loads its LLVM from our prefix.
+fn linked_against(prefix_lib: &Path) -> bool {
+    let Ok(path) = which::which("bpf-linker") else { return false };
+    output(Command::new("ldd").arg(path)).is_ok_and(|o| o.contains(&*prefix_lib.to_string_lossy()))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace());
+    c
+}
+
+fn test(args: &[String]) -> Result<()> {
+    run(cargo().args(["build", "-p", "leaktrace"]))?;
+    let bin = workspace().join("target/debug/leaktrace");
+    run(cargo().args(["test", "--workspace", "--"]).args(args).env("LEAKTRACE_BIN", bin))
+}
+
+fn demo() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+    let dir = workspace().join("target/demo");
+    std::fs::create_dir_all(&dir)?;
+    let leaky = dir.join("leaky");
+    run(Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&leaky)
+        .arg(workspace().join("demo/leaky.c")))?;
+    eprintln!("xtask: leaktrace launches the demo program, which leaks at three places while it serves 3000 requests");
+    run(Command::new(workspace().join("target/release/leaktrace")).args(["--top", "5", "--max-frames", "4", "--"]).arg(&leaky))
+}
+
+fn bench() -> Result<()> {
+    run(cargo().args(["run", "--release", "-p", "leaktrace", "--example", "consumer_bench"]))
+}
