@@ -154,3 +154,32 @@ fn root_unprivileged_user_is_told_what_is_needed() {
     assert_eq!(stderr.len(), 1, "{stderr:?}");
     assert!(stderr[0].contains("needs root, or the CAP_BPF and CAP_PERFMON"), "{stderr:?}");
 }
+
+/// Text mode prints periodic reports and a final one, with the loss line in each.
+#[test]
+fn root_text_reports_at_each_interval() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let out = leaktrace_tests::temp_path("report.txt");
+    let mut child = Command::new(leaktrace_bin())
+        .args(["--pid", &fx.pid.to_string(), "--interval", "0.3", "--duration", "1.2", "-o"])
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leaktrace");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("leaktrace: tracing pid"), "{line}");
+    fx.run_scenario();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let periodic = text.matches("=== leaktrace report: pid").count();
+    assert!(periodic >= 1, "{text}");
+    assert_eq!(text.matches("=== leaktrace final report: pid").count(), 1, "{text}");
+    assert_eq!(text.matches("Losses: none").count(), periodic + 1, "{text}");
+    let last = text.rsplit("=== leaktrace final report").next().unwrap();
+    assert!(last.contains("leak_calloc (heap_ops.c:"), "{last}");
+    assert!(last.contains("Live heap allocated since attach: 1.4 KiB in 8 blocks"), "{last}");
+}

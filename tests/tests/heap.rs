@@ -130,3 +130,19 @@ fn root_threads_with_cross_thread_frees() {
         assert_eq!(lost(&r, "stale_entry") + lost(&r, "return_without_entry"), 0);
     }
 }
+
+/// A full stack map is a counted loss: the report says so, and byte totals stay exact.
+#[test]
+fn root_full_stack_map_is_reported_as_loss() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let tracer = Tracer::start(&["--pid", &fx.pid.to_string(), "--stack-capacity", "1"]);
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    assert!(lost(&r, "stack_map_full") > 0, "{}", r["lost"]);
+    assert_eq!(r["lost_total"].as_u64(), Some(r["lost"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum()));
+    assert_eq!(r["heap"]["live_bytes"], 1400, "totals don't depend on stacks");
+    let no_stack: Vec<_> = r["heap"]["stacks"].as_array().unwrap().iter().filter(|s| s["stack_id"].as_i64().unwrap() < 0).collect();
+    assert!(!no_stack.is_empty(), "allocations whose stack was lost are shown under the error id");
+}
