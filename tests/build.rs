@@ -3,7 +3,7 @@ use std::{env, path::PathBuf, process::Command};
 
 /// (output name, source, extra flags)
 const FIXTURES: &[(&str, &str, &[&str])] = &[
-    ("heap_ops", "heap_ops.c", &[]),
+    ("heap_ops", "heap_ops.c", &["-pthread"]),
     ("mappings", "mappings.c", &[]),
     ("threads", "threads.c", &["-pthread"]),
     ("launch", "launch.c", &[]),

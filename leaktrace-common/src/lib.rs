@@ -34,6 +34,9 @@ pub mod maps {
     /// Per-CPU `[tid, sp]` of the last allocator return consumed, to recognise the
     /// second return handler of a tail call (both run at the same stack pointer).
     pub const LAST_RETURN: &str = "LAST_RETURN";
+    /// Array of one u32: nonzero once every program is attached. Until then the
+    /// programs do nothing, so the attach sequence cannot pair half-attached probes.
+    pub const ENABLED: &str = "ENABLED";
     /// Hash map: thread id → [`crate::SyscallEntry`] for syscalls in flight.
     pub const SYSCALL_INFLIGHT: &str = "SYSCALL_INFLIGHT";
 }

@@ -17,7 +17,7 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use leaktrace_common::{
     AllocEntry, Config, DEFAULT_INFLIGHT_CAPACITY, DEFAULT_RING_BYTES, DEFAULT_STACK_CAPACITY,
@@ -45,6 +45,9 @@ static ALLOC_INFLIGHT: HashMap<u32, AllocEntry> =
     HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
 
 #[map]
+static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
 static LAST_RETURN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
@@ -61,12 +64,17 @@ fn count(id: u32) {
     }
 }
 
-/// The caller's (tgid, tid) if it belongs to the traced process.
+/// The caller's thread id, if it belongs to the traced process and tracing is enabled.
 #[inline(always)]
 fn traced_thread() -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != CONFIG.load().tgid {
+        return None;
+    }
+    // Userspace flips this once all probes are attached: an entry probe without its
+    // return probe (or the reverse) would otherwise pair calls wrongly during attach.
+    if ENABLED.get(0).copied().unwrap_or(0) == 0 {
         return None;
     }
     Some(pid_tgid as u32)

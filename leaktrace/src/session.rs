@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use leaktrace_common::{
@@ -193,6 +193,13 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked))
 }
 
+/// Turns the attached programs on, all at once.
+fn enable(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let map = ebpf.map_mut(maps::ENABLED).ok_or(Error::Missing("ENABLED map"))?;
+    let mut flag: Array<&mut MapData, u32> = Array::try_from(map).map_err(|source| Error::Map { name: maps::ENABLED, source })?;
+    flag.set(0, 1, 0).map_err(|source| Error::Map { name: maps::ENABLED, source })
+}
+
 /// Starts the clock, releases a launched child, and tells the user we are tracing.
 /// Called once signal handlers are in place, so a Ctrl-C from then on gets a report.
 fn go(config: &Config, pid: u32, probes: usize, blocked: Option<launch::Blocked>) -> Result<Instant, Error> {
@@ -248,7 +255,7 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
     })
 }
 
-/// The syscall tracepoints, exit before entry so an exit never lacks its entry.
+/// The syscall tracepoints.
 const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "mprotect", "madvise"];
 
 fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInfo>, Error> {
@@ -260,8 +267,8 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInf
         let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
         p.load().map_err(attach_err(name.into()))
     };
-    // Return probes first: a return is then never seen without its entry, except
-    // for calls already in flight at attach (counted as return_without_entry).
+    // The programs stay idle until `enable` flips the ENABLED flag, so the order
+    // of attachment does not matter for pairing.
     uprobe(ebpf, "alloc_exit")?;
     for site in sites.iter().filter(|s| s.func.return_program().is_some()) {
         let p: &mut UProbe = ebpf.program_mut("alloc_exit").ok_or(Error::Missing("alloc_exit"))?.try_into().map_err(attach_err("alloc_exit".into()))?;
@@ -277,7 +284,7 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInf
             .map_err(attach_err(format!("probe on {} in {}", site.func.symbol(), site.object)))?;
         infos.push(ProbeInfo { function: site.func.symbol().into(), object: site.object.clone(), offset: site.offset });
     }
-    for phase in ["exit", "enter"] {
+    for phase in ["enter", "exit"] {
         for sc in SYSCALLS {
             let name = format!("sys_{phase}_{sc}");
             let prog = ebpf.program_mut(&name).ok_or(Error::Missing("a syscall tracepoint program"))?;
@@ -341,6 +348,7 @@ impl Session<'_> {
             tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
             self.config.interval.unwrap_or(far),
         );
+        enable(ebpf)?;
         self.started = go(self.config, self.pid, self.probes.len(), blocked)?;
         let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
         tokio::pin!(deadline);

@@ -146,3 +146,27 @@ fn root_full_stack_map_is_reported_as_loss() {
     let no_stack: Vec<_> = r["heap"]["stacks"].as_array().unwrap().iter().filter(|s| s["stack_id"].as_i64().unwrap() < 0).collect();
     assert!(!no_stack.is_empty(), "allocations whose stack was lost are shown under the error id");
 }
+
+/// Attaching to a process that allocates and frees all the time pairs nothing wrongly:
+/// the probes are switched on together once all are attached.
+#[test]
+fn root_attach_to_busy_process_loses_nothing() {
+    require_root();
+    for _ in 0..3 {
+        let mut fx = Fixture::spawn("heap_ops", &["busy"]);
+        let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
+        fx.run_scenario();
+        let r = tracer.finish();
+        check_shape(&r);
+        let s = stack_at(&r, "heap", "leak_malloc");
+        assert_eq!(s["live_bytes"], 500, "{r:#}");
+        // At most the one call in flight when the probes were switched on.
+        assert!(lost(&r, "return_without_entry") <= 1, "{}", r["lost"]);
+        for name in ["alloc_over_live", "stale_entry", "ringbuf_full", "stack_collision"] {
+            assert_eq!(lost(&r, name), 0, "{name}: {}", r["lost"]);
+        }
+        // The churning thread holds at most its one current block.
+        let churn: u64 = leaktrace_tests::stacks_at(&r, "heap", "busy_churn").iter().map(|s| s["live_allocations"].as_u64().unwrap()).sum();
+        assert!(churn <= 1, "{r:#}");
+    }
+}
