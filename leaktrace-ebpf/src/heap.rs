@@ -58,7 +58,7 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
     let Some(tid) = traced_thread() else { return 0 };
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run.
-    if let Some(prev) = unsafe { ALLOC_INFLIGHT.get(&tid) } {
+    if let Some(prev) = unsafe { ALLOC_INFLIGHT.get(tid) } {
         if regs.sp <= prev.sp {
             // Called from inside the outer allocator call (sp below), or tail-called by it
             // (same sp: `realloc(NULL, n)` jumps to `malloc`): the outer call accounts for it.
@@ -77,7 +77,7 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
         func: func as u32,
         _pad: 0,
     };
-    if ALLOC_INFLIGHT.insert(&tid, &entry, BPF_ANY as u64).is_err() {
+    if ALLOC_INFLIGHT.insert(tid, entry, BPF_ANY as u64).is_err() {
         count(counter::ALLOC_INFLIGHT_FULL);
     }
     0
@@ -114,7 +114,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let Some(tid) = traced_thread() else { return 0 };
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
-    let Some(entry) = (unsafe { ALLOC_INFLIGHT.get(&tid) }).copied() else {
+    let Some(entry) = (unsafe { ALLOC_INFLIGHT.get(tid) }).copied() else {
         // A tail call leaves two return probes on one return: the first consumed the entry.
         if let Some(last) = LAST_RETURN.get_ptr(0)
             // SAFETY: this CPU's slot from a successful lookup.
@@ -131,7 +131,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         // Return of a nested call we did not record.
         return 0;
     }
-    let _ = ALLOC_INFLIGHT.remove(&tid);
+    let _ = ALLOC_INFLIGHT.remove(tid);
     if let Some(last) = LAST_RETURN.get_ptr_mut(0) {
         // SAFETY: this CPU's slot from a successful lookup.
         unsafe { *last = [tid as u64, regs.sp] };

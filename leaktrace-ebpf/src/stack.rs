@@ -156,14 +156,14 @@ fn capture(first: u64, second: Option<u64>, mut bp: u64, sp: u64, mut flags: u32
     st.check = h2;
 
     // SAFETY: a lookup returns a pointer valid for this program run.
-    if let Some(existing) = unsafe { STACKS.get(&id) } {
+    if let Some(existing) = unsafe { STACKS.get(id) } {
         if existing.check == h2 && existing.len == n as u32 {
             return id;
         }
         count(counter::STACK_COLLISION);
         return -EEXIST;
     }
-    match STACKS.insert(&id, st, BPF_NOEXIST as u64) {
+    match STACKS.insert(id, st, BPF_NOEXIST as u64) {
         Ok(()) => id,
         // Another CPU inserted the same stack between our lookup and insert.
         Err(e) if e as i64 == -EEXIST => id,

@@ -43,13 +43,13 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
         return 0;
     }
     // SAFETY: a lookup returns a pointer valid for this program run.
-    let stack_id = match unsafe { ALLOC_INFLIGHT.get(&tid) } {
+    let stack_id = match unsafe { ALLOC_INFLIGHT.get(tid) } {
         Some(alloc) => alloc.stack_id,
         None if want_stack => stack::at_syscall(),
         None => STACK_NONE,
     };
     let entry = SyscallEntry { args, stack_id, nr, _pad: 0 };
-    if SYSCALL_INFLIGHT.insert(&tid, &entry, BPF_ANY as u64).is_err() {
+    if SYSCALL_INFLIGHT.insert(tid, entry, BPF_ANY as u64).is_err() {
         count(counter::SYSCALL_INFLIGHT_FULL);
     }
     0
@@ -59,14 +59,14 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
 fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
     let Some(tid) = traced_thread() else { return 0 };
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
-    let Some(e) = (unsafe { SYSCALL_INFLIGHT.get(&tid) }).copied() else {
+    let Some(e) = (unsafe { SYSCALL_INFLIGHT.get(tid) }).copied() else {
         // madvise with other advice is not recorded at entry.
         if nr != nr::MADVISE {
             count(counter::SYSCALL_WITHOUT_ENTRY);
         }
         return 0;
     };
-    let _ = SYSCALL_INFLIGHT.remove(&tid);
+    let _ = SYSCALL_INFLIGHT.remove(tid);
     if e.nr != nr {
         count(counter::SYSCALL_WITHOUT_ENTRY);
         return 0;

@@ -30,11 +30,11 @@ fn stream(n: usize) -> Vec<u8> {
     for i in 0..n {
         let r = rng.next();
         let ts = i as u64 * 100;
-        let ev = if live.len() > 100_000 && r % 2 == 0 || live.len() > 1000 && r % 5 == 0 {
+        let ev = if live.len() > 100_000 && r.is_multiple_of(2) || live.len() > 1000 && r.is_multiple_of(5) {
             let idx = (rng.next() as usize) % live.len();
             let addr = live.swap_remove(idx);
             Event { kind: kind::FREE, addr, ts_ns: ts, func: AllocFn::Free as u32, ..Event::default() }
-        } else if r % 997 == 0 {
+        } else if r.is_multiple_of(997) {
             Event { kind: kind::MMAP, addr: 0x7f00_0000_0000 + (i as u64) * 0x10_0000, size: 1 << 20, aux: 0x22 << 32, ts_ns: ts, stack_id: (r % 64) as i64, ..Event::default() }
         } else {
             next_addr += 64;

@@ -227,7 +227,7 @@ pub fn bytes(n: u64) -> String {
 
 fn frame_line(f: &Frame) -> String {
     let func = f.function.as_deref().unwrap_or("??");
-    let mut s = format!("{func}");
+    let mut s = func.to_string();
     if let (Some(file), Some(line)) = (&f.file, f.line) {
         let short = file.rsplit('/').next().unwrap_or(file);
         let _ = write!(s, " ({short}:{line})");

@@ -14,6 +14,9 @@ use rustc_hash::FxHashMap;
 
 use crate::procfs::{self, MapEntry};
 
+/// An address to symbolize and whether it is a return address (looked up at `addr - 1`).
+type Key = (u64, bool);
+
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Frame {
@@ -47,7 +50,7 @@ pub struct Symbols {
     pid: u32,
     exec_maps: Vec<MapEntry>,
     symbolizer: Symbolizer,
-    cache: FxHashMap<(u64, bool), Vec<Frame>>,
+    cache: FxHashMap<Key, Vec<Frame>>,
     stacks: FxHashMap<i64, Stack>,
 }
 
@@ -108,12 +111,13 @@ impl Symbols {
     /// Resolves raw stacks (id, trace) in one batch.
     pub fn resolve(&mut self, raw: &[(i64, StackTrace)]) {
         // Addresses to look up: (address, is_return_address).
-        let mut wanted: Vec<(u64, bool)> = Vec::new();
-        let mut plans: Vec<(i64, Vec<(u64, bool)>, bool)> = Vec::new();
+        let mut wanted: Vec<Key> = Vec::new();
+        // (stack id, its addresses, truncated)
+        let mut plans: Vec<(i64, Vec<Key>, bool)> = Vec::new();
         let mut refreshed = false;
         for (id, st) in raw {
             let n = (st.len as usize).min(st.frames.len());
-            let mut addrs: Vec<(u64, bool)> = Vec::with_capacity(n);
+            let mut addrs: Vec<Key> = Vec::with_capacity(n);
             for (i, &a) in st.frames[..n].iter().enumerate() {
                 let syscall = st.flags & STACK_SYSCALL != 0;
                 let is_ret = !(syscall && i == 0);
@@ -143,9 +147,9 @@ impl Symbols {
         }
     }
 
-    fn symbolize(&mut self, wanted: &[(u64, bool)]) {
+    fn symbolize(&mut self, wanted: &[Key]) {
         // Group by object: (host path, module name) → [(key, file offset)].
-        let mut by_obj: FxHashMap<(PathBuf, String), Vec<((u64, bool), u64)>> = FxHashMap::default();
+        let mut by_obj: FxHashMap<(PathBuf, String), Vec<(Key, u64)>> = FxHashMap::default();
         for &(addr, is_ret) in wanted {
             let Some(m) = self.mapping(addr) else {
                 self.cache.insert((addr, is_ret), vec![unknown(addr, None)]);
