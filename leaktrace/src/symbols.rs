@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use blazesym::symbolize::{Input, Symbolized, Symbolizer, source::{Elf, Source}};
+use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer, source::{Elf, Source}};
 use leaktrace_common::{STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
 use rustc_hash::FxHashMap;
 
@@ -173,26 +173,19 @@ impl Symbols {
                     Some(Symbolized::Sym(sym)) => {
                         let mut frames = Vec::with_capacity(1 + sym.inlined.len());
                         // blazesym lists inlined calls outermost first; we want innermost first.
-                        for f in sym.inlined.iter().rev() {
-                            frames.push(Frame {
-                                function: Some(f.name.to_string()),
-                                file: f.code_info.as_ref().map(|c| c.to_path().display().to_string()),
-                                line: f.code_info.as_ref().and_then(|c| c.line),
-                                module: Some(module.clone()),
-                                kind: "native",
-                                address: format!("{:#x}", key.0),
-                                inlined: true,
-                            });
-                        }
-                        frames.push(Frame {
-                            function: Some(sym.name.to_string()),
-                            file: sym.code_info.as_ref().map(|c| c.to_path().display().to_string()),
-                            line: sym.code_info.as_ref().and_then(|c| c.line),
+                        let named = |name: &str, code: Option<&CodeInfo<'_>>, inlined: bool| Frame {
+                            function: Some(name.to_owned()),
+                            file: code.map(|c| c.to_path().display().to_string()),
+                            line: code.and_then(|c| c.line),
                             module: Some(module.clone()),
                             kind: "native",
                             address: format!("{:#x}", key.0),
-                            inlined: false,
-                        });
+                            inlined,
+                        };
+                        for f in sym.inlined.iter().rev() {
+                            frames.push(named(&f.name, f.code_info.as_ref(), true));
+                        }
+                        frames.push(named(&sym.name, sym.code_info.as_deref(), false));
                         frames
                     }
                     _ => vec![unknown(key.0, Some(module.clone()))],
