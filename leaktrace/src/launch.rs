@@ -166,5 +166,74 @@ pub fn spawn_blocked(program: &Path, args: &[OsString]) -> Result<Blocked, Error
         }
     }
     drop(rd);
+    // SAFETY: seizing our own child, which is blocked in read(); no memory is passed.
+    let seized = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            std::ptr::null_mut::<libc::c_void>(),
+            (libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC) as usize as *mut libc::c_void,
+        )
+    };
+    if seized != 0 {
+        log::warn!("could not watch pid {pid} for its exit ({}); a very short-lived command may lose symbols", std::io::Error::last_os_error());
+    }
     Ok(Blocked { pid: pid as u32, go: wr })
+}
+
+/// What a launched child reported to its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildStop {
+    /// Nothing (more) to report now.
+    None,
+    /// It is about to exit; its memory map is still readable. Call [`detach`] after.
+    Exiting,
+    /// It has exited; the text says how.
+    Exited(&'static str, i32),
+}
+
+/// Collects the launched child's pending ptrace stops, resuming every one that is
+/// not its exit (signals are re-delivered unchanged, group stops stay stopped).
+pub fn poll_child(pid: u32) -> ChildStop {
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child without blocking.
+        let r = unsafe { libc::waitpid(pid as i32, &raw mut status, libc::WNOHANG | libc::__WALL) };
+        if r <= 0 {
+            return ChildStop::None;
+        }
+        if libc::WIFEXITED(status) {
+            return ChildStop::Exited("exit status", libc::WEXITSTATUS(status));
+        }
+        if libc::WIFSIGNALED(status) {
+            return ChildStop::Exited("killed by signal", libc::WTERMSIG(status));
+        }
+        if !libc::WIFSTOPPED(status) {
+            continue;
+        }
+        let event = status >> 16;
+        let sig = libc::WSTOPSIG(status);
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: resuming our own stopped tracee; the data argument is a signal number.
+        unsafe {
+            match event {
+                libc::PTRACE_EVENT_EXIT => return ChildStop::Exiting,
+                libc::PTRACE_EVENT_STOP => {
+                    libc::ptrace(libc::PTRACE_LISTEN, pid as i32, null, null);
+                }
+                libc::PTRACE_EVENT_EXEC => {
+                    libc::ptrace(libc::PTRACE_CONT, pid as i32, null, null);
+                }
+                _ => {
+                    libc::ptrace(libc::PTRACE_CONT, pid as i32, null, sig as usize as *mut libc::c_void);
+                }
+            }
+        }
+    }
+}
+
+/// Lets a child stopped at its exit finish exiting.
+pub fn detach(pid: u32) {
+    // SAFETY: detaching our own tracee.
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid as i32, std::ptr::null_mut::<libc::c_void>(), std::ptr::null_mut::<libc::c_void>()) };
 }

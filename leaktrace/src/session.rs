@@ -182,7 +182,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         symbols: None,
         known_stacks: rustc_hash::FxHashSet::default(),
         pending_stacks: Vec::new(),
-        maps_refreshed: None,
+        fetched_stacks: Vec::new(),
         rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
         probes,
         started: Instant::now(),
@@ -306,8 +306,8 @@ struct Session<'a> {
     known_stacks: rustc_hash::FxHashSet<i64>,
     /// Stack ids seen but not yet symbolized.
     pending_stacks: Vec<i64>,
-    /// When the mappings snapshot was last refreshed for new stacks.
-    maps_refreshed: Option<Instant>,
+    /// New stacks read from the kernel, waiting to be symbolized.
+    fetched_stacks: Vec<(i64, StackTrace)>,
     rss: Rss,
     probes: Vec<ProbeInfo>,
     started: Instant,
@@ -341,6 +341,7 @@ impl Session<'_> {
         };
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Runtime)?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Runtime)?;
+        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).map_err(Error::Runtime)?;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -357,19 +358,38 @@ impl Session<'_> {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(Error::Runtime)?;
-                    drain(guard.get_inner_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks);
+                    let mut exec_mapped = false;
+                    drain(guard.get_inner_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
                     guard.clear_ready();
-                    self.snapshot_maps_for_new_stacks();
+                    if exec_mapped {
+                        // Code was mapped (a library loaded): snapshot it while it is surely there.
+                        self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
+                    }
+                    self.fetch_new_stacks(&stacks);
                 }
                 _ = tick.tick() => {
                     self.sample_rss();
-                    self.snapshot_maps_for_new_stacks();
                     self.resolve_stacks(&stacks);
                 }
                 _ = report_tick.tick() => {
                     if self.config.format == Format::Text {
                         let r = self.report(&counters, false, None);
                         self.write(&report::render_text(&r, self.config.max_frames))?;
+                    }
+                }
+                _ = sigchld.recv(), if self.launched => {
+                    match launch::poll_child(self.pid) {
+                        launch::ChildStop::Exiting => {
+                            // Its mappings are still there: take everything we need from them now.
+                            let mut exec_mapped = false;
+                            drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
+                            self.sample_rss();
+                            self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
+                            self.resolve_stacks(&stacks);
+                            launch::detach(self.pid);
+                        }
+                        launch::ChildStop::Exited(how, code) => self.exit_status = Some(format!("{how} {code}")),
+                        launch::ChildStop::None => {}
                     }
                 }
                 _ = sigint.recv() => break ("interrupted".to_owned(), true),
@@ -384,7 +404,7 @@ impl Session<'_> {
             }
         };
         // Whatever is still in the ring buffer belongs in the final report.
-        drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks);
+        drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut false);
         if !self.target_exited {
             self.sample_rss();
         }
@@ -412,7 +432,7 @@ impl Session<'_> {
     }
 
     fn reap(&mut self) {
-        if !self.launched {
+        if !self.launched || self.exit_status.is_some() {
             return;
         }
         let mut status = 0;
@@ -429,32 +449,37 @@ impl Session<'_> {
         }
     }
 
-    /// New stacks may point into objects mapped since the last snapshot: take a
-    /// new one now, while the target is surely alive, so they can be symbolized
-    /// later even if it exits first. Cheap (one read of /proc/PID/maps), and
-    /// throttled.
-    fn snapshot_maps_for_new_stacks(&mut self) {
-        if self.pending_stacks.is_empty() || self.maps_refreshed.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
-            return;
-        }
-        self.maps_refreshed = Some(Instant::now());
-        match &mut self.symbols {
-            Some(s) => {
-                s.refresh_maps();
-            }
-            None => self.symbols = Some(Symbols::new(self.pid)),
-        }
-    }
-
-    fn resolve_stacks(&mut self, stacks: &BpfHashMap<MapData, i64, StackTrace>) {
+    /// Reads new stacks from the kernel as soon as they appear and, if one points
+    /// outside the mappings snapshot (an object mapped since), takes a new snapshot
+    /// now, while the target is surely alive: symbolization comes later and must
+    /// work even if the target has exited by then.
+    fn fetch_new_stacks(&mut self, stacks: &BpfHashMap<MapData, i64, StackTrace>) {
         if self.pending_stacks.is_empty() {
             return;
         }
         let pid = self.pid;
         let symbols = self.symbols.get_or_insert_with(|| Symbols::new(pid));
-        let batch: Vec<(i64, StackTrace)> =
-            self.pending_stacks.drain(..).filter_map(|id| stacks.get(&id, 0).ok().map(|st| (id, st))).collect();
-        symbols.resolve(&batch);
+        let mut uncovered = false;
+        for id in self.pending_stacks.drain(..) {
+            if let Ok(st) = stacks.get(&id, 0) {
+                uncovered |= !symbols.covers(&st);
+                self.fetched_stacks.push((id, st));
+            }
+        }
+        if uncovered {
+            symbols.refresh_maps();
+        }
+    }
+
+    fn resolve_stacks(&mut self, stacks: &BpfHashMap<MapData, i64, StackTrace>) {
+        self.fetch_new_stacks(stacks);
+        if self.fetched_stacks.is_empty() {
+            return;
+        }
+        let pid = self.pid;
+        let symbols = self.symbols.get_or_insert_with(|| Symbols::new(pid));
+        symbols.resolve(&self.fetched_stacks);
+        self.fetched_stacks.clear();
     }
 
     fn report(&mut self, counters: &PerCpuArray<MapData, u64>, final_report: bool, reason: Option<String>) -> Report {
@@ -480,12 +505,16 @@ impl Session<'_> {
     }
 }
 
-/// Applies every event waiting in the ring buffer, noting stack ids not seen before.
+const PROT_EXEC: u64 = 4;
+
+/// Applies every event waiting in the ring buffer, noting stack ids not seen before
+/// and whether code was mapped.
 fn drain(
     ring: &mut RingBuf<aya::maps::MapData>,
     ledger: &mut Ledger,
     known: &mut rustc_hash::FxHashSet<i64>,
     pending: &mut Vec<i64>,
+    exec_mapped: &mut bool,
 ) -> usize {
     let mut n = 0;
     while let Some(item) = ring.next() {
@@ -500,6 +529,9 @@ fn drain(
         ledger.apply(&ev);
         if ev.stack_id >= 0 && known.insert(ev.stack_id) {
             pending.push(ev.stack_id);
+        }
+        if ev.kind == leaktrace_common::kind::MMAP && ev.aux & PROT_EXEC != 0 {
+            *exec_mapped = true;
         }
     }
     n

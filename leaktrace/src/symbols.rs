@@ -91,9 +91,13 @@ impl Symbols {
                 }
                 self.exec_maps.extend(fresh);
                 self.exec_maps.sort_by_key(|m| m.start);
+                log::debug!("mappings snapshot of pid {}: {} executable mappings", self.pid, self.exec_maps.len());
                 true
             }
-            Err(_) => false,
+            Err(e) => {
+                log::debug!("mappings of pid {} unreadable: {e}", self.pid);
+                false
+            }
         }
     }
 
@@ -101,6 +105,14 @@ impl Symbols {
         let i = self.exec_maps.partition_point(|m| m.start <= addr);
         let m = self.exec_maps.get(i.checked_sub(1)?)?;
         (addr < m.end).then_some(m)
+    }
+
+    /// Whether every frame of a raw stack (but a syscall stack's guessed second
+    /// frame) lies in a known executable mapping.
+    pub fn covers(&self, st: &StackTrace) -> bool {
+        let n = (st.len as usize).min(st.frames.len());
+        let syscall = st.flags & STACK_SYSCALL != 0;
+        st.frames[..n].iter().enumerate().all(|(i, &a)| (syscall && i == 1) || self.mapping(a).is_some())
     }
 
     /// A resolved stack.
