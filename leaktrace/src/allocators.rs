@@ -17,6 +17,8 @@ use std::{
 use leaktrace_common::AllocFn;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 
+use crate::placement::{self, Placement};
+
 /// One place to attach a probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeSite {
@@ -26,8 +28,12 @@ pub struct ProbeSite {
     pub object: String,
     /// Path to open from our mount namespace.
     pub host_path: PathBuf,
-    /// File offset of the function's first instruction.
+    /// File offset of the probe: the function's first instruction plus `placement.offset`.
     pub offset: u64,
+    /// File offset of the function's first instruction.
+    pub entry_offset: u64,
+    /// Where in the function the probe goes, and why.
+    pub placement: Placement,
 }
 
 /// Reasons an object could not be searched.
@@ -78,12 +84,31 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
         let Some(&(vaddr, _, foff)) = segments.iter().find(|&&(va, size, _)| addr >= va && addr < va + size) else {
             continue;
         };
-        let offset = addr - vaddr + foff;
+        let entry_offset = addr - vaddr + foff;
         // An alias of a function already probed (glibc's aligned_alloc is memalign's code).
-        if !seen_offsets.insert(offset) {
+        if !seen_offsets.insert(entry_offset) {
             continue;
         }
-        sites.push(ProbeSite { func, object: object.to_owned(), host_path: host_path.to_owned(), offset });
+        let placement = if func == AllocFn::Free {
+            // free's probe reads only its argument: it may move to a cheaper instruction.
+            let len = match sym.size() {
+                0 => 64,
+                n => n.min(64),
+            };
+            let start = usize::try_from(entry_offset).unwrap_or(usize::MAX);
+            let code = data.get(start..start.saturating_add(len as usize).min(data.len())).unwrap_or(&[]);
+            placement::place(code, iced_x86::Register::RDI)
+        } else {
+            Placement { offset: 0, reason: "entry: the probe reads the return address at [sp]".into() }
+        };
+        sites.push(ProbeSite {
+            func,
+            object: object.to_owned(),
+            host_path: host_path.to_owned(),
+            offset: entry_offset + placement.offset,
+            entry_offset,
+            placement,
+        });
     }
     Ok(sites)
 }

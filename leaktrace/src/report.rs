@@ -78,6 +78,10 @@ pub struct ProbeInfo {
     pub object: String,
     /// File offset of the probe.
     pub offset: u64,
+    /// Offset of the probe from the function's first instruction.
+    pub offset_in_function: u64,
+    /// Why the probe sits there.
+    pub placement: String,
 }
 
 /// A report, as printed at each interval and at the end.

@@ -272,7 +272,8 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInf
     uprobe(ebpf, "alloc_exit")?;
     for site in sites.iter().filter(|s| s.func.return_program().is_some()) {
         let p: &mut UProbe = ebpf.program_mut("alloc_exit").ok_or(Error::Missing("alloc_exit"))?.try_into().map_err(attach_err("alloc_exit".into()))?;
-        p.attach(site.offset, &site.host_path, scope)
+        // A return probe hijacks the return address at [sp], so it stays at the entry.
+        p.attach(site.entry_offset, &site.host_path, scope)
             .map_err(attach_err(format!("return probe on {} in {}", site.func.symbol(), site.object)))?;
     }
     let mut infos = Vec::new();
@@ -282,7 +283,14 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInf
         let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
         p.attach(site.offset, &site.host_path, scope)
             .map_err(attach_err(format!("probe on {} in {}", site.func.symbol(), site.object)))?;
-        infos.push(ProbeInfo { function: site.func.symbol().into(), object: site.object.clone(), offset: site.offset });
+        log::info!("probe on {} in {} at +{}: {}", site.func.symbol(), site.object, site.placement.offset, site.placement.reason);
+        infos.push(ProbeInfo {
+            function: site.func.symbol().into(),
+            object: site.object.clone(),
+            offset: site.offset,
+            offset_in_function: site.placement.offset,
+            placement: site.placement.reason.clone(),
+        });
     }
     for phase in ["enter", "exit"] {
         for sc in SYSCALLS {
