@@ -241,7 +241,14 @@ fn open_pidfd(pid: u32) -> Option<OwnedFd> {
 }
 
 fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
-    let bpf_config = BpfConfig { tgid: pid, flags: if config.capture_stacks { CONFIG_CAPTURE_STACKS } else { 0 } };
+    let bpf_config = BpfConfig {
+        tgid: pid,
+        flags: if config.capture_stacks { CONFIG_CAPTURE_STACKS } else { 0 },
+        // A quarter of the ring: the consumer is woken long before it could fill,
+        // and otherwise drains every DRAIN_EVERY.
+        wakeup_bytes: config.ring_bytes / 4,
+        _pad: 0,
+    };
     let mut loader = EbpfLoader::new();
     loader
         .override_global(CONFIG_GLOBAL, &bpf_config, true)
@@ -326,6 +333,8 @@ struct Session<'a> {
 
 /// How often new stacks are symbolized and RSS is sampled.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the ring buffer is drained without a wakeup from the kernel.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 impl Session<'_> {
     async fn event_loop(
@@ -350,6 +359,8 @@ impl Session<'_> {
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Runtime)?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Runtime)?;
         let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).map_err(Error::Runtime)?;
+        let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
+        drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -371,6 +382,14 @@ impl Session<'_> {
                     guard.clear_ready();
                     if exec_mapped {
                         // Code was mapped (a library loaded): snapshot it while it is surely there.
+                        self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
+                    }
+                    self.fetch_new_stacks(&stacks);
+                }
+                _ = drain_tick.tick() => {
+                    let mut exec_mapped = false;
+                    drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
+                    if exec_mapped {
                         self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
                     }
                     self.fetch_new_stacks(&stacks);
