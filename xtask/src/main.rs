@@ -10,6 +10,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+mod bench;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,7 +34,11 @@ enum Task {
     /// Set up, build, and trace the demo program as it leaks.
     Demo,
     /// Set up, build in release mode, and run the benchmarks.
-    Bench,
+    Bench {
+        /// Small workloads, to check the harness works (used by the tests).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,7 +47,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => setup().and_then(|()| test(&args)),
         Task::Demo => setup().and_then(|()| demo()),
-        Task::Bench => setup().and_then(|()| bench()),
+        Task::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,30 +178,12 @@ fn demo() -> Result<()> {
     run(Command::new(workspace().join("target/release/leaktrace")).args(["--top", "5", "--max-frames", "4", "--"]).arg(&leaky))
 }
 
-/// Engine throughput, and what the probes add to a malloc+free pair.
-/// (Issue 6 grows this into the side-by-side comparison with peers.)
-fn bench() -> Result<()> {
-    run(cargo().args(["run", "--release", "-p", "leaktrace", "--example", "consumer_bench"]))?;
+/// Engine throughput, then the side-by-side table of workloads and tracers.
+fn bench(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "leaktrace", "--example", "consumer_bench"]))?;
+    if !quick {
+        run(&mut Command::new(workspace().join("target/release/examples/consumer_bench")))?;
+    }
     run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
-    let dir = workspace().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let prog = dir.join("malloc_loop");
-    run(Command::new("cc").args(["-O2", "-o"]).arg(&prog).arg(workspace().join("bench/malloc_loop.c")))?;
-    let per_pair = |out: &str| -> Result<f64> {
-        out.lines()
-            .find_map(|l| l.strip_prefix("ns_per_pair="))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("no ns_per_pair in {out:?}"))
-    };
-    let pairs = "200000";
-    let bare = per_pair(&output(Command::new(&prog).arg(pairs))?)?;
-    let traced = per_pair(&output(
-        Command::new(workspace().join("target/release/leaktrace"))
-            .args(["--format", "json", "-o", "/dev/null", "--"])
-            .arg(&prog)
-            .arg(pairs),
-    )?)?;
-    println!("malloc+free pair ({pairs} pairs, mixed 16-271 B): untraced {bare:.0} ns, traced {traced:.0} ns, added {:.2} µs per pair ({:.0}x)",
-        (traced - bare) / 1000.0, traced / bare);
-    Ok(())
+    bench::run(&workspace(), &workspace().join("target/release/leaktrace"), quick)
 }

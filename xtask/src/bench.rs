@@ -1,0 +1,261 @@
+//! `cargo xtask bench`: the same workloads untraced, under leaktrace, and under
+//! the peers that install here, side by side in one run.
+//!
+//! Workloads time their own core loop and speak a handshake on stdin/stdout
+//! (`ready` → `go` → `result ns_per_op=N ops=N` → stdin closed), so tracer
+//! start-up and shutdown are not counted and each tracer is attached before the
+//! workload starts. sqlite3 is the exception: it times its statements itself
+//! (`.timer on`), and the sum of their real times is used.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// How a workload is measured.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// `ready` / `go` / `result ns_per_op=…` handshake.
+    Handshake,
+    /// sqlite3 `.timer on` output on stdout, script on stdin.
+    SqliteTimer,
+}
+
+struct Workload {
+    name: &'static str,
+    op: &'static str,
+    cmd: Vec<String>,
+    protocol: Protocol,
+    stdin_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tool {
+    Untraced,
+    Leaktrace,
+    LeaktraceSampled,
+    Bpftrace,
+    Heaptrack,
+}
+
+impl Tool {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Untraced => "untraced",
+            Self::Leaktrace => "leaktrace (exact)",
+            Self::LeaktraceSampled => "leaktrace --sample-rate 512K",
+            Self::Bpftrace => "bpftrace memleak-equivalent",
+            Self::Heaptrack => "heaptrack (LD_PRELOAD)",
+        }
+    }
+}
+
+struct Sample {
+    ns_per_op: f64,
+    /// Tracer CPU over the run, as a share of one core; None where not measurable.
+    tracer_cpu: Option<f64>,
+    /// Tracer peak RSS in KiB.
+    tracer_rss_kib: Option<u64>,
+}
+
+fn clk_tck() -> f64 {
+    100.0
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clk_tck())
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &str) -> Command {
+    let out = std::env::temp_dir().join(format!("leaktrace-bench-{}", std::process::id()));
+    let mut c = match tool {
+        Tool::Untraced => {
+            let mut c = Command::new(&w.cmd[0]);
+            c.args(&w.cmd[1..]);
+            c
+        }
+        Tool::Leaktrace | Tool::LeaktraceSampled => {
+            let mut c = Command::new(leaktrace);
+            c.args(["--format", "json", "-o"]).arg(out.with_extension("json"));
+            if tool == Tool::LeaktraceSampled {
+                c.args(["--sample-rate", "524288"]);
+            }
+            c.arg("--").args(&w.cmd);
+            c
+        }
+        Tool::Bpftrace => {
+            let mut c = Command::new("bpftrace");
+            c.arg("-c").arg(w.cmd.join(" ")).arg(bench_dir.join("memleak.bt")).arg(libc);
+            c
+        }
+        Tool::Heaptrack => {
+            let mut c = Command::new("heaptrack");
+            c.arg("-o").arg(out.with_extension("heaptrack")).args(&w.cmd);
+            c
+        }
+    };
+    c.stdout(Stdio::piped()).stderr(Stdio::null());
+    c
+}
+
+fn finish(mut child: Child) -> Result<()> {
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("exited with {status}");
+    }
+    Ok(())
+}
+
+fn run_one(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &str) -> Result<Sample> {
+    let mut cmd = command(tool, w, leaktrace, bench_dir, libc);
+    match (w.protocol, &w.stdin_file) {
+        (Protocol::SqliteTimer, Some(f)) => {
+            cmd.stdin(std::fs::File::open(f)?);
+        }
+        _ => {
+            cmd.stdin(Stdio::piped());
+        }
+    }
+    let mut child = cmd.spawn().with_context(|| format!("failed to start {:?}", tool.label()))?;
+    let tracer = child.id();
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    if w.protocol == Protocol::SqliteTimer {
+        let mut total = 0.0;
+        while out.read_line(&mut line)? > 0 {
+            if let Some(rest) = line.strip_prefix("Run Time: real ") {
+                total += rest.split_whitespace().next().unwrap_or("0").parse::<f64>().unwrap_or(0.0);
+            }
+            line.clear();
+        }
+        finish(child)?;
+        return Ok(Sample { ns_per_op: total * 1e9, tracer_cpu: None, tracer_rss_kib: None });
+    }
+    loop {
+        line.clear();
+        if out.read_line(&mut line)? == 0 {
+            bail!("{} ended before `ready`", tool.label());
+        }
+        if line.trim() == "ready" {
+            break;
+        }
+    }
+    let cpu0 = cpu_seconds(tracer);
+    let t0 = Instant::now();
+    let stdin = child.stdin.as_mut().context("stdin")?;
+    stdin.write_all(b"go\n")?;
+    stdin.flush()?;
+    let ns_per_op = loop {
+        line.clear();
+        if out.read_line(&mut line)? == 0 {
+            bail!("{} ended before its result", tool.label());
+        }
+        if let Some(v) = line.trim().strip_prefix("result ns_per_op=") {
+            break v.split_whitespace().next().unwrap_or("").parse::<f64>().context("result")?;
+        }
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    let measured = matches!(tool, Tool::Leaktrace | Tool::LeaktraceSampled | Tool::Bpftrace);
+    let tracer_cpu = if measured { cpu_seconds(tracer).zip(cpu0).map(|(b, a)| (b - a) / wall) } else { None };
+    let tracer_rss_kib = if measured { peak_rss_kib(tracer) } else { None };
+    finish(child)?;
+    Ok(Sample { ns_per_op, tracer_cpu, tracer_rss_kib })
+}
+
+/// Runs the table. `leaktrace` is the release binary.
+pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
+    let bench_dir = workspace.join("bench");
+    let build = workspace.join("target/bench");
+    std::fs::create_dir_all(&build)?;
+    let ml = build.join("malloc_loop");
+    let status = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&ml).arg(bench_dir.join("malloc_loop.c")).status()?;
+    if !status.success() {
+        bail!("failed to build malloc_loop");
+    }
+    let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+    let ml = ml.display().to_string();
+    let scale = |n: u64| if quick { (n / 20).to_string() } else { n.to_string() };
+    let mut workloads = vec![
+        Workload { name: "malloc/free, 1 thread", op: "pair", cmd: vec![ml.clone(), scale(200_000), "1".into()], protocol: Protocol::Handshake, stdin_file: None },
+        Workload { name: "malloc/free, 2 threads", op: "pair", cmd: vec![ml.clone(), scale(100_000), "2".into()], protocol: Protocol::Handshake, stdin_file: None },
+        Workload { name: "malloc/free at 100k pairs/s", op: "pair", cmd: vec![ml, scale(300_000), "1".into(), "100000".into()], protocol: Protocol::Handshake, stdin_file: None },
+    ];
+    if Path::new("/usr/bin/python3.11").exists() {
+        workloads.push(Workload {
+            name: "CPython 3.11 (Debian) json/dict churn",
+            op: "document",
+            cmd: vec!["/usr/bin/python3.11".into(), bench_dir.join("py_churn.py").display().to_string(), scale(20_000)],
+            protocol: Protocol::Handshake,
+            stdin_file: None,
+        });
+    }
+    if Path::new("/usr/bin/sqlite3").exists() && !quick {
+        workloads.push(Workload {
+            name: "sqlite3: 100k rows in memory",
+            op: "run",
+            cmd: vec!["/usr/bin/sqlite3".into(), ":memory:".into()],
+            protocol: Protocol::SqliteTimer,
+            stdin_file: Some(bench_dir.join("sqlite_churn.sql")),
+        });
+    }
+    let mut tools = vec![Tool::Untraced, Tool::Leaktrace, Tool::LeaktraceSampled];
+    for (tool, bin) in [(Tool::Bpftrace, "bpftrace"), (Tool::Heaptrack, "heaptrack")] {
+        if which::which(bin).is_ok() {
+            tools.push(tool);
+        } else {
+            println!("note: {bin} is not installed, so its rows are missing (apt-get install {bin})");
+        }
+    }
+    println!();
+    println!("{:<38} {:<30} {:>12} {:>14} {:>10} {:>11} {:>11}", "workload", "tool", "ns/op", "added µs/op", "slowdown", "tracer CPU", "tracer RSS");
+    for w in &workloads {
+        let mut base = None;
+        let mut added = Vec::new();
+        for &tool in &tools {
+            let s = match run_one(tool, w, leaktrace, &bench_dir, libc) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("{:<38} {:<30} failed: {e:#}", w.name, tool.label());
+                    continue;
+                }
+            };
+            let b = *base.get_or_insert(s.ns_per_op);
+            let add = (s.ns_per_op - b) / 1000.0;
+            added.push((tool, add));
+            println!(
+                "{:<38} {:<30} {:>12.0} {:>14} {:>9.1}x {:>11} {:>11}",
+                if tool == Tool::Untraced { w.name } else { "" },
+                tool.label(),
+                s.ns_per_op,
+                if tool == Tool::Untraced { "-".to_owned() } else { format!("{add:.3}") },
+                s.ns_per_op / b,
+                s.tracer_cpu.map_or("-".into(), |c| format!("{:.1}%", c * 100.0)),
+                s.tracer_rss_kib.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            );
+        }
+        let get = |t: Tool| added.iter().find(|(x, _)| *x == t).map(|(_, a)| *a);
+        if let (Some(l), Some(bt)) = (get(Tool::Leaktrace), get(Tool::Bpftrace)) {
+            print!("{:<38} ratio of added cost per {}: leaktrace/bpftrace = {:.2}", "", w.op, l / bt);
+            if let Some(s) = get(Tool::LeaktraceSampled) {
+                print!(", sampled/bpftrace = {:.2}", s / bt);
+            }
+            println!();
+        }
+    }
+    Ok(())
+}
