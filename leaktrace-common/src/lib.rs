@@ -37,6 +37,14 @@ pub mod maps {
     /// Array of one u32: nonzero once every program is attached. Until then the
     /// programs do nothing, so the attach sequence cannot pair half-attached probes.
     pub const ENABLED: &str = "ENABLED";
+    /// LRU hash: thread id → bytes (i64) left until the thread's next sample.
+    pub const SAMPLE_COUNTDOWN: &str = "SAMPLE_COUNTDOWN";
+    /// Array of [`crate::EXP_DRAWS`] exponential draws (u64, mean = the sampling
+    /// interval) filled by userspace: BPF has no floating point.
+    pub const EXP_DRAWS: &str = "EXP_DRAWS";
+    /// Hash map: address → 1 for sampled live blocks, so frees of unsampled
+    /// blocks cost one lookup and send nothing.
+    pub const SAMPLED: &str = "SAMPLED";
     /// Hash map: thread id → [`crate::SyscallEntry`] for syscalls in flight.
     pub const SYSCALL_INFLIGHT: &str = "SYSCALL_INFLIGHT";
 }
@@ -56,10 +64,18 @@ pub struct Config {
     /// also drains on a short timer. Waking it on every event cost ~5 µs per
     /// malloc+free pair on the development VM.
     pub wakeup_bytes: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Mean sampling interval in bytes for heap allocations (0: trace every call).
+    pub sample_bytes: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
+
+/// Number of exponential draws in [`maps::EXP_DRAWS`].
+pub const EXP_DRAWS: u32 = 4096;
+/// Default capacity of [`maps::SAMPLED`].
+pub const DEFAULT_SAMPLED_CAPACITY: u32 = 262_144;
+
+/// [`AllocEntry::func`] bit: this call was not sampled (the return only cleans up).
+pub const ENTRY_UNSAMPLED: u32 = 1 << 31;
 
 /// [`Config::flags`]: capture user stacks (off: every stack id is [`STACK_NONE`]).
 pub const CONFIG_CAPTURE_STACKS: u32 = 1;
@@ -303,8 +319,12 @@ pub mod counter {
     pub const EVENTS_SENT: u32 = 10;
     /// Stacks cut short at the depth limit or an unreadable frame.
     pub const STACK_TRUNCATED: u32 = 11;
+    /// Sampled blocks that did not fit in the sampled-address map: their frees will be missed.
+    pub const SAMPLED_FULL: u32 = 12;
+    /// Heap calls skipped by sampling (no stack walk, no event).
+    pub const UNSAMPLED: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
 
     /// Stable name of each counter, as shown in reports and JSON.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -320,6 +340,8 @@ pub mod counter {
         "syscall_without_entry",
         "events_sent",
         "stack_truncated",
+        "sampled_full",
+        "unsampled",
     ];
 
     /// Whether a nonzero value of this counter means data was lost.
@@ -335,6 +357,7 @@ pub mod counter {
                 | RETURN_WITHOUT_ENTRY
                 | STALE_ENTRY
                 | SYSCALL_WITHOUT_ENTRY
+                | SAMPLED_FULL
         )
     }
 }

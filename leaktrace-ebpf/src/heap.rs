@@ -15,10 +15,11 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use leaktrace_common::{AllocEntry, AllocFn, Event, counter, kind};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use leaktrace_common::{AllocEntry, AllocFn, ENTRY_UNSAMPLED, EXP_DRAWS as N_DRAWS, Event, STACK_NONE, counter, kind};
 
 use crate::{
-    ALLOC_INFLIGHT, LAST_RETURN, count, emit, now,
+    ALLOC_INFLIGHT, CONFIG, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit, now,
     stack::{self, Regs},
     traced_thread,
 };
@@ -52,6 +53,28 @@ fn mul_sat(a: u64, b: u64) -> u64 {
     if r < low { u64::MAX } else { r }
 }
 
+/// Byte-weighted Poisson sampling: whether an allocation of `size` bytes is
+/// sampled. Each thread counts down an exponentially distributed number of
+/// bytes (mean = the sampling interval); an allocation that reaches zero is
+/// sampled and draws a new countdown. That samples it with probability
+/// 1 − e^(−size/interval), which userspace inverts into an unbiased weight.
+#[inline(always)]
+fn sampled(tid: u32, size: u64) -> bool {
+    if CONFIG.load().sample_bytes == 0 {
+        return true;
+    }
+    let draw = || {
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        let i = unsafe { bpf_get_prandom_u32() } % N_DRAWS;
+        EXP_DRAWS.get(i).copied().unwrap_or(0) as i64
+    };
+    // SAFETY: a lookup returns a pointer valid for this program run.
+    let left = unsafe { SAMPLE_COUNTDOWN.get(&tid) }.copied().unwrap_or_else(draw) - size as i64;
+    let (hit, next) = if left <= 0 { (true, draw()) } else { (false, left) };
+    let _ = SAMPLE_COUNTDOWN.insert(&tid, &next, 0);
+    hit
+}
+
 /// Records an allocator call in flight.
 #[inline(always)]
 fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
@@ -68,13 +91,19 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
         // The previous call on this thread never returned through our probe.
         count(counter::STALE_ENTRY);
     }
+    // An unsampled call still needs its entry, so its return is recognised (and a
+    // realloc of a sampled block can release it), but no stack walk.
+    let take = sampled(tid, size);
+    if !take {
+        count(counter::UNSAMPLED);
+    }
     let entry = AllocEntry {
         size,
         aux,
         sp: regs.sp,
         ts_ns: now(),
-        stack_id: stack::at_function_entry(regs),
-        func: func as u32,
+        stack_id: if take { stack::at_function_entry(regs) } else { STACK_NONE },
+        func: func as u32 | if take { 0 } else { ENTRY_UNSAMPLED },
         _pad: 0,
     };
     if ALLOC_INFLIGHT.insert(tid, entry, BPF_ANY as u64).is_err() {
@@ -143,7 +172,32 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let ret: u64 = ctx.ret();
-    let addr = if entry.func == AllocFn::PosixMemalign as u32 {
+    let unsampled = entry.func & ENTRY_UNSAMPLED != 0;
+    let func = entry.func & !ENTRY_UNSAMPLED;
+    let is_realloc = func == AllocFn::Realloc as u32 || func == AllocFn::Reallocarray as u32;
+    let sampling = CONFIG.load().sample_bytes != 0;
+    if sampling && is_realloc && entry.aux != 0 && (ret != 0 || entry.size == 0) {
+        // The old block is gone; if it was sampled, userspace must hear of it.
+        // SAFETY: a lookup returns a pointer valid for this program run.
+        if unsafe { SAMPLED.get(&entry.aux) }.is_some() {
+            let _ = SAMPLED.remove(&entry.aux);
+            if unsampled {
+                emit(Event { kind: kind::FREE, tid, ts_ns: now(), addr: entry.aux, func: AllocFn::Free as u32, stack_id: STACK_NONE, ..Event::default() });
+            }
+        } else if !unsampled {
+            // Userspace never saw the old block: report the new one as a plain allocation.
+            return emit_alloc(tid, &entry, func, ret, 0, sampling);
+        }
+    }
+    if unsampled {
+        return 0;
+    }
+    emit_alloc(tid, &entry, func, ret, if is_realloc { entry.aux } else { 0 }, sampling)
+}
+
+#[inline(always)]
+fn emit_alloc(tid: u32, entry: &AllocEntry, func: u32, ret: u64, old: u64, sampling: bool) -> u32 {
+    let addr = if func == AllocFn::PosixMemalign as u32 {
         if ret as u32 == 0 {
             // SAFETY: reading user memory through the helper cannot fault the kernel.
             unsafe { bpf_probe_read_user(entry.aux as *const u64) }.unwrap_or(0)
@@ -153,18 +207,19 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     } else {
         ret
     };
-    let is_realloc =
-        entry.func == AllocFn::Realloc as u32 || entry.func == AllocFn::Reallocarray as u32;
+    if sampling && addr != 0 && SAMPLED.insert(&addr, &1u8, 0).is_err() {
+        count(counter::SAMPLED_FULL);
+    }
     emit(Event {
         kind: kind::ALLOC,
         tid,
         ts_ns: now(),
         addr,
         size: entry.size,
-        aux: if is_realloc { entry.aux } else { 0 },
+        aux: old,
         aux2: entry.ts_ns,
         stack_id: entry.stack_id,
-        func: entry.func,
+        func,
         _pad: 0,
     });
     0
@@ -177,6 +232,14 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     let ptr = arg(&ctx, 0);
     if ptr == 0 {
         return 0;
+    }
+    if CONFIG.load().sample_bytes != 0 {
+        // Only frees of sampled blocks matter; the rest cost this one lookup.
+        // SAFETY: a lookup returns a pointer valid for this program run.
+        if unsafe { SAMPLED.get(&ptr) }.is_none() {
+            return 0;
+        }
+        let _ = SAMPLED.remove(&ptr);
     }
     emit(Event {
         kind: kind::FREE,

@@ -17,7 +17,7 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use leaktrace_common::{
     AllocEntry, Config, DEFAULT_INFLIGHT_CAPACITY, DEFAULT_RING_BYTES, DEFAULT_STACK_CAPACITY,
@@ -26,7 +26,7 @@ use leaktrace_common::{
 
 /// Load-time configuration (read-only data, set by the loader).
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(Config { tgid: 0, flags: 0, wakeup_bytes: 0, _pad: 0 });
+static CONFIG: Global<Config> = Global::new(Config { tgid: 0, flags: 0, wakeup_bytes: 0, sample_bytes: 0 });
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -43,6 +43,15 @@ static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1,
 #[map]
 static ALLOC_INFLIGHT: HashMap<u32, AllocEntry> =
     HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+
+#[map]
+static SAMPLE_COUNTDOWN: LruHashMap<u32, i64> = LruHashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+
+#[map]
+static EXP_DRAWS: Array<u64> = Array::with_max_entries(leaktrace_common::EXP_DRAWS, 0);
+
+#[map]
+static SAMPLED: HashMap<u64, u8> = HashMap::with_max_entries(leaktrace_common::DEFAULT_SAMPLED_CAPACITY, 0);
 
 #[map]
 static ENABLED: Array<u32> = Array::with_max_entries(1, 0);

@@ -20,6 +20,10 @@ pub struct HeapStack {
     pub live_bytes: u64,
     /// Outstanding blocks.
     pub live_allocations: u64,
+    /// Sampled blocks behind the figures (equal to `live_allocations` when exact).
+    pub samples: u64,
+    /// Half-width of the 95% interval of `live_bytes` (0 when exact).
+    pub live_bytes_error95: u64,
     /// Age of the oldest outstanding block, seconds.
     pub oldest_age_s: f64,
     /// Kernel stack id (negative: capture failed, see `lost`).
@@ -52,6 +56,10 @@ pub struct Heap {
     pub live_bytes: u64,
     /// Outstanding blocks allocated since attach.
     pub live_allocations: u64,
+    /// Half-width of the 95% interval of `live_bytes` (0 when exact).
+    pub live_bytes_error95: u64,
+    /// Mean sampling interval in bytes; 0 when every call was traced.
+    pub sample_rate_bytes: u64,
     /// Stacks by outstanding bytes, largest first.
     pub stacks: Vec<HeapStack>,
 }
@@ -160,7 +168,16 @@ pub fn build(i: &Inputs<'_>) -> Report {
         .take(i.top)
         .map(|&(id, t)| {
             let (frames, truncated) = frames(id);
-            HeapStack { live_bytes: t.bytes, live_allocations: t.count, oldest_age_s: age(id), stack_id: id, truncated, frames }
+            HeapStack {
+                live_bytes: t.bytes,
+                live_allocations: t.count,
+                samples: t.samples,
+                live_bytes_error95: error95(t.variance),
+                oldest_age_s: age(id),
+                stack_id: id,
+                truncated,
+                frames,
+            }
         })
         .collect();
     let mut mapped: Vec<_> = i.ledger.mapped_by_stack().iter().map(|(&id, t)| (id, t.bytes)).collect();
@@ -202,7 +219,13 @@ pub fn build(i: &Inputs<'_>) -> Report {
         final_report: i.final_report,
         end_reason: i.end_reason.clone(),
         target_exited: i.target_exited,
-        heap: Heap { live_bytes: i.ledger.live_bytes(), live_allocations: i.ledger.live_allocations(), stacks: heap_stacks },
+        heap: Heap {
+            live_bytes: i.ledger.live_bytes(),
+            live_allocations: i.ledger.live_allocations(),
+            live_bytes_error95: error95(i.ledger.live_variance()),
+            sample_rate_bytes: i.ledger.sample_rate(),
+            stacks: heap_stacks,
+        },
         mappings: Mappings {
             anon_mapped_bytes: i.ledger.anon_mapped_bytes(),
             brk_bytes: i.ledger.brk_bytes().unwrap_or(0),
@@ -215,6 +238,11 @@ pub fn build(i: &Inputs<'_>) -> Report {
         activity: i.ledger.activity,
         probes: i.probes.to_vec(),
     }
+}
+
+/// 95% half-width from a variance.
+fn error95(variance: f64) -> u64 {
+    (1.96 * variance.max(0.0).sqrt()).round() as u64
 }
 
 /// Human-readable byte count (binary units).
@@ -279,11 +307,15 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         bytes(r.rss.rss_bytes), bytes(r.rss.anon_bytes), bytes(r.rss.file_bytes), bytes(r.rss.shmem_bytes),
         if r.target_exited { " — last reading; the target has exited" } else { "" }
     );
-    let _ = writeln!(
-        o,
-        "Live heap allocated since attach: {} in {} blocks",
-        bytes(r.heap.live_bytes), r.heap.live_allocations
-    );
+    if r.heap.sample_rate_bytes == 0 {
+        let _ = writeln!(o, "Live heap allocated since attach: {} in {} blocks", bytes(r.heap.live_bytes), r.heap.live_allocations);
+    } else {
+        let _ = writeln!(
+            o,
+            "Live heap allocated since attach (estimated, sampling every {} on average): {} ± {} (95%) in ~{} blocks",
+            bytes(r.heap.sample_rate_bytes), bytes(r.heap.live_bytes), bytes(r.heap.live_bytes_error95), r.heap.live_allocations
+        );
+    }
     let _ = writeln!(
         o,
         "Anonymous mappings since attach: {}    brk heap: {} ({} grown since attach)",
@@ -298,7 +330,15 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     } else {
         let _ = writeln!(o, "Top {} stacks by outstanding heap bytes:", r.heap.stacks.len());
         for (n, s) in r.heap.stacks.iter().enumerate() {
-            let _ = writeln!(o, "  #{} {} in {} blocks, oldest {:.1} s", n + 1, bytes(s.live_bytes), s.live_allocations, s.oldest_age_s);
+            if r.heap.sample_rate_bytes == 0 {
+                let _ = writeln!(o, "  #{} {} in {} blocks, oldest {:.1} s", n + 1, bytes(s.live_bytes), s.live_allocations, s.oldest_age_s);
+            } else {
+                let _ = writeln!(
+                    o,
+                    "  #{} ~{} ± {} in ~{} blocks ({} sampled), oldest {:.1} s",
+                    n + 1, bytes(s.live_bytes), bytes(s.live_bytes_error95), s.live_allocations, s.samples, s.oldest_age_s
+                );
+            }
             write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
         }
     }
@@ -366,10 +406,14 @@ mod tests {
             heap: Heap {
                 live_bytes: 819_200 + 112_000,
                 live_allocations: 2200,
+                live_bytes_error95: 0,
+                sample_rate_bytes: 0,
                 stacks: vec![
                     HeapStack {
                         live_bytes: 819_200,
                         live_allocations: 200,
+                        samples: 200,
+                        live_bytes_error95: 0,
                         oldest_age_s: 4.96,
                         stack_id: 1,
                         truncated: false,
@@ -379,7 +423,7 @@ mod tests {
                             frame("main", "/src/leaky.c", 59, "/usr/bin/leaky", false),
                         ],
                     },
-                    HeapStack { live_bytes: 112_000, live_allocations: 2000, oldest_age_s: 0.5, stack_id: -14, truncated: false, frames: vec![] },
+                    HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, stack_id: -14, truncated: false, frames: vec![] },
                 ],
             },
             mappings: Mappings {

@@ -77,6 +77,10 @@ pub struct Config {
     pub capture_stacks: bool,
     /// Print one line on stderr once the probes are attached.
     pub announce: bool,
+    /// Mean heap sampling interval in bytes (0: trace every call).
+    pub sample_rate: u32,
+    /// Capacity of the sampled-address map.
+    pub sampled_capacity: u32,
 }
 
 impl Default for Config {
@@ -94,6 +98,8 @@ impl Default for Config {
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
             capture_stacks: true,
             announce: false,
+            sample_rate: 0,
+            sampled_capacity: leaktrace_common::DEFAULT_SAMPLED_CAPACITY,
         }
     }
 }
@@ -178,7 +184,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         config,
         pid,
         launched,
-        ledger: Ledger::new(start_brk, brk),
+        ledger: Ledger::new(start_brk, brk).with_sampling(u64::from(config.sample_rate)),
         symbols: None,
         known_stacks: rustc_hash::FxHashSet::default(),
         pending_stacks: Vec::new(),
@@ -247,7 +253,7 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
         // A quarter of the ring: the consumer is woken long before it could fill,
         // and otherwise drains every DRAIN_EVERY.
         wakeup_bytes: config.ring_bytes / 4,
-        _pad: 0,
+        sample_bytes: config.sample_rate,
     };
     let mut loader = EbpfLoader::new();
     loader
@@ -255,11 +261,34 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
         .map_max_entries(maps::EVENTS, config.ring_bytes)
         .map_max_entries(maps::STACKS, config.stack_capacity)
         .map_max_entries(maps::ALLOC_INFLIGHT, config.inflight_capacity)
-        .map_max_entries(maps::SYSCALL_INFLIGHT, config.inflight_capacity);
+        .map_max_entries(maps::SYSCALL_INFLIGHT, config.inflight_capacity)
+        .map_max_entries(maps::SAMPLE_COUNTDOWN, config.inflight_capacity)
+        .map_max_entries(maps::SAMPLED, config.sampled_capacity);
     // The verifier rejects programs with EACCES, so only EPERM means "not allowed".
-    loader.load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"))).map_err(|e| {
+    let mut ebpf = loader.load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"))).map_err(|e| {
         if Error::is_permission(&e) { Error::NotPrivileged } else { Error::Load(e) }
-    })
+    })?;
+    if config.sample_rate > 0 {
+        fill_exp_draws(&mut ebpf, config.sample_rate)?;
+    }
+    Ok(ebpf)
+}
+
+/// Fills the table of exponential draws (mean `rate` bytes) the BPF sampler picks from.
+fn fill_exp_draws(ebpf: &mut Ebpf, rate: u32) -> Result<(), Error> {
+    let map = ebpf.map_mut(maps::EXP_DRAWS).ok_or(Error::Missing("EXP_DRAWS map"))?;
+    let mut draws: Array<&mut MapData, u64> = Array::try_from(map).map_err(|source| Error::Map { name: maps::EXP_DRAWS, source })?;
+    // xorshift64*, seeded from the clock: the draws need to be independent, not secret.
+    let mut x = monotonic_ns() | 1;
+    for i in 0..leaktrace_common::EXP_DRAWS {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let u = ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let draw = (-(u.ln()) * f64::from(rate)).round().max(1.0) as u64;
+        draws.set(i, draw, 0).map_err(|source| Error::Map { name: maps::EXP_DRAWS, source })?;
+    }
+    Ok(())
 }
 
 /// The syscall tracepoints.
