@@ -223,6 +223,7 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
     }
     println!();
     println!("{:<38} {:<30} {:>12} {:>14} {:>10} {:>11} {:>11}", "workload", "tool", "ns/op", "added µs/op", "slowdown", "tracer CPU", "tracer RSS");
+    let mut failures = Vec::new();
     for w in &workloads {
         let mut base = None;
         let mut added = Vec::new();
@@ -231,6 +232,7 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
                 Ok(s) => s,
                 Err(e) => {
                     println!("{:<38} {:<30} failed: {e:#}", w.name, tool.label());
+                    failures.push(format!("{} under {}", w.name, tool.label()));
                     continue;
                 }
             };
@@ -256,6 +258,9 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             }
             println!();
         }
+    }
+    if !failures.is_empty() {
+        bail!("{} benchmark runs failed: {}", failures.len(), failures.join("; "));
     }
     Ok(())
 }

@@ -162,7 +162,14 @@ fn cargo() -> Command {
 fn test(args: &[String]) -> Result<()> {
     run(cargo().args(["build", "-p", "leaktrace"]))?;
     let bin = workspace().join("target/debug/leaktrace");
-    run(cargo().args(["test", "--workspace", "--exclude", "leaktrace-ebpf", "--"]).args(args).env("LEAKTRACE_BIN", bin))
+    run(cargo().args(["test", "--workspace", "--exclude", "leaktrace-ebpf", "--"]).args(args).env("LEAKTRACE_BIN", bin))?;
+    if args.is_empty() {
+        // A quick run of the benchmark harness, so it never rots (numbers not asserted).
+        run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+        bench::run(&workspace(), &workspace().join("target/release/leaktrace"), true)?;
+        println!("bench smoke: every workload ran under every installed tool");
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {
