@@ -170,3 +170,32 @@ fn root_attach_to_busy_process_loses_nothing() {
         assert!(churn <= 1, "{r:#}");
     }
 }
+
+/// With --sample-rate, estimates are unbiased within their stated error, big blocks are
+/// (nearly) exact, and unsampled calls send nothing.
+#[test]
+fn root_sampling_estimates_within_error() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["sampling"]);
+    let tracer = Tracer::start(&["--pid", &fx.pid.to_string(), "--sample-rate", "64K"]);
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    assert_eq!(r["heap"]["sample_rate_bytes"], 65536);
+    // (function, true bytes)
+    for (func, truth) in [("leak_many_small", 20_000u64 * 100), ("leak_few_big", 4 << 20)] {
+        let Some(s) = leaktrace_tests::stacks_at(&r, "heap", func).first().copied() else {
+            panic!("{func} not sampled at all: {r:#}");
+        };
+        let est = s["live_bytes"].as_u64().unwrap() as f64;
+        let err95 = s["live_bytes_error95"].as_u64().unwrap() as f64;
+        // 4 sigma (about 2 x the 95% half-width) keeps this test from flaking.
+        assert!((est - truth as f64).abs() <= 2.05 * err95 + 1.0, "{func}: estimate {est} ± {err95} vs {truth}");
+    }
+    let big = stack_at(&r, "heap", "leak_few_big");
+    assert_eq!(big["live_allocations"], 4, "1 MiB blocks at a 64 KiB interval are all sampled");
+    assert!(counter(&r, "unsampled") > 30_000, "{}", r["counters"]);
+    assert!(counter(&r, "events_sent") < 10_000, "unsampled calls send nothing: {}", r["counters"]);
+    assert_eq!(counter(&r, "free_unknown"), 0, "frees of unsampled blocks are filtered in the kernel");
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
