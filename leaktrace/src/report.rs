@@ -322,7 +322,8 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         bytes(r.mappings.anon_mapped_bytes), bytes(r.mappings.brk_bytes), bytes(r.mappings.brk_grown_bytes)
     );
     let a = &r.activity;
-    let _ = writeln!(o, "Activity: {} allocations ({}), {} frees, {} mmap, {} munmap, {} mremap, {} brk",
+    let sampled = if r.heap.sample_rate_bytes == 0 { "" } else { "sampled " };
+    let _ = writeln!(o, "Activity: {} {sampled}allocations ({}), {} {sampled}frees, {} mmap, {} munmap, {} mremap, {} brk",
         a.allocs, bytes(a.alloc_bytes), a.frees, a.mmaps, a.munmaps, a.mremaps, a.brks);
     o.push('\n');
     if r.heap.stacks.is_empty() {
