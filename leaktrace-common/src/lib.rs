@@ -34,8 +34,11 @@ pub mod maps {
     /// Per-CPU `[tid, sp]` of the last allocator return consumed, to recognise the
     /// second return handler of a tail call (both run at the same stack pointer).
     pub const LAST_RETURN: &str = "LAST_RETURN";
-    /// Array of one u32: nonzero once every program is attached. Until then the
-    /// programs do nothing, so the attach sequence cannot pair half-attached probes.
+    /// Per-CPU array of u64: entry-probe hits per [`crate::AllocFn`] discriminant
+    /// (index 0 unused), for call rates and the overhead projection.
+    pub const HITS: &str = "HITS";
+    /// Array of one u32 of `ENABLE_*` bits, set once every program is attached. Until
+    /// then the programs do nothing, so the attach sequence cannot pair half-attached probes.
     pub const ENABLED: &str = "ENABLED";
     /// LRU hash: thread id → bytes (i64) left until the thread's next sample.
     pub const SAMPLE_COUNTDOWN: &str = "SAMPLE_COUNTDOWN";
@@ -68,6 +71,14 @@ pub struct Config {
     pub sample_bytes: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
+
+/// [`Config::flags`]: count allocator calls per function and do nothing else (dry run).
+pub const CONFIG_COUNT_ONLY: u32 = 2;
+
+/// [`maps::ENABLED`] bit: the heap probes run.
+pub const ENABLE_HEAP: u32 = 1;
+/// [`maps::ENABLED`] bit: the syscall tracepoints run.
+pub const ENABLE_SYSCALLS: u32 = 2;
 
 /// Number of exponential draws in [`maps::EXP_DRAWS`].
 pub const EXP_DRAWS: u32 = 4096;

@@ -16,10 +16,10 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use leaktrace_common::{AllocEntry, AllocFn, ENTRY_UNSAMPLED, EXP_DRAWS as N_DRAWS, Event, STACK_NONE, counter, kind};
+use leaktrace_common::{AllocEntry, AllocFn, CONFIG_COUNT_ONLY, ENABLE_HEAP, ENTRY_UNSAMPLED, EXP_DRAWS as N_DRAWS, Event, STACK_NONE, counter, kind};
 
 use crate::{
-    ALLOC_INFLIGHT, CONFIG, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit, now,
+    ALLOC_INFLIGHT, CONFIG, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit, hit, now,
     stack::{self, Regs},
     traced_thread,
 };
@@ -78,7 +78,11 @@ fn sampled(tid: u32, size: u64) -> bool {
 /// Records an allocator call in flight.
 #[inline(always)]
 fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
-    let Some(tid) = traced_thread() else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_HEAP) else { return 0 };
+    hit(func as u32);
+    if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
+        return 0;
+    }
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run.
     if let Some(prev) = unsafe { ALLOC_INFLIGHT.get(tid) } {
@@ -140,7 +144,7 @@ alloc_entry_probe!(pvalloc_enter, AllocFn::Pvalloc, |ctx| (arg(&ctx, 0), 0));
 /// Return probe shared by every allocator function.
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
-    let Some(tid) = traced_thread() else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_HEAP) else { return 0 };
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(entry) = (unsafe { ALLOC_INFLIGHT.get(tid) }).copied() else {
@@ -228,9 +232,13 @@ fn emit_alloc(tid: u32, entry: &AllocEntry, func: u32, ret: u64, old: u64, sampl
 /// Entry uprobe of `free`.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let Some(tid) = traced_thread() else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_HEAP) else { return 0 };
     let ptr = arg(&ctx, 0);
     if ptr == 0 {
+        return 0;
+    }
+    hit(AllocFn::Free as u32);
+    if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return 0;
     }
     if CONFIG.load().sample_bytes != 0 {

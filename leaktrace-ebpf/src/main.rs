@@ -54,6 +54,9 @@ static EXP_DRAWS: Array<u64> = Array::with_max_entries(leaktrace_common::EXP_DRA
 static SAMPLED: HashMap<u64, u8> = HashMap::with_max_entries(leaktrace_common::DEFAULT_SAMPLED_CAPACITY, 0);
 
 #[map]
+static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
+
+#[map]
 static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
@@ -73,9 +76,19 @@ fn count(id: u32) {
     }
 }
 
-/// The caller's thread id, if it belongs to the traced process and tracing is enabled.
+/// Counts one entry-probe hit of allocator function `func`.
 #[inline(always)]
-fn traced_thread() -> Option<u32> {
+fn hit(func: u32) {
+    if let Some(slot) = HITS.get_ptr_mut(func) {
+        // SAFETY: this CPU's own slot from a successful lookup.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The caller's thread id, if it belongs to the traced process and the `what`
+/// bit of `ENABLED` is set.
+#[inline(always)]
+fn traced_thread(what: u32) -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != CONFIG.load().tgid {
@@ -83,7 +96,9 @@ fn traced_thread() -> Option<u32> {
     }
     // Userspace flips this once all probes are attached: an entry probe without its
     // return probe (or the reverse) would otherwise pair calls wrongly during attach.
-    if ENABLED.get(0).copied().unwrap_or(0) == 0 {
+    // Userspace also clears the heap bit before detaching the heap probes, so they
+    // all stop at once.
+    if ENABLED.get(0).copied().unwrap_or(0) & what == 0 {
         return None;
     }
     Some(pid_tgid as u32)

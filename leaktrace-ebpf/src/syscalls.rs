@@ -16,7 +16,7 @@
 use aya_ebpf::{
     EbpfContext as _, bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext,
 };
-use leaktrace_common::{Event, STACK_NONE, SyscallEntry, counter, kind, nr};
+use leaktrace_common::{ENABLE_SYSCALLS, Event, STACK_NONE, SyscallEntry, counter, kind, nr};
 
 use crate::{ALLOC_INFLIGHT, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread};
 
@@ -33,7 +33,7 @@ fn field(ctx: &TracePointContext, i: usize) -> u64 {
 
 #[inline(always)]
 fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -> u32 {
-    let Some(tid) = traced_thread() else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else { return 0 };
     let mut args = [0u64; 5];
     // Reading past the format's last field makes the kernel refuse to attach (EACCES).
     for (i, a) in args.iter_mut().enumerate().take(nargs) {
@@ -57,7 +57,7 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
 
 #[inline(always)]
 fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
-    let Some(tid) = traced_thread() else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else { return 0 };
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(e) = (unsafe { SYSCALL_INFLIGHT.get(tid) }).copied() else {
         // madvise with other advice is not recorded at entry.

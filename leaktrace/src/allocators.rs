@@ -89,17 +89,17 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
         if !seen_offsets.insert(entry_offset) {
             continue;
         }
+        let len = match sym.size() {
+            0 => 64,
+            n => n.min(64),
+        };
+        let start = usize::try_from(entry_offset).unwrap_or(usize::MAX);
+        let code = data.get(start..start.saturating_add(len as usize).min(data.len())).unwrap_or(&[]);
         let placement = if func == AllocFn::Free {
             // free's probe reads only its argument: it may move to a cheaper instruction.
-            let len = match sym.size() {
-                0 => 64,
-                n => n.min(64),
-            };
-            let start = usize::try_from(entry_offset).unwrap_or(usize::MAX);
-            let code = data.get(start..start.saturating_add(len as usize).min(data.len())).unwrap_or(&[]);
             placement::place(code, iced_x86::Register::RDI)
         } else {
-            Placement { offset: 0, reason: "entry: the probe reads the return address at [sp]".into() }
+            placement::at_entry(code, "the probe reads the return address at [sp]")
         };
         sites.push(ProbeSite {
             func,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod intervals;
 pub mod launch;
 pub mod ledger;
+pub mod overhead;
 pub mod placement;
 pub mod procfs;
 pub mod report;

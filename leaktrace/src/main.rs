@@ -78,6 +78,16 @@ struct Opts {
     #[arg(long, value_name = "N", default_value_t = Config::default().sampled_capacity, value_parser = clap::value_parser!(u32).range(1..))]
     sampled_capacity: u32,
 
+    /// Only count allocator calls for --duration (default 5 s), then print their rates
+    /// and the projected cost of tracing them. Nothing else is recorded.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Detach the heap probes if their projected cost exceeds PCT percent of the
+    /// target's own CPU time (checked every second); mappings stay traced.
+    #[arg(long, value_name = "PCT", value_parser = parse_pct)]
+    max_overhead: Option<f64>,
+
     /// Do not capture stacks (totals only).
     #[arg(long)]
     no_stacks: bool,
@@ -123,6 +133,13 @@ fn parse_ring_kib(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_pct(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive percentage")),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
@@ -165,6 +182,8 @@ fn config(opts: Opts) -> Config {
         announce: true,
         sample_rate: opts.sample_rate.unwrap_or(0),
         sampled_capacity: opts.sampled_capacity,
+        dry_run: opts.dry_run,
+        max_overhead_pct: opts.max_overhead,
     }
 }
 
@@ -191,6 +210,14 @@ fn main() -> ExitCode {
     if opts.interval.is_some() && matches!(opts.format, FormatArg::Json) {
         eprintln!("leaktrace: --interval prints text reports; with --format json only the final document is printed, so drop one of them");
         return ExitCode::from(2);
+    }
+    if opts.dry_run && (opts.sample_rate.is_some() || opts.max_overhead.is_some()) {
+        eprintln!("leaktrace: --dry-run only counts calls; drop --sample-rate and --max-overhead");
+        return ExitCode::from(2);
+    }
+    let mut opts = opts;
+    if opts.dry_run && opts.duration.is_none() {
+        opts.duration = Some(Duration::from_secs(5));
     }
     let level = match opts.verbose {
         0 => log::LevelFilter::Warn,

@@ -35,6 +35,22 @@ pub struct Placement {
     pub offset: u64,
     /// Why, for reports and logs.
     pub reason: String,
+    /// Whether the kernel emulates the instruction at `offset` (else it single-steps it).
+    pub emulated: bool,
+}
+
+/// Whether the first instruction of `code` is one the kernel emulates.
+pub fn first_is_emulated(code: &[u8]) -> bool {
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    decoder.can_decode() && {
+        let i = decoder.decode();
+        !i.is_invalid() && emulated(&i)
+    }
+}
+
+/// The probe stays at the entry (for probes that read more than the argument).
+pub fn at_entry(code: &[u8], why: &str) -> Placement {
+    Placement { offset: 0, reason: format!("entry: {why}"), emulated: first_is_emulated(code) }
 }
 
 /// Whether the kernel emulates this instruction when a uprobe sits on it
@@ -77,8 +93,8 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
     // argument intact, so it is the fallback when nothing after it qualifies.
     let mut exit_branch: Option<(u64, String)> = None;
     let give_up = |why: String, exit_branch: &Option<(u64, String)>| match exit_branch {
-        Some((off, insn)) => Placement { offset: *off, reason: format!("branch: `{insn}` at +{off}, the NULL check's exit ({why})") },
-        None => Placement { offset: 0, reason: format!("refused: {why}") },
+        Some((off, insn)) => Placement { offset: *off, reason: format!("branch: `{insn}` at +{off}, the NULL check's exit ({why})"), emulated: true },
+        None => Placement { offset: 0, reason: format!("refused: {why}"), emulated: first_is_emulated(code) },
     };
     for n in 0..MAX_INSNS {
         if !decoder.can_decode() {
@@ -89,7 +105,7 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
             return give_up(format!("undecodable byte at +{}", i.ip()), &exit_branch);
         }
         if n == 0 && emulated(&i) {
-            return Placement { offset: 0, reason: format!("already-emulated: `{}` at the entry", text(&i)) };
+            return Placement { offset: 0, reason: format!("already-emulated: `{}` at the entry", text(&i)), emulated: true };
         }
         if i.is_jcc_short_or_near() {
             if null_tested && i.condition_code() == ConditionCode::e {
@@ -106,6 +122,7 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
             return Placement {
                 offset: i.ip(),
                 reason: format!("{how}: `{}` at +{} follows only {}", text(&i), i.ip(), prefix.join("; ")),
+                emulated: true,
             };
         }
         if i.flow_control() != iced_x86::FlowControl::Next {

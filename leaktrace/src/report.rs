@@ -77,6 +77,32 @@ pub struct Mappings {
     pub stacks: Vec<MapStack>,
 }
 
+/// Allocator call rates and what the probes cost, projected from them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Overhead {
+    /// Seconds measured.
+    pub window_s: f64,
+    /// Calls per second per function (entry-probe hits).
+    pub calls_per_s: std::collections::BTreeMap<String, f64>,
+    /// Projected cost per traced call, µs (entry trap, plus the return trap where there is one).
+    pub cost_per_call_us: std::collections::BTreeMap<String, f64>,
+    /// Projected CPU seconds per second added by tracing every call.
+    pub projected_cpu_per_s: f64,
+    /// CPU seconds per second the kernel charged the target (traps included).
+    pub target_cpu_per_s: f64,
+    /// The projected cost as a percentage of the target's own CPU time.
+    pub projected_pct: f64,
+}
+
+/// The overhead budget detached the heap probes.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeapDetached {
+    /// Seconds after attach.
+    pub after_s: f64,
+    /// Why.
+    pub reason: String,
+}
+
 /// A probe leaktrace attached.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbeInfo {
@@ -123,6 +149,10 @@ pub struct Report {
     pub activity: Activity,
     /// Probes attached.
     pub probes: Vec<ProbeInfo>,
+    /// Latest call rates and projected probe cost (over the whole run in the final report).
+    pub overhead: Option<Overhead>,
+    /// Set when the overhead budget detached the heap probes: heap figures stop there.
+    pub heap_detached: Option<HeapDetached>,
 }
 
 /// Everything a report is built from.
@@ -152,6 +182,10 @@ pub struct Inputs<'a> {
     pub target_exited: bool,
     /// Probes attached.
     pub probes: &'a [ProbeInfo],
+    /// Latest overhead measurement.
+    pub overhead: Option<Overhead>,
+    /// Heap probes detached by the budget.
+    pub heap_detached: Option<HeapDetached>,
 }
 
 /// Builds a report.
@@ -237,7 +271,28 @@ pub fn build(i: &Inputs<'_>) -> Report {
         counters,
         activity: i.ledger.activity,
         probes: i.probes.to_vec(),
+        overhead: i.overhead.clone(),
+        heap_detached: i.heap_detached.clone(),
     }
+}
+
+/// Renders a dry run: call rates and the projected cost of tracing them.
+pub fn render_dry_run(pid: u32, duration_s: f64, o: &Overhead, reason: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "=== leaktrace dry run: pid {pid}, {duration_s:.1} s counting allocator calls ({reason}) ===");
+    let _ = writeln!(s, "{:<16} {:>12} {:>16} {:>14}", "function", "calls/s", "cost/call (µs)", "CPU-s/s");
+    for (f, r) in &o.calls_per_s {
+        let c = o.cost_per_call_us.get(f).copied().unwrap_or(0.0);
+        let _ = writeln!(s, "{f:<16} {r:>12.0} {c:>16.1} {:>14.4}", r * c / 1e6);
+    }
+    let _ = writeln!(s, "Target CPU: {:.3} CPU-s/s (including the counting probes' own traps).", o.target_cpu_per_s);
+    let _ = writeln!(
+        s,
+        "Projected cost of full tracing: {:.3} CPU-s/s, {:.1}% of the target's own CPU time.",
+        o.projected_cpu_per_s, o.projected_pct
+    );
+    s.push_str("(Per-call costs are those measured on the development VM; see docs/bench.md.)\n");
+    s
 }
 
 /// 95% half-width from a variance.
@@ -351,6 +406,13 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
             write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
         }
     }
+    if let Some(d) = &r.heap_detached {
+        let _ = writeln!(o, "\nHEAP PROBES DETACHED after {:.1} s: {}. Heap figures are as of then; mappings are still traced.", d.after_s, d.reason);
+    }
+    if let Some(ov) = &r.overhead {
+        let calls: f64 = ov.calls_per_s.values().sum();
+        let _ = writeln!(o, "\nProbe cost (projected): {:.1}% of the target's CPU time at {:.0} allocator calls/s.", ov.projected_pct, calls);
+    }
     o.push('\n');
     let nonzero: Vec<String> = r.lost.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     if nonzero.is_empty() {
@@ -444,6 +506,8 @@ mod tests {
             counters,
             activity: Activity { allocs: 8201, alloc_bytes: 35_481_186, frees: 4000, mmaps: 8, munmaps: 1, ..Activity::default() },
             probes: vec![],
+            overhead: None,
+            heap_detached: None,
         }
     }
 

@@ -81,6 +81,11 @@ pub struct Config {
     pub sample_rate: u32,
     /// Capacity of the sampled-address map.
     pub sampled_capacity: u32,
+    /// Count allocator calls only, and report rates and the projected cost.
+    pub dry_run: bool,
+    /// Detach the heap probes when their projected cost exceeds this share of the
+    /// target's own CPU time, in percent.
+    pub max_overhead_pct: Option<f64>,
 }
 
 impl Default for Config {
@@ -100,6 +105,8 @@ impl Default for Config {
             announce: false,
             sample_rate: 0,
             sampled_capacity: leaktrace_common::DEFAULT_SAMPLED_CAPACITY,
+            dry_run: false,
+            max_overhead_pct: None,
         }
     }
 }
@@ -161,7 +168,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
             return Err(e);
         }
     };
-    let probes = match attach(&mut ebpf, pid, &search.sites) {
+    let (probes, heap_links) = match attach(&mut ebpf, pid, &search.sites, config.dry_run) {
         Ok(p) => p,
         Err(e) => {
             if let Some(b) = blocked {
@@ -191,6 +198,10 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         fetched_stacks: Vec::new(),
         rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
         probes,
+        sites: search.sites.clone(),
+        heap_links: Some(heap_links),
+        heap_detached: None,
+        overhead: None,
         started: Instant::now(),
         target_exited: false,
         exit_status: None,
@@ -199,11 +210,11 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked))
 }
 
-/// Turns the attached programs on, all at once.
-fn enable(ebpf: &mut Ebpf) -> Result<(), Error> {
+/// Turns the attached programs on (or some off), all at once.
+fn enable(ebpf: &mut Ebpf, bits: u32) -> Result<(), Error> {
     let map = ebpf.map_mut(maps::ENABLED).ok_or(Error::Missing("ENABLED map"))?;
     let mut flag: Array<&mut MapData, u32> = Array::try_from(map).map_err(|source| Error::Map { name: maps::ENABLED, source })?;
-    flag.set(0, 1, 0).map_err(|source| Error::Map { name: maps::ENABLED, source })
+    flag.set(0, bits, 0).map_err(|source| Error::Map { name: maps::ENABLED, source })
 }
 
 /// Starts the clock, releases a launched child, and tells the user we are tracing.
@@ -249,7 +260,8 @@ fn open_pidfd(pid: u32) -> Option<OwnedFd> {
 fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
     let bpf_config = BpfConfig {
         tgid: pid,
-        flags: if config.capture_stacks { CONFIG_CAPTURE_STACKS } else { 0 },
+        flags: if config.capture_stacks { CONFIG_CAPTURE_STACKS } else { 0 }
+            | if config.dry_run { leaktrace_common::CONFIG_COUNT_ONLY } else { 0 },
         // A quarter of the ring: the consumer is woken long before it could fill,
         // and otherwise drains every DRAIN_EVERY.
         wakeup_bytes: config.ring_bytes / 4,
@@ -294,7 +306,11 @@ fn fill_exp_draws(ebpf: &mut Ebpf, rate: u32) -> Result<(), Error> {
 /// The syscall tracepoints.
 const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "mprotect", "madvise"];
 
-fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInfo>, Error> {
+/// Attached heap probes, by program name, so they can be detached on their own.
+type HeapLinks = Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>;
+
+fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite], dry_run: bool) -> Result<(Vec<ProbeInfo>, HeapLinks), Error> {
+    let mut links = HeapLinks::new();
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
     let attach_err = |what: String| move |source| {
         if Error::is_permission(&source) { Error::NotPrivileged } else { Error::Attach { what, source } }
@@ -306,19 +322,24 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInf
     // The programs stay idle until `enable` flips the ENABLED flag, so the order
     // of attachment does not matter for pairing.
     uprobe(ebpf, "alloc_exit")?;
-    for site in sites.iter().filter(|s| s.func.return_program().is_some()) {
+    // A dry run counts calls at the entries only.
+    for site in sites.iter().filter(|s| s.func.return_program().is_some() && !dry_run) {
         let p: &mut UProbe = ebpf.program_mut("alloc_exit").ok_or(Error::Missing("alloc_exit"))?.try_into().map_err(attach_err("alloc_exit".into()))?;
         // A return probe hijacks the return address at [sp], so it stays at the entry.
-        p.attach(site.entry_offset, &site.host_path, scope)
+        let link = p
+            .attach(site.entry_offset, &site.host_path, scope)
             .map_err(attach_err(format!("return probe on {} in {}", site.func.symbol(), site.object)))?;
+        links.push(("alloc_exit", link));
     }
     let mut infos = Vec::new();
     for site in sites {
         let name = site.func.entry_program();
         uprobe(ebpf, name)?;
         let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
-        p.attach(site.offset, &site.host_path, scope)
+        let link = p
+            .attach(site.offset, &site.host_path, scope)
             .map_err(attach_err(format!("probe on {} in {}", site.func.symbol(), site.object)))?;
+        links.push((name, link));
         log::info!("probe on {} in {} at +{}: {}", site.func.symbol(), site.object, site.placement.offset, site.placement.reason);
         infos.push(ProbeInfo {
             function: site.func.symbol().into(),
@@ -329,7 +350,7 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInf
         });
     }
     for phase in ["enter", "exit"] {
-        for sc in SYSCALLS {
+        for sc in SYSCALLS.iter().filter(|_| !dry_run) {
             let name = format!("sys_{phase}_{sc}");
             let prog = ebpf.program_mut(&name).ok_or(Error::Missing("a syscall tracepoint program"))?;
             let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.clone()))?;
@@ -337,7 +358,19 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite]) -> Result<Vec<ProbeInf
             tp.attach("syscalls", &name).map_err(attach_err(format!("tracepoint syscalls:{name}")))?;
         }
     }
-    Ok(infos)
+    Ok((infos, links))
+}
+
+/// Detaches the heap probes (the syscall tracepoints stay).
+fn detach_heap(ebpf: &mut Ebpf, links: HeapLinks) {
+    for (name, link) in links {
+        if let Some(p) = ebpf.program_mut(name)
+            && let Ok(p) = <&mut UProbe>::try_from(p)
+            && let Err(e) = p.detach(link)
+        {
+            log::warn!("failed to detach {name}: {e}");
+        }
+    }
 }
 
 struct Session<'a> {
@@ -354,6 +387,13 @@ struct Session<'a> {
     fetched_stacks: Vec<(i64, StackTrace)>,
     rss: Rss,
     probes: Vec<ProbeInfo>,
+    sites: Vec<ProbeSite>,
+    /// Heap probe links while attached.
+    heap_links: Option<HeapLinks>,
+    /// Why and when the heap probes were detached by the overhead budget.
+    heap_detached: Option<report::HeapDetached>,
+    /// Latest overhead measurement.
+    overhead: Option<report::Overhead>,
     started: Instant,
     target_exited: bool,
     exit_status: Option<String>,
@@ -362,6 +402,8 @@ struct Session<'a> {
 
 /// How often new stacks are symbolized and RSS is sampled.
 const TICK: Duration = Duration::from_millis(250);
+/// How often probe hit rates and the target's CPU time are measured.
+const BUDGET_EVERY: Duration = Duration::from_secs(1);
 /// How often the ring buffer is drained without a wakeup from the kernel.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
@@ -381,6 +423,12 @@ impl Session<'_> {
         let counters: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(ebpf.take_map(maps::COUNTERS).ok_or(Error::Missing("COUNTERS map"))?)
                 .map_err(|source| Error::Map { name: maps::COUNTERS, source })?;
+        let hits: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(ebpf.take_map(maps::HITS).ok_or(Error::Missing("HITS map"))?)
+                .map_err(|source| Error::Map { name: maps::HITS, source })?;
+        let mut meter = Meter::new(self.pid, self.config.dry_run);
+        let mut budget_tick = tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
+        budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let pidfd = match pidfd {
             Some(fd) => Some(async_fd(fd)?),
             None => None,
@@ -397,7 +445,7 @@ impl Session<'_> {
             tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
             self.config.interval.unwrap_or(far),
         );
-        enable(ebpf)?;
+        enable(ebpf, leaktrace_common::ENABLE_HEAP | leaktrace_common::ENABLE_SYSCALLS)?;
         self.started = go(self.config, self.pid, self.probes.len(), blocked)?;
         let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
         tokio::pin!(deadline);
@@ -426,6 +474,14 @@ impl Session<'_> {
                 _ = tick.tick() => {
                     self.sample_rss();
                     self.resolve_stacks(&stacks);
+                }
+                _ = budget_tick.tick() => {
+                    if self.heap_detached.is_none()
+                        && let Some(window) = meter.window(&hits, &self.sites)
+                    {
+                        self.check_budget(ebpf, &window);
+                        self.overhead = Some(window);
+                    }
                 }
                 _ = report_tick.tick() => {
                     if self.config.format == Format::Text {
@@ -465,6 +521,26 @@ impl Session<'_> {
             self.sample_rss();
         }
         self.resolve_stacks(&stacks);
+        // The whole run's figures, unless the budget stopped the heap probes: then
+        // the window that tripped it is the one to show.
+        if self.heap_detached.is_none()
+            && let Some(whole) = meter.whole_run(&hits, &self.sites)
+        {
+            self.overhead = Some(whole);
+        }
+        if self.config.dry_run {
+            let o = self.overhead.clone().unwrap_or_default();
+            let text = match self.config.format {
+                Format::Text => report::render_dry_run(self.pid, self.started.elapsed().as_secs_f64(), &o, &reason),
+                Format::Json => serde_json::to_string_pretty(&serde_json::json!({
+                    "pid": self.pid, "dry_run": true, "duration_s": self.started.elapsed().as_secs_f64(),
+                    "end_reason": reason, "overhead": o,
+                })).expect("serializes") + "\n",
+            };
+            self.write(&text)?;
+            let report = self.report(&counters, true, Some(reason));
+            return Ok(Outcome { report, interrupted });
+        }
         let report = self.report(&counters, true, Some(reason));
         let text = match self.config.format {
             Format::Text => report::render_text(&report, self.config.max_frames),
@@ -472,6 +548,27 @@ impl Session<'_> {
         };
         self.write(&text)?;
         Ok(Outcome { report, interrupted })
+    }
+
+    /// Detaches the heap probes if their projected cost is over the budget.
+    fn check_budget(&mut self, ebpf: &mut Ebpf, window: &report::Overhead) {
+        let Some(max) = self.config.max_overhead_pct else { return };
+        if window.projected_pct <= max || self.config.dry_run {
+            return;
+        }
+        let Some(links) = self.heap_links.take() else { return };
+        // Stop every heap program at once, then take the probes out.
+        if let Err(e) = enable(ebpf, leaktrace_common::ENABLE_SYSCALLS) {
+            log::warn!("failed to stop the heap probes: {e}");
+        }
+        detach_heap(ebpf, links);
+        let after_s = self.started.elapsed().as_secs_f64();
+        let reason = format!(
+            "projected probe cost {:.1}% of the target's CPU time exceeded --max-overhead {max}% ({:.0} allocator calls/s)",
+            window.projected_pct, window.calls_per_s.values().sum::<f64>()
+        );
+        log::warn!("heap probes detached after {after_s:.1} s: {reason}");
+        self.heap_detached = Some(report::HeapDetached { after_s, reason });
     }
 
     fn write(&mut self, s: &str) -> Result<(), Error> {
@@ -557,11 +654,78 @@ impl Session<'_> {
             end_reason: reason,
             target_exited: self.target_exited,
             probes: &self.probes,
+            overhead: self.overhead.clone(),
+            heap_detached: self.heap_detached.clone(),
         })
     }
 }
 
 const PROT_EXEC: u64 = 4;
+
+/// Measures allocator call rates (from the kernel's hit counters) and the target's CPU time.
+struct Meter {
+    pid: u32,
+    dry_run: bool,
+    start: (Instant, Vec<u64>, Option<f64>),
+    last: (Instant, Vec<u64>, Option<f64>),
+}
+
+impl Meter {
+    fn new(pid: u32, dry_run: bool) -> Self {
+        let now = (Instant::now(), vec![0; 16], crate::overhead::process_cpu_seconds(pid));
+        Self { pid, dry_run, start: now.clone(), last: now }
+    }
+
+    fn read(&self, hits: &PerCpuArray<MapData, u64>) -> (Instant, Vec<u64>, Option<f64>) {
+        let counts = (0..16u32).map(|i| hits.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)).collect();
+        (Instant::now(), counts, crate::overhead::process_cpu_seconds(self.pid))
+    }
+
+    fn between(
+        from: &(Instant, Vec<u64>, Option<f64>),
+        to: &(Instant, Vec<u64>, Option<f64>),
+        sites: &[ProbeSite],
+        dry_run: bool,
+    ) -> Option<report::Overhead> {
+        let secs = to.0.duration_since(from.0).as_secs_f64();
+        if secs <= 0.0 {
+            return None;
+        }
+        let rates: Vec<(AllocFn, f64)> = AllocFn::ALL
+            .iter()
+            .map(|&f| (f, to.1[f as usize].saturating_sub(from.1[f as usize]) as f64 / secs))
+            .filter(|&(_, r)| r > 0.0)
+            .collect();
+        let projected = crate::overhead::projected_cpu(sites, &rates);
+        let target = match (from.2, to.2) {
+            (Some(a), Some(b)) => (b - a) / secs,
+            _ => 0.0,
+        };
+        // What the probes attached now cost the target (in a dry run, only the entry traps).
+        let current = if dry_run { crate::overhead::entry_only_cpu(sites, &rates) } else { projected };
+        Some(report::Overhead {
+            window_s: secs,
+            calls_per_s: rates.iter().map(|(f, r)| (f.symbol().to_owned(), *r)).collect(),
+            cost_per_call_us: rates.iter().map(|(f, _)| (f.symbol().to_owned(), crate::overhead::cost_for(sites, *f))).collect(),
+            projected_cpu_per_s: projected,
+            target_cpu_per_s: target,
+            projected_pct: crate::overhead::overhead_pct(projected, target - current),
+        })
+    }
+
+    /// The last window (since the previous call).
+    fn window(&mut self, hits: &PerCpuArray<MapData, u64>, sites: &[ProbeSite]) -> Option<report::Overhead> {
+        let now = self.read(hits);
+        let w = Self::between(&self.last, &now, sites, self.dry_run);
+        self.last = now;
+        w
+    }
+
+    /// The whole run.
+    fn whole_run(&self, hits: &PerCpuArray<MapData, u64>, sites: &[ProbeSite]) -> Option<report::Overhead> {
+        Self::between(&self.start, &self.read(hits), sites, self.dry_run)
+    }
+}
 
 /// Applies every event waiting in the ring buffer, noting stack ids not seen before
 /// and whether code was mapped.

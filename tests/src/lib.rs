@@ -163,6 +163,26 @@ impl Tracer {
         }
     }
 
+    /// Waits for a stderr line containing `needle` (e.g. a warning the tracer logs).
+    #[track_caller]
+    pub fn wait_stderr(&mut self, needle: &str) {
+        if self.stderr_lines.iter().any(|l| l.contains(needle)) {
+            return;
+        }
+        loop {
+            match self.stderr.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.stderr_lines.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => panic!("leaktrace never said {needle:?}; stderr: {:?}", self.stderr_lines),
+            }
+        }
+    }
+
     /// The stdout of a launched command, if any (leaktrace's own stdout is unused with -o).
     pub fn stdout(&mut self) -> BufReader<ChildStdout> {
         BufReader::new(self.child.stdout.take().expect("stdout"))

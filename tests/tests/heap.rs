@@ -199,3 +199,42 @@ fn root_sampling_estimates_within_error() {
     assert_eq!(counter(&r, "free_unknown"), 0, "frees of unsampled blocks are filtered in the kernel");
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
 }
+
+/// A dry run counts every allocator call and records nothing else.
+#[test]
+fn root_dry_run_counts_calls() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let tracer = Tracer::start(&["--pid", &fx.pid.to_string(), "--dry-run", "--duration", "600"]);
+    fx.run_scenario();
+    let r = tracer.finish();
+    assert_eq!(r["dry_run"], true, "{r:#}");
+    let o = &r["overhead"];
+    let window = o["window_s"].as_f64().unwrap();
+    // (function, calls in the basic scenario): leak_malloc 5 + churn 1000 mallocs; calloc
+    // 3 + 100; 100 reallocs; churn's 1100 frees (free(NULL) never reaches the probe).
+    for (func, calls) in [("malloc", 1005.0), ("calloc", 103.0), ("realloc", 100.0), ("free", 1100.0)] {
+        let counted = o["calls_per_s"][func].as_f64().unwrap_or(0.0) * window;
+        assert_eq!(counted.round(), calls, "{func}: {o:#}");
+    }
+    assert!(o["projected_cpu_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r.get("heap").is_none(), "nothing but counts");
+}
+
+/// Over its budget, leaktrace detaches the heap probes cleanly and says so.
+#[test]
+fn root_overhead_budget_detaches_heap_probes() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["busy"]);
+    let mut tracer = Tracer::start(&["--pid", &fx.pid.to_string(), "--max-overhead", "1"]);
+    tracer.wait_stderr("heap probes detached");
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    let d = &r["heap_detached"];
+    assert!(d["reason"].as_str().unwrap().contains("exceeded --max-overhead 1%"), "{d}");
+    assert!(r["overhead"]["projected_pct"].as_f64().unwrap() > 1.0);
+    assert!(leaktrace_tests::stacks_at(&r, "heap", "leak_malloc").is_empty(), "allocations after the detach are not recorded");
+    assert_eq!(r["lost_total"], 0, "detaching loses nothing it claims to have: {}", r["lost"]);
+    assert!(fx.alive());
+}
