@@ -8,6 +8,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("threads", "threads.c", &["-pthread"]),
     ("launch", "launch.c", &[]),
     ("no_alloc", "no_alloc.c", &["-nostdlib", "-static"]),
+    ("libbump_alloc.so", "bump_alloc.c", &["-shared", "-fPIC"]),
 ];
 
 fn main() {

@@ -332,9 +332,14 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite], dry_run: bool) -> Resu
         links.push(("alloc_exit", link));
     }
     let mut infos = Vec::new();
+    let mut loaded: Vec<&'static str> = Vec::new();
     for site in sites {
         let name = site.func.entry_program();
-        uprobe(ebpf, name)?;
+        // Several objects may define one function (an interposed allocator and libc).
+        if !loaded.contains(&name) {
+            uprobe(ebpf, name)?;
+            loaded.push(name);
+        }
         let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
         let link = p
             .attach(site.offset, &site.host_path, scope)

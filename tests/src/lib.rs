@@ -49,8 +49,15 @@ impl Fixture {
     /// Starts a fixture and waits for its ready line.
     #[track_caller]
     pub fn spawn(name: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(name, args, &[])
+    }
+
+    /// Like [`Fixture::spawn`], with extra environment variables.
+    #[track_caller]
+    pub fn spawn_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(fixture_path(name))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -238,3 +238,23 @@ fn root_overhead_budget_detaches_heap_probes() {
     assert_eq!(r["lost_total"], 0, "detaching loses nothing it claims to have: {}", r["lost"]);
     assert!(fx.alive());
 }
+
+/// An allocator interposed with LD_PRELOAD is found and probed next to libc's.
+#[test]
+fn root_interposed_allocator() {
+    require_root();
+    let lib = leaktrace_tests::fixture_path("libbump_alloc.so");
+    let mut fx = Fixture::spawn_with_env("heap_ops", &["basic"], &[("LD_PRELOAD", lib.to_str().unwrap())]);
+    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    let probed: Vec<_> = r["probes"].as_array().unwrap().iter().filter(|p| p["object"].as_str().unwrap().ends_with("libbump_alloc.so")).map(|p| p["function"].as_str().unwrap()).collect();
+    assert_eq!(probed, ["malloc", "calloc", "realloc", "free"], "{}", r["probes"]);
+    // Same leaks as with libc; churn's blocks are "freed" too (the bump allocator's free is a no-op,
+    // but the program did call free).
+    assert_eq!(stack_at(&r, "heap", "leak_malloc")["live_bytes"], 500);
+    assert_eq!(stack_at(&r, "heap", "leak_calloc")["live_bytes"], 900);
+    assert!(leaktrace_tests::stacks_at(&r, "heap", "churn").is_empty());
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
