@@ -459,23 +459,10 @@ impl Session<'_> {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(Error::Runtime)?;
-                    let mut exec_mapped = false;
-                    drain(guard.get_inner_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
+                    self.consume(guard.get_inner_mut(), &stacks);
                     guard.clear_ready();
-                    if exec_mapped {
-                        // Code was mapped (a library loaded): snapshot it while it is surely there.
-                        self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
-                    }
-                    self.fetch_new_stacks(&stacks);
                 }
-                _ = drain_tick.tick() => {
-                    let mut exec_mapped = false;
-                    drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
-                    if exec_mapped {
-                        self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
-                    }
-                    self.fetch_new_stacks(&stacks);
-                }
+                _ = drain_tick.tick() => self.consume(ring.get_mut(), &stacks),
                 _ = tick.tick() => {
                     self.sample_rss();
                     self.resolve_stacks(&stacks);
@@ -498,8 +485,7 @@ impl Session<'_> {
                     match launch::poll_child(self.pid) {
                         launch::ChildStop::Exiting => {
                             // Its mappings are still there: take everything we need from them now.
-                            let mut exec_mapped = false;
-                            drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
+                            self.consume(ring.get_mut(), &stacks);
                             self.sample_rss();
                             self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
                             self.resolve_stacks(&stacks);
@@ -553,6 +539,17 @@ impl Session<'_> {
         };
         self.write(&text)?;
         Ok(Outcome { report, interrupted })
+    }
+
+    /// Applies the waiting events, snapshots the mappings if code was mapped (a
+    /// library loaded: read it while it is surely there), and fetches new stacks.
+    fn consume(&mut self, ring: &mut RingBuf<MapData>, stacks: &BpfHashMap<MapData, i64, StackTrace>) {
+        let mut exec_mapped = false;
+        drain(ring, &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
+        if exec_mapped {
+            self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
+        }
+        self.fetch_new_stacks(stacks);
     }
 
     /// Detaches the heap probes if their projected cost is over the budget.
