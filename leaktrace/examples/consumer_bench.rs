@@ -64,4 +64,23 @@ fn main() {
         assert!(ledger.live_allocations() > 0);
     }
     println!("consumer: {N} events in {best:.3} s on one core = {:.1} M events/s (best of 3)", N as f64 / best / 1e6);
+    drop(bytes);
+
+    // Engine memory per live block: one million live blocks over 1,000 stacks.
+    let before = rss_kib();
+    let mut ledger = Ledger::new(None, None);
+    for i in 0..1_000_000u64 {
+        let ev = Event { kind: kind::ALLOC, addr: 0x5555_0000_0000 + i * 64, size: 48, stack_id: (i % 1000) as i64, func: AllocFn::Malloc as u32, ..Event::default() };
+        ledger.apply(&ev);
+    }
+    let after = rss_kib();
+    assert_eq!(ledger.live_allocations(), 1_000_000);
+    println!("engine memory: {:.1} MiB per million live blocks ({} bytes each)", (after - before) as f64 / 1024.0, (after - before) * 1024 / 1_000_000);
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
 }
