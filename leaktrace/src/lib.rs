@@ -17,6 +17,7 @@ pub mod report;
 pub mod session;
 pub mod symbols;
 pub mod target;
+pub mod timeline;
 
 pub use error::Error;
 pub use session::{Config, Format, Outcome, Target, run};

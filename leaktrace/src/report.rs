@@ -8,6 +8,7 @@ use leaktrace_common::counter;
 use serde::Serialize;
 
 use crate::{
+    timeline::{Growth, Point, Timeline},
     ledger::{Activity, Ledger, UserCounters},
     procfs::Rss,
     symbols::{Frame, Symbols},
@@ -26,6 +27,8 @@ pub struct HeapStack {
     pub live_bytes_error95: u64,
     /// Age of the oldest outstanding block, seconds.
     pub oldest_age_s: f64,
+    /// How its outstanding bytes moved over the trace (null until three samples).
+    pub growth: Option<Growth>,
     /// Kernel stack id (negative: capture failed, see `lost`).
     pub stack_id: i64,
     /// The stack walk stopped early.
@@ -153,6 +156,8 @@ pub struct Report {
     pub overhead: Option<Overhead>,
     /// Set when the overhead budget detached the heap probes: heap figures stop there.
     pub heap_detached: Option<HeapDetached>,
+    /// Totals sampled every 250 ms (thinned to at most 2048 points).
+    pub timeline: Vec<Point>,
 }
 
 /// Everything a report is built from.
@@ -186,6 +191,8 @@ pub struct Inputs<'a> {
     pub overhead: Option<Overhead>,
     /// Heap probes detached by the budget.
     pub heap_detached: Option<HeapDetached>,
+    /// Samples over time.
+    pub timeline: &'a Timeline,
 }
 
 /// Builds a report.
@@ -208,6 +215,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
                 samples: t.samples,
                 live_bytes_error95: error95(t.variance),
                 oldest_age_s: age(id),
+                growth: i.timeline.stack_growth(id),
                 stack_id: id,
                 truncated,
                 frames,
@@ -273,6 +281,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
         probes: i.probes.to_vec(),
         overhead: i.overhead.clone(),
         heap_detached: i.heap_detached.clone(),
+        timeline: i.timeline.points().to_vec(),
     }
 }
 
@@ -386,12 +395,21 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     } else {
         let _ = writeln!(o, "Top {} stacks by outstanding heap bytes:", r.heap.stacks.len());
         for (n, s) in r.heap.stacks.iter().enumerate() {
+            let growth = s.growth.map_or(String::new(), |g| {
+                let rate = if g.bytes_per_s >= 0.0 { format!("+{}/s", bytes(g.bytes_per_s.round() as u64)) } else { format!("-{}/s", bytes((-g.bytes_per_s).round() as u64)) };
+                let down = (1.0 - g.steadiness) * 100.0;
+                if down < 0.5 {
+                    format!(", {rate} over {} samples, never shrank", g.points)
+                } else {
+                    format!(", {rate} over {} samples, shrank in {down:.0}% of steps", g.points)
+                }
+            });
             if r.heap.sample_rate_bytes == 0 {
-                let _ = writeln!(o, "  #{} {} in {} blocks, oldest {:.1} s", n + 1, bytes(s.live_bytes), s.live_allocations, s.oldest_age_s);
+                let _ = writeln!(o, "  #{} {} in {} blocks, oldest {:.1} s{growth}", n + 1, bytes(s.live_bytes), s.live_allocations, s.oldest_age_s);
             } else {
                 let _ = writeln!(
                     o,
-                    "  #{} ~{} ± {} in ~{} blocks ({} sampled), oldest {:.1} s",
+                    "  #{} ~{} ± {} in ~{} blocks ({} sampled), oldest {:.1} s{growth}",
                     n + 1, bytes(s.live_bytes), bytes(s.live_bytes_error95), s.live_allocations, s.samples, s.oldest_age_s
                 );
             }
@@ -478,6 +496,7 @@ mod tests {
                         samples: 200,
                         live_bytes_error95: 0,
                         oldest_age_s: 4.96,
+                        growth: Some(Growth { bytes_per_s: 163_840.0, steadiness: 1.0, points: 20 }),
                         stack_id: 1,
                         truncated: false,
                         frames: vec![
@@ -486,7 +505,7 @@ mod tests {
                             frame("main", "/src/leaky.c", 59, "/usr/bin/leaky", false),
                         ],
                     },
-                    HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, stack_id: -14, truncated: false, frames: vec![] },
+                    HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, growth: None, stack_id: -14, truncated: false, frames: vec![] },
                 ],
             },
             mappings: Mappings {
@@ -508,6 +527,7 @@ mod tests {
             probes: vec![],
             overhead: None,
             heap_detached: None,
+            timeline: vec![],
         }
     }
 

@@ -193,6 +193,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         launched,
         ledger: Ledger::new(start_brk, brk).with_sampling(u64::from(config.sample_rate)),
         symbols: None,
+        timeline: crate::timeline::Timeline::default(),
         known_stacks: rustc_hash::FxHashSet::default(),
         pending_stacks: Vec::new(),
         fetched_stacks: Vec::new(),
@@ -384,6 +385,8 @@ struct Session<'a> {
     launched: bool,
     ledger: Ledger,
     symbols: Option<Symbols>,
+    /// Totals and per-stack bytes over time.
+    timeline: crate::timeline::Timeline,
     /// Stack ids seen in events so far.
     known_stacks: rustc_hash::FxHashSet<i64>,
     /// Stack ids seen but not yet symbolized.
@@ -465,6 +468,7 @@ impl Session<'_> {
                 _ = drain_tick.tick() => self.consume(ring.get_mut(), &stacks),
                 _ = tick.tick() => {
                     self.sample_rss();
+                    self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss);
                     self.resolve_stacks(&stacks);
                 }
                 _ = budget_tick.tick() => {
@@ -511,6 +515,7 @@ impl Session<'_> {
         if !self.target_exited {
             self.sample_rss();
         }
+        self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss);
         self.resolve_stacks(&stacks);
         // The whole run's figures, unless the budget stopped the heap probes: then
         // the window that tripped it is the one to show.
@@ -658,6 +663,7 @@ impl Session<'_> {
             probes: &self.probes,
             overhead: self.overhead.clone(),
             heap_detached: self.heap_detached.clone(),
+            timeline: &self.timeline,
         })
     }
 }

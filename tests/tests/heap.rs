@@ -261,3 +261,32 @@ fn root_interposed_allocator() {
     assert!(leaktrace_tests::stacks_at(&r, "heap", "churn").is_empty());
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
 }
+
+/// Growth per stack: a steady leak shows its rate; a cache that filled and held shows none.
+#[test]
+fn root_growth_rates_per_stack() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["grow"]);
+    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    let leak = stack_at(&r, "heap", "leak_steadily");
+    assert_eq!(leak["live_bytes"], 40_000);
+    let g = &leak["growth"];
+    // 1000 bytes per 50 ms step is 20,000 B/s; the sleeps run a little long, never short.
+    let rate = g["bytes_per_s"].as_f64().unwrap();
+    assert!((12_000.0..=21_000.0).contains(&rate), "leak rate {rate}: {g}");
+    assert_eq!(g["steadiness"], 1.0, "a leak never shrinks");
+    // fill_cache allocates at two call sites: two stacks.
+    let cache = leaktrace_tests::stacks_at(&r, "heap", "fill_cache");
+    assert_eq!(cache.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum::<u64>(), 40_000);
+    for s in cache {
+        let cache_rate = s["growth"]["bytes_per_s"].as_f64().unwrap();
+        assert!(cache_rate.abs() < rate / 10.0, "a cache that filled and held is not growing: {cache_rate} vs leak {rate}");
+    }
+    assert!(leaktrace_tests::stacks_at(&r, "heap", "temporary").is_empty());
+    let timeline = r["timeline"].as_array().unwrap();
+    assert!(timeline.len() >= 8, "totals are sampled every 250 ms: {}", timeline.len());
+    assert!(timeline.windows(2).all(|w| w[0]["t_s"].as_f64() <= w[1]["t_s"].as_f64()));
+}

@@ -1,0 +1,167 @@
+//! The process over time: totals sampled at a fixed pace, and each stack's
+//! outstanding bytes, for growth rates that a single snapshot can't give.
+//!
+//! Growth is the Theil–Sen slope (the median of all pairwise slopes), which a
+//! burst, a freed cache or one outlier sample does not drag around the way a
+//! least-squares fit or first-versus-last does: a cache that fills and then
+//! stays flat has a median slope near zero, a steady leak its rate.
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::{ledger::Ledger, procfs::Rss};
+
+/// Samples of the totals kept before they are thinned to every other one.
+const MAX_POINTS: usize = 2048;
+/// Samples kept per stack (bounds memory at ~4 KiB a stack).
+const MAX_STACK_POINTS: usize = 256;
+/// Points used for a slope (pairwise slopes are quadratic in this).
+const SLOPE_POINTS: usize = 128;
+
+/// Totals at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Point {
+    /// Seconds since attach.
+    pub t_s: f64,
+    /// RSS and its split.
+    pub rss: Rss,
+    /// Live heap bytes (estimated when sampling).
+    pub live_bytes: u64,
+    /// Live heap blocks.
+    pub live_allocations: u64,
+    /// Anonymous bytes mapped since attach.
+    pub anon_mapped_bytes: u64,
+    /// Size of the brk heap.
+    pub brk_bytes: u64,
+}
+
+/// Growth of one series.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Growth {
+    /// Theil–Sen slope, bytes per second.
+    pub bytes_per_s: f64,
+    /// Share of sample-to-sample steps that did not shrink (1.0: never went down).
+    pub steadiness: f64,
+    /// Samples behind the figures.
+    pub points: usize,
+}
+
+/// Samples over time.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    points: Vec<Point>,
+    stacks: FxHashMap<i64, Vec<(f64, u64)>>,
+}
+
+fn thin<T: Copy>(v: &mut Vec<T>, max: usize) {
+    if v.len() > max {
+        let kept: Vec<T> = v.iter().copied().step_by(2).collect();
+        *v = kept;
+    }
+}
+
+impl Timeline {
+    /// Records the ledger's totals and every stack's outstanding heap bytes at `t_s`.
+    pub fn sample(&mut self, t_s: f64, ledger: &Ledger, rss: Rss) {
+        self.points.push(Point {
+            t_s,
+            rss,
+            live_bytes: ledger.live_bytes(),
+            live_allocations: ledger.live_allocations(),
+            anon_mapped_bytes: ledger.anon_mapped_bytes(),
+            brk_bytes: ledger.brk_bytes().unwrap_or(0),
+        });
+        thin(&mut self.points, MAX_POINTS);
+        for (&id, t) in ledger.heap_by_stack() {
+            self.stacks.entry(id).or_default().push((t_s, t.bytes));
+        }
+        // Stacks whose blocks are all gone drop to zero (once).
+        for (id, s) in &mut self.stacks {
+            if !ledger.heap_by_stack().contains_key(id) && s.last().is_some_and(|&(t, b)| t < t_s && b > 0) {
+                s.push((t_s, 0));
+            }
+            thin(s, MAX_STACK_POINTS);
+        }
+    }
+
+    /// The sampled totals.
+    pub fn points(&self) -> &[Point] {
+        &self.points
+    }
+
+    /// Growth of a stack's outstanding heap bytes, once it has three samples.
+    pub fn stack_growth(&self, id: i64) -> Option<Growth> {
+        growth(self.stacks.get(&id)?)
+    }
+}
+
+/// Theil–Sen slope and steadiness of a series of (seconds, bytes).
+pub fn growth(series: &[(f64, u64)]) -> Option<Growth> {
+    if series.len() < 3 {
+        return None;
+    }
+    let step = series.len().div_ceil(SLOPE_POINTS);
+    let pts: Vec<(f64, f64)> = series.iter().step_by(step).map(|&(t, b)| (t, b as f64)).collect();
+    let mut slopes = Vec::with_capacity(pts.len() * pts.len() / 2);
+    for (i, a) in pts.iter().enumerate() {
+        for b in &pts[i + 1..] {
+            if b.0 > a.0 {
+                slopes.push((b.1 - a.1) / (b.0 - a.0));
+            }
+        }
+    }
+    if slopes.is_empty() {
+        return None;
+    }
+    slopes.sort_by(f64::total_cmp);
+    let m = slopes.len();
+    let median = if m % 2 == 1 { slopes[m / 2] } else { (slopes[m / 2 - 1] + slopes[m / 2]) / 2.0 };
+    let steps = series.windows(2).count();
+    let up = series.windows(2).filter(|w| w[1].1 >= w[0].1).count();
+    Some(Growth { bytes_per_s: median, steadiness: up as f64 / steps as f64, points: series.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(f: impl Fn(u64) -> u64, n: u64) -> Vec<(f64, u64)> {
+        (0..n).map(|i| (i as f64 * 0.5, f(i))).collect()
+    }
+
+    /// Growth cases: (name, series, expected slope in bytes/s, expected steadiness).
+    #[test]
+    fn slopes_resist_bursts_and_plateaus() {
+        type Case = (&'static str, Vec<(f64, u64)>, f64, f64);
+        let cases: Vec<Case> = vec![
+            // A steady leak of 1000 bytes every half second.
+            ("steady leak", series(|i| 5000 + 1000 * i, 40), 2000.0, 1.0),
+            // A cache that fills in the first 4 samples, then stays flat.
+            ("cache fills then flat", series(|i| 10_000 * i.min(4), 40), 0.0, 1.0),
+            // Flat with one huge spike sample.
+            ("flat with a spike", series(|i| if i == 20 { 1 << 30 } else { 7000 }, 40), 0.0, 39.0 / 39.0 - 1.0 / 39.0),
+            // Churn: up and down around a level.
+            ("churn", series(|i| if i % 2 == 0 { 1000 } else { 3000 }, 40), 0.0, 20.0 / 39.0),
+            // A leak with the burst of a freed temporary every tenth sample.
+            ("leak with bursts", series(|i| 1000 * i + if i % 10 == 5 { 1 << 20 } else { 0 }, 50), 2000.0, 44.0 / 49.0),
+        ];
+        for (name, s, slope, steady) in cases {
+            let g = growth(&s).unwrap_or_else(|| panic!("{name}: no growth"));
+            assert!((g.bytes_per_s - slope).abs() < 1e-6, "{name}: slope {} want {slope}", g.bytes_per_s);
+            assert!((g.steadiness - steady).abs() < 1e-9, "{name}: steadiness {} want {steady}", g.steadiness);
+            assert_eq!(g.points, s.len());
+        }
+        assert!(growth(&[(0.0, 1), (1.0, 2)]).is_none(), "two samples are not a trend");
+    }
+
+    /// Long series are thinned, keeping their span.
+    #[test]
+    fn thins_long_series() {
+        let mut v: Vec<(f64, u64)> = (0..=MAX_POINTS as u64).map(|i| (i as f64, i)).collect();
+        thin(&mut v, MAX_POINTS);
+        assert_eq!(v.len(), MAX_POINTS / 2 + 1);
+        assert_eq!(v.first().unwrap().0, 0.0);
+        assert_eq!(v.last().unwrap().0, MAX_POINTS as f64);
+        assert_eq!(growth(&v).unwrap().bytes_per_s, 1.0);
+    }
+}
