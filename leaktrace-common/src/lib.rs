@@ -240,10 +240,13 @@ pub struct Event {
     pub stack_id: i64,
     /// [`AllocFn`] for heap events, the syscall number for address-space events.
     pub func: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Bit set of `EVENT_*` flags.
+    pub flags: u32,
 }
 const _: () = assert!(size_of::<Event>() == 64);
+
+/// [`Event::flags`]: the syscall was made from inside a probed allocator call.
+pub const EVENT_IN_ALLOCATOR: u32 = 1;
 
 /// Per-thread state saved at an allocator's entry and consumed at its return.
 #[repr(C)]
@@ -276,8 +279,8 @@ pub struct SyscallEntry {
     pub stack_id: i64,
     /// Syscall number.
     pub nr: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// `EVENT_*` flags to send with the event.
+    pub flags: u32,
 }
 const _: () = assert!(size_of::<SyscallEntry>() == 56);
 

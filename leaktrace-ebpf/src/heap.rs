@@ -224,7 +224,7 @@ fn emit_alloc(tid: u32, entry: &AllocEntry, func: u32, ret: u64, old: u64, sampl
         aux2: entry.ts_ns,
         stack_id: entry.stack_id,
         func,
-        _pad: 0,
+        flags: 0,
     });
     0
 }
@@ -259,7 +259,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         aux2: 0,
         stack_id: leaktrace_common::STACK_NONE,
         func: AllocFn::Free as u32,
-        _pad: 0,
+        flags: 0,
     });
     0
 }

@@ -16,7 +16,7 @@
 use aya_ebpf::{
     EbpfContext as _, bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext,
 };
-use leaktrace_common::{ENABLE_SYSCALLS, Event, STACK_NONE, SyscallEntry, counter, kind, nr};
+use leaktrace_common::{ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event, STACK_NONE, SyscallEntry, counter, kind, nr};
 
 use crate::{ALLOC_INFLIGHT, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread};
 
@@ -43,12 +43,12 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
         return 0;
     }
     // SAFETY: a lookup returns a pointer valid for this program run.
-    let stack_id = match unsafe { ALLOC_INFLIGHT.get(tid) } {
-        Some(alloc) => alloc.stack_id,
-        None if want_stack => stack::at_syscall(),
-        None => STACK_NONE,
+    let (stack_id, flags) = match unsafe { ALLOC_INFLIGHT.get(tid) } {
+        Some(alloc) => (alloc.stack_id, EVENT_IN_ALLOCATOR),
+        None if want_stack => (stack::at_syscall(), 0),
+        None => (STACK_NONE, 0),
     };
-    let entry = SyscallEntry { args, stack_id, nr, _pad: 0 };
+    let entry = SyscallEntry { args, stack_id, nr, flags };
     if SYSCALL_INFLIGHT.insert(tid, entry, BPF_ANY as u64).is_err() {
         count(counter::SYSCALL_INFLIGHT_FULL);
     }
@@ -95,7 +95,7 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
         aux2,
         stack_id: e.stack_id,
         func: nr,
-        _pad: 0,
+        flags: e.flags,
     });
     0
 }

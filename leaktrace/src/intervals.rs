@@ -7,8 +7,14 @@ use std::collections::BTreeMap;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RegionKind {
-    /// Private or shared anonymous mapping (`MAP_ANONYMOUS`).
+    /// Anonymous mapping (`MAP_ANONYMOUS`) not made by an allocator as below.
     Anon,
+    /// An address-space reservation made inaccessible (`PROT_NONE`) by an allocator:
+    /// a glibc per-thread arena heap (64 MiB), committed piecewise with mprotect.
+    ArenaReserve,
+    /// An accessible anonymous mapping made by an allocator: a chunk above the mmap
+    /// threshold (glibc), an allocator's own arena or span.
+    AllocatorChunk,
     /// File-backed mapping.
     File,
     /// Part of the brk heap.

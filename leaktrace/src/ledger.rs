@@ -10,12 +10,13 @@
 //!   is counted on its own and subtracts nothing.
 
 use rustc_hash::FxHashMap;
-use leaktrace_common::{AllocFn, Event, kind};
+use leaktrace_common::{AllocFn, EVENT_IN_ALLOCATOR, Event, kind};
 
 use crate::intervals::{Region, RegionKind, RegionMap};
 
 const PAGE: u64 = 4096;
 const MAP_ANONYMOUS: u64 = 0x20;
+const PROT_READ_WRITE: u64 = 0x3;
 
 fn page_up(n: u64) -> u64 {
     n.saturating_add(PAGE - 1) & !(PAGE - 1)
@@ -107,6 +108,21 @@ pub struct Activity {
     pub madvised_bytes: u64,
 }
 
+/// Anonymous memory mapped since attach, by origin.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AnonSplit {
+    /// Anonymous mappings not made from inside an allocator call.
+    pub other_anon_bytes: u64,
+    /// Accessible mappings made by an allocator (glibc: chunks above the mmap threshold).
+    pub allocator_chunk_bytes: u64,
+    /// Address space reserved inaccessible by an allocator (glibc: per-thread arena heaps).
+    pub arena_reserved_bytes: u64,
+    /// The parts of those reservations made accessible with mprotect.
+    pub arena_committed_bytes: u64,
+    /// Number of arena reservations.
+    pub arenas: u64,
+}
+
 /// The books.
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -118,6 +134,8 @@ pub struct Ledger {
     /// Mean sampling interval in bytes (0: exact).
     sample_rate: u64,
     regions: RegionMap,
+    /// The accessible (mprotect-committed) parts of arena reservations.
+    committed: RegionMap,
     mapped_by_stack: FxHashMap<i64, Totals>,
     /// Current program break, once known.
     brk: Option<u64>,
@@ -162,7 +180,14 @@ impl Ledger {
             kind::MMAP => {
                 self.activity.mmaps += 1;
                 let flags = ev.aux >> 32;
-                let k = if flags & MAP_ANONYMOUS != 0 { RegionKind::Anon } else { RegionKind::File };
+                let prot = ev.aux & 0xffff_ffff;
+                let by_allocator = ev.flags & EVENT_IN_ALLOCATOR != 0;
+                let k = match (flags & MAP_ANONYMOUS != 0, by_allocator, prot & PROT_READ_WRITE != 0) {
+                    (false, ..) => RegionKind::File,
+                    (true, true, false) => RegionKind::ArenaReserve,
+                    (true, true, true) => RegionKind::AllocatorChunk,
+                    (true, false, _) => RegionKind::Anon,
+                };
                 self.map(ev.addr, page_up(ev.size), k, ev.stack_id, ev.ts_ns);
             }
             kind::MUNMAP => {
@@ -173,7 +198,10 @@ impl Ledger {
             }
             kind::MREMAP => self.on_mremap(ev),
             kind::BRK => self.on_brk(ev),
-            kind::MPROTECT => self.activity.mprotects += 1,
+            kind::MPROTECT => {
+                self.activity.mprotects += 1;
+                self.on_mprotect(ev.addr, page_up(ev.size), ev.aux);
+            }
             kind::MADVISE => {
                 self.activity.madvises += 1;
                 self.activity.madvised_bytes += page_up(ev.size);
@@ -253,16 +281,33 @@ impl Ledger {
         }
     }
 
+    /// Commits or decommits the parts of arena reservations in a range.
+    fn on_mprotect(&mut self, start: u64, len: u64, prot: u64) {
+        for (s, r) in self.regions.overlapping(start, len) {
+            if r.kind != RegionKind::ArenaReserve {
+                continue;
+            }
+            if prot & PROT_READ_WRITE != 0 {
+                self.committed.insert(s, r.end - s, r);
+            } else {
+                self.committed.remove(s, r.end - s);
+            }
+        }
+    }
+
     fn map(&mut self, start: u64, len: u64, kind: RegionKind, stack_id: i64, ts_ns: u64) {
         let removed = self.regions.insert(start, len, Region { end: 0, kind, stack_id, ts_ns });
         self.sub_regions(&removed);
-        if kind != RegionKind::File {
+        self.committed.remove(start, len);
+        // Reservations are address space, not memory; their committed parts are counted apart.
+        if kind != RegionKind::File && kind != RegionKind::ArenaReserve {
             self.mapped_by_stack.entry(stack_id).or_default().bytes += len;
         }
     }
 
     /// Unmaps a range; returns the tracked bytes it removed.
     fn unmap(&mut self, start: u64, len: u64) -> u64 {
+        self.committed.remove(start, len);
         let removed = self.regions.remove(start, len);
         self.sub_regions(&removed);
         removed.iter().map(|(s, r)| r.end - s).sum()
@@ -270,7 +315,7 @@ impl Ledger {
 
     fn sub_regions(&mut self, removed: &[(u64, Region)]) {
         for (s, r) in removed {
-            if r.kind == RegionKind::File {
+            if r.kind == RegionKind::File || r.kind == RegionKind::ArenaReserve {
                 continue;
             }
             if let Some(t) = self.mapped_by_stack.get_mut(&r.stack_id) {
@@ -341,9 +386,34 @@ impl Ledger {
         self.live_variance
     }
 
-    /// Anonymous bytes mapped since attach and still mapped.
+    /// Accessible anonymous bytes mapped since attach and still mapped: plain
+    /// anonymous mappings, allocator chunks, and the committed parts of arena
+    /// reservations (not the reservations themselves, which are address space only).
     pub fn anon_mapped_bytes(&self) -> u64 {
-        self.regions.bytes_of(RegionKind::Anon)
+        self.regions.bytes_of(RegionKind::Anon) + self.regions.bytes_of(RegionKind::AllocatorChunk) + self.committed.bytes_of(RegionKind::ArenaReserve)
+    }
+
+    /// Anonymous mappings since attach split by who made them and how.
+    pub fn anon_split(&self) -> AnonSplit {
+        AnonSplit {
+            other_anon_bytes: self.regions.bytes_of(RegionKind::Anon),
+            allocator_chunk_bytes: self.regions.bytes_of(RegionKind::AllocatorChunk),
+            arena_reserved_bytes: self.regions.bytes_of(RegionKind::ArenaReserve),
+            arena_committed_bytes: self.committed.bytes_of(RegionKind::ArenaReserve),
+            arenas: self.regions.iter().filter(|(_, r)| r.kind == RegionKind::ArenaReserve).count() as u64,
+        }
+    }
+
+    /// Arena reservations: (start, reserved bytes, committed bytes, creating stack).
+    pub fn arenas(&self) -> Vec<(u64, u64, u64, i64)> {
+        self.regions
+            .iter()
+            .filter(|(_, r)| r.kind == RegionKind::ArenaReserve)
+            .map(|(s, r)| {
+                let committed = self.committed.overlapping(s, r.end - s).iter().map(|(cs, c)| c.end - cs).sum();
+                (s, r.end - s, committed, r.stack_id)
+            })
+            .collect()
     }
 
     /// Size of the brk heap (`brk - start_brk`), if known.
@@ -482,6 +552,41 @@ mod tests {
 
     fn sys(k: u32, addr: u64, size: u64, aux: u64, aux2: u64, stack: i64) -> Event {
         Event { kind: k, addr, size, aux, aux2, stack_id: stack, ..Event::default() }
+    }
+
+    /// Allocator reservations (glibc arena heaps) count by their committed parts.
+    #[test]
+    fn arena_reservations_and_commits() {
+        let anon = MAP_ANONYMOUS << 32;
+        let in_alloc = |e: Event| Event { flags: EVENT_IN_ALLOCATOR, ..e };
+        let mut l = Ledger::default();
+        // glibc new_heap: reserve 128 MiB PROT_NONE, trim to a 64 MiB aligned heap, commit 132 KiB.
+        l.apply(&in_alloc(sys(kind::MMAP, 0x7f00_0000_0000 - (32 << 20), 128 << 20, anon, u64::MAX, 9)));
+        l.apply(&in_alloc(sys(kind::MUNMAP, 0x7f00_0000_0000 - (32 << 20), 32 << 20, 0, 0, 9)));
+        l.apply(&in_alloc(sys(kind::MUNMAP, 0x7f00_0000_0000 + (64 << 20), 32 << 20, 0, 0, 9)));
+        l.apply(&in_alloc(sys(kind::MPROTECT, 0x7f00_0000_0000, 132 << 10, 3, 0, 9)));
+        // A large chunk mapped by malloc, and a plain anonymous mapping.
+        l.apply(&in_alloc(sys(kind::MMAP, 0x7e00_0000_0000, 1 << 20, anon | 3, u64::MAX, 8)));
+        l.apply(&sys(kind::MMAP, 0x7d00_0000_0000, 8 * PAGE, anon | 3, u64::MAX, 7));
+        let split = l.anon_split();
+        assert_eq!(split, AnonSplit {
+            other_anon_bytes: 8 * PAGE,
+            allocator_chunk_bytes: 1 << 20,
+            arena_reserved_bytes: 64 << 20,
+            arena_committed_bytes: 132 << 10,
+            arenas: 1,
+        });
+        assert_eq!(l.anon_mapped_bytes(), 8 * PAGE + (1 << 20) + (132 << 10));
+        assert_eq!(l.arenas(), vec![(0x7f00_0000_0000, 64 << 20, 132 << 10, 9)]);
+        // The arena grows, then shrinks (glibc shrink_heap re-protects its top).
+        l.apply(&in_alloc(sys(kind::MPROTECT, 0x7f00_0000_0000 + (132 << 10), 1 << 20, 3, 0, 9)));
+        assert_eq!(l.anon_split().arena_committed_bytes, (132 << 10) + (1 << 20));
+        l.apply(&in_alloc(sys(kind::MPROTECT, 0x7f00_0000_0000 + (132 << 10), 1 << 20, 0, 0, 9)));
+        assert_eq!(l.anon_split().arena_committed_bytes, 132 << 10);
+        // The arena is unmapped whole.
+        l.apply(&sys(kind::MUNMAP, 0x7f00_0000_0000, 64 << 20, 0, 0, -1));
+        assert_eq!((l.anon_split().arenas, l.anon_split().arena_committed_bytes), (0, 0));
+        assert!(!l.mapped_by_stack().contains_key(&9), "reservations are not counted as mapped memory per stack");
     }
 
     /// mmap, partial munmap, mremap and brk move the mapped totals exactly.

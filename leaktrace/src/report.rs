@@ -52,6 +52,21 @@ pub struct MapStack {
     pub frames: Vec<Frame>,
 }
 
+/// An arena reservation made by the allocator since attach.
+#[derive(Clone, Debug, Serialize)]
+pub struct ArenaInfo {
+    /// Start address, hex.
+    pub address: String,
+    /// Reserved address space.
+    pub reserved_bytes: u64,
+    /// Made accessible with mprotect.
+    pub committed_bytes: u64,
+    /// Stack of the allocator call that created it.
+    pub stack_id: i64,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
 /// Heap section.
 #[derive(Clone, Debug, Serialize)]
 pub struct Heap {
@@ -76,6 +91,10 @@ pub struct Mappings {
     pub brk_bytes: u64,
     /// brk growth since attach still in place.
     pub brk_grown_bytes: u64,
+    /// Anonymous mappings since attach by origin.
+    pub split: crate::ledger::AnonSplit,
+    /// Arena reservations made since attach, most committed first.
+    pub arenas: Vec<ArenaInfo>,
     /// Stacks by mapped bytes, largest first.
     pub stacks: Vec<MapStack>,
 }
@@ -272,6 +291,21 @@ pub fn build(i: &Inputs<'_>) -> Report {
             anon_mapped_bytes: i.ledger.anon_mapped_bytes(),
             brk_bytes: i.ledger.brk_bytes().unwrap_or(0),
             brk_grown_bytes: i.ledger.brk_grown_bytes(),
+            split: i.ledger.anon_split(),
+            arenas: {
+                let mut a = i.ledger.arenas();
+                a.sort_by(|x, y| y.2.cmp(&x.2).then(x.0.cmp(&y.0)));
+                a.into_iter()
+                    .take(i.top)
+                    .map(|(start, reserved, committed, id)| ArenaInfo {
+                        address: format!("{start:#x}"),
+                        reserved_bytes: reserved,
+                        committed_bytes: committed,
+                        stack_id: id,
+                        frames: frames(id).0,
+                    })
+                    .collect()
+            },
             stacks: map_stacks,
         },
         lost,
@@ -385,6 +419,14 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         "Anonymous mappings since attach: {}    brk heap: {} ({} grown since attach)",
         bytes(r.mappings.anon_mapped_bytes), bytes(r.mappings.brk_bytes), bytes(r.mappings.brk_grown_bytes)
     );
+    let sp = &r.mappings.split;
+    if sp.arenas > 0 || sp.allocator_chunk_bytes > 0 {
+        let _ = writeln!(
+            o,
+            "  of which by the allocator: {} arena heaps ({} committed of {} reserved), {} in directly mapped chunks; other anonymous: {}",
+            sp.arenas, bytes(sp.arena_committed_bytes), bytes(sp.arena_reserved_bytes), bytes(sp.allocator_chunk_bytes), bytes(sp.other_anon_bytes)
+        );
+    }
     let a = &r.activity;
     let sampled = if r.heap.sample_rate_bytes == 0 { "" } else { "sampled " };
     let _ = writeln!(o, "Activity: {} {sampled}allocations ({}), {} {sampled}frees, {} mmap, {} munmap, {} mremap, {} brk",
@@ -512,6 +554,8 @@ mod tests {
                 anon_mapped_bytes: 1 << 20,
                 brk_bytes: 135_168,
                 brk_grown_bytes: 0,
+                split: crate::ledger::AnonSplit::default(),
+                arenas: vec![],
                 stacks: vec![MapStack {
                     mapped_bytes: 1 << 20,
                     oldest_age_s: 2.0,

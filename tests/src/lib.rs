@@ -235,7 +235,7 @@ impl Drop for Tracer {
     }
 }
 
-/// Function names of a stack's frames.
+/// Function names of a stack's (or an arena's) frames.
 pub fn functions(stack: &Value) -> Vec<String> {
     stack["frames"]
         .as_array()

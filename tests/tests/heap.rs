@@ -54,7 +54,7 @@ const CASES: &[Expect] = &[
 ];
 
 #[track_caller]
-fn check(scenario: &str) {
+fn check(scenario: &str) -> serde_json::Value {
     require_root();
     let e = CASES.iter().find(|c| c.scenario == scenario).expect("case");
     let mut fx = Fixture::spawn("heap_ops", &[scenario]);
@@ -80,6 +80,7 @@ fn check(scenario: &str) {
     assert_eq!(counter(&r, "failed_allocs"), e.failed_allocs, "{scenario}: NULL results");
     assert_eq!(r["lost_total"], 0, "{scenario}: nothing lost: {}", r["lost"]);
     assert!(fx.alive(), "the target runs on after leaktrace detaches");
+    r
 }
 
 /// malloc and calloc leaks are attributed exactly; churn and free(NULL) leave nothing.
@@ -88,10 +89,13 @@ fn root_malloc_calloc_and_churn() {
     check("basic");
 }
 
-/// realloc chains (grow, shrink, move, failure, size 0) and reallocarray follow glibc semantics.
+/// realloc chains (grow, shrink, move, failure, size 0) and reallocarray follow glibc semantics;
+/// the 1 MiB block glibc maps directly shows as an allocator chunk.
 #[test]
 fn root_realloc_chains() {
-    check("realloc");
+    let r = check("realloc");
+    let split = &r["mappings"]["split"];
+    assert!(split["allocator_chunk_bytes"].as_u64().unwrap() >= 1 << 20, "{split}");
 }
 
 /// posix_memalign, aligned_alloc, memalign, valloc and pvalloc record their requested sizes.
@@ -128,6 +132,15 @@ fn root_threads_with_cross_thread_frees() {
         // of the one size class used here, plus the cache itself, per thread.
         assert!(counter(&r, "free_unknown") <= threads * 8, "{}", r["counters"]);
         assert_eq!(lost(&r, "stale_entry") + lost(&r, "return_without_entry"), 0);
+        // Each new thread's first malloc made glibc reserve a 64 MiB arena heap and
+        // commit its first pages; the reservation is attributed to that malloc's caller.
+        let split = &r["mappings"]["split"];
+        assert_eq!(split["arenas"].as_u64(), Some(threads), "{split}");
+        assert_eq!(split["arena_reserved_bytes"].as_u64(), Some(threads * (64 << 20)), "{split}");
+        assert!(split["arena_committed_bytes"].as_u64().unwrap() >= threads * blocks / 2 * size, "{split}");
+        for a in r["mappings"]["arenas"].as_array().unwrap() {
+            assert!(functions(a).iter().any(|f| f == "worker_alloc"), "arena created by {:?}", functions(a));
+        }
     }
 }
 
@@ -287,6 +300,7 @@ fn root_growth_rates_per_stack() {
     }
     assert!(leaktrace_tests::stacks_at(&r, "heap", "temporary").is_empty());
     let timeline = r["timeline"].as_array().unwrap();
-    assert!(timeline.len() >= 8, "totals are sampled every 250 ms: {}", timeline.len());
+    // Every 250 ms over a ~2 s scenario; fewer when parallel tests load the 2 cores.
+    assert!(timeline.len() >= 4, "totals are sampled every 250 ms: {}", timeline.len());
     assert!(timeline.windows(2).all(|w| w[0]["t_s"].as_f64() <= w[1]["t_s"].as_f64()));
 }

@@ -27,6 +27,8 @@ fn root_mmap_munmap_mremap_brk() {
     }
     assert!(stacks_at(&r, "mappings", "map_temporary").is_empty(), "fully unmapped regions leave nothing");
     assert_eq!(r["mappings"]["anon_mapped_bytes"].as_u64(), Some(23 * PAGE), "{r:#}");
+    let split = &r["mappings"]["split"];
+    assert_eq!((split["other_anon_bytes"].as_u64(), split["allocator_chunk_bytes"].as_u64(), split["arenas"].as_u64()), (Some(23 * PAGE), Some(0), Some(0)), "{split}");
     assert_eq!(r["mappings"]["brk_grown_bytes"].as_u64(), Some(3 * PAGE + 100));
     assert!(r["mappings"]["brk_bytes"].as_u64().unwrap() >= 3 * PAGE + 100);
     assert_eq!(r["heap"]["live_bytes"], 0, "no heap activity in this fixture");
