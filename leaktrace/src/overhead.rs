@@ -56,16 +56,6 @@ pub fn overhead_pct(projected: f64, own_cpu: f64) -> f64 {
     projected / own_cpu.max(1e-3) * 100.0
 }
 
-/// utime + stime of a process in seconds (all threads).
-pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / hz)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

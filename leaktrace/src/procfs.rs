@@ -123,27 +123,35 @@ pub fn read_status(pid: u32) -> io::Result<Status> {
     Ok(parse_status(&fs::read_to_string(format!("/proc/{pid}/status"))?))
 }
 
-/// `start_brk` from `/proc/PID/stat` (field 47), if the kernel shows it.
-pub fn read_start_brk(pid: u32) -> Option<u64> {
+/// Fields of `/proc/PID/stat` from field 3 (state) on: index `n - 3` is field `n`.
+pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // `rest` starts at field 3, so field 47 is index 44.
-    let v: u64 = rest.split_whitespace().nth(44)?.parse().ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// `start_brk` from `/proc/PID/stat` (field 47), if the kernel shows it.
+pub fn read_start_brk(pid: u32) -> Option<u64> {
+    let v: u64 = stat_fields(pid)?.get(47 - 3)?.parse().ok()?;
     (v != 0).then_some(v)
+}
+
+/// utime + stime (fields 14 and 15 of `/proc/PID/stat`), in seconds, all threads.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((f.get(14 - 3)?.parse::<f64>().ok()? + f.get(15 - 3)?.parse::<f64>().ok()?) / hz)
 }
 
 /// Kernel-thread flag in `/proc/PID/stat` field 9.
 const PF_KTHREAD: u64 = 0x0020_0000;
 
-/// Whether `pid` is a kernel thread.
+/// Whether `pid` is a kernel thread (flags, field 9).
 pub fn is_kernel_thread(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let Some(close) = stat.rfind(')') else { return false };
-    stat[close + 2..]
-        .split_whitespace()
-        .nth(6)
-        .and_then(|f| f.parse::<u64>().ok())
+    stat_fields(pid)
+        .and_then(|f| f.get(9 - 3)?.parse::<u64>().ok())
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
@@ -169,6 +177,18 @@ mod tests {
         assert!(!m[2].is_file());
         assert_eq!(m[3].path, "");
         assert_eq!(m[4].path, "/tmp/lib with space.so (deleted)");
+    }
+
+    /// Our own stat fields: state, kernel-thread flag, CPU time.
+    #[test]
+    fn reads_own_stat() {
+        let me = std::process::id();
+        let f = stat_fields(me).expect("own stat");
+        assert!(["R", "S"].contains(&f[0].as_str()), "field 3 is the state: {}", f[0]);
+        assert!(!is_kernel_thread(me));
+        assert!(is_kernel_thread(2), "pid 2 is kthreadd");
+        assert!(cpu_seconds(me).expect("cpu") >= 0.0);
+        assert!(read_start_brk(me).is_some(), "a glibc process has a brk heap");
     }
 
     /// Status fields used for validation and RSS are read in bytes.

@@ -680,13 +680,13 @@ struct Meter {
 
 impl Meter {
     fn new(pid: u32, dry_run: bool) -> Self {
-        let now = (Instant::now(), vec![0; 16], crate::overhead::process_cpu_seconds(pid));
+        let now = (Instant::now(), vec![0; 16], procfs::cpu_seconds(pid));
         Self { pid, dry_run, start: now.clone(), last: now }
     }
 
     fn read(&self, hits: &PerCpuArray<MapData, u64>) -> (Instant, Vec<u64>, Option<f64>) {
         let counts = (0..16u32).map(|i| hits.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)).collect();
-        (Instant::now(), counts, crate::overhead::process_cpu_seconds(self.pid))
+        (Instant::now(), counts, procfs::cpu_seconds(self.pid))
     }
 
     fn between(
