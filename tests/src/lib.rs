@@ -235,6 +235,28 @@ impl Drop for Tracer {
     }
 }
 
+/// Starts fixture `name` with `fixture_args`, attaches `leaktrace --pid` to it with
+/// `tracer_args`, runs its scenario, and returns the fixture (still running) and the
+/// report, whose shape has been checked.
+#[track_caller]
+pub fn trace_scenario(name: &str, fixture_args: &[&str], tracer_args: &[&str]) -> (Fixture, Value) {
+    trace_scenario_with_env(name, fixture_args, &[], tracer_args)
+}
+
+/// [`trace_scenario`] with extra environment variables for the fixture.
+#[track_caller]
+pub fn trace_scenario_with_env(name: &str, fixture_args: &[&str], env: &[(&str, &str)], tracer_args: &[&str]) -> (Fixture, Value) {
+    let mut fx = Fixture::spawn_with_env(name, fixture_args, env);
+    let pid = fx.pid.to_string();
+    let mut args = vec!["--pid", pid.as_str()];
+    args.extend_from_slice(tracer_args);
+    let tracer = Tracer::start(&args);
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    (fx, r)
+}
+
 /// Function names of a stack's (or an arena's) frames.
 pub fn functions(stack: &Value) -> Vec<String> {
     stack["frames"]

@@ -1,6 +1,6 @@
 //! Heap accounting on real processes: exact outstanding allocations per stack.
 
-use leaktrace_tests::{Fixture, Tracer, check_shape, counter, functions, lost, require_root, stack_at, stacks_at};
+use leaktrace_tests::{Fixture, Tracer, check_shape, trace_scenario, trace_scenario_with_env, counter, functions, lost, require_root, stack_at, stacks_at};
 
 /// What one heap_ops scenario must leave outstanding.
 struct Expect {
@@ -57,11 +57,7 @@ const CASES: &[Expect] = &[
 fn check(scenario: &str) -> serde_json::Value {
     require_root();
     let e = CASES.iter().find(|c| c.scenario == scenario).expect("case");
-    let mut fx = Fixture::spawn("heap_ops", &[scenario]);
-    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
-    fx.run_scenario();
-    let r = tracer.finish();
-    check_shape(&r);
+    let (mut fx, r) = trace_scenario("heap_ops", &[scenario], &[]);
     assert_eq!(r["pid"], fx.pid);
     for &(func, bytes, blocks) in e.stacks {
         let s = stack_at(&r, "heap", func);
@@ -116,11 +112,7 @@ fn root_threads_with_cross_thread_frees() {
     require_root();
     // (threads, blocks per thread, size)
     for (threads, blocks, size) in [(4u64, 100u64, 48u64), (8, 500, 24)] {
-        let mut fx = Fixture::spawn("threads", &[&threads.to_string(), &blocks.to_string(), &size.to_string()]);
-        let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
-        fx.run_scenario();
-        let r = tracer.finish();
-        check_shape(&r);
+        let (_fx, r) = trace_scenario("threads", &[&threads.to_string(), &blocks.to_string(), &size.to_string()], &[]);
         // Each thread's even-numbered blocks were freed by its neighbour.
         let s = stack_at(&r, "heap", "worker_alloc");
         assert_eq!(s["live_allocations"].as_u64(), Some(threads * blocks / 2), "{r:#}");
@@ -148,11 +140,7 @@ fn root_threads_with_cross_thread_frees() {
 #[test]
 fn root_full_stack_map_is_reported_as_loss() {
     require_root();
-    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
-    let tracer = Tracer::start(&["--pid", &fx.pid.to_string(), "--stack-capacity", "1"]);
-    fx.run_scenario();
-    let r = tracer.finish();
-    check_shape(&r);
+    let (_fx, r) = trace_scenario("heap_ops", &["basic"], &["--stack-capacity", "1"]);
     assert!(lost(&r, "stack_map_full") > 0, "{}", r["lost"]);
     assert_eq!(r["lost_total"].as_u64(), Some(r["lost"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum()));
     assert_eq!(r["heap"]["live_bytes"], 1400, "totals don't depend on stacks");
@@ -166,11 +154,7 @@ fn root_full_stack_map_is_reported_as_loss() {
 fn root_attach_to_busy_process_loses_nothing() {
     require_root();
     for _ in 0..3 {
-        let mut fx = Fixture::spawn("heap_ops", &["busy"]);
-        let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
-        fx.run_scenario();
-        let r = tracer.finish();
-        check_shape(&r);
+        let (_fx, r) = trace_scenario("heap_ops", &["busy"], &[]);
         let s = stack_at(&r, "heap", "leak_malloc");
         assert_eq!(s["live_bytes"], 500, "{r:#}");
         // At most the one call in flight when the probes were switched on.
@@ -189,11 +173,7 @@ fn root_attach_to_busy_process_loses_nothing() {
 #[test]
 fn root_sampling_estimates_within_error() {
     require_root();
-    let mut fx = Fixture::spawn("heap_ops", &["sampling"]);
-    let tracer = Tracer::start(&["--pid", &fx.pid.to_string(), "--sample-rate", "64K"]);
-    fx.run_scenario();
-    let r = tracer.finish();
-    check_shape(&r);
+    let (_fx, r) = trace_scenario("heap_ops", &["sampling"], &["--sample-rate", "64K"]);
     assert_eq!(r["heap"]["sample_rate_bytes"], 65536);
     // (function, true bytes)
     for (func, truth) in [("leak_many_small", 20_000u64 * 100), ("leak_few_big", 4 << 20)] {
@@ -260,11 +240,7 @@ fn root_overhead_budget_detaches_heap_probes() {
 fn root_interposed_allocator() {
     require_root();
     let lib = leaktrace_tests::fixture_path("libbump_alloc.so");
-    let mut fx = Fixture::spawn_with_env("heap_ops", &["basic"], &[("LD_PRELOAD", lib.to_str().unwrap())]);
-    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
-    fx.run_scenario();
-    let r = tracer.finish();
-    check_shape(&r);
+    let (_fx, r) = trace_scenario_with_env("heap_ops", &["basic"], &[("LD_PRELOAD", lib.to_str().unwrap())], &[]);
     let probed: Vec<_> = r["probes"].as_array().unwrap().iter().filter(|p| p["object"].as_str().unwrap().ends_with("libbump_alloc.so")).map(|p| p["function"].as_str().unwrap()).collect();
     assert_eq!(probed, ["malloc", "calloc", "realloc", "free"], "{}", r["probes"]);
     // Same leaks as with libc; churn's blocks are "freed" too (the bump allocator's free is a no-op,
@@ -279,11 +255,7 @@ fn root_interposed_allocator() {
 #[test]
 fn root_growth_rates_per_stack() {
     require_root();
-    let mut fx = Fixture::spawn("heap_ops", &["grow"]);
-    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
-    fx.run_scenario();
-    let r = tracer.finish();
-    check_shape(&r);
+    let (_fx, r) = trace_scenario("heap_ops", &["grow"], &[]);
     let leak = stack_at(&r, "heap", "leak_steadily");
     assert_eq!(leak["live_bytes"], 40_000);
     let g = &leak["growth"];

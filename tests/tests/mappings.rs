@@ -1,6 +1,6 @@
 //! Address-space accounting: mmap with partial munmap, mremap, brk.
 
-use leaktrace_tests::{Fixture, Tracer, check_shape, functions, require_root, stack_at, stacks_at};
+use leaktrace_tests::{functions, require_root, stack_at, stacks_at, trace_scenario};
 
 const PAGE: u64 = 4096;
 
@@ -15,11 +15,7 @@ const EXPECTED: &[(&str, u64)] = &[
 #[test]
 fn root_mmap_munmap_mremap_brk() {
     require_root();
-    let mut fx = Fixture::spawn("mappings", &[]);
-    let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
-    fx.run_scenario();
-    let r = tracer.finish();
-    check_shape(&r);
+    let (_fx, r) = trace_scenario("mappings", &[], &[]);
     for &(func, bytes) in EXPECTED {
         let s = stack_at(&r, "mappings", func);
         assert_eq!(s["mapped_bytes"].as_u64(), Some(bytes), "{func}: {s:#}");
