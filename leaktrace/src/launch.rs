@@ -43,15 +43,21 @@ pub fn resolve_program(program: &OsStr) -> Result<PathBuf, Error> {
         let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
         std::env::split_paths(&path).map(|d| d.join(program)).collect()
     };
+    let mut found_other = false;
     for c in &candidates {
         if let Ok(meta) = fs::metadata(c) {
             use std::os::unix::fs::PermissionsExt as _;
             if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
                 return Ok(c.clone());
             }
+            found_other = true;
         }
     }
-    Err(bad(if candidates.len() == 1 { "no such executable file" } else { "not found in PATH" }))
+    Err(bad(match (candidates.len(), found_other) {
+        (_, true) => "not an executable file",
+        (1, false) => "no such file",
+        _ => "not found in PATH",
+    }))
 }
 
 /// The ELF file that will actually run: follows `#!` interpreters (and `/usr/bin/env NAME`).

@@ -81,6 +81,8 @@ pub struct UserCounters {
     pub bad_events: u64,
     /// Bytes unmapped from ranges not tracked since attach.
     pub untracked_unmapped_bytes: u64,
+    /// Stack ids sent by the kernel that could not be read back from its stack map.
+    pub stack_unreadable: u64,
 }
 
 /// Cumulative activity since attach.

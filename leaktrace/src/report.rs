@@ -262,9 +262,17 @@ pub fn build(i: &Inputs<'_>) -> Report {
             counters.insert((*name).to_owned(), v);
         }
     }
-    let UserCounters { free_unknown, realloc_unknown, alloc_over_live, failed_allocs, bad_events, untracked_unmapped_bytes } =
-        i.ledger.counters;
+    let UserCounters {
+        free_unknown,
+        realloc_unknown,
+        alloc_over_live,
+        failed_allocs,
+        bad_events,
+        untracked_unmapped_bytes,
+        stack_unreadable,
+    } = i.ledger.counters;
     lost.insert("bad_events".into(), bad_events);
+    lost.insert("stack_unreadable".into(), stack_unreadable);
     lost.insert("alloc_over_live".into(), alloc_over_live);
     counters.insert("free_unknown".into(), free_unknown);
     counters.insert("realloc_unknown".into(), realloc_unknown);

@@ -124,6 +124,8 @@ pub struct Outcome {
 pub fn run(config: &Config) -> Result<Outcome, Error> {
     target::check_privileges()?;
     target::ensure_tracefs()?;
+    // A bad output path is refused before anything is attached.
+    let out = open_output(config)?;
 
     // Resolve the target and the objects to probe.
     let (pid, objects, blocked) = match &config.target {
@@ -206,9 +208,15 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         started: Instant::now(),
         target_exited: false,
         exit_status: None,
-        out: open_output(config)?,
+        out,
     };
     rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked))
+}
+
+/// The session's symbolizer, created on first use (in launch mode only once the
+/// command has been exec'd, so its first snapshot is of the right program).
+fn symbols_for(slot: &mut Option<Symbols>, pid: u32) -> &mut Symbols {
+    slot.get_or_insert_with(|| Symbols::new(pid))
 }
 
 /// Turns the attached programs on (or some off), all at once.
@@ -491,7 +499,7 @@ impl Session<'_> {
                             // Its mappings are still there: take everything we need from them now.
                             self.consume(ring.get_mut(), &stacks);
                             self.sample_rss();
-                            self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
+                            symbols_for(&mut self.symbols, self.pid).refresh_maps();
                             self.resolve_stacks(&stacks);
                             launch::detach(self.pid);
                         }
@@ -552,7 +560,7 @@ impl Session<'_> {
         let mut exec_mapped = false;
         drain(ring, &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
         if exec_mapped {
-            self.symbols.get_or_insert_with(|| Symbols::new(self.pid)).refresh_maps();
+            symbols_for(&mut self.symbols, self.pid).refresh_maps();
         }
         self.fetch_new_stacks(stacks);
     }
@@ -617,13 +625,16 @@ impl Session<'_> {
         if self.pending_stacks.is_empty() {
             return;
         }
-        let pid = self.pid;
-        let symbols = self.symbols.get_or_insert_with(|| Symbols::new(pid));
+        let symbols = symbols_for(&mut self.symbols, self.pid);
         let mut uncovered = false;
         for id in self.pending_stacks.drain(..) {
-            if let Ok(st) = stacks.get(&id, 0) {
-                uncovered |= !symbols.covers(&st);
-                self.fetched_stacks.push((id, st));
+            match stacks.get(&id, 0) {
+                Ok(st) => {
+                    uncovered |= !symbols.covers(&st);
+                    self.fetched_stacks.push((id, st));
+                }
+                // The kernel stores a stack before sending its id, so this is a loss to show.
+                Err(_) => self.ledger.counters.stack_unreadable += 1,
             }
         }
         if uncovered {
@@ -636,9 +647,7 @@ impl Session<'_> {
         if self.fetched_stacks.is_empty() {
             return;
         }
-        let pid = self.pid;
-        let symbols = self.symbols.get_or_insert_with(|| Symbols::new(pid));
-        symbols.resolve(&self.fetched_stacks);
+        symbols_for(&mut self.symbols, self.pid).resolve(&self.fetched_stacks);
         self.fetched_stacks.clear();
     }
 
@@ -647,7 +656,7 @@ impl Session<'_> {
             .map(|i| counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect();
         let now_ns = monotonic_ns();
-        let symbols = self.symbols.get_or_insert_with(|| Symbols::new(self.pid));
+        let symbols = symbols_for(&mut self.symbols, self.pid);
         report::build(&report::Inputs {
             pid: self.pid,
             ledger: &self.ledger,

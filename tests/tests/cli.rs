@@ -110,7 +110,11 @@ fn root_bad_targets_are_one_line_errors() {
     require_root();
     rejects(&["--pid", "4000000"], "no process with pid 4000000");
     rejects(&["--pid", "2"], "kernel thread");
-    rejects(&["--", "/nonexistent/program"], "cannot run `/nonexistent/program`");
+    rejects(&["--", "/nonexistent/program"], "cannot run `/nonexistent/program`: no such file");
+    rejects(&["--", "/etc/passwd"], "cannot run `/etc/passwd`: not an executable file");
+    // A bad output path is refused before anything is attached.
+    let me = std::process::id().to_string();
+    rejects(&["--pid", &me, "-o", "/nonexistent/dir/report.json"], "failed to write the report to /nonexistent/dir/report.json");
 
     // A zombie: a child that exited and that we do not reap yet.
     let mut child = Command::new("true").spawn().expect("spawn true");
