@@ -181,10 +181,8 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let is_realloc = func == AllocFn::Realloc as u32 || func == AllocFn::Reallocarray as u32;
     let sampling = CONFIG.load().sample_bytes != 0;
     if sampling && is_realloc && entry.aux != 0 && (ret != 0 || entry.size == 0) {
-        // The old block is gone; if it was sampled, userspace must hear of it.
-        // SAFETY: a lookup returns a pointer valid for this program run.
-        if unsafe { SAMPLED.get(&entry.aux) }.is_some() {
-            let _ = SAMPLED.remove(&entry.aux);
+        // The old block is gone; if it was sampled (the delete finds it), userspace must hear of it.
+        if SAMPLED.remove(&entry.aux).is_ok() {
             if unsampled {
                 emit(Event { kind: kind::FREE, tid, ts_ns: now(), addr: entry.aux, func: AllocFn::Free as u32, stack_id: STACK_NONE, ..Event::default() });
             }
@@ -241,13 +239,9 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return 0;
     }
-    if CONFIG.load().sample_bytes != 0 {
-        // Only frees of sampled blocks matter; the rest cost this one lookup.
-        // SAFETY: a lookup returns a pointer valid for this program run.
-        if unsafe { SAMPLED.get(&ptr) }.is_none() {
-            return 0;
-        }
-        let _ = SAMPLED.remove(&ptr);
+    // Only frees of sampled blocks matter; the rest cost this one delete attempt.
+    if CONFIG.load().sample_bytes != 0 && SAMPLED.remove(&ptr).is_err() {
+        return 0;
     }
     emit(Event {
         kind: kind::FREE,
