@@ -13,7 +13,8 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    let src = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("manifest dir")).join("fixtures");
+    let src =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("manifest dir")).join("fixtures");
     println!("cargo:rerun-if-changed={}", src.display());
     let cc = env::var("CC").unwrap_or_else(|_| "cc".into());
     for (name, file, extra) in FIXTURES {
@@ -24,7 +25,9 @@ fn main() {
             .arg(out.join(name))
             .arg(src.join(file))
             .status()
-            .unwrap_or_else(|e| panic!("failed to run {cc} for fixture {name}: {e} (run `cargo xtask setup`)"));
+            .unwrap_or_else(|e| {
+                panic!("failed to run {cc} for fixture {name}: {e} (run `cargo xtask setup`)")
+            });
         assert!(status.success(), "failed to build fixture {name}");
     }
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());

@@ -8,6 +8,7 @@
 //! once, as the outer call, and lets a lost return be detected instead of
 //! shifting every later pairing on the thread.
 
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, pt_regs},
@@ -15,11 +16,14 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use leaktrace_common::{AllocEntry, AllocFn, CONFIG_COUNT_ONLY, ENABLE_HEAP, ENTRY_UNSAMPLED, EXP_DRAWS as N_DRAWS, Event, STACK_NONE, counter, kind};
+use leaktrace_common::{
+    AllocEntry, AllocFn, CONFIG_COUNT_ONLY, ENABLE_HEAP, ENTRY_UNSAMPLED, EXP_DRAWS as N_DRAWS,
+    Event, STACK_NONE, counter, kind,
+};
 
 use crate::{
-    ALLOC_INFLIGHT, CONFIG, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit, hit, now,
+    ALLOC_INFLIGHT, CONFIG, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit, hit,
+    now,
     stack::{self, Regs},
     traced_thread,
 };
@@ -28,7 +32,13 @@ use crate::{
 fn regs_of(ctx: *mut core::ffi::c_void) -> Regs {
     let r = ctx.cast::<pt_regs>();
     // SAFETY: uprobe programs receive a pointer to the user registers as context.
-    unsafe { Regs { ip: (*r).rip, sp: (*r).rsp, bp: (*r).rbp } }
+    unsafe {
+        Regs {
+            ip: (*r).rip,
+            sp: (*r).rsp,
+            bp: (*r).rbp,
+        }
+    }
 }
 
 #[inline(always)]
@@ -69,8 +79,15 @@ fn sampled(tid: u32, size: u64) -> bool {
         EXP_DRAWS.get(i).copied().unwrap_or(0) as i64
     };
     // SAFETY: a lookup returns a pointer valid for this program run.
-    let left = unsafe { SAMPLE_COUNTDOWN.get(&tid) }.copied().unwrap_or_else(draw) - size as i64;
-    let (hit, next) = if left <= 0 { (true, draw()) } else { (false, left) };
+    let left = unsafe { SAMPLE_COUNTDOWN.get(&tid) }
+        .copied()
+        .unwrap_or_else(draw)
+        - size as i64;
+    let (hit, next) = if left <= 0 {
+        (true, draw())
+    } else {
+        (false, left)
+    };
     let _ = SAMPLE_COUNTDOWN.insert(&tid, &next, 0);
     hit
 }
@@ -78,7 +95,9 @@ fn sampled(tid: u32, size: u64) -> bool {
 /// Records an allocator call in flight.
 #[inline(always)]
 fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_HEAP) else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_HEAP) else {
+        return 0;
+    };
     hit(func as u32);
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return 0;
@@ -106,7 +125,11 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
         aux,
         sp: regs.sp,
         ts_ns: now(),
-        stack_id: if take { stack::at_function_entry(regs) } else { STACK_NONE },
+        stack_id: if take {
+            stack::at_function_entry(regs)
+        } else {
+            STACK_NONE
+        },
         func: func as u32 | if take { 0 } else { ENTRY_UNSAMPLED },
         _pad: 0,
     };
@@ -129,14 +152,26 @@ macro_rules! alloc_entry_probe {
 }
 
 alloc_entry_probe!(malloc_enter, AllocFn::Malloc, |ctx| (arg(&ctx, 0), 0));
-alloc_entry_probe!(calloc_enter, AllocFn::Calloc, |ctx| (mul_sat(arg(&ctx, 0), arg(&ctx, 1)), 0));
-alloc_entry_probe!(realloc_enter, AllocFn::Realloc, |ctx| (arg(&ctx, 1), arg(&ctx, 0)));
+alloc_entry_probe!(calloc_enter, AllocFn::Calloc, |ctx| (
+    mul_sat(arg(&ctx, 0), arg(&ctx, 1)),
+    0
+));
+alloc_entry_probe!(realloc_enter, AllocFn::Realloc, |ctx| (
+    arg(&ctx, 1),
+    arg(&ctx, 0)
+));
 alloc_entry_probe!(reallocarray_enter, AllocFn::Reallocarray, |ctx| (
     mul_sat(arg(&ctx, 1), arg(&ctx, 2)),
     arg(&ctx, 0)
 ));
-alloc_entry_probe!(posix_memalign_enter, AllocFn::PosixMemalign, |ctx| (arg(&ctx, 2), arg(&ctx, 0)));
-alloc_entry_probe!(aligned_alloc_enter, AllocFn::AlignedAlloc, |ctx| (arg(&ctx, 1), 0));
+alloc_entry_probe!(posix_memalign_enter, AllocFn::PosixMemalign, |ctx| (
+    arg(&ctx, 2),
+    arg(&ctx, 0)
+));
+alloc_entry_probe!(aligned_alloc_enter, AllocFn::AlignedAlloc, |ctx| (
+    arg(&ctx, 1),
+    0
+));
 alloc_entry_probe!(memalign_enter, AllocFn::Memalign, |ctx| (arg(&ctx, 1), 0));
 alloc_entry_probe!(valloc_enter, AllocFn::Valloc, |ctx| (arg(&ctx, 0), 0));
 alloc_entry_probe!(pvalloc_enter, AllocFn::Pvalloc, |ctx| (arg(&ctx, 0), 0));
@@ -144,7 +179,9 @@ alloc_entry_probe!(pvalloc_enter, AllocFn::Pvalloc, |ctx| (arg(&ctx, 0), 0));
 /// Return probe shared by every allocator function.
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_HEAP) else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_HEAP) else {
+        return 0;
+    };
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(entry) = (unsafe { ALLOC_INFLIGHT.get(tid) }).copied() else {
@@ -184,7 +221,15 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         // The old block is gone; if it was sampled (the delete finds it), userspace must hear of it.
         if SAMPLED.remove(&entry.aux).is_ok() {
             if unsampled {
-                emit(Event { kind: kind::FREE, tid, ts_ns: now(), addr: entry.aux, func: AllocFn::Free as u32, stack_id: STACK_NONE, ..Event::default() });
+                emit(Event {
+                    kind: kind::FREE,
+                    tid,
+                    ts_ns: now(),
+                    addr: entry.aux,
+                    func: AllocFn::Free as u32,
+                    stack_id: STACK_NONE,
+                    ..Event::default()
+                });
             }
         } else if !unsampled {
             // Userspace never saw the old block: report the new one as a plain allocation.
@@ -194,7 +239,14 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     if unsampled {
         return 0;
     }
-    emit_alloc(tid, &entry, func, ret, if is_realloc { entry.aux } else { 0 }, sampling)
+    emit_alloc(
+        tid,
+        &entry,
+        func,
+        ret,
+        if is_realloc { entry.aux } else { 0 },
+        sampling,
+    )
 }
 
 #[inline(always)]
@@ -230,7 +282,9 @@ fn emit_alloc(tid: u32, entry: &AllocEntry, func: u32, ret: u64, old: u64, sampl
 /// Entry uprobe of `free`.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_HEAP) else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_HEAP) else {
+        return 0;
+    };
     let ptr = arg(&ctx, 0);
     if ptr == 0 {
         return 0;

@@ -7,7 +7,10 @@
 //! to userspace as fixed-size [`Event`] records through one ring buffer.
 #![no_std]
 #![no_main]
-#![allow(missing_docs, reason = "program shims are documented where they are generated")]
+#![allow(
+    missing_docs,
+    reason = "program shims are documented where they are generated"
+)]
 
 mod heap;
 mod stack;
@@ -26,7 +29,12 @@ use leaktrace_common::{
 
 /// Load-time configuration (read-only data, set by the loader).
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(Config { tgid: 0, flags: 0, wakeup_bytes: 0, sample_bytes: 0 });
+static CONFIG: Global<Config> = Global::new(Config {
+    tgid: 0,
+    flags: 0,
+    wakeup_bytes: 0,
+    sample_bytes: 0,
+});
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -45,13 +53,15 @@ static ALLOC_INFLIGHT: HashMap<u32, AllocEntry> =
     HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
 
 #[map]
-static SAMPLE_COUNTDOWN: LruHashMap<u32, i64> = LruHashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+static SAMPLE_COUNTDOWN: LruHashMap<u32, i64> =
+    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
 
 #[map]
 static EXP_DRAWS: Array<u64> = Array::with_max_entries(leaktrace_common::EXP_DRAWS, 0);
 
 #[map]
-static SAMPLED: HashMap<u64, u8> = HashMap::with_max_entries(leaktrace_common::DEFAULT_SAMPLED_CAPACITY, 0);
+static SAMPLED: HashMap<u64, u8> =
+    HashMap::with_max_entries(leaktrace_common::DEFAULT_SAMPLED_CAPACITY, 0);
 
 #[map]
 static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);

@@ -20,11 +20,12 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+    helpers::{
+        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    },
 };
 use leaktrace_common::{
-    CONFIG_CAPTURE_STACKS, MAX_STACK_DEPTH, STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED,
-    counter,
+    CONFIG_CAPTURE_STACKS, MAX_STACK_DEPTH, STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED, counter,
 };
 
 use crate::{CONFIG, STACK_SCRATCH, STACKS, count};
@@ -41,7 +42,10 @@ const EFAULT: i64 = 14;
 /// x86-64 user registers the walk needs.
 #[derive(Clone, Copy)]
 pub struct Regs {
-    #[allow(dead_code, reason = "kept for unwinders that start from the instruction pointer")]
+    #[allow(
+        dead_code,
+        reason = "kept for unwinders that start from the instruction pointer"
+    )]
     pub ip: u64,
     pub sp: u64,
     pub bp: u64,
@@ -69,7 +73,8 @@ pub fn at_syscall() -> i64 {
     }
     // SAFETY: bpf_get_current_task_btf returns the current task, always valid in
     // a syscall tracepoint; bpf_task_pt_regs gives its saved user registers.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const aya_ebpf::bindings::pt_regs;
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) }
+        as *const aya_ebpf::bindings::pt_regs;
     if regs.is_null() {
         count(counter::STACK_ERROR);
         return -ENOENT;

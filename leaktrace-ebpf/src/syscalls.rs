@@ -16,7 +16,9 @@
 use aya_ebpf::{
     EbpfContext as _, bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext,
 };
-use leaktrace_common::{ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event, STACK_NONE, SyscallEntry, counter, kind, nr};
+use leaktrace_common::{
+    ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event, STACK_NONE, SyscallEntry, counter, kind, nr,
+};
 
 use crate::{ALLOC_INFLIGHT, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread};
 
@@ -33,7 +35,9 @@ fn field(ctx: &TracePointContext, i: usize) -> u64 {
 
 #[inline(always)]
 fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else {
+        return 0;
+    };
     let mut args = [0u64; 5];
     // Reading past the format's last field makes the kernel refuse to attach (EACCES).
     for (i, a) in args.iter_mut().enumerate().take(nargs) {
@@ -48,7 +52,12 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
         None if want_stack => (stack::at_syscall(), 0),
         None => (STACK_NONE, 0),
     };
-    let entry = SyscallEntry { args, stack_id, nr, flags };
+    let entry = SyscallEntry {
+        args,
+        stack_id,
+        nr,
+        flags,
+    };
     if SYSCALL_INFLIGHT.insert(tid, entry, BPF_ANY as u64).is_err() {
         count(counter::SYSCALL_INFLIGHT_FULL);
     }
@@ -57,7 +66,9 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
 
 #[inline(always)]
 fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else { return 0 };
+    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else {
+        return 0;
+    };
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(e) = (unsafe { SYSCALL_INFLIGHT.get(tid) }).copied() else {
         // madvise with other advice is not recorded at entry.
@@ -120,5 +131,11 @@ syscall_probes!(sys_enter_mmap, sys_exit_mmap, nr::MMAP, 5, true);
 syscall_probes!(sys_enter_munmap, sys_exit_munmap, nr::MUNMAP, 2, false);
 syscall_probes!(sys_enter_mremap, sys_exit_mremap, nr::MREMAP, 5, true);
 syscall_probes!(sys_enter_brk, sys_exit_brk, nr::BRK, 1, true);
-syscall_probes!(sys_enter_mprotect, sys_exit_mprotect, nr::MPROTECT, 3, false);
+syscall_probes!(
+    sys_enter_mprotect,
+    sys_exit_mprotect,
+    nr::MPROTECT,
+    3,
+    false
+);
 syscall_probes!(sys_enter_madvise, sys_exit_madvise, nr::MADVISE, 3, false);

@@ -61,8 +61,14 @@ pub enum ObjectError {
 
 /// Finds allocator definitions in one ELF object.
 pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, ObjectError> {
-    let data = fs::read(host_path).map_err(|source| ObjectError::Read { path: host_path.to_owned(), source })?;
-    let file = object::File::parse(&*data).map_err(|source| ObjectError::Parse { path: host_path.to_owned(), source })?;
+    let data = fs::read(host_path).map_err(|source| ObjectError::Read {
+        path: host_path.to_owned(),
+        source,
+    })?;
+    let file = object::File::parse(&*data).map_err(|source| ObjectError::Parse {
+        path: host_path.to_owned(),
+        source,
+    })?;
     // Dynamic symbols are what the dynamic linker binds; a static binary has only .symtab.
     let mut syms: Vec<_> = file.dynamic_symbols().collect();
     if syms.is_empty() {
@@ -76,12 +82,17 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
     let mut seen_offsets = BTreeSet::new();
     for func in AllocFn::ALL {
         let Some(sym) = syms.iter().find(|s| {
-            s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == func.symbol())
+            s.is_definition()
+                && s.kind() == SymbolKind::Text
+                && s.name().is_ok_and(|n| n == func.symbol())
         }) else {
             continue;
         };
         let addr = sym.address();
-        let Some(&(vaddr, _, foff)) = segments.iter().find(|&&(va, size, _)| addr >= va && addr < va + size) else {
+        let Some(&(vaddr, _, foff)) = segments
+            .iter()
+            .find(|&&(va, size, _)| addr >= va && addr < va + size)
+        else {
             continue;
         };
         let entry_offset = addr - vaddr + foff;
@@ -94,7 +105,9 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
             n => n.min(64),
         };
         let start = usize::try_from(entry_offset).unwrap_or(usize::MAX);
-        let code = data.get(start..start.saturating_add(len as usize).min(data.len())).unwrap_or(&[]);
+        let code = data
+            .get(start..start.saturating_add(len as usize).min(data.len()))
+            .unwrap_or(&[]);
         let placement = if func == AllocFn::Free {
             // free's probe reads only its argument: it may move to a cheaper instruction.
             placement::place(code, iced_x86::Register::RDI)
@@ -155,8 +168,19 @@ mod tests {
             .expect("this test binary links libc dynamically");
         let sites = find_in_object(&libc.path, Path::new(&libc.path)).expect("readable libc");
         let names: Vec<_> = sites.iter().map(|s| s.func.symbol()).collect();
-        for required in ["malloc", "calloc", "realloc", "free", "posix_memalign", "valloc", "pvalloc"] {
-            assert!(names.contains(&required), "{required} missing from {names:?}");
+        for required in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "free",
+            "posix_memalign",
+            "valloc",
+            "pvalloc",
+        ] {
+            assert!(
+                names.contains(&required),
+                "{required} missing from {names:?}"
+            );
         }
         let offsets: BTreeSet<_> = sites.iter().map(|s| s.offset).collect();
         assert_eq!(offsets.len(), sites.len(), "each offset is probed once");

@@ -18,16 +18,22 @@ pub enum Error {
         pid: u32,
     },
     /// The process has exited and not been reaped.
-    #[error("pid {pid} is a zombie: it has exited and only waits for its parent to reap it, so there is nothing to trace")]
+    #[error(
+        "pid {pid} is a zombie: it has exited and only waits for its parent to reap it, so there is nothing to trace"
+    )]
     Zombie {
         /// The pid.
         pid: u32,
     },
     /// Missing privileges.
-    #[error("leaktrace needs root, or the CAP_BPF and CAP_PERFMON capabilities (and CAP_SYS_PTRACE to read another user's process): run it with sudo")]
+    #[error(
+        "leaktrace needs root, or the CAP_BPF and CAP_PERFMON capabilities (and CAP_SYS_PTRACE to read another user's process): run it with sudo"
+    )]
     NotPrivileged,
     /// No allocator function found in the target.
-    #[error("pid {pid} has no allocator leaktrace recognizes: looked for {looked_for} in {searched}")]
+    #[error(
+        "pid {pid} has no allocator leaktrace recognizes: looked for {looked_for} in {searched}"
+    )]
     NoAllocator {
         /// The pid.
         pid: u32,

@@ -46,7 +46,13 @@ impl RegionMap {
     pub fn insert(&mut self, start: u64, len: u64, region: Region) -> Vec<(u64, Region)> {
         let removed = self.remove(start, len);
         if len > 0 {
-            self.regions.insert(start, Region { end: start + len, ..region });
+            self.regions.insert(
+                start,
+                Region {
+                    end: start + len,
+                    ..region
+                },
+            );
         }
         removed
     }
@@ -94,10 +100,22 @@ impl RegionMap {
         if let Some((&s, &r)) = self.regions.range(..start).next_back()
             && r.end > start
         {
-            out.push((s.max(start), Region { end: r.end.min(end), ..r }));
+            out.push((
+                s.max(start),
+                Region {
+                    end: r.end.min(end),
+                    ..r
+                },
+            ));
         }
         for (&s, &r) in self.regions.range(start..end) {
-            out.push((s, Region { end: r.end.min(end), ..r }));
+            out.push((
+                s,
+                Region {
+                    end: r.end.min(end),
+                    ..r
+                },
+            ));
         }
         out
     }
@@ -109,7 +127,11 @@ impl RegionMap {
 
     /// Total bytes of regions of `kind`.
     pub fn bytes_of(&self, kind: RegionKind) -> u64 {
-        self.regions.iter().filter(|(_, r)| r.kind == kind).map(|(&s, r)| r.end - s).sum()
+        self.regions
+            .iter()
+            .filter(|(_, r)| r.kind == kind)
+            .map(|(&s, r)| r.end - s)
+            .sum()
     }
 
     /// Number of regions.
@@ -128,7 +150,12 @@ mod tests {
     use super::*;
 
     fn anon(stack: i64) -> Region {
-        Region { end: 0, kind: RegionKind::Anon, stack_id: stack, ts_ns: 0 }
+        Region {
+            end: 0,
+            kind: RegionKind::Anon,
+            stack_id: stack,
+            ts_ns: 0,
+        }
     }
 
     fn spans(m: &RegionMap) -> Vec<(u64, u64, i64)> {
@@ -139,14 +166,30 @@ mod tests {
     #[test]
     fn shrink_split_replace_and_remove() {
         // (start, len, stack) inserts, then (start, len) removals, then expected spans.
-        type Case = (&'static [(u64, u64, i64)], &'static [(u64, u64)], &'static [(u64, u64, i64)]);
+        type Case = (
+            &'static [(u64, u64, i64)],
+            &'static [(u64, u64)],
+            &'static [(u64, u64, i64)],
+        );
         let cases: &[Case] = &[
             // Unmap the head.
-            (&[(0x1000, 0x4000, 1)], &[(0x1000, 0x1000)], &[(0x2000, 0x5000, 1)]),
+            (
+                &[(0x1000, 0x4000, 1)],
+                &[(0x1000, 0x1000)],
+                &[(0x2000, 0x5000, 1)],
+            ),
             // Unmap the tail.
-            (&[(0x1000, 0x4000, 1)], &[(0x4000, 0x1000)], &[(0x1000, 0x4000, 1)]),
+            (
+                &[(0x1000, 0x4000, 1)],
+                &[(0x4000, 0x1000)],
+                &[(0x1000, 0x4000, 1)],
+            ),
             // Unmap the middle: split in two.
-            (&[(0x1000, 0x4000, 1)], &[(0x2000, 0x1000)], &[(0x1000, 0x2000, 1), (0x3000, 0x5000, 1)]),
+            (
+                &[(0x1000, 0x4000, 1)],
+                &[(0x2000, 0x1000)],
+                &[(0x1000, 0x2000, 1), (0x3000, 0x5000, 1)],
+            ),
             // Unmap across two regions and a hole.
             (
                 &[(0x1000, 0x2000, 1), (0x5000, 0x2000, 2)],
@@ -154,11 +197,31 @@ mod tests {
                 &[(0x1000, 0x2000, 1), (0x6000, 0x7000, 2)],
             ),
             // Unmap exactly one region of several.
-            (&[(0x1000, 0x1000, 1), (0x2000, 0x1000, 2), (0x3000, 0x1000, 3)], &[(0x2000, 0x1000)], &[(0x1000, 0x2000, 1), (0x3000, 0x4000, 3)]),
+            (
+                &[
+                    (0x1000, 0x1000, 1),
+                    (0x2000, 0x1000, 2),
+                    (0x3000, 0x1000, 3),
+                ],
+                &[(0x2000, 0x1000)],
+                &[(0x1000, 0x2000, 1), (0x3000, 0x4000, 3)],
+            ),
             // Unmap untracked space: nothing changes.
-            (&[(0x1000, 0x1000, 1)], &[(0x8000, 0x1000)], &[(0x1000, 0x2000, 1)]),
+            (
+                &[(0x1000, 0x1000, 1)],
+                &[(0x8000, 0x1000)],
+                &[(0x1000, 0x2000, 1)],
+            ),
             // MAP_FIXED over the middle of an older mapping replaces that part.
-            (&[(0x1000, 0x4000, 1), (0x2000, 0x1000, 2)], &[], &[(0x1000, 0x2000, 1), (0x2000, 0x3000, 2), (0x3000, 0x5000, 1)]),
+            (
+                &[(0x1000, 0x4000, 1), (0x2000, 0x1000, 2)],
+                &[],
+                &[
+                    (0x1000, 0x2000, 1),
+                    (0x2000, 0x3000, 2),
+                    (0x3000, 0x5000, 1),
+                ],
+            ),
         ];
         for (i, (inserts, removes, expected)) in cases.iter().enumerate() {
             let mut m = RegionMap::default();
@@ -178,10 +241,18 @@ mod tests {
         let mut m = RegionMap::default();
         m.insert(0x1000, 0x3000, anon(7));
         m.insert(0x6000, 0x2000, anon(8));
-        let got: Vec<_> = m.remove(0x3000, 0x4000).into_iter().map(|(s, r)| (s, r.end, r.stack_id)).collect();
+        let got: Vec<_> = m
+            .remove(0x3000, 0x4000)
+            .into_iter()
+            .map(|(s, r)| (s, r.end, r.stack_id))
+            .collect();
         assert_eq!(got, vec![(0x3000, 0x4000, 7), (0x6000, 0x7000, 8)]);
         assert_eq!(m.bytes_of(RegionKind::Anon), 0x2000 + 0x1000);
-        let inner: Vec<_> = m.overlapping(0x1800, 0x6000).into_iter().map(|(s, r)| (s, r.end)).collect();
+        let inner: Vec<_> = m
+            .overlapping(0x1800, 0x6000)
+            .into_iter()
+            .map(|(s, r)| (s, r.end))
+            .collect();
         assert_eq!(inner, vec![(0x1800, 0x3000), (0x7000, 0x7800)]);
     }
 }

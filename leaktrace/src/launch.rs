@@ -9,7 +9,10 @@
 use std::{
     ffi::{CString, OsStr, OsString},
     fs,
-    os::{fd::{AsRawFd as _, FromRawFd as _, OwnedFd}, unix::ffi::OsStrExt as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
     process::Command,
 };
@@ -30,18 +33,28 @@ impl Blocked {
         let b = [b'g'];
         // SAFETY: writing one byte from a valid buffer to an open pipe.
         let n = unsafe { libc::write(self.go.as_raw_fd(), b.as_ptr().cast(), 1) };
-        if n == 1 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
 
 /// Resolves a command name through PATH, as execvp would.
 pub fn resolve_program(program: &OsStr) -> Result<PathBuf, Error> {
-    let bad = |why: &str| Error::BadCommand { program: program.to_string_lossy().into_owned(), why: why.to_owned() };
+    let bad = |why: &str| Error::BadCommand {
+        program: program.to_string_lossy().into_owned(),
+        why: why.to_owned(),
+    };
     let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
         vec![PathBuf::from(program)]
     } else {
-        let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
-        std::env::split_paths(&path).map(|d| d.join(program)).collect()
+        let path = std::env::var_os("PATH")
+            .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+        std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .collect()
     };
     let mut found_other = false;
     for c in &candidates {
@@ -64,7 +77,12 @@ pub fn resolve_program(program: &OsStr) -> Result<PathBuf, Error> {
 pub fn effective_elf(path: &Path) -> Result<PathBuf, Error> {
     let mut cur = path.to_path_buf();
     for _ in 0..4 {
-        let head = fs::read(&cur).map(|d| d.into_iter().take(256).collect::<Vec<u8>>()).map_err(|source| Error::Read { path: cur.clone(), source })?;
+        let head = fs::read(&cur)
+            .map(|d| d.into_iter().take(256).collect::<Vec<u8>>())
+            .map_err(|source| Error::Read {
+                path: cur.clone(),
+                source,
+            })?;
         if !head.starts_with(b"#!") {
             return Ok(cur);
         }
@@ -97,7 +115,12 @@ pub fn objects_for(elf: &Path) -> Vec<PathBuf> {
     if !dynamic {
         return out;
     }
-    let Ok(outp) = Command::new(elf).env("LD_TRACE_LOADED_OBJECTS", "1").output() else { return out };
+    let Ok(outp) = Command::new(elf)
+        .env("LD_TRACE_LOADED_OBJECTS", "1")
+        .output()
+    else {
+        return out;
+    };
     for line in String::from_utf8_lossy(&outp.stdout).lines() {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = match line.split_once("=>") {
@@ -118,11 +141,21 @@ pub fn objects_for(elf: &Path) -> Vec<PathBuf> {
 /// Forks a child that will `execve(program, args)` once released.
 pub fn spawn_blocked(program: &Path, args: &[OsString]) -> Result<Blocked, Error> {
     let name = program.display().to_string();
-    let launch_err = |source| Error::Launch { program: name.clone(), source };
-    let cstr = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| Error::BadCommand { program: name.clone(), why: "argument contains a NUL byte".into() });
+    let launch_err = |source| Error::Launch {
+        program: name.clone(),
+        source,
+    };
+    let cstr = |s: &OsStr| {
+        CString::new(s.as_bytes()).map_err(|_| Error::BadCommand {
+            program: name.clone(),
+            why: "argument contains a NUL byte".into(),
+        })
+    };
     let path = cstr(program.as_os_str())?;
     let mut argv: Vec<CString> = Vec::with_capacity(args.len() + 1);
-    argv.push(cstr(args.first().map_or(program.as_os_str(), |a| a.as_os_str()))?);
+    argv.push(cstr(
+        args.first().map_or(program.as_os_str(), |a| a.as_os_str()),
+    )?);
     for a in args.iter().skip(1) {
         argv.push(cstr(a)?);
     }
@@ -182,9 +215,15 @@ pub fn spawn_blocked(program: &Path, args: &[OsString]) -> Result<Blocked, Error
         )
     };
     if seized != 0 {
-        log::warn!("could not watch pid {pid} for its exit ({}); a very short-lived command may lose symbols", std::io::Error::last_os_error());
+        log::warn!(
+            "could not watch pid {pid} for its exit ({}); a very short-lived command may lose symbols",
+            std::io::Error::last_os_error()
+        );
     }
-    Ok(Blocked { pid: pid as u32, go: wr })
+    Ok(Blocked {
+        pid: pid as u32,
+        go: wr,
+    })
 }
 
 /// What a launched child reported to its parent.
@@ -231,7 +270,12 @@ pub fn poll_child(pid: u32) -> ChildStop {
                     libc::ptrace(libc::PTRACE_CONT, pid as i32, null, null);
                 }
                 _ => {
-                    libc::ptrace(libc::PTRACE_CONT, pid as i32, null, sig as usize as *mut libc::c_void);
+                    libc::ptrace(
+                        libc::PTRACE_CONT,
+                        pid as i32,
+                        null,
+                        sig as usize as *mut libc::c_void,
+                    );
                 }
             }
         }
@@ -241,5 +285,12 @@ pub fn poll_child(pid: u32) -> ChildStop {
 /// Lets a child stopped at its exit finish exiting.
 pub fn detach(pid: u32) {
     // SAFETY: detaching our own tracee.
-    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid as i32, std::ptr::null_mut::<libc::c_void>(), std::ptr::null_mut::<libc::c_void>()) };
+    unsafe {
+        libc::ptrace(
+            libc::PTRACE_DETACH,
+            pid as i32,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
 }

@@ -9,8 +9,8 @@
 //! * a free of an address we never saw allocated (a block from before attach)
 //!   is counted on its own and subtracts nothing.
 
-use rustc_hash::FxHashMap;
 use leaktrace_common::{AllocFn, EVENT_IN_ALLOCATOR, Event, kind};
+use rustc_hash::FxHashMap;
 
 use crate::intervals::{Region, RegionKind, RegionMap};
 
@@ -61,7 +61,11 @@ pub fn weigh(size: u64, rate: u64) -> (u64, u64, f64) {
         return (size, 1, 0.0);
     }
     let est = size as f64 / p;
-    (est.round() as u64, (1.0 / p).round().max(1.0) as u64, (1.0 - p) * est * est)
+    (
+        est.round() as u64,
+        (1.0 / p).round().max(1.0) as u64,
+        (1.0 - p) * est * est,
+    )
 }
 
 /// Counters kept by userspace.
@@ -154,7 +158,11 @@ pub struct Ledger {
 impl Ledger {
     /// A ledger for a process whose brk heap spans `[start_brk, brk)` at attach.
     pub fn new(start_brk: Option<u64>, brk: Option<u64>) -> Self {
-        Self { start_brk, brk, ..Self::default() }
+        Self {
+            start_brk,
+            brk,
+            ..Self::default()
+        }
     }
 
     /// Treats heap events as byte-weighted samples with this mean interval.
@@ -184,7 +192,11 @@ impl Ledger {
                 let flags = ev.aux >> 32;
                 let prot = ev.aux & 0xffff_ffff;
                 let by_allocator = ev.flags & EVENT_IN_ALLOCATOR != 0;
-                let k = match (flags & MAP_ANONYMOUS != 0, by_allocator, prot & PROT_READ_WRITE != 0) {
+                let k = match (
+                    flags & MAP_ANONYMOUS != 0,
+                    by_allocator,
+                    prot & PROT_READ_WRITE != 0,
+                ) {
                     (false, ..) => RegionKind::File,
                     (true, true, false) => RegionKind::ArenaReserve,
                     (true, true, true) => RegionKind::AllocatorChunk,
@@ -232,7 +244,11 @@ impl Ledger {
         }
         self.activity.allocs += 1;
         self.activity.alloc_bytes += ev.size;
-        let block = Block { size: ev.size, stack_id: ev.stack_id, ts_ns: ev.ts_ns };
+        let block = Block {
+            size: ev.size,
+            stack_id: ev.stack_id,
+            ts_ns: ev.ts_ns,
+        };
         if let Some(old) = self.live.insert(ev.addr, block) {
             self.counters.alloc_over_live += 1;
             self.sub_heap(old);
@@ -298,7 +314,16 @@ impl Ledger {
     }
 
     fn map(&mut self, start: u64, len: u64, kind: RegionKind, stack_id: i64, ts_ns: u64) {
-        let removed = self.regions.insert(start, len, Region { end: 0, kind, stack_id, ts_ns });
+        let removed = self.regions.insert(
+            start,
+            len,
+            Region {
+                end: 0,
+                kind,
+                stack_id,
+                ts_ns,
+            },
+        );
         self.sub_regions(&removed);
         self.committed.remove(start, len);
         // Reservations are address space, not memory; their committed parts are counted apart.
@@ -346,12 +371,24 @@ impl Ledger {
                 // mremap wrapper is no leaf, so its own stack misses that caller.
                 self.map(new, kept, r.kind, r.stack_id, r.ts_ns);
                 if new_len > old_len {
-                    self.map(new + old_len, new_len - old_len, r.kind, r.stack_id, ev.ts_ns);
+                    self.map(
+                        new + old_len,
+                        new_len - old_len,
+                        r.kind,
+                        r.stack_id,
+                        ev.ts_ns,
+                    );
                 }
             }
             None if new_len > old_len => {
                 // A mapping from before attach grew: only the growth is new.
-                self.map(new + old_len, new_len - old_len, RegionKind::Anon, ev.stack_id, ev.ts_ns);
+                self.map(
+                    new + old_len,
+                    new_len - old_len,
+                    RegionKind::Anon,
+                    ev.stack_id,
+                    ev.ts_ns,
+                );
             }
             None => {}
         }
@@ -364,7 +401,9 @@ impl Ledger {
             self.start_brk = Some(new);
         }
         match self.brk {
-            Some(cur) if new > cur => self.map(cur, new - cur, RegionKind::Brk, ev.stack_id, ev.ts_ns),
+            Some(cur) if new > cur => {
+                self.map(cur, new - cur, RegionKind::Brk, ev.stack_id, ev.ts_ns)
+            }
             Some(cur) if new < cur => {
                 self.unmap(new, cur - new);
             }
@@ -392,7 +431,9 @@ impl Ledger {
     /// anonymous mappings, allocator chunks, and the committed parts of arena
     /// reservations (not the reservations themselves, which are address space only).
     pub fn anon_mapped_bytes(&self) -> u64 {
-        self.regions.bytes_of(RegionKind::Anon) + self.regions.bytes_of(RegionKind::AllocatorChunk) + self.committed.bytes_of(RegionKind::ArenaReserve)
+        self.regions.bytes_of(RegionKind::Anon)
+            + self.regions.bytes_of(RegionKind::AllocatorChunk)
+            + self.committed.bytes_of(RegionKind::ArenaReserve)
     }
 
     /// Anonymous mappings since attach split by who made them and how.
@@ -402,7 +443,11 @@ impl Ledger {
             allocator_chunk_bytes: self.regions.bytes_of(RegionKind::AllocatorChunk),
             arena_reserved_bytes: self.regions.bytes_of(RegionKind::ArenaReserve),
             arena_committed_bytes: self.committed.bytes_of(RegionKind::ArenaReserve),
-            arenas: self.regions.iter().filter(|(_, r)| r.kind == RegionKind::ArenaReserve).count() as u64,
+            arenas: self
+                .regions
+                .iter()
+                .filter(|(_, r)| r.kind == RegionKind::ArenaReserve)
+                .count() as u64,
         }
     }
 
@@ -412,7 +457,12 @@ impl Ledger {
             .iter()
             .filter(|(_, r)| r.kind == RegionKind::ArenaReserve)
             .map(|(s, r)| {
-                let committed = self.committed.overlapping(s, r.end - s).iter().map(|(cs, c)| c.end - cs).sum();
+                let committed = self
+                    .committed
+                    .overlapping(s, r.end - s)
+                    .iter()
+                    .map(|(cs, c)| c.end - cs)
+                    .sum();
                 (s, r.end - s, committed, r.stack_id)
             })
             .collect()
@@ -471,10 +521,25 @@ mod tests {
     use super::*;
 
     fn alloc(func: AllocFn, addr: u64, size: u64, old: u64, stack: i64, ts: u64) -> Event {
-        Event { kind: kind::ALLOC, addr, size, aux: old, aux2: ts.saturating_sub(1), stack_id: stack, func: func as u32, ts_ns: ts, ..Event::default() }
+        Event {
+            kind: kind::ALLOC,
+            addr,
+            size,
+            aux: old,
+            aux2: ts.saturating_sub(1),
+            stack_id: stack,
+            func: func as u32,
+            ts_ns: ts,
+            ..Event::default()
+        }
     }
     fn free(addr: u64) -> Event {
-        Event { kind: kind::FREE, addr, func: AllocFn::Free as u32, ..Event::default() }
+        Event {
+            kind: kind::FREE,
+            addr,
+            func: AllocFn::Free as u32,
+            ..Event::default()
+        }
     }
 
     /// malloc/free/realloc sequences end in exact live bytes, blocks, and counters.
@@ -484,7 +549,14 @@ mod tests {
         // (events, live bytes, live blocks, free_unknown, failed, realloc_unknown)
         let cases: Vec<(Vec<Event>, u64, u64, u64, u64, u64)> = vec![
             (vec![alloc(Malloc, 0x10, 100, 0, 1, 1)], 100, 1, 0, 0, 0),
-            (vec![alloc(Malloc, 0x10, 100, 0, 1, 1), free(0x10)], 0, 0, 0, 0, 0),
+            (
+                vec![alloc(Malloc, 0x10, 100, 0, 1, 1), free(0x10)],
+                0,
+                0,
+                0,
+                0,
+                0,
+            ),
             // NULL result is no allocation.
             (vec![alloc(Malloc, 0, 100, 0, 1, 1)], 0, 0, 0, 1, 0),
             // Free of a block from before attach.
@@ -492,17 +564,55 @@ mod tests {
             // realloc(NULL, n) allocates.
             (vec![alloc(Realloc, 0x20, 64, 0, 1, 1)], 64, 1, 0, 0, 0),
             // Grow in place, then move.
-            (vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Realloc, 0x10, 20, 0x10, 2, 2), alloc(Realloc, 0x30, 40, 0x10, 3, 3)], 40, 1, 0, 0, 0),
+            (
+                vec![
+                    alloc(Malloc, 0x10, 10, 0, 1, 1),
+                    alloc(Realloc, 0x10, 20, 0x10, 2, 2),
+                    alloc(Realloc, 0x30, 40, 0x10, 3, 3),
+                ],
+                40,
+                1,
+                0,
+                0,
+                0,
+            ),
             // Failed realloc keeps the old block.
-            (vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Realloc, 0, 1 << 40, 0x10, 2, 2)], 10, 1, 0, 1, 0),
+            (
+                vec![
+                    alloc(Malloc, 0x10, 10, 0, 1, 1),
+                    alloc(Realloc, 0, 1 << 40, 0x10, 2, 2),
+                ],
+                10,
+                1,
+                0,
+                1,
+                0,
+            ),
             // realloc(p, 0) frees p in glibc.
-            (vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Realloc, 0, 0, 0x10, 2, 2)], 0, 0, 0, 0, 0),
+            (
+                vec![
+                    alloc(Malloc, 0x10, 10, 0, 1, 1),
+                    alloc(Realloc, 0, 0, 0x10, 2, 2),
+                ],
+                0,
+                0,
+                0,
+                0,
+                0,
+            ),
             // realloc of a pre-attach block: new block counted, old unknown.
             (vec![alloc(Realloc, 0x50, 30, 0x40, 1, 1)], 30, 1, 0, 0, 1),
             // Another thread got the old address before the realloc's event arrived.
             // (its realloc entered at t=2, freed 0x10 inside, another thread's malloc got 0x10 at t=3).
             (
-                vec![alloc(Malloc, 0x10, 10, 0, 1, 1), alloc(Malloc, 0x10, 7, 0, 9, 3), Event { aux2: 2, ..alloc(Realloc, 0x30, 40, 0x10, 2, 5) }],
+                vec![
+                    alloc(Malloc, 0x10, 10, 0, 1, 1),
+                    alloc(Malloc, 0x10, 7, 0, 9, 3),
+                    Event {
+                        aux2: 2,
+                        ..alloc(Realloc, 0x30, 40, 0x10, 2, 5)
+                    },
+                ],
                 47,
                 2,
                 0,
@@ -515,10 +625,26 @@ mod tests {
             for e in &evs {
                 l.apply(e);
             }
-            assert_eq!((l.live_bytes(), l.live_allocations()), (bytes, blocks), "case {i}");
-            assert_eq!((l.counters.free_unknown, l.counters.failed_allocs, l.counters.realloc_unknown), (fu, failed, ru), "case {i}");
+            assert_eq!(
+                (l.live_bytes(), l.live_allocations()),
+                (bytes, blocks),
+                "case {i}"
+            );
+            assert_eq!(
+                (
+                    l.counters.free_unknown,
+                    l.counters.failed_allocs,
+                    l.counters.realloc_unknown
+                ),
+                (fu, failed, ru),
+                "case {i}"
+            );
             let per_stack: u64 = l.heap_by_stack().values().map(|t| t.bytes).sum();
-            assert_eq!(per_stack, l.live_bytes(), "case {i}: per-stack totals add up");
+            assert_eq!(
+                per_stack,
+                l.live_bytes(),
+                "case {i}: per-stack totals add up"
+            );
         }
     }
 
@@ -549,46 +675,130 @@ mod tests {
         }
         let truth = 20_000_000f64;
         let err = (l.live_bytes() as f64 - truth).abs();
-        assert!(err < 4.0 * l.live_variance().sqrt(), "estimate {} vs {truth}, sd {}", l.live_bytes(), l.live_variance().sqrt());
+        assert!(
+            err < 4.0 * l.live_variance().sqrt(),
+            "estimate {} vs {truth}, sd {}",
+            l.live_bytes(),
+            l.live_variance().sqrt()
+        );
     }
 
     fn sys(k: u32, addr: u64, size: u64, aux: u64, aux2: u64, stack: i64) -> Event {
-        Event { kind: k, addr, size, aux, aux2, stack_id: stack, ..Event::default() }
+        Event {
+            kind: k,
+            addr,
+            size,
+            aux,
+            aux2,
+            stack_id: stack,
+            ..Event::default()
+        }
     }
 
     /// Allocator reservations (glibc arena heaps) count by their committed parts.
     #[test]
     fn arena_reservations_and_commits() {
         let anon = MAP_ANONYMOUS << 32;
-        let in_alloc = |e: Event| Event { flags: EVENT_IN_ALLOCATOR, ..e };
+        let in_alloc = |e: Event| Event {
+            flags: EVENT_IN_ALLOCATOR,
+            ..e
+        };
         let mut l = Ledger::default();
         // glibc new_heap: reserve 128 MiB PROT_NONE, trim to a 64 MiB aligned heap, commit 132 KiB.
-        l.apply(&in_alloc(sys(kind::MMAP, 0x7f00_0000_0000 - (32 << 20), 128 << 20, anon, u64::MAX, 9)));
-        l.apply(&in_alloc(sys(kind::MUNMAP, 0x7f00_0000_0000 - (32 << 20), 32 << 20, 0, 0, 9)));
-        l.apply(&in_alloc(sys(kind::MUNMAP, 0x7f00_0000_0000 + (64 << 20), 32 << 20, 0, 0, 9)));
-        l.apply(&in_alloc(sys(kind::MPROTECT, 0x7f00_0000_0000, 132 << 10, 3, 0, 9)));
+        l.apply(&in_alloc(sys(
+            kind::MMAP,
+            0x7f00_0000_0000 - (32 << 20),
+            128 << 20,
+            anon,
+            u64::MAX,
+            9,
+        )));
+        l.apply(&in_alloc(sys(
+            kind::MUNMAP,
+            0x7f00_0000_0000 - (32 << 20),
+            32 << 20,
+            0,
+            0,
+            9,
+        )));
+        l.apply(&in_alloc(sys(
+            kind::MUNMAP,
+            0x7f00_0000_0000 + (64 << 20),
+            32 << 20,
+            0,
+            0,
+            9,
+        )));
+        l.apply(&in_alloc(sys(
+            kind::MPROTECT,
+            0x7f00_0000_0000,
+            132 << 10,
+            3,
+            0,
+            9,
+        )));
         // A large chunk mapped by malloc, and a plain anonymous mapping.
-        l.apply(&in_alloc(sys(kind::MMAP, 0x7e00_0000_0000, 1 << 20, anon | 3, u64::MAX, 8)));
-        l.apply(&sys(kind::MMAP, 0x7d00_0000_0000, 8 * PAGE, anon | 3, u64::MAX, 7));
+        l.apply(&in_alloc(sys(
+            kind::MMAP,
+            0x7e00_0000_0000,
+            1 << 20,
+            anon | 3,
+            u64::MAX,
+            8,
+        )));
+        l.apply(&sys(
+            kind::MMAP,
+            0x7d00_0000_0000,
+            8 * PAGE,
+            anon | 3,
+            u64::MAX,
+            7,
+        ));
         let split = l.anon_split();
-        assert_eq!(split, AnonSplit {
-            other_anon_bytes: 8 * PAGE,
-            allocator_chunk_bytes: 1 << 20,
-            arena_reserved_bytes: 64 << 20,
-            arena_committed_bytes: 132 << 10,
-            arenas: 1,
-        });
+        assert_eq!(
+            split,
+            AnonSplit {
+                other_anon_bytes: 8 * PAGE,
+                allocator_chunk_bytes: 1 << 20,
+                arena_reserved_bytes: 64 << 20,
+                arena_committed_bytes: 132 << 10,
+                arenas: 1,
+            }
+        );
         assert_eq!(l.anon_mapped_bytes(), 8 * PAGE + (1 << 20) + (132 << 10));
         assert_eq!(l.arenas(), vec![(0x7f00_0000_0000, 64 << 20, 132 << 10, 9)]);
         // The arena grows, then shrinks (glibc shrink_heap re-protects its top).
-        l.apply(&in_alloc(sys(kind::MPROTECT, 0x7f00_0000_0000 + (132 << 10), 1 << 20, 3, 0, 9)));
-        assert_eq!(l.anon_split().arena_committed_bytes, (132 << 10) + (1 << 20));
-        l.apply(&in_alloc(sys(kind::MPROTECT, 0x7f00_0000_0000 + (132 << 10), 1 << 20, 0, 0, 9)));
+        l.apply(&in_alloc(sys(
+            kind::MPROTECT,
+            0x7f00_0000_0000 + (132 << 10),
+            1 << 20,
+            3,
+            0,
+            9,
+        )));
+        assert_eq!(
+            l.anon_split().arena_committed_bytes,
+            (132 << 10) + (1 << 20)
+        );
+        l.apply(&in_alloc(sys(
+            kind::MPROTECT,
+            0x7f00_0000_0000 + (132 << 10),
+            1 << 20,
+            0,
+            0,
+            9,
+        )));
         assert_eq!(l.anon_split().arena_committed_bytes, 132 << 10);
         // The arena is unmapped whole.
         l.apply(&sys(kind::MUNMAP, 0x7f00_0000_0000, 64 << 20, 0, 0, -1));
-        assert_eq!((l.anon_split().arenas, l.anon_split().arena_committed_bytes), (0, 0));
-        assert!(!l.mapped_by_stack().contains_key(&9), "reservations are not counted as mapped memory per stack");
+        assert_eq!(
+            (l.anon_split().arenas, l.anon_split().arena_committed_bytes),
+            (0, 0)
+        );
+        assert!(
+            !l.mapped_by_stack().contains_key(&9),
+            "reservations are not counted as mapped memory per stack"
+        );
     }
 
     /// mmap, partial munmap, mremap and brk move the mapped totals exactly.
@@ -596,17 +806,49 @@ mod tests {
     fn address_space_semantics() {
         let anon = (MAP_ANONYMOUS | 0x02) << 32;
         let mut l = Ledger::new(Some(0x10_0000), Some(0x12_1000));
-        l.apply(&sys(kind::MMAP, 0x7000_0000, 10 * PAGE, anon | 3, u64::MAX, 1));
+        l.apply(&sys(
+            kind::MMAP,
+            0x7000_0000,
+            10 * PAGE,
+            anon | 3,
+            u64::MAX,
+            1,
+        ));
         assert_eq!(l.anon_mapped_bytes(), 10 * PAGE);
-        l.apply(&sys(kind::MUNMAP, 0x7000_0000 + 2 * PAGE, 3 * PAGE, 0, 0, -1));
+        l.apply(&sys(
+            kind::MUNMAP,
+            0x7000_0000 + 2 * PAGE,
+            3 * PAGE,
+            0,
+            0,
+            -1,
+        ));
         assert_eq!(l.anon_mapped_bytes(), 7 * PAGE);
         assert_eq!(l.regions().len(), 2);
         // Grow the tail piece [5,10) pages to 8 pages, moving it.
-        l.apply(&sys(kind::MREMAP, 0x8000_0000, 8 * PAGE, 0x7000_0000 + 5 * PAGE, 5 * PAGE, 2));
+        l.apply(&sys(
+            kind::MREMAP,
+            0x8000_0000,
+            8 * PAGE,
+            0x7000_0000 + 5 * PAGE,
+            5 * PAGE,
+            2,
+        ));
         assert_eq!(l.anon_mapped_bytes(), 10 * PAGE);
-        assert_eq!(l.mapped_by_stack()[&1].bytes, 10 * PAGE, "growth stays with the mapping's creator");
+        assert_eq!(
+            l.mapped_by_stack()[&1].bytes,
+            10 * PAGE,
+            "growth stays with the mapping's creator"
+        );
         // A mapping from before attach that grows: only the growth is counted, to the mremap caller.
-        l.apply(&sys(kind::MREMAP, 0x6000_0000, 6 * PAGE, 0x5000_0000, 2 * PAGE, 2));
+        l.apply(&sys(
+            kind::MREMAP,
+            0x6000_0000,
+            6 * PAGE,
+            0x5000_0000,
+            2 * PAGE,
+            2,
+        ));
         assert_eq!(l.mapped_by_stack()[&2].bytes, 4 * PAGE);
         l.apply(&sys(kind::MUNMAP, 0x6000_0000, 6 * PAGE, 0, 0, -1));
         // File mappings are not anonymous memory.
@@ -619,9 +861,15 @@ mod tests {
         // brk growth and shrink.
         assert_eq!(l.brk_bytes(), Some(0x2_1000));
         l.apply(&sys(kind::BRK, 0x12_1000 + 5000, 0, 0x12_1000 + 5000, 0, 5));
-        assert_eq!((l.brk_bytes(), l.brk_grown_bytes()), (Some(0x2_1000 + 5000), 5000));
+        assert_eq!(
+            (l.brk_bytes(), l.brk_grown_bytes()),
+            (Some(0x2_1000 + 5000), 5000)
+        );
         l.apply(&sys(kind::BRK, 0x12_1000 + 1000, 0, 0x12_1000 + 1000, 0, 6));
-        assert_eq!((l.brk_bytes(), l.brk_grown_bytes()), (Some(0x2_1000 + 1000), 1000));
+        assert_eq!(
+            (l.brk_bytes(), l.brk_grown_bytes()),
+            (Some(0x2_1000 + 1000), 1000)
+        );
         assert_eq!(l.mapped_by_stack()[&5].bytes, 1000);
         // Unmap everything tracked.
         l.apply(&sys(kind::MUNMAP, 0x7000_0000, 5 * PAGE, 0, 0, -1));

@@ -109,7 +109,9 @@ enum FormatArg {
 
 fn parse_pid(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
-        Ok(0) | Err(_) => Err(format!("'{s}' is not a process id (a positive integer, e.g. from `pidof NAME`)")),
+        Ok(0) | Err(_) => Err(format!(
+            "'{s}' is not a process id (a positive integer, e.g. from `pidof NAME`)"
+        )),
         Ok(p) => Ok(p),
     }
 }
@@ -126,8 +128,12 @@ fn parse_ring_kib(s: &str) -> Result<u32, String> {
         Ok(v) if v >= 4 && v.is_power_of_two() && v <= 4 << 20 => Ok(v),
         Ok(v) => Err(format!(
             "{v} KiB is not a power of two between 4 and 4194304; use {} or {}",
-            v.checked_next_power_of_two().map_or(4 << 20, |p| p / 2).max(4),
-            v.checked_next_power_of_two().unwrap_or(4 << 20).clamp(4, 4 << 20)
+            v.checked_next_power_of_two()
+                .map_or(4 << 20, |p| p / 2)
+                .max(4),
+            v.checked_next_power_of_two()
+                .unwrap_or(4 << 20)
+                .clamp(4, 4 << 20)
         )),
         Err(_) => Err(format!("'{s}' is not a size in KiB")),
     }
@@ -143,16 +149,22 @@ fn parse_pct(s: &str) -> Result<f64, String> {
 fn parse_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&t[..i], match t[i..].to_ascii_uppercase().trim_end_matches(['B', 'I']) {
-            "K" => 1u64 << 10,
-            "M" => 1 << 20,
-            "G" => 1 << 30,
-            "" => 1,
-            _ => return Err(format!("'{s}' is not a size (use e.g. 524288, 512K or 2M)")),
-        }),
+        Some((i, _)) => (
+            &t[..i],
+            match t[i..].to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+                "K" => 1u64 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "" => 1,
+                _ => return Err(format!("'{s}' is not a size (use e.g. 524288, 512K or 2M)")),
+            },
+        ),
         None => (t, 1),
     };
-    let v = num.parse::<u64>().map_err(|_| format!("'{s}' is not a size (use e.g. 524288, 512K or 2M)"))? * mul;
+    let v = num
+        .parse::<u64>()
+        .map_err(|_| format!("'{s}' is not a size (use e.g. 524288, 512K or 2M)"))?
+        * mul;
     if v == 0 || v > u64::from(u32::MAX) {
         return Err(format!("'{s}' must be between 1 byte and 4 GiB"));
     }
@@ -195,10 +207,16 @@ fn main() -> ExitCode {
             if code == 2 {
                 // One clear line, not clap's multi-line usage block.
                 if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
-                    eprintln!("leaktrace: say what to trace: --pid PID, or a command after -- (see --help)");
+                    eprintln!(
+                        "leaktrace: say what to trace: --pid PID, or a command after -- (see --help)"
+                    );
                 } else {
                     let msg = e.render().to_string();
-                    let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+                    let first = msg
+                        .lines()
+                        .next()
+                        .unwrap_or("invalid arguments")
+                        .trim_start_matches("error: ");
                     eprintln!("leaktrace: {first} (see --help)");
                 }
             } else {
@@ -208,7 +226,9 @@ fn main() -> ExitCode {
         }
     };
     if opts.interval.is_some() && matches!(opts.format, FormatArg::Json) {
-        eprintln!("leaktrace: --interval prints text reports; with --format json only the final document is printed, so drop one of them");
+        eprintln!(
+            "leaktrace: --interval prints text reports; with --format json only the final document is printed, so drop one of them"
+        );
         return ExitCode::from(2);
     }
     if opts.dry_run && (opts.sample_rate.is_some() || opts.max_overhead.is_some()) {
@@ -224,7 +244,10 @@ fn main() -> ExitCode {
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
-    env_logger::Builder::new().filter_level(level).parse_env("LEAKTRACE_LOG").init();
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("LEAKTRACE_LOG")
+        .init();
     match leaktrace::run(&config(opts)) {
         Ok(outcome) if outcome.interrupted => ExitCode::from(130),
         Ok(_) => ExitCode::SUCCESS,

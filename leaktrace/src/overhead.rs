@@ -20,18 +20,34 @@ pub const RETURN_US: f64 = 1.8;
 
 /// Projected cost of one traced call of a probe site, µs.
 pub fn cost_per_call_us(site: &ProbeSite) -> f64 {
-    let entry = if site.placement.emulated { EMULATED_ENTRY_US } else { SINGLE_STEPPED_ENTRY_US };
-    entry + if site.func.return_program().is_some() { RETURN_US } else { 0.0 }
+    let entry = if site.placement.emulated {
+        EMULATED_ENTRY_US
+    } else {
+        SINGLE_STEPPED_ENTRY_US
+    };
+    entry
+        + if site.func.return_program().is_some() {
+            RETURN_US
+        } else {
+            0.0
+        }
 }
 
 /// Projected cost per call of `func`, the most expensive of its sites.
 pub fn cost_for(sites: &[ProbeSite], func: AllocFn) -> f64 {
-    sites.iter().filter(|s| s.func == func).map(cost_per_call_us).fold(0.0, f64::max)
+    sites
+        .iter()
+        .filter(|s| s.func == func)
+        .map(cost_per_call_us)
+        .fold(0.0, f64::max)
 }
 
 /// Projected CPU seconds per second the probes add, from calls per second per function.
 pub fn projected_cpu(sites: &[ProbeSite], rates: &[(AllocFn, f64)]) -> f64 {
-    rates.iter().map(|&(f, r)| r * cost_for(sites, f) / 1e6).sum()
+    rates
+        .iter()
+        .map(|&(f, r)| r * cost_for(sites, f) / 1e6)
+        .sum()
 }
 
 /// CPU seconds per second of the entry traps alone (a dry run's counting probes).
@@ -42,7 +58,13 @@ pub fn entry_only_cpu(sites: &[ProbeSite], rates: &[(AllocFn, f64)]) -> f64 {
             let entry = sites
                 .iter()
                 .filter(|s| s.func == f)
-                .map(|s| if s.placement.emulated { EMULATED_ENTRY_US } else { SINGLE_STEPPED_ENTRY_US })
+                .map(|s| {
+                    if s.placement.emulated {
+                        EMULATED_ENTRY_US
+                    } else {
+                        SINGLE_STEPPED_ENTRY_US
+                    }
+                })
                 .fold(0.0, f64::max);
             r * entry / 1e6
         })
@@ -68,19 +90,36 @@ mod tests {
             host_path: "/libc".into(),
             offset: 0,
             entry_offset: 0,
-            placement: Placement { offset: 0, reason: String::new(), emulated },
+            placement: Placement {
+                offset: 0,
+                reason: String::new(),
+                emulated,
+            },
         }
     }
 
     /// Projection: rates × per-call costs; overhead relative to the target's own time.
     #[test]
     fn projects_cost() {
-        let sites = [site(AllocFn::Malloc, true), site(AllocFn::Free, true), site(AllocFn::PosixMemalign, false)];
+        let sites = [
+            site(AllocFn::Malloc, true),
+            site(AllocFn::Free, true),
+            site(AllocFn::PosixMemalign, false),
+        ];
         // (function, cost per call in µs): entry + return where there is one.
-        for (f, want) in [(AllocFn::Malloc, 3.1), (AllocFn::Free, 1.3), (AllocFn::PosixMemalign, 18.8), (AllocFn::Calloc, 0.0)] {
+        for (f, want) in [
+            (AllocFn::Malloc, 3.1),
+            (AllocFn::Free, 1.3),
+            (AllocFn::PosixMemalign, 18.8),
+            (AllocFn::Calloc, 0.0),
+        ] {
             assert!((cost_for(&sites, f) - want).abs() < 1e-9, "{f:?}");
         }
-        let rates = [(AllocFn::Malloc, 100_000.0), (AllocFn::Free, 100_000.0), (AllocFn::PosixMemalign, 1_000.0)];
+        let rates = [
+            (AllocFn::Malloc, 100_000.0),
+            (AllocFn::Free, 100_000.0),
+            (AllocFn::PosixMemalign, 1_000.0),
+        ];
         let cpu = projected_cpu(&sites, &rates);
         assert!((cpu - 0.4588).abs() < 1e-9, "{cpu}");
         // The target was charged 0.9588 CPU-s/s, of which 0.4588 were the probes.

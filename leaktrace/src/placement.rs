@@ -21,8 +21,8 @@
 //! reads the return address at `[sp]`, which a `push` before the probe moves.
 
 use iced_x86::{
-    ConditionCode, Decoder, DecoderOptions, Formatter as _, GasFormatter, Instruction, InstructionInfoFactory,
-    Mnemonic, OpAccess, OpKind, Register,
+    ConditionCode, Decoder, DecoderOptions, Formatter as _, GasFormatter, Instruction,
+    InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
 };
 
 /// Prologue instructions examined at most.
@@ -50,7 +50,11 @@ pub fn first_is_emulated(code: &[u8]) -> bool {
 
 /// The probe stays at the entry (for probes that read more than the argument).
 pub fn at_entry(code: &[u8], why: &str) -> Placement {
-    Placement { offset: 0, reason: format!("entry: {why}"), emulated: first_is_emulated(code) }
+    Placement {
+        offset: 0,
+        reason: format!("entry: {why}"),
+        emulated: first_is_emulated(code),
+    }
 }
 
 /// Whether the kernel emulates this instruction when a uprobe sits on it
@@ -74,9 +78,20 @@ fn text(i: &Instruction) -> String {
 fn tests_zero(i: &Instruction, arg: Register) -> bool {
     let is = |r: Register| r.full_register() == arg.full_register() && r.size() == 8;
     match i.mnemonic() {
-        Mnemonic::Test => i.op0_kind() == OpKind::Register && i.op1_kind() == OpKind::Register && is(i.op0_register()) && is(i.op1_register()),
+        Mnemonic::Test => {
+            i.op0_kind() == OpKind::Register
+                && i.op1_kind() == OpKind::Register
+                && is(i.op0_register())
+                && is(i.op1_register())
+        }
         Mnemonic::Cmp => {
-            i.op0_kind() == OpKind::Register && is(i.op0_register()) && matches!(i.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64) && i.immediate(1) == 0
+            i.op0_kind() == OpKind::Register
+                && is(i.op0_register())
+                && matches!(
+                    i.op1_kind(),
+                    OpKind::Immediate8to64 | OpKind::Immediate32to64
+                )
+                && i.immediate(1) == 0
         }
         _ => false,
     }
@@ -93,8 +108,16 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
     // argument intact, so it is the fallback when nothing after it qualifies.
     let mut exit_branch: Option<(u64, String)> = None;
     let give_up = |why: String, exit_branch: &Option<(u64, String)>| match exit_branch {
-        Some((off, insn)) => Placement { offset: *off, reason: format!("branch: `{insn}` at +{off}, the NULL check's exit ({why})"), emulated: true },
-        None => Placement { offset: 0, reason: format!("refused: {why}"), emulated: first_is_emulated(code) },
+        Some((off, insn)) => Placement {
+            offset: *off,
+            reason: format!("branch: `{insn}` at +{off}, the NULL check's exit ({why})"),
+            emulated: true,
+        },
+        None => Placement {
+            offset: 0,
+            reason: format!("refused: {why}"),
+            emulated: first_is_emulated(code),
+        },
     };
     for n in 0..MAX_INSNS {
         if !decoder.can_decode() {
@@ -105,7 +128,11 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
             return give_up(format!("undecodable byte at +{}", i.ip()), &exit_branch);
         }
         if n == 0 && emulated(&i) {
-            return Placement { offset: 0, reason: format!("already-emulated: `{}` at the entry", text(&i)), emulated: true };
+            return Placement {
+                offset: 0,
+                reason: format!("already-emulated: `{}` at the entry", text(&i)),
+                emulated: true,
+            };
         }
         if i.is_jcc_short_or_near() {
             if null_tested && i.condition_code() == ConditionCode::e {
@@ -115,30 +142,61 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
                 null_tested = false;
                 continue;
             }
-            return give_up(format!("`{}` at +{} may take a path that matters elsewhere", text(&i), i.ip()), &exit_branch);
+            return give_up(
+                format!(
+                    "`{}` at +{} may take a path that matters elsewhere",
+                    text(&i),
+                    i.ip()
+                ),
+                &exit_branch,
+            );
         }
         if emulated(&i) {
-            let how = if exit_branch.is_some() { "null-check" } else { "straight" };
+            let how = if exit_branch.is_some() {
+                "null-check"
+            } else {
+                "straight"
+            };
             return Placement {
                 offset: i.ip(),
-                reason: format!("{how}: `{}` at +{} follows only {}", text(&i), i.ip(), prefix.join("; ")),
+                reason: format!(
+                    "{how}: `{}` at +{} follows only {}",
+                    text(&i),
+                    i.ip(),
+                    prefix.join("; ")
+                ),
                 emulated: true,
             };
         }
         if i.flow_control() != iced_x86::FlowControl::Next {
-            return give_up(format!("`{}` at +{} leaves the straight path", text(&i), i.ip()), &exit_branch);
+            return give_up(
+                format!("`{}` at +{} leaves the straight path", text(&i), i.ip()),
+                &exit_branch,
+            );
         }
         let writes_arg = info.info(&i).used_registers().iter().any(|u| {
             u.register().full_register() == arg.full_register()
-                && matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
+                && matches!(
+                    u.access(),
+                    OpAccess::Write
+                        | OpAccess::ReadWrite
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadCondWrite
+                )
         });
         if writes_arg {
-            return give_up(format!("`{}` at +{} writes the argument register", text(&i), i.ip()), &exit_branch);
+            return give_up(
+                format!("`{}` at +{} writes the argument register", text(&i), i.ip()),
+                &exit_branch,
+            );
         }
         null_tested = tests_zero(&i, arg);
         prefix.push(text(&i));
     }
-    give_up(format!("no emulated instruction in the first {MAX_INSNS} instructions"), &exit_branch)
+    give_up(
+        format!("no emulated instruction in the first {MAX_INSNS} instructions"),
+        &exit_branch,
+    )
 }
 
 #[cfg(test)]
@@ -151,14 +209,31 @@ mod tests {
     fn places_probes_on_known_prologues() {
         let data = include_str!("testdata/prologues.txt");
         let mut n = 0;
-        for line in data.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+        for line in data
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        {
             let cols: Vec<&str> = line.split('|').map(str::trim).collect();
-            let [name, reg, offset, keyword, hex] = cols[..] else { panic!("bad line {line:?}") };
+            let [name, reg, offset, keyword, hex] = cols[..] else {
+                panic!("bad line {line:?}")
+            };
             assert_eq!(reg, "rdi", "only rdi cases so far");
-            let bytes: Vec<u8> = hex.split_whitespace().map(|b| u8::from_str_radix(b, 16).expect("hex")).collect();
+            let bytes: Vec<u8> = hex
+                .split_whitespace()
+                .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+                .collect();
             let p = place(&bytes, Register::RDI);
-            assert_eq!(p.offset, offset.parse::<u64>().unwrap(), "{name}: {}", p.reason);
-            assert!(p.reason.starts_with(keyword), "{name}: reason {:?} should start with {keyword:?}", p.reason);
+            assert_eq!(
+                p.offset,
+                offset.parse::<u64>().unwrap(),
+                "{name}: {}",
+                p.reason
+            );
+            assert!(
+                p.reason.starts_with(keyword),
+                "{name}: reason {:?} should start with {keyword:?}",
+                p.reason
+            );
             n += 1;
         }
         assert!(n >= 15, "all cases read");
@@ -168,11 +243,24 @@ mod tests {
     #[test]
     fn places_free_in_this_libc() {
         let maps = crate::procfs::read_maps(std::process::id()).expect("own maps");
-        let libc = maps.iter().find(|m| m.is_exec() && m.path.contains("libc.so")).expect("libc");
-        let sites = crate::allocators::find_in_object(&libc.path, std::path::Path::new(&libc.path)).expect("libc");
-        let free = sites.iter().find(|s| s.func == leaktrace_common::AllocFn::Free).expect("free");
+        let libc = maps
+            .iter()
+            .find(|m| m.is_exec() && m.path.contains("libc.so"))
+            .expect("libc");
+        let sites = crate::allocators::find_in_object(&libc.path, std::path::Path::new(&libc.path))
+            .expect("libc");
+        let free = sites
+            .iter()
+            .find(|s| s.func == leaktrace_common::AllocFn::Free)
+            .expect("free");
         // Whatever this libc is, the chosen offset lands on an emulated instruction or stays at 0.
-        assert!(free.placement.offset == 0 || free.placement.reason.starts_with("null-check") || free.placement.reason.starts_with("straight"), "{:?}", free.placement);
+        assert!(
+            free.placement.offset == 0
+                || free.placement.reason.starts_with("null-check")
+                || free.placement.reason.starts_with("straight"),
+            "{:?}",
+            free.placement
+        );
         assert_eq!(free.offset, free.entry_offset + free.placement.offset);
     }
 }

@@ -1,8 +1,7 @@
 //! Reading `/proc/PID`: the memory map, process state, RSS and the break.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -61,7 +60,9 @@ fn parse_map_line(line: &str) -> Option<MapEntry> {
 
 /// Reads and parses `/proc/PID/maps`.
 pub fn read_maps(pid: u32) -> io::Result<Vec<MapEntry>> {
-    Ok(parse_maps(&fs::read_to_string(format!("/proc/{pid}/maps"))?))
+    Ok(parse_maps(&fs::read_to_string(format!(
+        "/proc/{pid}/maps"
+    ))?))
 }
 
 /// Path through which a file mapped by `pid` can be opened from our mount namespace.
@@ -99,9 +100,17 @@ pub struct Status {
 pub fn parse_status(text: &str) -> Status {
     let mut st = Status::default();
     for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let v = v.trim();
-        let kb = || v.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        let kb = || {
+            v.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
         match k {
             "State" => st.state = v.chars().next().unwrap_or('?'),
             "Tgid" => st.tgid = v.parse().unwrap_or(0),
@@ -120,7 +129,9 @@ pub fn parse_status(text: &str) -> Status {
 
 /// Reads `/proc/PID/status`.
 pub fn read_status(pid: u32) -> io::Result<Status> {
-    Ok(parse_status(&fs::read_to_string(format!("/proc/{pid}/status"))?))
+    Ok(parse_status(&fs::read_to_string(format!(
+        "/proc/{pid}/status"
+    ))?))
 }
 
 /// Fields of `/proc/PID/stat` from field 3 (state) on: index `n - 3` is field `n`.
@@ -171,7 +182,10 @@ mod tests {
 ";
         let m = parse_maps(text);
         assert_eq!(m.len(), 5);
-        assert_eq!((m[1].start, m[1].end, m[1].offset, m[1].inode), (0x55d0c0a01000, 0x55d0c0a05000, 0x1000, 1234));
+        assert_eq!(
+            (m[1].start, m[1].end, m[1].offset, m[1].inode),
+            (0x55d0c0a01000, 0x55d0c0a05000, 0x1000, 1234)
+        );
         assert!(m[1].is_exec() && m[1].is_file());
         assert_eq!(m[2].path, "[heap]");
         assert!(!m[2].is_file());
@@ -184,20 +198,37 @@ mod tests {
     fn reads_own_stat() {
         let me = std::process::id();
         let f = stat_fields(me).expect("own stat");
-        assert!(["R", "S"].contains(&f[0].as_str()), "field 3 is the state: {}", f[0]);
+        assert!(
+            ["R", "S"].contains(&f[0].as_str()),
+            "field 3 is the state: {}",
+            f[0]
+        );
         assert!(!is_kernel_thread(me));
         assert!(is_kernel_thread(2), "pid 2 is kthreadd");
         assert!(cpu_seconds(me).expect("cpu") >= 0.0);
-        assert!(read_start_brk(me).is_some(), "a glibc process has a brk heap");
+        assert!(
+            read_start_brk(me).is_some(),
+            "a glibc process has a brk heap"
+        );
     }
 
     /// Status fields used for validation and RSS are read in bytes.
     #[test]
     fn parses_status() {
-        let st = parse_status("Name:\tx\nState:\tZ (zombie)\nTgid:\t42\nVmRSS:\t  100 kB\nRssAnon:\t 60 kB\nRssFile:\t 40 kB\nRssShmem:\t 0 kB\n");
+        let st = parse_status(
+            "Name:\tx\nState:\tZ (zombie)\nTgid:\t42\nVmRSS:\t  100 kB\nRssAnon:\t 60 kB\nRssFile:\t 40 kB\nRssShmem:\t 0 kB\n",
+        );
         assert_eq!(st.state, 'Z');
         assert_eq!(st.tgid, 42);
         assert!(st.has_mm);
-        assert_eq!(st.rss, Rss { rss_bytes: 102_400, anon_bytes: 61_440, file_bytes: 40_960, shmem_bytes: 0 });
+        assert_eq!(
+            st.rss,
+            Rss {
+                rss_bytes: 102_400,
+                anon_bytes: 61_440,
+                file_bytes: 40_960,
+                shmem_bytes: 0
+            }
+        );
     }
 }

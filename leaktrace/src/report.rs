@@ -8,10 +8,10 @@ use leaktrace_common::counter;
 use serde::Serialize;
 
 use crate::{
-    timeline::{Growth, Point, Timeline},
     ledger::{Activity, Ledger, UserCounters},
     procfs::Rss,
     symbols::{Frame, Symbols},
+    timeline::{Growth, Point, Timeline},
 };
 
 /// One stack's outstanding heap.
@@ -217,11 +217,22 @@ pub struct Inputs<'a> {
 /// Builds a report.
 pub fn build(i: &Inputs<'_>) -> Report {
     let oldest = i.ledger.oldest_by_stack();
-    let age = |id: i64| oldest.get(&id).map_or(0.0, |&t| i.now_ns.saturating_sub(t) as f64 / 1e9);
-    let frames = |id: i64| {
-        i.symbols.get(id).map_or((Vec::new(), false), |s| (s.frames.clone(), s.truncated))
+    let age = |id: i64| {
+        oldest
+            .get(&id)
+            .map_or(0.0, |&t| i.now_ns.saturating_sub(t) as f64 / 1e9)
     };
-    let mut heap: Vec<_> = i.ledger.heap_by_stack().iter().map(|(&id, t)| (id, *t)).collect();
+    let frames = |id: i64| {
+        i.symbols
+            .get(id)
+            .map_or((Vec::new(), false), |s| (s.frames.clone(), s.truncated))
+    };
+    let mut heap: Vec<_> = i
+        .ledger
+        .heap_by_stack()
+        .iter()
+        .map(|(&id, t)| (id, *t))
+        .collect();
     heap.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(&b.0)));
     let heap_stacks = heap
         .iter()
@@ -241,14 +252,25 @@ pub fn build(i: &Inputs<'_>) -> Report {
             }
         })
         .collect();
-    let mut mapped: Vec<_> = i.ledger.mapped_by_stack().iter().map(|(&id, t)| (id, t.bytes)).collect();
+    let mut mapped: Vec<_> = i
+        .ledger
+        .mapped_by_stack()
+        .iter()
+        .map(|(&id, t)| (id, t.bytes))
+        .collect();
     mapped.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let map_stacks = mapped
         .iter()
         .take(i.top)
         .map(|&(id, bytes)| {
             let (frames, truncated) = frames(id);
-            MapStack { mapped_bytes: bytes, oldest_age_s: age(id), stack_id: id, truncated, frames }
+            MapStack {
+                mapped_bytes: bytes,
+                oldest_age_s: age(id),
+                stack_id: id,
+                truncated,
+                frames,
+            }
         })
         .collect();
 
@@ -330,13 +352,24 @@ pub fn build(i: &Inputs<'_>) -> Report {
 /// Renders a dry run: call rates and the projected cost of tracing them.
 pub fn render_dry_run(pid: u32, duration_s: f64, o: &Overhead, reason: &str) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "=== leaktrace dry run: pid {pid}, {duration_s:.1} s counting allocator calls ({reason}) ===");
-    let _ = writeln!(s, "{:<16} {:>12} {:>16} {:>14}", "function", "calls/s", "cost/call (µs)", "CPU-s/s");
+    let _ = writeln!(
+        s,
+        "=== leaktrace dry run: pid {pid}, {duration_s:.1} s counting allocator calls ({reason}) ==="
+    );
+    let _ = writeln!(
+        s,
+        "{:<16} {:>12} {:>16} {:>14}",
+        "function", "calls/s", "cost/call (µs)", "CPU-s/s"
+    );
     for (f, r) in &o.calls_per_s {
         let c = o.cost_per_call_us.get(f).copied().unwrap_or(0.0);
         let _ = writeln!(s, "{f:<16} {r:>12.0} {c:>16.1} {:>14.4}", r * c / 1e6);
     }
-    let _ = writeln!(s, "Target CPU: {:.3} CPU-s/s (including the counting probes' own traps).", o.target_cpu_per_s);
+    let _ = writeln!(
+        s,
+        "Target CPU: {:.3} CPU-s/s (including the counting probes' own traps).",
+        o.target_cpu_per_s
+    );
     let _ = writeln!(
         s,
         "Projected cost of full tracing: {:.3} CPU-s/s, {:.1}% of the target's own CPU time.",
@@ -360,7 +393,11 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn frame_line(f: &Frame) -> String {
@@ -373,7 +410,10 @@ fn frame_line(f: &Frame) -> String {
     if f.inlined {
         s.push_str(" [inlined]");
     }
-    let module = f.module.as_deref().map_or("?", |m| m.rsplit('/').next().unwrap_or(m));
+    let module = f
+        .module
+        .as_deref()
+        .map_or("?", |m| m.rsplit('/').next().unwrap_or(m));
     let _ = write!(s, "  in {module}");
     if f.function.is_none() {
         let _ = write!(s, " @ {}", f.address);
@@ -404,63 +444,132 @@ fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bo
 /// Renders a report as text.
 pub fn render_text(r: &Report, max_frames: usize) -> String {
     let mut o = String::new();
-    let title = if r.final_report { "final report" } else { "report" };
-    let _ = writeln!(o, "=== leaktrace {title}: pid {}, {:.1} s traced{} ===", r.pid, r.duration_s,
-        r.end_reason.as_deref().map(|e| format!(" ({e})")).unwrap_or_default());
+    let title = if r.final_report {
+        "final report"
+    } else {
+        "report"
+    };
+    let _ = writeln!(
+        o,
+        "=== leaktrace {title}: pid {}, {:.1} s traced{} ===",
+        r.pid,
+        r.duration_s,
+        r.end_reason
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
     let _ = writeln!(
         o,
         "RSS {} (anon {}, file {}, shmem {}){}",
-        bytes(r.rss.rss_bytes), bytes(r.rss.anon_bytes), bytes(r.rss.file_bytes), bytes(r.rss.shmem_bytes),
-        if r.target_exited { " — last reading; the target has exited" } else { "" }
+        bytes(r.rss.rss_bytes),
+        bytes(r.rss.anon_bytes),
+        bytes(r.rss.file_bytes),
+        bytes(r.rss.shmem_bytes),
+        if r.target_exited {
+            " — last reading; the target has exited"
+        } else {
+            ""
+        }
     );
     if r.heap.sample_rate_bytes == 0 {
-        let _ = writeln!(o, "Live heap allocated since attach: {} in {} blocks", bytes(r.heap.live_bytes), r.heap.live_allocations);
+        let _ = writeln!(
+            o,
+            "Live heap allocated since attach: {} in {} blocks",
+            bytes(r.heap.live_bytes),
+            r.heap.live_allocations
+        );
     } else {
         let _ = writeln!(
             o,
             "Live heap allocated since attach (estimated, sampling every {} on average): {} ± {} (95%) in ~{} blocks",
-            bytes(r.heap.sample_rate_bytes), bytes(r.heap.live_bytes), bytes(r.heap.live_bytes_error95), r.heap.live_allocations
+            bytes(r.heap.sample_rate_bytes),
+            bytes(r.heap.live_bytes),
+            bytes(r.heap.live_bytes_error95),
+            r.heap.live_allocations
         );
     }
     let _ = writeln!(
         o,
         "Anonymous mappings since attach: {}    brk heap: {} ({} grown since attach)",
-        bytes(r.mappings.anon_mapped_bytes), bytes(r.mappings.brk_bytes), bytes(r.mappings.brk_grown_bytes)
+        bytes(r.mappings.anon_mapped_bytes),
+        bytes(r.mappings.brk_bytes),
+        bytes(r.mappings.brk_grown_bytes)
     );
     let sp = &r.mappings.split;
     if sp.arenas > 0 || sp.allocator_chunk_bytes > 0 {
         let _ = writeln!(
             o,
             "  of which by the allocator: {} arena heaps ({} committed of {} reserved), {} in directly mapped chunks; other anonymous: {}",
-            sp.arenas, bytes(sp.arena_committed_bytes), bytes(sp.arena_reserved_bytes), bytes(sp.allocator_chunk_bytes), bytes(sp.other_anon_bytes)
+            sp.arenas,
+            bytes(sp.arena_committed_bytes),
+            bytes(sp.arena_reserved_bytes),
+            bytes(sp.allocator_chunk_bytes),
+            bytes(sp.other_anon_bytes)
         );
     }
     let a = &r.activity;
-    let sampled = if r.heap.sample_rate_bytes == 0 { "" } else { "sampled " };
-    let _ = writeln!(o, "Activity: {} {sampled}allocations ({}), {} {sampled}frees, {} mmap, {} munmap, {} mremap, {} brk",
-        a.allocs, bytes(a.alloc_bytes), a.frees, a.mmaps, a.munmaps, a.mremaps, a.brks);
+    let sampled = if r.heap.sample_rate_bytes == 0 {
+        ""
+    } else {
+        "sampled "
+    };
+    let _ = writeln!(
+        o,
+        "Activity: {} {sampled}allocations ({}), {} {sampled}frees, {} mmap, {} munmap, {} mremap, {} brk",
+        a.allocs,
+        bytes(a.alloc_bytes),
+        a.frees,
+        a.mmaps,
+        a.munmaps,
+        a.mremaps,
+        a.brks
+    );
     o.push('\n');
     if r.heap.stacks.is_empty() {
         o.push_str("No outstanding heap allocations since attach.\n");
     } else {
-        let _ = writeln!(o, "Top {} stacks by outstanding heap bytes:", r.heap.stacks.len());
+        let _ = writeln!(
+            o,
+            "Top {} stacks by outstanding heap bytes:",
+            r.heap.stacks.len()
+        );
         for (n, s) in r.heap.stacks.iter().enumerate() {
             let growth = s.growth.map_or(String::new(), |g| {
-                let rate = if g.bytes_per_s >= 0.0 { format!("+{}/s", bytes(g.bytes_per_s.round() as u64)) } else { format!("-{}/s", bytes((-g.bytes_per_s).round() as u64)) };
+                let rate = if g.bytes_per_s >= 0.0 {
+                    format!("+{}/s", bytes(g.bytes_per_s.round() as u64))
+                } else {
+                    format!("-{}/s", bytes((-g.bytes_per_s).round() as u64))
+                };
                 let down = (1.0 - g.steadiness) * 100.0;
                 if down < 0.5 {
                     format!(", {rate} over {} samples, never shrank", g.points)
                 } else {
-                    format!(", {rate} over {} samples, shrank in {down:.0}% of steps", g.points)
+                    format!(
+                        ", {rate} over {} samples, shrank in {down:.0}% of steps",
+                        g.points
+                    )
                 }
             });
             if r.heap.sample_rate_bytes == 0 {
-                let _ = writeln!(o, "  #{} {} in {} blocks, oldest {:.1} s{growth}", n + 1, bytes(s.live_bytes), s.live_allocations, s.oldest_age_s);
+                let _ = writeln!(
+                    o,
+                    "  #{} {} in {} blocks, oldest {:.1} s{growth}",
+                    n + 1,
+                    bytes(s.live_bytes),
+                    s.live_allocations,
+                    s.oldest_age_s
+                );
             } else {
                 let _ = writeln!(
                     o,
                     "  #{} ~{} ± {} in ~{} blocks ({} sampled), oldest {:.1} s{growth}",
-                    n + 1, bytes(s.live_bytes), bytes(s.live_bytes_error95), s.live_allocations, s.samples, s.oldest_age_s
+                    n + 1,
+                    bytes(s.live_bytes),
+                    bytes(s.live_bytes_error95),
+                    s.live_allocations,
+                    s.samples,
+                    s.oldest_age_s
                 );
             }
             write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
@@ -468,36 +577,63 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     }
     if !r.mappings.stacks.is_empty() {
         o.push('\n');
-        let _ = writeln!(o, "Top {} stacks by mapped bytes (anonymous mmap, brk):", r.mappings.stacks.len());
+        let _ = writeln!(
+            o,
+            "Top {} stacks by mapped bytes (anonymous mmap, brk):",
+            r.mappings.stacks.len()
+        );
         for (n, s) in r.mappings.stacks.iter().enumerate() {
-            let _ = writeln!(o, "  #{} {} mapped, oldest {:.1} s", n + 1, bytes(s.mapped_bytes), s.oldest_age_s);
+            let _ = writeln!(
+                o,
+                "  #{} {} mapped, oldest {:.1} s",
+                n + 1,
+                bytes(s.mapped_bytes),
+                s.oldest_age_s
+            );
             write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
         }
     }
     if let Some(d) = &r.heap_detached {
-        let _ = writeln!(o, "\nHEAP PROBES DETACHED after {:.1} s: {}. Heap figures are as of then; mappings are still traced.", d.after_s, d.reason);
+        let _ = writeln!(
+            o,
+            "\nHEAP PROBES DETACHED after {:.1} s: {}. Heap figures are as of then; mappings are still traced.",
+            d.after_s, d.reason
+        );
     }
     if let Some(ov) = &r.overhead {
         let calls: f64 = ov.calls_per_s.values().sum();
-        let _ = writeln!(o, "\nProbe cost (projected): {:.1}% of the target's CPU time at {:.0} allocator calls/s.", ov.projected_pct, calls);
+        let _ = writeln!(
+            o,
+            "\nProbe cost (projected): {:.1}% of the target's CPU time at {:.0} allocator calls/s.",
+            ov.projected_pct, calls
+        );
     }
     o.push('\n');
-    let nonzero: Vec<String> = r.lost.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let nonzero: Vec<String> = r
+        .lost
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     if nonzero.is_empty() {
         o.push_str("Losses: none — every event was accounted.\n");
     } else {
         let _ = writeln!(
             o,
             "LOSSES: {} — this report is built on incomplete data ({} events or stacks lost).",
-            nonzero.join(", "), r.lost_total
+            nonzero.join(", "),
+            r.lost_total
         );
     }
     let c = &r.counters;
     let _ = writeln!(
         o,
         "Not losses: {} frees of blocks not allocated since attach, {} reallocs of such blocks, {} failed allocations, {} nested allocator calls, {} truncated stacks.",
-        c.get("free_unknown").unwrap_or(&0), c.get("realloc_unknown").unwrap_or(&0), c.get("failed_allocs").unwrap_or(&0),
-        c.get("nested_call").unwrap_or(&0), c.get("stack_truncated").unwrap_or(&0)
+        c.get("free_unknown").unwrap_or(&0),
+        c.get("realloc_unknown").unwrap_or(&0),
+        c.get("failed_allocs").unwrap_or(&0),
+        c.get("nested_call").unwrap_or(&0),
+        c.get("stack_truncated").unwrap_or(&0)
     );
     o
 }
@@ -519,18 +655,33 @@ mod tests {
     }
 
     fn sample() -> Report {
-        let mut lost: std::collections::BTreeMap<String, u64> =
-            counter::NAMES.iter().enumerate().filter(|(i, _)| counter::is_loss(*i as u32)).map(|(_, n)| ((*n).to_owned(), 0)).collect();
-        lost.insert("ringbuf_full".into(), 12);
-        let counters = [("free_unknown", 3), ("realloc_unknown", 0), ("failed_allocs", 1), ("nested_call", 2), ("stack_truncated", 0)]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
+        let mut lost: std::collections::BTreeMap<String, u64> = counter::NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| counter::is_loss(*i as u32))
+            .map(|(_, n)| ((*n).to_owned(), 0))
             .collect();
+        lost.insert("ringbuf_full".into(), 12);
+        let counters = [
+            ("free_unknown", 3),
+            ("realloc_unknown", 0),
+            ("failed_allocs", 1),
+            ("nested_call", 2),
+            ("stack_truncated", 0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
         Report {
             pid: 4242,
             duration_s: 5.0,
             rss_bytes: 10 << 20,
-            rss: Rss { rss_bytes: 10 << 20, anon_bytes: 6 << 20, file_bytes: 4 << 20, shmem_bytes: 0 },
+            rss: Rss {
+                rss_bytes: 10 << 20,
+                anon_bytes: 6 << 20,
+                file_bytes: 4 << 20,
+                shmem_bytes: 0,
+            },
             final_report: true,
             end_reason: Some("duration elapsed".into()),
             target_exited: false,
@@ -546,7 +697,11 @@ mod tests {
                         samples: 200,
                         live_bytes_error95: 0,
                         oldest_age_s: 4.96,
-                        growth: Some(Growth { bytes_per_s: 163_840.0, steadiness: 1.0, points: 20 }),
+                        growth: Some(Growth {
+                            bytes_per_s: 163_840.0,
+                            steadiness: 1.0,
+                            points: 20,
+                        }),
                         stack_id: 1,
                         truncated: false,
                         frames: vec![
@@ -555,7 +710,17 @@ mod tests {
                             frame("main", "/src/leaky.c", 59, "/usr/bin/leaky", false),
                         ],
                     },
-                    HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, growth: None, stack_id: -14, truncated: false, frames: vec![] },
+                    HeapStack {
+                        live_bytes: 112_000,
+                        live_allocations: 2000,
+                        samples: 2000,
+                        live_bytes_error95: 0,
+                        oldest_age_s: 0.5,
+                        growth: None,
+                        stack_id: -14,
+                        truncated: false,
+                        frames: vec![],
+                    },
                 ],
             },
             mappings: Mappings {
@@ -569,13 +734,28 @@ mod tests {
                     oldest_age_s: 2.0,
                     stack_id: 7,
                     truncated: true,
-                    frames: vec![Frame { function: None, file: None, line: None, module: None, kind: "native", address: "0xdead".into(), inlined: false }],
+                    frames: vec![Frame {
+                        function: None,
+                        file: None,
+                        line: None,
+                        module: None,
+                        kind: "native",
+                        address: "0xdead".into(),
+                        inlined: false,
+                    }],
                 }],
             },
             lost_total: 12,
             lost,
             counters,
-            activity: Activity { allocs: 8201, alloc_bytes: 35_481_186, frees: 4000, mmaps: 8, munmaps: 1, ..Activity::default() },
+            activity: Activity {
+                allocs: 8201,
+                alloc_bytes: 35_481_186,
+                frees: 4000,
+                mmaps: 8,
+                munmaps: 1,
+                ..Activity::default()
+            },
             probes: vec![],
             overhead: None,
             heap_detached: None,
@@ -599,11 +779,17 @@ mod tests {
         assert_eq!(v["duration_s"], 5.0);
         assert_eq!(v["rss_bytes"], 10 << 20);
         assert_eq!(v["heap"]["live_bytes"], 931_200);
-        assert_eq!(v["heap"]["stacks"][0]["frames"][0]["function"], "make_buffer");
+        assert_eq!(
+            v["heap"]["stacks"][0]["frames"][0]["function"],
+            "make_buffer"
+        );
         assert_eq!(v["heap"]["stacks"][0]["frames"][0]["kind"], "native");
         assert_eq!(v["heap"]["stacks"][0]["frames"][0]["line"], 20);
         assert_eq!(v["mappings"]["stacks"][0]["mapped_bytes"], 1 << 20);
-        assert_eq!(v["mappings"]["stacks"][0]["frames"][0]["function"], serde_json::Value::Null);
+        assert_eq!(
+            v["mappings"]["stacks"][0]["frames"][0]["function"],
+            serde_json::Value::Null
+        );
         assert_eq!(v["lost"]["ringbuf_full"], 12);
         assert_eq!(v["mappings"]["brk_bytes"], 135_168);
     }
@@ -611,7 +797,14 @@ mod tests {
     /// Byte counts use binary units with one decimal.
     #[test]
     fn formats_bytes() {
-        let cases = [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (819_200, "800.0 KiB"), (10 << 20, "10.0 MiB"), (3 << 30, "3.0 GiB")];
+        let cases = [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (819_200, "800.0 KiB"),
+            (10 << 20, "10.0 MiB"),
+            (3 << 30, "3.0 GiB"),
+        ];
         for (n, want) in cases {
             assert_eq!(bytes(n), want);
         }

@@ -134,11 +134,16 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
             (p.pid, target::mapped_objects(p.pid)?, None)
         }
         Target::Command(argv) => {
-            let program = argv.first().ok_or_else(|| Error::BadCommand { program: String::new(), why: "empty command".into() })?;
+            let program = argv.first().ok_or_else(|| Error::BadCommand {
+                program: String::new(),
+                why: "empty command".into(),
+            })?;
             let path = launch::resolve_program(program)?;
             let elf = launch::effective_elf(&path)?;
-            let objs: Vec<(String, PathBuf)> =
-                launch::objects_for(&elf).into_iter().map(|p| (p.display().to_string(), p)).collect();
+            let objs: Vec<(String, PathBuf)> = launch::objects_for(&elf)
+                .into_iter()
+                .map(|p| (p.display().to_string(), p))
+                .collect();
             let blocked = launch::spawn_blocked(&path, argv)?;
             (blocked.pid, objs, Some(blocked))
         }
@@ -147,7 +152,11 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     let search = allocators::search(objects.iter().map(|(t, h)| (t.as_str(), h.clone())));
     let has = |f: AllocFn| search.sites.iter().any(|s| s.func == f);
     if !has(AllocFn::Malloc) || !has(AllocFn::Free) {
-        let looked_for = AllocFn::ALL.iter().map(|f| f.symbol()).collect::<Vec<_>>().join(", ");
+        let looked_for = AllocFn::ALL
+            .iter()
+            .map(|f| f.symbol())
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut searched = search.searched.join(", ");
         if searched.is_empty() {
             searched = "no executable file mappings".into();
@@ -158,7 +167,11 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         if let Some(b) = blocked {
             kill_blocked(b);
         }
-        return Err(Error::NoAllocator { pid, looked_for, searched });
+        return Err(Error::NoAllocator {
+            pid,
+            looked_for,
+            searched,
+        });
     }
 
     let mut ebpf = match load(config, pid) {
@@ -180,15 +193,25 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         }
     };
     let launched = blocked.is_some();
-    let start_brk = if launched { None } else { procfs::read_start_brk(pid) };
+    let start_brk = if launched {
+        None
+    } else {
+        procfs::read_start_brk(pid)
+    };
     let brk = if launched {
         None
     } else {
-        procfs::read_maps(pid).ok().and_then(|m| m.iter().find(|e| e.path == "[heap]").map(|e| e.end)).or(start_brk)
+        procfs::read_maps(pid)
+            .ok()
+            .and_then(|m| m.iter().find(|e| e.path == "[heap]").map(|e| e.end))
+            .or(start_brk)
     };
     // Open the exit notifier before releasing a launched child, so its exit can't be missed.
     let pidfd = open_pidfd(pid);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
     let mut s = Session {
         config,
         pid,
@@ -221,20 +244,39 @@ fn symbols_for(slot: &mut Option<Symbols>, pid: u32) -> &mut Symbols {
 
 /// Turns the attached programs on (or some off), all at once.
 fn enable(ebpf: &mut Ebpf, bits: u32) -> Result<(), Error> {
-    let map = ebpf.map_mut(maps::ENABLED).ok_or(Error::Missing("ENABLED map"))?;
-    let mut flag: Array<&mut MapData, u32> = Array::try_from(map).map_err(|source| Error::Map { name: maps::ENABLED, source })?;
-    flag.set(0, bits, 0).map_err(|source| Error::Map { name: maps::ENABLED, source })
+    let map = ebpf
+        .map_mut(maps::ENABLED)
+        .ok_or(Error::Missing("ENABLED map"))?;
+    let mut flag: Array<&mut MapData, u32> = Array::try_from(map).map_err(|source| Error::Map {
+        name: maps::ENABLED,
+        source,
+    })?;
+    flag.set(0, bits, 0).map_err(|source| Error::Map {
+        name: maps::ENABLED,
+        source,
+    })
 }
 
 /// Starts the clock, releases a launched child, and tells the user we are tracing.
 /// Called once signal handlers are in place, so a Ctrl-C from then on gets a report.
-fn go(config: &Config, pid: u32, probes: usize, blocked: Option<launch::Blocked>) -> Result<Instant, Error> {
+fn go(
+    config: &Config,
+    pid: u32,
+    probes: usize,
+    blocked: Option<launch::Blocked>,
+) -> Result<Instant, Error> {
     let started = Instant::now();
     if let Some(b) = blocked {
-        b.release().map_err(|source| Error::Launch { program: format!("{:?}", config.target), source })?;
+        b.release().map_err(|source| Error::Launch {
+            program: format!("{:?}", config.target),
+            source,
+        })?;
     }
     if config.announce {
-        #[expect(clippy::print_stderr, reason = "the one status line users and tests wait for")]
+        #[expect(
+            clippy::print_stderr,
+            reason = "the one status line users and tests wait for"
+        )]
         {
             eprintln!(
                 "leaktrace: tracing pid {pid} ({probes} allocator probes, {} syscall tracepoints); Ctrl-C to stop",
@@ -254,7 +296,10 @@ fn kill_blocked(b: launch::Blocked) {
 
 fn open_output(config: &Config) -> Result<Box<dyn std::io::Write>, Error> {
     Ok(match &config.output {
-        Some(p) => Box::new(std::fs::File::create(p).map_err(|source| Error::Output { path: p.display().to_string(), source })?),
+        Some(p) => Box::new(std::fs::File::create(p).map_err(|source| Error::Output {
+            path: p.display().to_string(),
+            source,
+        })?),
         None => Box::new(std::io::stdout()),
     })
 }
@@ -269,8 +314,15 @@ fn open_pidfd(pid: u32) -> Option<OwnedFd> {
 fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
     let bpf_config = BpfConfig {
         tgid: pid,
-        flags: if config.capture_stacks { CONFIG_CAPTURE_STACKS } else { 0 }
-            | if config.dry_run { leaktrace_common::CONFIG_COUNT_ONLY } else { 0 },
+        flags: if config.capture_stacks {
+            CONFIG_CAPTURE_STACKS
+        } else {
+            0
+        } | if config.dry_run {
+            leaktrace_common::CONFIG_COUNT_ONLY
+        } else {
+            0
+        },
         // A quarter of the ring: the consumer is woken long before it could fill,
         // and otherwise drains every DRAIN_EVERY.
         wakeup_bytes: config.ring_bytes / 4,
@@ -286,9 +338,18 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
         .map_max_entries(maps::SAMPLE_COUNTDOWN, config.inflight_capacity)
         .map_max_entries(maps::SAMPLED, config.sampled_capacity);
     // The verifier rejects programs with EACCES, so only EPERM means "not allowed".
-    let mut ebpf = loader.load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"))).map_err(|e| {
-        if Error::is_permission(&e) { Error::NotPrivileged } else { Error::Load(e) }
-    })?;
+    let mut ebpf = loader
+        .load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/leaktrace"
+        )))
+        .map_err(|e| {
+            if Error::is_permission(&e) {
+                Error::NotPrivileged
+            } else {
+                Error::Load(e)
+            }
+        })?;
     if config.sample_rate > 0 {
         fill_exp_draws(&mut ebpf, config.sample_rate)?;
     }
@@ -297,8 +358,14 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
 
 /// Fills the table of exponential draws (mean `rate` bytes) the BPF sampler picks from.
 fn fill_exp_draws(ebpf: &mut Ebpf, rate: u32) -> Result<(), Error> {
-    let map = ebpf.map_mut(maps::EXP_DRAWS).ok_or(Error::Missing("EXP_DRAWS map"))?;
-    let mut draws: Array<&mut MapData, u64> = Array::try_from(map).map_err(|source| Error::Map { name: maps::EXP_DRAWS, source })?;
+    let map = ebpf
+        .map_mut(maps::EXP_DRAWS)
+        .ok_or(Error::Missing("EXP_DRAWS map"))?;
+    let mut draws: Array<&mut MapData, u64> =
+        Array::try_from(map).map_err(|source| Error::Map {
+            name: maps::EXP_DRAWS,
+            source,
+        })?;
     // xorshift64*, seeded from the clock: the draws need to be independent, not secret.
     let mut x = monotonic_ns() | 1;
     for i in 0..leaktrace_common::EXP_DRAWS {
@@ -307,7 +374,10 @@ fn fill_exp_draws(ebpf: &mut Ebpf, rate: u32) -> Result<(), Error> {
         x ^= x >> 27;
         let u = ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
         let draw = (-(u.ln()) * f64::from(rate)).round().max(1.0) as u64;
-        draws.set(i, draw, 0).map_err(|source| Error::Map { name: maps::EXP_DRAWS, source })?;
+        draws.set(i, draw, 0).map_err(|source| Error::Map {
+            name: maps::EXP_DRAWS,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -318,26 +388,52 @@ const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "mprotect", "mad
 /// Attached heap probes, by program name, so they can be detached on their own.
 type HeapLinks = Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>;
 
-fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite], dry_run: bool) -> Result<(Vec<ProbeInfo>, HeapLinks), Error> {
+fn attach(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    sites: &[ProbeSite],
+    dry_run: bool,
+) -> Result<(Vec<ProbeInfo>, HeapLinks), Error> {
     let mut links = HeapLinks::new();
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
-    let attach_err = |what: String| move |source| {
-        if Error::is_permission(&source) { Error::NotPrivileged } else { Error::Attach { what, source } }
+    let attach_err = |what: String| {
+        move |source| {
+            if Error::is_permission(&source) {
+                Error::NotPrivileged
+            } else {
+                Error::Attach { what, source }
+            }
+        }
     };
     let uprobe = |ebpf: &mut Ebpf, name: &'static str| -> Result<(), Error> {
-        let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
+        let p: &mut UProbe = ebpf
+            .program_mut(name)
+            .ok_or(Error::Missing(name))?
+            .try_into()
+            .map_err(attach_err(name.into()))?;
         p.load().map_err(attach_err(name.into()))
     };
     // The programs stay idle until `enable` flips the ENABLED flag, so the order
     // of attachment does not matter for pairing.
     uprobe(ebpf, "alloc_exit")?;
     // A dry run counts calls at the entries only.
-    for site in sites.iter().filter(|s| s.func.return_program().is_some() && !dry_run) {
-        let p: &mut UProbe = ebpf.program_mut("alloc_exit").ok_or(Error::Missing("alloc_exit"))?.try_into().map_err(attach_err("alloc_exit".into()))?;
+    for site in sites
+        .iter()
+        .filter(|s| s.func.return_program().is_some() && !dry_run)
+    {
+        let p: &mut UProbe = ebpf
+            .program_mut("alloc_exit")
+            .ok_or(Error::Missing("alloc_exit"))?
+            .try_into()
+            .map_err(attach_err("alloc_exit".into()))?;
         // A return probe hijacks the return address at [sp], so it stays at the entry.
         let link = p
             .attach(site.entry_offset, &site.host_path, scope)
-            .map_err(attach_err(format!("return probe on {} in {}", site.func.symbol(), site.object)))?;
+            .map_err(attach_err(format!(
+                "return probe on {} in {}",
+                site.func.symbol(),
+                site.object
+            )))?;
         links.push(("alloc_exit", link));
     }
     let mut infos = Vec::new();
@@ -349,12 +445,26 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite], dry_run: bool) -> Resu
             uprobe(ebpf, name)?;
             loaded.push(name);
         }
-        let p: &mut UProbe = ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(attach_err(name.into()))?;
+        let p: &mut UProbe = ebpf
+            .program_mut(name)
+            .ok_or(Error::Missing(name))?
+            .try_into()
+            .map_err(attach_err(name.into()))?;
         let link = p
             .attach(site.offset, &site.host_path, scope)
-            .map_err(attach_err(format!("probe on {} in {}", site.func.symbol(), site.object)))?;
+            .map_err(attach_err(format!(
+                "probe on {} in {}",
+                site.func.symbol(),
+                site.object
+            )))?;
         links.push((name, link));
-        log::info!("probe on {} in {} at +{}: {}", site.func.symbol(), site.object, site.placement.offset, site.placement.reason);
+        log::info!(
+            "probe on {} in {} at +{}: {}",
+            site.func.symbol(),
+            site.object,
+            site.placement.offset,
+            site.placement.reason
+        );
         infos.push(ProbeInfo {
             function: site.func.symbol().into(),
             object: site.object.clone(),
@@ -366,10 +476,13 @@ fn attach(ebpf: &mut Ebpf, pid: u32, sites: &[ProbeSite], dry_run: bool) -> Resu
     for phase in ["enter", "exit"] {
         for sc in SYSCALLS.iter().filter(|_| !dry_run) {
             let name = format!("sys_{phase}_{sc}");
-            let prog = ebpf.program_mut(&name).ok_or(Error::Missing("a syscall tracepoint program"))?;
+            let prog = ebpf
+                .program_mut(&name)
+                .ok_or(Error::Missing("a syscall tracepoint program"))?;
             let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.clone()))?;
             tp.load().map_err(attach_err(name.clone()))?;
-            tp.attach("syscalls", &name).map_err(attach_err(format!("tracepoint syscalls:{name}")))?;
+            tp.attach("syscalls", &name)
+                .map_err(attach_err(format!("tracepoint syscalls:{name}")))?;
         }
     }
     Ok((infos, links))
@@ -430,28 +543,53 @@ impl Session<'_> {
         pidfd: Option<OwnedFd>,
         blocked: Option<launch::Blocked>,
     ) -> Result<Outcome, Error> {
-        let ring = RingBuf::try_from(ebpf.take_map(maps::EVENTS).ok_or(Error::Missing("EVENTS map"))?)
-            .map_err(|source| Error::Map { name: maps::EVENTS, source })?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map(maps::EVENTS)
+                .ok_or(Error::Missing("EVENTS map"))?,
+        )
+        .map_err(|source| Error::Map {
+            name: maps::EVENTS,
+            source,
+        })?;
         let mut ring = async_fd(ring)?;
-        let stacks: BpfHashMap<MapData, i64, StackTrace> =
-            BpfHashMap::try_from(ebpf.take_map(maps::STACKS).ok_or(Error::Missing("STACKS map"))?)
-                .map_err(|source| Error::Map { name: maps::STACKS, source })?;
-        let counters: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(ebpf.take_map(maps::COUNTERS).ok_or(Error::Missing("COUNTERS map"))?)
-                .map_err(|source| Error::Map { name: maps::COUNTERS, source })?;
-        let hits: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(ebpf.take_map(maps::HITS).ok_or(Error::Missing("HITS map"))?)
-                .map_err(|source| Error::Map { name: maps::HITS, source })?;
+        let stacks: BpfHashMap<MapData, i64, StackTrace> = BpfHashMap::try_from(
+            ebpf.take_map(maps::STACKS)
+                .ok_or(Error::Missing("STACKS map"))?,
+        )
+        .map_err(|source| Error::Map {
+            name: maps::STACKS,
+            source,
+        })?;
+        let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+            ebpf.take_map(maps::COUNTERS)
+                .ok_or(Error::Missing("COUNTERS map"))?,
+        )
+        .map_err(|source| Error::Map {
+            name: maps::COUNTERS,
+            source,
+        })?;
+        let hits: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+            ebpf.take_map(maps::HITS)
+                .ok_or(Error::Missing("HITS map"))?,
+        )
+        .map_err(|source| Error::Map {
+            name: maps::HITS,
+            source,
+        })?;
         let mut meter = Meter::new(self.pid, self.config.dry_run);
-        let mut budget_tick = tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
+        let mut budget_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
         budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let pidfd = match pidfd {
             Some(fd) => Some(async_fd(fd)?),
             None => None,
         };
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Runtime)?;
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Runtime)?;
-        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).map_err(Error::Runtime)?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(Error::Runtime)?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(Error::Runtime)?;
+        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+            .map_err(Error::Runtime)?;
         let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
         drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(TICK);
@@ -461,7 +599,10 @@ impl Session<'_> {
             tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
             self.config.interval.unwrap_or(far),
         );
-        enable(ebpf, leaktrace_common::ENABLE_HEAP | leaktrace_common::ENABLE_SYSCALLS)?;
+        enable(
+            ebpf,
+            leaktrace_common::ENABLE_HEAP | leaktrace_common::ENABLE_SYSCALLS,
+        )?;
         self.started = go(self.config, self.pid, self.probes.len(), blocked)?;
         let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
         tokio::pin!(deadline);
@@ -519,11 +660,18 @@ impl Session<'_> {
             }
         };
         // Whatever is still in the ring buffer belongs in the final report.
-        drain(ring.get_mut(), &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut false);
+        drain(
+            ring.get_mut(),
+            &mut self.ledger,
+            &mut self.known_stacks,
+            &mut self.pending_stacks,
+            &mut false,
+        );
         if !self.target_exited {
             self.sample_rss();
         }
-        self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss);
+        self.timeline
+            .sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss);
         self.resolve_stacks(&stacks);
         // The whole run's figures, unless the budget stopped the heap probes: then
         // the window that tripped it is the one to show.
@@ -543,22 +691,40 @@ impl Session<'_> {
             };
             self.write(&text)?;
             let report = self.report(&counters, true, Some(reason));
-            return Ok(Outcome { report, interrupted });
+            return Ok(Outcome {
+                report,
+                interrupted,
+            });
         }
         let report = self.report(&counters, true, Some(reason));
         let text = match self.config.format {
             Format::Text => report::render_text(&report, self.config.max_frames),
-            Format::Json => serde_json::to_string_pretty(&report).expect("report serializes") + "\n",
+            Format::Json => {
+                serde_json::to_string_pretty(&report).expect("report serializes") + "\n"
+            }
         };
         self.write(&text)?;
-        Ok(Outcome { report, interrupted })
+        Ok(Outcome {
+            report,
+            interrupted,
+        })
     }
 
     /// Applies the waiting events, snapshots the mappings if code was mapped (a
     /// library loaded: read it while it is surely there), and fetches new stacks.
-    fn consume(&mut self, ring: &mut RingBuf<MapData>, stacks: &BpfHashMap<MapData, i64, StackTrace>) {
+    fn consume(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        stacks: &BpfHashMap<MapData, i64, StackTrace>,
+    ) {
         let mut exec_mapped = false;
-        drain(ring, &mut self.ledger, &mut self.known_stacks, &mut self.pending_stacks, &mut exec_mapped);
+        drain(
+            ring,
+            &mut self.ledger,
+            &mut self.known_stacks,
+            &mut self.pending_stacks,
+            &mut exec_mapped,
+        );
         if exec_mapped {
             symbols_for(&mut self.symbols, self.pid).refresh_maps();
         }
@@ -567,11 +733,15 @@ impl Session<'_> {
 
     /// Detaches the heap probes if their projected cost is over the budget.
     fn check_budget(&mut self, ebpf: &mut Ebpf, window: &report::Overhead) {
-        let Some(max) = self.config.max_overhead_pct else { return };
+        let Some(max) = self.config.max_overhead_pct else {
+            return;
+        };
         if window.projected_pct <= max || self.config.dry_run {
             return;
         }
-        let Some(links) = self.heap_links.take() else { return };
+        let Some(links) = self.heap_links.take() else {
+            return;
+        };
         // Stop every heap program at once, then take the probes out.
         if let Err(e) = enable(ebpf, leaktrace_common::ENABLE_SYSCALLS) {
             log::warn!("failed to stop the heap probes: {e}");
@@ -580,15 +750,23 @@ impl Session<'_> {
         let after_s = self.started.elapsed().as_secs_f64();
         let reason = format!(
             "projected probe cost {:.1}% of the target's CPU time exceeded --max-overhead {max}% ({:.0} allocator calls/s)",
-            window.projected_pct, window.calls_per_s.values().sum::<f64>()
+            window.projected_pct,
+            window.calls_per_s.values().sum::<f64>()
         );
         log::warn!("heap probes detached after {after_s:.1} s: {reason}");
         self.heap_detached = Some(report::HeapDetached { after_s, reason });
     }
 
     fn write(&mut self, s: &str) -> Result<(), Error> {
-        let path = self.config.output.as_ref().map_or("stdout".into(), |p| p.display().to_string());
-        self.out.write_all(s.as_bytes()).and_then(|()| self.out.flush()).map_err(|source| Error::Output { path, source })
+        let path = self
+            .config
+            .output
+            .as_ref()
+            .map_or("stdout".into(), |p| p.display().to_string());
+        self.out
+            .write_all(s.as_bytes())
+            .and_then(|()| self.out.flush())
+            .map_err(|source| Error::Output { path, source })
     }
 
     fn sample_rss(&mut self) {
@@ -651,7 +829,12 @@ impl Session<'_> {
         self.fetched_stacks.clear();
     }
 
-    fn report(&mut self, counters: &PerCpuArray<MapData, u64>, final_report: bool, reason: Option<String>) -> Report {
+    fn report(
+        &mut self,
+        counters: &PerCpuArray<MapData, u64>,
+        final_report: bool,
+        reason: Option<String>,
+    ) -> Report {
         let kernel: Vec<u64> = (0..counter::COUNT)
             .map(|i| counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect();
@@ -690,11 +873,18 @@ struct Meter {
 impl Meter {
     fn new(pid: u32, dry_run: bool) -> Self {
         let now = (Instant::now(), vec![0; 16], procfs::cpu_seconds(pid));
-        Self { pid, dry_run, start: now.clone(), last: now }
+        Self {
+            pid,
+            dry_run,
+            start: now.clone(),
+            last: now,
+        }
     }
 
     fn read(&self, hits: &PerCpuArray<MapData, u64>) -> (Instant, Vec<u64>, Option<f64>) {
-        let counts = (0..16u32).map(|i| hits.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)).collect();
+        let counts = (0..16u32)
+            .map(|i| hits.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect();
         (Instant::now(), counts, procfs::cpu_seconds(self.pid))
     }
 
@@ -710,7 +900,12 @@ impl Meter {
         }
         let rates: Vec<(AllocFn, f64)> = AllocFn::ALL
             .iter()
-            .map(|&f| (f, to.1[f as usize].saturating_sub(from.1[f as usize]) as f64 / secs))
+            .map(|&f| {
+                (
+                    f,
+                    to.1[f as usize].saturating_sub(from.1[f as usize]) as f64 / secs,
+                )
+            })
             .filter(|&(_, r)| r > 0.0)
             .collect();
         let projected = crate::overhead::projected_cpu(sites, &rates);
@@ -719,11 +914,21 @@ impl Meter {
             _ => 0.0,
         };
         // What the probes attached now cost the target (in a dry run, only the entry traps).
-        let current = if dry_run { crate::overhead::entry_only_cpu(sites, &rates) } else { projected };
+        let current = if dry_run {
+            crate::overhead::entry_only_cpu(sites, &rates)
+        } else {
+            projected
+        };
         Some(report::Overhead {
             window_s: secs,
-            calls_per_s: rates.iter().map(|(f, r)| (f.symbol().to_owned(), *r)).collect(),
-            cost_per_call_us: rates.iter().map(|(f, _)| (f.symbol().to_owned(), crate::overhead::cost_for(sites, *f))).collect(),
+            calls_per_s: rates
+                .iter()
+                .map(|(f, r)| (f.symbol().to_owned(), *r))
+                .collect(),
+            cost_per_call_us: rates
+                .iter()
+                .map(|(f, _)| (f.symbol().to_owned(), crate::overhead::cost_for(sites, *f)))
+                .collect(),
             projected_cpu_per_s: projected,
             target_cpu_per_s: target,
             projected_pct: crate::overhead::overhead_pct(projected, target - current),
@@ -731,7 +936,11 @@ impl Meter {
     }
 
     /// The last window (since the previous call).
-    fn window(&mut self, hits: &PerCpuArray<MapData, u64>, sites: &[ProbeSite]) -> Option<report::Overhead> {
+    fn window(
+        &mut self,
+        hits: &PerCpuArray<MapData, u64>,
+        sites: &[ProbeSite],
+    ) -> Option<report::Overhead> {
         let now = self.read(hits);
         let w = Self::between(&self.last, &now, sites, self.dry_run);
         self.last = now;
@@ -739,7 +948,11 @@ impl Meter {
     }
 
     /// The whole run.
-    fn whole_run(&self, hits: &PerCpuArray<MapData, u64>, sites: &[ProbeSite]) -> Option<report::Overhead> {
+    fn whole_run(
+        &self,
+        hits: &PerCpuArray<MapData, u64>,
+        sites: &[ProbeSite],
+    ) -> Option<report::Overhead> {
         Self::between(&self.start, &self.read(hits), sites, self.dry_run)
     }
 }
@@ -776,12 +989,14 @@ fn drain(
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
-
 
 fn async_fd<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, Error> {
     // SAFETY: `inner` owns its descriptor, which stays open as long as the AsyncFd holds it.

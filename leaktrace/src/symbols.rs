@@ -8,7 +8,10 @@
 
 use std::path::PathBuf;
 
-use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer, source::{Elf, Source}};
+use blazesym::symbolize::{
+    CodeInfo, Input, Symbolized, Symbolizer,
+    source::{Elf, Source},
+};
 use leaktrace_common::{STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
 use rustc_hash::FxHashMap;
 
@@ -56,7 +59,10 @@ pub struct Symbols {
 
 impl std::fmt::Debug for Symbols {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Symbols").field("pid", &self.pid).field("stacks", &self.stacks.len()).finish_non_exhaustive()
+        f.debug_struct("Symbols")
+            .field("pid", &self.pid)
+            .field("stacks", &self.stacks.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -82,7 +88,10 @@ impl Symbols {
     pub fn refresh_maps(&mut self) -> bool {
         match procfs::read_maps(self.pid) {
             Ok(m) => {
-                let fresh: Vec<MapEntry> = m.into_iter().filter(|m| m.is_exec() && m.is_file()).collect();
+                let fresh: Vec<MapEntry> = m
+                    .into_iter()
+                    .filter(|m| m.is_exec() && m.is_file())
+                    .collect();
                 // Keep mappings that went away (dlclose) for stacks recorded earlier.
                 for old in std::mem::take(&mut self.exec_maps) {
                     if !fresh.iter().any(|f| f.start < old.end && old.start < f.end) {
@@ -91,7 +100,11 @@ impl Symbols {
                 }
                 self.exec_maps.extend(fresh);
                 self.exec_maps.sort_by_key(|m| m.start);
-                log::debug!("mappings snapshot of pid {}: {} executable mappings", self.pid, self.exec_maps.len());
+                log::debug!(
+                    "mappings snapshot of pid {}: {} executable mappings",
+                    self.pid,
+                    self.exec_maps.len()
+                );
                 true
             }
             Err(e) => {
@@ -112,7 +125,10 @@ impl Symbols {
     pub fn covers(&self, st: &StackTrace) -> bool {
         let n = (st.len as usize).min(st.frames.len());
         let syscall = st.flags & STACK_SYSCALL != 0;
-        st.frames[..n].iter().enumerate().all(|(i, &a)| (syscall && i == 1) || self.mapping(a).is_some())
+        st.frames[..n]
+            .iter()
+            .enumerate()
+            .all(|(i, &a)| (syscall && i == 1) || self.mapping(a).is_some())
     }
 
     /// A resolved stack.
@@ -154,7 +170,10 @@ impl Symbols {
         wanted.dedup();
         self.symbolize(&wanted);
         for (id, addrs, truncated) in plans {
-            let frames = addrs.iter().flat_map(|k| self.cache.get(k).cloned().unwrap_or_default()).collect();
+            let frames = addrs
+                .iter()
+                .flat_map(|k| self.cache.get(k).cloned().unwrap_or_default())
+                .collect();
             self.stacks.insert(id, Stack { frames, truncated });
         }
     }
@@ -171,13 +190,20 @@ impl Symbols {
             let lookup = if is_ret { addr.saturating_sub(1) } else { addr };
             let off = lookup - m.start + m.offset;
             let host = procfs::path_in_target(self.pid, m.path.trim_end_matches(" (deleted)"));
-            by_obj.entry((host, m.path.clone())).or_default().push(((addr, is_ret), off));
+            by_obj
+                .entry((host, m.path.clone()))
+                .or_default()
+                .push(((addr, is_ret), off));
         }
         for ((host, module), items) in by_obj {
             let offsets: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
             // After the target exits /proc/PID/root is gone; the file is usually still
             // at the same path in our namespace.
-            let path = if host.exists() { host } else { PathBuf::from(&module) };
+            let path = if host.exists() {
+                host
+            } else {
+                PathBuf::from(&module)
+            };
             let src = Source::Elf(Elf::new(path));
             let results = self.symbolizer.symbolize(&src, Input::FileOffset(&offsets));
             for (i, (key, _)) in items.iter().enumerate() {
@@ -185,15 +211,16 @@ impl Symbols {
                     Some(Symbolized::Sym(sym)) => {
                         let mut frames = Vec::with_capacity(1 + sym.inlined.len());
                         // blazesym lists inlined calls outermost first; we want innermost first.
-                        let named = |name: &str, code: Option<&CodeInfo<'_>>, inlined: bool| Frame {
-                            function: Some(name.to_owned()),
-                            file: code.map(|c| c.to_path().display().to_string()),
-                            line: code.and_then(|c| c.line),
-                            module: Some(module.clone()),
-                            kind: "native",
-                            address: format!("{:#x}", key.0),
-                            inlined,
-                        };
+                        let named =
+                            |name: &str, code: Option<&CodeInfo<'_>>, inlined: bool| Frame {
+                                function: Some(name.to_owned()),
+                                file: code.map(|c| c.to_path().display().to_string()),
+                                line: code.and_then(|c| c.line),
+                                module: Some(module.clone()),
+                                kind: "native",
+                                address: format!("{:#x}", key.0),
+                                inlined,
+                            };
                         for f in sym.inlined.iter().rev() {
                             frames.push(named(&f.name, f.code_info.as_ref(), true));
                         }
@@ -209,5 +236,13 @@ impl Symbols {
 }
 
 fn unknown(addr: u64, module: Option<String>) -> Frame {
-    Frame { function: None, file: None, line: None, module, kind: "native", address: format!("{addr:#x}"), inlined: false }
+    Frame {
+        function: None,
+        file: None,
+        line: None,
+        module,
+        kind: "native",
+        address: format!("{addr:#x}"),
+        inlined: false,
+    }
 }

@@ -1,6 +1,10 @@
 //! Choosing and checking the process to trace, and the environment we need.
 
-use std::{ffi::CString, fs, path::{Path, PathBuf}};
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
 
 use crate::{error::Error, procfs};
 
@@ -31,14 +35,20 @@ pub fn check_privileges() -> Result<(), Error> {
 
 /// Makes sure tracefs is mounted where aya looks for it.
 pub fn ensure_tracefs() -> Result<(), Error> {
-    if Path::new("/sys/kernel/tracing/events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+    if Path::new("/sys/kernel/tracing/events").exists()
+        || Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
         return Ok(());
     }
     let c = |s: &str| CString::new(s).expect("no NUL");
     let (src, dst, ty) = (c("tracefs"), c("/sys/kernel/tracing"), c("tracefs"));
     // SAFETY: all pointers are valid NUL-terminated strings; data may be NULL.
     let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
-    if rc == 0 { Ok(()) } else { Err(Error::Tracefs(std::io::Error::last_os_error())) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::Tracefs(std::io::Error::last_os_error()))
+    }
 }
 
 /// A validated process to attach to.
@@ -55,8 +65,15 @@ pub fn validate_pid(pid: u32) -> Result<Process, Error> {
     }
     let st = match procfs::read_status(pid) {
         Ok(st) => st,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NoSuchProcess { pid }),
-        Err(source) => return Err(Error::Read { path: format!("/proc/{pid}/status").into(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NoSuchProcess { pid });
+        }
+        Err(source) => {
+            return Err(Error::Read {
+                path: format!("/proc/{pid}/status").into(),
+                source,
+            });
+        }
     };
     if procfs::is_kernel_thread(pid) {
         return Err(Error::KernelThread { pid });
@@ -68,7 +85,10 @@ pub fn validate_pid(pid: u32) -> Result<Process, Error> {
         return Err(Error::KernelThread { pid });
     }
     if st.tgid != 0 && st.tgid != pid {
-        log::warn!("{pid} is a thread of process {}; tracing the whole process", st.tgid);
+        log::warn!(
+            "{pid} is a thread of process {}; tracing the whole process",
+            st.tgid
+        );
         return Ok(Process { pid: st.tgid });
     }
     Ok(Process { pid })
@@ -76,7 +96,10 @@ pub fn validate_pid(pid: u32) -> Result<Process, Error> {
 
 /// Executable file-backed objects mapped by a live process: (target path, host path).
 pub fn mapped_objects(pid: u32) -> Result<Vec<(String, PathBuf)>, Error> {
-    let maps = procfs::read_maps(pid).map_err(|source| Error::Read { path: format!("/proc/{pid}/maps").into(), source })?;
+    let maps = procfs::read_maps(pid).map_err(|source| Error::Read {
+        path: format!("/proc/{pid}/maps").into(),
+        source,
+    })?;
     let mut out: Vec<(String, PathBuf)> = Vec::new();
     for m in maps.iter().filter(|m| m.is_exec() && m.is_file()) {
         if !out.iter().any(|(p, _)| *p == m.path) {

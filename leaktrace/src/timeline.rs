@@ -77,7 +77,9 @@ impl Timeline {
         }
         // Stacks whose blocks are all gone drop to zero (once).
         for (id, s) in &mut self.stacks {
-            if !ledger.heap_by_stack().contains_key(id) && s.last().is_some_and(|&(t, b)| t < t_s && b > 0) {
+            if !ledger.heap_by_stack().contains_key(id)
+                && s.last().is_some_and(|&(t, b)| t < t_s && b > 0)
+            {
                 s.push((t_s, 0));
             }
             thin(s, MAX_STACK_POINTS);
@@ -101,7 +103,11 @@ pub fn growth(series: &[(f64, u64)]) -> Option<Growth> {
         return None;
     }
     let step = series.len().div_ceil(SLOPE_POINTS);
-    let pts: Vec<(f64, f64)> = series.iter().step_by(step).map(|&(t, b)| (t, b as f64)).collect();
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .step_by(step)
+        .map(|&(t, b)| (t, b as f64))
+        .collect();
     let mut slopes = Vec::with_capacity(pts.len() * pts.len() / 2);
     for (i, a) in pts.iter().enumerate() {
         for b in &pts[i + 1..] {
@@ -115,10 +121,18 @@ pub fn growth(series: &[(f64, u64)]) -> Option<Growth> {
     }
     slopes.sort_by(f64::total_cmp);
     let m = slopes.len();
-    let median = if m % 2 == 1 { slopes[m / 2] } else { (slopes[m / 2 - 1] + slopes[m / 2]) / 2.0 };
+    let median = if m % 2 == 1 {
+        slopes[m / 2]
+    } else {
+        (slopes[m / 2 - 1] + slopes[m / 2]) / 2.0
+    };
     let steps = series.windows(2).count();
     let up = series.windows(2).filter(|w| w[1].1 >= w[0].1).count();
-    Some(Growth { bytes_per_s: median, steadiness: up as f64 / steps as f64, points: series.len() })
+    Some(Growth {
+        bytes_per_s: median,
+        steadiness: up as f64 / steps as f64,
+        points: series.len(),
+    })
 }
 
 #[cfg(test)]
@@ -137,21 +151,52 @@ mod tests {
             // A steady leak of 1000 bytes every half second.
             ("steady leak", series(|i| 5000 + 1000 * i, 40), 2000.0, 1.0),
             // A cache that fills in the first 4 samples, then stays flat.
-            ("cache fills then flat", series(|i| 10_000 * i.min(4), 40), 0.0, 1.0),
+            (
+                "cache fills then flat",
+                series(|i| 10_000 * i.min(4), 40),
+                0.0,
+                1.0,
+            ),
             // Flat with one huge spike sample.
-            ("flat with a spike", series(|i| if i == 20 { 1 << 30 } else { 7000 }, 40), 0.0, 39.0 / 39.0 - 1.0 / 39.0),
+            (
+                "flat with a spike",
+                series(|i| if i == 20 { 1 << 30 } else { 7000 }, 40),
+                0.0,
+                39.0 / 39.0 - 1.0 / 39.0,
+            ),
             // Churn: up and down around a level.
-            ("churn", series(|i| if i % 2 == 0 { 1000 } else { 3000 }, 40), 0.0, 20.0 / 39.0),
+            (
+                "churn",
+                series(|i| if i % 2 == 0 { 1000 } else { 3000 }, 40),
+                0.0,
+                20.0 / 39.0,
+            ),
             // A leak with the burst of a freed temporary every tenth sample.
-            ("leak with bursts", series(|i| 1000 * i + if i % 10 == 5 { 1 << 20 } else { 0 }, 50), 2000.0, 44.0 / 49.0),
+            (
+                "leak with bursts",
+                series(|i| 1000 * i + if i % 10 == 5 { 1 << 20 } else { 0 }, 50),
+                2000.0,
+                44.0 / 49.0,
+            ),
         ];
         for (name, s, slope, steady) in cases {
             let g = growth(&s).unwrap_or_else(|| panic!("{name}: no growth"));
-            assert!((g.bytes_per_s - slope).abs() < 1e-6, "{name}: slope {} want {slope}", g.bytes_per_s);
-            assert!((g.steadiness - steady).abs() < 1e-9, "{name}: steadiness {} want {steady}", g.steadiness);
+            assert!(
+                (g.bytes_per_s - slope).abs() < 1e-6,
+                "{name}: slope {} want {slope}",
+                g.bytes_per_s
+            );
+            assert!(
+                (g.steadiness - steady).abs() < 1e-9,
+                "{name}: steadiness {} want {steady}",
+                g.steadiness
+            );
             assert_eq!(g.points, s.len());
         }
-        assert!(growth(&[(0.0, 1), (1.0, 2)]).is_none(), "two samples are not a trend");
+        assert!(
+            growth(&[(0.0, 1), (1.0, 2)]).is_none(),
+            "two samples are not a trend"
+        );
     }
 
     /// Long series are thinned, keeping their span.

@@ -25,7 +25,11 @@ pub fn leaktrace_bin() -> PathBuf {
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/leaktrace"),
         PathBuf::from,
     );
-    assert!(p.exists(), "leaktrace binary not found at {} (run `cargo xtask test`, which builds it)", p.display());
+    assert!(
+        p.exists(),
+        "leaktrace binary not found at {} (run `cargo xtask test`, which builds it)",
+        p.display()
+    );
     p
 }
 
@@ -33,7 +37,11 @@ pub fn leaktrace_bin() -> PathBuf {
 #[track_caller]
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test attaches real probes and must run as root (cargo xtask test)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test attaches real probes and must run as root (cargo xtask test)"
+    );
 }
 
 /// A running fixture that printed `ready <pid>` and waits for `go`.
@@ -65,20 +73,30 @@ impl Fixture {
         let stdin = child.stdin.take();
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
-        stdout.read_line(&mut line).unwrap_or_else(|e| panic!("failed to read ready line of {name}: {e}"));
+        stdout
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("failed to read ready line of {name}: {e}"));
         let pid = line
             .strip_prefix("ready ")
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("fixture {name} printed {line:?}, expected `ready <pid>`"));
         assert_eq!(pid, child.id(), "fixture reports its own pid");
-        Self { child, stdin, stdout, pid }
+        Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        }
     }
 
     /// Sends `go` and waits until the scenario printed `done`.
     #[track_caller]
     pub fn run_scenario(&mut self) {
         let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin.write_all(b"go\n").and_then(|()| stdin.flush()).expect("failed to send go to fixture");
+        stdin
+            .write_all(b"go\n")
+            .and_then(|()| stdin.flush())
+            .expect("failed to send go to fixture");
         self.expect_line("done");
     }
 
@@ -86,7 +104,9 @@ impl Fixture {
     #[track_caller]
     pub fn expect_line(&mut self, want: &str) {
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("failed to read fixture output");
+        self.stdout
+            .read_line(&mut line)
+            .expect("failed to read fixture output");
         assert_eq!(line.trim(), want, "fixture output");
     }
 
@@ -149,7 +169,12 @@ impl Tracer {
                 }
             }
         });
-        let mut t = Self { child, out, stderr: rx, stderr_lines: Vec::new() };
+        let mut t = Self {
+            child,
+            out,
+            stderr: rx,
+            stderr_lines: Vec::new(),
+        };
         t.wait_attached();
         t
     }
@@ -185,7 +210,10 @@ impl Tracer {
                         return;
                     }
                 }
-                Err(_) => panic!("leaktrace never said {needle:?}; stderr: {:?}", self.stderr_lines),
+                Err(_) => panic!(
+                    "leaktrace never said {needle:?}; stderr: {:?}",
+                    self.stderr_lines
+                ),
             }
         }
     }
@@ -214,7 +242,12 @@ impl Tracer {
         let status = self.child.wait().expect("wait for leaktrace");
         let rest: Vec<String> = self.stderr.try_iter().collect();
         self.stderr_lines.extend(rest);
-        assert_eq!(status.code(), Some(code), "leaktrace exit status; stderr: {:?}", self.stderr_lines);
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "leaktrace exit status; stderr: {:?}",
+            self.stderr_lines
+        );
         let text = std::fs::read_to_string(&self.out).expect("report file");
         let _ = std::fs::remove_file(&self.out);
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is not JSON ({e}): {text}"))
@@ -245,7 +278,12 @@ pub fn trace_scenario(name: &str, fixture_args: &[&str], tracer_args: &[&str]) -
 
 /// [`trace_scenario`] with extra environment variables for the fixture.
 #[track_caller]
-pub fn trace_scenario_with_env(name: &str, fixture_args: &[&str], env: &[(&str, &str)], tracer_args: &[&str]) -> (Fixture, Value) {
+pub fn trace_scenario_with_env(
+    name: &str,
+    fixture_args: &[&str],
+    env: &[(&str, &str)],
+    tracer_args: &[&str],
+) -> (Fixture, Value) {
     let mut fx = Fixture::spawn_with_env(name, fixture_args, env);
     let pid = fx.pid.to_string();
     let mut args = vec!["--pid", pid.as_str()];
@@ -282,15 +320,30 @@ pub fn stacks_at<'a>(report: &'a Value, section: &str, function: &str) -> Vec<&'
 #[track_caller]
 pub fn stack_at<'a>(report: &'a Value, section: &str, function: &str) -> &'a Value {
     let found = stacks_at(report, section, function);
-    assert_eq!(found.len(), 1, "expected exactly one {section} stack through {function}; report: {report:#}");
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {section} stack through {function}; report: {report:#}"
+    );
     found[0]
 }
 
 /// Runs leaktrace with `args` and returns (exit code, stderr lines, stdout).
 pub fn run_cli(args: &[&str]) -> (Option<i32>, Vec<String>, String) {
-    let out = Command::new(leaktrace_bin()).args(args).stdin(Stdio::null()).output().expect("run leaktrace");
-    let stderr = String::from_utf8_lossy(&out.stderr).lines().map(str::to_owned).collect();
-    (out.status.code(), stderr, String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new(leaktrace_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run leaktrace");
+    let stderr = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (
+        out.status.code(),
+        stderr,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// Checks the JSON contract every report must satisfy.
@@ -307,8 +360,14 @@ pub fn check_shape(r: &Value) {
     }
     for (section, bytes_key) in [("heap", "live_bytes"), ("mappings", "mapped_bytes")] {
         let stacks = r[section]["stacks"].as_array().expect("stacks");
-        let sizes: Vec<u64> = stacks.iter().map(|s| s[bytes_key].as_u64().expect("bytes")).collect();
-        assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{section} stacks sorted by bytes, largest first: {sizes:?}");
+        let sizes: Vec<u64> = stacks
+            .iter()
+            .map(|s| s[bytes_key].as_u64().expect("bytes"))
+            .collect();
+        assert!(
+            sizes.windows(2).all(|w| w[0] >= w[1]),
+            "{section} stacks sorted by bytes, largest first: {sizes:?}"
+        );
         for s in stacks {
             for f in s["frames"].as_array().expect("frames") {
                 for key in ["function", "file", "line", "module", "kind"] {
@@ -322,10 +381,14 @@ pub fn check_shape(r: &Value) {
 
 /// A loss counter's value.
 pub fn lost(r: &Value, name: &str) -> u64 {
-    r["lost"][name].as_u64().unwrap_or_else(|| panic!("no lost counter {name}"))
+    r["lost"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no lost counter {name}"))
 }
 
 /// A non-loss counter's value.
 pub fn counter(r: &Value, name: &str) -> u64 {
-    r["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
+    r["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
 }

@@ -19,12 +19,17 @@ fn root_launch_sees_startup_allocations() {
     let mut tracer = Tracer::start_with(&["--", fixture.to_str().unwrap()], Stdio::piped());
     let mut out = tracer.stdout();
     let mut line = String::new();
-    out.read_line(&mut line).expect("read launched command's output");
+    out.read_line(&mut line)
+        .expect("read launched command's output");
     assert_eq!(line.trim(), "done");
     let r = tracer.finish();
     check_shape(&r);
     let s = stack_at(&r, "heap", "startup_leak");
-    assert_eq!((s["live_bytes"].as_u64(), s["live_allocations"].as_u64()), (Some(8 * 333), Some(8)), "{r:#}");
+    assert_eq!(
+        (s["live_bytes"].as_u64(), s["live_allocations"].as_u64()),
+        (Some(8 * 333), Some(8)),
+        "{r:#}"
+    );
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
 }
 
@@ -40,8 +45,15 @@ fn root_launch_reports_at_target_exit() {
     assert_eq!(r["end_reason"], "target exited, exit status 0");
     // Symbolized although the command exits at once: its mappings are read at its exit.
     let s = stack_at(&r, "heap", "startup_leak");
-    assert_eq!((s["live_bytes"].as_u64(), s["live_allocations"].as_u64()), (Some(8 * 333), Some(8)), "{r:#}");
-    assert!(r["rss_bytes"].as_u64().unwrap() > 0, "RSS read before the target went away");
+    assert_eq!(
+        (s["live_bytes"].as_u64(), s["live_allocations"].as_u64()),
+        (Some(8 * 333), Some(8)),
+        "{r:#}"
+    );
+    assert!(
+        r["rss_bytes"].as_u64().unwrap() > 0,
+        "RSS read before the target went away"
+    );
 }
 
 /// Reads one byte of another process's memory.
@@ -60,17 +72,35 @@ fn root_sigkill_removes_probes() {
     let mut fx = Fixture::spawn("heap_ops", &["basic"]);
     // Where malloc's first instruction sits in the target, and what the file has there.
     let maps = leaktrace::procfs::read_maps(fx.pid).expect("maps");
-    let libc = maps.iter().find(|m| m.is_exec() && m.path.contains("libc.so")).expect("libc mapped");
-    let sites = leaktrace::allocators::find_in_object(&libc.path, Path::new(&libc.path)).expect("libc symbols");
-    let malloc = sites.iter().find(|s| s.func.symbol() == "malloc").expect("malloc");
+    let libc = maps
+        .iter()
+        .find(|m| m.is_exec() && m.path.contains("libc.so"))
+        .expect("libc mapped");
+    let sites = leaktrace::allocators::find_in_object(&libc.path, Path::new(&libc.path))
+        .expect("libc symbols");
+    let malloc = sites
+        .iter()
+        .find(|s| s.func.symbol() == "malloc")
+        .expect("malloc");
     let addr = libc.start + (malloc.offset - libc.offset);
     let original = peek(fx.pid, addr);
-    assert_ne!(original, 0xcc, "malloc does not start with int3 before attach");
+    assert_ne!(
+        original, 0xcc,
+        "malloc does not start with int3 before attach"
+    );
 
     let tracer = Tracer::start(&["--pid", &fx.pid.to_string()]);
-    assert_eq!(peek(fx.pid, addr), 0xcc, "the uprobe is in place while attached");
+    assert_eq!(
+        peek(fx.pid, addr),
+        0xcc,
+        "the uprobe is in place while attached"
+    );
     tracer.kill();
-    assert_eq!(peek(fx.pid, addr), original, "the uprobe is gone after SIGKILL");
+    assert_eq!(
+        peek(fx.pid, addr),
+        original,
+        "the uprobe is gone after SIGKILL"
+    );
     fx.run_scenario();
     assert!(fx.alive(), "the target runs on");
 }
@@ -80,9 +110,17 @@ fn root_sigkill_removes_probes() {
 fn rejects(args: &[&str], needle: &str) {
     let (code, stderr, _) = run_cli(args);
     assert_eq!(code, Some(2), "{args:?}: exit code; stderr: {stderr:?}");
-    assert_eq!(stderr.len(), 1, "{args:?}: exactly one line on stderr: {stderr:?}");
+    assert_eq!(
+        stderr.len(),
+        1,
+        "{args:?}: exactly one line on stderr: {stderr:?}"
+    );
     assert!(stderr[0].starts_with("leaktrace: "), "{args:?}: {stderr:?}");
-    assert!(stderr[0].contains(needle), "{args:?}: expected {needle:?} in {:?}", stderr[0]);
+    assert!(
+        stderr[0].contains(needle),
+        "{args:?}: expected {needle:?} in {:?}",
+        stderr[0]
+    );
 }
 
 /// Option errors: each is one clear line and exit status 2, before anything is attached.
@@ -93,11 +131,20 @@ fn bad_options_are_one_line_errors() {
         (&[], "say what to trace: --pid PID, or a command after --"),
         (&["--pid", "abc"], "not a process id"),
         (&["--pid", "0"], "not a process id"),
-        (&["--pid", "1", "--duration", "-3"], "not a positive number of seconds"),
+        (
+            &["--pid", "1", "--duration", "-3"],
+            "not a positive number of seconds",
+        ),
         (&["--pid", "1", "--ring-kib", "5"], "power of two"),
         (&["--pid", "1", "--format", "xml"], "xml"),
-        (&["--pid", "1", "--", "true"], "'--pid <PID>' cannot be used with '[CMD]...'"),
-        (&["--pid", "1", "--interval", "1", "--format", "json"], "--interval"),
+        (
+            &["--pid", "1", "--", "true"],
+            "'--pid <PID>' cannot be used with '[CMD]...'",
+        ),
+        (
+            &["--pid", "1", "--interval", "1", "--format", "json"],
+            "--interval",
+        ),
     ];
     for (args, needle) in cases {
         rejects(args, needle);
@@ -110,11 +157,20 @@ fn root_bad_targets_are_one_line_errors() {
     require_root();
     rejects(&["--pid", "4000000"], "no process with pid 4000000");
     rejects(&["--pid", "2"], "kernel thread");
-    rejects(&["--", "/nonexistent/program"], "cannot run `/nonexistent/program`: no such file");
-    rejects(&["--", "/etc/passwd"], "cannot run `/etc/passwd`: not an executable file");
+    rejects(
+        &["--", "/nonexistent/program"],
+        "cannot run `/nonexistent/program`: no such file",
+    );
+    rejects(
+        &["--", "/etc/passwd"],
+        "cannot run `/etc/passwd`: not an executable file",
+    );
     // A bad output path is refused before anything is attached.
     let me = std::process::id().to_string();
-    rejects(&["--pid", &me, "-o", "/nonexistent/dir/report.json"], "failed to write the report to /nonexistent/dir/report.json");
+    rejects(
+        &["--pid", &me, "-o", "/nonexistent/dir/report.json"],
+        "failed to write the report to /nonexistent/dir/report.json",
+    );
 
     // A zombie: a child that exited and that we do not reap yet.
     let mut child = Command::new("true").spawn().expect("spawn true");
@@ -127,12 +183,20 @@ fn root_bad_targets_are_one_line_errors() {
     child.wait().expect("reap");
 
     // A process with no allocator at all (static, no C library).
-    let fx = Command::new(fixture_path("no_alloc")).spawn().expect("spawn no_alloc");
+    let fx = Command::new(fixture_path("no_alloc"))
+        .spawn()
+        .expect("spawn no_alloc");
     let pid = fx.id();
-    while !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") S ") {
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_default()
+        .contains(") S ")
+    {
         std::thread::yield_now();
     }
-    rejects(&["--pid", &pid.to_string()], "no allocator leaktrace recognizes: looked for malloc, calloc");
+    rejects(
+        &["--pid", &pid.to_string()],
+        "no allocator leaktrace recognizes: looked for malloc, calloc",
+    );
     let mut fx = fx;
     let _ = fx.kill();
     let _ = fx.wait();
@@ -148,7 +212,10 @@ fn root_unprivileged_user_is_told_what_is_needed() {
         // SAFETY: setgid/setuid in the child before exec; no allocation happens here.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -159,7 +226,10 @@ fn root_unprivileged_user_is_told_what_is_needed() {
     let stderr: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap().lines().collect();
     assert_eq!(out.status.code(), Some(2), "{stderr:?}");
     assert_eq!(stderr.len(), 1, "{stderr:?}");
-    assert!(stderr[0].contains("needs root, or the CAP_BPF and CAP_PERFMON"), "{stderr:?}");
+    assert!(
+        stderr[0].contains("needs root, or the CAP_BPF and CAP_PERFMON"),
+        "{stderr:?}"
+    );
 }
 
 /// Text mode prints periodic reports and a final one, with the loss line in each.
@@ -169,7 +239,15 @@ fn root_text_reports_at_each_interval() {
     let mut fx = Fixture::spawn("heap_ops", &["basic"]);
     let out = leaktrace_tests::temp_path("report.txt");
     let mut child = Command::new(leaktrace_bin())
-        .args(["--pid", &fx.pid.to_string(), "--interval", "0.3", "--duration", "1.2", "-o"])
+        .args([
+            "--pid",
+            &fx.pid.to_string(),
+            "--interval",
+            "0.3",
+            "--duration",
+            "1.2",
+            "-o",
+        ])
         .arg(&out)
         .stderr(Stdio::piped())
         .spawn()
@@ -184,9 +262,16 @@ fn root_text_reports_at_each_interval() {
     let _ = std::fs::remove_file(&out);
     let periodic = text.matches("=== leaktrace report: pid").count();
     assert!(periodic >= 1, "{text}");
-    assert_eq!(text.matches("=== leaktrace final report: pid").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("=== leaktrace final report: pid").count(),
+        1,
+        "{text}"
+    );
     assert_eq!(text.matches("Losses: none").count(), periodic + 1, "{text}");
     let last = text.rsplit("=== leaktrace final report").next().unwrap();
     assert!(last.contains("leak_calloc (heap_ops.c:"), "{last}");
-    assert!(last.contains("Live heap allocated since attach: 1.4 KiB in 8 blocks"), "{last}");
+    assert!(
+        last.contains("Live heap allocated since attach: 1.4 KiB in 8 blocks"),
+        "{last}"
+    );
 }

@@ -77,7 +77,10 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &str) -> Command {
@@ -90,7 +93,8 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
         }
         Tool::Leaktrace | Tool::LeaktraceSampled => {
             let mut c = Command::new(leaktrace);
-            c.args(["--format", "json", "-o"]).arg(out.with_extension("json"));
+            c.args(["--format", "json", "-o"])
+                .arg(out.with_extension("json"));
             if tool == Tool::LeaktraceSampled {
                 c.args(["--sample-rate", "524288"]);
             }
@@ -99,12 +103,17 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
         }
         Tool::Bpftrace => {
             let mut c = Command::new("bpftrace");
-            c.arg("-c").arg(w.cmd.join(" ")).arg(bench_dir.join("memleak.bt")).arg(libc);
+            c.arg("-c")
+                .arg(w.cmd.join(" "))
+                .arg(bench_dir.join("memleak.bt"))
+                .arg(libc);
             c
         }
         Tool::Heaptrack => {
             let mut c = Command::new("heaptrack");
-            c.arg("-o").arg(out.with_extension("heaptrack")).args(&w.cmd);
+            c.arg("-o")
+                .arg(out.with_extension("heaptrack"))
+                .args(&w.cmd);
             c
         }
     };
@@ -121,7 +130,13 @@ fn finish(mut child: Child) -> Result<()> {
     Ok(())
 }
 
-fn run_one(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &str) -> Result<Sample> {
+fn run_one(
+    tool: Tool,
+    w: &Workload,
+    leaktrace: &Path,
+    bench_dir: &Path,
+    libc: &str,
+) -> Result<Sample> {
     let mut cmd = command(tool, w, leaktrace, bench_dir, libc);
     match (w.protocol, &w.stdin_file) {
         (Protocol::SqliteTimer, Some(f)) => {
@@ -131,7 +146,9 @@ fn run_one(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             cmd.stdin(Stdio::piped());
         }
     }
-    let mut child = cmd.spawn().with_context(|| format!("failed to start {:?}", tool.label()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to start {:?}", tool.label()))?;
     let tracer = child.id();
     let mut out = BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
@@ -139,12 +156,21 @@ fn run_one(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
         let mut total = 0.0;
         while out.read_line(&mut line)? > 0 {
             if let Some(rest) = line.strip_prefix("Run Time: real ") {
-                total += rest.split_whitespace().next().unwrap_or("0").parse::<f64>().unwrap_or(0.0);
+                total += rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0);
             }
             line.clear();
         }
         finish(child)?;
-        return Ok(Sample { ns_per_op: total * 1e9, tracer_cpu: None, tracer_rss_kib: None });
+        return Ok(Sample {
+            ns_per_op: total * 1e9,
+            tracer_cpu: None,
+            tracer_rss_kib: None,
+        });
     }
     loop {
         line.clear();
@@ -166,15 +192,31 @@ fn run_one(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             bail!("{} ended before its result", tool.label());
         }
         if let Some(v) = line.trim().strip_prefix("result ns_per_op=") {
-            break v.split_whitespace().next().unwrap_or("").parse::<f64>().context("result")?;
+            break v
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .parse::<f64>()
+                .context("result")?;
         }
     };
     let wall = t0.elapsed().as_secs_f64();
-    let measured = matches!(tool, Tool::Leaktrace | Tool::LeaktraceSampled | Tool::Bpftrace);
-    let tracer_cpu = if measured { cpu_seconds(tracer).zip(cpu0).map(|(b, a)| (b - a) / wall) } else { None };
+    let measured = matches!(
+        tool,
+        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::Bpftrace
+    );
+    let tracer_cpu = if measured {
+        cpu_seconds(tracer).zip(cpu0).map(|(b, a)| (b - a) / wall)
+    } else {
+        None
+    };
     let tracer_rss_kib = if measured { peak_rss_kib(tracer) } else { None };
     finish(child)?;
-    Ok(Sample { ns_per_op, tracer_cpu, tracer_rss_kib })
+    Ok(Sample {
+        ns_per_op,
+        tracer_cpu,
+        tracer_rss_kib,
+    })
 }
 
 /// Runs the table. `leaktrace` is the release binary.
@@ -183,23 +225,55 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
     let build = workspace.join("target/bench");
     std::fs::create_dir_all(&build)?;
     let ml = build.join("malloc_loop");
-    let status = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&ml).arg(bench_dir.join("malloc_loop.c")).status()?;
+    let status = Command::new("cc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&ml)
+        .arg(bench_dir.join("malloc_loop.c"))
+        .status()?;
     if !status.success() {
         bail!("failed to build malloc_loop");
     }
     let libc = "/lib/x86_64-linux-gnu/libc.so.6";
     let ml = ml.display().to_string();
-    let scale = |n: u64| if quick { (n / 20).to_string() } else { n.to_string() };
+    let scale = |n: u64| {
+        if quick {
+            (n / 20).to_string()
+        } else {
+            n.to_string()
+        }
+    };
     let mut workloads = vec![
-        Workload { name: "malloc/free, 1 thread", op: "pair", cmd: vec![ml.clone(), scale(200_000), "1".into()], protocol: Protocol::Handshake, stdin_file: None },
-        Workload { name: "malloc/free, 2 threads", op: "pair", cmd: vec![ml.clone(), scale(100_000), "2".into()], protocol: Protocol::Handshake, stdin_file: None },
-        Workload { name: "malloc/free at 100k pairs/s", op: "pair", cmd: vec![ml, scale(300_000), "1".into(), "100000".into()], protocol: Protocol::Handshake, stdin_file: None },
+        Workload {
+            name: "malloc/free, 1 thread",
+            op: "pair",
+            cmd: vec![ml.clone(), scale(200_000), "1".into()],
+            protocol: Protocol::Handshake,
+            stdin_file: None,
+        },
+        Workload {
+            name: "malloc/free, 2 threads",
+            op: "pair",
+            cmd: vec![ml.clone(), scale(100_000), "2".into()],
+            protocol: Protocol::Handshake,
+            stdin_file: None,
+        },
+        Workload {
+            name: "malloc/free at 100k pairs/s",
+            op: "pair",
+            cmd: vec![ml, scale(300_000), "1".into(), "100000".into()],
+            protocol: Protocol::Handshake,
+            stdin_file: None,
+        },
     ];
     if Path::new("/usr/bin/python3.11").exists() {
         workloads.push(Workload {
             name: "CPython 3.11 (Debian) json/dict churn",
             op: "document",
-            cmd: vec!["/usr/bin/python3.11".into(), bench_dir.join("py_churn.py").display().to_string(), scale(20_000)],
+            cmd: vec![
+                "/usr/bin/python3.11".into(),
+                bench_dir.join("py_churn.py").display().to_string(),
+                scale(20_000),
+            ],
             protocol: Protocol::Handshake,
             stdin_file: None,
         });
@@ -218,11 +292,16 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         if which::which(bin).is_ok() {
             tools.push(tool);
         } else {
-            println!("note: {bin} is not installed, so its rows are missing (apt-get install {bin})");
+            println!(
+                "note: {bin} is not installed, so its rows are missing (apt-get install {bin})"
+            );
         }
     }
     println!();
-    println!("{:<38} {:<30} {:>12} {:>14} {:>10} {:>11} {:>11}", "workload", "tool", "ns/op", "added µs/op", "slowdown", "tracer CPU", "tracer RSS");
+    println!(
+        "{:<38} {:<30} {:>12} {:>14} {:>10} {:>11} {:>11}",
+        "workload", "tool", "ns/op", "added µs/op", "slowdown", "tracer CPU", "tracer RSS"
+    );
     let mut failures = Vec::new();
     for w in &workloads {
         let mut base = None;
@@ -244,15 +323,26 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
                 if tool == Tool::Untraced { w.name } else { "" },
                 tool.label(),
                 s.ns_per_op,
-                if tool == Tool::Untraced { "-".to_owned() } else { format!("{add:.3}") },
+                if tool == Tool::Untraced {
+                    "-".to_owned()
+                } else {
+                    format!("{add:.3}")
+                },
                 s.ns_per_op / b,
-                s.tracer_cpu.map_or("-".into(), |c| format!("{:.1}%", c * 100.0)),
-                s.tracer_rss_kib.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+                s.tracer_cpu
+                    .map_or("-".into(), |c| format!("{:.1}%", c * 100.0)),
+                s.tracer_rss_kib
+                    .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
             );
         }
         let get = |t: Tool| added.iter().find(|(x, _)| *x == t).map(|(_, a)| *a);
         if let (Some(l), Some(bt)) = (get(Tool::Leaktrace), get(Tool::Bpftrace)) {
-            print!("{:<38} ratio of added cost per {}: leaktrace/bpftrace = {:.2}", "", w.op, l / bt);
+            print!(
+                "{:<38} ratio of added cost per {}: leaktrace/bpftrace = {:.2}",
+                "",
+                w.op,
+                l / bt
+            );
             if let Some(s) = get(Tool::LeaktraceSampled) {
                 print!(", sampled/bpftrace = {:.2}", s / bt);
             }
@@ -260,7 +350,11 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         }
     }
     if !failures.is_empty() {
-        bail!("{} benchmark runs failed: {}", failures.len(), failures.join("; "));
+        bail!(
+            "{} benchmark runs failed: {}",
+            failures.len(),
+            failures.join("; ")
+        );
     }
     Ok(())
 }

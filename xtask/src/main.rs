@@ -59,12 +59,17 @@ fn main() -> ExitCode {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -72,9 +77,15 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("failed to run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -89,28 +100,58 @@ fn works(cmd: &mut Command) -> bool {
 fn setup() -> Result<()> {
     if !works(Command::new("cc").arg("--version")) {
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "gcc", "libc6-dev"]))?;
+        run(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "gcc",
+            "libc6-dev",
+        ]))?;
     }
     if !works(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     ensure_bpf_linker()
 }
 
 /// bpf-linker must use the same LLVM as the nightly rustc that emits the bitcode.
 fn ensure_bpf_linker() -> Result<()> {
-    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
     let libdir = Path::new(sysroot.trim()).join("lib");
     let lib = std::fs::read_dir(&libdir)
         .with_context(|| format!("failed to list {}", libdir.display()))?
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
-        .with_context(|| format!("no libLLVM.so.* in {} (nightly without LLVM?)", libdir.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {} (nightly without LLVM?)",
+                libdir.display()
+            )
+        })?;
     // "libLLVM.so.22.1-rust-1.97.0-nightly" → 22
     let major: u32 = lib["libLLVM.so.".len()..]
         .split(|c: char| !c.is_ascii_digit())
@@ -122,14 +163,16 @@ fn ensure_bpf_linker() -> Result<()> {
     let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     let prefix = home.join(".cache/leaktrace/llvm-prefix");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("failed to create {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("failed to create {}", prefix_lib.display()))?;
     for name in ["libLLVM.so", lib.as_str()] {
         let link = prefix_lib.join(name);
         let target = libdir.join(&lib);
         if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
             let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(&target, &link)
-                .with_context(|| format!("failed to link {} → {}", link.display(), target.display()))?;
+            std::os::unix::fs::symlink(&target, &link).with_context(|| {
+                format!("failed to link {} → {}", link.display(), target.display())
+            })?;
         }
     }
     // Built against this prefix, it uses exactly the nightly's LLVM; anything else is rebuilt.
@@ -137,7 +180,14 @@ fn ensure_bpf_linker() -> Result<()> {
         return Ok(());
     }
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix)
         .current_dir(env::temp_dir()))?;
@@ -149,7 +199,9 @@ fn ensure_bpf_linker() -> Result<()> {
 
 /// Whether the installed bpf-linker loads its LLVM from our prefix.
 fn linked_against(prefix_lib: &Path) -> bool {
-    let Ok(path) = which::which("bpf-linker") else { return false };
+    let Ok(path) = which::which("bpf-linker") else {
+        return false;
+    };
     output(Command::new("ldd").arg(path)).is_ok_and(|o| o.contains(&*prefix_lib.to_string_lossy()))
 }
 
@@ -162,11 +214,18 @@ fn cargo() -> Command {
 fn test(args: &[String]) -> Result<()> {
     run(cargo().args(["build", "-p", "leaktrace"]))?;
     let bin = workspace().join("target/debug/leaktrace");
-    run(cargo().args(["test", "--workspace", "--exclude", "leaktrace-ebpf", "--"]).args(args).env("LEAKTRACE_BIN", bin))?;
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "leaktrace-ebpf", "--"])
+        .args(args)
+        .env("LEAKTRACE_BIN", bin))?;
     if args.is_empty() {
         // A quick run of the benchmark harness, so it never rots (numbers not asserted).
         run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
-        bench::run(&workspace(), &workspace().join("target/release/leaktrace"), true)?;
+        bench::run(
+            &workspace(),
+            &workspace().join("target/release/leaktrace"),
+            true,
+        )?;
         println!("bench smoke: every workload ran under every installed tool");
     }
     Ok(())
@@ -181,16 +240,33 @@ fn demo() -> Result<()> {
         .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
         .arg(&leaky)
         .arg(workspace().join("demo/leaky.c")))?;
-    eprintln!("xtask: leaktrace launches the demo program, which leaks at three places while it serves 3000 requests");
-    run(Command::new(workspace().join("target/release/leaktrace")).args(["--top", "5", "--max-frames", "4", "--"]).arg(&leaky))
+    eprintln!(
+        "xtask: leaktrace launches the demo program, which leaks at three places while it serves 3000 requests"
+    );
+    run(Command::new(workspace().join("target/release/leaktrace"))
+        .args(["--top", "5", "--max-frames", "4", "--"])
+        .arg(&leaky))
 }
 
 /// Engine throughput, then the side-by-side table of workloads and tracers.
 fn bench(quick: bool) -> Result<()> {
-    run(cargo().args(["build", "--release", "-p", "leaktrace", "--example", "consumer_bench"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "leaktrace",
+        "--example",
+        "consumer_bench",
+    ]))?;
     if !quick {
-        run(&mut Command::new(workspace().join("target/release/examples/consumer_bench")))?;
+        run(&mut Command::new(
+            workspace().join("target/release/examples/consumer_bench"),
+        ))?;
     }
     run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
-    bench::run(&workspace(), &workspace().join("target/release/leaktrace"), quick)
+    bench::run(
+        &workspace(),
+        &workspace().join("target/release/leaktrace"),
+        quick,
+    )
 }
