@@ -9,6 +9,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("launch", "launch.c", &[]),
     ("no_alloc", "no_alloc.c", &["-nostdlib", "-static"]),
     ("libbump_alloc.so", "bump_alloc.c", &["-shared", "-fPIC"]),
+    ("verdicts", "verdicts.c", &["-pthread"]),
 ];
 
 fn main() {

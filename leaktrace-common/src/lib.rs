@@ -50,6 +50,23 @@ pub mod maps {
     pub const SAMPLED: &str = "SAMPLED";
     /// Hash map: thread id → [`crate::SyscallEntry`] for syscalls in flight.
     pub const SYSCALL_INFLIGHT: &str = "SYSCALL_INFLIGHT";
+    /// LRU hash: thread id → [`crate::FreeMark`] of the thread's latest `free` call.
+    pub const FREE_MARK: &str = "FREE_MARK";
+}
+
+/// Where a thread's latest `free` call sits on its stack. `free` has no return
+/// probe (it would cost a trap per call), so a syscall is known to come from inside
+/// it when the thread's stack pointer is below `sp` and the slot at `sp` still holds
+/// `ret`: once `free` has returned, the caller's next call overwrites that slot with
+/// another return address. glibc creates arenas (tcache_init), unmaps mmapped
+/// chunks and shrinks heaps from inside `free`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeMark {
+    /// Stack pointer at free's probe (the slot of its return address).
+    pub sp: u64,
+    /// free's return address.
+    pub ret: u64,
 }
 
 /// Name of the read-only global holding [`Config`].

@@ -293,6 +293,14 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return 0;
     }
+    // Mark where this free sits on the stack, so that syscalls glibc makes from inside
+    // it (arena creation, unmapping an mmapped chunk, heap trims) count as the allocator's.
+    // The probe sits before free's first push, so the return address is at [sp].
+    let sp = regs_of(ctx.as_ptr()).sp;
+    // SAFETY: reading user memory through the helper cannot fault the kernel.
+    if let Ok(ret) = unsafe { bpf_probe_read_user(sp as *const u64) } {
+        let _ = crate::FREE_MARK.insert(&tid, &leaktrace_common::FreeMark { sp, ret }, 0);
+    }
     // Only frees of sampled blocks matter; the rest cost this one delete attempt.
     if CONFIG.load().sample_bytes != 0 && SAMPLED.remove(&ptr).is_err() {
         return 0;

@@ -73,6 +73,10 @@ static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
 static LAST_RETURN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
+static FREE_MARK: LruHashMap<u32, leaktrace_common::FreeMark> =
+    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+
+#[map]
 static SYSCALL_INFLIGHT: HashMap<u32, SyscallEntry> =
     HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
 

@@ -20,10 +20,33 @@ use leaktrace_common::{
     ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event, STACK_NONE, SyscallEntry, counter, kind, nr,
 };
 
-use crate::{ALLOC_INFLIGHT, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread};
+use aya_ebpf::helpers::{
+    bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+};
+
+use crate::{ALLOC_INFLIGHT, FREE_MARK, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread};
 
 const MADV_DONTNEED: u64 = 4;
 const MADV_FREE: u64 = 8;
+
+/// Whether the current thread is inside a `free` call (see [`leaktrace_common::FreeMark`]).
+#[inline(always)]
+fn inside_free(tid: u32) -> bool {
+    // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
+    let Some(mark) = (unsafe { FREE_MARK.get(&tid) }).copied() else {
+        return false;
+    };
+    // SAFETY: bpf_get_current_task_btf returns the current task; bpf_task_pt_regs its user registers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) }
+        as *const aya_ebpf::bindings::pt_regs;
+    if regs.is_null() {
+        return false;
+    }
+    // SAFETY: probe reads of kernel and user memory cannot fault.
+    let sp = unsafe { bpf_probe_read_kernel(&raw const (*regs).rsp) }.unwrap_or(u64::MAX);
+    sp < mark.sp
+        && unsafe { bpf_probe_read_user(mark.sp as *const u64) }.is_ok_and(|r| r == mark.ret)
+}
 
 /// Reads the `i`-th syscall argument (or, on exit, `ret` for `i == 0`).
 #[inline(always)]
@@ -49,8 +72,21 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
     // SAFETY: a lookup returns a pointer valid for this program run.
     let (stack_id, flags) = match unsafe { ALLOC_INFLIGHT.get(tid) } {
         Some(alloc) => (alloc.stack_id, EVENT_IN_ALLOCATOR),
-        None if want_stack => (stack::at_syscall(), 0),
-        None => (STACK_NONE, 0),
+        None => {
+            let flags = if inside_free(tid) {
+                EVENT_IN_ALLOCATOR
+            } else {
+                0
+            };
+            (
+                if want_stack {
+                    stack::at_syscall()
+                } else {
+                    STACK_NONE
+                },
+                flags,
+            )
+        }
     };
     let entry = SyscallEntry {
         args,

@@ -15,6 +15,13 @@ pub enum RegionKind {
     /// An accessible anonymous mapping made by an allocator: a chunk above the mmap
     /// threshold (glibc), an allocator's own arena or span.
     AllocatorChunk,
+    /// An inaccessible (`PROT_NONE`) anonymous reservation made outside the
+    /// allocator (thread stack guards, runtimes reserving address space): not
+    /// memory until parts of it are made accessible with mprotect.
+    Reserved,
+    /// A pymalloc arena: an anonymous read-write mapping of exactly the arena size
+    /// (1 MiB on CPython 3.10+, 256 KiB before) in a CPython process.
+    PyArena,
     /// File-backed mapping.
     File,
     /// Part of the brk heap.
@@ -32,6 +39,8 @@ pub struct Region {
     pub stack_id: i64,
     /// Monotonic time of creation, ns.
     pub ts_ns: u64,
+    /// Thread that created it.
+    pub tid: u32,
 }
 
 /// Non-overlapping intervals keyed by start address.
@@ -155,6 +164,7 @@ mod tests {
             kind: RegionKind::Anon,
             stack_id: stack,
             ts_ns: 0,
+            tid: 0,
         }
     }
 

@@ -127,6 +127,19 @@ pub struct AnonSplit {
     pub arena_committed_bytes: u64,
     /// Number of arena reservations.
     pub arenas: u64,
+    /// pymalloc arenas (CPython's small-object heap) mapped since attach.
+    pub pymalloc_arena_bytes: u64,
+    /// Their number.
+    pub pymalloc_arenas: u64,
+}
+
+/// Allocations and frees since attach of the blocks one stack allocated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackActivity {
+    /// Blocks allocated (sampled blocks when sampling).
+    pub allocs: u64,
+    /// Of those, freed.
+    pub frees: u64,
 }
 
 /// The books.
@@ -147,6 +160,12 @@ pub struct Ledger {
     brk: Option<u64>,
     /// Start of the brk heap.
     start_brk: Option<u64>,
+    /// Per-stack allocations and frees since attach.
+    stack_activity: FxHashMap<i64, StackActivity>,
+    /// Size of a pymalloc arena if the target is CPython.
+    pymalloc_arena: Option<u64>,
+    /// Largest mmapped chunk glibc freed (≤ 32 MiB): its dynamic mmap threshold rose to it.
+    mmap_threshold_raised_to: Option<u64>,
     /// Userspace counters.
     pub counters: UserCounters,
     /// Activity since attach.
@@ -168,6 +187,13 @@ impl Ledger {
     /// Treats heap events as byte-weighted samples with this mean interval.
     pub fn with_sampling(mut self, rate: u64) -> Self {
         self.sample_rate = rate;
+        self
+    }
+
+    /// Classifies anonymous read-write mappings of exactly `size` bytes made
+    /// outside the malloc family as pymalloc arenas (the target is CPython).
+    pub fn with_pymalloc_arena(mut self, size: Option<u64>) -> Self {
+        self.pymalloc_arena = size;
         self
     }
 
@@ -200,13 +226,28 @@ impl Ledger {
                     (false, ..) => RegionKind::File,
                     (true, true, false) => RegionKind::ArenaReserve,
                     (true, true, true) => RegionKind::AllocatorChunk,
-                    (true, false, _) => RegionKind::Anon,
+                    (true, false, true) if Some(ev.size) == self.pymalloc_arena => {
+                        RegionKind::PyArena
+                    }
+                    (true, false, true) => RegionKind::Anon,
+                    (true, false, false) => RegionKind::Reserved,
                 };
-                self.map(ev.addr, page_up(ev.size), k, ev.stack_id, ev.ts_ns);
+                self.map(ev.addr, page_up(ev.size), k, ev.stack_id, ev.ts_ns, ev.tid);
             }
             kind::MUNMAP => {
                 self.activity.munmaps += 1;
                 let len = page_up(ev.size);
+                if ev.flags & EVENT_IN_ALLOCATOR != 0 {
+                    // glibc's free of an mmapped chunk raises its mmap threshold to the chunk's size
+                    // (up to DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB) unless a threshold was set by hand.
+                    for (s, r) in self.regions.overlapping(ev.addr, len) {
+                        let size = r.end - s;
+                        if r.kind == RegionKind::AllocatorChunk && size <= 32 << 20 {
+                            self.mmap_threshold_raised_to =
+                                self.mmap_threshold_raised_to.max(Some(size));
+                        }
+                    }
+                }
                 let removed = self.unmap(ev.addr, len);
                 self.counters.untracked_unmapped_bytes += len - removed;
             }
@@ -257,6 +298,10 @@ impl Ledger {
         self.live_bytes += bytes;
         self.live_count += count;
         self.live_variance += var;
+        self.stack_activity
+            .entry(block.stack_id)
+            .or_default()
+            .allocs += 1;
         let t = self.heap_by_stack.entry(block.stack_id).or_default();
         t.bytes += bytes;
         t.count += count;
@@ -279,6 +324,9 @@ impl Ledger {
 
     fn take(&mut self, addr: u64) -> Option<Block> {
         let b = self.live.remove(&addr)?;
+        if let Some(a) = self.stack_activity.get_mut(&b.stack_id) {
+            a.frees += 1;
+        }
         self.sub_heap(b);
         Some(b)
     }
@@ -302,7 +350,7 @@ impl Ledger {
     /// Commits or decommits the parts of arena reservations in a range.
     fn on_mprotect(&mut self, start: u64, len: u64, prot: u64) {
         for (s, r) in self.regions.overlapping(start, len) {
-            if r.kind != RegionKind::ArenaReserve {
+            if r.kind != RegionKind::ArenaReserve && r.kind != RegionKind::Reserved {
                 continue;
             }
             if prot & PROT_READ_WRITE != 0 {
@@ -313,7 +361,7 @@ impl Ledger {
         }
     }
 
-    fn map(&mut self, start: u64, len: u64, kind: RegionKind, stack_id: i64, ts_ns: u64) {
+    fn map(&mut self, start: u64, len: u64, kind: RegionKind, stack_id: i64, ts_ns: u64, tid: u32) {
         let removed = self.regions.insert(
             start,
             len,
@@ -322,12 +370,16 @@ impl Ledger {
                 kind,
                 stack_id,
                 ts_ns,
+                tid,
             },
         );
         self.sub_regions(&removed);
         self.committed.remove(start, len);
         // Reservations are address space, not memory; their committed parts are counted apart.
-        if kind != RegionKind::File && kind != RegionKind::ArenaReserve {
+        if !matches!(
+            kind,
+            RegionKind::File | RegionKind::ArenaReserve | RegionKind::Reserved
+        ) {
             self.mapped_by_stack.entry(stack_id).or_default().bytes += len;
         }
     }
@@ -342,7 +394,10 @@ impl Ledger {
 
     fn sub_regions(&mut self, removed: &[(u64, Region)]) {
         for (s, r) in removed {
-            if r.kind == RegionKind::File || r.kind == RegionKind::ArenaReserve {
+            if matches!(
+                r.kind,
+                RegionKind::File | RegionKind::ArenaReserve | RegionKind::Reserved
+            ) {
                 continue;
             }
             if let Some(t) = self.mapped_by_stack.get_mut(&r.stack_id) {
@@ -369,7 +424,7 @@ impl Ledger {
                 // The mapping keeps its creator, grown or not: mremap is usually called
                 // by an allocator or a container resizing what it owns, and glibc's
                 // mremap wrapper is no leaf, so its own stack misses that caller.
-                self.map(new, kept, r.kind, r.stack_id, r.ts_ns);
+                self.map(new, kept, r.kind, r.stack_id, r.ts_ns, r.tid);
                 if new_len > old_len {
                     self.map(
                         new + old_len,
@@ -377,6 +432,7 @@ impl Ledger {
                         r.kind,
                         r.stack_id,
                         ev.ts_ns,
+                        r.tid,
                     );
                 }
             }
@@ -388,6 +444,7 @@ impl Ledger {
                     RegionKind::Anon,
                     ev.stack_id,
                     ev.ts_ns,
+                    ev.tid,
                 );
             }
             None => {}
@@ -401,9 +458,14 @@ impl Ledger {
             self.start_brk = Some(new);
         }
         match self.brk {
-            Some(cur) if new > cur => {
-                self.map(cur, new - cur, RegionKind::Brk, ev.stack_id, ev.ts_ns)
-            }
+            Some(cur) if new > cur => self.map(
+                cur,
+                new - cur,
+                RegionKind::Brk,
+                ev.stack_id,
+                ev.ts_ns,
+                ev.tid,
+            ),
             Some(cur) if new < cur => {
                 self.unmap(new, cur - new);
             }
@@ -433,13 +495,16 @@ impl Ledger {
     pub fn anon_mapped_bytes(&self) -> u64 {
         self.regions.bytes_of(RegionKind::Anon)
             + self.regions.bytes_of(RegionKind::AllocatorChunk)
+            + self.regions.bytes_of(RegionKind::PyArena)
             + self.committed.bytes_of(RegionKind::ArenaReserve)
+            + self.committed.bytes_of(RegionKind::Reserved)
     }
 
     /// Anonymous mappings since attach split by who made them and how.
     pub fn anon_split(&self) -> AnonSplit {
         AnonSplit {
-            other_anon_bytes: self.regions.bytes_of(RegionKind::Anon),
+            other_anon_bytes: self.regions.bytes_of(RegionKind::Anon)
+                + self.committed.bytes_of(RegionKind::Reserved),
             allocator_chunk_bytes: self.regions.bytes_of(RegionKind::AllocatorChunk),
             arena_reserved_bytes: self.regions.bytes_of(RegionKind::ArenaReserve),
             arena_committed_bytes: self.committed.bytes_of(RegionKind::ArenaReserve),
@@ -448,11 +513,17 @@ impl Ledger {
                 .iter()
                 .filter(|(_, r)| r.kind == RegionKind::ArenaReserve)
                 .count() as u64,
+            pymalloc_arena_bytes: self.regions.bytes_of(RegionKind::PyArena),
+            pymalloc_arenas: self
+                .regions
+                .iter()
+                .filter(|(_, r)| r.kind == RegionKind::PyArena)
+                .count() as u64,
         }
     }
 
-    /// Arena reservations: (start, reserved bytes, committed bytes, creating stack).
-    pub fn arenas(&self) -> Vec<(u64, u64, u64, i64)> {
+    /// Arena reservations: (start, reserved bytes, committed bytes, creating stack, creating thread).
+    pub fn arenas(&self) -> Vec<(u64, u64, u64, i64, u32)> {
         self.regions
             .iter()
             .filter(|(_, r)| r.kind == RegionKind::ArenaReserve)
@@ -463,9 +534,24 @@ impl Ledger {
                     .iter()
                     .map(|(cs, c)| c.end - cs)
                     .sum();
-                (s, r.end - s, committed, r.stack_id)
+                (s, r.end - s, committed, r.stack_id, r.tid)
             })
             .collect()
+    }
+
+    /// Allocations and frees since attach by allocating stack.
+    pub fn stack_activity(&self, id: i64) -> StackActivity {
+        self.stack_activity.get(&id).copied().unwrap_or_default()
+    }
+
+    /// Largest mmapped chunk the allocator freed (≤ 32 MiB), to which glibc raised its mmap threshold.
+    pub fn mmap_threshold_raised_to(&self) -> Option<u64> {
+        self.mmap_threshold_raised_to
+    }
+
+    /// Current program break, if known.
+    pub fn brk(&self) -> Option<u64> {
+        self.brk
     }
 
     /// Size of the brk heap (`brk - start_brk`), if known.
@@ -763,10 +849,14 @@ mod tests {
                 arena_reserved_bytes: 64 << 20,
                 arena_committed_bytes: 132 << 10,
                 arenas: 1,
+                ..AnonSplit::default()
             }
         );
         assert_eq!(l.anon_mapped_bytes(), 8 * PAGE + (1 << 20) + (132 << 10));
-        assert_eq!(l.arenas(), vec![(0x7f00_0000_0000, 64 << 20, 132 << 10, 9)]);
+        assert_eq!(
+            l.arenas(),
+            vec![(0x7f00_0000_0000, 64 << 20, 132 << 10, 9, 0)]
+        );
         // The arena grows, then shrinks (glibc shrink_heap re-protects its top).
         l.apply(&in_alloc(sys(
             kind::MPROTECT,
@@ -876,5 +966,87 @@ mod tests {
         l.apply(&sys(kind::MUNMAP, 0x8000_0000, 8 * PAGE, 0, 0, -1));
         assert_eq!(l.anon_mapped_bytes(), 0);
         assert!(!l.mapped_by_stack().contains_key(&1));
+    }
+
+    /// CPython: anonymous 1 MiB read-write mappings made outside malloc are pymalloc
+    /// arenas; glibc freeing a 1 MiB mmapped chunk raises its mmap threshold.
+    #[test]
+    fn pymalloc_arenas_and_mmap_threshold() {
+        let anon_rw = (MAP_ANONYMOUS << 32) | 3;
+        let in_alloc = |e: Event| Event {
+            flags: EVENT_IN_ALLOCATOR,
+            ..e
+        };
+        let mut l = Ledger::default().with_pymalloc_arena(Some(1 << 20));
+        l.apply(&sys(
+            kind::MMAP,
+            0x7d00_0000_0000,
+            1 << 20,
+            anon_rw,
+            u64::MAX,
+            5,
+        ));
+        l.apply(&sys(
+            kind::MMAP,
+            0x7d00_0010_0000,
+            1 << 20,
+            anon_rw,
+            u64::MAX,
+            5,
+        ));
+        l.apply(&sys(
+            kind::MMAP,
+            0x7d00_0100_0000,
+            2 << 20,
+            anon_rw,
+            u64::MAX,
+            6,
+        ));
+        l.apply(&in_alloc(sys(
+            kind::MMAP,
+            0x7e00_0000_0000,
+            1 << 20,
+            anon_rw,
+            u64::MAX,
+            8,
+        )));
+        let split = l.anon_split();
+        assert_eq!(
+            (
+                split.pymalloc_arenas,
+                split.pymalloc_arena_bytes,
+                split.other_anon_bytes,
+                split.allocator_chunk_bytes
+            ),
+            (2, 2 << 20, 2 << 20, 1 << 20)
+        );
+        assert_eq!(l.anon_mapped_bytes(), 5 << 20);
+        assert_eq!(l.mmap_threshold_raised_to(), None);
+        l.apply(&in_alloc(sys(
+            kind::MUNMAP,
+            0x7e00_0000_0000,
+            1 << 20,
+            0,
+            0,
+            8,
+        )));
+        assert_eq!(l.mmap_threshold_raised_to(), Some(1 << 20));
+        // Not a pymalloc process: the same mapping is plain anonymous memory.
+        let mut l = Ledger::default();
+        l.apply(&sys(
+            kind::MMAP,
+            0x7d00_0000_0000,
+            1 << 20,
+            anon_rw,
+            u64::MAX,
+            5,
+        ));
+        assert_eq!(
+            (
+                l.anon_split().pymalloc_arenas,
+                l.anon_split().other_anon_bytes
+            ),
+            (0, 1 << 20)
+        );
     }
 }

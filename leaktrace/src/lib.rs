@@ -7,6 +7,7 @@
 
 pub mod allocators;
 pub mod error;
+pub mod glibc_heap;
 pub mod intervals;
 pub mod launch;
 pub mod ledger;
@@ -18,6 +19,7 @@ pub mod session;
 pub mod symbols;
 pub mod target;
 pub mod timeline;
+pub mod verdict;
 
 pub use error::Error;
 pub use session::{Config, Format, Outcome, Target, run};

@@ -92,6 +92,16 @@ struct Opts {
     #[arg(long)]
     no_stacks: bool,
 
+    /// Leave heap blocks younger than S seconds out of the stack tables, so that
+    /// long-lived outstanding memory is ranked without the churn of temporaries.
+    #[arg(long, value_name = "S", value_parser = parse_seconds)]
+    min_age: Option<Duration>,
+
+    /// Do not read glibc's heaps through /proc/PID/mem (arena figures, the
+    /// malloc_trim estimate and fragmentation remedies then go missing).
+    #[arg(long)]
+    no_heap_walk: bool,
+
     /// More log output on stderr (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -196,6 +206,8 @@ fn config(opts: Opts) -> Config {
         sampled_capacity: opts.sampled_capacity,
         dry_run: opts.dry_run,
         max_overhead_pct: opts.max_overhead,
+        min_age: opts.min_age,
+        walk_heaps: !opts.no_heap_walk,
     }
 }
 

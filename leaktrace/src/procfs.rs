@@ -94,6 +94,8 @@ pub struct Status {
     pub rss: Rss,
     /// Whether the task has a user address space (kernel threads have none).
     pub has_mm: bool,
+    /// Threads in the process.
+    pub threads: u64,
 }
 
 /// Parses the text of `/proc/PID/status`.
@@ -121,6 +123,7 @@ pub fn parse_status(text: &str) -> Status {
             "RssAnon" => st.rss.anon_bytes = kb(),
             "RssFile" => st.rss.file_bytes = kb(),
             "RssShmem" => st.rss.shmem_bytes = kb(),
+            "Threads" => st.threads = v.parse().unwrap_or(0),
             _ => {}
         }
     }

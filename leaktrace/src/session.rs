@@ -86,6 +86,10 @@ pub struct Config {
     /// Detach the heap probes when their projected cost exceeds this share of the
     /// target's own CPU time, in percent.
     pub max_overhead_pct: Option<f64>,
+    /// Leave blocks younger than this out of the heap stacks.
+    pub min_age: Option<Duration>,
+    /// Walk glibc's heaps through /proc/PID/mem for each report.
+    pub walk_heaps: bool,
 }
 
 impl Default for Config {
@@ -107,6 +111,8 @@ impl Default for Config {
             sampled_capacity: leaktrace_common::DEFAULT_SAMPLED_CAPACITY,
             dry_run: false,
             max_overhead_pct: None,
+            min_age: None,
+            walk_heaps: true,
         }
     }
 }
@@ -212,11 +218,19 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
+    let python = python_version(objects.iter().map(|(t, _)| t.as_str()));
+    // pymalloc maps 1 MiB arenas since CPython 3.10, 256 KiB ones before.
+    let pymalloc_arena = python.map(|(_, minor)| if minor >= 10 { 1 << 20 } else { 256 << 10 });
     let mut s = Session {
         config,
         pid,
         launched,
-        ledger: Ledger::new(start_brk, brk).with_sampling(u64::from(config.sample_rate)),
+        ledger: Ledger::new(start_brk, brk)
+            .with_sampling(u64::from(config.sample_rate))
+            .with_pymalloc_arena(pymalloc_arena),
+        python,
+        threads: 0,
+        walk: None,
         symbols: None,
         timeline: crate::timeline::Timeline::default(),
         known_stacks: rustc_hash::FxHashSet::default(),
@@ -336,6 +350,7 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
         .map_max_entries(maps::ALLOC_INFLIGHT, config.inflight_capacity)
         .map_max_entries(maps::SYSCALL_INFLIGHT, config.inflight_capacity)
         .map_max_entries(maps::SAMPLE_COUNTDOWN, config.inflight_capacity)
+        .map_max_entries(maps::FREE_MARK, config.inflight_capacity)
         .map_max_entries(maps::SAMPLED, config.sampled_capacity);
     // The verifier rejects programs with EACCES, so only EPERM means "not allowed".
     let mut ebpf = loader
@@ -505,6 +520,12 @@ struct Session<'a> {
     pid: u32,
     launched: bool,
     ledger: Ledger,
+    /// CPython (major, minor) if the target is a Python interpreter.
+    python: Option<(u32, u32)>,
+    /// Threads in the target at the last sample.
+    threads: u64,
+    /// The latest walk of glibc's heaps.
+    walk: Option<crate::glibc_heap::HeapWalk>,
     symbols: Option<Symbols>,
     /// Totals and per-stack bytes over time.
     timeline: crate::timeline::Timeline,
@@ -617,7 +638,7 @@ impl Session<'_> {
                 _ = drain_tick.tick() => self.consume(ring.get_mut(), &stacks),
                 _ = tick.tick() => {
                     self.sample_rss();
-                    self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss);
+                    self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss, self.threads);
                     self.resolve_stacks(&stacks);
                 }
                 _ = budget_tick.tick() => {
@@ -640,6 +661,7 @@ impl Session<'_> {
                             // Its mappings are still there: take everything we need from them now.
                             self.consume(ring.get_mut(), &stacks);
                             self.sample_rss();
+                            self.walk_heaps();
                             symbols_for(&mut self.symbols, self.pid).refresh_maps();
                             self.resolve_stacks(&stacks);
                             launch::detach(self.pid);
@@ -670,8 +692,12 @@ impl Session<'_> {
         if !self.target_exited {
             self.sample_rss();
         }
-        self.timeline
-            .sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss);
+        self.timeline.sample(
+            self.started.elapsed().as_secs_f64(),
+            &self.ledger,
+            self.rss,
+            self.threads,
+        );
         self.resolve_stacks(&stacks);
         // The whole run's figures, unless the budget stopped the heap probes: then
         // the window that tripped it is the one to show.
@@ -774,6 +800,34 @@ impl Session<'_> {
             && st.has_mm
         {
             self.rss = st.rss;
+            self.threads = st.threads;
+        }
+    }
+
+    /// Walks glibc's heaps in the target's memory, if it is alive (kept for later reports).
+    fn walk_heaps(&mut self) {
+        if !self.config.walk_heaps || self.target_exited {
+            return;
+        }
+        let (Ok(maps), Ok(mem)) = (
+            procfs::read_maps(self.pid),
+            crate::glibc_heap::ProcMemory::open(self.pid),
+        ) else {
+            return;
+        };
+        let t = Instant::now();
+        let sites = crate::glibc_heap::find_sites(
+            &maps,
+            procfs::read_start_brk(self.pid),
+            self.ledger.brk(),
+        );
+        let w = crate::glibc_heap::walk_heaps(&mem, &sites);
+        log::debug!(
+            "walked glibc heaps in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        if !w.arenas.is_empty() || !w.unwalkable.is_empty() {
+            self.walk = Some(w);
         }
     }
 
@@ -835,6 +889,25 @@ impl Session<'_> {
         final_report: bool,
         reason: Option<String>,
     ) -> Report {
+        if !self.target_exited {
+            self.walk_heaps();
+        }
+        let environ = crate::glibc_heap::read_environ(self.pid);
+        let malloc_env: Vec<String> = environ
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("MALLOC_")
+                    || k == "GLIBC_TUNABLES"
+                    || k == "LD_PRELOAD"
+                    || k.starts_with("PYTHONMALLOC")
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let arena_limit = self
+            .walk
+            .as_ref()
+            .map(|_| crate::glibc_heap::arena_limit(&environ, crate::glibc_heap::online_cpus()));
+        let thread_names = thread_names(self.pid);
         let kernel: Vec<u64> = (0..counter::COUNT)
             .map(|i| counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect();
@@ -856,11 +929,49 @@ impl Session<'_> {
             overhead: self.overhead.clone(),
             heap_detached: self.heap_detached.clone(),
             timeline: &self.timeline,
+            min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
+            walk: self.walk.as_ref(),
+            arena_limit,
+            malloc_env,
+            python: self.python.is_some(),
+            thread_names: &thread_names,
         })
     }
 }
 
 const PROT_EXEC: u64 = 4;
+
+/// Names of a process's threads, by thread id.
+fn thread_names(pid: u32) -> rustc_hash::FxHashMap<u32, String> {
+    let mut m = rustc_hash::FxHashMap::default();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok())
+            && let Ok(comm) = std::fs::read_to_string(e.path().join("comm"))
+        {
+            m.insert(tid, comm.trim().to_owned());
+        }
+    }
+    m
+}
+
+/// CPython's (major, minor) if one of the objects is a Python interpreter or libpython.
+pub fn python_version<'a>(objects: impl Iterator<Item = &'a str>) -> Option<(u32, u32)> {
+    objects
+        .filter_map(|o| {
+            let base = o.rsplit('/').next()?;
+            let rest = base
+                .strip_prefix("libpython")
+                .or_else(|| base.strip_prefix("python"))?;
+            let (major, rest) = rest.split_once('.')?;
+            let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .find(|&(major, _)| major == 3)
+}
 
 /// Measures allocator call rates (from the kernel's hit counters) and the target's CPU time.
 struct Meter {

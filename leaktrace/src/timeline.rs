@@ -9,7 +9,10 @@
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::{ledger::Ledger, procfs::Rss};
+use crate::{
+    ledger::{AnonSplit, Ledger},
+    procfs::Rss,
+};
 
 /// Samples of the totals kept before they are thinned to every other one.
 const MAX_POINTS: usize = 2048;
@@ -33,6 +36,18 @@ pub struct Point {
     pub anon_mapped_bytes: u64,
     /// Size of the brk heap.
     pub brk_bytes: u64,
+    /// Anonymous memory mapped since attach, by origin.
+    pub split: AnonSplit,
+    /// Threads in the process.
+    pub threads: u64,
+}
+
+impl Point {
+    /// Memory the allocator holds from the system: the brk heap, committed arena
+    /// heaps and directly mapped chunks (pymalloc arenas are counted apart).
+    pub fn allocator_bytes(&self) -> u64 {
+        self.brk_bytes + self.split.arena_committed_bytes + self.split.allocator_chunk_bytes
+    }
 }
 
 /// Growth of one series.
@@ -51,6 +66,7 @@ pub struct Growth {
 pub struct Timeline {
     points: Vec<Point>,
     stacks: FxHashMap<i64, Vec<(f64, u64)>>,
+    mapped: FxHashMap<i64, Vec<(f64, u64)>>,
 }
 
 fn thin<T: Copy>(v: &mut Vec<T>, max: usize) {
@@ -61,8 +77,8 @@ fn thin<T: Copy>(v: &mut Vec<T>, max: usize) {
 }
 
 impl Timeline {
-    /// Records the ledger's totals and every stack's outstanding heap bytes at `t_s`.
-    pub fn sample(&mut self, t_s: f64, ledger: &Ledger, rss: Rss) {
+    /// Records the ledger's totals and every stack's outstanding bytes at `t_s`.
+    pub fn sample(&mut self, t_s: f64, ledger: &Ledger, rss: Rss, threads: u64) {
         self.points.push(Point {
             t_s,
             rss,
@@ -70,20 +86,23 @@ impl Timeline {
             live_allocations: ledger.live_allocations(),
             anon_mapped_bytes: ledger.anon_mapped_bytes(),
             brk_bytes: ledger.brk_bytes().unwrap_or(0),
+            split: ledger.anon_split(),
+            threads,
         });
         thin(&mut self.points, MAX_POINTS);
-        for (&id, t) in ledger.heap_by_stack() {
-            self.stacks.entry(id).or_default().push((t_s, t.bytes));
-        }
-        // Stacks whose blocks are all gone drop to zero (once).
-        for (id, s) in &mut self.stacks {
-            if !ledger.heap_by_stack().contains_key(id)
-                && s.last().is_some_and(|&(t, b)| t < t_s && b > 0)
-            {
-                s.push((t_s, 0));
-            }
-            thin(s, MAX_STACK_POINTS);
-        }
+        record(
+            &mut self.stacks,
+            t_s,
+            ledger.heap_by_stack().iter().map(|(&id, t)| (id, t.bytes)),
+        );
+        record(
+            &mut self.mapped,
+            t_s,
+            ledger
+                .mapped_by_stack()
+                .iter()
+                .map(|(&id, t)| (id, t.bytes)),
+        );
     }
 
     /// The sampled totals.
@@ -94,6 +113,35 @@ impl Timeline {
     /// Growth of a stack's outstanding heap bytes, once it has three samples.
     pub fn stack_growth(&self, id: i64) -> Option<Growth> {
         growth(self.stacks.get(&id)?)
+    }
+
+    /// A stack's outstanding heap bytes over time.
+    pub fn heap_series(&self) -> &FxHashMap<i64, Vec<(f64, u64)>> {
+        &self.stacks
+    }
+
+    /// A stack's outstanding mapped bytes (anonymous mmap, brk) over time.
+    pub fn mapped_series(&self) -> &FxHashMap<i64, Vec<(f64, u64)>> {
+        &self.mapped
+    }
+}
+
+/// Appends each stack's current bytes; stacks that went away drop to zero (once).
+fn record(
+    series: &mut FxHashMap<i64, Vec<(f64, u64)>>,
+    t_s: f64,
+    now: impl Iterator<Item = (i64, u64)>,
+) {
+    let mut seen = rustc_hash::FxHashSet::default();
+    for (id, bytes) in now {
+        seen.insert(id);
+        series.entry(id).or_default().push((t_s, bytes));
+    }
+    for (id, s) in series.iter_mut() {
+        if !seen.contains(id) && s.last().is_some_and(|&(t, b)| t < t_s && b > 0) {
+            s.push((t_s, 0));
+        }
+        thin(s, MAX_STACK_POINTS);
     }
 }
 

@@ -63,7 +63,14 @@ impl Fixture {
     /// Like [`Fixture::spawn`], with extra environment variables.
     #[track_caller]
     pub fn spawn_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(fixture_path(name))
+        Self::spawn_program(&fixture_path(name), args, env)
+    }
+
+    /// Starts `program ARGS` (e.g. an interpreter running a fixture script) and waits for its ready line.
+    #[track_caller]
+    pub fn spawn_program(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let name = program.display().to_string();
+        let mut child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
@@ -98,6 +105,25 @@ impl Fixture {
             .and_then(|()| stdin.flush())
             .expect("failed to send go to fixture");
         self.expect_line("done");
+    }
+
+    /// Sends one line to the fixture's stdin.
+    #[track_caller]
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .expect("failed to write to fixture");
+    }
+
+    /// Reads one stdout line.
+    #[track_caller]
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("failed to read fixture output");
+        line.trim().to_owned()
     }
 
     /// Reads one stdout line and checks it.
@@ -266,6 +292,27 @@ impl Drop for Tracer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Attaches `leaktrace --pid` with `tracer_args` to a fixture that printed its ready line,
+/// runs its scenario, and returns the report, whose shape has been checked.
+#[track_caller]
+pub fn trace_fixture(fx: &mut Fixture, tracer_args: &[&str]) -> Value {
+    let pid = fx.pid.to_string();
+    let mut args = vec!["--pid", pid.as_str()];
+    args.extend_from_slice(tracer_args);
+    let tracer = Tracer::start(&args);
+    fx.run_scenario();
+    let r = tracer.finish();
+    check_shape(&r);
+    r
+}
+
+/// Path of a fixture script (not compiled: run by an interpreter).
+pub fn script_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// Starts fixture `name` with `fixture_args`, attaches `leaktrace --pid` to it with

@@ -1,0 +1,690 @@
+//! glibc's malloc heaps, read from outside the process.
+//!
+//! The chunks of the main (brk) heap and of every per-thread arena heap are
+//! walked through `/proc/PID/mem`, and `/proc/PID/pagemap` says which of their
+//! pages are resident. That gives, per arena and without touching the target,
+//! what `malloc_stats()`/`mallinfo2()` would say in-process — bytes in use, free
+//! bytes the allocator keeps — plus what neither says: how much of the free
+//! memory is resident, and what `malloc_trim(0)` would give back.
+//!
+//! Layout facts used (glibc ≥ 2.26, x86-64; `malloc/malloc.c`, `malloc/arena.c`):
+//! * a chunk's size word sits 8 bytes into the chunk, its low bits are flags
+//!   (`PREV_INUSE` = 1); a chunk is in use when the *next* chunk's `PREV_INUSE`
+//!   is set; the last chunk of the live heap is the top chunk;
+//! * a per-thread arena heap is a 64 MiB-aligned mapping that starts with
+//!   `heap_info { ar_ptr, prev, size, mprotect_size, … }`; the first heap of an
+//!   arena holds the arena's `malloc_state` right after it; a heap that was
+//!   abandoned for a new one ends in two fencepost chunks (sizes 16 and 0);
+//! * `malloc_trim(0)` (`mtrim`) madvises the whole pages inside every free chunk
+//!   past its 48-byte header, and shrinks the main heap's top chunk down to
+//!   `MINSIZE` (`systrim`); it does not shrink the top of other arenas.
+//!
+//! The target keeps running while it is read, so a walk that does not chain
+//! exactly from its first chunk to the end of the heap is retried, then
+//! reported as not walkable — never guessed. Chunks parked in tcache or fastbins
+//! look in use from outside (they are small: at most 7 per size class per thread).
+
+use std::{fs::File, io, os::unix::fs::FileExt as _};
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::procfs::MapEntry;
+
+const PAGE: u64 = 4096;
+/// glibc's `HEAP_MAX_SIZE` on 64-bit: arena heaps are aligned to it.
+pub const HEAP_MAX: u64 = 64 << 20;
+/// `sizeof(struct malloc_chunk)`: `mtrim` keeps this much of a free chunk.
+const CHUNK_STRUCT: u64 = 48;
+const MINSIZE: u64 = 32;
+const PREV_INUSE: u64 = 1;
+/// Bytes read from the target at a time.
+const WINDOW: usize = 64 << 10;
+/// Attempts per heap before it is reported as changing too fast to walk.
+const ATTEMPTS: usize = 3;
+
+/// The target's memory, as the walker reads it.
+pub trait Memory {
+    /// Fills `buf` from `addr`.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Whether each page of `[start, end)` (page-aligned) is resident.
+    fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>>;
+}
+
+/// `/proc/PID/mem` and `/proc/PID/pagemap`.
+pub struct ProcMemory {
+    mem: File,
+    pagemap: File,
+}
+
+impl ProcMemory {
+    /// Opens the target's memory for reading.
+    pub fn open(pid: u32) -> io::Result<Self> {
+        Ok(Self {
+            mem: File::open(format!("/proc/{pid}/mem"))?,
+            pagemap: File::open(format!("/proc/{pid}/pagemap"))?,
+        })
+    }
+}
+
+impl Memory for ProcMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.mem.read_exact_at(buf, addr)
+    }
+
+    fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
+        let pages = ((end - start) / PAGE) as usize;
+        let mut raw = vec![0u8; pages * 8];
+        self.pagemap.read_exact_at(&mut raw, start / PAGE * 8)?;
+        // Bit 63: page present in RAM.
+        Ok(raw
+            .chunks_exact(8)
+            .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) >> 63 == 1)
+            .collect())
+    }
+}
+
+/// Reads 8-byte words through a window, so that small chunks cost no syscall each.
+struct Words<'a, M: Memory> {
+    mem: &'a M,
+    limit: u64,
+    base: u64,
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl<'a, M: Memory> Words<'a, M> {
+    fn new(mem: &'a M, limit: u64) -> Self {
+        Self {
+            mem,
+            limit,
+            base: 0,
+            buf: vec![0; WINDOW],
+            len: 0,
+        }
+    }
+
+    fn at(&mut self, addr: u64) -> Option<u64> {
+        if addr < self.base || addr + 8 > self.base + self.len as u64 {
+            let len = (self.limit.saturating_sub(addr) as usize).min(WINDOW);
+            if len < 8 {
+                return None;
+            }
+            self.mem.read(addr, &mut self.buf[..len]).ok()?;
+            self.base = addr;
+            self.len = len;
+        }
+        let o = (addr - self.base) as usize;
+        Some(u64::from_le_bytes(
+            self.buf[o..o + 8].try_into().expect("8 bytes"),
+        ))
+    }
+}
+
+/// One heap's chunks, as walked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Chunks {
+    in_use_bytes: u64,
+    in_use_chunks: u64,
+    /// Free chunks other than the top: (address, size).
+    free: Vec<(u64, u64)>,
+    /// The top chunk, if this heap holds its arena's top.
+    top: Option<(u64, u64)>,
+}
+
+/// Walks the chunks from `first` to `end`; `Err` says why the chain broke.
+fn walk<M: Memory>(mem: &M, first: u64, end: u64) -> Result<Chunks, &'static str> {
+    let mut w = Words::new(mem, end);
+    let mut c = Chunks::default();
+    let mut p = first;
+    let mut prev: Option<(u64, u64)> = None;
+    loop {
+        let Some(field) = w.at(p + 8) else {
+            return Err("chunk header unreadable");
+        };
+        let size = field & !7;
+        if let Some((pa, ps)) = prev {
+            if field & PREV_INUSE == 0 {
+                c.free.push((pa, ps));
+            } else {
+                c.in_use_bytes += ps;
+                c.in_use_chunks += 1;
+            }
+        }
+        if size == 0 {
+            // The fencepost pair that closes an abandoned heap: a 16-byte chunk, then 0.
+            return match prev {
+                Some((_, 16)) if c.in_use_chunks >= 2 => {
+                    c.in_use_bytes -= 16;
+                    c.in_use_chunks -= 1;
+                    Ok(c)
+                }
+                _ => Err("chunk of size 0"),
+            };
+        }
+        if size % 16 != 0 || (size < MINSIZE && size != 16) {
+            return Err("misaligned chunk size");
+        }
+        let next = p.checked_add(size).ok_or("chunk size overflows")?;
+        if next > end {
+            return Err("chunk runs past the heap end");
+        }
+        if next == end || end - next < 16 {
+            if size < MINSIZE {
+                return Err("top chunk too small");
+            }
+            c.top = Some((p, size));
+            return Ok(c);
+        }
+        prev = Some((p, size));
+        p = next;
+    }
+}
+
+/// What the walk says about one arena.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ArenaStats {
+    /// `main` (the brk heap) or `thread`.
+    pub kind: &'static str,
+    /// Address of the arena's `malloc_state` (the main arena's is not needed: "brk").
+    pub arena: String,
+    /// Heaps the arena spans (thread arenas grow by adding 64 MiB heaps).
+    pub heaps: Vec<String>,
+    /// Bytes of its heaps in use by the allocator (the heaps' current extent).
+    pub extent_bytes: u64,
+    /// Of that, resident.
+    pub resident_bytes: u64,
+    /// Bytes in chunks in use (including chunk headers and tcache/fastbin chunks).
+    pub in_use_bytes: u64,
+    /// Chunks in use.
+    pub in_use_chunks: u64,
+    /// Bytes in free chunks, top chunk excluded.
+    pub free_bytes: u64,
+    /// Free chunks, top excluded.
+    pub free_chunks: u64,
+    /// Largest free chunk.
+    pub largest_free_bytes: u64,
+    /// The top chunk (free space at the end of the live heap).
+    pub top_bytes: u64,
+    /// Resident pages wholly inside free chunks and the top chunk.
+    pub free_resident_bytes: u64,
+    /// Of those, in the top chunk.
+    pub top_resident_bytes: u64,
+    /// Resident bytes `malloc_trim(0)` would release from this arena.
+    pub trimmable_bytes: u64,
+}
+
+/// A heap that could not be walked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unwalkable {
+    /// Heap start.
+    pub heap: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// glibc's arena limit for this process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ArenaLimit {
+    /// Maximum number of arenas.
+    pub limit: u64,
+    /// Where it comes from.
+    pub source: String,
+}
+
+/// The whole walk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HeapWalk {
+    /// Arenas, main first, then by resident free bytes.
+    pub arenas: Vec<ArenaStats>,
+    /// Heaps whose chunks could not be chained (the target changed them while read).
+    pub unwalkable: Vec<Unwalkable>,
+    /// Sums over the arenas.
+    pub in_use_bytes: u64,
+    /// Free bytes (top chunks included).
+    pub free_bytes: u64,
+    /// Resident free bytes (top chunks included).
+    pub free_resident_bytes: u64,
+    /// What `malloc_trim(0)` would release.
+    pub trimmable_bytes: u64,
+    /// Resident bytes of all heaps.
+    pub resident_bytes: u64,
+}
+
+/// Where the walker looks: the main heap's extent and the per-thread arena heaps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeapSites {
+    /// `[start_brk, brk)`, if the process has a brk heap.
+    pub main: Option<(u64, u64)>,
+    /// Start of each 64 MiB-aligned anonymous read-write mapping (candidate arena heaps).
+    pub thread_heaps: Vec<u64>,
+}
+
+/// Finds the candidate heaps in a memory map. `brk` is the current break if
+/// known (else the `[heap]` mapping's end is used).
+pub fn find_sites(maps: &[MapEntry], start_brk: Option<u64>, brk: Option<u64>) -> HeapSites {
+    let main = maps.iter().find(|m| m.path == "[heap]").map(|m| {
+        let start = start_brk
+            .filter(|&s| s >= m.start && s < m.end)
+            .unwrap_or(m.start);
+        let end = brk.filter(|&b| b > start && b <= m.end).unwrap_or(m.end);
+        (start, end)
+    });
+    let thread_heaps = maps
+        .iter()
+        .filter(|m| {
+            m.path.is_empty() && m.inode == 0 && m.start % HEAP_MAX == 0 && &m.perms[..2] == b"rw"
+        })
+        .map(|m| m.start)
+        .collect();
+    HeapSites { main, thread_heaps }
+}
+
+fn hex(a: u64) -> String {
+    format!("{a:#x}")
+}
+
+fn page_up(a: u64) -> u64 {
+    a.div_ceil(PAGE) * PAGE
+}
+
+fn page_down(a: u64) -> u64 {
+    a / PAGE * PAGE
+}
+
+/// Accumulates one walked heap into its arena's figures.
+fn add_heap<M: Memory>(mem: &M, a: &mut ArenaStats, start: u64, end: u64, c: &Chunks, main: bool) {
+    let (ps, pe) = (page_down(start), page_up(end));
+    let resident = mem.resident(ps, pe).unwrap_or_default();
+    let present = |s: u64, e: u64| -> u64 {
+        if e <= s || resident.is_empty() {
+            return 0;
+        }
+        let (i, j) = (((s - ps) / PAGE) as usize, ((e - ps) / PAGE) as usize);
+        resident[i.min(resident.len())..j.min(resident.len())]
+            .iter()
+            .filter(|&&r| r)
+            .count() as u64
+            * PAGE
+    };
+    a.heaps.push(hex(start));
+    a.extent_bytes += end - start;
+    a.resident_bytes += present(ps, pe);
+    a.in_use_bytes += c.in_use_bytes;
+    a.in_use_chunks += c.in_use_chunks;
+    for &(p, size) in &c.free {
+        a.free_bytes += size;
+        a.free_chunks += 1;
+        a.largest_free_bytes = a.largest_free_bytes.max(size);
+        let (s, e) = (page_up(p + CHUNK_STRUCT), page_down(p + size));
+        let r = present(s, e);
+        a.free_resident_bytes += r;
+        a.trimmable_bytes += r;
+    }
+    if let Some((p, size)) = c.top {
+        a.top_bytes += size;
+        let r = present(page_up(p + 16), page_down(p + size));
+        a.free_resident_bytes += r;
+        a.top_resident_bytes += r;
+        if main {
+            // systrim(0): keep MINSIZE of the top, give the whole pages above back.
+            let extra = page_down(size - MINSIZE - 1);
+            a.trimmable_bytes += present(page_down(p + size) - extra, page_down(p + size));
+        }
+    }
+}
+
+/// Walks the main heap; the first chunk is at the heap start, 16-aligned.
+fn walk_main<M: Memory>(mem: &M, start: u64, end: u64) -> Result<Chunks, String> {
+    let mut why = "no chunk chain from the heap start";
+    for _ in 0..ATTEMPTS {
+        for first in (start.next_multiple_of(16)..start + 64).step_by(16) {
+            match walk(mem, first, end) {
+                Ok(c) if c.top.is_some() => return Ok(c),
+                Ok(_) => why = "main heap ends in a fencepost",
+                Err(e) => why = e,
+            }
+        }
+    }
+    Err(why.to_owned())
+}
+
+/// Reads a thread heap's `heap_info` and walks it: (arena address, chunks, extent end).
+fn walk_thread<M: Memory>(mem: &M, h: u64, heaps: &[u64]) -> Result<(u64, Chunks, u64), String> {
+    let mut why = String::from("no chunk chain");
+    for _ in 0..ATTEMPTS {
+        let mut info = [0u8; 32];
+        mem.read(h, &mut info)
+            .map_err(|e| format!("heap_info unreadable: {e}"))?;
+        let word =
+            |i: usize| u64::from_le_bytes(info[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let (ar_ptr, size, mprotect_size) = (word(0), word(2), word(3));
+        // ar_ptr points just past this heap's heap_info, or another heap's.
+        let owner_ok = heaps.iter().any(|&o| ar_ptr > o && ar_ptr < o + 256);
+        if !owner_ok || size < PAGE || size > HEAP_MAX || mprotect_size < size {
+            return Err("not a glibc arena heap (heap_info does not check out)".into());
+        }
+        let end = h + size;
+        // The first heap of an arena holds its malloc_state right after heap_info;
+        // later heaps start their chunks right after heap_info (32 or 48 bytes by version).
+        let firsts: Vec<u64> = if ar_ptr > h && ar_ptr < h + 256 {
+            (ar_ptr + 2048..ar_ptr + 2560).step_by(16).collect()
+        } else {
+            vec![h + 48, h + 32]
+        };
+        for first in firsts {
+            match walk(mem, first, end) {
+                Ok(c)
+                    if c.in_use_chunks + c.free.len() as u64 + u64::from(c.top.is_some()) >= 1 =>
+                {
+                    return Ok((ar_ptr, c, end));
+                }
+                Ok(_) => {}
+                Err(e) => why = e.to_owned(),
+            }
+        }
+    }
+    Err(why)
+}
+
+/// Walks every heap the sites name.
+pub fn walk_heaps<M: Memory>(mem: &M, sites: &HeapSites) -> HeapWalk {
+    let mut out = HeapWalk::default();
+    if let Some((start, end)) = sites.main {
+        match walk_main(mem, start, end) {
+            Ok(c) => {
+                let mut a = ArenaStats {
+                    kind: "main",
+                    arena: "brk heap".into(),
+                    ..ArenaStats::default()
+                };
+                add_heap(mem, &mut a, start, end, &c, true);
+                out.arenas.push(a);
+            }
+            Err(reason) => out.unwalkable.push(Unwalkable {
+                heap: hex(start),
+                reason,
+            }),
+        }
+    }
+    let mut thread: FxHashMap<u64, ArenaStats> = FxHashMap::default();
+    for &h in &sites.thread_heaps {
+        match walk_thread(mem, h, &sites.thread_heaps) {
+            Ok((ar, c, end)) => {
+                let a = thread.entry(ar).or_insert_with(|| ArenaStats {
+                    kind: "thread",
+                    arena: hex(ar),
+                    ..ArenaStats::default()
+                });
+                add_heap(mem, a, h, end, &c, false);
+            }
+            Err(reason) if reason.starts_with("not a glibc") => {}
+            Err(reason) => out.unwalkable.push(Unwalkable {
+                heap: hex(h),
+                reason,
+            }),
+        }
+    }
+    let mut thread: Vec<ArenaStats> = thread.into_values().collect();
+    thread.sort_by(|a, b| {
+        b.free_resident_bytes
+            .cmp(&a.free_resident_bytes)
+            .then(a.arena.cmp(&b.arena))
+    });
+    out.arenas.extend(thread);
+    for a in &out.arenas {
+        out.in_use_bytes += a.in_use_bytes;
+        out.free_bytes += a.free_bytes + a.top_bytes;
+        out.free_resident_bytes += a.free_resident_bytes;
+        out.trimmable_bytes += a.trimmable_bytes;
+        out.resident_bytes += a.resident_bytes;
+    }
+    out
+}
+
+/// glibc's arena limit: `MALLOC_ARENA_MAX` or the `glibc.malloc.arena_max`
+/// tunable from the target's environment, else 8 × online CPUs (64-bit).
+pub fn arena_limit(environ: &[(String, String)], cpus: u64) -> ArenaLimit {
+    let get = |k: &str| {
+        environ
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let tunable = get("GLIBC_TUNABLES").and_then(|t| {
+        t.split(':')
+            .find_map(|kv| kv.strip_prefix("glibc.malloc.arena_max="))
+            .and_then(|v| v.parse::<u64>().ok())
+    });
+    if let Some(n) = get("MALLOC_ARENA_MAX")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&n| n > 0)
+    {
+        return ArenaLimit {
+            limit: n,
+            source: format!("MALLOC_ARENA_MAX={n} in the target's environment"),
+        };
+    }
+    if let Some(n) = tunable.filter(|&n| n > 0) {
+        return ArenaLimit {
+            limit: n,
+            source: format!("GLIBC_TUNABLES glibc.malloc.arena_max={n}"),
+        };
+    }
+    ArenaLimit {
+        limit: 8 * cpus,
+        source: format!("glibc default: 8 × {cpus} CPUs"),
+    }
+}
+
+/// The target's initial environment (`/proc/PID/environ`).
+pub fn read_environ(pid: u32) -> Vec<(String, String)> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let s = String::from_utf8_lossy(kv);
+            let (k, v) = s.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// Online CPUs of this machine (the target's too).
+pub fn online_cpus() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u64::try_from(n).unwrap_or(1).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heap laid out in a byte buffer, as glibc would lay it out.
+    struct Fake {
+        base: u64,
+        bytes: Vec<u8>,
+        resident: Vec<bool>,
+    }
+
+    impl Fake {
+        fn new(base: u64, len: u64) -> Self {
+            Self {
+                base,
+                bytes: vec![0; len as usize],
+                resident: vec![true; (len / PAGE) as usize],
+            }
+        }
+        fn put(&mut self, addr: u64, v: u64) {
+            let o = (addr - self.base) as usize;
+            self.bytes[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        /// Lays out chunks (size, in_use) from `first`; the last one is the top.
+        fn chunks(&mut self, first: u64, chunks: &[(u64, bool)]) {
+            let mut p = first;
+            let mut prev_in_use = true;
+            for &(size, in_use) in chunks {
+                self.put(p + 8, size | u64::from(prev_in_use));
+                prev_in_use = in_use;
+                p += size;
+            }
+        }
+    }
+
+    impl Memory for Fake {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+            let o = addr
+                .checked_sub(self.base)
+                .ok_or(io::ErrorKind::InvalidInput)? as usize;
+            let src = self
+                .bytes
+                .get(o..o + buf.len())
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
+            Ok(self.resident
+                [((start - self.base) / PAGE) as usize..((end - self.base) / PAGE) as usize]
+                .to_vec())
+        }
+    }
+
+    /// Main heap: used, a free 64 KiB hole (half resident), used, top of 40 KiB.
+    #[test]
+    fn main_heap_counts_free_resident_and_trimmable() {
+        let base = 0x5555_0000_0000;
+        let len = 0x2_0000; // 128 KiB heap
+        let mut m = Fake::new(base, len);
+        let chunks = [
+            (0x290, true),
+            (0x1_0000, false),
+            (0x5d70, true),
+            (len - 0x290 - 0x1_0000 - 0x5d70, false),
+        ];
+        m.chunks(base, &chunks);
+        // The hole spans [base+0x290, base+0x10290): pages 1..=15 lie wholly past its header.
+        for pg in 1..8 {
+            m.resident[pg] = false;
+        }
+        let w = walk_heaps(
+            &m,
+            &HeapSites {
+                main: Some((base, base + len)),
+                thread_heaps: vec![],
+            },
+        );
+        assert!(w.unwalkable.is_empty(), "{:?}", w.unwalkable);
+        let a = &w.arenas[0];
+        assert_eq!(
+            (a.kind, a.in_use_chunks, a.in_use_bytes),
+            ("main", 2, 0x290 + 0x5d70)
+        );
+        assert_eq!(
+            (a.free_chunks, a.free_bytes, a.largest_free_bytes),
+            (1, 0x1_0000, 0x1_0000)
+        );
+        let top = len - 0x290 - 0x1_0000 - 0x5d70;
+        assert_eq!(a.top_bytes, top);
+        // Hole: pages 1..16 (after the 48-byte header rounds up to page 1, ends before 0x10290 → page 16),
+        // of which 1..8 are not resident: 8 pages. Top: starts at 0x16000, 10 whole pages to 0x20000.
+        assert_eq!(a.free_resident_bytes, 8 * PAGE + 9 * PAGE);
+        // malloc_trim: the hole's 8 resident pages, plus the top above MINSIZE (9 whole pages).
+        assert_eq!(a.trimmable_bytes, 8 * PAGE + 9 * PAGE);
+        assert_eq!(a.resident_bytes, len - 7 * PAGE);
+    }
+
+    /// A thread arena: heap_info, malloc_state, then chunks; and a second heap of the
+    /// same arena that was abandoned with fenceposts.
+    #[test]
+    fn thread_arena_heaps_group_by_arena() {
+        let h1 = 0x7f00_0000_0000u64;
+        let h2 = h1 + HEAP_MAX;
+        let mut m = Fake::new(h1, HEAP_MAX + 0x10000);
+        let size = 0x8000;
+        // First heap: heap_info{ar_ptr = h1+48, prev 0, size, mprotect_size}; chunks at h1+2256.
+        m.put(h1, h1 + 48);
+        m.put(h1 + 16, size);
+        m.put(h1 + 24, size);
+        let first = h1 + 2256;
+        m.chunks(
+            first,
+            &[
+                (0x1000, true),
+                (0x3000, false),
+                (0x800, true),
+                (h1 + size - first - 0x4800, false),
+            ],
+        );
+        // Second heap of the same arena, abandoned: chunks at h2+48 end with fenceposts 16, 0.
+        m.put(h2, h1 + 48);
+        m.put(h2 + 8, h1);
+        m.put(h2 + 16, 0x4000);
+        m.put(h2 + 24, 0x4000);
+        m.chunks(
+            h2 + 48,
+            &[(0x2000, true), (0x1000, false), (0x100, true), (16, true)],
+        );
+        m.put(h2 + 48 + 0x3100 + 16 + 8, PREV_INUSE); // size 0 | PREV_INUSE
+        let w = walk_heaps(
+            &m,
+            &HeapSites {
+                main: None,
+                thread_heaps: vec![h1, h2],
+            },
+        );
+        assert!(w.unwalkable.is_empty(), "{:?}", w.unwalkable);
+        assert_eq!(w.arenas.len(), 1);
+        let a = &w.arenas[0];
+        assert_eq!(a.heaps, vec![hex(h1), hex(h2)]);
+        assert_eq!(
+            (a.in_use_chunks, a.in_use_bytes),
+            (4, 0x1000 + 0x800 + 0x2000 + 0x100)
+        );
+        assert_eq!((a.free_chunks, a.free_bytes), (2, 0x3000 + 0x1000));
+        // Thread arenas' tops are not trimmed by malloc_trim; free chunks' inner pages are:
+        // 0x3000 at h1+0x18d0 → pages [h1+0x2000, h1+0x4000): 2; 0x1000 at h2+0x2030 → none whole.
+        assert_eq!(a.trimmable_bytes, 2 * PAGE);
+    }
+
+    /// A chain that breaks (a size running past the end) is reported, not guessed.
+    #[test]
+    fn broken_chain_is_unwalkable() {
+        let base = 0x5555_0000_0000;
+        let mut m = Fake::new(base, 0x4000);
+        m.chunks(base, &[(0x100, true), (0x9000, false)]);
+        let w = walk_heaps(
+            &m,
+            &HeapSites {
+                main: Some((base, base + 0x4000)),
+                thread_heaps: vec![],
+            },
+        );
+        assert!(w.arenas.is_empty());
+        assert_eq!(w.unwalkable.len(), 1, "{w:?}");
+    }
+
+    /// The arena limit comes from the environment, else from the CPU count.
+    #[test]
+    fn arena_limit_sources() {
+        let env = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(arena_limit(&env(&[]), 2).limit, 16);
+        assert_eq!(arena_limit(&env(&[("MALLOC_ARENA_MAX", "2")]), 2).limit, 2);
+        assert_eq!(
+            arena_limit(
+                &env(&[(
+                    "GLIBC_TUNABLES",
+                    "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=3"
+                )]),
+                2
+            )
+            .limit,
+            3
+        );
+    }
+}

@@ -1,0 +1,865 @@
+//! The verdict: is resident memory growing, and if so, is it a leak, memory the
+//! allocator keeps after it was freed (fragmentation), or growth outside the
+//! heap? Each verdict carries the numbers behind it, the stacks to look at and,
+//! for fragmentation, remedies ranked by the bytes they are expected to return.
+//!
+//! The reasoning, over the traced window (see docs/design.md, "Verdict"):
+//! * **growing** — anonymous RSS (or the live heap) rose by at least a threshold
+//!   (1 MiB or 1% of RSS) *and* was still rising in the second half of the window:
+//!   a cache that filled early and then held, or a one-off startup burst, is not
+//!   growth;
+//! * the growth is then split between what the probes account for: live heap
+//!   bytes (and pymalloc arenas, CPython's small-object heap), memory the
+//!   allocator took from the system beyond that (brk heap, arena heaps, mmapped
+//!   chunks: retained free memory), and anonymous mappings made outside the
+//!   allocator. The largest share of at least half decides; none — inconclusive;
+//! * leak suspects are stacks whose outstanding bytes rose steadily (Theil–Sen
+//!   slope, at most 40% of steps down) and kept rising at half their pace or more
+//!   in the second half, ranked by rate: a slow steady leak ranks above a big
+//!   stable cache, whose rate is zero.
+
+use serde::Serialize;
+
+use crate::{
+    glibc_heap::{ArenaLimit, HeapWalk},
+    report::bytes,
+    symbols::Frame,
+    timeline::{Growth, Point, growth},
+};
+
+/// Smallest growth that counts, and the share of RSS that does.
+const MIN_GROWTH: u64 = 1 << 20;
+const MIN_GROWTH_RSS_SHARE: f64 = 0.01;
+/// A window shorter than this, or with fewer samples, decides nothing.
+const MIN_SPAN_S: f64 = 2.0;
+const MIN_POINTS: usize = 8;
+/// Suspects shown.
+const MAX_SUSPECTS: usize = 5;
+
+/// One number behind a verdict.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evidence {
+    /// Stable name of the figure.
+    pub metric: &'static str,
+    /// Its value (bytes, bytes/s, a count or a ratio, as the name says).
+    pub value: f64,
+    /// The figure in words.
+    pub text: String,
+}
+
+/// A stack whose outstanding memory keeps growing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Suspect {
+    /// `heap` (live blocks) or `mappings` (anonymous mmap, brk, pymalloc arenas).
+    pub section: &'static str,
+    /// Kernel stack id.
+    pub stack_id: i64,
+    /// Theil–Sen slope of its outstanding bytes, bytes/s.
+    pub growth_bytes_per_s: f64,
+    /// Share of samples that did not shrink.
+    pub steadiness: f64,
+    /// Outstanding bytes now.
+    pub bytes: u64,
+    /// Age of its oldest outstanding block or region, seconds.
+    pub oldest_age_s: f64,
+    /// Heap blocks it allocated since attach (0 for mappings).
+    pub allocs: u64,
+    /// Of those, freed.
+    pub frees: u64,
+    /// The stack walk stopped early.
+    pub truncated: bool,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// Something to do about fragmentation, with the figure that justifies it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Remedy {
+    /// What to do.
+    pub action: String,
+    /// Resident bytes it is expected to give back (0: not estimable from outside).
+    pub expected_bytes: u64,
+    /// The measured figure behind it.
+    pub why: String,
+}
+
+/// The verdict.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Verdict {
+    /// `leak`, `fragmentation`, `non-heap-growth`, `no-growth` or `inconclusive`.
+    pub kind: &'static str,
+    /// One paragraph a person can act on.
+    pub summary: String,
+    /// The numbers behind it.
+    pub evidence: Vec<Evidence>,
+    /// Stacks to look at, fastest-growing first.
+    pub suspects: Vec<Suspect>,
+    /// Remedies by expected effect, largest first.
+    pub remedies: Vec<Remedy>,
+}
+
+/// A stack the verdict may name.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// `heap` or `mappings`.
+    pub section: &'static str,
+    /// Kernel stack id.
+    pub stack_id: i64,
+    /// Outstanding bytes over time.
+    pub series: Vec<(f64, u64)>,
+    /// Age of the oldest outstanding block or region, seconds.
+    pub oldest_age_s: f64,
+    /// Blocks allocated since attach, and of those freed.
+    pub allocs: u64,
+    /// Freed.
+    pub frees: u64,
+    /// Blocks or regions younger than the minimum age are left out of `series`' last point.
+    pub truncated: bool,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// Everything the verdict is decided from.
+#[derive(Clone, Debug, Default)]
+pub struct Facts<'a> {
+    /// Totals over time.
+    pub points: &'a [Point],
+    /// Stacks with their outstanding bytes over time.
+    pub candidates: Vec<Candidate>,
+    /// glibc heaps walked at the end (None: not glibc, or the target is gone).
+    pub walk: Option<&'a HeapWalk>,
+    /// glibc's arena limit for the target.
+    pub arena_limit: Option<ArenaLimit>,
+    /// glibc raised its mmap threshold to this after freeing an mmapped chunk.
+    pub mmap_threshold_raised_to: Option<u64>,
+    /// malloc settings found in the target's environment (`NAME=value`).
+    pub malloc_env: Vec<String>,
+    /// The heap probes were detached by the overhead budget.
+    pub heap_detached: bool,
+    /// Events or stacks lost.
+    pub lost_total: u64,
+    /// The target is CPython (pymalloc arenas are its small-object heap).
+    pub python: bool,
+}
+
+/// Net change of a series: median of its last tenth minus median of its first.
+fn net(v: &[(f64, u64)]) -> f64 {
+    let k = (v.len() / 10).max(1);
+    let med = |s: &[(f64, u64)]| {
+        let mut x: Vec<u64> = s.iter().map(|p| p.1).collect();
+        x.sort_unstable();
+        x[x.len() / 2] as f64
+    };
+    med(&v[v.len() - k..]) - med(&v[..k])
+}
+
+/// Slope of the second half of a series, bytes/s.
+fn recent_slope(v: &[(f64, u64)]) -> f64 {
+    growth(&v[v.len() / 2..]).map_or(0.0, |g| g.bytes_per_s)
+}
+
+fn series(points: &[Point], f: impl Fn(&Point) -> u64) -> Vec<(f64, u64)> {
+    points.iter().map(|p| (p.t_s, f(p))).collect()
+}
+
+fn rate(bps: f64) -> String {
+    if bps >= 0.0 {
+        format!("+{}/s", bytes(bps.round() as u64))
+    } else {
+        format!("-{}/s", bytes((-bps).round() as u64))
+    }
+}
+
+fn signed(b: f64) -> String {
+    if b >= 0.0 {
+        format!("+{}", bytes(b.round() as u64))
+    } else {
+        format!("-{}", bytes((-b).round() as u64))
+    }
+}
+
+/// The first named frame outside the allocator, for summaries.
+pub fn suspect_name(frames: &[Frame]) -> String {
+    const ALLOCATOR: &[&str] = &[
+        "malloc",
+        "calloc",
+        "realloc",
+        "free",
+        "reallocarray",
+        "posix_memalign",
+        "aligned_alloc",
+        "memalign",
+        "valloc",
+        "pvalloc",
+        "__libc_malloc",
+        "__libc_calloc",
+        "__libc_realloc",
+        "__GI___libc_malloc",
+        "_int_malloc",
+        "sysmalloc",
+        "__mmap",
+        "mmap",
+        "mmap64",
+        "__GI___mmap64",
+        "__brk",
+        "__sbrk",
+        "sbrk",
+        "brk",
+    ];
+    frames
+        .iter()
+        .filter_map(|f| f.function.as_deref())
+        .find(|n| {
+            !ALLOCATOR.contains(n)
+                && !n.starts_with("operator new")
+                && !n.starts_with("_Znw")
+                && !n.starts_with("_Zna")
+        })
+        .unwrap_or("an unnamed function")
+        .to_owned()
+}
+
+/// Decides the verdict.
+pub fn decide(f: &Facts<'_>) -> Verdict {
+    let mut evidence = Vec::new();
+    let pts = f.points;
+    let span = match (pts.first(), pts.last()) {
+        (Some(a), Some(b)) => b.t_s - a.t_s,
+        _ => 0.0,
+    };
+    if pts.len() < MIN_POINTS || span < MIN_SPAN_S {
+        return Verdict {
+            kind: "inconclusive",
+            summary: format!(
+                "Traced for {span:.1} s with {} samples: too short to tell growth from noise. Trace for at least {MIN_SPAN_S:.0} s, \
+                 ideally for as long as RES takes to grow visibly.",
+                pts.len()
+            ),
+            evidence,
+            suspects: vec![],
+            remedies: vec![],
+        };
+    }
+    let rss = series(pts, |p| p.rss.anon_bytes);
+    let heap = series(pts, |p| p.live_bytes);
+    let pyarenas = series(pts, |p| p.split.pymalloc_arena_bytes);
+    let alloc = series(pts, Point::allocator_bytes);
+    let other = series(pts, |p| p.split.other_anon_bytes);
+    let threshold = (MIN_GROWTH as f64).max(pts[0].rss.anon_bytes as f64 * MIN_GROWTH_RSS_SHARE);
+
+    let rss_net = net(&rss);
+    let heap_net = net(&heap) + net(&pyarenas);
+    let retained_net = net(&alloc) - net(&heap);
+    let other_net = net(&other);
+    let rss_recent = recent_slope(&rss);
+    let heap_recent = recent_slope(&heap) + recent_slope(&pyarenas);
+    let half = span / 2.0;
+    let rss_growing = rss_net >= threshold && rss_recent * half >= threshold / 2.0;
+    let heap_growing = heap_net >= threshold && heap_recent * half >= threshold / 2.0;
+
+    evidence.push(Evidence {
+        metric: "rss_anon_growth_bytes",
+        value: rss_net,
+        text: format!(
+            "anonymous RSS {} over {span:.1} s ({} → {}), {} in the second half",
+            signed(rss_net),
+            bytes(pts[0].rss.anon_bytes),
+            bytes(pts[pts.len() - 1].rss.anon_bytes),
+            rate(rss_recent)
+        ),
+    });
+    evidence.push(Evidence {
+        metric: "live_heap_growth_bytes",
+        value: heap_net,
+        text: if f.python {
+            format!(
+                "live heap and pymalloc arenas {} ({} in the second half)",
+                signed(heap_net),
+                rate(heap_recent)
+            )
+        } else {
+            format!(
+                "live heap {} ({} in the second half)",
+                signed(heap_net),
+                rate(heap_recent)
+            )
+        },
+    });
+    evidence.push(Evidence {
+        metric: "allocator_retained_growth_bytes",
+        value: retained_net,
+        text: format!(
+            "memory the allocator took from the system beyond its live blocks (brk heap, arena heaps, mmapped chunks) {}",
+            signed(retained_net)
+        ),
+    });
+    evidence.push(Evidence {
+        metric: "other_anon_growth_bytes",
+        value: other_net,
+        text: format!(
+            "anonymous mappings made outside the allocator {}",
+            signed(other_net)
+        ),
+    });
+    let threads = (pts[0].threads, pts[pts.len() - 1].threads);
+    if threads.1 != threads.0 {
+        evidence.push(Evidence {
+            metric: "threads",
+            value: threads.1 as f64,
+            text: format!("threads {} → {}", threads.0, threads.1),
+        });
+    }
+    if f.lost_total > 0 {
+        evidence.push(Evidence {
+            metric: "lost_total",
+            value: f.lost_total as f64,
+            text: format!(
+                "{} events or stacks were lost: figures are lower bounds",
+                f.lost_total
+            ),
+        });
+    }
+    let walk_evidence = walk_evidence(f, pts[pts.len() - 1].rss.anon_bytes);
+    evidence.extend(walk_evidence.iter().cloned());
+
+    let suspects = suspects(&f.candidates, span, threshold);
+    let top_name = suspects.first().map(|s| suspect_name(&s.frames));
+
+    if !rss_growing && !heap_growing {
+        let early = if rss_net >= threshold {
+            format!(
+                " It rose by {} early on and then held: a working set filling up, not growth.",
+                bytes(rss_net as u64)
+            )
+        } else {
+            String::new()
+        };
+        let mut summary = format!(
+            "No growth: anonymous RSS moved {} over {span:.1} s and was flat in the second half; the live heap moved {}.{early}",
+            signed(rss_net),
+            signed(heap_net)
+        );
+        let remedies = retained_remedies(f);
+        if let Some(w) = f.walk
+            && !remedies.is_empty()
+        {
+            summary.push_str(&format!(
+                " Still, glibc keeps {} of freed memory resident; malloc_trim(0) would return {} (see remedies).",
+                bytes(w.free_resident_bytes), bytes(w.trimmable_bytes)
+            ));
+        }
+        return Verdict {
+            kind: "no-growth",
+            summary,
+            evidence,
+            suspects: vec![],
+            remedies,
+        };
+    }
+    if f.heap_detached && !rss_growing {
+        return Verdict {
+            kind: "inconclusive",
+            summary: "The heap probes were detached by --max-overhead, so heap growth after that is unknown.".into(),
+            evidence,
+            suspects,
+            remedies: vec![],
+        };
+    }
+
+    // Which account explains the growth?
+    let basis = rss_net.max(if rss_growing { 0.0 } else { heap_net });
+    let share = |x: f64| if basis > 0.0 { x / basis } else { 0.0 };
+    if (heap_growing || share(heap_net) >= 0.5) && !suspects.is_empty() {
+        let s = &suspects[0];
+        let freed = if s.section == "heap" && s.allocs > 0 {
+            if s.frees == 0 {
+                format!(", none of its {} blocks freed", s.allocs)
+            } else {
+                format!(", {} of its {} blocks freed", s.frees, s.allocs)
+            }
+        } else {
+            String::new()
+        };
+        let summary = format!(
+            "Leak: the live {} grew {} over {span:.1} s ({}% of the RSS growth of {}) and is still growing. \
+             Top suspect: {} at {}, {} outstanding{freed}.{}",
+            if f.python {
+                "heap and pymalloc arenas"
+            } else {
+                "heap"
+            },
+            bytes(heap_net.max(0.0) as u64),
+            (share(heap_net) * 100.0).round().min(999.0),
+            bytes(rss_net.max(0.0) as u64),
+            top_name.clone().unwrap_or_default(),
+            rate(s.growth_bytes_per_s),
+            bytes(s.bytes),
+            if s.section == "mappings" && f.python {
+                " Small-object growth shows up as pymalloc arena growth."
+            } else {
+                ""
+            },
+        );
+        return Verdict {
+            kind: "leak",
+            summary,
+            evidence,
+            suspects,
+            remedies: vec![],
+        };
+    }
+    if share(retained_net) >= 0.5 {
+        let remedies = retained_remedies(f);
+        let walk = f.walk.map_or(String::new(), |w| {
+            let thread_arenas = w.arenas.iter().filter(|a| a.kind == "thread").count();
+            format!(
+                " glibc holds {} of free memory resident across {} arena{} ({} thread arena{}{}); malloc_trim(0) would return {}.",
+                bytes(w.free_resident_bytes),
+                w.arenas.len(),
+                if w.arenas.len() == 1 { "" } else { "s" },
+                thread_arenas,
+                if thread_arenas == 1 { "" } else { "s" },
+                f.arena_limit.as_ref().map_or(String::new(), |l| format!(", limit {}", l.limit)),
+                bytes(w.trimmable_bytes)
+            )
+        });
+        let summary = format!(
+            "Fragmentation: anonymous RSS grew {} over {span:.1} s while the live heap grew {}: the allocator keeps freed memory.{walk}{}",
+            bytes(rss_net as u64),
+            signed(heap_net),
+            remedies.first().map_or(String::new(), |r| format!(
+                " Best remedy: {} (expected to return about {}).",
+                r.action,
+                bytes(r.expected_bytes)
+            )),
+        );
+        return Verdict {
+            kind: "fragmentation",
+            summary,
+            evidence,
+            suspects: vec![],
+            remedies,
+        };
+    }
+    if share(other_net) >= 0.5 {
+        let mapped: Vec<Suspect> = suspects
+            .iter()
+            .filter(|s| s.section == "mappings")
+            .cloned()
+            .collect();
+        let summary = format!(
+            "Non-heap growth: anonymous RSS grew {} over {span:.1} s, and {} of it is anonymous mappings made outside the malloc family{}{}.",
+            bytes(rss_net as u64),
+            bytes(other_net as u64),
+            if threads.1 > threads.0 {
+                format!(
+                    " (threads {} → {}: thread stacks are such mappings)",
+                    threads.0, threads.1
+                )
+            } else {
+                String::new()
+            },
+            mapped.first().map_or(String::new(), |s| format!(
+                "; top: {} at {}",
+                suspect_name(&s.frames),
+                rate(s.growth_bytes_per_s)
+            )),
+        );
+        return Verdict {
+            kind: "non-heap-growth",
+            summary,
+            evidence,
+            suspects: mapped,
+            remedies: vec![],
+        };
+    }
+    let summary = format!(
+        "Inconclusive: anonymous RSS grew {} over {span:.1} s, but neither the live heap ({}), memory retained by the allocator ({}) \
+         nor other anonymous mappings ({}) explain half of it. Memory allocated before attach and touched since, or an allocator \
+         leaktrace does not probe, would look like this.",
+        bytes(rss_net.max(0.0) as u64),
+        signed(heap_net),
+        signed(retained_net),
+        signed(other_net)
+    );
+    Verdict {
+        kind: "inconclusive",
+        summary,
+        evidence,
+        suspects,
+        remedies: vec![],
+    }
+}
+
+/// Stacks growing steadily and still growing, fastest first.
+fn suspects(candidates: &[Candidate], span: f64, threshold: f64) -> Vec<Suspect> {
+    let min = (64u64 << 10) as f64;
+    let mut out: Vec<(Growth, Suspect)> = candidates
+        .iter()
+        .filter_map(|c| {
+            let g = growth(&c.series)?;
+            let recent = recent_slope(&c.series);
+            let total = g.bytes_per_s * span;
+            (g.bytes_per_s > 0.0
+                && total >= min.max(threshold / 4.0)
+                && g.steadiness >= 0.6
+                && recent >= 0.5 * g.bytes_per_s)
+                .then(|| {
+                    (
+                        g,
+                        Suspect {
+                            section: c.section,
+                            stack_id: c.stack_id,
+                            growth_bytes_per_s: g.bytes_per_s,
+                            steadiness: g.steadiness,
+                            bytes: c.series.last().map_or(0, |p| p.1),
+                            oldest_age_s: c.oldest_age_s,
+                            allocs: c.allocs,
+                            frees: c.frees,
+                            truncated: c.truncated,
+                            frames: c.frames.clone(),
+                        },
+                    )
+                })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.0.bytes_per_s
+            .total_cmp(&a.0.bytes_per_s)
+            .then(a.1.stack_id.cmp(&b.1.stack_id))
+    });
+    out.into_iter().take(MAX_SUSPECTS).map(|(_, s)| s).collect()
+}
+
+/// What the heap walk says, as evidence.
+fn walk_evidence(f: &Facts<'_>, rss_anon: u64) -> Vec<Evidence> {
+    let mut e = Vec::new();
+    let Some(w) = f.walk else { return e };
+    let thread_arenas = w.arenas.iter().filter(|a| a.kind == "thread").count();
+    e.push(Evidence {
+        metric: "glibc_free_resident_bytes",
+        value: w.free_resident_bytes as f64,
+        text: format!(
+            "glibc heaps: {} in use, {} free of which {} resident ({:.0}% of anonymous RSS)",
+            bytes(w.in_use_bytes),
+            bytes(w.free_bytes),
+            bytes(w.free_resident_bytes),
+            if rss_anon > 0 {
+                w.free_resident_bytes as f64 * 100.0 / rss_anon as f64
+            } else {
+                0.0
+            }
+        ),
+    });
+    e.push(Evidence {
+        metric: "malloc_trim_bytes",
+        value: w.trimmable_bytes as f64,
+        text: format!("malloc_trim(0) would return {} (resident pages inside free chunks, and the main heap's top)", bytes(w.trimmable_bytes)),
+    });
+    e.push(Evidence {
+        metric: "glibc_arenas",
+        value: (thread_arenas + usize::from(w.arenas.iter().any(|a| a.kind == "main"))) as f64,
+        text: format!(
+            "{} thread arena{} besides the main heap{}",
+            thread_arenas,
+            if thread_arenas == 1 { "" } else { "s" },
+            f.arena_limit.as_ref().map_or(String::new(), |l| format!(
+                "; limit {} ({})",
+                l.limit, l.source
+            ))
+        ),
+    });
+    if !w.unwalkable.is_empty() {
+        e.push(Evidence {
+            metric: "glibc_heaps_unwalkable",
+            value: w.unwalkable.len() as f64,
+            text: format!(
+                "{} heap(s) changed too fast to walk; their figures are missing",
+                w.unwalkable.len()
+            ),
+        });
+    }
+    if let Some(t) = f.mmap_threshold_raised_to {
+        e.push(Evidence {
+            metric: "mmap_threshold_raised_to_bytes",
+            value: t as f64,
+            text: format!(
+                "glibc freed an mmapped chunk of {}: its dynamic mmap threshold rose to that size, so blocks up to it now come from the heaps and stay resident after free",
+                bytes(t)
+            ),
+        });
+    }
+    e
+}
+
+/// Remedies for memory glibc keeps after free, ranked by the resident bytes each
+/// is expected to return (only when that is worth it: 16 MiB and 10% of the heap).
+fn retained_remedies(f: &Facts<'_>) -> Vec<Remedy> {
+    let Some(w) = f.walk else { return vec![] };
+    let worth = |b: u64| b >= (16 << 20) && b * 10 >= w.resident_bytes;
+    if !worth(w.free_resident_bytes) {
+        return vec![];
+    }
+    let mut r = Vec::new();
+    let thread: Vec<_> = w.arenas.iter().filter(|a| a.kind == "thread").collect();
+    let arenas = thread.len() as u64 + 1;
+    if thread.len() >= 2 {
+        let n = 2u64;
+        let retained: u64 = thread.iter().map(|a| a.free_resident_bytes).sum();
+        // Threads then share n arenas: the free memory of the others is what they stop keeping apart.
+        let expected = retained.saturating_mul(arenas.saturating_sub(n)) / arenas;
+        r.push(Remedy {
+            action: format!("restart with MALLOC_ARENA_MAX={n}"),
+            expected_bytes: expected,
+            why: format!(
+                "{} thread arenas keep {} of freed memory resident, each its own high-water mark; with {n} arenas threads reuse each other's free space (limit now {})",
+                thread.len(), bytes(retained),
+                f.arena_limit.as_ref().map_or("unknown".into(), |l| format!("{}, {}", l.limit, l.source))
+            ),
+        });
+    }
+    if w.trimmable_bytes > 0 {
+        r.push(Remedy {
+            action: "call malloc_trim(0) periodically (e.g. after each batch of work; from Python: ctypes.CDLL('libc.so.6').malloc_trim(0))".into(),
+            expected_bytes: w.trimmable_bytes,
+            why: format!("measured now: {} of resident pages lie wholly inside free chunks or above the main heap's top", bytes(w.trimmable_bytes)),
+        });
+    }
+    let tops: u64 = w
+        .arenas
+        .iter()
+        .map(|a| a.top_resident_bytes.saturating_sub(128 << 10))
+        .sum();
+    if tops >= 1 << 20 {
+        r.push(Remedy {
+            action: "restart with MALLOC_TRIM_THRESHOLD_=131072".into(),
+            expected_bytes: tops,
+            why: format!("{} of resident free memory sits in the heaps' top chunks, above a 128 KiB trim threshold", bytes(tops)),
+        });
+    }
+    if let Some(t) = f.mmap_threshold_raised_to {
+        r.push(Remedy {
+            action: "restart with MALLOC_MMAP_THRESHOLD_=131072 (fixes the threshold, so large blocks are mmapped and unmapped on free)".into(),
+            expected_bytes: 0,
+            why: format!("glibc raised its mmap threshold to {} after freeing a chunk that size", bytes(t)),
+        });
+    }
+    r.push(Remedy {
+        action: "preload jemalloc or mimalloc (LD_PRELOAD=libjemalloc.so.2 from Debian's libjemalloc2; jemalloc returns freed pages after a decay time)".into(),
+        expected_bytes: w.free_resident_bytes,
+        why: format!("upper bound: {} of freed memory is resident in glibc's heaps now", bytes(w.free_resident_bytes)),
+    });
+    r.sort_by(|a, b| b.expected_bytes.cmp(&a.expected_bytes));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{glibc_heap::ArenaStats, ledger::AnonSplit, procfs::Rss};
+
+    const MIB: u64 = 1 << 20;
+
+    /// 40 samples over 10 s of (rss anon, live heap, allocator bytes, other anon) from a function of the step.
+    fn points(f: impl Fn(u64) -> (u64, u64, u64, u64)) -> Vec<Point> {
+        (0..40)
+            .map(|i| {
+                let (rss, live, alloc, other) = f(i);
+                Point {
+                    t_s: i as f64 * 0.25,
+                    rss: Rss {
+                        rss_bytes: rss + 10 * MIB,
+                        anon_bytes: rss,
+                        file_bytes: 10 * MIB,
+                        shmem_bytes: 0,
+                    },
+                    live_bytes: live,
+                    live_allocations: live / 100,
+                    anon_mapped_bytes: other,
+                    brk_bytes: alloc,
+                    split: AnonSplit {
+                        other_anon_bytes: other,
+                        ..AnonSplit::default()
+                    },
+                    threads: 4,
+                }
+            })
+            .collect()
+    }
+
+    fn candidate(id: i64, f: impl Fn(u64) -> u64) -> Candidate {
+        Candidate {
+            section: "heap",
+            stack_id: id,
+            series: (0..40).map(|i| (i as f64 * 0.25, f(i))).collect(),
+            oldest_age_s: 10.0,
+            allocs: 100,
+            frees: 0,
+            truncated: false,
+            frames: vec![],
+        }
+    }
+
+    fn walk(thread_arenas: u64, free_each: u64) -> HeapWalk {
+        let mut w = HeapWalk::default();
+        for i in 0..thread_arenas {
+            w.arenas.push(ArenaStats {
+                kind: "thread",
+                arena: format!("{i}"),
+                extent_bytes: free_each + MIB,
+                resident_bytes: free_each + MIB,
+                in_use_bytes: MIB,
+                free_bytes: free_each,
+                free_resident_bytes: free_each,
+                trimmable_bytes: free_each,
+                ..ArenaStats::default()
+            });
+        }
+        w.free_resident_bytes = thread_arenas * free_each;
+        w.trimmable_bytes = thread_arenas * free_each;
+        w.resident_bytes = thread_arenas * (free_each + MIB);
+        w
+    }
+
+    /// Each pattern gets its verdict; (name, points, candidates, walk, expected kind, expected top suspect).
+    #[test]
+    fn verdicts_from_patterns() {
+        let w = walk(6, 24 * MIB);
+        type Case<'a> = (
+            &'a str,
+            Vec<Point>,
+            Vec<Candidate>,
+            Option<&'a HeapWalk>,
+            &'a str,
+            Option<i64>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            // A steady leak of 256 KiB per sample from stack 1, amid a flat cache (stack 2).
+            (
+                "leak",
+                points(|i| {
+                    (
+                        20 * MIB + i * 256 * 1024,
+                        16 * MIB + i * 256 * 1024,
+                        20 * MIB + i * 256 * 1024,
+                        0,
+                    )
+                }),
+                vec![candidate(1, |i| i * 256 * 1024), candidate(2, |_| 16 * MIB)],
+                None,
+                "leak",
+                Some(1),
+            ),
+            // RSS grows 24 MiB per 10 samples while live bytes stay flat; the allocator's heaps grow.
+            (
+                "arenas",
+                points(|i| {
+                    (
+                        20 * MIB + (i / 10 + 1) * 24 * MIB,
+                        MIB,
+                        (i / 10 + 1) * 24 * MIB,
+                        0,
+                    )
+                }),
+                vec![],
+                Some(&w),
+                "fragmentation",
+                None,
+            ),
+            // A cache that fills in the first 4 samples, then holds.
+            (
+                "cache",
+                points(|i| {
+                    (
+                        20 * MIB + i.min(4) * 4 * MIB,
+                        i.min(4) * 4 * MIB,
+                        i.min(4) * 4 * MIB,
+                        0,
+                    )
+                }),
+                vec![candidate(2, |i| i.min(4) * 4 * MIB)],
+                None,
+                "no-growth",
+                None,
+            ),
+            // Growth only in anonymous mappings.
+            (
+                "mmap",
+                points(|i| (20 * MIB + i * MIB, MIB, MIB, i * MIB)),
+                vec![],
+                None,
+                "non-heap-growth",
+                None,
+            ),
+            // RSS grows and nothing we see explains it.
+            (
+                "unexplained",
+                points(|i| (20 * MIB + i * MIB, MIB, MIB, 0)),
+                vec![],
+                None,
+                "inconclusive",
+                None,
+            ),
+        ];
+        for (name, pts, candidates, walk, kind, top) in cases {
+            let v = decide(&Facts {
+                points: &pts,
+                candidates,
+                walk,
+                ..Facts::default()
+            });
+            assert_eq!(v.kind, kind, "{name}: {}", v.summary);
+            assert_eq!(
+                v.suspects.first().map(|s| s.stack_id),
+                top,
+                "{name}: {:?}",
+                v.suspects
+            );
+            if kind == "fragmentation" {
+                let arena_max = v
+                    .remedies
+                    .iter()
+                    .find(|r| r.action.contains("MALLOC_ARENA_MAX=2"))
+                    .expect("MALLOC_ARENA_MAX remedy");
+                // 6 thread arenas with 24 MiB free each; 2 arenas of the 7 kept.
+                assert_eq!(arena_max.expected_bytes, 6 * 24 * MIB * 5 / 7);
+                // malloc_trim returns what is trimmable now: all of it.
+                assert_eq!(
+                    v.remedies[0].expected_bytes,
+                    6 * 24 * MIB,
+                    "{:?}",
+                    v.remedies
+                );
+                assert!(
+                    v.remedies
+                        .windows(2)
+                        .all(|r| r[0].expected_bytes >= r[1].expected_bytes)
+                );
+            }
+        }
+    }
+
+    /// Too short a trace decides nothing.
+    #[test]
+    fn short_trace_is_inconclusive() {
+        let pts = points(|i| (i * MIB, 0, 0, 0));
+        let v = decide(&Facts {
+            points: &pts[..5],
+            ..Facts::default()
+        });
+        assert_eq!(v.kind, "inconclusive");
+    }
+
+    /// A stack that grew early and stopped, or that churns, is no suspect.
+    #[test]
+    fn suspects_must_keep_growing() {
+        let c = vec![
+            candidate(1, |i| i * 100_000),                            // steady
+            candidate(2, |i| i.min(10) * 1_000_000),                  // grew, then stopped
+            candidate(3, |i| if i % 2 == 0 { 5_000_000 } else { 0 }), // churn
+            candidate(4, |i| i * 200_000),                            // steady, faster
+        ];
+        let s = suspects(&c, 10.0, MIB as f64);
+        assert_eq!(s.iter().map(|s| s.stack_id).collect::<Vec<_>>(), vec![4, 1]);
+    }
+}

@@ -1,0 +1,179 @@
+//! The verdict on real processes: one fixture per verdict, each traced for about
+//! 6 s (well within 20 s), in C and on Debian's python3.11.
+
+use std::path::Path;
+
+use leaktrace_tests::{Fixture, functions, require_root, script_path, trace_fixture};
+use serde_json::Value;
+
+/// Debian's python3.11 package (static libpython, LTO+PGO, no frame pointers).
+const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
+const MIB: f64 = 1048576.0;
+
+/// (scenario, expected verdict, function the top suspect must pass through)
+const C_CASES: &[(&str, &str, Option<&str>)] = &[
+    ("leak", "leak", Some("leak_record")),
+    ("arenas", "fragmentation", None),
+    ("cache", "no-growth", None),
+    ("mmap", "non-heap-growth", Some("map_more")),
+];
+
+fn verdict_of(r: &Value) -> (&str, &Value) {
+    let v = &r["verdict"];
+    (v["kind"].as_str().expect("verdict kind"), v)
+}
+
+fn print_verdict(what: &str, v: &Value) {
+    eprintln!("{what}: {} — {}", v["kind"], v["summary"]);
+    for e in v["evidence"].as_array().into_iter().flatten() {
+        eprintln!("    {}", e["text"]);
+    }
+}
+
+fn check_case(scenario: &str, want: &str, suspect: Option<&str>) {
+    let mut fx = Fixture::spawn("verdicts", &[scenario, "60"]);
+    let r = trace_fixture(&mut fx, &[]);
+    let (kind, v) = verdict_of(&r);
+    print_verdict(scenario, v);
+    assert_eq!(kind, want, "{scenario}: {v:#}");
+    if let Some(func) = suspect {
+        let top = &v["suspects"][0];
+        assert!(
+            functions(top).iter().any(|f| f == func),
+            "{scenario}: top suspect {:?}; {v:#}",
+            functions(top)
+        );
+    }
+    if want == "fragmentation" {
+        check_arenas(&mut fx, &r);
+    }
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
+/// The fragmentation fixture: six thread arenas, each created by a worker thread,
+/// MALLOC_ARENA_MAX recommended with a number, and the malloc_trim estimate matching
+/// what malloc_trim(0) then really returns in the fixture.
+fn check_arenas(fx: &mut Fixture, r: &Value) {
+    let heaps = &r["allocator"]["glibc_heaps"];
+    let thread: Vec<&Value> = heaps["arenas"]
+        .as_array()
+        .expect("arenas")
+        .iter()
+        .filter(|a| a["kind"] == "thread")
+        .collect();
+    assert_eq!(thread.len(), 6, "{heaps:#}");
+    for a in &thread {
+        assert!(
+            functions(a).iter().any(|f| f == "arena_worker"),
+            "arena created by a worker: {a:#}"
+        );
+        assert!(
+            a["free_resident_bytes"].as_f64().unwrap() > 20.0 * MIB,
+            "each arena keeps ~24 MiB free: {a:#}"
+        );
+    }
+    let remedies = r["verdict"]["remedies"].as_array().expect("remedies");
+    assert!(
+        remedies
+            .iter()
+            .any(|m| m["action"].as_str().unwrap().contains("MALLOC_ARENA_MAX=2")),
+        "{remedies:#?}"
+    );
+    let estimate = heaps["trimmable_bytes"].as_f64().unwrap();
+    fx.send("trim");
+    let line = fx.read_line();
+    let kb: Vec<f64> = line
+        .strip_prefix("trimmed ")
+        .expect("trimmed line")
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let actual = (kb[0] - kb[1]) * 1024.0;
+    eprintln!(
+        "malloc_trim(0): estimated {:.1} MiB, returned {:.1} MiB",
+        estimate / MIB,
+        actual / MIB
+    );
+    assert!(
+        (estimate - actual).abs() <= (0.05 * actual).max(2.0 * MIB),
+        "estimate {estimate} vs actual {actual}"
+    );
+}
+
+#[test]
+fn root_verdict_leak() {
+    require_root();
+    check_case(C_CASES[0].0, C_CASES[0].1, C_CASES[0].2);
+}
+
+#[test]
+fn root_verdict_fragmentation() {
+    require_root();
+    check_case(C_CASES[1].0, C_CASES[1].1, C_CASES[1].2);
+}
+
+#[test]
+fn root_verdict_fixed_working_set() {
+    require_root();
+    check_case(C_CASES[2].0, C_CASES[2].1, C_CASES[2].2);
+}
+
+#[test]
+fn root_verdict_mmap_growth() {
+    require_root();
+    check_case(C_CASES[3].0, C_CASES[3].1, C_CASES[3].2);
+}
+
+/// (scenario, expected verdict) for the Python daemons.
+const PY_CASES: &[(&str, &str)] = &[("leak", "leak"), ("arenas", "fragmentation")];
+
+fn check_python(scenario: &str, want: &str) {
+    assert!(
+        Path::new(DEBIAN_PYTHON).exists(),
+        "{DEBIAN_PYTHON} is missing (cargo xtask setup installs Debian's python3.11)"
+    );
+    let script = script_path("py_verdict.py");
+    let mut fx = Fixture::spawn_program(
+        Path::new(DEBIAN_PYTHON),
+        &[script.to_str().unwrap(), scenario, "60"],
+        &[],
+    );
+    let r = trace_fixture(&mut fx, &[]);
+    let (kind, v) = verdict_of(&r);
+    print_verdict(&format!("python3.11 {scenario}"), v);
+    assert_eq!(kind, want, "python {scenario}: {v:#}");
+    if want == "fragmentation" {
+        let heaps = &r["allocator"]["glibc_heaps"];
+        let thread = heaps["arenas"]
+            .as_array()
+            .expect("arenas")
+            .iter()
+            .filter(|a| a["kind"] == "thread")
+            .count();
+        assert!(thread >= 6, "six worker threads, six arenas: {heaps:#}");
+        let remedies = v["remedies"].as_array().expect("remedies");
+        assert!(
+            remedies
+                .iter()
+                .any(|m| m["action"].as_str().unwrap().contains("MALLOC_ARENA_MAX=2")),
+            "{remedies:#?}"
+        );
+        assert!(
+            heaps["trimmable_bytes"].as_f64().unwrap() > 100.0 * MIB,
+            "{heaps:#}"
+        );
+    }
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
+#[test]
+fn root_verdict_python_leak() {
+    require_root();
+    check_python(PY_CASES[0].0, PY_CASES[0].1);
+}
+
+#[test]
+fn root_verdict_python_fragmentation() {
+    require_root();
+    check_python(PY_CASES[1].0, PY_CASES[1].1);
+}
