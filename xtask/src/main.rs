@@ -98,15 +98,21 @@ fn works(cmd: &mut Command) -> bool {
 /// toolchain's rust-src (the BPF build uses -Z build-std=core), and bpf-linker
 /// built against the nightly toolchain's own libLLVM (no prebuilt download works here).
 fn setup() -> Result<()> {
+    // Debian packages the tests need: a C compiler for the fixtures, and Debian's own
+    // python3.11 (static libpython, LTO+PGO, no frame pointers), which the Python
+    // fixtures run on. Installed only when missing.
+    let mut missing = Vec::new();
     if !works(Command::new("cc").arg("--version")) {
+        missing.extend(["gcc", "libc6-dev"]);
+    }
+    if !Path::new("/usr/bin/python3.11").exists() {
+        missing.push("python3.11");
+    }
+    if !missing.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "gcc",
-            "libc6-dev",
-        ]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing))?;
     }
     if !works(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         run(Command::new("rustup").args([
