@@ -621,13 +621,16 @@ fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bo
     }
 }
 
-/// Wraps `text` at about 100 columns, each line indented by `indent`.
-fn wrap(out: &mut String, text: &str, indent: &str) {
+/// Wraps `text` at about 100 columns: the first line starts with `first`, the
+/// others with `rest` (a hanging indent).
+fn wrap_hanging(out: &mut String, text: &str, first: &str, rest: &str) {
     let mut line = String::new();
+    let mut prefix = first;
     for word in text.split_whitespace() {
-        if !line.is_empty() && line.len() + 1 + word.len() > 100 - indent.len() {
-            let _ = writeln!(out, "{indent}{line}");
+        if !line.is_empty() && prefix.len() + line.len() + 1 + word.len() > 100 {
+            let _ = writeln!(out, "{prefix}{line}");
             line.clear();
+            prefix = rest;
         }
         if !line.is_empty() {
             line.push(' ');
@@ -635,8 +638,12 @@ fn wrap(out: &mut String, text: &str, indent: &str) {
         line.push_str(word);
     }
     if !line.is_empty() {
-        let _ = writeln!(out, "{indent}{line}");
+        let _ = writeln!(out, "{prefix}{line}");
     }
+}
+
+fn wrap(out: &mut String, text: &str, indent: &str) {
+    wrap_hanging(out, text, indent, indent);
 }
 
 fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
@@ -645,7 +652,7 @@ fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
     if !v.evidence.is_empty() {
         o.push_str("  Evidence:\n");
         for e in &v.evidence {
-            wrap(o, &format!("- {}", e.text), "    ");
+            wrap_hanging(o, &e.text, "    - ", "      ");
         }
     }
     if !v.suspects.is_empty() {
@@ -681,7 +688,12 @@ fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
             } else {
                 String::new()
             };
-            wrap(o, &format!("{}. {}{effect}", n + 1, r.action), "    ");
+            wrap_hanging(
+                o,
+                &format!("{}. {}{effect}", n + 1, r.action),
+                "    ",
+                "       ",
+            );
             wrap(o, &r.why, "       ");
         }
     }

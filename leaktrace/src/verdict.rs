@@ -178,6 +178,31 @@ fn signed(b: f64) -> String {
     }
 }
 
+/// Name prefixes of glibc's allocator internals.
+const GLIBC_INTERNAL: &[&str] = &[
+    "_int_",
+    "__GI___libc_",
+    "__libc_",
+    "alloc_new_heap",
+    "new_heap",
+    "arena_get",
+    "tcache_",
+    "sysmalloc",
+    "systrim",
+    "heap_trim",
+    "shrink_heap",
+    "grow_heap",
+    "munmap_chunk",
+    "mremap_chunk",
+    "malloc_consolidate",
+    "__GI___munmap",
+    "__GI___mprotect",
+    "__GI___madvise",
+    "__munmap",
+    "__mprotect",
+    "__madvise",
+];
+
 /// The first named frame outside the allocator, for summaries.
 pub fn suspect_name(frames: &[Frame]) -> String {
     const ALLOCATOR: &[&str] = &[
@@ -206,17 +231,23 @@ pub fn suspect_name(frames: &[Frame]) -> String {
         "sbrk",
         "brk",
     ];
-    frames
+    let internal = |n: &str| {
+        ALLOCATOR.contains(&n)
+            || GLIBC_INTERNAL.iter().any(|p| n.starts_with(p))
+            || n.starts_with("operator new")
+            || n.starts_with("_Znw")
+            || n.starts_with("_Zna")
+    };
+    match frames
         .iter()
-        .filter_map(|f| f.function.as_deref())
-        .find(|n| {
-            !ALLOCATOR.contains(n)
-                && !n.starts_with("operator new")
-                && !n.starts_with("_Znw")
-                && !n.starts_with("_Zna")
-        })
-        .unwrap_or("an unnamed function")
-        .to_owned()
+        .find(|f| f.function.as_deref().is_none_or(|n| !internal(n)))
+    {
+        Some(Frame {
+            function: Some(n), ..
+        }) => n.clone(),
+        Some(f) => format!("an unnamed function at {}", f.address),
+        None => "an unnamed function".to_owned(),
+    }
 }
 
 /// Decides the verdict.
