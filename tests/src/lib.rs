@@ -332,13 +332,7 @@ pub fn trace_scenario_with_env(
     tracer_args: &[&str],
 ) -> (Fixture, Value) {
     let mut fx = Fixture::spawn_with_env(name, fixture_args, env);
-    let pid = fx.pid.to_string();
-    let mut args = vec!["--pid", pid.as_str()];
-    args.extend_from_slice(tracer_args);
-    let tracer = Tracer::start(&args);
-    fx.run_scenario();
-    let r = tracer.finish();
-    check_shape(&r);
+    let r = trace_fixture(&mut fx, tracer_args);
     (fx, r)
 }
 
