@@ -52,7 +52,88 @@ pub mod maps {
     pub const SYSCALL_INFLIGHT: &str = "SYSCALL_INFLIGHT";
     /// LRU hash: thread id → [`crate::FreeMark`] of the thread's latest `free` call.
     pub const FREE_MARK: &str = "FREE_MARK";
+    /// Array of one [`crate::PyConfig`]: where to find CPython's frames (zero: not Python).
+    pub const PY_CONFIG: &str = "PY_CONFIG";
+    /// Hash map: Python stack id (i64) → [`crate::PyStack`].
+    pub const PY_STACKS: &str = "PY_STACKS";
+    /// Per-CPU scratch slot for building a [`crate::PyStack`].
+    pub const PY_SCRATCH: &str = "PY_SCRATCH";
 }
+
+/// Python frames recorded per stack at most.
+pub const MAX_PY_FRAMES: usize = 64;
+
+/// How BPF finds the calling thread's CPython frames; filled by userspace from the
+/// interpreter's version, symbols and type introspection. All offsets in bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyConfig {
+    /// Nonzero once filled in: the target is CPython and frames are walked.
+    pub enabled: u32,
+    /// How a frame marks the edge of one run of the eval loop: [`PY_EDGE_NONE`],
+    /// [`PY_EDGE_IS_ENTRY`] or [`PY_EDGE_SHIM`].
+    pub edge_kind: u32,
+    /// `offsetof(task_struct, thread.fsbase)`, from kernel BTF.
+    pub fsbase_offset: u64,
+    /// From fsbase to the pthread TSD slot holding the thread's `PyThreadState*`
+    /// (glibc: `0x310 + key * 16 + 8`).
+    pub tss_slot_offset: u64,
+    /// PyThreadState → top frame (3.9/3.10 `frame`, 3.11/3.12 `cframe`, 3.13 `current_frame`).
+    pub tstate_frame: u32,
+    /// With a cframe (3.11/3.12): `_PyCFrame.current_frame`; `u32::MAX` otherwise.
+    pub cframe_frame: u32,
+    /// Frame → code object (`f_code` / `f_executable`).
+    pub frame_code: u32,
+    /// Frame → calling frame (`f_back` / `previous`).
+    pub frame_previous: u32,
+    /// Frame → instruction (`f_lasti` int on ≤3.10, `prev_instr`/`instr_ptr` pointer on 3.11+).
+    pub frame_instr: u32,
+    /// 1 when `frame_instr` is a 4-byte int (≤3.10), 0 for a pointer.
+    pub instr_is_int: u32,
+    /// Offset of the `is_entry` (3.11) or `owner` (3.12+) byte.
+    pub frame_edge: u32,
+    /// Padding.
+    pub _pad: u32,
+    /// `&_Py_NoneStruct` on 3.13+ (a C-entry frame's `f_executable`), else 0.
+    pub none_addr: u64,
+}
+const _: () = assert!(size_of::<PyConfig>() == 64);
+
+/// [`PyConfig::edge_kind`]: every frame is its own run of the eval loop (≤3.10).
+pub const PY_EDGE_NONE: u32 = 0;
+/// [`PyConfig::edge_kind`]: a nonzero `is_entry` byte marks the first frame of a run (3.11).
+pub const PY_EDGE_IS_ENTRY: u32 = 1;
+/// [`PyConfig::edge_kind`]: `owner == FRAME_OWNED_BY_CSTACK` (3) marks a shim frame
+/// pushed where C entered the eval loop (3.12+); it is skipped.
+pub const PY_EDGE_SHIM: u32 = 2;
+/// Set in [`PyFrame::instr`] on the first (outermost) frame of a run of the eval loop:
+/// one native `_PyEval_EvalFrameDefault` frame stands for the Python frames down to it.
+pub const PY_FRAME_EDGE: u64 = 1 << 63;
+
+/// One Python frame as recorded in BPF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFrame {
+    /// Address of the code object.
+    pub code: u64,
+    /// Instruction: `f_lasti` (≤3.10) or the instruction pointer (3.11+), with [`PY_FRAME_EDGE`].
+    pub instr: u64,
+}
+
+/// A Python stack, innermost frame first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PyStack {
+    /// Second hash, to detect id collisions.
+    pub check: u64,
+    /// Number of valid frames.
+    pub len: u32,
+    /// `STACK_TRUNCATED` when more frames were left.
+    pub flags: u32,
+    /// Frames.
+    pub frames: [PyFrame; MAX_PY_FRAMES],
+}
+const _: () = assert!(size_of::<PyStack>() == 16 + 16 * MAX_PY_FRAMES);
 
 /// Where a thread's latest `free` call sits on its stack. `free` has no return
 /// probe (it would cost a trap per call), so a syscall is known to come from inside
@@ -313,8 +394,10 @@ pub struct StackTrace {
     pub flags: u32,
     /// Return addresses (the first may be the interrupted instruction pointer).
     pub frames: [u64; MAX_STACK_DEPTH],
+    /// The Python stack of the same moment in [`maps::PY_STACKS`], or [`STACK_NONE`].
+    pub py_stack: i64,
 }
-const _: () = assert!(size_of::<StackTrace>() == 16 + 8 * MAX_STACK_DEPTH);
+const _: () = assert!(size_of::<StackTrace>() == 24 + 8 * MAX_STACK_DEPTH);
 
 /// [`StackTrace::flags`]: the walk stopped at [`MAX_STACK_DEPTH`] or at a frame it
 /// could not follow, before reaching the outermost frame.
@@ -354,8 +437,14 @@ pub mod counter {
     pub const SAMPLED_FULL: u32 = 12;
     /// Heap calls skipped by sampling (no stack walk, no event).
     pub const UNSAMPLED: u32 = 13;
+    /// Python stacks that did not fit in their map: the event has native frames only.
+    pub const PY_STACK_MAP_FULL: u32 = 14;
+    /// Python stacks cut at [`crate::MAX_PY_FRAMES`] or at an unreadable frame.
+    pub const PY_TRUNCATED: u32 = 15;
+    /// Two different Python stacks hashed to one id: the event has native frames only.
+    pub const PY_COLLISION: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 17;
 
     /// Stable name of each counter, as shown in reports and JSON.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -373,6 +462,9 @@ pub mod counter {
         "stack_truncated",
         "sampled_full",
         "unsampled",
+        "py_stack_map_full",
+        "py_truncated",
+        "py_collision",
     ];
 
     /// Whether a nonzero value of this counter means data was lost.
@@ -389,6 +481,8 @@ pub mod counter {
                 | STALE_ENTRY
                 | SYSCALL_WITHOUT_ENTRY
                 | SAMPLED_FULL
+                | PY_STACK_MAP_FULL
+                | PY_COLLISION
         )
     }
 }
@@ -411,7 +505,7 @@ pub mod nr {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AllocEntry, Config, Event, StackTrace, SyscallEntry};
+    use super::{AllocEntry, Config, Event, PyConfig, PyStack, StackTrace, SyscallEntry};
 
     // SAFETY: all of these are repr(C), contain only integers, and have no implicit
     // padding (sizes are asserted above to equal the sum of their fields).
@@ -424,4 +518,8 @@ mod user {
     unsafe impl aya::Pod for SyscallEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for StackTrace {}
+    // SAFETY: plain old data, repr(C), no padding.
+    unsafe impl aya::Pod for PyConfig {}
+    // SAFETY: plain old data, repr(C), no padding.
+    unsafe impl aya::Pod for PyStack {}
 }

@@ -13,6 +13,7 @@
 )]
 
 mod heap;
+mod python;
 mod stack;
 mod syscalls;
 
@@ -71,6 +72,19 @@ static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static LAST_RETURN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static PY_CONFIG: Array<leaktrace_common::PyConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static PY_STACKS: HashMap<i64, leaktrace_common::PyStack> =
+    HashMap::with_max_entries(DEFAULT_STACK_CAPACITY, 0);
+
+#[map]
+static PY_WALK: PerCpuArray<python::WalkState> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static PY_SCRATCH: PerCpuArray<leaktrace_common::PyStack> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static FREE_MARK: LruHashMap<u32, leaktrace_common::FreeMark> =

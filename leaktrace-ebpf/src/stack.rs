@@ -104,6 +104,9 @@ fn mix(h: u64, v: u64, mul: u64) -> u64 {
 /// Walks the frame-pointer chain from `bp` and stores the stack, returning its id.
 #[inline(always)]
 fn capture(first: u64, second: Option<u64>, mut bp: u64, sp: u64, mut flags: u32) -> i64 {
+    // Walked first: after the native walk the verifier would check it once per
+    // native depth.
+    let py = crate::python::capture();
     let Some(st) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(counter::STACK_ERROR);
         return -ENOENT;
@@ -153,6 +156,10 @@ fn capture(first: u64, second: Option<u64>, mut bp: u64, sp: u64, mut flags: u32
     if flags & STACK_TRUNCATED != 0 {
         count(counter::STACK_TRUNCATED);
     }
+    // The Python frames of the same moment are part of the stack's identity.
+    st.py_stack = py;
+    h1 = mix(h1, py as u64, M1);
+    h2 = mix(h2, py as u64, M2);
     h1 = mix(h1, n as u64, M1);
     h2 = mix(h2, n as u64, M2);
     let id = (h1 & (i64::MAX as u64)) as i64;

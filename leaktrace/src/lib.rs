@@ -6,6 +6,7 @@
 //! [`report::Report`]s.
 
 pub mod allocators;
+pub mod btf;
 pub mod error;
 pub mod glibc_heap;
 pub mod intervals;
@@ -14,6 +15,7 @@ pub mod ledger;
 pub mod overhead;
 pub mod placement;
 pub mod procfs;
+pub mod python;
 pub mod report;
 pub mod session;
 pub mod symbols;

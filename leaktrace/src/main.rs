@@ -97,6 +97,10 @@ struct Opts {
     #[arg(long, value_name = "S", value_parser = parse_seconds)]
     min_age: Option<Duration>,
 
+    /// Do not walk CPython frames (in a Python target, stacks are then native only).
+    #[arg(long)]
+    no_python: bool,
+
     /// Do not read glibc's heaps through /proc/PID/mem (arena figures, the
     /// malloc_trim estimate and fragmentation remedies then go missing).
     #[arg(long)]
@@ -208,6 +212,7 @@ fn config(opts: Opts) -> Config {
         max_overhead_pct: opts.max_overhead,
         min_age: opts.min_age,
         walk_heaps: !opts.no_heap_walk,
+        python_stacks: !opts.no_python,
     }
 }
 

@@ -590,6 +590,13 @@ fn frame_line(f: &Frame) -> String {
     if f.inlined {
         s.push_str(" [inlined]");
     }
+    if f.kind == "python" {
+        s.push_str("  [python]");
+        if f.function.is_none() {
+            let _ = write!(s, " code object @ {} (freed or unreadable)", f.address);
+        }
+        return s;
+    }
     let module = f
         .module
         .as_deref()

@@ -90,6 +90,8 @@ pub struct Config {
     pub min_age: Option<Duration>,
     /// Walk glibc's heaps through /proc/PID/mem for each report.
     pub walk_heaps: bool,
+    /// Walk CPython frames when the target is a Python interpreter.
+    pub python_stacks: bool,
 }
 
 impl Default for Config {
@@ -113,6 +115,7 @@ impl Default for Config {
             max_overhead_pct: None,
             min_age: None,
             walk_heaps: true,
+            python_stacks: true,
         }
     }
 }
@@ -229,6 +232,15 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
             .with_sampling(u64::from(config.sample_rate))
             .with_pymalloc_arena(pymalloc_arena),
         python,
+        py: if python.is_some() && config.python_stacks {
+            PyState::Pending(0)
+        } else {
+            PyState::Off
+        },
+        py_raw: rustc_hash::FxHashMap::default(),
+        py_symbols: crate::python::PySymbols::default(),
+        objects: objects.clone(),
+        py_stacks: None,
         threads: 0,
         walk: None,
         symbols: None,
@@ -351,6 +363,7 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
         .map_max_entries(maps::SYSCALL_INFLIGHT, config.inflight_capacity)
         .map_max_entries(maps::SAMPLE_COUNTDOWN, config.inflight_capacity)
         .map_max_entries(maps::FREE_MARK, config.inflight_capacity)
+        .map_max_entries(maps::PY_STACKS, config.stack_capacity)
         .map_max_entries(maps::SAMPLED, config.sampled_capacity);
     // The verifier rejects programs with EACCES, so only EPERM means "not allowed".
     let mut ebpf = loader
@@ -515,6 +528,19 @@ fn detach_heap(ebpf: &mut Ebpf, links: HeapLinks) {
     }
 }
 
+/// Whether Python frames are walked.
+#[derive(Debug)]
+enum PyState {
+    /// Not a Python target, or turned off.
+    Off,
+    /// A Python target whose interpreter was not found yet (attempts so far).
+    Pending(u32),
+    /// Frames are walked.
+    Ready(Box<crate::python::PyTarget>),
+    /// A Python target whose frames cannot be walked, and why.
+    Unavailable(String),
+}
+
 struct Session<'a> {
     config: &'a Config,
     pid: u32,
@@ -522,6 +548,16 @@ struct Session<'a> {
     ledger: Ledger,
     /// CPython (major, minor) if the target is a Python interpreter.
     python: Option<(u32, u32)>,
+    /// Python frames: the interpreter found, or why not (yet).
+    py: PyState,
+    /// Python stacks read with their native stack, by native stack id, until symbolized.
+    py_raw: rustc_hash::FxHashMap<i64, leaktrace_common::PyStack>,
+    /// Code objects read so far.
+    py_symbols: crate::python::PySymbols,
+    /// The kernel's Python stacks.
+    py_stacks: Option<BpfHashMap<MapData, i64, leaktrace_common::PyStack>>,
+    /// The objects mapped at attach: (path in target, host path).
+    objects: Vec<(String, PathBuf)>,
     /// Threads in the target at the last sample.
     threads: u64,
     /// The latest walk of glibc's heaps.
@@ -573,6 +609,15 @@ impl Session<'_> {
             source,
         })?;
         let mut ring = async_fd(ring)?;
+        let py_stacks: BpfHashMap<MapData, i64, leaktrace_common::PyStack> = BpfHashMap::try_from(
+            ebpf.take_map(maps::PY_STACKS)
+                .ok_or(Error::Missing("PY_STACKS map"))?,
+        )
+        .map_err(|source| Error::Map {
+            name: maps::PY_STACKS,
+            source,
+        })?;
+        self.py_stacks = Some(py_stacks);
         let stacks: BpfHashMap<MapData, i64, StackTrace> = BpfHashMap::try_from(
             ebpf.take_map(maps::STACKS)
                 .ok_or(Error::Missing("STACKS map"))?,
@@ -620,6 +665,7 @@ impl Session<'_> {
             tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
             self.config.interval.unwrap_or(far),
         );
+        self.setup_python(ebpf);
         enable(
             ebpf,
             leaktrace_common::ENABLE_HEAP | leaktrace_common::ENABLE_SYSCALLS,
@@ -637,6 +683,9 @@ impl Session<'_> {
                 }
                 _ = drain_tick.tick() => self.consume(ring.get_mut(), &stacks),
                 _ = tick.tick() => {
+                    if matches!(self.py, PyState::Pending(_)) {
+                        self.setup_python(ebpf);
+                    }
                     self.sample_rss();
                     self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss, self.threads);
                     self.resolve_stacks(&stacks);
@@ -863,6 +912,16 @@ impl Session<'_> {
             match stacks.get(&id, 0) {
                 Ok(st) => {
                     uncovered |= !symbols.covers(&st);
+                    if st.py_stack >= 0
+                        && let Some(py) = &self.py_stacks
+                    {
+                        match py.get(&st.py_stack, 0) {
+                            Ok(ps) => {
+                                self.py_raw.insert(id, ps);
+                            }
+                            Err(_) => self.ledger.counters.stack_unreadable += 1,
+                        }
+                    }
                     self.fetched_stacks.push((id, st));
                 }
                 // The kernel stores a stack before sending its id, so this is a loss to show.
@@ -880,7 +939,100 @@ impl Session<'_> {
             return;
         }
         symbols_for(&mut self.symbols, self.pid).resolve(&self.fetched_stacks);
+        self.merge_python();
         self.fetched_stacks.clear();
+    }
+
+    /// Finds the interpreter and tells BPF where its frames are (retried while a
+    /// launched command has not yet started Python).
+    fn setup_python(&mut self, ebpf: &mut Ebpf) {
+        let PyState::Pending(tries) = self.py else {
+            return;
+        };
+        let fsbase = crate::btf::Btf::from_sys()
+            .ok()
+            .and_then(|b| b.member_offset("task_struct", &["thread", "fsbase"]));
+        let found = match (
+            procfs::read_maps(self.pid),
+            crate::glibc_heap::ProcMemory::open(self.pid),
+        ) {
+            (Ok(maps), Ok(mem)) => {
+                // In launch mode the objects come from the program's file; map them by name.
+                let objects: Vec<(String, PathBuf)> = if self.launched {
+                    maps.iter()
+                        .filter(|m| m.is_file())
+                        .map(|m| (m.path.clone(), procfs::path_in_target(self.pid, &m.path)))
+                        .collect()
+                } else {
+                    self.objects.clone()
+                };
+                crate::python::detect(&mem, &maps, &objects, fsbase)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(format!("cannot read the target: {e}")),
+        };
+        self.py = match found {
+            Ok(Some(t)) => match ebpf
+                .map_mut(maps::PY_CONFIG)
+                .map(Array::<_, leaktrace_common::PyConfig>::try_from)
+            {
+                Some(Ok(mut a)) => match a.set(0, t.config, 0) {
+                    Ok(()) => {
+                        log::info!(
+                            "CPython 3.{} in {}: Python frames on",
+                            t.version.1,
+                            t.object
+                        );
+                        PyState::Ready(Box::new(t))
+                    }
+                    Err(e) => {
+                        PyState::Unavailable(format!("failed to configure the Python walk: {e}"))
+                    }
+                },
+                _ => PyState::Unavailable("PY_CONFIG map missing".into()),
+            },
+            // Not started yet (launch mode) or still initializing: retry for ~10 s.
+            Ok(None) | Err(_) if tries < 40 && self.launched => PyState::Pending(tries + 1),
+            Ok(None) => PyState::Unavailable("no object defining _PyRuntime is mapped".into()),
+            Err(why) => PyState::Unavailable(why),
+        };
+        if let PyState::Unavailable(why) = &self.py {
+            log::warn!("no Python frames: {why}");
+        }
+    }
+
+    /// Interleaves the Python frames of newly resolved stacks into their native frames.
+    fn merge_python(&mut self) {
+        if self.py_raw.is_empty() {
+            return;
+        }
+        let PyState::Ready(t) = &self.py else {
+            self.py_raw.clear();
+            return;
+        };
+        let Ok(mem) = crate::glibc_heap::ProcMemory::open(self.pid) else {
+            return;
+        };
+        let symbols = symbols_for(&mut self.symbols, self.pid);
+        for (id, _) in &self.fetched_stacks {
+            let Some(ps) = self.py_raw.remove(id) else {
+                continue;
+            };
+            let n = (ps.len as usize).min(ps.frames.len());
+            let py: Vec<(crate::symbols::Frame, bool)> = ps.frames[..n]
+                .iter()
+                .map(|&f| {
+                    (
+                        self.py_symbols.frame(&mem, t, f),
+                        f.instr & leaktrace_common::PY_FRAME_EDGE != 0,
+                    )
+                })
+                .collect();
+            if let Some(stack) = symbols.stack_mut(*id) {
+                let native = std::mem::take(&mut stack.frames);
+                stack.frames = crate::python::interleave(native, py, t.version.1 <= 10);
+                stack.truncated |= ps.flags & leaktrace_common::STACK_TRUNCATED != 0;
+            }
+        }
     }
 
     fn report(

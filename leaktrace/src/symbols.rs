@@ -132,6 +132,11 @@ impl Symbols {
     }
 
     /// A resolved stack.
+    pub fn stack_mut(&mut self, id: i64) -> Option<&mut Stack> {
+        self.stacks.get_mut(&id)
+    }
+
+    /// A resolved stack.
     pub fn get(&self, id: i64) -> Option<&Stack> {
         self.stacks.get(&id)
     }

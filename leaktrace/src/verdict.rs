@@ -238,6 +238,21 @@ pub fn suspect_name(frames: &[Frame]) -> String {
             || n.starts_with("_Znw")
             || n.starts_with("_Zna")
     };
+    // In a Python process, the innermost Python function is the one to name.
+    if let Some(f) = frames
+        .iter()
+        .find(|f| f.kind == "python" && f.function.is_some())
+    {
+        let file = f
+            .file
+            .as_deref()
+            .map_or("?", |p| p.rsplit('/').next().unwrap_or(p));
+        return format!(
+            "{} ({file}:{})",
+            f.function.as_deref().unwrap_or("?"),
+            f.line.unwrap_or(0)
+        );
+    }
     match frames
         .iter()
         .find(|f| f.function.as_deref().is_none_or(|n| !internal(n)))

@@ -142,6 +142,37 @@ fn check_python(scenario: &str, want: &str) {
     let (kind, v) = verdict_of(&r);
     print_verdict(&format!("python3.11 {scenario}"), v);
     assert_eq!(kind, want, "python {scenario}: {v:#}");
+    if want == "leak" {
+        // The leaking Python function, its Python callers, file and line.
+        let top = &v["suspects"][0];
+        let py: Vec<(String, String, u64)> = top["frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .filter(|f| f["kind"] == "python")
+            .map(|f| {
+                (
+                    f["function"].as_str().unwrap_or("?").to_owned(),
+                    f["file"].as_str().unwrap_or("?").to_owned(),
+                    f["line"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        eprintln!("python3.11 leak suspect: {py:?}");
+        let want = [("remember", 21), ("handle", 26), ("leak_worker", 32)];
+        for (i, (func, line)) in want.iter().enumerate() {
+            let (f, file, l) = py
+                .get(i)
+                .unwrap_or_else(|| panic!("python frame {i} missing: {py:?}"));
+            assert_eq!((f.as_str(), *l), (*func, *line), "{py:?}");
+            assert!(file.ends_with("py_verdict.py"), "{file}");
+        }
+        assert!(
+            v["summary"].as_str().unwrap().contains("remember"),
+            "{}",
+            v["summary"]
+        );
+    }
     if want == "fragmentation" {
         let heaps = &r["allocator"]["glibc_heaps"];
         let thread = heaps["arenas"]

@@ -1,0 +1,222 @@
+//! CPython frames of the calling thread, walked at the same moment as its native
+//! stack.
+//!
+//! Userspace fills [`PY_CONFIG`] from the interpreter's version, exported symbols
+//! and type introspection (see `leaktrace/src/python.rs`). Here, per captured
+//! stack: the thread's `PyThreadState` comes from its pthread TSD slot (glibc:
+//! `fsbase + 0x310 + key * 16 + 8`, the key being `_PyRuntime`'s `autoTSSkey`), which
+//! stays bound to the OS thread while the GIL is released — so an allocation made
+//! with the GIL dropped still gets its own thread's Python stack, never the GIL
+//! holder's. Then the frame chain is followed with one 80-byte read per frame,
+//! recording `(code object, instruction)`; userspace turns those into file,
+//! qualified name and line by reading the code objects. Stacks are deduplicated
+//! in [`PY_STACKS`] like native ones.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
+};
+use leaktrace_common::{
+    MAX_PY_FRAMES, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE, PyConfig, STACK_NONE,
+    STACK_TRUNCATED, counter,
+};
+
+use crate::{PY_CONFIG, PY_SCRATCH, PY_STACKS, PY_WALK, count};
+
+/// Bytes of a frame read at once; every offset used lies below 80 on 3.9–3.13.
+const FRAME_READ: usize = 80;
+/// `FRAME_OWNED_BY_CSTACK`.
+const OWNED_BY_CSTACK: u8 = 3;
+
+#[inline(always)]
+fn word(buf: &[u8; 96], off: u32) -> u64 {
+    let o = (off & 0x3f) as usize;
+    u64::from_le_bytes([
+        buf[o],
+        buf[o + 1],
+        buf[o + 2],
+        buf[o + 3],
+        buf[o + 4],
+        buf[o + 5],
+        buf[o + 6],
+        buf[o + 7],
+    ])
+}
+
+/// State of one walk, kept in map memory ([`PY_WALK`]) rather than on the stack:
+/// the verifier does not track values read back from a map, so the loop's states
+/// converge after one step instead of being re-checked once per frame count.
+#[derive(Clone, Copy)]
+pub struct WalkState {
+    frame: u64,
+    n: u64,
+    flags: u64,
+    h1: u64,
+    h2: u64,
+}
+
+/// One frame of the walk; returns 1 to stop.
+extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    const M1: u64 = 0x9E37_79B9_7F4A_7C15;
+    const M2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    // SAFETY: bpf_loop passes back the pointer to our config copy, live for the loop.
+    let cfg = unsafe { &*ctx.cast::<PyConfig>() };
+    let (Some(w), Some(st)) = (PY_WALK.get_ptr_mut(0), PY_SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    // SAFETY: this CPU's private slots from successful lookups.
+    let (w, st) = unsafe { (&mut *w, &mut *st) };
+    if w.frame == 0 {
+        return 1;
+    }
+    let mut buf = [0u8; 96];
+    // SAFETY: user memory reads through the helper cannot fault.
+    if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf[..FRAME_READ]) }.is_err() {
+        w.flags |= u64::from(STACK_TRUNCATED);
+        return 1;
+    }
+    let code = word(&buf, cfg.frame_code);
+    let previous = word(&buf, cfg.frame_previous);
+    let mut instr = if cfg.instr_is_int != 0 {
+        word(&buf, cfg.frame_instr) & 0xffff_ffff
+    } else {
+        word(&buf, cfg.frame_instr)
+    };
+    let edge_byte = buf[(cfg.frame_edge & 0x4f) as usize];
+    let shim = (cfg.edge_kind == PY_EDGE_SHIM && edge_byte == OWNED_BY_CSTACK)
+        || (cfg.none_addr != 0 && code == cfg.none_addr);
+    let n = w.n as usize;
+    if shim {
+        // Where C entered the eval loop: the frame recorded last is its run's first.
+        if n > 0 {
+            st.frames[(n - 1) & (MAX_PY_FRAMES - 1)].instr |= PY_FRAME_EDGE;
+        }
+        w.frame = previous;
+        return 0;
+    }
+    if n >= MAX_PY_FRAMES {
+        w.flags |= u64::from(STACK_TRUNCATED);
+        return 1;
+    }
+    if cfg.edge_kind == PY_EDGE_IS_ENTRY && edge_byte != 0 {
+        instr |= PY_FRAME_EDGE;
+    }
+    let slot = &mut st.frames[n & (MAX_PY_FRAMES - 1)];
+    slot.code = code;
+    slot.instr = instr;
+    w.n += 1;
+    w.h1 = (w.h1 ^ code).wrapping_mul(M1).rotate_left(29);
+    w.h1 = (w.h1 ^ instr).wrapping_mul(M1).rotate_left(29);
+    w.h2 = (w.h2 ^ code).wrapping_mul(M2).rotate_left(31);
+    w.h2 = (w.h2 ^ instr).wrapping_mul(M2).rotate_left(31);
+    w.frame = previous;
+    0
+}
+
+/// The calling thread's Python stack id, or [`STACK_NONE`] when the target is not
+/// CPython or this thread has no Python frames.
+#[inline(always)]
+pub fn capture() -> i64 {
+    let Some(cfg) = PY_CONFIG.get(0) else {
+        return STACK_NONE;
+    };
+    if cfg.enabled == 0 {
+        return STACK_NONE;
+    }
+    let cfg: PyConfig = *cfg;
+    // SAFETY: bpf_get_current_task returns the current task; reading kernel memory through the helper cannot fault.
+    let task = unsafe { bpf_get_current_task() };
+    let Ok(fsbase) = (unsafe { bpf_probe_read_kernel((task + cfg.fsbase_offset) as *const u64) })
+    else {
+        return STACK_NONE;
+    };
+    // SAFETY: user memory reads through the helper cannot fault.
+    let Ok(tstate) = (unsafe { bpf_probe_read_user((fsbase + cfg.tss_slot_offset) as *const u64) })
+    else {
+        return STACK_NONE;
+    };
+    if tstate == 0 {
+        return STACK_NONE;
+    }
+    let Ok(mut frame) =
+        (unsafe { bpf_probe_read_user((tstate + u64::from(cfg.tstate_frame)) as *const u64) })
+    else {
+        return STACK_NONE;
+    };
+    if cfg.cframe_frame != u32::MAX && frame != 0 {
+        let Ok(f) =
+            (unsafe { bpf_probe_read_user((frame + u64::from(cfg.cframe_frame)) as *const u64) })
+        else {
+            return STACK_NONE;
+        };
+        frame = f;
+    }
+    if frame == 0 {
+        return STACK_NONE;
+    }
+    let Some(w) = PY_WALK.get_ptr_mut(0) else {
+        return STACK_NONE;
+    };
+    // SAFETY: this CPU's private slot from a successful lookup.
+    unsafe {
+        *w = WalkState {
+            frame,
+            n: 0,
+            flags: 0,
+            h1: 0x5bd1_e995_cbf2_9ce4,
+            h2: 0x2722_0a95_8422_2325,
+        }
+    };
+    let mut cfg = cfg;
+    // bpf_loop: the verifier checks one step, not one per frame.
+    // Two steps per recorded frame at most (a shim frame between two runs).
+    // SAFETY: the callback only reads the config we pass, for the duration of the call.
+    unsafe {
+        bpf_loop(
+            2 * MAX_PY_FRAMES as u32,
+            step as *mut core::ffi::c_void,
+            (&raw mut cfg).cast(),
+            0,
+        )
+    };
+    let (Some(w), Some(st)) = (PY_WALK.get_ptr_mut(0), PY_SCRATCH.get_ptr_mut(0)) else {
+        return STACK_NONE;
+    };
+    // SAFETY: this CPU's private slots from successful lookups.
+    let (w, st) = unsafe { (*w, &mut *st) };
+    let (frame, n, mut flags, mut h1, h2) = (w.frame, w.n as usize, w.flags as u32, w.h1, w.h2);
+    const M1: u64 = 0x9E37_79B9_7F4A_7C15;
+    if frame != 0 && flags & STACK_TRUNCATED == 0 {
+        flags |= STACK_TRUNCATED;
+    }
+    if flags & STACK_TRUNCATED != 0 {
+        count(counter::PY_TRUNCATED);
+    }
+    if n == 0 {
+        return STACK_NONE;
+    }
+    h1 = (h1 ^ n as u64).wrapping_mul(M1);
+    let id = (h1 & (i64::MAX as u64)) as i64;
+    st.len = n as u32;
+    st.flags = flags;
+    st.check = h2;
+    // SAFETY: a lookup returns a pointer valid for this program run.
+    if let Some(existing) = unsafe { PY_STACKS.get(&id) } {
+        if existing.check == h2 && existing.len == n as u32 {
+            return id;
+        }
+        count(counter::PY_COLLISION);
+        return STACK_NONE;
+    }
+    match PY_STACKS.insert(&id, st, BPF_NOEXIST as u64) {
+        Ok(()) => id,
+        Err(e) if e == -17 => id,
+        Err(_) => {
+            count(counter::PY_STACK_MAP_FULL);
+            STACK_NONE
+        }
+    }
+}
