@@ -92,8 +92,8 @@ pub struct PyConfig {
     pub instr_is_int: u32,
     /// Offset of the `is_entry` (3.11) or `owner` (3.12+) byte.
     pub frame_edge: u32,
-    /// Padding.
-    pub _pad: u32,
+    /// Bytes of a frame to read (at most 128): past the largest offset used.
+    pub frame_read: u32,
     /// `&_Py_NoneStruct` on 3.13+ (a C-entry frame's `f_executable`), else 0.
     pub none_addr: u64,
 }

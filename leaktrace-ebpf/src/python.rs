@@ -26,14 +26,14 @@ use leaktrace_common::{
 
 use crate::{PY_CONFIG, PY_SCRATCH, PY_STACKS, PY_WALK, count};
 
-/// Bytes of a frame read at once; every offset used lies below 80 on 3.9–3.13.
-const FRAME_READ: usize = 80;
+/// Room for a frame read (at most 128 bytes, offsets masked below 128, plus one word).
+const FRAME_BUF: usize = 136;
 /// `FRAME_OWNED_BY_CSTACK`.
 const OWNED_BY_CSTACK: u8 = 3;
 
 #[inline(always)]
-fn word(buf: &[u8; 96], off: u32) -> u64 {
-    let o = (off & 0x3f) as usize;
+fn word(buf: &[u8; FRAME_BUF], off: u32) -> u64 {
+    let o = (off & 0x7f) as usize;
     u64::from_le_bytes([
         buf[o],
         buf[o + 1],
@@ -72,9 +72,10 @@ extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if w.frame == 0 {
         return 1;
     }
-    let mut buf = [0u8; 96];
+    let mut buf = [0u8; FRAME_BUF];
+    let len = (cfg.frame_read & 0x7f) as usize + 1;
     // SAFETY: user memory reads through the helper cannot fault.
-    if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf[..FRAME_READ]) }.is_err() {
+    if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf[..len]) }.is_err() {
         w.flags |= u64::from(STACK_TRUNCATED);
         return 1;
     }
@@ -85,7 +86,7 @@ extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     } else {
         word(&buf, cfg.frame_instr)
     };
-    let edge_byte = buf[(cfg.frame_edge & 0x4f) as usize];
+    let edge_byte = buf[(cfg.frame_edge & 0x7f) as usize];
     let shim = (cfg.edge_kind == PY_EDGE_SHIM && edge_byte == OWNED_BY_CSTACK)
         || (cfg.none_addr != 0 && code == cfg.none_addr);
     let n = w.n as usize;

@@ -248,24 +248,33 @@ fn configure<M: Memory>(
             c.tstate_frame = 24;
             c.frame_code = f("f_code")?;
             c.frame_previous = f("f_back")?;
-            c.frame_instr = f("f_lasti")?;
+            // 3.10 made f_lasti a getter (in bytes); the int field sits at 96.
+            c.frame_instr = if minor == 9 {
+                f("f_lasti")?
+            } else {
+                fm.get("f_lasti").map_or(96, |&o| o as u32)
+            };
             c.instr_is_int = 1;
             c.edge_kind = PY_EDGE_NONE;
+            c.frame_read = c.frame_instr + 4;
         }
         11 => {
             (c.tstate_frame, c.cframe_frame) = (56, 8);
             (c.frame_code, c.frame_previous, c.frame_instr, c.frame_edge) = (32, 48, 56, 68);
             c.edge_kind = PY_EDGE_IS_ENTRY;
+            c.frame_read = 72;
         }
         12 => {
             (c.tstate_frame, c.cframe_frame) = (56, 0);
             (c.frame_code, c.frame_previous, c.frame_instr, c.frame_edge) = (0, 8, 56, 70);
             c.edge_kind = PY_EDGE_SHIM;
+            c.frame_read = 72;
         }
         _ => {
             c.tstate_frame = 72;
             (c.frame_code, c.frame_previous, c.frame_instr, c.frame_edge) = (0, 8, 56, 70);
             c.edge_kind = PY_EDGE_SHIM;
+            c.frame_read = 72;
             c.none_addr = none.unwrap_or(0);
         }
     }
