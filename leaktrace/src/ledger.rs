@@ -255,7 +255,7 @@ impl Ledger {
             kind::BRK => self.on_brk(ev),
             kind::MPROTECT => {
                 self.activity.mprotects += 1;
-                self.on_mprotect(ev.addr, page_up(ev.size), ev.aux);
+                self.on_mprotect(ev);
             }
             kind::MADVISE => {
                 self.activity.madvises += 1;
@@ -347,18 +347,46 @@ impl Ledger {
         }
     }
 
-    /// Commits or decommits the parts of arena reservations in a range.
-    fn on_mprotect(&mut self, start: u64, len: u64, prot: u64) {
+    /// Commits or decommits the parts of arena reservations in a range. The
+    /// allocator also grows arenas it reserved before attach: those parts of an
+    /// in-allocator mprotect count as arena commits too.
+    fn on_mprotect(&mut self, ev: &Event) {
+        let (start, len, prot) = (ev.addr, page_up(ev.size), ev.aux);
+        let commit = prot & PROT_READ_WRITE != 0;
+        let mut next = start;
         for (s, r) in self.regions.overlapping(start, len) {
+            if ev.flags & EVENT_IN_ALLOCATOR != 0 && s > next && commit {
+                self.commit_untracked(next, s - next, ev);
+            }
+            next = next.max(r.end);
             if r.kind != RegionKind::ArenaReserve && r.kind != RegionKind::Reserved {
                 continue;
             }
-            if prot & PROT_READ_WRITE != 0 {
+            if commit {
                 self.committed.insert(s, r.end - s, r);
             } else {
                 self.committed.remove(s, r.end - s);
             }
         }
+        if ev.flags & EVENT_IN_ALLOCATOR != 0 && next < start + len {
+            if commit {
+                self.commit_untracked(next, start + len - next, ev);
+            } else {
+                self.committed.remove(next, start + len - next);
+            }
+        }
+    }
+
+    /// An allocator commit inside an arena reserved before attach.
+    fn commit_untracked(&mut self, start: u64, len: u64, ev: &Event) {
+        let r = Region {
+            end: 0,
+            kind: RegionKind::ArenaReserve,
+            stack_id: ev.stack_id,
+            ts_ns: ev.ts_ns,
+            tid: ev.tid,
+        };
+        self.committed.insert(start, len, r);
     }
 
     fn map(&mut self, start: u64, len: u64, kind: RegionKind, stack_id: i64, ts_ns: u64, tid: u32) {
@@ -1048,5 +1076,38 @@ mod tests {
             ),
             (0, 1 << 20)
         );
+    }
+
+    /// Arenas reserved before attach grow by mprotect from inside malloc: those
+    /// commits count, and shrink again when the allocator re-protects them.
+    #[test]
+    fn commits_in_arenas_from_before_attach() {
+        let in_alloc = |e: Event| Event {
+            flags: EVENT_IN_ALLOCATOR,
+            ..e
+        };
+        let mut l = Ledger::default();
+        l.apply(&in_alloc(sys(
+            kind::MPROTECT,
+            0x7f00_0002_1000,
+            1 << 20,
+            3,
+            0,
+            4,
+        )));
+        assert_eq!(l.anon_split().arena_committed_bytes, 1 << 20);
+        l.apply(&in_alloc(sys(
+            kind::MPROTECT,
+            0x7f00_0008_0000,
+            1 << 19,
+            0,
+            0,
+            4,
+        )));
+        assert_eq!(l.anon_split().arena_committed_bytes, (1 << 20) - (1 << 19));
+        // The same mprotect outside an allocator call is not the allocator's.
+        let mut l = Ledger::default();
+        l.apply(&sys(kind::MPROTECT, 0x7f00_0002_1000, 1 << 20, 3, 0, 4));
+        assert_eq!(l.anon_split().arena_committed_bytes, 0);
     }
 }

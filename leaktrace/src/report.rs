@@ -121,6 +121,21 @@ pub struct GlibcHeaps {
     pub unwalkable: Vec<Unwalkable>,
 }
 
+/// The target's CPython interpreter.
+#[derive(Clone, Debug, Serialize)]
+pub struct PythonInfo {
+    /// "3.11".
+    pub version: String,
+    /// Object holding the interpreter.
+    pub object: String,
+    /// Whether Python frames are in the stacks.
+    pub frames: bool,
+    /// Why not, when they are not.
+    pub unavailable: Option<String>,
+    /// How small objects show up.
+    pub note: String,
+}
+
 /// Heap section.
 #[derive(Clone, Debug, Serialize)]
 pub struct Heap {
@@ -233,6 +248,8 @@ pub struct Report {
     pub verdict: Verdict,
     /// The allocator as seen from outside.
     pub allocator: Allocator,
+    /// The CPython interpreter, when the target is one.
+    pub python: Option<PythonInfo>,
     /// Totals sampled every 250 ms (thinned to at most 2048 points).
     pub timeline: Vec<Point>,
 }
@@ -278,8 +295,8 @@ pub struct Inputs<'a> {
     pub arena_limit: Option<ArenaLimit>,
     /// malloc settings in the target's environment.
     pub malloc_env: Vec<String>,
-    /// The target is CPython.
-    pub python: bool,
+    /// The target's CPython interpreter, if it is one.
+    pub python: Option<PythonInfo>,
     /// Names of the target's threads.
     pub thread_names: &'a rustc_hash::FxHashMap<u32, String>,
 }
@@ -429,7 +446,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             malloc_env: i.malloc_env.clone(),
             heap_detached: i.heap_detached.is_some(),
             lost_total,
-            python: i.python,
+            python: i.python.is_some(),
         }),
         allocator: Allocator {
             glibc_heaps: i.walk.map(|w| glibc_heaps(i, w)),
@@ -437,6 +454,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             environment: i.malloc_env.clone(),
             mmap_threshold_raised_to: i.ledger.mmap_threshold_raised_to(),
         },
+        python: i.python.clone(),
         timeline: i.timeline.points().to_vec(),
     }
 }
@@ -846,6 +864,24 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         a.mremaps,
         a.brks
     );
+    if let Some(p) = &r.python {
+        match &p.unavailable {
+            None => {
+                let _ = writeln!(
+                    o,
+                    "CPython {} ({}): Python frames on. {}",
+                    p.version, p.object, p.note
+                );
+            }
+            Some(why) => {
+                let _ = writeln!(
+                    o,
+                    "CPython {} ({}): no Python frames: {why}. {}",
+                    p.version, p.object, p.note
+                );
+            }
+        }
+    }
     o.push('\n');
     render_verdict(&mut o, &r.verdict, max_frames);
     o.push('\n');
@@ -1080,6 +1116,7 @@ mod tests {
                 environment: vec![],
                 mmap_threshold_raised_to: None,
             },
+            python: None,
             timeline: vec![],
         }
     }

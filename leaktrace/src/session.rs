@@ -681,11 +681,16 @@ impl Session<'_> {
                     self.consume(guard.get_inner_mut(), &stacks);
                     guard.clear_ready();
                 }
-                _ = drain_tick.tick() => self.consume(ring.get_mut(), &stacks),
-                _ = tick.tick() => {
-                    if matches!(self.py, PyState::Pending(_)) {
+                _ = drain_tick.tick() => {
+                    // A launched interpreter is caught as soon as it has initialized.
+                    if matches!(self.py, PyState::Pending(n) if n % 2 == 0 || !self.launched) {
                         self.setup_python(ebpf);
+                    } else if let PyState::Pending(n) = &mut self.py {
+                        *n += 1;
                     }
+                    self.consume(ring.get_mut(), &stacks);
+                }
+                _ = tick.tick() => {
                     self.sample_rss();
                     self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss, self.threads);
                     self.resolve_stacks(&stacks);
@@ -991,13 +996,55 @@ impl Session<'_> {
                 _ => PyState::Unavailable("PY_CONFIG map missing".into()),
             },
             // Not started yet (launch mode) or still initializing: retry for ~10 s.
-            Ok(None) | Err(_) if tries < 40 && self.launched => PyState::Pending(tries + 1),
+            Ok(None) | Err(_) if tries < 1000 && self.launched => PyState::Pending(tries + 1),
             Ok(None) => PyState::Unavailable("no object defining _PyRuntime is mapped".into()),
             Err(why) => PyState::Unavailable(why),
         };
         if let PyState::Unavailable(why) = &self.py {
             log::warn!("no Python frames: {why}");
         }
+    }
+
+    /// What the report says about the interpreter.
+    fn python_info(&self) -> Option<report::PythonInfo> {
+        let (major, minor) = self.python?;
+        let arena = if minor >= 10 { "1 MiB" } else { "256 KiB" };
+        let note = format!(
+            "Objects of 512 bytes or less come from pymalloc's {arena} arenas, not malloc: small-object growth shows as \
+             pymalloc arenas under the mappings, charged to the Python stack that opened each arena. leaktrace does not \
+             probe PyObject_Malloc (LTO builds inline it at hundreds of call sites, so a probe there would see a fraction)."
+        );
+        let (frames, unavailable, object) = match &self.py {
+            PyState::Ready(t) => (true, None, t.object.clone()),
+            PyState::Unavailable(why) => (false, Some(why.clone()), String::new()),
+            PyState::Pending(_) => (
+                false,
+                Some("the interpreter had not initialized yet".into()),
+                String::new(),
+            ),
+            PyState::Off => (
+                false,
+                Some("turned off with --no-python".into()),
+                String::new(),
+            ),
+        };
+        let object = if object.is_empty() {
+            self.objects
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .find(|t| crate::python::version_from_name(t).is_some())
+                .unwrap_or("?")
+                .to_owned()
+        } else {
+            object
+        };
+        Some(report::PythonInfo {
+            version: format!("{major}.{minor}"),
+            object,
+            frames,
+            unavailable,
+            note,
+        })
     }
 
     /// Interleaves the Python frames of newly resolved stacks into their native frames.
@@ -1064,6 +1111,7 @@ impl Session<'_> {
             .map(|i| counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect();
         let now_ns = monotonic_ns();
+        let python_info = self.python_info();
         let symbols = symbols_for(&mut self.symbols, self.pid);
         report::build(&report::Inputs {
             pid: self.pid,
@@ -1085,7 +1133,7 @@ impl Session<'_> {
             walk: self.walk.as_ref(),
             arena_limit,
             malloc_env,
-            python: self.python.is_some(),
+            python: python_info,
             thread_names: &thread_names,
         })
     }
