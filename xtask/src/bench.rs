@@ -37,6 +37,7 @@ struct Workload {
 enum Tool {
     Untraced,
     Leaktrace,
+    LeaktraceNoPython,
     LeaktraceSampled,
     Bpftrace,
     Heaptrack,
@@ -47,6 +48,7 @@ impl Tool {
         match self {
             Self::Untraced => "untraced",
             Self::Leaktrace => "leaktrace (exact)",
+            Self::LeaktraceNoPython => "leaktrace --no-python",
             Self::LeaktraceSampled => "leaktrace --sample-rate 512K",
             Self::Bpftrace => "bpftrace memleak-equivalent",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
@@ -60,6 +62,10 @@ struct Sample {
     tracer_cpu: Option<f64>,
     /// Tracer peak RSS in KiB.
     tracer_rss_kib: Option<u64>,
+    /// Operations the workload ran.
+    ops: Option<f64>,
+    /// Events leaktrace recorded (from its JSON report).
+    events: Option<f64>,
 }
 
 fn clk_tck() -> f64 {
@@ -91,12 +97,15 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             c.args(&w.cmd[1..]);
             c
         }
-        Tool::Leaktrace | Tool::LeaktraceSampled => {
+        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython => {
             let mut c = Command::new(leaktrace);
             c.args(["--format", "json", "-o"])
                 .arg(out.with_extension("json"));
             if tool == Tool::LeaktraceSampled {
                 c.args(["--sample-rate", "524288"]);
+            }
+            if tool == Tool::LeaktraceNoPython {
+                c.arg("--no-python");
             }
             c.arg("--").args(&w.cmd);
             c
@@ -170,6 +179,8 @@ fn run_one(
             ns_per_op: total * 1e9,
             tracer_cpu: None,
             tracer_rss_kib: None,
+            ops: None,
+            events: None,
         });
     }
     loop {
@@ -186,24 +197,22 @@ fn run_one(
     let stdin = child.stdin.as_mut().context("stdin")?;
     stdin.write_all(b"go\n")?;
     stdin.flush()?;
-    let ns_per_op = loop {
+    let (ns_per_op, ops) = loop {
         line.clear();
         if out.read_line(&mut line)? == 0 {
             bail!("{} ended before its result", tool.label());
         }
         if let Some(v) = line.trim().strip_prefix("result ns_per_op=") {
-            break v
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .parse::<f64>()
-                .context("result")?;
+            let mut it = v.split_whitespace();
+            let ns = it.next().unwrap_or("").parse::<f64>().context("result")?;
+            let ops = it.find_map(|f| f.strip_prefix("ops=")).and_then(|n| n.parse::<f64>().ok());
+            break (ns, ops);
         }
     };
     let wall = t0.elapsed().as_secs_f64();
     let measured = matches!(
         tool,
-        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::Bpftrace
+        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython | Tool::Bpftrace
     );
     let tracer_cpu = if measured {
         cpu_seconds(tracer).zip(cpu0).map(|(b, a)| (b - a) / wall)
@@ -212,10 +221,21 @@ fn run_one(
     };
     let tracer_rss_kib = if measured { peak_rss_kib(tracer) } else { None };
     finish(child)?;
+    let events = if matches!(tool, Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython) {
+        let report = std::env::temp_dir().join(format!("leaktrace-bench-{}.json", std::process::id()));
+        std::fs::read_to_string(report)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["counters"]["events_sent"].as_f64())
+    } else {
+        None
+    };
     Ok(Sample {
         ns_per_op,
         tracer_cpu,
         tracer_rss_kib,
+        ops,
+        events,
     })
 }
 
@@ -287,7 +307,7 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             stdin_file: Some(bench_dir.join("sqlite_churn.sql")),
         });
     }
-    let mut tools = vec![Tool::Untraced, Tool::Leaktrace, Tool::LeaktraceSampled];
+    let mut tools = vec![Tool::Untraced, Tool::Leaktrace, Tool::LeaktraceNoPython, Tool::LeaktraceSampled];
     for (tool, bin) in [(Tool::Bpftrace, "bpftrace"), (Tool::Heaptrack, "heaptrack")] {
         if which::which(bin).is_ok() {
             tools.push(tool);
@@ -306,7 +326,9 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
     for w in &workloads {
         let mut base = None;
         let mut added = Vec::new();
-        for &tool in &tools {
+        let mut per_event = Vec::new();
+        let python = w.name.contains("CPython");
+        for &tool in tools.iter().filter(|&&t| python || t != Tool::LeaktraceNoPython) {
             let s = match run_one(tool, w, leaktrace, &bench_dir, libc) {
                 Ok(s) => s,
                 Err(e) => {
@@ -318,6 +340,9 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             let b = *base.get_or_insert(s.ns_per_op);
             let add = (s.ns_per_op - b) / 1000.0;
             added.push((tool, add));
+            if let (Some(ops), Some(ev)) = (s.ops, s.events) {
+                per_event.push((tool, ev / ops));
+            }
             println!(
                 "{:<38} {:<30} {:>12.0} {:>14} {:>9.1}x {:>11} {:>11}",
                 if tool == Tool::Untraced { w.name } else { "" },
@@ -336,6 +361,18 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             );
         }
         let get = |t: Tool| added.iter().find(|(x, _)| *x == t).map(|(_, a)| *a);
+        let events = per_event.iter().find(|(t, _)| *t == Tool::Leaktrace).map(|(_, e)| *e);
+        if let (Some(with), Some(without), Some(ev)) = (get(Tool::Leaktrace), get(Tool::LeaktraceNoPython), events) {
+            println!(
+                "{:<38} Python walk: {:.3} µs per {}, {:.2} µs per recorded event ({:.1} events per {})",
+                "",
+                with - without,
+                w.op,
+                (with - without) / ev.max(1e-9),
+                ev,
+                w.op
+            );
+        }
         if let (Some(l), Some(bt)) = (get(Tool::Leaktrace), get(Tool::Bpftrace)) {
             print!(
                 "{:<38} ratio of added cost per {}: leaktrace/bpftrace = {:.2}",
