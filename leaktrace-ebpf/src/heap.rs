@@ -182,6 +182,10 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let Some(tid) = traced_thread(ENABLE_HEAP) else {
         return 0;
     };
+    // Bare probes (benchmark): the trap, and nothing else.
+    if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
+        return 0;
+    }
     let regs = regs_of(ctx.as_ptr());
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(entry) = (unsafe { ALLOC_INFLIGHT.get(tid) }).copied() else {

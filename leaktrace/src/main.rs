@@ -97,6 +97,10 @@ struct Opts {
     #[arg(long, value_name = "S", value_parser = parse_seconds)]
     min_age: Option<Duration>,
 
+    /// Benchmark only: attach every probe but do no work in them.
+    #[arg(long, hide = true, conflicts_with_all = ["dry_run", "sample_rate"])]
+    bare_probes: bool,
+
     /// Do not walk CPython frames (in a Python target, stacks are then native only).
     #[arg(long)]
     no_python: bool,
@@ -213,6 +217,7 @@ fn config(opts: Opts) -> Config {
         min_age: opts.min_age,
         walk_heaps: !opts.no_heap_walk,
         python_stacks: !opts.no_python,
+        bare_probes: opts.bare_probes,
     }
 }
 

@@ -92,6 +92,9 @@ pub struct Config {
     pub walk_heaps: bool,
     /// Walk CPython frames when the target is a Python interpreter.
     pub python_stacks: bool,
+    /// Benchmark only: attach every probe as usual, but let the programs do
+    /// nothing beyond counting the hit (the bare trap cost of the same sites).
+    pub bare_probes: bool,
 }
 
 impl Default for Config {
@@ -116,6 +119,7 @@ impl Default for Config {
             min_age: None,
             walk_heaps: true,
             python_stacks: true,
+            bare_probes: false,
         }
     }
 }
@@ -344,7 +348,7 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
             CONFIG_CAPTURE_STACKS
         } else {
             0
-        } | if config.dry_run {
+        } | if config.dry_run || config.bare_probes {
             leaktrace_common::CONFIG_COUNT_ONLY
         } else {
             0

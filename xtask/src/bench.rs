@@ -38,6 +38,7 @@ enum Tool {
     Untraced,
     Leaktrace,
     LeaktraceNoPython,
+    LeaktraceBare,
     LeaktraceSampled,
     Bpftrace,
     Heaptrack,
@@ -49,6 +50,7 @@ impl Tool {
             Self::Untraced => "untraced",
             Self::Leaktrace => "leaktrace (exact)",
             Self::LeaktraceNoPython => "leaktrace --no-python",
+            Self::LeaktraceBare => "leaktrace probes, no BPF work",
             Self::LeaktraceSampled => "leaktrace --sample-rate 512K",
             Self::Bpftrace => "bpftrace memleak-equivalent",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
@@ -97,7 +99,10 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             c.args(&w.cmd[1..]);
             c
         }
-        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython => {
+        Tool::Leaktrace
+        | Tool::LeaktraceSampled
+        | Tool::LeaktraceNoPython
+        | Tool::LeaktraceBare => {
             let mut c = Command::new(leaktrace);
             c.args(["--format", "json", "-o"])
                 .arg(out.with_extension("json"));
@@ -106,6 +111,9 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             }
             if tool == Tool::LeaktraceNoPython {
                 c.arg("--no-python");
+            }
+            if tool == Tool::LeaktraceBare {
+                c.arg("--bare-probes");
             }
             c.arg("--").args(&w.cmd);
             c
@@ -205,14 +213,20 @@ fn run_one(
         if let Some(v) = line.trim().strip_prefix("result ns_per_op=") {
             let mut it = v.split_whitespace();
             let ns = it.next().unwrap_or("").parse::<f64>().context("result")?;
-            let ops = it.find_map(|f| f.strip_prefix("ops=")).and_then(|n| n.parse::<f64>().ok());
+            let ops = it
+                .find_map(|f| f.strip_prefix("ops="))
+                .and_then(|n| n.parse::<f64>().ok());
             break (ns, ops);
         }
     };
     let wall = t0.elapsed().as_secs_f64();
     let measured = matches!(
         tool,
-        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython | Tool::Bpftrace
+        Tool::Leaktrace
+            | Tool::LeaktraceSampled
+            | Tool::LeaktraceNoPython
+            | Tool::LeaktraceBare
+            | Tool::Bpftrace
     );
     let tracer_cpu = if measured {
         cpu_seconds(tracer).zip(cpu0).map(|(b, a)| (b - a) / wall)
@@ -221,8 +235,12 @@ fn run_one(
     };
     let tracer_rss_kib = if measured { peak_rss_kib(tracer) } else { None };
     finish(child)?;
-    let events = if matches!(tool, Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython) {
-        let report = std::env::temp_dir().join(format!("leaktrace-bench-{}.json", std::process::id()));
+    let events = if matches!(
+        tool,
+        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython
+    ) {
+        let report =
+            std::env::temp_dir().join(format!("leaktrace-bench-{}.json", std::process::id()));
         std::fs::read_to_string(report)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -307,7 +325,13 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             stdin_file: Some(bench_dir.join("sqlite_churn.sql")),
         });
     }
-    let mut tools = vec![Tool::Untraced, Tool::Leaktrace, Tool::LeaktraceNoPython, Tool::LeaktraceSampled];
+    let mut tools = vec![
+        Tool::Untraced,
+        Tool::Leaktrace,
+        Tool::LeaktraceBare,
+        Tool::LeaktraceNoPython,
+        Tool::LeaktraceSampled,
+    ];
     for (tool, bin) in [(Tool::Bpftrace, "bpftrace"), (Tool::Heaptrack, "heaptrack")] {
         if which::which(bin).is_ok() {
             tools.push(tool);
@@ -328,7 +352,11 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         let mut added = Vec::new();
         let mut per_event = Vec::new();
         let python = w.name.contains("CPython");
-        for &tool in tools.iter().filter(|&&t| python || t != Tool::LeaktraceNoPython) {
+        for &tool in tools
+            .iter()
+            .filter(|&&t| python || t != Tool::LeaktraceNoPython)
+            .filter(|&&t| w.name.contains("1 thread") || t != Tool::LeaktraceBare)
+        {
             let s = match run_one(tool, w, leaktrace, &bench_dir, libc) {
                 Ok(s) => s,
                 Err(e) => {
@@ -361,8 +389,20 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             );
         }
         let get = |t: Tool| added.iter().find(|(x, _)| *x == t).map(|(_, a)| *a);
-        let events = per_event.iter().find(|(t, _)| *t == Tool::Leaktrace).map(|(_, e)| *e);
-        if let (Some(with), Some(without), Some(ev)) = (get(Tool::Leaktrace), get(Tool::LeaktraceNoPython), events) {
+        let events = per_event
+            .iter()
+            .find(|(t, _)| *t == Tool::Leaktrace)
+            .map(|(_, e)| *e);
+        if let (Some(l), Some(bare)) = (get(Tool::Leaktrace), get(Tool::LeaktraceBare)) {
+            println!(
+                "{:<38} BPF work: exact / bare probes at the same sites = {:.2} (goal ≤ 1.15)",
+                "",
+                l / bare
+            );
+        }
+        if let (Some(with), Some(without), Some(ev)) =
+            (get(Tool::Leaktrace), get(Tool::LeaktraceNoPython), events)
+        {
             println!(
                 "{:<38} Python walk: {:.3} µs per {}, {:.2} µs per recorded event ({:.1} events per {})",
                 "",
