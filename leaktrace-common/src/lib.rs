@@ -362,8 +362,9 @@ pub struct AllocEntry {
     pub stack_id: i64,
     /// [`AllocFn`] discriminant.
     pub func: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Nonzero while the call is in flight. A thread's entry stays in the map
+    /// between calls and is rewritten in place: cheaper than insert and delete.
+    pub active: u32,
 }
 const _: () = assert!(size_of::<AllocEntry>() == 48);
 

@@ -50,8 +50,8 @@ static STACKS: HashMap<i64, StackTrace> = HashMap::with_max_entries(DEFAULT_STAC
 static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
-static ALLOC_INFLIGHT: HashMap<u32, AllocEntry> =
-    HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+static ALLOC_INFLIGHT: LruHashMap<u32, AllocEntry> =
+    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
 
 #[map]
 static SAMPLE_COUNTDOWN: LruHashMap<u32, i64> =

@@ -70,7 +70,7 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
         return 0;
     }
     // SAFETY: a lookup returns a pointer valid for this program run.
-    let (stack_id, flags) = match unsafe { ALLOC_INFLIGHT.get(tid) } {
+    let (stack_id, flags) = match unsafe { ALLOC_INFLIGHT.get(&tid) }.filter(|e| e.active != 0) {
         Some(alloc) => (alloc.stack_id, EVENT_IN_ALLOCATOR),
         None => {
             let flags = if inside_free(tid) {
