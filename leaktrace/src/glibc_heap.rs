@@ -132,13 +132,27 @@ struct Chunks {
     top: Option<(u64, u64)>,
 }
 
+/// Time one walk of all heaps may take: the event loop waits meanwhile, so a
+/// huge heap of small chunks is reported as not walked rather than stall it.
+pub const WALK_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Walks the chunks from `first` to `end`; `Err` says why the chain broke.
-fn walk<M: Memory>(mem: &M, first: u64, end: u64) -> Result<Chunks, &'static str> {
+fn walk<M: Memory>(
+    mem: &M,
+    first: u64,
+    end: u64,
+    deadline: std::time::Instant,
+) -> Result<Chunks, &'static str> {
     let mut w = Words::new(mem, end);
     let mut c = Chunks::default();
     let mut p = first;
     let mut prev: Option<(u64, u64)> = None;
+    let mut n = 0u32;
     loop {
+        n = n.wrapping_add(1);
+        if n % 4096 == 0 && std::time::Instant::now() > deadline {
+            return Err("not walked: over the time budget (a very large heap)");
+        }
         let Some(field) = w.at(p + 8) else {
             return Err("chunk header unreadable");
         };
@@ -335,11 +349,16 @@ fn add_heap<M: Memory>(mem: &M, a: &mut ArenaStats, start: u64, end: u64, c: &Ch
 }
 
 /// Walks the main heap; the first chunk is at the heap start, 16-aligned.
-fn walk_main<M: Memory>(mem: &M, start: u64, end: u64) -> Result<Chunks, String> {
+fn walk_main<M: Memory>(
+    mem: &M,
+    start: u64,
+    end: u64,
+    deadline: std::time::Instant,
+) -> Result<Chunks, String> {
     let mut why = "no chunk chain from the heap start";
     for _ in 0..ATTEMPTS {
         for first in (start.next_multiple_of(16)..start + 64).step_by(16) {
-            match walk(mem, first, end) {
+            match walk(mem, first, end, deadline) {
                 Ok(c) if c.top.is_some() => return Ok(c),
                 Ok(_) => why = "main heap ends in a fencepost",
                 Err(e) => why = e,
@@ -350,7 +369,12 @@ fn walk_main<M: Memory>(mem: &M, start: u64, end: u64) -> Result<Chunks, String>
 }
 
 /// Reads a thread heap's `heap_info` and walks it: (arena address, chunks, extent end).
-fn walk_thread<M: Memory>(mem: &M, h: u64, heaps: &[u64]) -> Result<(u64, Chunks, u64), String> {
+fn walk_thread<M: Memory>(
+    mem: &M,
+    h: u64,
+    heaps: &[u64],
+    deadline: std::time::Instant,
+) -> Result<(u64, Chunks, u64), String> {
     let mut why = String::from("no chunk chain");
     for _ in 0..ATTEMPTS {
         let mut info = [0u8; 32];
@@ -373,7 +397,7 @@ fn walk_thread<M: Memory>(mem: &M, h: u64, heaps: &[u64]) -> Result<(u64, Chunks
             vec![h + 48, h + 32]
         };
         for first in firsts {
-            match walk(mem, first, end) {
+            match walk(mem, first, end, deadline) {
                 Ok(c)
                     if c.in_use_chunks + c.free.len() as u64 + u64::from(c.top.is_some()) >= 1 =>
                 {
@@ -389,9 +413,10 @@ fn walk_thread<M: Memory>(mem: &M, h: u64, heaps: &[u64]) -> Result<(u64, Chunks
 
 /// Walks every heap the sites name.
 pub fn walk_heaps<M: Memory>(mem: &M, sites: &HeapSites) -> HeapWalk {
+    let deadline = std::time::Instant::now() + WALK_BUDGET;
     let mut out = HeapWalk::default();
     if let Some((start, end)) = sites.main {
-        match walk_main(mem, start, end) {
+        match walk_main(mem, start, end, deadline) {
             Ok(c) => {
                 let mut a = ArenaStats {
                     kind: "main",
@@ -409,7 +434,7 @@ pub fn walk_heaps<M: Memory>(mem: &M, sites: &HeapSites) -> HeapWalk {
     }
     let mut thread: FxHashMap<u64, ArenaStats> = FxHashMap::default();
     for &h in &sites.thread_heaps {
-        match walk_thread(mem, h, &sites.thread_heaps) {
+        match walk_thread(mem, h, &sites.thread_heaps, deadline) {
             Ok((ar, c, end)) => {
                 let a = thread.entry(ar).or_insert_with(|| ArenaStats {
                     kind: "thread",
@@ -663,6 +688,24 @@ mod tests {
         );
         assert!(w.arenas.is_empty());
         assert_eq!(w.unwalkable.len(), 1, "{w:?}");
+    }
+
+    /// A walk over its time budget stops and says so.
+    #[test]
+    fn walk_stops_at_its_deadline() {
+        let base = 0x5555_0000_0000;
+        let len = 0x4_0000;
+        let mut m = Fake::new(base, len);
+        let n = (len / 32) as usize;
+        let chunks: Vec<(u64, bool)> = (0..n).map(|i| (32, i + 1 < n)).collect();
+        m.chunks(base, &chunks);
+        let past = std::time::Instant::now() - std::time::Duration::from_secs(1);
+        assert!(walk(&m, base, base + len, past).is_err());
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        assert_eq!(
+            walk(&m, base, base + len, later).map(|c| c.in_use_chunks),
+            Ok(n as u64 - 1)
+        );
     }
 
     /// The arena limit comes from the environment, else from the CPU count.
