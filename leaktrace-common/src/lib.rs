@@ -58,6 +58,88 @@ pub mod maps {
     pub const PY_STACKS: &str = "PY_STACKS";
     /// Per-CPU scratch slot for building a [`crate::PyStack`].
     pub const PY_SCRATCH: &str = "PY_SCRATCH";
+    /// LPM trie: user address range → [`crate::UnwindObject`] of the executable
+    /// mapping holding it (keys are big-endian addresses).
+    pub const UNWIND_OBJECTS: &str = "UNWIND_OBJECTS";
+    /// Array of [`crate::UnwindRow`]: every object's compact unwind table, one
+    /// contiguous run per object, sorted by address within it.
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// Array of u32: per object and per [`crate::UNWIND_PAGE_SHIFT`]-sized page of its
+    /// code, the index of the row in effect at the page's start.
+    pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
+}
+
+/// One row of a compact unwind table, derived by userspace from an object's
+/// `.eh_frame`: from `pc` (relative to the object's link-time addresses) until the
+/// next row, how to find the caller's frame. The return address is always at
+/// CFA − 8 (x86-64); only rows whose rules fit this form are kept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    /// First address the row applies to, relative to the object.
+    pub pc: u32,
+    /// CFA offset from the register named by `kind` (for [`UNWIND_PLT`], the
+    /// threshold of the PLT expression).
+    pub cfa_off: i16,
+    /// One of the `UNWIND_*` kinds.
+    pub kind: u8,
+    /// Where the caller's rbp was saved, in 8-byte words from the CFA (−2: CFA−16);
+    /// 0: rbp is unchanged in this frame.
+    pub rbp: i8,
+}
+const _: () = assert!(size_of::<UnwindRow>() == 8);
+
+/// [`UnwindRow::kind`]: CFA = rsp + `cfa_off`.
+pub const UNWIND_CFA_RSP: u8 = 0;
+/// [`UnwindRow::kind`]: CFA = rbp + `cfa_off`.
+pub const UNWIND_CFA_RBP: u8 = 1;
+/// [`UnwindRow::kind`]: a PLT stub: CFA = rsp + 8, + 8 more when `(pc & 15) >= cfa_off`
+/// (the linker-generated DWARF expression, recognised by its bytes).
+pub const UNWIND_PLT: u8 = 2;
+/// [`UnwindRow::kind`]: the return address is undefined: the outermost frame
+/// (`_start`, `clone3`). The walk ends here, complete.
+pub const UNWIND_END: u8 = 3;
+/// [`UnwindRow::kind`]: the rules here are outside what BPF evaluates (a DWARF
+/// expression other than the PLT one, a CFA in another register). The walk ends,
+/// truncated.
+pub const UNWIND_INVALID: u8 = 4;
+/// [`UnwindRow::kind`]: no FDE covers this address: the frame pointer is followed.
+pub const UNWIND_GAP: u8 = 5;
+
+/// Pages of the per-object index in [`maps::UNWIND_PAGES`] are `1 << UNWIND_PAGE_SHIFT` bytes.
+pub const UNWIND_PAGE_SHIFT: u32 = 12;
+/// Rows searched within one page at most: the binary search takes this many halvings.
+pub const UNWIND_SEARCH_STEPS: u32 = 16;
+
+/// Where one executable mapping's unwind table lives, the value of
+/// [`maps::UNWIND_OBJECTS`]. `rows_count == 0`: the object has no usable table and
+/// its frames are walked through frame pointers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindObject {
+    /// Runtime address minus object-relative address.
+    pub bias: u64,
+    /// Object-relative address of the first indexed page (page-aligned).
+    pub base: u64,
+    /// First row of the object in [`maps::UNWIND_ROWS`].
+    pub rows_start: u32,
+    /// Number of rows.
+    pub rows_count: u32,
+    /// First entry of the object in [`maps::UNWIND_PAGES`].
+    pub pages_start: u32,
+    /// Number of page entries (one more than the pages covered, closing the last).
+    pub pages_count: u32,
+}
+const _: () = assert!(size_of::<UnwindObject>() == 32);
+
+/// Key of [`maps::UNWIND_OBJECTS`]: an LPM-trie key over big-endian addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindKey {
+    /// Significant leading bits of `addr`.
+    pub prefix_len: u32,
+    /// The address, big-endian.
+    pub addr: [u8; 8],
 }
 
 /// Python frames recorded per stack at most.
@@ -172,6 +254,16 @@ const _: () = assert!(size_of::<Config>() == 16);
 
 /// [`Config::flags`]: count allocator calls per function and do nothing else (dry run).
 pub const CONFIG_COUNT_ONLY: u32 = 2;
+/// [`Config::flags`]: walk stacks through frame pointers only, ignoring unwind
+/// tables (`--unwind fp`: cheaper, wrong on code built without frame pointers).
+pub const CONFIG_FP_STACKS: u32 = 4;
+
+/// Default capacity of [`maps::UNWIND_ROWS`] (8 bytes each).
+pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
+/// Default capacity of [`maps::UNWIND_PAGES`] (4 bytes each).
+pub const DEFAULT_UNWIND_PAGES: u32 = 1 << 18;
+/// Default capacity of [`maps::UNWIND_OBJECTS`], in address prefixes.
+pub const DEFAULT_UNWIND_PREFIXES: u32 = 1 << 16;
 
 /// [`maps::ENABLED`] bit: the heap probes run.
 pub const ENABLE_HEAP: u32 = 1;
@@ -397,8 +489,12 @@ pub struct StackTrace {
     pub frames: [u64; MAX_STACK_DEPTH],
     /// The Python stack of the same moment in [`maps::PY_STACKS`], or [`STACK_NONE`].
     pub py_stack: i64,
+    /// Bytes of stack between the stack pointer at capture and the outermost frame
+    /// reached (its CFA): what a copy of the stack would need to hold for a
+    /// userspace unwinder to find the same frames.
+    pub span: u64,
 }
-const _: () = assert!(size_of::<StackTrace>() == 24 + 8 * MAX_STACK_DEPTH);
+const _: () = assert!(size_of::<StackTrace>() == 32 + 8 * MAX_STACK_DEPTH);
 
 /// [`StackTrace::flags`]: the walk stopped at [`MAX_STACK_DEPTH`] or at a frame it
 /// could not follow, before reaching the outermost frame.
@@ -406,6 +502,12 @@ pub const STACK_TRUNCATED: u32 = 1;
 /// [`StackTrace::flags`]: frames\[0\] is the interrupted instruction pointer inside a
 /// syscall wrapper and frames\[1\] a return address guessed from the stack pointer.
 pub const STACK_SYSCALL: u32 = 2;
+/// [`StackTrace::flags`]: the frames were unwound with the objects' CFI tables, so
+/// none is a guess (the second frame of a [`STACK_SYSCALL`] stack included).
+pub const STACK_CFI: u32 = 4;
+/// [`StackTrace::flags`]: at least one frame was found by following rbp through
+/// code without unwind tables.
+pub const STACK_FP_FALLBACK: u32 = 8;
 
 /// Kernel-side counters, indexed into [`maps::COUNTERS`]. Ids are stable data.
 pub mod counter {
@@ -444,8 +546,16 @@ pub mod counter {
     pub const PY_TRUNCATED: u32 = 15;
     /// Two different Python stacks hashed to one id: the event has native frames only.
     pub const PY_COLLISION: u32 = 16;
+    /// Stack walks that reached an address outside every object with an unwind
+    /// table (code mapped after the tables were loaded, or a corrupt frame): the
+    /// stack ends there, truncated.
+    pub const UNWIND_UNKNOWN_PC: u32 = 17;
+    /// Stack walks that reached a frame whose CFI rules BPF does not evaluate.
+    pub const UNWIND_UNSUPPORTED: u32 = 18;
+    /// Frames found by following rbp through code without unwind tables.
+    pub const UNWIND_FP_FRAMES: u32 = 19;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 20;
 
     /// Stable name of each counter, as shown in reports and JSON.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -466,6 +576,9 @@ pub mod counter {
         "py_stack_map_full",
         "py_truncated",
         "py_collision",
+        "unwind_unknown_pc",
+        "unwind_unsupported",
+        "unwind_fp_frames",
     ];
 
     /// Whether a nonzero value of this counter means data was lost.
@@ -506,7 +619,10 @@ pub mod nr {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AllocEntry, Config, Event, PyConfig, PyStack, StackTrace, SyscallEntry};
+    use super::{
+        AllocEntry, Config, Event, PyConfig, PyStack, StackTrace, SyscallEntry, UnwindKey,
+        UnwindObject, UnwindRow,
+    };
 
     // SAFETY: all of these are repr(C), contain only integers, and have no implicit
     // padding (sizes are asserted above to equal the sum of their fields).
@@ -523,4 +639,10 @@ mod user {
     unsafe impl aya::Pod for PyConfig {}
     // SAFETY: plain old data, repr(C), no padding.
     unsafe impl aya::Pod for PyStack {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UnwindRow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UnwindObject {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UnwindKey {}
 }

@@ -21,7 +21,7 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use leaktrace_common::{
     AllocEntry, Config, DEFAULT_INFLIGHT_CAPACITY, DEFAULT_RING_BYTES, DEFAULT_STACK_CAPACITY,
@@ -85,6 +85,21 @@ static PY_WALK: PerCpuArray<python::WalkState> = PerCpuArray::with_max_entries(1
 
 #[map]
 static PY_SCRATCH: PerCpuArray<leaktrace_common::PyStack> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static UNWIND_OBJECTS: LpmTrie<[u8; 8], leaktrace_common::UnwindObject> =
+    LpmTrie::with_max_entries(leaktrace_common::DEFAULT_UNWIND_PREFIXES, 0);
+
+#[map]
+static UNWIND_ROWS: Array<leaktrace_common::UnwindRow> =
+    Array::with_max_entries(leaktrace_common::DEFAULT_UNWIND_ROWS, 0);
+
+#[map]
+static UNWIND_PAGES: Array<u32> =
+    Array::with_max_entries(leaktrace_common::DEFAULT_UNWIND_PAGES, 0);
+
+#[map]
+static UNWIND_WALK: PerCpuArray<stack::UnwindState> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static FREE_MARK: LruHashMap<u32, leaktrace_common::FreeMark> =

@@ -21,14 +21,20 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_task_pt_regs,
     },
+    maps::lpm_trie::Key,
 };
 use leaktrace_common::{
-    CONFIG_CAPTURE_STACKS, MAX_STACK_DEPTH, STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED, counter,
+    CONFIG_CAPTURE_STACKS, CONFIG_FP_STACKS, MAX_STACK_DEPTH, STACK_CFI, STACK_FP_FALLBACK,
+    STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED, StackTrace, UNWIND_CFA_RBP, UNWIND_CFA_RSP,
+    UNWIND_END, UNWIND_GAP, UNWIND_PAGE_SHIFT, UNWIND_PLT, UNWIND_SEARCH_STEPS, counter,
 };
 
-use crate::{CONFIG, STACK_SCRATCH, STACKS, count};
+use crate::{
+    CONFIG, STACK_SCRATCH, STACKS, UNWIND_OBJECTS, UNWIND_PAGES, UNWIND_ROWS, UNWIND_WALK, count,
+};
 
 /// A frame pointer more than this far above the stack pointer is not followed:
 /// it is a register reused for data, not a frame in this thread's stack.
@@ -42,10 +48,6 @@ const EFAULT: i64 = 14;
 /// x86-64 user registers the walk needs.
 #[derive(Clone, Copy)]
 pub struct Regs {
-    #[allow(
-        dead_code,
-        reason = "kept for unwinders that start from the instruction pointer"
-    )]
     pub ip: u64,
     pub sp: u64,
     pub bp: u64,
@@ -62,7 +64,7 @@ pub fn at_function_entry(regs: Regs) -> i64 {
         count(counter::STACK_ERROR);
         return -EFAULT;
     };
-    capture(ret, None, regs.bp, regs.sp, 0)
+    capture(ret, None, regs.ip, regs.bp, regs.sp, 0)
 }
 
 /// Stack of the current task, stopped in a syscall.
@@ -93,7 +95,7 @@ pub fn at_syscall() -> i64 {
     }
     // SAFETY: as above, for user memory.
     let guess = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
-    capture(ip, Some(guess), bp, sp, STACK_SYSCALL)
+    capture(ip, Some(guess), ip, bp, sp, STACK_SYSCALL)
 }
 
 #[inline(always)]
@@ -101,9 +103,16 @@ fn mix(h: u64, v: u64, mul: u64) -> u64 {
     (h ^ v).wrapping_mul(mul).rotate_left(29)
 }
 
-/// Walks the frame-pointer chain from `bp` and stores the stack, returning its id.
+const M1: u64 = 0x9E37_79B9_7F4A_7C15;
+const M2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+
+/// Walks the stack from the captured registers and stores it, returning its id.
+///
+/// `first` is recorded as frame 0 (the caller's return address at a function
+/// entry, the interrupted instruction pointer in a syscall); `ip` is where the
+/// thread stands, from which the CFI walk starts.
 #[inline(always)]
-fn capture(first: u64, second: Option<u64>, mut bp: u64, sp: u64, mut flags: u32) -> i64 {
+fn capture(first: u64, second: Option<u64>, ip: u64, bp: u64, sp: u64, flags: u32) -> i64 {
     // Walked first: after the native walk the verifier would check it once per
     // native depth.
     let py = crate::python::capture();
@@ -113,8 +122,25 @@ fn capture(first: u64, second: Option<u64>, mut bp: u64, sp: u64, mut flags: u32
     };
     // SAFETY: `st` is this CPU's private scratch slot from a successful lookup.
     let st = unsafe { &mut *st };
-    const M1: u64 = 0x9E37_79B9_7F4A_7C15;
-    const M2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    let (n, flags, h1, h2) = if CONFIG.load().flags & CONFIG_FP_STACKS != 0 {
+        walk_fp(st, first, second, bp, sp, flags)
+    } else {
+        walk_cfi(st, flags & STACK_SYSCALL != 0, ip, bp, sp, flags)
+    };
+    store(st, py, n, flags, h1, h2)
+}
+
+/// Frame-pointer walk: `first` and `second` (a syscall's guessed return address),
+/// then the rbp chain.
+#[inline(always)]
+fn walk_fp(
+    st: &mut StackTrace,
+    first: u64,
+    second: Option<u64>,
+    mut bp: u64,
+    sp: u64,
+    mut flags: u32,
+) -> (usize, u32, u64, u64) {
     let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
     let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
     st.frames[0] = first;
@@ -153,6 +179,218 @@ fn capture(first: u64, second: Option<u64>, mut bp: u64, sp: u64, mut flags: u32
         }
         bp = next_bp;
     }
+    st.span = bp.saturating_sub(sp);
+    (n, flags, h1, h2)
+}
+
+/// State of one CFI walk, in map memory ([`UNWIND_WALK`]) so that the verifier
+/// checks the [`cfi_step`] callback once.
+#[derive(Clone, Copy)]
+pub struct UnwindState {
+    /// Instruction pointer of the frame being unwound.
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    /// Stack pointer at capture, for the span.
+    sp0: u64,
+    n: u64,
+    flags: u64,
+    h1: u64,
+    h2: u64,
+    /// Nonzero while `ip` is the exact instruction (frame 0), not a return address.
+    exact: u64,
+}
+
+#[inline(always)]
+fn lpm_key(addr: u64) -> Key<[u8; 8]> {
+    Key::new(64, addr.to_be_bytes())
+}
+
+/// The unwind row in effect at `pc`, as (kind, cfa_off, rbp); `None` when no
+/// known object holds `pc`.
+#[inline(always)]
+fn find_row(pc: u64) -> Option<(u8, i16, i8)> {
+    let obj = UNWIND_OBJECTS.get(lpm_key(pc))?;
+    let gap = Some((UNWIND_GAP, 0, 0));
+    if obj.rows_count == 0 {
+        return gap;
+    }
+    let rel = pc.wrapping_sub(obj.bias);
+    if rel < obj.base {
+        return gap;
+    }
+    let page = (rel - obj.base) >> UNWIND_PAGE_SHIFT;
+    let (mut lo, mut hi) = if page + 1 < u64::from(obj.pages_count) {
+        let p = obj.pages_start + page as u32;
+        (*UNWIND_PAGES.get(p)?, *UNWIND_PAGES.get(p + 1)?)
+    } else {
+        let last = obj.rows_start + obj.rows_count - 1;
+        (last, last)
+    };
+    for _ in 0..UNWIND_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo).div_ceil(2);
+        if u64::from(UNWIND_ROWS.get(mid)?.pc) <= rel {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let row = UNWIND_ROWS.get(lo)?;
+    if u64::from(row.pc) > rel {
+        return gap;
+    }
+    Some((row.kind, row.cfa_off, row.rbp))
+}
+
+/// One frame of the CFI walk; returns 1 to stop.
+extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let (Some(w), Some(st)) = (UNWIND_WALK.get_ptr_mut(0), STACK_SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    // SAFETY: this CPU's private slots from successful lookups.
+    let (w, st) = unsafe { (&mut *w, &mut *st) };
+    let truncated = u64::from(STACK_TRUNCATED);
+    // A return address points after its call; the call's own row is the one before.
+    let pc = if w.exact != 0 { w.ip } else { w.ip - 1 };
+    let Some((kind, cfa_off, rbp)) = find_row(pc) else {
+        // Not code we know: junk, or an object mapped after the tables were loaded.
+        count(counter::UNWIND_UNKNOWN_PC);
+        w.flags |= truncated;
+        return 1;
+    };
+    if w.exact == 0 {
+        // A return address that lands in known code is a frame.
+        let n = w.n as usize;
+        if n >= MAX_STACK_DEPTH {
+            w.flags |= truncated;
+            return 1;
+        }
+        st.frames[n] = w.ip;
+        w.n += 1;
+        w.h1 = mix(w.h1, w.ip, M1);
+        w.h2 = mix(w.h2, w.ip, M2);
+    }
+    w.exact = 0;
+    let cfa = match kind {
+        UNWIND_CFA_RSP => w.sp.wrapping_add(cfa_off as u64),
+        UNWIND_CFA_RBP => w.bp.wrapping_add(cfa_off as u64),
+        UNWIND_PLT => w.sp + 8 + if (w.ip & 15) >= cfa_off as u64 { 8 } else { 0 },
+        UNWIND_END => return 1,
+        UNWIND_GAP => {
+            // No CFI here: trust rbp if it points into this thread's stack above sp.
+            if w.bp == 0 {
+                return 1;
+            }
+            if w.bp < w.sp || w.bp - w.sp > MAX_STACK_SPAN {
+                w.flags |= truncated;
+                return 1;
+            }
+            count(counter::UNWIND_FP_FRAMES);
+            w.flags |= u64::from(STACK_FP_FALLBACK);
+            w.bp + 16
+        }
+        _ => {
+            count(counter::UNWIND_UNSUPPORTED);
+            w.flags |= truncated;
+            return 1;
+        }
+    };
+    if cfa <= w.sp || cfa - w.sp > MAX_STACK_SPAN {
+        w.flags |= truncated;
+        return 1;
+    }
+    // SAFETY: user memory reads through the helper cannot fault.
+    let Ok(ra) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
+        w.flags |= truncated;
+        return 1;
+    };
+    if kind == UNWIND_GAP {
+        // SAFETY: as above.
+        let Ok(b) = (unsafe { bpf_probe_read_user(w.bp as *const u64) }) else {
+            w.flags |= truncated;
+            return 1;
+        };
+        w.bp = b;
+    } else if rbp != 0 {
+        // SAFETY: as above.
+        let Ok(b) = (unsafe {
+            bpf_probe_read_user(cfa.wrapping_add((rbp as i64 * 8) as u64) as *const u64)
+        }) else {
+            w.flags |= truncated;
+            return 1;
+        };
+        w.bp = b;
+    }
+    w.sp = cfa;
+    w.ip = ra;
+    if ra == 0 {
+        return 1;
+    }
+    0
+}
+
+/// CFI walk from (ip, sp, bp). A syscall's interrupted `ip` is recorded as frame 0;
+/// at a function entry, `ip` is the function itself and its caller comes first.
+#[inline(always)]
+fn walk_cfi(
+    st: &mut StackTrace,
+    record_ip: bool,
+    ip: u64,
+    bp: u64,
+    sp: u64,
+    flags: u32,
+) -> (usize, u32, u64, u64) {
+    let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
+    let mut n = 0u64;
+    if record_ip {
+        st.frames[0] = ip;
+        h1 = mix(h1, ip, M1);
+        h2 = mix(h2, ip, M2);
+        n = 1;
+    }
+    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
+        return (n as usize, flags | STACK_TRUNCATED, h1, h2);
+    };
+    // SAFETY: this CPU's private slot from a successful lookup.
+    unsafe {
+        *w = UnwindState {
+            ip,
+            sp,
+            bp,
+            sp0: sp,
+            n,
+            flags: u64::from(flags | STACK_CFI),
+            h1,
+            h2,
+            exact: 1,
+        }
+    };
+    // SAFETY: the callback takes no context.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32 + 1,
+            cfi_step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
+        return (n as usize, flags | STACK_TRUNCATED, h1, h2);
+    };
+    // SAFETY: as above.
+    let w = unsafe { *w };
+    st.span = w.sp - w.sp0;
+    let n = (w.n as usize).min(MAX_STACK_DEPTH);
+    (n, w.flags as u32, w.h1, w.h2)
+}
+
+/// Deduplicates the stack built in `st`, returning its id.
+#[inline(always)]
+fn store(st: &mut StackTrace, py: i64, n: usize, flags: u32, mut h1: u64, mut h2: u64) -> i64 {
     if flags & STACK_TRUNCATED != 0 {
         count(counter::STACK_TRUNCATED);
     }

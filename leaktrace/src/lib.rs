@@ -21,6 +21,7 @@ pub mod session;
 pub mod symbols;
 pub mod target;
 pub mod timeline;
+pub mod unwind;
 pub mod verdict;
 
 pub use error::Error;

@@ -101,6 +101,12 @@ struct Opts {
     #[arg(long, hide = true, conflicts_with_all = ["dry_run", "sample_rate"])]
     bare_probes: bool,
 
+    /// How to walk native stacks: `cfi` follows each object's unwind tables
+    /// (.eh_frame), right on code built without frame pointers; `fp` follows frame
+    /// pointers only (cheaper, but stacks through code without them are junk).
+    #[arg(long, value_enum, default_value = "cfi")]
+    unwind: UnwindArg,
+
     /// Do not walk CPython frames (in a Python target, stacks are then native only).
     #[arg(long)]
     no_python: bool,
@@ -117,6 +123,12 @@ struct Opts {
     /// Command to launch under trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum UnwindArg {
+    Cfi,
+    Fp,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -218,6 +230,7 @@ fn config(opts: Opts) -> Config {
         walk_heaps: !opts.no_heap_walk,
         python_stacks: !opts.no_python,
         bare_probes: opts.bare_probes,
+        fp_stacks: opts.unwind == UnwindArg::Fp,
     }
 }
 

@@ -121,6 +121,23 @@ pub struct GlibcHeaps {
     pub unwalkable: Vec<Unwalkable>,
 }
 
+/// How call stacks were unwound, and how many reached their outermost frame.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StackInfo {
+    /// `cfi` (unwind tables, frame pointers only where no table exists),
+    /// `frame-pointers`, or `off`.
+    pub unwinder: String,
+    /// Live heap bytes whose stack reached its outermost frame (`_start`, the
+    /// thread start), in percent of the live heap bytes that have a stack.
+    pub complete_pct: f64,
+    /// Distinct stacks holding live heap bytes: complete and truncated.
+    pub complete_stacks: usize,
+    /// See `complete_stacks`.
+    pub truncated_stacks: usize,
+    /// The unwind tables loaded (CFI only).
+    pub tables: Option<crate::unwind::UnwindStats>,
+}
+
 /// The target's CPython interpreter.
 #[derive(Clone, Debug, Serialize)]
 pub struct PythonInfo {
@@ -250,6 +267,8 @@ pub struct Report {
     pub allocator: Allocator,
     /// The CPython interpreter, when the target is one.
     pub python: Option<PythonInfo>,
+    /// How stacks were unwound.
+    pub stacks: StackInfo,
     /// Totals sampled every 250 ms (thinned to at most 2048 points).
     pub timeline: Vec<Point>,
 }
@@ -299,6 +318,10 @@ pub struct Inputs<'a> {
     pub python: Option<PythonInfo>,
     /// Names of the target's threads.
     pub thread_names: &'a rustc_hash::FxHashMap<u32, String>,
+    /// The unwinder in use (`cfi`, `frame-pointers`, `off`).
+    pub unwinder: &'static str,
+    /// The unwind tables loaded, with CFI.
+    pub unwind: Option<&'a crate::unwind::UnwindStats>,
 }
 
 /// Builds a report.
@@ -455,7 +478,38 @@ pub fn build(i: &Inputs<'_>) -> Report {
             mmap_threshold_raised_to: i.ledger.mmap_threshold_raised_to(),
         },
         python: i.python.clone(),
+        stacks: stack_info(i),
         timeline: i.timeline.points().to_vec(),
+    }
+}
+
+fn stack_info(i: &Inputs<'_>) -> StackInfo {
+    let (mut complete, mut all, mut cs, mut ts) = (0u64, 0u64, 0, 0);
+    for (&id, t) in i.ledger.heap_by_stack() {
+        let Some(s) = i.symbols.get(id) else {
+            continue;
+        };
+        if t.bytes == 0 {
+            continue;
+        }
+        all += t.bytes;
+        if s.truncated {
+            ts += 1;
+        } else {
+            complete += t.bytes;
+            cs += 1;
+        }
+    }
+    StackInfo {
+        unwinder: i.unwinder.to_owned(),
+        complete_pct: if all == 0 {
+            100.0
+        } else {
+            complete as f64 * 100.0 / all as f64
+        },
+        complete_stacks: cs,
+        truncated_stacks: ts,
+        tables: i.unwind.cloned(),
     }
 }
 
@@ -864,6 +918,45 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         a.mremaps,
         a.brks
     );
+    {
+        let st = &r.stacks;
+        let tables = st.tables.as_ref().map_or(String::new(), |t| {
+            let mut x = format!(
+                " from the unwind tables of {} objects ({} rows, {} KiB, built in {:.0} ms)",
+                t.objects,
+                t.rows,
+                t.table_bytes / 1024,
+                t.build_ms
+            );
+            if !t.without_tables.is_empty() {
+                x.push_str(&format!(
+                    "; frame pointers in {} mappings without tables",
+                    t.without_tables.len()
+                ));
+            }
+            if !t.loaded_after_attach.is_empty() {
+                x.push_str(&format!(
+                    "; loaded after attach: {}",
+                    t.loaded_after_attach.join(", ")
+                ));
+            }
+            x
+        });
+        if st.unwinder != "off" {
+            let _ = writeln!(
+                o,
+                "Stacks: unwound with {}{tables}. {:.1}% of live heap bytes sit on stacks that reach their outermost frame ({} complete, {} truncated).",
+                if st.unwinder == "cfi" {
+                    "CFI"
+                } else {
+                    "frame pointers"
+                },
+                st.complete_pct,
+                st.complete_stacks,
+                st.truncated_stacks
+            );
+        }
+    }
     if let Some(p) = &r.python {
         match &p.unavailable {
             None => {

@@ -95,6 +95,8 @@ pub struct Config {
     /// Benchmark only: attach every probe as usual, but let the programs do
     /// nothing beyond counting the hit (the bare trap cost of the same sites).
     pub bare_probes: bool,
+    /// Walk native stacks with frame pointers only, not the objects' unwind tables.
+    pub fp_stacks: bool,
 }
 
 impl Default for Config {
@@ -120,6 +122,7 @@ impl Default for Config {
             walk_heaps: true,
             python_stacks: true,
             bare_probes: false,
+            fp_stacks: false,
         }
     }
 }
@@ -248,6 +251,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         threads: 0,
         walk: None,
         symbols: None,
+        unwind: None,
         timeline: crate::timeline::Timeline::default(),
         known_stacks: rustc_hash::FxHashSet::default(),
         pending_stacks: Vec::new(),
@@ -350,6 +354,10 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
             0
         } | if config.dry_run || config.bare_probes {
             leaktrace_common::CONFIG_COUNT_ONLY
+        } else {
+            0
+        } | if config.fp_stacks {
+            leaktrace_common::CONFIG_FP_STACKS
         } else {
             0
         },
@@ -547,6 +555,8 @@ enum PyState {
 
 struct Session<'a> {
     config: &'a Config,
+    /// CFI unwind tables and the maps they are loaded into (off with `--unwind fp`).
+    unwind: Option<(crate::unwind::Unwinder, crate::unwind::BpfTables)>,
     pid: u32,
     launched: bool,
     ledger: Ledger,
@@ -670,6 +680,7 @@ impl Session<'_> {
             self.config.interval.unwrap_or(far),
         );
         self.setup_python(ebpf);
+        self.setup_unwind(ebpf)?;
         enable(
             ebpf,
             leaktrace_common::ENABLE_HEAP | leaktrace_common::ENABLE_SYSCALLS,
@@ -811,8 +822,43 @@ impl Session<'_> {
         );
         if exec_mapped {
             symbols_for(&mut self.symbols, self.pid).refresh_maps();
+            if let Some((u, t)) = &mut self.unwind {
+                u.sync(t);
+            }
         }
         self.fetch_new_stacks(stacks);
+    }
+
+    /// Loads the unwind tables of the target's code before the probes are enabled
+    /// (a launched command's, once it has exec'd and mapped its libraries).
+    fn setup_unwind(&mut self, ebpf: &mut Ebpf) -> Result<(), Error> {
+        if self.config.fp_stacks
+            || !self.config.capture_stacks
+            || self.config.dry_run
+            || self.config.bare_probes
+        {
+            return Ok(());
+        }
+        let mut tables = crate::unwind::BpfTables::take(ebpf)
+            .map_err(|e| Error::Runtime(std::io::Error::other(format!("{e:#}"))))?;
+        let mut u = crate::unwind::Unwinder::new(
+            self.pid,
+            leaktrace_common::DEFAULT_UNWIND_ROWS,
+            leaktrace_common::DEFAULT_UNWIND_PAGES,
+        );
+        if !self.launched {
+            u.sync(&mut tables);
+            log::info!(
+                "unwind tables: {} objects, {} rows, {} KiB, {:.0} ms",
+                u.stats.objects,
+                u.stats.rows,
+                u.stats.table_bytes / 1024,
+                u.stats.build_ms
+            );
+            u.set_attached();
+        }
+        self.unwind = Some((u, tables));
+        Ok(())
     }
 
     /// Detaches the heap probes if their projected cost is over the budget.
@@ -1139,6 +1185,14 @@ impl Session<'_> {
             malloc_env,
             python: python_info,
             thread_names: &thread_names,
+            unwinder: if !self.config.capture_stacks {
+                "off"
+            } else if self.unwind.is_some() {
+                "cfi"
+            } else {
+                "frame-pointers"
+            },
+            unwind: self.unwind.as_ref().map(|(u, _)| &u.stats),
         })
     }
 }

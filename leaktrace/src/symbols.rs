@@ -12,7 +12,7 @@ use blazesym::symbolize::{
     CodeInfo, Input, Symbolized, Symbolizer,
     source::{Elf, Source},
 };
-use leaktrace_common::{STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
+use leaktrace_common::{STACK_CFI, STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
 use rustc_hash::FxHashMap;
 
 use crate::procfs::{self, MapEntry};
@@ -124,7 +124,7 @@ impl Symbols {
     /// frame) lies in a known executable mapping.
     pub fn covers(&self, st: &StackTrace) -> bool {
         let n = (st.len as usize).min(st.frames.len());
-        let syscall = st.flags & STACK_SYSCALL != 0;
+        let syscall = st.flags & STACK_SYSCALL != 0 && st.flags & STACK_CFI == 0;
         st.frames[..n]
             .iter()
             .enumerate()
@@ -154,12 +154,14 @@ impl Symbols {
             for (i, &a) in st.frames[..n].iter().enumerate() {
                 let syscall = st.flags & STACK_SYSCALL != 0;
                 let is_ret = !(syscall && i == 0);
+                // A frame-pointer walk guesses a syscall stack's second frame; CFI does not.
+                let guessed = syscall && i == 1 && st.flags & STACK_CFI == 0;
                 if self.mapping(a).is_none() && !refreshed {
                     refreshed = true;
                     self.refresh_maps();
                 }
                 // The syscall stack's second frame is a guess from [sp]: keep it only if it is code.
-                if syscall && i == 1 && self.mapping(a).is_none() {
+                if guessed && self.mapping(a).is_none() {
                     continue;
                 }
                 addrs.push((a, is_ret));
