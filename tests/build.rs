@@ -31,5 +31,75 @@ fn main() {
             });
         assert!(status.success(), "failed to build fixture {name}");
     }
+    build_unwind_fixtures(&cc, &src, &out);
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}
+
+/// The unwinding fixtures, optimised as production builds are: code without frame
+/// pointers (-O2 -fomit-frame-pointer), code with them, and the two mixed across a
+/// shared library, plus a library only dlopen'ed and a C++ program.
+fn build_unwind_fixtures(cc: &str, src: &std::path::Path, out: &std::path::Path) {
+    let nofp = ["-O2", "-g", "-fomit-frame-pointer", "-Wall"];
+    let fp = ["-O2", "-g", "-fno-omit-frame-pointer", "-Wall"];
+    let c = src.join("unwind.c");
+    // compiler, output, flags, source, then what goes after it (libraries).
+    let build =
+        |compiler: &str, name: &str, flags: &[&str], source: &std::path::Path, after: &[&str]| {
+            let status = Command::new(compiler)
+                .args(flags)
+                .arg("-o")
+                .arg(out.join(name))
+                .arg(source)
+                .args(after)
+                .status()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "failed to run {compiler} for fixture {name}: {e} (run `cargo xtask setup`)"
+                    )
+                });
+            assert!(status.success(), "failed to build fixture {name}");
+        };
+    for (lib, flags) in [
+        ("libunwind_lib_nofp.so", &nofp),
+        ("libunwind_lib_fp.so", &fp),
+        ("libunwind_dl.so", &nofp),
+    ] {
+        let soname = format!("-Wl,-soname,{lib}");
+        build(
+            cc,
+            lib,
+            &[&flags[..], &["-shared", "-fPIC", "-DUNWIND_LIB"]].concat(),
+            &c,
+            &[&soname],
+        );
+    }
+    let dir = format!("-L{}", out.display());
+    let libs = |lib: &'static str| {
+        [
+            dir.clone(),
+            format!("-l:{lib}"),
+            "-Wl,-rpath,$ORIGIN".into(),
+            "-pthread".into(),
+            "-ldl".into(),
+        ]
+    };
+    // No frame pointers in the program, frame pointers in its library; and the reverse.
+    let a = libs("libunwind_lib_fp.so");
+    build(
+        cc,
+        "unwind_nofp",
+        &nofp,
+        &c,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let b = libs("libunwind_lib_nofp.so");
+    build(
+        cc,
+        "unwind_fp",
+        &fp,
+        &c,
+        &b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
+    build(&cxx, "unwind_cpp", &nofp, &src.join("unwind_cpp.cpp"), &[]);
 }

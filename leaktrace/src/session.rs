@@ -823,7 +823,13 @@ impl Session<'_> {
         if exec_mapped {
             symbols_for(&mut self.symbols, self.pid).refresh_maps();
             if let Some((u, t)) = &mut self.unwind {
+                let before = u.stats.loaded_after_attach.len();
                 u.sync(t);
+                if self.config.announce {
+                    for o in &u.stats.loaded_after_attach[before..] {
+                        eprintln!("leaktrace: unwind tables loaded for {o} (mapped after attach)");
+                    }
+                }
             }
         }
         self.fetch_new_stacks(stacks);

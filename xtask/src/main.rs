@@ -98,12 +98,21 @@ fn works(cmd: &mut Command) -> bool {
 /// toolchain's rust-src (the BPF build uses -Z build-std=core), and bpf-linker
 /// built against the nightly toolchain's own libLLVM (no prebuilt download works here).
 fn setup() -> Result<()> {
-    // Debian packages the tests need: a C compiler for the fixtures, and Debian's own
+    // Debian packages the tests need: C and C++ compilers for the fixtures, and Debian's own
     // python3.11 (static libpython, LTO+PGO, no frame pointers), which the Python
     // fixtures run on. Installed only when missing.
     let mut missing = Vec::new();
     if !works(Command::new("cc").arg("--version")) {
         missing.extend(["gcc", "libc6-dev"]);
+    }
+    // The unwinding fixtures include a C++ program (operator new, std::vector).
+    if !works(Command::new("c++").arg("--version")) {
+        missing.push("g++");
+    }
+    // glibc's symbol tables (its .so is stripped): without them thread stacks end in
+    // an unnamed address instead of start_thread.
+    if !works(Command::new("dpkg").args(["-s", "libc6-dbg"])) {
+        missing.push("libc6-dbg");
     }
     if !Path::new("/usr/bin/python3.11").exists() {
         missing.push("python3.11");
