@@ -67,6 +67,9 @@ pub mod maps {
     /// Array of u32: per object and per [`crate::UNWIND_PAGE_SHIFT`]-sized page of its
     /// code, the index of the row in effect at the page's start.
     pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
+    /// Ring buffer of raw stack copies (benchmark of the copy-and-unwind-in-userspace
+    /// design; one page unless [`crate::CONFIG_COPY_STACKS`] is set).
+    pub const STACK_COPIES: &str = "STACK_COPIES";
 }
 
 /// One row of a compact unwind table, derived by userspace from an object's
@@ -257,6 +260,20 @@ pub const CONFIG_COUNT_ONLY: u32 = 2;
 /// [`Config::flags`]: walk stacks through frame pointers only, ignoring unwind
 /// tables (`--unwind fp`: cheaper, wrong on code built without frame pointers).
 pub const CONFIG_FP_STACKS: u32 = 4;
+
+/// [`Config::flags`]: benchmark only: instead of walking, copy [`STACK_COPY_BYTES`]
+/// of the user stack and the registers into [`maps::STACK_COPIES`], as a userspace
+/// unwinder (perf's `--call-graph dwarf`) needs; events carry no stack.
+pub const CONFIG_COPY_STACKS: u32 = 8;
+/// Bytes of user stack copied per event with [`CONFIG_COPY_STACKS`] (perf's default).
+pub const STACK_COPY_BYTES: usize = 8192;
+
+/// [`Config::flags`]: a launched command is ptraced by leaktrace: when its main
+/// thread maps a file with PROT_EXEC (the dynamic linker loading a library), stop it
+/// with SIGSTOP on the way back to user mode, so that userspace loads the library's
+/// unwind tables before any of its code runs; leaktrace then resumes it, dropping
+/// the signal.
+pub const CONFIG_STOP_ON_EXEC_MAP: u32 = 16;
 
 /// Default capacity of [`maps::UNWIND_ROWS`] (8 bytes each).
 pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
@@ -554,8 +571,11 @@ pub mod counter {
     pub const UNWIND_UNSUPPORTED: u32 = 18;
     /// Frames found by following rbp through code without unwind tables.
     pub const UNWIND_FP_FRAMES: u32 = 19;
+    /// Stops of a launched command's main thread after it mapped code (see
+    /// [`crate::CONFIG_STOP_ON_EXEC_MAP`]).
+    pub const EXEC_MAP_STOPS: u32 = 20;
     /// Number of counters.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Stable name of each counter, as shown in reports and JSON.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -579,6 +599,7 @@ pub mod counter {
         "unwind_unknown_pc",
         "unwind_unsupported",
         "unwind_fp_frames",
+        "exec_map_stops",
     ];
 
     /// Whether a nonzero value of this counter means data was lost.

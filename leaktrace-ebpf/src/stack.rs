@@ -22,18 +22,20 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_task_pt_regs,
+        bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
     maps::lpm_trie::Key,
 };
 use leaktrace_common::{
-    CONFIG_CAPTURE_STACKS, CONFIG_FP_STACKS, MAX_STACK_DEPTH, STACK_CFI, STACK_FP_FALLBACK,
-    STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED, StackTrace, UNWIND_CFA_RBP, UNWIND_CFA_RSP,
-    UNWIND_END, UNWIND_GAP, UNWIND_PAGE_SHIFT, UNWIND_PLT, UNWIND_SEARCH_STEPS, counter,
+    CONFIG_CAPTURE_STACKS, CONFIG_COPY_STACKS, CONFIG_FP_STACKS, MAX_STACK_DEPTH, STACK_CFI,
+    STACK_COPY_BYTES, STACK_FP_FALLBACK, STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED, StackTrace,
+    UNWIND_CFA_RBP, UNWIND_CFA_RSP, UNWIND_END, UNWIND_GAP, UNWIND_PAGE_SHIFT, UNWIND_PLT,
+    UNWIND_SEARCH_STEPS, counter,
 };
 
 use crate::{
-    CONFIG, STACK_SCRATCH, STACKS, UNWIND_OBJECTS, UNWIND_PAGES, UNWIND_ROWS, UNWIND_WALK, count,
+    CONFIG, STACK_COPIES, STACK_SCRATCH, STACKS, UNWIND_OBJECTS, UNWIND_PAGES, UNWIND_ROWS,
+    UNWIND_WALK, count,
 };
 
 /// A frame pointer more than this far above the stack pointer is not followed:
@@ -113,6 +115,11 @@ const M2: u64 = 0xC2B2_AE3D_27D4_EB4F;
 /// thread stands, from which the CFI walk starts.
 #[inline(always)]
 fn capture(first: u64, second: Option<u64>, ip: u64, bp: u64, sp: u64, flags: u32) -> i64 {
+    let config = CONFIG.load().flags;
+    if config & CONFIG_COPY_STACKS != 0 {
+        copy_stack(ip, sp, bp);
+        return STACK_NONE;
+    }
     // Walked first: after the native walk the verifier would check it once per
     // native depth.
     let py = crate::python::capture();
@@ -122,12 +129,36 @@ fn capture(first: u64, second: Option<u64>, ip: u64, bp: u64, sp: u64, flags: u3
     };
     // SAFETY: `st` is this CPU's private scratch slot from a successful lookup.
     let st = unsafe { &mut *st };
-    let (n, flags, h1, h2) = if CONFIG.load().flags & CONFIG_FP_STACKS != 0 {
+    let (n, flags, h1, h2) = if config & CONFIG_FP_STACKS != 0 {
         walk_fp(st, first, second, bp, sp, flags)
     } else {
         walk_cfi(st, flags & STACK_SYSCALL != 0, ip, bp, sp, flags)
     };
     store(st, py, n, flags, h1, h2)
+}
+
+/// Benchmark of the other design: copy the registers and [`STACK_COPY_BYTES`] of
+/// stack above sp for a userspace unwinder. Near the top of a stack the full copy
+/// faults, so shorter copies are tried, as perf clips its copy to the stack's end.
+#[inline(always)]
+fn copy_stack(ip: u64, sp: u64, bp: u64) {
+    let Some(mut e) = STACK_COPIES.reserve_bytes(24 + STACK_COPY_BYTES, 0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    e[..8].copy_from_slice(&ip.to_le_bytes());
+    e[8..16].copy_from_slice(&sp.to_le_bytes());
+    e[16..24].copy_from_slice(&bp.to_le_bytes());
+    let buf = &mut e[24..];
+    // SAFETY: user memory reads through the helper cannot fault; sizes are constants.
+    unsafe {
+        if bpf_probe_read_user_buf(sp as *const u8, &mut buf[..STACK_COPY_BYTES]).is_err()
+            && bpf_probe_read_user_buf(sp as *const u8, &mut buf[..STACK_COPY_BYTES / 2]).is_err()
+        {
+            let _ = bpf_probe_read_user_buf(sp as *const u8, &mut buf[..STACK_COPY_BYTES / 8]);
+        }
+    }
+    e.submit(0);
 }
 
 /// Frame-pointer walk: `first` and `second` (a syscall's guessed return address),

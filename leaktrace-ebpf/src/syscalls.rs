@@ -17,14 +17,19 @@ use aya_ebpf::{
     EbpfContext as _, bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext,
 };
 use leaktrace_common::{
-    ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event, STACK_NONE, SyscallEntry, counter, kind, nr,
+    CONFIG_STOP_ON_EXEC_MAP, ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event, STACK_NONE, SyscallEntry,
+    counter, kind, nr,
 };
 
 use aya_ebpf::helpers::{
     bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
 };
 
-use crate::{ALLOC_INFLIGHT, FREE_MARK, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread};
+use aya_ebpf::helpers::bpf_send_signal_thread;
+
+use crate::{
+    ALLOC_INFLIGHT, CONFIG, FREE_MARK, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread,
+};
 
 const MADV_DONTNEED: u64 = 4;
 const MADV_FREE: u64 = 8;
@@ -144,8 +149,24 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
         func: nr,
         flags: e.flags,
     });
+    // A launched command's main thread mapped a file's code: hold it (leaktrace is
+    // its tracer and resumes it) until that code's unwind tables are loaded.
+    if nr == nr::MMAP
+        && a[2] & PROT_EXEC != 0
+        && (a[4] as i64) >= 0
+        && CONFIG.load().flags & CONFIG_STOP_ON_EXEC_MAP != 0
+        && tid == CONFIG.load().tgid
+    {
+        // SAFETY: signals the current thread; the helper has no memory arguments.
+        if unsafe { bpf_send_signal_thread(SIGSTOP) } == 0 {
+            count(counter::EXEC_MAP_STOPS);
+        }
+    }
     0
 }
+
+const PROT_EXEC: u64 = 4;
+const SIGSTOP: u32 = 19;
 
 macro_rules! syscall_probes {
     ($enter:ident, $exit:ident, $nr:expr, $nargs:expr, $want_stack:expr) => {

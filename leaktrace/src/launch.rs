@@ -235,11 +235,16 @@ pub enum ChildStop {
     Exiting,
     /// It has exited; the text says how.
     Exited(&'static str, i32),
+    /// It exec'd, or our BPF program stopped it after it mapped code (SIGSTOP, not
+    /// delivered): load the code's unwind tables, then call [`resume`].
+    MappedCode,
 }
 
 /// Collects the launched child's pending ptrace stops, resuming every one that is
 /// not its exit (signals are re-delivered unchanged, group stops stay stopped).
-pub fn poll_child(pid: u32) -> ChildStop {
+/// `ours` counts the SIGSTOPs our BPF program sent and that were not seen yet: such
+/// a stop is returned as [`ChildStop::MappedCode`], the child left stopped.
+pub fn poll_child(pid: u32, ours: &mut u64) -> ChildStop {
     loop {
         let mut status = 0;
         // SAFETY: waiting for our own child without blocking.
@@ -266,8 +271,12 @@ pub fn poll_child(pid: u32) -> ChildStop {
                 libc::PTRACE_EVENT_STOP => {
                     libc::ptrace(libc::PTRACE_LISTEN, pid as i32, null, null);
                 }
-                libc::PTRACE_EVENT_EXEC => {
-                    libc::ptrace(libc::PTRACE_CONT, pid as i32, null, null);
+                // The new program and its dynamic linker are mapped, nothing has run:
+                // a chance to load their unwind tables.
+                libc::PTRACE_EVENT_EXEC => return ChildStop::MappedCode,
+                0 if sig == libc::SIGSTOP && *ours > 0 => {
+                    *ours -= 1;
+                    return ChildStop::MappedCode;
                 }
                 _ => {
                     libc::ptrace(
@@ -280,6 +289,19 @@ pub fn poll_child(pid: u32) -> ChildStop {
             }
         }
     }
+}
+
+/// Resumes a child stopped by [`ChildStop::MappedCode`], dropping the SIGSTOP.
+pub fn resume(pid: u32) {
+    // SAFETY: resuming our own stopped tracee without a signal.
+    unsafe {
+        libc::ptrace(
+            libc::PTRACE_CONT,
+            pid as i32,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
 }
 
 /// Lets a child stopped at its exit finish exiting.

@@ -107,6 +107,10 @@ struct Opts {
     #[arg(long, value_enum, default_value = "cfi")]
     unwind: UnwindArg,
 
+    /// Benchmark only: copy 8 KiB of stack per event instead of unwinding in BPF.
+    #[arg(long, hide = true, conflicts_with_all = ["dry_run", "bare_probes"])]
+    copy_stacks: bool,
+
     /// Do not walk CPython frames (in a Python target, stacks are then native only).
     #[arg(long)]
     no_python: bool,
@@ -231,6 +235,7 @@ fn config(opts: Opts) -> Config {
         python_stacks: !opts.no_python,
         bare_probes: opts.bare_probes,
         fp_stacks: opts.unwind == UnwindArg::Fp,
+        copy_stacks: opts.copy_stacks,
     }
 }
 

@@ -1210,6 +1210,19 @@ mod tests {
                 mmap_threshold_raised_to: None,
             },
             python: None,
+            stacks: StackInfo {
+                unwinder: "cfi".into(),
+                complete_pct: 87.97,
+                complete_stacks: 2,
+                truncated_stacks: 1,
+                tables: Some(crate::unwind::UnwindStats {
+                    objects: 3,
+                    rows: 29_873,
+                    table_bytes: 242_000,
+                    build_ms: 31.0,
+                    ..Default::default()
+                }),
+            },
             timeline: vec![],
         }
     }

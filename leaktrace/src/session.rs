@@ -97,6 +97,9 @@ pub struct Config {
     pub bare_probes: bool,
     /// Walk native stacks with frame pointers only, not the objects' unwind tables.
     pub fp_stacks: bool,
+    /// Benchmark only: copy 8 KiB of stack per event for a userspace unwinder
+    /// (discarded), instead of walking in the kernel; events carry no stack.
+    pub copy_stacks: bool,
 }
 
 impl Default for Config {
@@ -123,6 +126,7 @@ impl Default for Config {
             python_stacks: true,
             bare_probes: false,
             fp_stacks: false,
+            copy_stacks: false,
         }
     }
 }
@@ -252,6 +256,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         walk: None,
         symbols: None,
         unwind: None,
+        exec_stops_seen: 0,
         timeline: crate::timeline::Timeline::default(),
         known_stacks: rustc_hash::FxHashSet::default(),
         pending_stacks: Vec::new(),
@@ -360,6 +365,20 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
             leaktrace_common::CONFIG_FP_STACKS
         } else {
             0
+        } | if config.copy_stacks {
+            leaktrace_common::CONFIG_COPY_STACKS
+        } else {
+            0
+        } | if matches!(config.target, Target::Command(_))
+            && config.capture_stacks
+            && !config.fp_stacks
+            && !config.copy_stacks
+            && !config.dry_run
+            && !config.bare_probes
+        {
+            leaktrace_common::CONFIG_STOP_ON_EXEC_MAP
+        } else {
+            0
         },
         // A quarter of the ring: the consumer is woken long before it could fill,
         // and otherwise drains every DRAIN_EVERY.
@@ -377,6 +396,9 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
         .map_max_entries(maps::FREE_MARK, config.inflight_capacity)
         .map_max_entries(maps::PY_STACKS, config.stack_capacity)
         .map_max_entries(maps::SAMPLED, config.sampled_capacity);
+    if config.copy_stacks {
+        loader.map_max_entries(maps::STACK_COPIES, 64 << 20);
+    }
     // The verifier rejects programs with EACCES, so only EPERM means "not allowed".
     let mut ebpf = loader
         .load(aya::include_bytes_aligned!(concat!(
@@ -555,6 +577,8 @@ enum PyState {
 
 struct Session<'a> {
     config: &'a Config,
+    /// SIGSTOPs sent after a launched command mapped code, already handled.
+    exec_stops_seen: u64,
     /// CFI unwind tables and the maps they are loaded into (off with `--unwind fp`).
     unwind: Option<(crate::unwind::Unwinder, crate::unwind::BpfTables)>,
     pid: u32,
@@ -656,6 +680,20 @@ impl Session<'_> {
             name: maps::HITS,
             source,
         })?;
+        // Benchmark of the copy design: the copies are drained and dropped.
+        let mut copies = match self.config.copy_stacks {
+            true => Some(
+                RingBuf::try_from(
+                    ebpf.take_map(maps::STACK_COPIES)
+                        .ok_or(Error::Missing("STACK_COPIES map"))?,
+                )
+                .map_err(|source| Error::Map {
+                    name: maps::STACK_COPIES,
+                    source,
+                })?,
+            ),
+            false => None,
+        };
         let mut meter = Meter::new(self.pid, self.config.dry_run);
         let mut budget_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
@@ -704,6 +742,11 @@ impl Session<'_> {
                         *n += 1;
                     }
                     self.consume(ring.get_mut(), &stacks);
+                    if let Some(c) = &mut copies {
+                        while let Some(item) = c.next() {
+                            std::hint::black_box(item.len());
+                        }
+                    }
                 }
                 _ = tick.tick() => {
                     self.sample_rss();
@@ -725,7 +768,23 @@ impl Session<'_> {
                     }
                 }
                 _ = sigchld.recv(), if self.launched => {
-                    match launch::poll_child(self.pid) {
+                    loop {
+                    let sent = counters
+                        .get(&counter::EXEC_MAP_STOPS, 0)
+                        .map(|v| v.iter().sum::<u64>())
+                        .unwrap_or(0);
+                    let mut ours = sent - self.exec_stops_seen;
+                    let before = ours;
+                    let stop = launch::poll_child(self.pid, &mut ours);
+                    self.exec_stops_seen += before - ours;
+                    match stop {
+                        launch::ChildStop::MappedCode => {
+                            if let Some((u, t)) = &mut self.unwind {
+                                u.sync(t);
+                            }
+                            launch::resume(self.pid);
+                            continue;
+                        }
                         launch::ChildStop::Exiting => {
                             // Its mappings are still there: take everything we need from them now.
                             self.consume(ring.get_mut(), &stacks);
@@ -737,6 +796,8 @@ impl Session<'_> {
                         }
                         launch::ChildStop::Exited(how, code) => self.exit_status = Some(format!("{how} {code}")),
                         launch::ChildStop::None => {}
+                    }
+                    break;
                     }
                 }
                 _ = sigint.recv() => break ("interrupted".to_owned(), true),
@@ -1193,6 +1254,8 @@ impl Session<'_> {
             thread_names: &thread_names,
             unwinder: if !self.config.capture_stacks {
                 "off"
+            } else if self.config.copy_stacks {
+                "stack-copy (benchmark)"
             } else if self.unwind.is_some() {
                 "cfi"
             } else {
