@@ -1,6 +1,8 @@
 /* malloc+free pairs with mixed sizes, timed inside the process.
- * Usage: malloc_loop PAIRS [THREADS [RATE]]
- *   PAIRS per thread; RATE caps the pairs per second per thread (0: flat out).
+ * Usage: malloc_loop PAIRS [THREADS [RATE [DEPTH]]]
+ *   PAIRS per thread; RATE caps the pairs per second per thread (0: flat out);
+ *   DEPTH extra call frames between the thread start and the loop (stack depth for
+ *   the unwinders to walk).
  * Protocol: prints "ready", waits for a line on stdin, runs, prints
  * "result ns_per_op=N ops=N", then waits for stdin to close. */
 #include <pthread.h>
@@ -9,6 +11,7 @@
 #include <time.h>
 
 static long pairs, rate;
+static int depth;
 static void *volatile sink;
 
 static double now(void) {
@@ -17,8 +20,7 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec / 1e9;
 }
 
-static void *work(void *arg) {
-    (void)arg;
+static void loop(void) {
     double start = now();
     for (long i = 0; i < pairs; i++) {
         void *p = malloc(16 + (i & 255));
@@ -32,6 +34,19 @@ static void *work(void *arg) {
             }
         }
     }
+}
+
+__attribute__((noinline)) static void descend(int d) {
+    if (d > 0)
+        descend(d - 1);
+    else
+        loop();
+    __asm__ volatile("" ::: "memory"); /* not a tail call: a real frame per level */
+}
+
+static void *work(void *arg) {
+    (void)arg;
+    descend(depth);
     return NULL;
 }
 
@@ -39,6 +54,7 @@ int main(int argc, char **argv) {
     pairs = argc > 1 ? atol(argv[1]) : 200000;
     int threads = argc > 2 ? atoi(argv[2]) : 1;
     rate = argc > 3 ? atol(argv[3]) : 0;
+    depth = argc > 4 ? atoi(argv[4]) : 0;
     char line[64];
     printf("ready\n");
     fflush(stdout);

@@ -136,6 +136,10 @@ pub struct StackInfo {
     pub truncated_stacks: usize,
     /// The unwind tables loaded (CFI only).
     pub tables: Option<crate::unwind::UnwindStats>,
+    /// For a userspace unwinder fed with a copy of the stack (perf's design): share of
+    /// live heap bytes, in percent, whose complete stack fits in a copy of 8, 16, 32
+    /// and 64 KiB (`[KiB, percent]` pairs). From the span of each CFI-unwound stack.
+    pub copy_would_fit: Vec<(u64, f64)>,
 }
 
 /// The target's CPython interpreter.
@@ -485,6 +489,8 @@ pub fn build(i: &Inputs<'_>) -> Report {
 
 fn stack_info(i: &Inputs<'_>) -> StackInfo {
     let (mut complete, mut all, mut cs, mut ts) = (0u64, 0u64, 0, 0);
+    const COPIES: [u64; 4] = [8, 16, 32, 64];
+    let mut fit = [0u64; 4];
     for (&id, t) in i.ledger.heap_by_stack() {
         let Some(s) = i.symbols.get(id) else {
             continue;
@@ -498,6 +504,12 @@ fn stack_info(i: &Inputs<'_>) -> StackInfo {
         } else {
             complete += t.bytes;
             cs += 1;
+            // The copy must reach the outermost frame's return address, just below its CFA.
+            for (k, kib) in COPIES.iter().enumerate() {
+                if s.span <= kib * 1024 {
+                    fit[k] += t.bytes;
+                }
+            }
         }
     }
     StackInfo {
@@ -510,6 +522,15 @@ fn stack_info(i: &Inputs<'_>) -> StackInfo {
         complete_stacks: cs,
         truncated_stacks: ts,
         tables: i.unwind.cloned(),
+        copy_would_fit: if i.unwinder == "cfi" {
+            COPIES
+                .iter()
+                .zip(fit)
+                .map(|(&k, f)| (k, f as f64 * 100.0 / all.max(1) as f64))
+                .collect()
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -1222,6 +1243,7 @@ mod tests {
                     build_ms: 31.0,
                     ..Default::default()
                 }),
+                copy_would_fit: vec![(8, 60.0), (16, 87.97), (32, 87.97), (64, 87.97)],
             },
             timeline: vec![],
         }

@@ -46,6 +46,8 @@ pub struct Stack {
     pub frames: Vec<Frame>,
     /// The walk stopped before the outermost frame.
     pub truncated: bool,
+    /// Bytes of stack from the stack pointer to the outermost frame reached.
+    pub span: u64,
 }
 
 /// Stack symbolizer for one target process.
@@ -145,8 +147,8 @@ impl Symbols {
     pub fn resolve(&mut self, raw: &[(i64, StackTrace)]) {
         // Addresses to look up: (address, is_return_address).
         let mut wanted: Vec<Key> = Vec::new();
-        // (stack id, its addresses, truncated)
-        let mut plans: Vec<(i64, Vec<Key>, bool)> = Vec::new();
+        // (stack id, its addresses, truncated, span)
+        let mut plans: Vec<(i64, Vec<Key>, bool, u64)> = Vec::new();
         let mut refreshed = false;
         for (id, st) in raw {
             let n = (st.len as usize).min(st.frames.len());
@@ -171,17 +173,24 @@ impl Symbols {
                     wanted.push(k);
                 }
             }
-            plans.push((*id, addrs, st.flags & STACK_TRUNCATED != 0));
+            plans.push((*id, addrs, st.flags & STACK_TRUNCATED != 0, st.span));
         }
         wanted.sort_unstable();
         wanted.dedup();
         self.symbolize(&wanted);
-        for (id, addrs, truncated) in plans {
+        for (id, addrs, truncated, span) in plans {
             let frames = addrs
                 .iter()
                 .flat_map(|k| self.cache.get(k).cloned().unwrap_or_default())
                 .collect();
-            self.stacks.insert(id, Stack { frames, truncated });
+            self.stacks.insert(
+                id,
+                Stack {
+                    frames,
+                    truncated,
+                    span,
+                },
+            );
         }
     }
 

@@ -40,6 +40,8 @@ enum Tool {
     LeaktraceNoPython,
     LeaktraceBare,
     LeaktraceSampled,
+    LeaktraceFp,
+    LeaktraceCopy,
     Bpftrace,
     Heaptrack,
 }
@@ -52,6 +54,8 @@ impl Tool {
             Self::LeaktraceNoPython => "leaktrace --no-python",
             Self::LeaktraceBare => "leaktrace probes, no BPF work",
             Self::LeaktraceSampled => "leaktrace --sample-rate 512K",
+            Self::LeaktraceFp => "leaktrace --unwind fp",
+            Self::LeaktraceCopy => "leaktrace, 8 KiB stack copies",
             Self::Bpftrace => "bpftrace memleak-equivalent",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
         }
@@ -102,7 +106,9 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
         Tool::Leaktrace
         | Tool::LeaktraceSampled
         | Tool::LeaktraceNoPython
-        | Tool::LeaktraceBare => {
+        | Tool::LeaktraceBare
+        | Tool::LeaktraceFp
+        | Tool::LeaktraceCopy => {
             let mut c = Command::new(leaktrace);
             c.args(["--format", "json", "-o"])
                 .arg(out.with_extension("json"));
@@ -114,6 +120,12 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             }
             if tool == Tool::LeaktraceBare {
                 c.arg("--bare-probes");
+            }
+            if tool == Tool::LeaktraceFp {
+                c.args(["--unwind", "fp"]);
+            }
+            if tool == Tool::LeaktraceCopy {
+                c.arg("--copy-stacks");
             }
             c.arg("--").args(&w.cmd);
             c
@@ -226,6 +238,8 @@ fn run_one(
             | Tool::LeaktraceSampled
             | Tool::LeaktraceNoPython
             | Tool::LeaktraceBare
+            | Tool::LeaktraceFp
+            | Tool::LeaktraceCopy
             | Tool::Bpftrace
     );
     let tracer_cpu = if measured {
@@ -237,7 +251,7 @@ fn run_one(
     finish(child)?;
     let events = if matches!(
         tool,
-        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython
+        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython | Tool::LeaktraceFp
     ) {
         let report =
             std::env::temp_dir().join(format!("leaktrace-bench-{}.json", std::process::id()));
@@ -271,6 +285,17 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
     if !status.success() {
         bail!("failed to build malloc_loop");
     }
+    // The same loop with frame pointers, so that both unwinders walk the full stack.
+    let ml_fp = build.join("malloc_loop_fp");
+    let status = Command::new("cc")
+        .args(["-O2", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&ml_fp)
+        .arg(bench_dir.join("malloc_loop.c"))
+        .status()?;
+    if !status.success() {
+        bail!("failed to build malloc_loop_fp");
+    }
+    let ml_fp = ml_fp.display().to_string();
     let libc = "/lib/x86_64-linux-gnu/libc.so.6";
     let ml = ml.display().to_string();
     let scale = |n: u64| {
@@ -292,6 +317,13 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             name: "malloc/free, 2 threads",
             op: "pair",
             cmd: vec![ml.clone(), scale(100_000), "2".into()],
+            protocol: Protocol::Handshake,
+            stdin_file: None,
+        },
+        Workload {
+            name: "malloc/free, 1 thread, 20 deep, FP",
+            op: "pair",
+            cmd: vec![ml_fp, scale(200_000), "1".into(), "0".into(), "20".into()],
             protocol: Protocol::Handshake,
             stdin_file: None,
         },
@@ -331,6 +363,8 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         Tool::LeaktraceBare,
         Tool::LeaktraceNoPython,
         Tool::LeaktraceSampled,
+        Tool::LeaktraceFp,
+        Tool::LeaktraceCopy,
     ];
     for (tool, bin) in [(Tool::Bpftrace, "bpftrace"), (Tool::Heaptrack, "heaptrack")] {
         if which::which(bin).is_ok() {
@@ -356,6 +390,12 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             .iter()
             .filter(|&&t| python || t != Tool::LeaktraceNoPython)
             .filter(|&&t| w.name.contains("1 thread") || t != Tool::LeaktraceBare)
+            // The unwinders are compared where stacks are deep: the 20-frame loop and CPython.
+            .filter(|&&t| {
+                w.name.contains("deep")
+                    || python
+                    || !matches!(t, Tool::LeaktraceFp | Tool::LeaktraceCopy)
+            })
         {
             let s = match run_one(tool, w, leaktrace, &bench_dir, libc) {
                 Ok(s) => s,
@@ -412,6 +452,24 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
                 ev,
                 w.op
             );
+        }
+        if let (Some(cfi), Some(fp)) = (get(Tool::Leaktrace), get(Tool::LeaktraceFp)) {
+            print!(
+                "{:<38} unwinding: CFI tables {:.3} µs per {op}, frame pointers {:.3} (CFI - FP = {:.3} µs",
+                "",
+                cfi,
+                fp,
+                cfi - fp,
+                op = w.op
+            );
+            if let Some(ev) = events {
+                print!(", {:.2} µs per recorded event", (cfi - fp) / ev.max(1e-9));
+            }
+            print!(")");
+            if let Some(copy) = get(Tool::LeaktraceCopy) {
+                print!("; 8 KiB stack copies {copy:.3} µs per {}", w.op);
+            }
+            println!();
         }
         if let (Some(l), Some(bt)) = (get(Tool::Leaktrace), get(Tool::Bpftrace)) {
             print!(
