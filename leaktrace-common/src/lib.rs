@@ -110,7 +110,7 @@ pub const UNWIND_INVALID: u8 = 4;
 pub const UNWIND_GAP: u8 = 5;
 
 /// Pages of the per-object index in [`maps::UNWIND_PAGES`] are `1 << UNWIND_PAGE_SHIFT` bytes.
-pub const UNWIND_PAGE_SHIFT: u32 = 12;
+pub const UNWIND_PAGE_SHIFT: u32 = 10;
 /// Rows searched within one page at most: the binary search takes this many halvings.
 pub const UNWIND_SEARCH_STEPS: u32 = 16;
 
@@ -132,8 +132,13 @@ pub struct UnwindObject {
     pub pages_start: u32,
     /// Number of page entries (one more than the pages covered, closing the last).
     pub pages_count: u32,
+    /// The mapping's first address, so the walk can reuse the object for the next
+    /// frame without another trie lookup.
+    pub start: u64,
+    /// One past the mapping's last address.
+    pub end: u64,
 }
-const _: () = assert!(size_of::<UnwindObject>() == 32);
+const _: () = assert!(size_of::<UnwindObject>() == 48);
 
 /// Key of [`maps::UNWIND_OBJECTS`]: an LPM-trie key over big-endian addresses.
 #[repr(C)]
@@ -270,7 +275,7 @@ pub const STACK_COPY_BYTES: usize = 8192;
 
 /// [`Config::flags`]: a launched command is ptraced by leaktrace: when its main
 /// thread maps a file with PROT_EXEC (the dynamic linker loading a library), stop it
-/// with SIGSTOP on the way back to user mode, so that userspace loads the library's
+/// with SIGURG on the way back to user mode, so that userspace loads the library's
 /// unwind tables before any of its code runs; leaktrace then resumes it, dropping
 /// the signal.
 pub const CONFIG_STOP_ON_EXEC_MAP: u32 = 16;

@@ -102,6 +102,9 @@ static UNWIND_PAGES: Array<u32> =
 static STACK_COPIES: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map]
+static STACK_WINDOW: PerCpuArray<stack::StackWindow> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
 static UNWIND_WALK: PerCpuArray<stack::UnwindState> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]

@@ -158,7 +158,7 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
         && tid == CONFIG.load().tgid
     {
         // SAFETY: signals the current thread; the helper has no memory arguments.
-        if unsafe { bpf_send_signal_thread(SIGSTOP) } == 0 {
+        if unsafe { bpf_send_signal_thread(SIGURG) } == 0 {
             count(counter::EXEC_MAP_STOPS);
         }
     }
@@ -166,7 +166,9 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
 }
 
 const PROT_EXEC: u64 = 4;
-const SIGSTOP: u32 = 19;
+// SIGURG: ignored by default, so if leaktrace died with the thread stopped, its
+// re-delivery would do nothing (SIGSTOP would stop the whole process).
+const SIGURG: u32 = 23;
 
 macro_rules! syscall_probes {
     ($enter:ident, $exit:ident, $nr:expr, $nargs:expr, $want_stack:expr) => {

@@ -235,14 +235,14 @@ pub enum ChildStop {
     Exiting,
     /// It has exited; the text says how.
     Exited(&'static str, i32),
-    /// It exec'd, or our BPF program stopped it after it mapped code (SIGSTOP, not
+    /// It exec'd, or our BPF program stopped it after it mapped code (SIGURG, not
     /// delivered): load the code's unwind tables, then call [`resume`].
     MappedCode,
 }
 
 /// Collects the launched child's pending ptrace stops, resuming every one that is
 /// not its exit (signals are re-delivered unchanged, group stops stay stopped).
-/// `ours` counts the SIGSTOPs our BPF program sent and that were not seen yet: such
+/// `ours` counts the SIGURGs our BPF program sent and that were not seen yet: such
 /// a stop is returned as [`ChildStop::MappedCode`], the child left stopped.
 pub fn poll_child(pid: u32, ours: &mut u64) -> ChildStop {
     loop {
@@ -274,7 +274,7 @@ pub fn poll_child(pid: u32, ours: &mut u64) -> ChildStop {
                 // The new program and its dynamic linker are mapped, nothing has run:
                 // a chance to load their unwind tables.
                 libc::PTRACE_EVENT_EXEC => return ChildStop::MappedCode,
-                0 if sig == libc::SIGSTOP && *ours > 0 => {
+                0 if sig == libc::SIGURG && *ours > 0 => {
                     *ours -= 1;
                     return ChildStop::MappedCode;
                 }
@@ -291,7 +291,7 @@ pub fn poll_child(pid: u32, ours: &mut u64) -> ChildStop {
     }
 }
 
-/// Resumes a child stopped by [`ChildStop::MappedCode`], dropping the SIGSTOP.
+/// Resumes a child stopped by [`ChildStop::MappedCode`], dropping the signal.
 pub fn resume(pid: u32) {
     // SAFETY: resuming our own stopped tracee without a signal.
     unsafe {

@@ -577,7 +577,7 @@ enum PyState {
 
 struct Session<'a> {
     config: &'a Config,
-    /// SIGSTOPs sent after a launched command mapped code, already handled.
+    /// SIGURGs sent after a launched command mapped code, already handled.
     exec_stops_seen: u64,
     /// CFI unwind tables and the maps they are loaded into (off with `--unwind fp`).
     unwind: Option<(crate::unwind::Unwinder, crate::unwind::BpfTables)>,

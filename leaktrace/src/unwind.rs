@@ -8,7 +8,7 @@
 //! the caller's rbp was saved, and whether the return address is undefined (the
 //! outermost frame). Consecutive rows with the same rules are merged, addresses no
 //! FDE covers get explicit gap rows (walked through frame pointers), and a page
-//! index lets BPF narrow its binary search to the rows of one 4 KiB page.
+//! index lets BPF narrow its binary search to the rows of one 1 KiB page.
 //!
 //! [`Unwinder`] keeps the kernel maps in step with the target's executable
 //! mappings: tables are built once per object file, and objects mapped after
@@ -562,6 +562,7 @@ impl Unwinder {
             rows_count: p.rows_count,
             pages_start: p.pages_start,
             pages_count: p.pages_count,
+            ..UnwindObject::default()
         };
         self.insert(m, obj, sink)
     }
@@ -601,6 +602,11 @@ impl Unwinder {
         obj: UnwindObject,
         sink: &mut dyn TableSink,
     ) -> anyhow::Result<()> {
+        let obj = UnwindObject {
+            start: m.start,
+            end: m.end,
+            ..obj
+        };
         for (addr, len) in prefixes(m.start, m.end) {
             sink.insert_prefix(addr, len, obj)?;
         }
