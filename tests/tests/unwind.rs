@@ -7,6 +7,7 @@ use leaktrace_tests::{
     Fixture, Tracer, check_shape, fixture_path, functions, require_root, script_path, trace_fixture,
 };
 use serde_json::Value;
+use std::io::Write as _;
 
 /// Every heap stack of the report (asked for with a large --top).
 fn heap_stacks(r: &Value) -> &Vec<Value> {
@@ -50,7 +51,10 @@ fn share_reaching_start(r: &Value, what: &str) -> f64 {
         .map(|s| s["live_bytes"].as_u64().unwrap())
         .sum();
     let share = reaching as f64 * 100.0 / total.max(1) as f64;
-    println!(
+    // Written to the process's stderr directly, not through the captured print macros,
+    // so the figure shows in CI logs for passing tests too.
+    let _ = writeln!(
+        std::io::stderr(),
         "{what}: {share:.1}% of {total} live heap bytes sit on stacks reaching main or a thread start (report: {:.1}% on complete stacks, unwinder {})",
         r["stacks"]["complete_pct"].as_f64().unwrap_or(f64::NAN),
         r["stacks"]["unwinder"]
