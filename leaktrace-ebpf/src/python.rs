@@ -14,37 +14,23 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_user_buf,
-    },
+    helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use leaktrace_common::{
     MAX_PY_FRAMES, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE, PyConfig, STACK_NONE,
     STACK_TRUNCATED, counter,
 };
 
-use crate::{PY_CONFIG, PY_SCRATCH, PY_STACKS, PY_WALK, count};
+use crate::{
+    PY_CONFIG, PY_SCRATCH, PY_STACKS, PY_WALK, count,
+    stack::{WINDOW, clear_window, window_word},
+};
 
-/// Room for a frame read (at most 128 bytes, offsets masked below 128, plus one word).
-const FRAME_BUF: usize = 136;
+/// How far below a frame a window refill starts: room for the outer frames.
+const BELOW: u64 = (WINDOW - 128) as u64;
+
 /// `FRAME_OWNED_BY_CSTACK`.
 const OWNED_BY_CSTACK: u8 = 3;
-
-#[inline(always)]
-fn word(buf: &[u8; FRAME_BUF], off: u32) -> u64 {
-    let o = (off & 0x7f) as usize;
-    u64::from_le_bytes([
-        buf[o],
-        buf[o + 1],
-        buf[o + 2],
-        buf[o + 3],
-        buf[o + 4],
-        buf[o + 5],
-        buf[o + 6],
-        buf[o + 7],
-    ])
-}
 
 /// State of one walk, kept in map memory ([`PY_WALK`]) rather than on the stack:
 /// the verifier does not track values read back from a map, so the loop's states
@@ -72,21 +58,29 @@ extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if w.frame == 0 {
         return 1;
     }
-    let mut buf = [0u8; FRAME_BUF];
-    let len = (cfg.frame_read & 0x7f) as usize + 1;
-    // SAFETY: user memory reads through the helper cannot fault.
-    if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf[..len]) }.is_err() {
+    // Fields are read through the stack-read window: on 3.11+ frames sit next to each
+    // other in the thread's data stack, outer ones below, so one read serves many.
+    let f = w.frame;
+    let word = |off: u32| window_word(f + u64::from(off & 0x7f), BELOW);
+    let (Some(code), Some(previous), Some(instr_word)) = (
+        word(cfg.frame_code),
+        word(cfg.frame_previous),
+        word(cfg.frame_instr),
+    ) else {
         w.flags |= u64::from(STACK_TRUNCATED);
         return 1;
-    }
-    let code = word(&buf, cfg.frame_code);
-    let previous = word(&buf, cfg.frame_previous);
-    let mut instr = if cfg.instr_is_int != 0 {
-        word(&buf, cfg.frame_instr) & 0xffff_ffff
-    } else {
-        word(&buf, cfg.frame_instr)
     };
-    let edge_byte = buf[(cfg.frame_edge & 0x7f) as usize];
+    let mut instr = if cfg.instr_is_int != 0 {
+        instr_word & 0xffff_ffff
+    } else {
+        instr_word
+    };
+    let edge_at = f + u64::from(cfg.frame_edge & 0x7f);
+    let Some(edge_word) = window_word(edge_at & !7, BELOW) else {
+        w.flags |= u64::from(STACK_TRUNCATED);
+        return 1;
+    };
+    let edge_byte = (edge_word >> ((edge_at & 7) * 8)) as u8;
     let shim = (cfg.edge_kind == PY_EDGE_SHIM && edge_byte == OWNED_BY_CSTACK)
         || (cfg.none_addr != 0 && code == cfg.none_addr);
     let n = w.n as usize;
@@ -161,6 +155,7 @@ pub fn capture() -> i64 {
     let Some(w) = PY_WALK.get_ptr_mut(0) else {
         return STACK_NONE;
     };
+    clear_window();
     // SAFETY: this CPU's private slot from a successful lookup.
     unsafe {
         *w = WalkState {

@@ -296,7 +296,7 @@ pub struct StackWindow {
 
 /// Empties the window: it holds another moment's stack.
 #[inline(always)]
-fn clear_window() {
+pub fn clear_window() {
     if let Some(win) = STACK_WINDOW.get_ptr_mut(0) {
         // SAFETY: this CPU's private slot from a successful lookup.
         unsafe { (*win).len = 0 };
@@ -308,6 +308,16 @@ fn clear_window() {
 /// of the stack, where a full window would cross its end; one word as a last resort).
 #[inline(always)]
 fn stack_word(addr: u64) -> Option<u64> {
+    window_word(addr, 0)
+}
+
+/// The 8-byte word at user address `addr` through the window. A refill reads from
+/// `addr - below` (rounded to 8), so that a walk moving towards lower addresses (CPython's
+/// frames, outermost lowest in the thread's data stack) finds the next frames in it too;
+/// the window stays within `addr`'s page, so the read does not fault on a neighbour
+/// that is not mapped.
+#[inline(always)]
+pub fn window_word(addr: u64, below: u64) -> Option<u64> {
     let w = STACK_WINDOW.get_ptr_mut(0)?;
     // SAFETY: this CPU's private slot from a successful lookup.
     let w = unsafe { &mut *w };
@@ -319,19 +329,34 @@ fn stack_word(addr: u64) -> Option<u64> {
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
         ]));
     }
-    w.base = addr;
+    if addr % 8 != 0 {
+        // SAFETY: user memory reads through the helper cannot fault.
+        return unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
+    }
+    // Never across a page boundary: a read that faults costs far more than a second
+    // refill (and the page holding `addr` is mapped if the word is readable at all).
+    let page = addr & !0xfff;
+    let start = (addr.saturating_sub(below.min((WINDOW - 8) as u64)) & !7)
+        .clamp(page, page + 4096 - WINDOW as u64);
     // SAFETY: user memory reads through the helper cannot fault; sizes are constants.
     unsafe {
-        if bpf_probe_read_user_buf(addr as *const u8, &mut w.buf[..]).is_ok() {
+        if bpf_probe_read_user_buf(start as *const u8, &mut w.buf[..]).is_ok() {
+            w.base = start;
             w.len = WINDOW as u64;
         } else if bpf_probe_read_user_buf(addr as *const u8, &mut w.buf[..WINDOW / 8]).is_ok() {
+            w.base = addr;
             w.len = (WINDOW / 8) as u64;
         } else {
             w.len = 0;
             return bpf_probe_read_user(addr as *const u64).ok();
         }
     }
-    let b = &w.buf[..8];
+    let off = addr.wrapping_sub(w.base);
+    if off + 8 > w.len {
+        return None;
+    }
+    let o = (off as usize) & (WINDOW - 8);
+    let b = &w.buf[o..o + 8];
     Some(u64::from_le_bytes([
         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
     ]))
