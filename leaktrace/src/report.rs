@@ -198,8 +198,14 @@ pub struct Overhead {
     pub calls_per_s: std::collections::BTreeMap<String, f64>,
     /// Projected cost per traced call, µs (entry trap, plus the return trap where there is one).
     pub cost_per_call_us: std::collections::BTreeMap<String, f64>,
-    /// Projected CPU seconds per second added by tracing every call.
+    /// Projected CPU seconds per second added by tracing every call: the traps from
+    /// the per-trap model, plus `bpf_cpu_per_s` when measured.
     pub projected_cpu_per_s: f64,
+    /// CPU seconds per second spent in leaktrace's BPF programs, measured by the
+    /// kernel's BPF statistics (on with `--max-overhead`); null when not measured.
+    pub bpf_cpu_per_s: Option<f64>,
+    /// `bpf_cpu_per_s` per allocator call, µs (stack walks included).
+    pub bpf_us_per_call: Option<f64>,
     /// CPU seconds per second the kernel charged the target (traps included).
     pub target_cpu_per_s: f64,
     /// The projected cost as a percentage of the target's own CPU time.
@@ -1076,9 +1082,14 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     }
     if let Some(ov) = &r.overhead {
         let calls: f64 = ov.calls_per_s.values().sum();
+        let measured = ov.bpf_us_per_call.map_or(String::new(), |u| {
+            format!(
+                " (traps as modelled, plus {u:.2} µs of BPF work per call measured by the kernel)"
+            )
+        });
         let _ = writeln!(
             o,
-            "\nProbe cost (projected): {:.1}% of the target's CPU time at {:.0} allocator calls/s.",
+            "\nProbe cost (projected): {:.1}% of the target's CPU time at {:.0} allocator calls/s{measured}.",
             ov.projected_pct, calls
         );
     }

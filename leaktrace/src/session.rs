@@ -695,6 +695,22 @@ impl Session<'_> {
             false => None,
         };
         let mut meter = Meter::new(self.pid, self.config.dry_run);
+        // With a budget, the programs' own run time is measured by the kernel (BPF
+        // statistics, on while this descriptor is open; ~20–40 ns per program run).
+        let stats = if self.config.max_overhead_pct.is_some() {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    log::warn!(
+                        "BPF run-time statistics unavailable ({e}); the budget counts traps only"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        meter.start_bpf(bpf_run_ns(ebpf, stats.is_some()));
         let mut budget_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
         budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -755,7 +771,7 @@ impl Session<'_> {
                 }
                 _ = budget_tick.tick() => {
                     if self.heap_detached.is_none()
-                        && let Some(window) = meter.window(&hits, &self.sites)
+                        && let Some(window) = meter.window(&hits, bpf_run_ns(ebpf, stats.is_some()), &self.sites)
                     {
                         self.check_budget(ebpf, &window);
                         self.overhead = Some(window);
@@ -832,7 +848,8 @@ impl Session<'_> {
         // The whole run's figures, unless the budget stopped the heap probes: then
         // the window that tripped it is the one to show.
         if self.heap_detached.is_none()
-            && let Some(whole) = meter.whole_run(&hits, &self.sites)
+            && let Some(whole) =
+                meter.whole_run(&hits, bpf_run_ns(ebpf, stats.is_some()), &self.sites)
         {
             self.overhead = Some(whole);
         }
@@ -1306,6 +1323,23 @@ struct Meter {
     dry_run: bool,
     start: (Instant, Vec<u64>, Option<f64>),
     last: (Instant, Vec<u64>, Option<f64>),
+    /// Time spent in our BPF programs (kernel BPF statistics) at `start` and `last`,
+    /// when the statistics are on.
+    bpf_ns: (Option<u64>, Option<u64>),
+}
+
+/// Nanoseconds the kernel has spent in our programs since they were loaded; `None`
+/// unless BPF run-time statistics are on (`BPF_ENABLE_STATS`).
+fn bpf_run_ns(ebpf: &Ebpf, stats_on: bool) -> Option<u64> {
+    if !stats_on {
+        return None;
+    }
+    Some(
+        ebpf.programs()
+            .filter_map(|(_, p)| p.info().ok())
+            .map(|i| i.run_time().as_nanos() as u64)
+            .sum(),
+    )
 }
 
 impl Meter {
@@ -1316,6 +1350,7 @@ impl Meter {
             dry_run,
             start: now.clone(),
             last: now,
+            bpf_ns: (None, None),
         }
     }
 
@@ -1329,6 +1364,7 @@ impl Meter {
     fn between(
         from: &(Instant, Vec<u64>, Option<f64>),
         to: &(Instant, Vec<u64>, Option<f64>),
+        bpf_ns: (Option<u64>, Option<u64>),
         sites: &[ProbeSite],
         dry_run: bool,
     ) -> Option<report::Overhead> {
@@ -1346,7 +1382,14 @@ impl Meter {
             })
             .filter(|&(_, r)| r > 0.0)
             .collect();
-        let projected = crate::overhead::projected_cpu(sites, &rates);
+        // The traps, from the per-trap model; the programs' own time, measured when the
+        // kernel's BPF statistics are on (it grows with stack depth, which no model knows).
+        let bpf_cpu = match bpf_ns {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e9 / secs),
+            _ => None,
+        };
+        let calls: f64 = rates.iter().map(|(_, r)| r).sum();
+        let projected = crate::overhead::projected_cpu(sites, &rates) + bpf_cpu.unwrap_or(0.0);
         let target = match (from.2, to.2) {
             (Some(a), Some(b)) => (b - a) / secs,
             _ => 0.0,
@@ -1368,6 +1411,8 @@ impl Meter {
                 .map(|(f, _)| (f.symbol().to_owned(), crate::overhead::cost_for(sites, *f)))
                 .collect(),
             projected_cpu_per_s: projected,
+            bpf_cpu_per_s: bpf_cpu,
+            bpf_us_per_call: bpf_cpu.filter(|_| calls > 0.0).map(|c| c * 1e6 / calls),
             target_cpu_per_s: target,
             projected_pct: crate::overhead::overhead_pct(projected, target - current),
         })
@@ -1377,21 +1422,41 @@ impl Meter {
     fn window(
         &mut self,
         hits: &PerCpuArray<MapData, u64>,
+        bpf_ns: Option<u64>,
         sites: &[ProbeSite],
     ) -> Option<report::Overhead> {
         let now = self.read(hits);
-        let w = Self::between(&self.last, &now, sites, self.dry_run);
+        let w = Self::between(
+            &self.last,
+            &now,
+            (self.bpf_ns.1, bpf_ns),
+            sites,
+            self.dry_run,
+        );
         self.last = now;
+        self.bpf_ns.1 = bpf_ns;
         w
+    }
+
+    /// Sets the BPF run time at the start (statistics just turned on).
+    fn start_bpf(&mut self, bpf_ns: Option<u64>) {
+        self.bpf_ns = (bpf_ns, bpf_ns);
     }
 
     /// The whole run.
     fn whole_run(
         &self,
         hits: &PerCpuArray<MapData, u64>,
+        bpf_ns: Option<u64>,
         sites: &[ProbeSite],
     ) -> Option<report::Overhead> {
-        Self::between(&self.start, &self.read(hits), sites, self.dry_run)
+        Self::between(
+            &self.start,
+            &self.read(hits),
+            (self.bpf_ns.0, bpf_ns),
+            sites,
+            self.dry_run,
+        )
     }
 }
 
