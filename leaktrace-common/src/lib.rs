@@ -64,8 +64,9 @@ pub mod maps {
     /// Array of [`crate::UnwindRow`]: every object's compact unwind table, one
     /// contiguous run per object, sorted by address within it.
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
-    /// Array of u32: per object and per [`crate::UNWIND_PAGE_SHIFT`]-sized page of its
-    /// code, the index of the row in effect at the page's start.
+    /// Array of u64 (mmapable; u32 values in 8-byte slots): per object and per
+    /// [`crate::UNWIND_PAGE_SHIFT`]-sized page of its code, the index of the row in
+    /// effect at the page's start.
     pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
     /// Ring buffer of raw stack copies (benchmark of the copy-and-unwind-in-userspace
     /// design; one page unless [`crate::CONFIG_COPY_STACKS`] is set).
@@ -282,7 +283,7 @@ pub const CONFIG_STOP_ON_EXEC_MAP: u32 = 16;
 
 /// Default capacity of [`maps::UNWIND_ROWS`] (8 bytes each).
 pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
-/// Default capacity of [`maps::UNWIND_PAGES`] (4 bytes each).
+/// Default capacity of [`maps::UNWIND_PAGES`] (8 bytes each).
 pub const DEFAULT_UNWIND_PAGES: u32 = 1 << 18;
 /// Default capacity of [`maps::UNWIND_OBJECTS`], in address prefixes.
 pub const DEFAULT_UNWIND_PREFIXES: u32 = 1 << 16;

@@ -91,12 +91,17 @@ static UNWIND_OBJECTS: LpmTrie<[u8; 8], leaktrace_common::UnwindObject> =
     LpmTrie::with_max_entries(leaktrace_common::DEFAULT_UNWIND_PREFIXES, 0);
 
 #[map]
-static UNWIND_ROWS: Array<leaktrace_common::UnwindRow> =
-    Array::with_max_entries(leaktrace_common::DEFAULT_UNWIND_ROWS, 0);
+static UNWIND_ROWS: Array<leaktrace_common::UnwindRow> = Array::with_max_entries(
+    leaktrace_common::DEFAULT_UNWIND_ROWS,
+    aya_ebpf::bindings::BPF_F_MMAPABLE,
+);
 
 #[map]
-static UNWIND_PAGES: Array<u32> =
-    Array::with_max_entries(leaktrace_common::DEFAULT_UNWIND_PAGES, 0);
+// u64 slots: an mmapable array strides its elements by 8 bytes anyway.
+static UNWIND_PAGES: Array<u64> = Array::with_max_entries(
+    leaktrace_common::DEFAULT_UNWIND_PAGES,
+    aya_ebpf::bindings::BPF_F_MMAPABLE,
+);
 
 #[map]
 static STACK_COPIES: RingBuf = RingBuf::with_byte_size(4096, 0);

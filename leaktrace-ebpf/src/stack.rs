@@ -258,7 +258,10 @@ fn find_row(pc: u64, cache: &mut UnwindObject) -> Option<(u8, i16, i8)> {
     let page = (rel - obj.base) >> UNWIND_PAGE_SHIFT;
     let (mut lo, mut hi) = if page + 1 < u64::from(obj.pages_count) {
         let p = obj.pages_start + page as u32;
-        (*UNWIND_PAGES.get(p)?, *UNWIND_PAGES.get(p + 1)?)
+        (
+            *UNWIND_PAGES.get(p)? as u32,
+            *UNWIND_PAGES.get(p + 1)? as u32,
+        )
     } else {
         let last = obj.rows_start + obj.rows_count - 1;
         (last, last)

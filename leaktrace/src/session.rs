@@ -194,7 +194,23 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         });
     }
 
-    let mut ebpf = match load(config, pid) {
+    // Unwind tables of the code mapped now (or about to be, for a launched command)
+    // are built before loading, so the kernel arrays are created large enough.
+    let mut unwinder = cfi_enabled(config).then(|| crate::unwind::Unwinder::new(pid, 0, 0));
+    let unwind_caps = match &mut unwinder {
+        Some(u) => {
+            let hosts: Vec<PathBuf> = objects.iter().map(|(_, h)| h.clone()).collect();
+            let (rows, pages) = u.prepare(&hosts);
+            let caps = crate::unwind::capacities(rows, pages);
+            u.set_capacity(caps.0, caps.1);
+            caps
+        }
+        None => (
+            leaktrace_common::DEFAULT_UNWIND_ROWS,
+            leaktrace_common::DEFAULT_UNWIND_PAGES,
+        ),
+    };
+    let mut ebpf = match load(config, pid, unwind_caps) {
         Ok(e) => e,
         Err(e) => {
             if let Some(b) = blocked {
@@ -256,6 +272,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         walk: None,
         symbols: None,
         unwind: None,
+        unwinder,
         exec_stops_seen: 0,
         timeline: crate::timeline::Timeline::default(),
         known_stacks: rustc_hash::FxHashSet::default(),
@@ -350,7 +367,16 @@ fn open_pidfd(pid: u32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
+/// Whether native stacks are unwound with CFI tables (the default).
+fn cfi_enabled(config: &Config) -> bool {
+    config.capture_stacks
+        && !config.fp_stacks
+        && !config.copy_stacks
+        && !config.dry_run
+        && !config.bare_probes
+}
+
+fn load(config: &Config, pid: u32, unwind_caps: (u32, u32)) -> Result<Ebpf, Error> {
     let bpf_config = BpfConfig {
         tgid: pid,
         flags: if config.capture_stacks {
@@ -395,7 +421,9 @@ fn load(config: &Config, pid: u32) -> Result<Ebpf, Error> {
         .map_max_entries(maps::SAMPLE_COUNTDOWN, config.inflight_capacity)
         .map_max_entries(maps::FREE_MARK, config.inflight_capacity)
         .map_max_entries(maps::PY_STACKS, config.stack_capacity)
-        .map_max_entries(maps::SAMPLED, config.sampled_capacity);
+        .map_max_entries(maps::SAMPLED, config.sampled_capacity)
+        .map_max_entries(maps::UNWIND_ROWS, unwind_caps.0)
+        .map_max_entries(maps::UNWIND_PAGES, unwind_caps.1);
     if config.copy_stacks {
         loader.map_max_entries(maps::STACK_COPIES, 64 << 20);
     }
@@ -581,6 +609,8 @@ struct Session<'a> {
     exec_stops_seen: u64,
     /// CFI unwind tables and the maps they are loaded into (off with `--unwind fp`).
     unwind: Option<(crate::unwind::Unwinder, crate::unwind::BpfTables)>,
+    /// The unwinder with its tables built, until the maps are taken.
+    unwinder: Option<crate::unwind::Unwinder>,
     pid: u32,
     launched: bool,
     ledger: Ledger,
@@ -916,20 +946,12 @@ impl Session<'_> {
     /// Loads the unwind tables of the target's code before the probes are enabled
     /// (a launched command's, once it has exec'd and mapped its libraries).
     fn setup_unwind(&mut self, ebpf: &mut Ebpf) -> Result<(), Error> {
-        if self.config.fp_stacks
-            || !self.config.capture_stacks
-            || self.config.dry_run
-            || self.config.bare_probes
-        {
+        let Some(mut u) = self.unwinder.take() else {
             return Ok(());
-        }
-        let mut tables = crate::unwind::BpfTables::take(ebpf)
+        };
+        let (rows, pages) = u.capacity();
+        let mut tables = crate::unwind::BpfTables::take(ebpf, rows, pages)
             .map_err(|e| Error::Runtime(std::io::Error::other(format!("{e:#}"))))?;
-        let mut u = crate::unwind::Unwinder::new(
-            self.pid,
-            leaktrace_common::DEFAULT_UNWIND_ROWS,
-            leaktrace_common::DEFAULT_UNWIND_PAGES,
-        );
         if !self.launched {
             u.sync(&mut tables);
             log::info!(

@@ -71,7 +71,11 @@ impl Table {
 
     /// The row in effect at object-relative address `pc`, searched as BPF does.
     pub fn lookup(&self, pc: u64) -> Option<UnwindRow> {
-        let pages = self.pages();
+        self.lookup_in(&self.pages(), pc)
+    }
+
+    /// [`Table::lookup`] with the page index computed once.
+    pub fn lookup_in(&self, pages: &[u32], pc: u64) -> Option<UnwindRow> {
         let base = self.base();
         if self.rows.is_empty() || pc < base {
             return None;
@@ -357,24 +361,85 @@ pub trait TableSink {
     fn remove_prefix(&mut self, addr: u64, len: u32) -> anyhow::Result<()>;
 }
 
+/// An array map of `T` mapped into our memory (`BPF_F_MMAPABLE`): rows are
+/// written with a copy instead of one syscall each (1.4 M rows for libLLVM).
+struct Mapped<T> {
+    ptr: *mut T,
+    len: usize,
+    bytes: usize,
+    _map: aya::maps::MapData,
+}
+
+impl<T: Copy> Mapped<T> {
+    fn new(map: aya::maps::Map, len: usize, name: &str) -> anyhow::Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let aya::maps::Map::Array(data) = map else {
+            anyhow::bail!("map {name} is not an array");
+        };
+        let bytes = (len * size_of::<T>()).div_ceil(4096) * 4096;
+        // SAFETY: maps an mmapable BPF array of `bytes` bytes, shared with the kernel.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            anyhow::bail!("mmap of map {name}: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+            bytes,
+            _map: data,
+        })
+    }
+
+    fn write(&mut self, at: u32, items: &[T]) -> anyhow::Result<()> {
+        let at = at as usize;
+        anyhow::ensure!(at + items.len() <= self.len, "array write past its end");
+        // SAFETY: the range is inside the mapping, which lives as long as `self`; BPF
+        // reads these slots only once the object's trie entry points at them.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), items.len()) }
+            .copy_from_slice(items);
+        Ok(())
+    }
+}
+
+impl<T> Drop for Mapped<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
 /// The unwinder's BPF maps.
 pub struct BpfTables {
-    rows: aya::maps::Array<aya::maps::MapData, UnwindRow>,
-    pages: aya::maps::Array<aya::maps::MapData, u32>,
+    rows: Mapped<UnwindRow>,
+    /// u64 slots: array maps stride elements by 8 bytes, which the mapping exposes.
+    pages: Mapped<u64>,
     objects: aya::maps::lpm_trie::LpmTrie<aya::maps::MapData, [u8; 8], UnwindObject>,
 }
 
 impl BpfTables {
-    /// Takes the unwind maps out of the loaded programs.
-    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+    /// Takes the unwind maps out of the loaded programs (created with these capacities).
+    pub fn take(ebpf: &mut aya::Ebpf, rows: u32, pages: u32) -> anyhow::Result<Self> {
         use leaktrace_common::maps;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow::anyhow!("map {name} missing"))
         };
         Ok(Self {
-            rows: aya::maps::Array::try_from(take(maps::UNWIND_ROWS)?)?,
-            pages: aya::maps::Array::try_from(take(maps::UNWIND_PAGES)?)?,
+            rows: Mapped::new(take(maps::UNWIND_ROWS)?, rows as usize, maps::UNWIND_ROWS)?,
+            pages: Mapped::new(
+                take(maps::UNWIND_PAGES)?,
+                pages as usize,
+                maps::UNWIND_PAGES,
+            )?,
             objects: aya::maps::lpm_trie::LpmTrie::try_from(take(maps::UNWIND_OBJECTS)?)?,
         })
     }
@@ -382,17 +447,12 @@ impl BpfTables {
 
 impl TableSink for BpfTables {
     fn write_rows(&mut self, at: u32, rows: &[UnwindRow]) -> anyhow::Result<()> {
-        for (i, r) in rows.iter().enumerate() {
-            self.rows.set(at + i as u32, *r, 0)?;
-        }
-        Ok(())
+        self.rows.write(at, rows)
     }
 
     fn write_pages(&mut self, at: u32, pages: &[u32]) -> anyhow::Result<()> {
-        for (i, p) in pages.iter().enumerate() {
-            self.pages.set(at + i as u32, *p, 0)?;
-        }
-        Ok(())
+        let wide: Vec<u64> = pages.iter().map(|&p| u64::from(p)).collect();
+        self.pages.write(at, &wide)
     }
 
     fn insert_prefix(&mut self, addr: u64, len: u32, obj: UnwindObject) -> anyhow::Result<()> {
@@ -415,8 +475,11 @@ pub struct Unwinder {
     pages_capacity: u32,
     rows_used: u32,
     pages_used: u32,
-    /// Tables by host path, so an object mapped twice is loaded once.
-    placed: HashMap<PathBuf, Option<Placed>>,
+    /// Tables placed in the kernel, by file identity (device, inode), so an object
+    /// mapped twice, or named by two paths, is loaded once.
+    placed: HashMap<(u64, u64), Option<Placed>>,
+    /// Tables built ahead of placing (by [`Unwinder::prepare`]), by file identity.
+    built: HashMap<(u64, u64), Result<Table, String>>,
     /// Mappings registered, by start address: (end, path).
     mapped: HashMap<u64, (u64, String)>,
     /// Report figures.
@@ -434,10 +497,45 @@ impl Unwinder {
             rows_used: 0,
             pages_used: 0,
             placed: HashMap::new(),
+            built: HashMap::new(),
             mapped: HashMap::new(),
             stats: UnwindStats::default(),
             attached: false,
         }
+    }
+
+    /// Builds the tables of these objects (host paths) ahead of loading the programs,
+    /// and returns the rows and page entries they need, to size the kernel arrays.
+    pub fn prepare(&mut self, paths: &[PathBuf]) -> (usize, usize) {
+        let t0 = Instant::now();
+        let (mut rows, mut pages) = (0, 0);
+        for p in paths {
+            let Some(id) = file_id(p) else {
+                continue;
+            };
+            let t = self.built.entry(id).or_insert_with(|| {
+                map_file(p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| build(&d).map_err(|e| e.to_string()))
+            });
+            if let Ok(t) = t {
+                rows += t.rows.len();
+                pages += t.pages().len();
+            }
+        }
+        self.stats.build_ms += t0.elapsed().as_secs_f64() * 1e3;
+        (rows, pages)
+    }
+
+    /// The kernel arrays' capacities: (rows, page entries).
+    pub fn capacity(&self) -> (u32, u32) {
+        (self.rows_capacity, self.pages_capacity)
+    }
+
+    /// Sets the kernel arrays' capacities (as created).
+    pub fn set_capacity(&mut self, rows: u32, pages: u32) {
+        self.rows_capacity = rows;
+        self.pages_capacity = pages;
     }
 
     /// Marks the end of the attach-time load: later objects are listed as loaded after attach.
@@ -511,17 +609,27 @@ impl Unwinder {
             return self.insert(m, fp_only, sink);
         }
         let host = crate::procfs::path_in_target(self.pid, m.path.trim_end_matches(" (deleted)"));
-        let data = match std::fs::read(&host) {
+        let data = match map_file(&host) {
             Ok(d) => d,
             Err(e) => {
                 self.stats.without_tables.push((name, e.to_string()));
                 return self.insert(m, fp_only, sink);
             }
         };
-        let placed = match self.placed.get(&host) {
+        let Some(id) = file_id(&host) else {
+            self.stats
+                .without_tables
+                .push((name, "no file identity".into()));
+            return self.insert(m, fp_only, sink);
+        };
+        let placed = match self.placed.get(&id) {
             Some(p) => *p,
             None => {
-                let p = match build(&data) {
+                let built = match self.built.remove(&id) {
+                    Some(b) => b,
+                    None => build(&data).map_err(|e| e.to_string()),
+                };
+                let p = match built {
                     Ok(t) if !t.rows.is_empty() => self.place(&name, &t, sink)?,
                     Ok(_) => {
                         self.stats
@@ -530,13 +638,11 @@ impl Unwinder {
                         None
                     }
                     Err(e) => {
-                        self.stats
-                            .without_tables
-                            .push((name.clone(), e.to_string()));
+                        self.stats.without_tables.push((name.clone(), e));
                         None
                     }
                 };
-                self.placed.insert(host.clone(), p);
+                self.placed.insert(id, p);
                 if p.is_some() {
                     self.stats.objects += 1;
                     if self.attached {
@@ -586,7 +692,7 @@ impl Unwinder {
         self.rows_used += nr;
         self.pages_used += np;
         self.stats.rows += nr as usize;
-        self.stats.table_bytes += nr as usize * size_of::<UnwindRow>() + np as usize * 4;
+        self.stats.table_bytes += nr as usize * size_of::<UnwindRow>() + np as usize * 8;
         Ok(Some(Placed {
             rows_start: rs,
             rows_count: nr,
@@ -614,19 +720,33 @@ impl Unwinder {
     }
 }
 
-/// Rows and pages an object set needs, to size the kernel arrays before loading.
-pub fn measure(paths: &[PathBuf]) -> (usize, usize) {
-    let mut rows = 0;
-    let mut pages = 0;
-    for p in paths {
-        if let Ok(data) = std::fs::read(p)
-            && let Ok(t) = build(&data)
-        {
-            rows += t.rows.len();
-            pages += t.pages().len();
-        }
-    }
-    (rows, pages)
+/// A read-only view of a file (objects can be hundreds of MiB: libLLVM is 190 MiB).
+fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: a private read-only mapping; the target's object files are not written
+    // while it runs (a replaced file gets a new inode, the old one stays intact).
+    unsafe { memmap2::Mmap::map(&f) }
+}
+
+/// A file's identity: (device, inode).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// Kernel array capacities for tables needing `rows` and `pages`: room for a quarter
+/// more (libraries loaded later), never below the defaults.
+pub fn capacities(rows: usize, pages: usize) -> (u32, u32) {
+    let grow = |need: usize, floor: u32| -> u32 {
+        u32::try_from(need + need / 4)
+            .unwrap_or(u32::MAX)
+            .max(floor)
+    };
+    (
+        grow(rows, leaktrace_common::DEFAULT_UNWIND_ROWS),
+        grow(pages, leaktrace_common::DEFAULT_UNWIND_PAGES),
+    )
 }
 
 /// Reads one object and returns its table and how long building took.
@@ -658,6 +778,49 @@ mod tests {
             }
             assert_eq!(at, e);
         }
+    }
+
+    /// Every FDE row of the system's libc, looked up through the compact table the
+    /// way BPF searches it, gives the rules gimli evaluates for that address.
+    #[test]
+    fn compact_table_agrees_with_gimli_on_libc() {
+        let path = "/lib/x86_64-linux-gnu/libc.so.6";
+        let data = std::fs::read(path).expect("libc");
+        let table = build(&data).expect("table");
+        let pages = table.pages();
+        let file = object::File::parse(&*data).unwrap();
+        let section = file.section_by_name(".eh_frame").unwrap();
+        let eh_data = section.uncompressed_data().unwrap();
+        let eh = EhFrame::new(&eh_data, LittleEndian);
+        let bases = BaseAddresses::default()
+            .set_eh_frame(section.address())
+            .set_text(file.section_by_name(".text").unwrap().address());
+        let mut ctx = Box::new(UnwindContext::new());
+        let mut entries = eh.entries(&bases);
+        let (mut checked, mut unsupported) = (0, 0);
+        while let Some(entry) = entries.next().unwrap() {
+            let CieOrFde::Fde(partial) = entry else {
+                continue;
+            };
+            let fde = partial.parse(EhFrame::cie_from_offset).unwrap();
+            let mut rows = fde.rows(&eh, &bases, &mut ctx).unwrap();
+            while let Some(row) = rows.next_row().unwrap() {
+                let want = compact(row, &eh, &mut unsupported);
+                for pc in [row.start_address(), row.end_address() - 1] {
+                    let got = table.lookup_in(&pages, pc).expect("a row");
+                    assert_eq!(
+                        (got.kind, got.cfa_off, got.rbp),
+                        (want.kind, want.cfa_off, want.rbp),
+                        "{path} at {pc:#x}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 50_000, "checked {checked} addresses");
+        // Past the end of an FDE not followed by another: a gap, walked with rbp.
+        let last = table.rows.last().unwrap();
+        assert_eq!(last.kind, UNWIND_GAP);
     }
 
     #[test]
