@@ -88,6 +88,13 @@ extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         // Where C entered the eval loop: the frame recorded last is its run's first.
         if n > 0 {
             st.frames[(n - 1) & (MAX_PY_FRAMES - 1)].instr |= PY_FRAME_EDGE;
+            // The mark changes a frame already hashed: hash the edge's position too.
+            w.h1 = (w.h1 ^ PY_FRAME_EDGE ^ n as u64)
+                .wrapping_mul(M1)
+                .rotate_left(29);
+            w.h2 = (w.h2 ^ PY_FRAME_EDGE ^ n as u64)
+                .wrapping_mul(M2)
+                .rotate_left(31);
         }
         w.frame = previous;
         return 0;

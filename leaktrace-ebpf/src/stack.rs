@@ -209,7 +209,8 @@ fn walk_fp(
         }
         bp = next_bp;
     }
-    st.span = bp.saturating_sub(sp);
+    // The last frame followed ends at its saved rbp and return address.
+    st.span = if bp > sp { bp + 16 - sp } else { 0 };
     (n, flags, h1, h2)
 }
 
@@ -324,9 +325,9 @@ pub fn window_word(addr: u64, below: u64) -> Option<u64> {
     let w = STACK_WINDOW.get_ptr_mut(0)?;
     // SAFETY: this CPU's private slot from a successful lookup.
     let w = unsafe { &mut *w };
-    let off = addr.wrapping_sub(w.base);
-    if off % 8 == 0 && off + 8 <= w.len {
-        let o = (off as usize) & (WINDOW - 8);
+    // `addr >= base` first: below the window the offset would wrap and pass the length test.
+    if addr >= w.base && addr % 8 == 0 && addr - w.base + 8 <= w.len {
+        let o = ((addr - w.base) as usize) & (WINDOW - 8);
         let b = &w.buf[o..o + 8];
         return Some(u64::from_le_bytes([
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
@@ -338,27 +339,21 @@ pub fn window_word(addr: u64, below: u64) -> Option<u64> {
     }
     // Never across a page boundary: a read that faults costs far more than a second
     // refill (and the page holding `addr` is mapped if the word is readable at all).
+    // The window lies within `addr`'s page, so when it can't be read neither can `addr`.
     let page = addr & !0xfff;
     let start = (addr.saturating_sub(below.min((WINDOW - 8) as u64)) & !7)
         .clamp(page, page + 4096 - WINDOW as u64);
     // SAFETY: user memory reads through the helper cannot fault; sizes are constants.
-    unsafe {
-        if bpf_probe_read_user_buf(start as *const u8, &mut w.buf[..]).is_ok() {
-            w.base = start;
-            w.len = WINDOW as u64;
-        } else if bpf_probe_read_user_buf(addr as *const u8, &mut w.buf[..WINDOW / 8]).is_ok() {
-            w.base = addr;
-            w.len = (WINDOW / 8) as u64;
-        } else {
-            w.len = 0;
-            return bpf_probe_read_user(addr as *const u64).ok();
-        }
-    }
-    let off = addr.wrapping_sub(w.base);
-    if off + 8 > w.len {
+    if unsafe { bpf_probe_read_user_buf(start as *const u8, &mut w.buf[..]) }.is_err() {
+        w.len = 0;
         return None;
     }
-    let o = (off as usize) & (WINDOW - 8);
+    w.base = start;
+    w.len = WINDOW as u64;
+    if addr < start || addr - start + 8 > w.len {
+        return None;
+    }
+    let o = ((addr - start) as usize) & (WINDOW - 8);
     let b = &w.buf[o..o + 8];
     Some(u64::from_le_bytes([
         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
@@ -393,12 +388,17 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         w.h1 = mix(w.h1, w.ip, M1);
         w.h2 = mix(w.h2, w.ip, M2);
     }
+    let exact = w.exact != 0;
     w.exact = 0;
     let cfa = match kind {
         UNWIND_CFA_RSP => w.sp.wrapping_add(cfa_off as u64),
         UNWIND_CFA_RBP => w.bp.wrapping_add(cfa_off as u64),
         UNWIND_PLT => w.sp + 8 + if (w.ip & 15) >= cfa_off as u64 { 8 } else { 0 },
         UNWIND_END => return 1,
+        // At the thread's own instruction with no CFI for it (a function's first
+        // instruction, or a leaf syscall wrapper): nothing is pushed yet, so the
+        // return address is at [sp]; following rbp would skip the caller.
+        UNWIND_GAP if exact => w.sp + 8,
         UNWIND_GAP => {
             // No CFI here: trust rbp if it points into this thread's stack above sp.
             if w.bp == 0 {
@@ -426,7 +426,7 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         w.flags |= truncated;
         return 1;
     };
-    if kind == UNWIND_GAP {
+    if kind == UNWIND_GAP && !exact {
         let Some(b) = stack_word(w.bp) else {
             w.flags |= truncated;
             return 1;
@@ -461,6 +461,7 @@ fn walk_cfi(
     let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
     let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
     let mut n = 0u64;
+    st.span = 0;
     if record_ip {
         st.frames[0] = ip;
         h1 = mix(h1, ip, M1);
@@ -489,7 +490,9 @@ fn walk_cfi(
     // SAFETY: the callback takes no context.
     unsafe {
         bpf_loop(
-            MAX_STACK_DEPTH as u32 + 1,
+            // Frame 0 plus MAX_STACK_DEPTH frames, and one more step that finds the
+            // stack full and flags it truncated.
+            MAX_STACK_DEPTH as u32 + 2,
             cfi_step as *mut core::ffi::c_void,
             core::ptr::null_mut(),
             0,
@@ -517,6 +520,9 @@ fn store(st: &mut StackTrace, py: i64, n: usize, flags: u32, mut h1: u64, mut h2
     h2 = mix(h2, py as u64, M2);
     h1 = mix(h1, n as u64, M1);
     h2 = mix(h2, n as u64, M2);
+    // Same frames read differently (a syscall's, a truncated walk) are another stack.
+    h1 = mix(h1, u64::from(flags), M1);
+    h2 = mix(h2, u64::from(flags), M2);
     let id = (h1 & (i64::MAX as u64)) as i64;
     st.len = n as u32;
     st.flags = flags;
