@@ -39,6 +39,8 @@ pub struct Table {
     pub fdes: usize,
     /// Rows whose rules BPF cannot evaluate (kept as [`UNWIND_INVALID`]).
     pub unsupported: usize,
+    /// FDEs whose instructions gimli could not evaluate: left out, their range a gap.
+    pub bad_fdes: usize,
 }
 
 impl Table {
@@ -177,11 +179,21 @@ pub fn build(data: &[u8]) -> Result<Table, TableError> {
         }
         table.fdes += 1;
         let mut rows = Vec::new();
-        let mut it = fde.rows(&eh, &bases, &mut ctx)?;
-        while let Some(row) = it.next_row()? {
-            let compact = compact(row, &eh, &mut table.unsupported);
-            rows.push((row.start_address(), compact));
+        let mut unsupported = 0;
+        let read = (|| -> gimli::Result<()> {
+            let mut it = fde.rows(&eh, &bases, &mut ctx)?;
+            while let Some(row) = it.next_row()? {
+                let compact = compact(row, &eh, &mut unsupported);
+                rows.push((row.start_address(), compact));
+            }
+            Ok(())
+        })();
+        if read.is_err() {
+            // One malformed FDE costs its own function's stacks, not the object's.
+            table.bad_fdes += 1;
+            continue;
         }
+        table.unsupported += unsupported;
         spans.push((fde.initial_address(), fde.end_address(), rows));
     }
     spans.sort_by_key(|s| s.0);
@@ -190,6 +202,9 @@ pub fn build(data: &[u8]) -> Result<Table, TableError> {
         let pc = u32::try_from(pc).map_err(|_| TableError::TooHigh)?;
         let row = UnwindRow { pc, ..row };
         match out.last_mut() {
+            // Overlapping FDEs (seen in hand-written assembly): the earlier-starting
+            // one was clipped at the later one's start; keep the rows sorted.
+            Some(last) if pc < last.pc => {}
             // A later FDE starting where an earlier one's rows ended replaces its gap.
             Some(last) if last.pc == pc => *last = row,
             Some(last)
@@ -203,10 +218,13 @@ pub fn build(data: &[u8]) -> Result<Table, TableError> {
         ..UnwindRow::default()
     };
     for (i, (_, end, rows)) in spans.iter().enumerate() {
+        let next = spans.get(i + 1).map(|s| s.0);
         for &(pc, row) in rows {
+            if next.is_some_and(|n| pc >= n) {
+                break;
+            }
             push(pc, row)?;
         }
-        let next = spans.get(i + 1).map(|s| s.0);
         if next.is_none_or(|n| n > *end) {
             push(*end, gap)?;
         }
@@ -276,10 +294,18 @@ fn compact<R: gimli::Reader<Offset = usize>>(
 /// `offset`: runtime address minus link-time address.
 pub fn bias(data: &[u8], start: u64, offset: u64) -> Option<u64> {
     let file = object::File::parse(data).ok()?;
-    let seg = file.segments().find(|s| {
+    // The mapping's offset is the segment's rounded down to a page: lld does not align
+    // p_offset, so the segment can start after `offset`. Of two segments sharing the
+    // page, the executable one is the mapping of code.
+    let maps = |s: &object::Segment<'_, '_>| {
         let (o, n) = s.file_range();
-        o <= offset && offset < o + n.max(1)
-    })?;
+        (o & !0xfff) <= offset && offset < o + n.max(1)
+    };
+    let executable = |s: &object::Segment<'_, '_>| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
+    let seg = file
+        .segments()
+        .find(|s| maps(s) && executable(s))
+        .or_else(|| file.segments().find(|s| maps(s)))?;
     let (seg_off, _) = seg.file_range();
     // address(v) = start + (v − (vaddr − seg_off)) − offset
     Some(
