@@ -206,10 +206,23 @@ pub struct Overhead {
     pub bpf_cpu_per_s: Option<f64>,
     /// `bpf_cpu_per_s` per allocator call, µs (stack walks included).
     pub bpf_us_per_call: Option<f64>,
+    /// Per BPF program, over the whole run while statistics were on: runs and mean
+    /// nanoseconds per run (empty when not measured).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bpf_programs: std::collections::BTreeMap<String, ProgramCost>,
     /// CPU seconds per second the kernel charged the target (traps included).
     pub target_cpu_per_s: f64,
     /// The projected cost as a percentage of the target's own CPU time.
     pub projected_pct: f64,
+}
+
+/// What one BPF program cost, measured by the kernel's BPF statistics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgramCost {
+    /// Runs while the statistics were on.
+    pub runs: u64,
+    /// Mean run time, ns.
+    pub ns_per_run: f64,
 }
 
 /// The overhead budget detached the heap probes.

@@ -883,6 +883,11 @@ impl Session<'_> {
         {
             self.overhead = Some(whole);
         }
+        if stats.is_some()
+            && let Some(o) = self.overhead.as_mut()
+        {
+            o.bpf_programs = program_costs(ebpf);
+        }
         if self.config.dry_run {
             let o = self.overhead.clone().unwrap_or_default();
             let text = match self.config.format {
@@ -1350,6 +1355,23 @@ struct Meter {
     bpf_ns: (Option<u64>, Option<u64>),
 }
 
+/// Each program that ran: runs and mean run time, from the kernel's BPF statistics.
+fn program_costs(ebpf: &Ebpf) -> std::collections::BTreeMap<String, report::ProgramCost> {
+    ebpf.programs()
+        .filter_map(|(name, p)| Some((name, p.info().ok()?)))
+        .filter(|(_, i)| i.run_count() > 0)
+        .map(|(name, i)| {
+            (
+                name.to_owned(),
+                report::ProgramCost {
+                    runs: i.run_count(),
+                    ns_per_run: i.run_time().as_nanos() as f64 / i.run_count() as f64,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Nanoseconds the kernel has spent in our programs since they were loaded; `None`
 /// unless BPF run-time statistics are on (`BPF_ENABLE_STATS`).
 fn bpf_run_ns(ebpf: &Ebpf, stats_on: bool) -> Option<u64> {
@@ -1435,6 +1457,7 @@ impl Meter {
             projected_cpu_per_s: projected,
             bpf_cpu_per_s: bpf_cpu,
             bpf_us_per_call: bpf_cpu.filter(|_| calls > 0.0).map(|c| c * 1e6 / calls),
+            bpf_programs: Default::default(),
             target_cpu_per_s: target,
             projected_pct: crate::overhead::overhead_pct(projected, target - current),
         })
