@@ -61,6 +61,9 @@ pub mod maps {
     /// LPM trie: user address range → [`crate::UnwindObject`] of the executable
     /// mapping holding it (keys are big-endian addresses).
     pub const UNWIND_OBJECTS: &str = "UNWIND_OBJECTS";
+    /// One-element array: a generation number userspace bumps after every change to
+    /// [`UNWIND_OBJECTS`], so the walk's per-CPU object cache knows to drop its entries.
+    pub const UNWIND_GEN: &str = "UNWIND_GEN";
     /// Array of [`crate::UnwindRow`]: every object's compact unwind table, one
     /// contiguous run per object, sorted by address within it.
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";

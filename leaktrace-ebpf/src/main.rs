@@ -91,6 +91,9 @@ static UNWIND_OBJECTS: LpmTrie<[u8; 8], leaktrace_common::UnwindObject> =
     LpmTrie::with_max_entries(leaktrace_common::DEFAULT_UNWIND_PREFIXES, 0);
 
 #[map]
+static UNWIND_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
 static UNWIND_ROWS: Array<leaktrace_common::UnwindRow> = Array::with_max_entries(
     leaktrace_common::DEFAULT_UNWIND_ROWS,
     aya_ebpf::bindings::BPF_F_MMAPABLE,

@@ -449,6 +449,17 @@ pub struct BpfTables {
     /// u64 slots: array maps stride elements by 8 bytes, which the mapping exposes.
     pages: Mapped<u64>,
     objects: aya::maps::lpm_trie::LpmTrie<aya::maps::MapData, [u8; 8], UnwindObject>,
+    /// Bumped after every change to `objects`: the walk's object cache follows it.
+    generation: aya::maps::Array<aya::maps::MapData, u64>,
+    bumps: u64,
+}
+
+impl BpfTables {
+    fn bump(&mut self) -> anyhow::Result<()> {
+        self.bumps += 1;
+        self.generation.set(0, self.bumps, 0)?;
+        Ok(())
+    }
 }
 
 impl BpfTables {
@@ -467,6 +478,8 @@ impl BpfTables {
                 maps::UNWIND_PAGES,
             )?,
             objects: aya::maps::lpm_trie::LpmTrie::try_from(take(maps::UNWIND_OBJECTS)?)?,
+            generation: aya::maps::Array::try_from(take(maps::UNWIND_GEN)?)?,
+            bumps: 0,
         })
     }
 }
@@ -484,13 +497,13 @@ impl TableSink for BpfTables {
     fn insert_prefix(&mut self, addr: u64, len: u32, obj: UnwindObject) -> anyhow::Result<()> {
         let key = aya::maps::lpm_trie::Key::new(len, addr.to_be_bytes());
         self.objects.insert(&key, obj, 0)?;
-        Ok(())
+        self.bump()
     }
 
     fn remove_prefix(&mut self, addr: u64, len: u32) -> anyhow::Result<()> {
         let key = aya::maps::lpm_trie::Key::new(len, addr.to_be_bytes());
         self.objects.remove(&key)?;
-        Ok(())
+        self.bump()
     }
 }
 
