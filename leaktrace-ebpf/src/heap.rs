@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    AllocEntry, AllocFn, CONFIG_COUNT_ONLY, ENABLE_HEAP, ENTRY_UNSAMPLED, EXP_DRAWS as N_DRAWS,
-    Event, STACK_NONE, counter, kind,
+    AllocEntry, AllocFn, CONFIG_COUNT_ONLY, CONFIG_FREE_MARK, ENABLE_HEAP, ENTRY_UNSAMPLED,
+    EXP_DRAWS as N_DRAWS, Event, STACK_NONE, counter, kind,
 };
 
 use crate::{
@@ -317,9 +317,13 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     // Mark where this free sits on the stack, so that syscalls glibc makes from inside
     // it (arena creation, unmapping an mmapped chunk, heap trims) count as the allocator's.
     // The probe sits before free's first push, so the return address is at [sp].
+    // Only without CFI stacks: with them, a syscall's own walk finds free's frame, and
+    // this read and map update (~0.17 µs per free, measured) are saved.
     let sp = regs_of(ctx.as_ptr()).sp;
     // SAFETY: reading user memory through the helper cannot fault the kernel.
-    if let Ok(ret) = unsafe { bpf_probe_read_user(sp as *const u64) } {
+    if CONFIG.load().flags & CONFIG_FREE_MARK != 0
+        && let Ok(ret) = unsafe { bpf_probe_read_user(sp as *const u64) }
+    {
         let mark = leaktrace_common::FreeMark { sp, ret };
         match crate::FREE_MARK.get_ptr_mut(&tid) {
             // SAFETY: the thread's own slot from a successful lookup; written in place,

@@ -28,9 +28,9 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     CONFIG_CAPTURE_STACKS, CONFIG_COPY_STACKS, CONFIG_FP_STACKS, MAX_STACK_DEPTH, STACK_CFI,
-    STACK_COPY_BYTES, STACK_FP_FALLBACK, STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED, StackTrace,
-    UNWIND_CFA_RBP, UNWIND_CFA_RSP, UNWIND_END, UNWIND_GAP, UNWIND_PAGE_SHIFT, UNWIND_PLT,
-    UNWIND_SEARCH_STEPS, UnwindObject, counter,
+    STACK_COPY_BYTES, STACK_FP_FALLBACK, STACK_IN_FREE, STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED,
+    StackTrace, UNWIND_CFA_RBP, UNWIND_CFA_RSP, UNWIND_END, UNWIND_GAP, UNWIND_PAGE_SHIFT,
+    UNWIND_PLT, UNWIND_SEARCH_STEPS, UnwindObject, counter,
 };
 
 use crate::{
@@ -66,14 +66,16 @@ pub fn at_function_entry(regs: Regs) -> i64 {
         count(counter::STACK_ERROR);
         return -EFAULT;
     };
-    capture(ret, None, regs.ip, regs.bp, regs.sp, 0)
+    capture(ret, None, regs.ip, regs.bp, regs.sp, 0, true).0
 }
 
-/// Stack of the current task, stopped in a syscall.
+/// Stack of the current task, stopped in a syscall, with the walk's flags. With
+/// `keep` false the stack is walked (for [`STACK_IN_FREE`]) but not stored, and the
+/// id is [`STACK_NONE`].
 #[inline(always)]
-pub fn at_syscall() -> i64 {
+pub fn at_syscall(keep: bool) -> (i64, u32) {
     if CONFIG.load().flags & CONFIG_CAPTURE_STACKS == 0 {
-        return STACK_NONE;
+        return (STACK_NONE, 0);
     }
     // SAFETY: bpf_get_current_task_btf returns the current task, always valid in
     // a syscall tracepoint; bpf_task_pt_regs gives its saved user registers.
@@ -81,7 +83,7 @@ pub fn at_syscall() -> i64 {
         as *const aya_ebpf::bindings::pt_regs;
     if regs.is_null() {
         count(counter::STACK_ERROR);
-        return -ENOENT;
+        return (-ENOENT, 0);
     }
     // SAFETY: probe reads of kernel memory cannot fault; `regs` points at the task's pt_regs.
     let (ip, sp, bp) = unsafe {
@@ -93,11 +95,11 @@ pub fn at_syscall() -> i64 {
     };
     if ip == 0 || sp == 0 {
         count(counter::STACK_ERROR);
-        return -EFAULT;
+        return (-EFAULT, 0);
     }
     // SAFETY: as above, for user memory.
     let guess = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
-    capture(ip, Some(guess), ip, bp, sp, STACK_SYSCALL)
+    capture(ip, Some(guess), ip, bp, sp, STACK_SYSCALL, keep)
 }
 
 #[inline(always)]
@@ -114,18 +116,32 @@ const M2: u64 = 0xC2B2_AE3D_27D4_EB4F;
 /// entry, the interrupted instruction pointer in a syscall); `ip` is where the
 /// thread stands, from which the CFI walk starts.
 #[inline(always)]
-fn capture(first: u64, second: Option<u64>, ip: u64, bp: u64, sp: u64, flags: u32) -> i64 {
+fn capture(
+    first: u64,
+    second: Option<u64>,
+    ip: u64,
+    bp: u64,
+    sp: u64,
+    flags: u32,
+    keep: bool,
+) -> (i64, u32) {
     let config = CONFIG.load().flags;
     if config & CONFIG_COPY_STACKS != 0 {
-        copy_stack(ip, sp, bp);
-        return STACK_NONE;
+        if keep {
+            copy_stack(ip, sp, bp);
+        }
+        return (STACK_NONE, 0);
     }
     // Walked first: after the native walk the verifier would check it once per
     // native depth.
-    let py = crate::python::capture();
+    let py = if keep {
+        crate::python::capture()
+    } else {
+        STACK_NONE
+    };
     let Some(st) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(counter::STACK_ERROR);
-        return -ENOENT;
+        return (-ENOENT, 0);
     };
     // SAFETY: `st` is this CPU's private scratch slot from a successful lookup.
     let st = unsafe { &mut *st };
@@ -134,7 +150,10 @@ fn capture(first: u64, second: Option<u64>, ip: u64, bp: u64, sp: u64, flags: u3
     } else {
         walk_cfi(st, flags & STACK_SYSCALL != 0, ip, bp, sp, flags)
     };
-    store(st, py, n, flags, h1, h2)
+    if !keep {
+        return (STACK_NONE, flags);
+    }
+    (store(st, py, n, flags, h1, h2), flags)
 }
 
 /// Benchmark of the other design: copy the registers and [`STACK_COPY_BYTES`] of
@@ -409,6 +428,10 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         w.n += 1;
         w.h1 = mix(w.h1, w.ip, M1);
         w.h2 = mix(w.h2, w.ip, M2);
+        let rel = pc.wrapping_sub(w.obj.bias);
+        if rel >= u64::from(w.obj.free_lo) && rel < u64::from(w.obj.free_hi) {
+            w.flags |= u64::from(STACK_IN_FREE);
+        }
     }
     let exact = w.exact != 0;
     w.exact = 0;

@@ -17,8 +17,8 @@ use aya_ebpf::{
     EbpfContext as _, bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext,
 };
 use leaktrace_common::{
-    CONFIG_STOP_ON_EXEC_MAP, ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event, STACK_NONE, SyscallEntry,
-    counter, kind, nr,
+    CONFIG_FREE_MARK, CONFIG_STOP_ON_EXEC_MAP, ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event,
+    STACK_IN_FREE, STACK_NONE, SyscallEntry, counter, kind, nr,
 };
 
 use aya_ebpf::helpers::{
@@ -77,7 +77,7 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
     // SAFETY: a lookup returns a pointer valid for this program run.
     let (stack_id, flags) = match unsafe { ALLOC_INFLIGHT.get(&tid) }.filter(|e| e.active != 0) {
         Some(alloc) => (alloc.stack_id, EVENT_IN_ALLOCATOR),
-        None => {
+        None if CONFIG.load().flags & CONFIG_FREE_MARK != 0 => {
             let flags = if inside_free(tid) {
                 EVENT_IN_ALLOCATOR
             } else {
@@ -85,11 +85,24 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
             };
             (
                 if want_stack {
-                    stack::at_syscall()
+                    stack::at_syscall(true).0
                 } else {
                     STACK_NONE
                 },
                 flags,
+            )
+        }
+        // CFI stacks: the walk itself tells whether a `free` call is on the stack
+        // (syscalls whose stack is not kept are walked for that alone).
+        None => {
+            let (id, walk) = stack::at_syscall(want_stack);
+            (
+                id,
+                if walk & STACK_IN_FREE != 0 {
+                    EVENT_IN_ALLOCATOR
+                } else {
+                    0
+                },
             )
         }
     };

@@ -32,6 +32,8 @@ pub struct ProbeSite {
     pub offset: u64,
     /// File offset of the function's first instruction.
     pub entry_offset: u64,
+    /// The function's address in the object and its size in bytes (0: unknown).
+    pub symbol: (u64, u64),
     /// Where in the function the probe goes, and why.
     pub placement: Placement,
 }
@@ -120,6 +122,7 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
             host_path: host_path.to_owned(),
             offset: entry_offset + placement.offset,
             entry_offset,
+            symbol: (addr, sym.size()),
             placement,
         });
     }

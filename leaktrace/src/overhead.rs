@@ -90,6 +90,7 @@ mod tests {
             host_path: "/libc".into(),
             offset: 0,
             entry_offset: 0,
+            symbol: (0, 0),
             placement: Placement {
                 offset: 0,
                 reason: String::new(),

@@ -203,6 +203,13 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
             let (rows, pages) = u.prepare(&hosts);
             let caps = crate::unwind::capacities(rows, pages);
             u.set_capacity(caps.0, caps.1);
+            u.set_free_functions(
+                search
+                    .sites
+                    .iter()
+                    .filter(|s| s.func == AllocFn::Free)
+                    .map(|s| (s.host_path.as_path(), s.symbol.0, s.symbol.1)),
+            );
             caps
         }
         None => (
@@ -395,6 +402,10 @@ fn load(config: &Config, pid: u32, unwind_caps: (u32, u32)) -> Result<Ebpf, Erro
             leaktrace_common::CONFIG_COPY_STACKS
         } else {
             0
+        } | if cfi_enabled(config) {
+            0
+        } else {
+            leaktrace_common::CONFIG_FREE_MARK
         } | if matches!(config.target, Target::Command(_))
             && config.capture_stacks
             && !config.fp_stacks

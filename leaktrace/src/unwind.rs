@@ -524,6 +524,8 @@ pub struct Unwinder {
     /// Report figures.
     pub stats: UnwindStats,
     attached: bool,
+    /// `free`'s object-relative range in each object that defines one, by file identity.
+    free_ranges: HashMap<(u64, u64), (u32, u32)>,
 }
 
 impl Unwinder {
@@ -540,6 +542,26 @@ impl Unwinder {
             mapped: HashMap::new(),
             stats: UnwindStats::default(),
             attached: false,
+            free_ranges: HashMap::new(),
+        }
+    }
+
+    /// Tells the walk where `free` lies in the objects that define it (host path,
+    /// object-relative address, size), so a syscall's stack shows whether it runs
+    /// inside `free` ([`leaktrace_common::STACK_IN_FREE`]). Set before `sync`.
+    pub fn set_free_functions<'a>(
+        &mut self,
+        frees: impl IntoIterator<Item = (&'a Path, u64, u64)>,
+    ) {
+        for (path, addr, size) in frees {
+            if let (Some(id), Ok(lo), Ok(hi)) = (
+                file_id(path),
+                u32::try_from(addr),
+                u32::try_from(addr + size),
+            ) && size > 0
+            {
+                self.free_ranges.insert(id, (lo, hi));
+            }
         }
     }
 
@@ -700,8 +722,11 @@ impl Unwinder {
                 .push((name, "no segment for the mapping's offset".into()));
             return self.insert(m, fp_only, sink);
         };
+        let (free_lo, free_hi) = self.free_ranges.get(&id).copied().unwrap_or((0, 0));
         let obj = UnwindObject {
             bias,
+            free_lo,
+            free_hi,
             base: p.base,
             rows_start: p.rows_start,
             rows_count: p.rows_count,
