@@ -211,6 +211,35 @@ fn root_threads_with_cross_thread_frees() {
     }
 }
 
+/// A thread whose first allocator call is free() gets its arena from inside free
+/// (glibc's tcache_init): the 64 MiB reservation is the allocator's, not a mapping of
+/// the program's own. With CFI stacks the syscall's walk finds free's frame; with
+/// `--unwind fp` the free probe's stack mark does.
+#[test]
+fn root_arenas_created_inside_free() {
+    require_root();
+    let threads = 4u64;
+    for extra in [&[][..], &["--unwind", "fp"][..]] {
+        let (_fx, r) = trace_scenario("threads", &["4", "100", "48", "1"], extra);
+        let split = &r["mappings"]["split"];
+        assert_eq!(split["arenas"].as_u64(), Some(threads), "{extra:?}: {split}");
+        assert_eq!(
+            split["arena_reserved_bytes"].as_u64(),
+            Some(threads * (64 << 20)),
+            "{extra:?}: {split}"
+        );
+        if extra.is_empty() {
+            for a in r["mappings"]["arenas"].as_array().unwrap() {
+                assert!(
+                    functions(a).iter().any(|f| f == "release_gift"),
+                    "arena created inside free, called by release_gift: {:?}",
+                    functions(a)
+                );
+            }
+        }
+    }
+}
+
 /// A full stack map is a counted loss: the report says so, and byte totals stay exact.
 #[test]
 fn root_full_stack_map_is_reported_as_loss() {
