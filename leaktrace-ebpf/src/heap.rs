@@ -8,7 +8,7 @@
 //! once, as the outer call, and lets a lost return be detected instead of
 //! shifting every later pairing on the thread.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_attach_cookie, bpf_get_func_ip, bpf_get_prandom_u32};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, pt_regs},
@@ -96,15 +96,18 @@ fn sampled(tid: u32, size: u64) -> bool {
     hit
 }
 
-/// Records an allocator call in flight.
+/// Records an allocator call in flight; returns whether its return must be seen.
+///
+/// `session`: the call runs under a uprobe session ([`alloc_session`]), whose return
+/// runs only if this returns true; an unsampled call then leaves no entry behind.
 #[inline(always)]
-fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
+fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64, session: bool) -> bool {
     let Some(tid) = traced_thread(ENABLE_HEAP) else {
-        return 0;
+        return false;
     };
     hit(func as u32);
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
-        return 0;
+        return false;
     }
     let regs = regs_of(ctx.as_ptr());
     let slot = ALLOC_INFLIGHT.get_ptr_mut(&tid);
@@ -116,7 +119,7 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
             // Called from inside the outer allocator call (sp below), or tail-called by it
             // (same sp: `realloc(NULL, n)` jumps to `malloc`): the outer call accounts for it.
             count(counter::NESTED_CALL);
-            return 0;
+            return false;
         }
         // The previous call on this thread never returned through our probe.
         count(counter::STALE_ENTRY);
@@ -126,6 +129,14 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
     let take = sampled(tid, size);
     if !take {
         count(counter::UNSAMPLED);
+        if session {
+            // No return trap, and so no entry for it to pair with.
+            if let Some(p) = slot {
+                // SAFETY: the thread's own slot from a successful lookup.
+                unsafe { (*p).active = 0 };
+            }
+            return false;
+        }
     }
     let entry = AllocEntry {
         size,
@@ -146,10 +157,11 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64) -> u32 {
         None => {
             if ALLOC_INFLIGHT.insert(&tid, &entry, BPF_ANY as u64).is_err() {
                 count(counter::ALLOC_INFLIGHT_FULL);
+                return false;
             }
         }
     }
-    0
+    true
 }
 
 macro_rules! alloc_entry_probe {
@@ -159,7 +171,8 @@ macro_rules! alloc_entry_probe {
         pub fn $name($ctx: ProbeContext) -> u32 {
             let size: u64 = $size;
             let aux: u64 = $aux;
-            alloc_enter(&$ctx, $func, size, aux)
+            alloc_enter(&$ctx, $func, size, aux, false);
+            0
         }
     };
 }
@@ -189,9 +202,56 @@ alloc_entry_probe!(memalign_enter, AllocFn::Memalign, |ctx| (arg(&ctx, 1), 0));
 alloc_entry_probe!(valloc_enter, AllocFn::Valloc, |ctx| (arg(&ctx, 0), 0));
 alloc_entry_probe!(pvalloc_enter, AllocFn::Pvalloc, |ctx| (arg(&ctx, 0), 0));
 
+/// malloc and calloc as one uprobe session program (Linux 6.13+, loaded by
+/// userspace with the session attach type when sampling): it runs at the entry and,
+/// only when the entry returns 0, at the return. Unsampled calls return 1 and so
+/// skip the return trap. The attach cookie is the [`AllocFn`]; at the return, the
+/// instruction pointer is the caller's.
+///
+/// Written without `#[uprobe]`, whose wrapper returns 0 whatever the body returns:
+/// here the return value is the decision.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub extern "C" fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
+    session(ProbeContext::new(ctx))
+}
+
+#[inline(always)]
+fn session(ctx: ProbeContext) -> u32 {
+    let regs = regs_of(ctx.as_ptr());
+    // SAFETY: the helpers take the program's own context.
+    let (entry_ip, cookie) = unsafe {
+        (
+            bpf_get_func_ip(ctx.as_ptr()),
+            bpf_get_attach_cookie(ctx.as_ptr()),
+        )
+    };
+    if regs.ip != entry_ip {
+        return exit(ctx.as_ptr());
+    }
+    let wanted = if cookie == AllocFn::Calloc as u64 {
+        alloc_enter(
+            &ctx,
+            AllocFn::Calloc,
+            mul_sat(arg(&ctx, 0), arg(&ctx, 1)),
+            0,
+            true,
+        )
+    } else {
+        alloc_enter(&ctx, AllocFn::Malloc, arg(&ctx, 0), 0, true)
+    };
+    u32::from(!wanted)
+}
+
 /// Return probe shared by every allocator function.
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(ctx.as_ptr())
+}
+
+/// The return of an allocator call, from the user registers at its return.
+#[inline(always)]
+fn exit(ctx: *mut core::ffi::c_void) -> u32 {
     let Some(tid) = traced_thread(ENABLE_HEAP) else {
         return 0;
     };
@@ -199,7 +259,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return 0;
     }
-    let regs = regs_of(ctx.as_ptr());
+    let regs = regs_of(ctx);
     let slot = ALLOC_INFLIGHT.get_ptr_mut(&tid);
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(entry) = slot.map(|p| unsafe { *p }).filter(|e| e.active != 0) else {
@@ -233,7 +293,8 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         count(counter::RETURN_WITHOUT_ENTRY);
         return 0;
     }
-    let ret: u64 = ctx.ret();
+    // SAFETY: uprobe programs receive a pointer to the user registers as context.
+    let ret: u64 = unsafe { (*ctx.cast::<pt_regs>()).rax };
     let unsampled = entry.func & ENTRY_UNSAMPLED != 0;
     let func = entry.func & !ENTRY_UNSAMPLED;
     let is_realloc = func == AllocFn::Realloc as u32 || func == AllocFn::Reallocarray as u32;
