@@ -22,6 +22,7 @@ pub mod symbols;
 pub mod target;
 pub mod timeline;
 pub mod unwind;
+pub mod uprobe_session;
 pub mod verdict;
 
 pub use error::Error;

@@ -107,6 +107,11 @@ struct Opts {
     #[arg(long, value_enum, default_value = "cfi")]
     unwind: UnwindArg,
 
+    /// Benchmark only: with --sample-rate, probe malloc and calloc with an entry and a
+    /// return probe even where uprobe sessions would let unsampled calls skip the return.
+    #[arg(long, hide = true)]
+    no_uprobe_sessions: bool,
+
     /// Benchmark only: copy 8 KiB of stack per event instead of unwinding in BPF.
     #[arg(long, hide = true, conflicts_with_all = ["dry_run", "bare_probes"])]
     copy_stacks: bool,
@@ -236,6 +241,7 @@ fn config(opts: Opts) -> Config {
         bare_probes: opts.bare_probes,
         fp_stacks: opts.unwind == UnwindArg::Fp,
         copy_stacks: opts.copy_stacks,
+        uprobe_sessions: !opts.no_uprobe_sessions,
     }
 }
 

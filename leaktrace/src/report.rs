@@ -247,6 +247,9 @@ pub struct ProbeInfo {
     pub offset_in_function: u64,
     /// Why the probe sits there.
     pub placement: String,
+    /// How the return is seen: `uretprobe`, `session` (a uprobe session whose
+    /// return runs only for sampled calls) or `none` (free, dry runs).
+    pub return_probe: String,
 }
 
 /// A report, as printed at each interval and at the end.

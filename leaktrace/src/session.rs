@@ -100,6 +100,9 @@ pub struct Config {
     /// Benchmark only: copy 8 KiB of stack per event for a userspace unwinder
     /// (discarded), instead of walking in the kernel; events carry no stack.
     pub copy_stacks: bool,
+    /// When sampling, probe malloc and calloc with uprobe sessions where the kernel
+    /// has them, so unsampled calls skip the return trap.
+    pub uprobe_sessions: bool,
 }
 
 impl Default for Config {
@@ -123,6 +126,7 @@ impl Default for Config {
             max_overhead_pct: None,
             min_age: None,
             walk_heaps: true,
+            uprobe_sessions: true,
             python_stacks: true,
             bare_probes: false,
             fp_stacks: false,
@@ -226,15 +230,18 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
             return Err(e);
         }
     };
-    let (probes, heap_links) = match attach(&mut ebpf, pid, &search.sites, config.dry_run) {
-        Ok(p) => p,
-        Err(e) => {
-            if let Some(b) = blocked {
-                kill_blocked(b);
+    let sessions =
+        config.uprobe_sessions && config.sample_rate > 0 && !config.dry_run && !config.bare_probes;
+    let (probes, heap_links, session_prog) =
+        match attach(&mut ebpf, pid, &search.sites, config.dry_run, sessions) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(b) = blocked {
+                    kill_blocked(b);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-    };
+        };
     let launched = blocked.is_some();
     let start_brk = if launched {
         None
@@ -289,6 +296,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         probes,
         sites: search.sites.clone(),
         heap_links: Some(heap_links),
+        session_prog,
         heap_detached: None,
         overhead: None,
         started: Instant::now(),
@@ -439,18 +447,13 @@ fn load(config: &Config, pid: u32, unwind_caps: (u32, u32)) -> Result<Ebpf, Erro
         loader.map_max_entries(maps::STACK_COPIES, 64 << 20);
     }
     // The verifier rejects programs with EACCES, so only EPERM means "not allowed".
-    let mut ebpf = loader
-        .load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/leaktrace"
-        )))
-        .map_err(|e| {
-            if Error::is_permission(&e) {
-                Error::NotPrivileged
-            } else {
-                Error::Load(e)
-            }
-        })?;
+    let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| {
+        if Error::is_permission(&e) {
+            Error::NotPrivileged
+        } else {
+            Error::Load(e)
+        }
+    })?;
     if config.sample_rate > 0 {
         fill_exp_draws(&mut ebpf, config.sample_rate)?;
     }
@@ -487,15 +490,92 @@ fn fill_exp_draws(ebpf: &mut Ebpf, rate: u32) -> Result<(), Error> {
 const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "mprotect", "madvise"];
 
 /// Attached heap probes, by program name, so they can be detached on their own.
-type HeapLinks = Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>;
+/// The heap probes' links: aya's uprobes, and uprobe sessions made without aya.
+type HeapLinks = (
+    Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>,
+    Vec<crate::uprobe_session::SessionLink>,
+);
+
+/// The uprobe session program, when attached (outside aya, so measured on its own).
+type SessionProg = Option<crate::uprobe_session::SessionProgram>;
+
+/// The BPF object, as built by build.rs.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+
+/// Functions a uprobe session can cover: an unsampled call needs nothing at its return.
+fn session_capable(f: AllocFn) -> bool {
+    matches!(f, AllocFn::Malloc | AllocFn::Calloc)
+}
+
+/// Attaches malloc and calloc as uprobe sessions; returns the sites covered, or
+/// `None` (with a warning) when the kernel or the object refuses.
+fn attach_sessions(
+    ebpf: &Ebpf,
+    pid: u32,
+    sites: &[ProbeSite],
+    links: &mut Vec<crate::uprobe_session::SessionLink>,
+    loaded: &mut SessionProg,
+) -> Option<Vec<usize>> {
+    let program = match crate::uprobe_session::SessionProgram::load(
+        BPF_OBJECT,
+        ebpf,
+        "alloc_session",
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "leaktrace: uprobe sessions unavailable ({e:#}): unsampled allocations still pay the return probe"
+            );
+            return None;
+        }
+    };
+    let mut covered = Vec::new();
+    let mut by_object: std::collections::BTreeMap<&std::path::Path, Vec<usize>> =
+        Default::default();
+    for (i, s) in sites.iter().enumerate() {
+        if session_capable(s.func) {
+            by_object.entry(s.host_path.as_path()).or_default().push(i);
+        }
+    }
+    let mut made = Vec::new();
+    for (path, idx) in by_object {
+        // At the entry: the return is hijacked through the return address at [sp].
+        let offsets: Vec<u64> = idx.iter().map(|&i| sites[i].entry_offset).collect();
+        let cookies: Vec<u64> = idx.iter().map(|&i| sites[i].func as u64).collect();
+        match program.attach(path, &offsets, &cookies, pid) {
+            Ok(l) => {
+                made.push(l);
+                covered.extend(idx);
+            }
+            Err(e) => {
+                eprintln!(
+                    "leaktrace: uprobe sessions unavailable ({e:#}): unsampled allocations still pay the return probe"
+                );
+                return None;
+            }
+        }
+    }
+    links.extend(made);
+    *loaded = Some(program);
+    Some(covered)
+}
 
 fn attach(
     ebpf: &mut Ebpf,
     pid: u32,
     sites: &[ProbeSite],
     dry_run: bool,
-) -> Result<(Vec<ProbeInfo>, HeapLinks), Error> {
-    let mut links = HeapLinks::new();
+    sessions: bool,
+) -> Result<(Vec<ProbeInfo>, HeapLinks, SessionProg), Error> {
+    let mut links = Vec::new();
+    let mut session_links = Vec::new();
+    let mut session_prog = None;
+    // Before aya's own probes, so a failure leaves nothing half attached.
+    let in_session: Vec<usize> = if sessions {
+        attach_sessions(ebpf, pid, sites, &mut session_links, &mut session_prog).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
     let attach_err = |what: String| {
         move |source| {
@@ -518,9 +598,10 @@ fn attach(
     // of attachment does not matter for pairing.
     uprobe(ebpf, "alloc_exit")?;
     // A dry run counts calls at the entries only.
-    for site in sites
+    for (_, site) in sites
         .iter()
-        .filter(|s| s.func.return_program().is_some() && !dry_run)
+        .enumerate()
+        .filter(|(i, s)| s.func.return_program().is_some() && !dry_run && !in_session.contains(i))
     {
         let p: &mut UProbe = ebpf
             .program_mut("alloc_exit")
@@ -539,7 +620,25 @@ fn attach(
     }
     let mut infos = Vec::new();
     let mut loaded: Vec<&'static str> = Vec::new();
-    for site in sites {
+    for (i, site) in sites.iter().enumerate() {
+        if in_session.contains(&i) {
+            log::info!(
+                "uprobe session on {} in {}",
+                site.func.symbol(),
+                site.object
+            );
+            infos.push(ProbeInfo {
+                function: site.func.symbol().into(),
+                object: site.object.clone(),
+                offset: site.entry_offset,
+                offset_in_function: 0,
+                placement:
+                    "function entry: a uprobe session, whose return runs only for sampled calls"
+                        .into(),
+                return_probe: "session".into(),
+            });
+            continue;
+        }
         let name = site.func.entry_program();
         // Several objects may define one function (an interposed allocator and libc).
         if !loaded.contains(&name) {
@@ -572,6 +671,12 @@ fn attach(
             offset: site.offset,
             offset_in_function: site.placement.offset,
             placement: site.placement.reason.clone(),
+            return_probe: if site.func.return_program().is_some() && !dry_run {
+                "uretprobe"
+            } else {
+                "none"
+            }
+            .into(),
         });
     }
     for phase in ["enter", "exit"] {
@@ -586,11 +691,13 @@ fn attach(
                 .map_err(attach_err(format!("tracepoint syscalls:{name}")))?;
         }
     }
-    Ok((infos, links))
+    Ok((infos, (links, session_links), session_prog))
 }
 
 /// Detaches the heap probes (the syscall tracepoints stay).
-fn detach_heap(ebpf: &mut Ebpf, links: HeapLinks) {
+fn detach_heap(ebpf: &mut Ebpf, (links, sessions): HeapLinks) {
+    // Closing a session's link detaches it.
+    drop(sessions);
     for (name, link) in links {
         if let Some(p) = ebpf.program_mut(name)
             && let Ok(p) = <&mut UProbe>::try_from(p)
@@ -655,6 +762,8 @@ struct Session<'a> {
     sites: Vec<ProbeSite>,
     /// Heap probe links while attached.
     heap_links: Option<HeapLinks>,
+    /// The uprobe session program, if one was attached.
+    session_prog: SessionProg,
     /// Why and when the heap probes were detached by the overhead budget.
     heap_detached: Option<report::HeapDetached>,
     /// Latest overhead measurement.
@@ -751,7 +860,7 @@ impl Session<'_> {
         } else {
             None
         };
-        meter.start_bpf(bpf_run_ns(ebpf, stats.is_some()));
+        meter.start_bpf(bpf_run_ns(ebpf, &self.session_prog, stats.is_some()));
         let mut budget_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
         budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -812,7 +921,7 @@ impl Session<'_> {
                 }
                 _ = budget_tick.tick() => {
                     if self.heap_detached.is_none()
-                        && let Some(window) = meter.window(&hits, bpf_run_ns(ebpf, stats.is_some()), &self.sites)
+                        && let Some(window) = meter.window(&hits, bpf_run_ns(ebpf, &self.session_prog, stats.is_some()), &self.sites)
                     {
                         self.check_budget(ebpf, &window);
                         self.overhead = Some(window);
@@ -889,15 +998,18 @@ impl Session<'_> {
         // The whole run's figures, unless the budget stopped the heap probes: then
         // the window that tripped it is the one to show.
         if self.heap_detached.is_none()
-            && let Some(whole) =
-                meter.whole_run(&hits, bpf_run_ns(ebpf, stats.is_some()), &self.sites)
+            && let Some(whole) = meter.whole_run(
+                &hits,
+                bpf_run_ns(ebpf, &self.session_prog, stats.is_some()),
+                &self.sites,
+            )
         {
             self.overhead = Some(whole);
         }
         if stats.is_some()
             && let Some(o) = self.overhead.as_mut()
         {
-            o.bpf_programs = program_costs(ebpf);
+            o.bpf_programs = program_costs(ebpf, &self.session_prog);
         }
         if self.config.dry_run {
             let o = self.overhead.clone().unwrap_or_default();
@@ -1367,16 +1479,26 @@ struct Meter {
 }
 
 /// Each program that ran: runs and mean run time, from the kernel's BPF statistics.
-fn program_costs(ebpf: &Ebpf) -> std::collections::BTreeMap<String, report::ProgramCost> {
+fn program_costs(
+    ebpf: &Ebpf,
+    session: &SessionProg,
+) -> std::collections::BTreeMap<String, report::ProgramCost> {
     ebpf.programs()
-        .filter_map(|(name, p)| Some((name, p.info().ok()?)))
-        .filter(|(_, i)| i.run_count() > 0)
-        .map(|(name, i)| {
+        .filter_map(|(name, p)| {
+            let i = p.info().ok()?;
+            Some((name, i.run_time().as_nanos() as u64, i.run_count()))
+        })
+        .chain(session.iter().filter_map(|p| {
+            let (ns, runs) = p.run_stats().ok()?;
+            Some(("alloc_session", ns, runs))
+        }))
+        .filter(|&(_, _, runs)| runs > 0)
+        .map(|(name, ns, runs)| {
             (
                 name.to_owned(),
                 report::ProgramCost {
-                    runs: i.run_count(),
-                    ns_per_run: i.run_time().as_nanos() as f64 / i.run_count() as f64,
+                    runs,
+                    ns_per_run: ns as f64 / runs as f64,
                 },
             )
         })
@@ -1385,15 +1507,21 @@ fn program_costs(ebpf: &Ebpf) -> std::collections::BTreeMap<String, report::Prog
 
 /// Nanoseconds the kernel has spent in our programs since they were loaded; `None`
 /// unless BPF run-time statistics are on (`BPF_ENABLE_STATS`).
-fn bpf_run_ns(ebpf: &Ebpf, stats_on: bool) -> Option<u64> {
+fn bpf_run_ns(ebpf: &Ebpf, session: &SessionProg, stats_on: bool) -> Option<u64> {
     if !stats_on {
         return None;
     }
+    let session_ns: u64 = session
+        .iter()
+        .filter_map(|p| p.run_stats().ok())
+        .map(|(ns, _)| ns)
+        .sum();
     Some(
         ebpf.programs()
             .filter_map(|(_, p)| p.info().ok())
             .map(|i| i.run_time().as_nanos() as u64)
-            .sum(),
+            .sum::<u64>()
+            + session_ns,
     )
 }
 

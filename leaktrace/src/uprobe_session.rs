@@ -1,0 +1,237 @@
+//! Uprobe sessions (Linux 6.13+): one program at a function's entry and return,
+//! where the entry decides whether the return runs.
+//!
+//! aya 0.14 cannot load a program with the session attach type or create a
+//! `uprobe_multi` link, so this module does both itself: it takes the object aya
+//! loaded, relocates one program's instructions against aya's maps with `aya-obj`
+//! (the relocation code aya itself uses), loads it with `BPF_PROG_LOAD` and
+//! `expected_attach_type = BPF_TRACE_UPROBE_SESSION`, and attaches it with
+//! `BPF_LINK_CREATE`. A kernel without sessions refuses the load, and the caller
+//! falls back to entry and return probes.
+
+use std::{
+    collections::HashSet,
+    ffi::CString,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya_obj::generated::{bpf_attr, bpf_cmd};
+
+/// `BPF_TRACE_UPROBE_SESSION` (enum bpf_attach_type, Linux 6.13); newer than aya-obj's bindings.
+pub const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+/// `BPF_PROG_TYPE_KPROBE`: uprobes are kprobe-type programs.
+const BPF_PROG_TYPE_KPROBE: u32 = 2;
+
+/// A session program loaded into the kernel, ready to attach.
+pub struct SessionProgram {
+    fd: OwnedFd,
+    /// Keeps the program's BTF alive while the program is.
+    _btf: Option<OwnedFd>,
+}
+
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zero-initialised bpf_attr filled for `cmd`; pointers in it
+    // refer to buffers the caller keeps alive across the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            size_of::<bpf_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: these commands return a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// The file descriptor of one of aya's maps.
+fn map_fd(map: &aya::maps::Map) -> Option<RawFd> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::RingBuf(d)
+        | Map::LpmTrie(d)
+        | Map::PerCpuLruHashMap(d) => d,
+        _ => return None,
+    };
+    Some(data.fd().as_fd().as_raw_fd())
+}
+
+impl SessionProgram {
+    /// Loads program `name` of the object `elf` (the bytes aya loaded as `ebpf`,
+    /// whose maps it shares) with the session attach type. Call before taking maps
+    /// out of `ebpf`.
+    pub fn load(elf: &[u8], ebpf: &aya::Ebpf, name: &str) -> anyhow::Result<Self> {
+        let mut obj = aya_obj::Object::parse(elf).context("parsing the BPF object")?;
+        let features = aya::features();
+        let btf = match features.btf() {
+            Some(f) => match obj.fixup_and_sanitize_btf(f)? {
+                Some(btf) => {
+                    let bytes = btf.to_bytes();
+                    // SAFETY: plain old data; zero is a valid bpf_attr.
+                    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+                    // SAFETY: writing the BPF_BTF_LOAD member of the union.
+                    unsafe {
+                        let u = &mut attr.__bindgen_anon_7;
+                        u.btf = bytes.as_ptr() as u64;
+                        u.btf_size = bytes.len() as u32;
+                    }
+                    Some(sys_bpf(bpf_cmd::BPF_BTF_LOAD, &mut attr).context("loading BTF")?)
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let maps: Vec<(String, RawFd, aya_obj::Map)> = obj
+            .maps
+            .iter()
+            .map(|(n, m)| {
+                let fd = ebpf
+                    .map(n)
+                    .and_then(map_fd)
+                    .ok_or_else(|| anyhow!("map {n} is not available"))?;
+                Ok((n.clone(), fd, m.clone()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
+        obj.relocate_maps(maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text)?;
+        obj.relocate_calls(&text)?;
+        obj.sanitize_functions(features);
+        let program = obj
+            .programs
+            .get(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?;
+        let function = obj
+            .functions
+            .get(&program.function_key())
+            .ok_or_else(|| anyhow!("no code for {name}"))?;
+        let license = CString::new("GPL").expect("no NUL");
+        let func_info = function.func_info.func_info_bytes();
+        let line_info = function.line_info.line_info_bytes();
+        let mut log = vec![0u8; 1 << 20];
+        let attempt = |log: &mut [u8]| {
+            // SAFETY: plain old data; zero is a valid bpf_attr.
+            let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+            // SAFETY: writing the BPF_PROG_LOAD member of the union; the buffers
+            // outlive the call.
+            unsafe {
+                let u = &mut attr.__bindgen_anon_3;
+                u.prog_type = BPF_PROG_TYPE_KPROBE;
+                u.expected_attach_type = BPF_TRACE_UPROBE_SESSION;
+                u.insns = function.instructions.as_ptr() as u64;
+                u.insn_cnt = function.instructions.len() as u32;
+                u.license = license.as_ptr() as u64;
+                for (d, s) in u.prog_name.iter_mut().zip(name.bytes().take(15)) {
+                    *d = s as libc::c_char;
+                }
+                if let Some(b) = &btf {
+                    u.prog_btf_fd = b.as_raw_fd() as u32;
+                    if function.func_info_rec_size > 0 {
+                        u.func_info = func_info.as_ptr() as u64;
+                        u.func_info_cnt = function.func_info.num_info;
+                        u.func_info_rec_size = function.func_info_rec_size as u32;
+                    }
+                    if function.line_info_rec_size > 0 {
+                        u.line_info = line_info.as_ptr() as u64;
+                        u.line_info_cnt = function.line_info.num_info;
+                        u.line_info_rec_size = function.line_info_rec_size as u32;
+                    }
+                }
+                if !log.is_empty() {
+                    u.log_level = 1;
+                    u.log_buf = log.as_mut_ptr() as u64;
+                    u.log_size = log.len() as u32;
+                }
+            }
+            sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+        };
+        let fd = match attempt(&mut []) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                // The verifier refused it: load again for its log.
+                let _ = attempt(&mut log);
+                let text = String::from_utf8_lossy(&log);
+                let tail: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(8).collect();
+                bail!(
+                    "the verifier refused {name}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("loading {name} as a uprobe session")),
+        };
+        Ok(Self { fd, _btf: btf })
+    }
+
+    /// The kernel's run statistics for the program: (total run time ns, runs); zero
+    /// unless BPF statistics are on.
+    pub fn run_stats(&self) -> io::Result<(u64, u64)> {
+        // SAFETY: plain old data; zero is valid for both.
+        let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        attr.info.bpf_fd = self.fd.as_raw_fd() as u32;
+        attr.info.info = std::ptr::from_mut(&mut info) as u64;
+        attr.info.info_len = size_of_val(&info) as u32;
+        // SAFETY: BPF_OBJ_GET_INFO_BY_FD fills `info`, which outlives the call; it
+        // returns 0, not a descriptor.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+                std::ptr::from_mut(&mut attr),
+                size_of::<bpf_attr>(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((info.run_time_ns, info.run_cnt))
+    }
+
+    /// Attaches the program at `offsets` in `path` for process `pid`, with one cookie
+    /// per offset (the program reads it with `bpf_get_attach_cookie`).
+    pub fn attach(
+        &self,
+        path: &Path,
+        offsets: &[u64],
+        cookies: &[u64],
+        pid: u32,
+    ) -> anyhow::Result<SessionLink> {
+        if offsets.len() != cookies.len() || offsets.is_empty() {
+            bail!("one cookie per offset, at least one offset");
+        }
+        let c_path =
+            CString::new(path.as_os_str().as_encoded_bytes()).context("path with a NUL byte")?;
+        // SAFETY: plain old data; zero is a valid bpf_attr.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing the BPF_LINK_CREATE member of the union; the buffers outlive the call.
+        unsafe {
+            let l = &mut attr.link_create;
+            l.__bindgen_anon_1.prog_fd = self.fd.as_raw_fd() as u32;
+            l.attach_type = BPF_TRACE_UPROBE_SESSION;
+            let u = &mut l.__bindgen_anon_3.uprobe_multi;
+            u.path = c_path.as_ptr() as u64;
+            u.offsets = offsets.as_ptr() as u64;
+            u.cookies = cookies.as_ptr() as u64;
+            u.cnt = offsets.len() as u32;
+            u.pid = pid;
+        }
+        let fd = sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+            .with_context(|| format!("attaching a uprobe session in {}", path.display()))?;
+        Ok(SessionLink { _fd: fd })
+    }
+}
+
+/// An attached session; closing it detaches the probes.
+pub struct SessionLink {
+    _fd: OwnedFd,
+}
