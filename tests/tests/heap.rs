@@ -222,7 +222,11 @@ fn root_arenas_created_inside_free() {
     for extra in [&[][..], &["--unwind", "fp"][..]] {
         let (_fx, r) = trace_scenario("threads", &["4", "100", "48", "1"], extra);
         let split = &r["mappings"]["split"];
-        assert_eq!(split["arenas"].as_u64(), Some(threads), "{extra:?}: {split}");
+        assert_eq!(
+            split["arenas"].as_u64(),
+            Some(threads),
+            "{extra:?}: {split}"
+        );
         assert_eq!(
             split["arena_reserved_bytes"].as_u64(),
             Some(threads * (64 << 20)),
@@ -301,22 +305,52 @@ fn root_attach_to_busy_process_loses_nothing() {
     }
 }
 
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
 /// With --sample-rate, estimates are unbiased within their stated error, big blocks are
-/// (nearly) exact, and unsampled calls send nothing.
+/// (nearly) exact, and unsampled calls send nothing: with malloc and calloc probed by
+/// uprobe sessions (Linux 6.13+: unsampled calls skip the return probe), and with entry
+/// and return probes.
 #[test]
 fn root_sampling_estimates_within_error() {
     require_root();
-    let (_fx, r) = trace_scenario("heap_ops", &["sampling"], &["--sample-rate", "64K"]);
+    let sessions = kernel_at_least(6, 13);
+    for (extra, want) in [
+        (&[][..], if sessions { "session" } else { "uretprobe" }),
+        (&["--no-uprobe-sessions"][..], "uretprobe"),
+    ] {
+        let args: Vec<&str> = ["--sample-rate", "64K"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        let (_fx, r) = trace_scenario("heap_ops", &["sampling"], &args);
+        for p in r["probes"].as_array().unwrap() {
+            if p["function"] == "malloc" || p["function"] == "calloc" {
+                assert_eq!(p["return_probe"], want, "{extra:?}: {p}");
+            }
+        }
+        check_sampling(&r);
+    }
+}
+
+fn check_sampling(r: &serde_json::Value) {
     assert_eq!(r["heap"]["sample_rate_bytes"], 65536);
     // (function, true bytes)
     for (func, truth) in [
         ("leak_many_small", 20_000u64 * 100),
         ("leak_few_big", 4 << 20),
     ] {
-        let Some(s) = leaktrace_tests::stacks_at(&r, "heap", func)
-            .first()
-            .copied()
-        else {
+        let Some(s) = leaktrace_tests::stacks_at(r, "heap", func).first().copied() else {
             panic!("{func} not sampled at all: {r:#}");
         };
         let est = s["live_bytes"].as_u64().unwrap() as f64;
@@ -327,19 +361,19 @@ fn root_sampling_estimates_within_error() {
             "{func}: estimate {est} ± {err95} vs {truth}"
         );
     }
-    let big = stack_at(&r, "heap", "leak_few_big");
+    let big = stack_at(r, "heap", "leak_few_big");
     assert_eq!(
         big["live_allocations"], 4,
         "1 MiB blocks at a 64 KiB interval are all sampled"
     );
-    assert!(counter(&r, "unsampled") > 30_000, "{}", r["counters"]);
+    assert!(counter(r, "unsampled") > 30_000, "{}", r["counters"]);
     assert!(
-        counter(&r, "events_sent") < 10_000,
+        counter(r, "events_sent") < 10_000,
         "unsampled calls send nothing: {}",
         r["counters"]
     );
     assert_eq!(
-        counter(&r, "free_unknown"),
+        counter(r, "free_unknown"),
         0,
         "frees of unsampled blocks are filtered in the kernel"
     );
