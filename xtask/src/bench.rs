@@ -40,6 +40,8 @@ enum Tool {
     LeaktraceNoPython,
     LeaktraceBare,
     LeaktraceSampled,
+    LeaktraceSampledNoSessions,
+    LeaktraceStats,
     LeaktraceFp,
     LeaktraceCopy,
     Bpftrace,
@@ -54,6 +56,8 @@ impl Tool {
             Self::LeaktraceNoPython => "leaktrace --no-python",
             Self::LeaktraceBare => "leaktrace probes, no BPF work",
             Self::LeaktraceSampled => "leaktrace --sample-rate 512K",
+            Self::LeaktraceSampledNoSessions => "  the same, no uprobe sessions",
+            Self::LeaktraceStats => "leaktrace (exact), BPF stats on",
             Self::LeaktraceFp => "leaktrace --unwind fp",
             Self::LeaktraceCopy => "leaktrace, 8 KiB stack copies",
             Self::Bpftrace => "bpftrace memleak-equivalent",
@@ -72,6 +76,8 @@ struct Sample {
     ops: Option<f64>,
     /// Events leaktrace recorded (from its JSON report).
     events: Option<f64>,
+    /// BPF programs' runs and mean ns per run (kernel statistics), from the report.
+    programs: Vec<(String, f64, f64)>,
 }
 
 fn clk_tck() -> f64 {
@@ -105,6 +111,8 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
         }
         Tool::Leaktrace
         | Tool::LeaktraceSampled
+        | Tool::LeaktraceSampledNoSessions
+        | Tool::LeaktraceStats
         | Tool::LeaktraceNoPython
         | Tool::LeaktraceBare
         | Tool::LeaktraceFp
@@ -112,8 +120,18 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             let mut c = Command::new(leaktrace);
             c.args(["--format", "json", "-o"])
                 .arg(out.with_extension("json"));
-            if tool == Tool::LeaktraceSampled {
+            if matches!(
+                tool,
+                Tool::LeaktraceSampled | Tool::LeaktraceSampledNoSessions
+            ) {
                 c.args(["--sample-rate", "524288"]);
+            }
+            if tool == Tool::LeaktraceSampledNoSessions {
+                c.arg("--no-uprobe-sessions");
+            }
+            if tool == Tool::LeaktraceStats {
+                // A budget that never trips: it turns the kernel's BPF statistics on.
+                c.args(["--max-overhead", "1000000"]);
             }
             if tool == Tool::LeaktraceNoPython {
                 c.arg("--no-python");
@@ -201,6 +219,7 @@ fn run_one(
             tracer_rss_kib: None,
             ops: None,
             events: None,
+            programs: Vec::new(),
         });
     }
     loop {
@@ -236,6 +255,8 @@ fn run_one(
         tool,
         Tool::Leaktrace
             | Tool::LeaktraceSampled
+            | Tool::LeaktraceSampledNoSessions
+            | Tool::LeaktraceStats
             | Tool::LeaktraceNoPython
             | Tool::LeaktraceBare
             | Tool::LeaktraceFp
@@ -249,25 +270,43 @@ fn run_one(
     };
     let tracer_rss_kib = if measured { peak_rss_kib(tracer) } else { None };
     finish(child)?;
-    let events = if matches!(
+    let report = matches!(
         tool,
-        Tool::Leaktrace | Tool::LeaktraceSampled | Tool::LeaktraceNoPython | Tool::LeaktraceFp
-    ) {
-        let report =
+        Tool::Leaktrace
+            | Tool::LeaktraceSampled
+            | Tool::LeaktraceNoPython
+            | Tool::LeaktraceFp
+            | Tool::LeaktraceStats
+    )
+    .then(|| {
+        let path =
             std::env::temp_dir().join(format!("leaktrace-bench-{}.json", std::process::id()));
-        std::fs::read_to_string(report)
+        std::fs::read_to_string(path)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["counters"]["events_sent"].as_f64())
-    } else {
-        None
-    };
+    })
+    .flatten();
+    let events = report
+        .as_ref()
+        .and_then(|v| v["counters"]["events_sent"].as_f64());
+    let programs = report
+        .as_ref()
+        .and_then(|v| v["overhead"]["bpf_programs"].as_object().cloned())
+        .map(|m| {
+            m.into_iter()
+                .filter_map(|(name, c)| {
+                    Some((name, c["runs"].as_f64()?, c["ns_per_run"].as_f64()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Sample {
         ns_per_op,
         tracer_cpu,
         tracer_rss_kib,
         ops,
         events,
+        programs,
     })
 }
 
@@ -363,6 +402,8 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         Tool::LeaktraceBare,
         Tool::LeaktraceNoPython,
         Tool::LeaktraceSampled,
+        Tool::LeaktraceSampledNoSessions,
+        Tool::LeaktraceStats,
         Tool::LeaktraceFp,
         Tool::LeaktraceCopy,
     ];
@@ -385,11 +426,18 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         let mut base = None;
         let mut added = Vec::new();
         let mut per_event = Vec::new();
+        let mut programs: Vec<(String, f64, f64)> = Vec::new();
+        let mut program_ops = None;
         let python = w.name.contains("CPython");
         for &tool in tools
             .iter()
             .filter(|&&t| python || t != Tool::LeaktraceNoPython)
             .filter(|&&t| w.name.contains("1 thread") || t != Tool::LeaktraceBare)
+            // Sessions and per-program costs on the flat-out loop and CPython only.
+            .filter(|&&t| {
+                (w.name == "malloc/free, 1 thread" || python)
+                    || !matches!(t, Tool::LeaktraceStats | Tool::LeaktraceSampledNoSessions)
+            })
             // The unwinders are compared where stacks are deep: the 20-frame loop and CPython.
             .filter(|&&t| {
                 w.name.contains("deep")
@@ -410,6 +458,10 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             added.push((tool, add));
             if let (Some(ops), Some(ev)) = (s.ops, s.events) {
                 per_event.push((tool, ev / ops));
+            }
+            if !s.programs.is_empty() {
+                programs = s.programs.clone();
+                program_ops = s.ops;
             }
             println!(
                 "{:<38} {:<30} {:>12.0} {:>14} {:>9.1}x {:>11} {:>11}",
@@ -433,6 +485,31 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             .iter()
             .find(|(t, _)| *t == Tool::Leaktrace)
             .map(|(_, e)| *e);
+        if !programs.is_empty() {
+            // Per program, and per operation: where the BPF time goes.
+            let mut parts: Vec<String> = programs
+                .iter()
+                .filter(|(_, runs, _)| program_ops.is_none_or(|o| *runs >= o / 100.0))
+                .map(|(n, runs, ns)| match program_ops {
+                    Some(o) => format!("{n} {ns:.0} ns × {:.2}", runs / o),
+                    None => format!("{n} {ns:.0} ns"),
+                })
+                .collect();
+            if let Some(o) = program_ops {
+                let per_op: f64 = programs.iter().map(|(_, runs, ns)| runs * ns).sum::<f64>() / o;
+                parts.push(format!("= {:.3} µs per {}", per_op / 1000.0, w.op));
+            }
+            println!("{:<38} BPF time (kernel stats): {}", "", parts.join(", "));
+        }
+        if let (Some(s), Some(n)) = (
+            get(Tool::LeaktraceSampled),
+            get(Tool::LeaktraceSampledNoSessions),
+        ) {
+            println!(
+                "{:<38} uprobe sessions: sampled {:.3} µs per {}, {:.3} without (unsampled calls skip the return probe)",
+                "", s, w.op, n
+            );
+        }
         if let (Some(l), Some(bare)) = (get(Tool::Leaktrace), get(Tool::LeaktraceBare)) {
             println!(
                 "{:<38} BPF work: exact / bare probes at the same sites = {:.2} (goal ≤ 1.15)",

@@ -263,8 +263,30 @@ fn demo() -> Result<()> {
         .arg(&leaky))
 }
 
+/// The peers the full benchmark compares against, from Debian, where missing.
+fn ensure_bench_peers() -> Result<()> {
+    let missing: Vec<&str> = ["bpftrace", "heaptrack", "sqlite3"]
+        .into_iter()
+        .filter(|bin| which::which(bin).is_err())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "xtask: installing the benchmark's peers: {}",
+            missing.join(" ")
+        );
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+    Ok(())
+}
+
 /// Engine throughput, then the side-by-side table of workloads and tracers.
 fn bench(quick: bool) -> Result<()> {
+    if !quick {
+        ensure_bench_peers()?;
+    }
     run(cargo().args([
         "build",
         "--release",
