@@ -424,7 +424,7 @@ impl AllocFn {
 pub mod kind {
     /// A block was returned by an allocator: `addr` the block, `size` the requested
     /// size, `func` the [`crate::AllocFn`]; for realloc/reallocarray `aux` is the old
-    /// pointer (0 for none) and `aux2` the entry timestamp. `addr` is 0 when the
+    /// pointer (0 for none) and `aux2` the entry timestamp (0 for the others). `addr` is 0 when the
     /// call failed.
     pub const ALLOC: u32 = 1;
     /// `free(addr)` with a non-NULL `addr`.
