@@ -432,7 +432,7 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         for &tool in tools
             .iter()
             .filter(|&&t| python || t != Tool::LeaktraceNoPython)
-            .filter(|&&t| w.name.contains("1 thread") || t != Tool::LeaktraceBare)
+            .filter(|&&t| w.name.contains("1 thread") || python || t != Tool::LeaktraceBare)
             // Sessions and per-program costs on the flat-out loop and CPython only.
             .filter(|&&t| {
                 (w.name == "malloc/free, 1 thread" || python)
