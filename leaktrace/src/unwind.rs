@@ -825,6 +825,54 @@ pub fn build_file(path: &Path) -> anyhow::Result<(Table, Duration)> {
 mod tests {
     use super::*;
 
+    #[inline(never)]
+    fn probe_target() -> u64 {
+        std::hint::black_box(42)
+    }
+
+    /// The load bias of this test binary's code mapping puts a function's symbol at
+    /// its runtime address. Rust links with lld (rustc 1.90+), which does not
+    /// page-align segment file offsets, so the mapping's offset lies before the
+    /// code segment's: the segment covering it must still be the code's.
+    #[test]
+    fn bias_of_own_code_mapping() {
+        use object::{Object as _, ObjectSymbol as _};
+        let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
+        let data = std::fs::read(&exe).expect("readable");
+        let file = object::File::parse(&*data).expect("ELF");
+        let runtime = probe_target as usize as u64;
+        let sym = file
+            .symbols()
+            .find(|s| {
+                s.name().is_ok_and(|n| {
+                    n.contains("bias_of_own_code_mapping") == false && n.contains("probe_target")
+                })
+            })
+            .expect("symbol of probe_target in the test binary");
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
+        let (start, offset) = maps
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (lo, hi) = f[0].split_once('-')?;
+                let (lo, hi) = (
+                    u64::from_str_radix(lo, 16).ok()?,
+                    u64::from_str_radix(hi, 16).ok()?,
+                );
+                (f[1].contains('x') && (lo..hi).contains(&runtime))
+                    .then(|| Some((lo, u64::from_str_radix(f[2], 16).ok()?)))
+                    .flatten()
+            })
+            .expect("the code mapping holding probe_target");
+        let b = bias(&data, start, offset).expect("a segment for the mapping");
+        assert_eq!(
+            b.wrapping_add(sym.address()),
+            runtime,
+            "mapping at {start:#x} offset {offset:#x}, symbol {:#x}",
+            sym.address()
+        );
+    }
+
     #[test]
     fn prefixes_cover_ranges_exactly() {
         for (s, e) in [
