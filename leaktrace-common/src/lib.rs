@@ -141,13 +141,15 @@ pub struct UnwindObject {
     pub start: u64,
     /// One past the mapping's last address.
     pub end: u64,
-    /// Object-relative address range of `free` in this object (both 0: none), for
-    /// [`STACK_IN_FREE`].
-    pub free_lo: u32,
-    /// One past `free`'s last byte.
-    pub free_hi: u32,
+    /// Object-relative address ranges `[lo, hi)` of the allocator functions whose calls
+    /// may leave no record in flight (`free`; malloc and calloc under uprobe sessions,
+    /// whose unsampled calls have no return probe), `[0, 0)` when unused, for
+    /// [`STACK_IN_ALLOCATOR`].
+    pub alloc_ranges: [[u32; 2]; ALLOC_RANGES],
 }
-const _: () = assert!(size_of::<UnwindObject>() == 56);
+/// Allocator function ranges per [`UnwindObject`].
+pub const ALLOC_RANGES: usize = 3;
+const _: () = assert!(size_of::<UnwindObject>() == 72);
 
 /// Key of [`maps::UNWIND_OBJECTS`]: an LPM-trie key over big-endian addresses.
 #[repr(C)]
@@ -290,7 +292,7 @@ pub const STACK_COPY_BYTES: usize = 8192;
 pub const CONFIG_STOP_ON_EXEC_MAP: u32 = 16;
 /// [`Config::flags`]: the free probe records a [`FreeMark`] for syscalls to check.
 /// Set when stacks are not unwound with CFI tables; with them, a syscall's own walk
-/// tells whether it runs inside `free` ([`STACK_IN_FREE`]), and frees cost nothing extra.
+/// tells whether it runs inside `free` ([`STACK_IN_ALLOCATOR`]), and frees cost nothing extra.
 pub const CONFIG_FREE_MARK: u32 = 32;
 
 /// Default capacity of [`maps::UNWIND_ROWS`] (8 bytes each).
@@ -543,10 +545,11 @@ pub const STACK_CFI: u32 = 4;
 /// [`StackTrace::flags`]: at least one frame was found by following rbp through
 /// code without unwind tables.
 pub const STACK_FP_FALLBACK: u32 = 8;
-/// [`StackTrace::flags`]: a return address inside `free` (the object's
-/// [`UnwindObject::free_lo`]..[`UnwindObject::free_hi`]): the CFI walk passed
-/// through a `free` call, so a syscall with this stack is the allocator's.
-pub const STACK_IN_FREE: u32 = 16;
+/// [`StackTrace::flags`]: a frame inside one of [`UnwindObject::alloc_ranges`] (a
+/// return address, or a syscall's own instruction): the CFI walk passed through a
+/// `free`, or a malloc/calloc without a return probe, so a syscall with this stack
+/// is the allocator's.
+pub const STACK_IN_ALLOCATOR: u32 = 16;
 
 /// Kernel-side counters, indexed into [`maps::COUNTERS`]. Ids are stable data.
 pub mod counter {

@@ -28,9 +28,9 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     CONFIG_CAPTURE_STACKS, CONFIG_COPY_STACKS, CONFIG_FP_STACKS, MAX_STACK_DEPTH, STACK_CFI,
-    STACK_COPY_BYTES, STACK_FP_FALLBACK, STACK_IN_FREE, STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED,
-    StackTrace, UNWIND_CFA_RBP, UNWIND_CFA_RSP, UNWIND_END, UNWIND_GAP, UNWIND_PAGE_SHIFT,
-    UNWIND_PLT, UNWIND_SEARCH_STEPS, UnwindObject, counter,
+    STACK_COPY_BYTES, STACK_FP_FALLBACK, STACK_IN_ALLOCATOR, STACK_NONE, STACK_SYSCALL,
+    STACK_TRUNCATED, StackTrace, UNWIND_CFA_RBP, UNWIND_CFA_RSP, UNWIND_END, UNWIND_GAP,
+    UNWIND_PAGE_SHIFT, UNWIND_PLT, UNWIND_SEARCH_STEPS, UnwindObject, counter,
 };
 
 use crate::{
@@ -70,7 +70,7 @@ pub fn at_function_entry(regs: Regs) -> i64 {
 }
 
 /// Stack of the current task, stopped in a syscall, with the walk's flags. With
-/// `keep` false the stack is walked (for [`STACK_IN_FREE`]) but not stored, and the
+/// `keep` false the stack is walked (for [`STACK_IN_ALLOCATOR`]) but not stored, and the
 /// id is [`STACK_NONE`].
 #[inline(always)]
 pub fn at_syscall(keep: bool) -> (i64, u32) {
@@ -428,9 +428,15 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         w.n += 1;
         w.h1 = mix(w.h1, w.ip, M1);
         w.h2 = mix(w.h2, w.ip, M2);
+    }
+    // A return address, or a syscall's own instruction (an allocator may make the
+    // syscall inline), inside an allocator function whose call left no record in flight.
+    if w.exact == 0 || w.flags & u64::from(STACK_SYSCALL) != 0 {
         let rel = pc.wrapping_sub(w.obj.bias);
-        if rel >= u64::from(w.obj.free_lo) && rel < u64::from(w.obj.free_hi) {
-            w.flags |= u64::from(STACK_IN_FREE);
+        for r in &w.obj.alloc_ranges {
+            if rel >= u64::from(r[0]) && rel < u64::from(r[1]) {
+                w.flags |= u64::from(STACK_IN_ALLOCATOR);
+            }
         }
     }
     let exact = w.exact != 0;

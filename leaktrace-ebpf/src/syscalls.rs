@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     CONFIG_FREE_MARK, CONFIG_STOP_ON_EXEC_MAP, ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event,
-    STACK_IN_FREE, STACK_NONE, SyscallEntry, counter, kind, nr,
+    STACK_IN_ALLOCATOR, STACK_NONE, SyscallEntry, counter, kind, nr,
 };
 
 use aya_ebpf::helpers::{
@@ -92,13 +92,14 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
                 flags,
             )
         }
-        // CFI stacks: the walk itself tells whether a `free` call is on the stack
-        // (syscalls whose stack is not kept are walked for that alone).
+        // CFI stacks: the walk itself tells whether a `free` call (or a malloc/calloc
+        // under a uprobe session, which leaves no entry when unsampled) is on the stack;
+        // syscalls whose stack is not kept are walked for that alone.
         None => {
             let (id, walk) = stack::at_syscall(want_stack);
             (
                 id,
-                if walk & STACK_IN_FREE != 0 {
+                if walk & STACK_IN_ALLOCATOR != 0 {
                     EVENT_IN_ALLOCATOR
                 } else {
                     0

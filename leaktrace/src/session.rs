@@ -201,17 +201,19 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     // Unwind tables of the code mapped now (or about to be, for a launched command)
     // are built before loading, so the kernel arrays are created large enough.
     let mut unwinder = cfi_enabled(config).then(|| crate::unwind::Unwinder::new(pid, 0, 0));
+    // Whether a syscall's own walk can tell it runs inside free, malloc or calloc: then
+    // frees need no mark, and malloc and calloc may skip unsampled returns (sessions).
+    let mut walk_sees_allocators = false;
     let unwind_caps = match &mut unwinder {
         Some(u) => {
             let hosts: Vec<PathBuf> = objects.iter().map(|(_, h)| h.clone()).collect();
             let (rows, pages) = u.prepare(&hosts);
             let caps = crate::unwind::capacities(rows, pages);
             u.set_capacity(caps.0, caps.1);
-            u.set_free_functions(
-                search
-                    .sites
+            walk_sees_allocators = u.set_allocator_functions(
+                [AllocFn::Free, AllocFn::Malloc, AllocFn::Calloc]
                     .iter()
-                    .filter(|s| s.func == AllocFn::Free)
+                    .flat_map(|f| search.sites.iter().filter(move |s| s.func == *f))
                     .map(|s| (s.host_path.as_path(), s.symbol.0, s.symbol.1)),
             );
             caps
@@ -221,7 +223,7 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
             leaktrace_common::DEFAULT_UNWIND_PAGES,
         ),
     };
-    let mut ebpf = match load(config, pid, unwind_caps) {
+    let mut ebpf = match load(config, pid, unwind_caps, !walk_sees_allocators) {
         Ok(e) => e,
         Err(e) => {
             if let Some(b) = blocked {
@@ -230,8 +232,13 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
             return Err(e);
         }
     };
-    let sessions =
-        config.uprobe_sessions && config.sample_rate > 0 && !config.dry_run && !config.bare_probes;
+    // Sessions leave an unsampled call no record in flight: only the walk of a syscall it
+    // makes can then tell that syscall is the allocator's.
+    let sessions = config.uprobe_sessions
+        && walk_sees_allocators
+        && config.sample_rate > 0
+        && !config.dry_run
+        && !config.bare_probes;
     let (probes, heap_links, session_prog) =
         match attach(&mut ebpf, pid, &search.sites, config.dry_run, sessions) {
             Ok(p) => p,
@@ -391,7 +398,12 @@ fn cfi_enabled(config: &Config) -> bool {
         && !config.bare_probes
 }
 
-fn load(config: &Config, pid: u32, unwind_caps: (u32, u32)) -> Result<Ebpf, Error> {
+fn load(
+    config: &Config,
+    pid: u32,
+    unwind_caps: (u32, u32),
+    free_mark: bool,
+) -> Result<Ebpf, Error> {
     let bpf_config = BpfConfig {
         tgid: pid,
         flags: if config.capture_stacks {
@@ -410,10 +422,10 @@ fn load(config: &Config, pid: u32, unwind_caps: (u32, u32)) -> Result<Ebpf, Erro
             leaktrace_common::CONFIG_COPY_STACKS
         } else {
             0
-        } | if cfi_enabled(config) {
-            0
-        } else {
+        } | if free_mark {
             leaktrace_common::CONFIG_FREE_MARK
+        } else {
+            0
         } | if matches!(config.target, Target::Command(_))
             && config.capture_stacks
             && !config.fp_stacks

@@ -524,8 +524,9 @@ pub struct Unwinder {
     /// Report figures.
     pub stats: UnwindStats,
     attached: bool,
-    /// `free`'s object-relative range in each object that defines one, by file identity.
-    free_ranges: HashMap<(u64, u64), (u32, u32)>,
+    /// Object-relative ranges of the allocator functions (free, malloc, calloc) in each
+    /// object that defines them, by file identity.
+    alloc_ranges: HashMap<(u64, u64), Vec<[u32; 2]>>,
 }
 
 impl Unwinder {
@@ -542,27 +543,33 @@ impl Unwinder {
             mapped: HashMap::new(),
             stats: UnwindStats::default(),
             attached: false,
-            free_ranges: HashMap::new(),
+            alloc_ranges: HashMap::new(),
         }
     }
 
-    /// Tells the walk where `free` lies in the objects that define it (host path,
-    /// object-relative address, size), so a syscall's stack shows whether it runs
-    /// inside `free` ([`leaktrace_common::STACK_IN_FREE`]). Set before `sync`.
-    pub fn set_free_functions<'a>(
+    /// Tells the walk where allocator functions lie in the objects that define them
+    /// (host path, object-relative address, size; at most
+    /// [`leaktrace_common::ALLOC_RANGES`] per object, in the order given), so a
+    /// syscall's stack shows whether it runs inside one
+    /// ([`leaktrace_common::STACK_IN_ALLOCATOR`]). Returns whether every function got
+    /// its range (a zero size or a full object does not). Set before `sync`.
+    pub fn set_allocator_functions<'a>(
         &mut self,
-        frees: impl IntoIterator<Item = (&'a Path, u64, u64)>,
-    ) {
-        for (path, addr, size) in frees {
-            if let (Some(id), Ok(lo), Ok(hi)) = (
-                file_id(path),
-                u32::try_from(addr),
-                u32::try_from(addr + size),
-            ) && size > 0
-            {
-                self.free_ranges.insert(id, (lo, hi));
+        funcs: impl IntoIterator<Item = (&'a Path, u64, u64)>,
+    ) -> bool {
+        let mut all = true;
+        for (path, addr, size) in funcs {
+            let ranges = file_id(path).map(|id| self.alloc_ranges.entry(id).or_default());
+            match (ranges, u32::try_from(addr), u32::try_from(addr + size)) {
+                (Some(r), Ok(lo), Ok(hi))
+                    if size > 0 && r.len() < leaktrace_common::ALLOC_RANGES =>
+                {
+                    r.push([lo, hi]);
+                }
+                _ => all = false,
             }
         }
+        all
     }
 
     /// Builds the tables of these objects (host paths) ahead of loading the programs,
@@ -722,11 +729,16 @@ impl Unwinder {
                 .push((name, "no segment for the mapping's offset".into()));
             return self.insert(m, fp_only, sink);
         };
-        let (free_lo, free_hi) = self.free_ranges.get(&id).copied().unwrap_or((0, 0));
+        let mut alloc_ranges = [[0u32; 2]; leaktrace_common::ALLOC_RANGES];
+        for (slot, r) in alloc_ranges
+            .iter_mut()
+            .zip(self.alloc_ranges.get(&id).into_iter().flatten())
+        {
+            *slot = *r;
+        }
         let obj = UnwindObject {
             bias,
-            free_lo,
-            free_hi,
+            alloc_ranges,
             base: p.base,
             rows_start: p.rows_start,
             rows_count: p.rows_count,

@@ -244,6 +244,44 @@ fn root_arenas_created_inside_free() {
     }
 }
 
+/// Sampling with uprobe sessions: an unsampled malloc leaves no record in flight, yet the
+/// arena a new thread's first (unsampled) malloc reserves is still the allocator's: the
+/// syscall's own stack walk passes through malloc.
+#[test]
+fn root_arenas_created_inside_unsampled_malloc() {
+    require_root();
+    let threads = 4u64;
+    let (_fx, r) = trace_scenario("threads", &["4", "100", "48"], &["--sample-rate", "64M"]);
+    if kernel_at_least(6, 13) {
+        let malloc = r["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["function"] == "malloc")
+            .expect("a malloc probe");
+        assert_eq!(malloc["return_probe"], "session", "{malloc}");
+    }
+    assert!(
+        counter(&r, "unsampled") >= threads * 100 - 8,
+        "{}",
+        r["counters"]
+    );
+    let split = &r["mappings"]["split"];
+    assert_eq!(split["arenas"].as_u64(), Some(threads), "{split}");
+    assert_eq!(
+        split["arena_reserved_bytes"].as_u64(),
+        Some(threads * (64 << 20)),
+        "{split}"
+    );
+    for a in r["mappings"]["arenas"].as_array().unwrap() {
+        assert!(
+            functions(a).iter().any(|f| f == "worker_alloc"),
+            "arena created by {:?}",
+            functions(a)
+        );
+    }
+}
+
 /// A full stack map is a counted loss: the report says so, and byte totals stay exact.
 #[test]
 fn root_full_stack_map_is_reported_as_loss() {
