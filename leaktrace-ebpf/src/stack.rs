@@ -204,6 +204,8 @@ fn walk_fp(
         h2 = mix(h2, s, M2);
         n = 2;
     }
+    // The frame record of the last frame followed ends the span.
+    let mut last_bp = 0u64;
     for _ in 0..MAX_STACK_DEPTH {
         if bp == 0 || bp < sp || bp - sp > MAX_STACK_SPAN {
             break;
@@ -223,13 +225,14 @@ fn walk_fp(
         n += 1;
         h1 = mix(h1, ret, M1);
         h2 = mix(h2, ret, M2);
+        last_bp = bp;
         if next_bp <= bp {
             break;
         }
         bp = next_bp;
     }
     // The last frame followed ends at its saved rbp and return address.
-    st.span = if bp > sp { bp + 16 - sp } else { 0 };
+    st.span = if last_bp > sp { last_bp + 16 - sp } else { 0 };
     (n, flags, h1, h2)
 }
 

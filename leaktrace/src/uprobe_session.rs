@@ -73,6 +73,11 @@ impl SessionProgram {
     /// out of `ebpf`.
     pub fn load(elf: &[u8], ebpf: &aya::Ebpf, name: &str) -> anyhow::Result<Self> {
         let mut obj = aya_obj::Object::parse(elf).context("parsing the BPF object")?;
+        // No CO-RE step here: refuse an object that would need one rather than load it
+        // unrelocated.
+        if obj.has_btf_relocations() {
+            bail!("the BPF object has CO-RE relocations, which this loader does not apply");
+        }
         let features = aya::features();
         let btf = match features.btf() {
             Some(f) => match obj.fixup_and_sanitize_btf(f)? {
@@ -157,13 +162,13 @@ impl SessionProgram {
         };
         let fd = match attempt(&mut []) {
             Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
-                // The verifier refused it: load again for its log.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EINVAL)) => {
+                // The verifier (or the attach type's checks) refused it: load again for its log.
                 let _ = attempt(&mut log);
                 let text = String::from_utf8_lossy(&log);
                 let tail: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(8).collect();
                 bail!(
-                    "the verifier refused {name}: {}",
+                    "the kernel refused {name} ({e}): {}",
                     tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
                 );
             }
