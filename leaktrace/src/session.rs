@@ -856,7 +856,18 @@ impl Session<'_> {
             ),
             false => None,
         };
-        let mut meter = Meter::new(self.pid, self.config.dry_run);
+        let session_funcs: Vec<AllocFn> = self
+            .probes
+            .iter()
+            .filter(|p| p.return_probe == "session")
+            .filter_map(|p| {
+                AllocFn::ALL
+                    .iter()
+                    .copied()
+                    .find(|f| f.symbol() == p.function)
+            })
+            .collect();
+        let mut meter = Meter::new(self.pid, self.config.dry_run, session_funcs);
         // With a budget, the programs' own run time is measured by the kernel (BPF
         // statistics, on while this descriptor is open; ~20–40 ns per program run).
         let stats = if self.config.max_overhead_pct.is_some() {
@@ -933,7 +944,7 @@ impl Session<'_> {
                 }
                 _ = budget_tick.tick() => {
                     if self.heap_detached.is_none()
-                        && let Some(window) = meter.window(&hits, bpf_run_ns(ebpf, &self.session_prog, stats.is_some()), &self.sites)
+                        && let Some(window) = meter.window(&hits, &counters, bpf_run_ns(ebpf, &self.session_prog, stats.is_some()), &self.sites)
                     {
                         self.check_budget(ebpf, &window);
                         self.overhead = Some(window);
@@ -1012,6 +1023,7 @@ impl Session<'_> {
         if self.heap_detached.is_none()
             && let Some(whole) = meter.whole_run(
                 &hits,
+                &counters,
                 bpf_run_ns(ebpf, &self.session_prog, stats.is_some()),
                 &self.sites,
             )
@@ -1483,6 +1495,8 @@ pub fn python_version<'a>(objects: impl Iterator<Item = &'a str>) -> Option<(u32
 struct Meter {
     pid: u32,
     dry_run: bool,
+    /// Functions probed by uprobe sessions (their unsampled calls skip the return trap).
+    session_funcs: Vec<AllocFn>,
     start: (Instant, Vec<u64>, Option<f64>),
     last: (Instant, Vec<u64>, Option<f64>),
     /// Time spent in our BPF programs (kernel BPF statistics) at `start` and `last`,
@@ -1538,21 +1552,29 @@ fn bpf_run_ns(ebpf: &Ebpf, session: &SessionProg, stats_on: bool) -> Option<u64>
 }
 
 impl Meter {
-    fn new(pid: u32, dry_run: bool) -> Self {
-        let now = (Instant::now(), vec![0; 16], procfs::cpu_seconds(pid));
+    fn new(pid: u32, dry_run: bool, session_funcs: Vec<AllocFn>) -> Self {
+        let now = (Instant::now(), vec![0; 17], procfs::cpu_seconds(pid));
         Self {
             pid,
             dry_run,
+            session_funcs,
             start: now.clone(),
             last: now,
             bpf_ns: (None, None),
         }
     }
 
-    fn read(&self, hits: &PerCpuArray<MapData, u64>) -> (Instant, Vec<u64>, Option<f64>) {
-        let counts = (0..16u32)
-            .map(|i| hits.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
-            .collect();
+    /// Hits per function (indices 0..16), then the unsampled-call counter (index 16).
+    fn read(
+        &self,
+        hits: &PerCpuArray<MapData, u64>,
+        counters: &PerCpuArray<MapData, u64>,
+    ) -> (Instant, Vec<u64>, Option<f64>) {
+        let sum = |m: &PerCpuArray<MapData, u64>, i: u32| {
+            m.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        };
+        let mut counts: Vec<u64> = (0..16u32).map(|i| sum(hits, i)).collect();
+        counts.push(sum(counters, leaktrace_common::counter::UNSAMPLED));
         (Instant::now(), counts, procfs::cpu_seconds(self.pid))
     }
 
@@ -1562,6 +1584,7 @@ impl Meter {
         bpf_ns: (Option<u64>, Option<u64>),
         sites: &[ProbeSite],
         dry_run: bool,
+        session_funcs: &[AllocFn],
     ) -> Option<report::Overhead> {
         let secs = to.0.duration_since(from.0).as_secs_f64();
         if secs <= 0.0 {
@@ -1584,7 +1607,22 @@ impl Meter {
             _ => None,
         };
         let calls: f64 = rates.iter().map(|(_, r)| r).sum();
-        let projected = crate::overhead::projected_cpu(sites, &rates) + bpf_cpu.unwrap_or(0.0);
+        // Under uprobe sessions an unsampled malloc or calloc skips its return trap. The
+        // unsampled counter covers every function, so it is capped by the sessions' calls.
+        let session_rate: f64 = rates
+            .iter()
+            .filter(|(f, _)| session_funcs.contains(f))
+            .map(|(_, r)| r)
+            .sum();
+        let unsampled = to.1[16].saturating_sub(from.1[16]) as f64 / secs;
+        let skipped_share = if session_rate > 0.0 {
+            (unsampled / session_rate).min(1.0)
+        } else {
+            0.0
+        };
+        let saved_cpu = session_rate * skipped_share * crate::overhead::RETURN_US / 1e6;
+        let projected =
+            crate::overhead::projected_cpu(sites, &rates) - saved_cpu + bpf_cpu.unwrap_or(0.0);
         let target = match (from.2, to.2) {
             (Some(a), Some(b)) => (b - a) / secs,
             _ => 0.0,
@@ -1603,7 +1641,17 @@ impl Meter {
                 .collect(),
             cost_per_call_us: rates
                 .iter()
-                .map(|(f, _)| (f.symbol().to_owned(), crate::overhead::cost_for(sites, *f)))
+                .map(|(f, _)| {
+                    let skipped = if session_funcs.contains(f) {
+                        skipped_share * crate::overhead::RETURN_US
+                    } else {
+                        0.0
+                    };
+                    (
+                        f.symbol().to_owned(),
+                        crate::overhead::cost_for(sites, *f) - skipped,
+                    )
+                })
                 .collect(),
             projected_cpu_per_s: projected,
             bpf_cpu_per_s: bpf_cpu,
@@ -1618,16 +1666,18 @@ impl Meter {
     fn window(
         &mut self,
         hits: &PerCpuArray<MapData, u64>,
+        counters: &PerCpuArray<MapData, u64>,
         bpf_ns: Option<u64>,
         sites: &[ProbeSite],
     ) -> Option<report::Overhead> {
-        let now = self.read(hits);
+        let now = self.read(hits, counters);
         let w = Self::between(
             &self.last,
             &now,
             (self.bpf_ns.1, bpf_ns),
             sites,
             self.dry_run,
+            &self.session_funcs,
         );
         self.last = now;
         self.bpf_ns.1 = bpf_ns;
@@ -1643,15 +1693,17 @@ impl Meter {
     fn whole_run(
         &self,
         hits: &PerCpuArray<MapData, u64>,
+        counters: &PerCpuArray<MapData, u64>,
         bpf_ns: Option<u64>,
         sites: &[ProbeSite],
     ) -> Option<report::Overhead> {
         Self::between(
             &self.start,
-            &self.read(hits),
+            &self.read(hits, counters),
             (self.bpf_ns.0, bpf_ns),
             sites,
             self.dry_run,
+            &self.session_funcs,
         )
     }
 }
