@@ -181,59 +181,103 @@ fn copy_stack(ip: u64, sp: u64, bp: u64) {
 }
 
 /// Frame-pointer walk: `first` and `second` (a syscall's guessed return address),
-/// then the rbp chain.
+/// then the rbp chain, one frame per [`fp_step`] call of a `bpf_loop` (a loop in the
+/// program itself made the verifier walk every iteration's branches: syscall programs
+/// came near its million-instruction limit).
 #[inline(always)]
 fn walk_fp(
     st: &mut StackTrace,
     first: u64,
     second: Option<u64>,
-    mut bp: u64,
+    bp: u64,
     sp: u64,
-    mut flags: u32,
+    flags: u32,
 ) -> (usize, u32, u64, u64) {
     let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
     let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
     clear_window();
+    st.span = 0;
     st.frames[0] = first;
     h1 = mix(h1, first, M1);
     h2 = mix(h2, first, M2);
-    let mut n: usize = 1;
+    let mut n = 1u64;
     if let Some(s) = second {
         st.frames[1] = s;
         h1 = mix(h1, s, M1);
         h2 = mix(h2, s, M2);
         n = 2;
     }
-    // The frame record of the last frame followed ends the span.
-    let mut last_bp = 0u64;
-    for _ in 0..MAX_STACK_DEPTH {
-        if bp == 0 || bp < sp || bp - sp > MAX_STACK_SPAN {
-            break;
-        }
-        let (Some(next_bp), Some(ret)) = (stack_word(bp), stack_word(bp + 8)) else {
-            flags |= STACK_TRUNCATED;
-            break;
-        };
-        if ret == 0 {
-            break;
-        }
-        if n >= MAX_STACK_DEPTH {
-            flags |= STACK_TRUNCATED;
-            break;
-        }
-        st.frames[n] = ret;
-        n += 1;
-        h1 = mix(h1, ret, M1);
-        h2 = mix(h2, ret, M2);
-        last_bp = bp;
-        if next_bp <= bp {
-            break;
-        }
-        bp = next_bp;
-    }
+    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
+        return (n as usize, flags | STACK_TRUNCATED, h1, h2);
+    };
+    // SAFETY: this CPU's private slot from a successful lookup.
+    let w = unsafe { &mut *w };
+    // `ip` holds the last frame record followed, for the span.
+    w.ip = 0;
+    w.sp = sp;
+    w.bp = bp;
+    w.sp0 = sp;
+    w.n = n;
+    w.flags = u64::from(flags);
+    w.h1 = h1;
+    w.h2 = h2;
+    // SAFETY: the callback takes no context.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32 + 1,
+            fp_step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
+        return (n as usize, flags | STACK_TRUNCATED, h1, h2);
+    };
+    // SAFETY: as above.
+    let w = unsafe { *w };
     // The last frame followed ends at its saved rbp and return address.
-    st.span = if last_bp > sp { last_bp + 16 - sp } else { 0 };
-    (n, flags, h1, h2)
+    st.span = if w.ip > sp { w.ip + 16 - sp } else { 0 };
+    (
+        (w.n as usize).min(MAX_STACK_DEPTH),
+        w.flags as u32,
+        w.h1,
+        w.h2,
+    )
+}
+
+/// One frame of the frame-pointer walk; returns 1 to stop.
+extern "C" fn fp_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let (Some(w), Some(st)) = (UNWIND_WALK.get_ptr_mut(0), STACK_SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    // SAFETY: this CPU's private slots from successful lookups.
+    let (w, st) = unsafe { (&mut *w, &mut *st) };
+    let bp = w.bp;
+    if bp == 0 || bp < w.sp0 || bp - w.sp0 > MAX_STACK_SPAN {
+        return 1;
+    }
+    let (Some(next_bp), Some(ret)) = (stack_word(bp), stack_word(bp + 8)) else {
+        w.flags |= u64::from(STACK_TRUNCATED);
+        return 1;
+    };
+    if ret == 0 {
+        return 1;
+    }
+    let n = w.n as usize;
+    if n >= MAX_STACK_DEPTH {
+        w.flags |= u64::from(STACK_TRUNCATED);
+        return 1;
+    }
+    st.frames[n] = ret;
+    w.n += 1;
+    w.h1 = mix(w.h1, ret, M1);
+    w.h2 = mix(w.h2, ret, M2);
+    w.ip = bp;
+    if next_bp <= bp {
+        return 1;
+    }
+    w.bp = next_bp;
+    0
 }
 
 /// State of one CFI walk, in map memory ([`UNWIND_WALK`]) so that the verifier
