@@ -445,13 +445,27 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
                     || !matches!(t, Tool::LeaktraceFp | Tool::LeaktraceCopy)
             })
         {
-            let s = match run_one(tool, w, leaktrace, &bench_dir, libc) {
-                Ok(s) => s,
-                Err(e) => {
+            // The full run measures each row twice and keeps the faster: on a shared VM
+            // a row is sometimes slowed by 20% or more by something else running.
+            let mut best: Option<Sample> = None;
+            let mut failed = None;
+            for _ in 0..if quick { 1 } else { 2 } {
+                match run_one(tool, w, leaktrace, &bench_dir, libc) {
+                    Ok(s) if best.as_ref().is_none_or(|b| s.ns_per_op < b.ns_per_op) => {
+                        best = Some(s);
+                    }
+                    Ok(_) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let s = match (best, failed) {
+                (Some(s), None) => s,
+                (_, Some(e)) => {
                     println!("{:<38} {:<30} failed: {e:#}", w.name, tool.label());
                     failures.push(format!("{} under {}", w.name, tool.label()));
                     continue;
                 }
+                (None, None) => continue,
             };
             let b = *base.get_or_insert(s.ns_per_op);
             let add = (s.ns_per_op - b) / 1000.0;
