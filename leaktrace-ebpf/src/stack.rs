@@ -207,34 +207,13 @@ fn walk_fp(
         h2 = mix(h2, s, M2);
         n = 2;
     }
-    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
-        return (n as usize, flags | STACK_TRUNCATED, h1, h2);
-    };
-    // SAFETY: this CPU's private slot from a successful lookup.
-    let w = unsafe { &mut *w };
     // `ip` holds the last frame record followed, for the span.
-    w.ip = 0;
-    w.sp = sp;
-    w.bp = bp;
-    w.sp0 = sp;
-    w.n = n;
-    w.flags = u64::from(flags);
-    w.h1 = h1;
-    w.h2 = h2;
-    // SAFETY: the callback takes no context.
-    unsafe {
-        bpf_loop(
-            MAX_STACK_DEPTH as u32 + 1,
-            fp_step as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
+    if begin_walk(0, sp, bp, n, flags, h1, h2).is_none() {
+        return (n as usize, flags | STACK_TRUNCATED, h1, h2);
+    }
+    let Some(w) = run_walk(MAX_STACK_DEPTH as u32 + 1, fp_step) else {
         return (n as usize, flags | STACK_TRUNCATED, h1, h2);
     };
-    // SAFETY: as above.
-    let w = unsafe { *w };
     // The last frame followed ends at its saved rbp and return address.
     st.span = if w.ip > sp { w.ip + 16 - sp } else { 0 };
     (
@@ -545,6 +524,52 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
+/// Sets the walk state both walks share; `None` when the per-CPU slot is missing.
+#[inline(always)]
+fn begin_walk(
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    n: u64,
+    flags: u32,
+    h1: u64,
+    h2: u64,
+) -> Option<&'static mut UnwindState> {
+    let w = UNWIND_WALK.get_ptr_mut(0)?;
+    // SAFETY: this CPU's private slot from a successful lookup.
+    let w = unsafe { &mut *w };
+    w.ip = ip;
+    w.sp = sp;
+    w.bp = bp;
+    w.sp0 = sp;
+    w.n = n;
+    w.flags = u64::from(flags);
+    w.h1 = h1;
+    w.h2 = h2;
+    Some(w)
+}
+
+/// Runs up to `steps` calls of `step` over the walk state, then returns it (by
+/// reference: with its object cache it is too big for the BPF stack).
+#[inline(always)]
+fn run_walk(
+    steps: u32,
+    step: extern "C" fn(u64, *mut core::ffi::c_void) -> i64,
+) -> Option<&'static UnwindState> {
+    // SAFETY: the callback takes no context.
+    unsafe {
+        bpf_loop(
+            steps,
+            step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    let w = UNWIND_WALK.get_ptr(0)?;
+    // SAFETY: this CPU's private slot from a successful lookup.
+    Some(unsafe { &*w })
+}
+
 /// CFI walk from (ip, sp, bp). A syscall's interrupted `ip` is recorded as frame 0;
 /// at a function entry, `ip` is the function itself and its caller comes first.
 #[inline(always)]
@@ -567,19 +592,9 @@ fn walk_cfi(
         n = 1;
     }
     clear_window();
-    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
+    let Some(w) = begin_walk(ip, sp, bp, n, flags | STACK_CFI, h1, h2) else {
         return (n as usize, flags | STACK_TRUNCATED, h1, h2);
     };
-    // SAFETY: this CPU's private slot from a successful lookup.
-    let w = unsafe { &mut *w };
-    w.ip = ip;
-    w.sp = sp;
-    w.bp = bp;
-    w.sp0 = sp;
-    w.n = n;
-    w.flags = u64::from(flags | STACK_CFI);
-    w.h1 = h1;
-    w.h2 = h2;
     w.exact = 1;
     w.obj = UnwindObject::default();
     let generation = UNWIND_GEN.get(0).copied().unwrap_or(0);
@@ -587,22 +602,11 @@ fn walk_cfi(
         w.cache = [UnwindObject::default(); OBJECT_CACHE];
         w.cache_gen = generation;
     }
-    // SAFETY: the callback takes no context.
-    unsafe {
-        bpf_loop(
-            // Frame 0 plus MAX_STACK_DEPTH frames, and one more step that finds the
-            // stack full and flags it truncated.
-            MAX_STACK_DEPTH as u32 + 2,
-            cfi_step as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
+    // Frame 0 plus MAX_STACK_DEPTH frames, and one more step that finds the stack full
+    // and flags it truncated.
+    let Some(w) = run_walk(MAX_STACK_DEPTH as u32 + 2, cfi_step) else {
         return (n as usize, flags | STACK_TRUNCATED, h1, h2);
     };
-    // SAFETY: as above.
-    let w = unsafe { *w };
     st.span = w.sp - w.sp0;
     let n = (w.n as usize).min(MAX_STACK_DEPTH);
     (n, w.flags as u32, w.h1, w.h2)
