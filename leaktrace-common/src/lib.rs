@@ -548,7 +548,7 @@ pub const STACK_FP_FALLBACK: u32 = 8;
 /// [`StackTrace::flags`]: a frame inside one of [`UnwindObject::alloc_ranges`] (a
 /// return address, or a syscall's own instruction): the CFI walk passed through a
 /// `free`, or a malloc/calloc without a return probe, so a syscall with this stack
-/// is the allocator's.
+/// is the allocator's. Set on syscall walks only.
 pub const STACK_IN_ALLOCATOR: u32 = 16;
 
 /// Kernel-side counters, indexed into [`maps::COUNTERS`]. Ids are stable data.

@@ -225,16 +225,13 @@ pub extern "C" fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
 #[inline(always)]
 fn session(ctx: ProbeContext) -> u32 {
     let regs = regs_of(ctx.as_ptr());
-    // SAFETY: the helpers take the program's own context.
-    let (entry_ip, cookie) = unsafe {
-        (
-            bpf_get_func_ip(ctx.as_ptr()),
-            bpf_get_attach_cookie(ctx.as_ptr()),
-        )
-    };
-    if regs.ip != entry_ip {
+    // SAFETY: the helper takes the program's own context.
+    if regs.ip != unsafe { bpf_get_func_ip(ctx.as_ptr()) } {
         return exit(ctx.as_ptr());
     }
+    // Only the entry needs to know which function it is.
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let wanted = if cookie == AllocFn::Calloc as u64 {
         alloc_enter(
             &ctx,

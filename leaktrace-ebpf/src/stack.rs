@@ -457,7 +457,8 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     }
     // A return address, or a syscall's own instruction (an allocator may make the
     // syscall inline), inside an allocator function whose call left no record in flight.
-    if w.exact == 0 || w.flags & u64::from(STACK_SYSCALL) != 0 {
+    // Only syscalls consult the flag: an allocator entry's walk (every malloc) skips it.
+    if w.flags & u64::from(STACK_SYSCALL) != 0 {
         let rel = pc.wrapping_sub(w.obj.bias);
         for r in &w.obj.alloc_ranges {
             if rel >= u64::from(r[0]) && rel < u64::from(r[1]) {
