@@ -519,29 +519,18 @@ fn session_capable(f: AllocFn) -> bool {
     matches!(f, AllocFn::Malloc | AllocFn::Calloc)
 }
 
-/// Attaches malloc and calloc as uprobe sessions; returns the sites covered, or
-/// `None` (with a warning) when the kernel or the object refuses.
+/// Attaches malloc and calloc as uprobe sessions: the program, its links, and the
+/// indices of the sites covered. Links made before a failure close when dropped.
 fn attach_sessions(
     ebpf: &Ebpf,
     pid: u32,
     sites: &[ProbeSite],
-    links: &mut Vec<crate::uprobe_session::SessionLink>,
-    loaded: &mut SessionProg,
-) -> Option<Vec<usize>> {
-    let program = match crate::uprobe_session::SessionProgram::load(
-        BPF_OBJECT,
-        ebpf,
-        "alloc_session",
-    ) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!(
-                "leaktrace: uprobe sessions unavailable ({e:#}): unsampled allocations still pay the return probe"
-            );
-            return None;
-        }
-    };
-    let mut covered = Vec::new();
+) -> anyhow::Result<(
+    crate::uprobe_session::SessionProgram,
+    Vec<crate::uprobe_session::SessionLink>,
+    Vec<usize>,
+)> {
+    let program = crate::uprobe_session::SessionProgram::load(BPF_OBJECT, ebpf, "alloc_session")?;
     let mut by_object: std::collections::BTreeMap<&std::path::Path, Vec<usize>> =
         Default::default();
     for (i, s) in sites.iter().enumerate() {
@@ -549,27 +538,15 @@ fn attach_sessions(
             by_object.entry(s.host_path.as_path()).or_default().push(i);
         }
     }
-    let mut made = Vec::new();
+    let (mut links, mut covered) = (Vec::new(), Vec::new());
     for (path, idx) in by_object {
         // At the entry: the return is hijacked through the return address at [sp].
         let offsets: Vec<u64> = idx.iter().map(|&i| sites[i].entry_offset).collect();
         let cookies: Vec<u64> = idx.iter().map(|&i| sites[i].func as u64).collect();
-        match program.attach(path, &offsets, &cookies, pid) {
-            Ok(l) => {
-                made.push(l);
-                covered.extend(idx);
-            }
-            Err(e) => {
-                eprintln!(
-                    "leaktrace: uprobe sessions unavailable ({e:#}): unsampled allocations still pay the return probe"
-                );
-                return None;
-            }
-        }
+        links.push(program.attach(path, &offsets, &cookies, pid)?);
+        covered.extend(idx);
     }
-    links.extend(made);
-    *loaded = Some(program);
-    Some(covered)
+    Ok((program, links, covered))
 }
 
 fn attach(
@@ -580,13 +557,18 @@ fn attach(
     sessions: bool,
 ) -> Result<(Vec<ProbeInfo>, HeapLinks, SessionProg), Error> {
     let mut links = Vec::new();
-    let mut session_links = Vec::new();
-    let mut session_prog = None;
     // Before aya's own probes, so a failure leaves nothing half attached.
-    let in_session: Vec<usize> = if sessions {
-        attach_sessions(ebpf, pid, sites, &mut session_links, &mut session_prog).unwrap_or_default()
-    } else {
-        Vec::new()
+    let (session_prog, session_links, in_session) = match sessions
+        .then(|| attach_sessions(ebpf, pid, sites))
+    {
+        Some(Ok((p, l, covered))) => (Some(p), l, covered),
+        Some(Err(e)) => {
+            eprintln!(
+                "leaktrace: uprobe sessions unavailable ({e:#}): unsampled allocations still pay the return probe"
+            );
+            (None, Vec::new(), Vec::new())
+        }
+        None => (None, Vec::new(), Vec::new()),
     };
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
     let attach_err = |what: String| {
@@ -1504,11 +1486,12 @@ struct Meter {
     bpf_ns: (Option<u64>, Option<u64>),
 }
 
-/// Each program that ran: runs and mean run time, from the kernel's BPF statistics.
-fn program_costs(
-    ebpf: &Ebpf,
-    session: &SessionProg,
-) -> std::collections::BTreeMap<String, report::ProgramCost> {
+/// (name, total run time ns, runs) of each of our programs, the session program
+/// included, from the kernel's BPF statistics (zero while they are off).
+fn program_times<'a>(
+    ebpf: &'a Ebpf,
+    session: &'a SessionProg,
+) -> impl Iterator<Item = (&'a str, u64, u64)> + 'a {
     ebpf.programs()
         .filter_map(|(name, p)| {
             let i = p.info().ok()?;
@@ -1518,6 +1501,14 @@ fn program_costs(
             let (ns, runs) = p.run_stats().ok()?;
             Some(("alloc_session", ns, runs))
         }))
+}
+
+/// Each program that ran: runs and mean run time.
+fn program_costs(
+    ebpf: &Ebpf,
+    session: &SessionProg,
+) -> std::collections::BTreeMap<String, report::ProgramCost> {
+    program_times(ebpf, session)
         .filter(|&(_, _, runs)| runs > 0)
         .map(|(name, ns, runs)| {
             (
@@ -1534,21 +1525,7 @@ fn program_costs(
 /// Nanoseconds the kernel has spent in our programs since they were loaded; `None`
 /// unless BPF run-time statistics are on (`BPF_ENABLE_STATS`).
 fn bpf_run_ns(ebpf: &Ebpf, session: &SessionProg, stats_on: bool) -> Option<u64> {
-    if !stats_on {
-        return None;
-    }
-    let session_ns: u64 = session
-        .iter()
-        .filter_map(|p| p.run_stats().ok())
-        .map(|(ns, _)| ns)
-        .sum();
-    Some(
-        ebpf.programs()
-            .filter_map(|(_, p)| p.info().ok())
-            .map(|i| i.run_time().as_nanos() as u64)
-            .sum::<u64>()
-            + session_ns,
-    )
+    stats_on.then(|| program_times(ebpf, session).map(|(_, ns, _)| ns).sum())
 }
 
 impl Meter {

@@ -32,7 +32,7 @@ pub struct SessionProgram {
     _btf: Option<OwnedFd>,
 }
 
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-initialised bpf_attr filled for `cmd`; pointers in it
     // refer to buffers the caller keeps alive across the call.
     let r = unsafe {
@@ -46,8 +46,14 @@ fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(r)
+}
+
+/// [`bpf`] for the commands that return a new file descriptor.
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
     // SAFETY: these commands return a new file descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// The file descriptor of one of aya's maps.
@@ -186,19 +192,8 @@ impl SessionProgram {
         attr.info.bpf_fd = self.fd.as_raw_fd() as u32;
         attr.info.info = std::ptr::from_mut(&mut info) as u64;
         attr.info.info_len = size_of_val(&info) as u32;
-        // SAFETY: BPF_OBJ_GET_INFO_BY_FD fills `info`, which outlives the call; it
-        // returns 0, not a descriptor.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
-                std::ptr::from_mut(&mut attr),
-                size_of::<bpf_attr>(),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // BPF_OBJ_GET_INFO_BY_FD fills `info`, which outlives the call.
+        bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
         Ok((info.run_time_ns, info.run_cnt))
     }
 

@@ -49,6 +49,11 @@ enum Tool {
 }
 
 impl Tool {
+    /// A leaktrace row (it writes a JSON report).
+    fn is_leaktrace(self) -> bool {
+        !matches!(self, Self::Untraced | Self::Bpftrace | Self::Heaptrack)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Self::Untraced => "untraced",
@@ -109,14 +114,23 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             c.args(&w.cmd[1..]);
             c
         }
-        Tool::Leaktrace
-        | Tool::LeaktraceSampled
-        | Tool::LeaktraceSampledNoSessions
-        | Tool::LeaktraceStats
-        | Tool::LeaktraceNoPython
-        | Tool::LeaktraceBare
-        | Tool::LeaktraceFp
-        | Tool::LeaktraceCopy => {
+        Tool::Bpftrace => {
+            let mut c = Command::new("bpftrace");
+            c.arg("-c")
+                .arg(w.cmd.join(" "))
+                .arg(bench_dir.join("memleak.bt"))
+                .arg(libc);
+            c
+        }
+        Tool::Heaptrack => {
+            let mut c = Command::new("heaptrack");
+            c.arg("-o")
+                .arg(out.with_extension("heaptrack"))
+                .args(&w.cmd);
+            c
+        }
+        // Every leaktrace row.
+        _ => {
             let mut c = Command::new(leaktrace);
             c.args(["--format", "json", "-o"])
                 .arg(out.with_extension("json"));
@@ -146,21 +160,6 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
                 c.arg("--copy-stacks");
             }
             c.arg("--").args(&w.cmd);
-            c
-        }
-        Tool::Bpftrace => {
-            let mut c = Command::new("bpftrace");
-            c.arg("-c")
-                .arg(w.cmd.join(" "))
-                .arg(bench_dir.join("memleak.bt"))
-                .arg(libc);
-            c
-        }
-        Tool::Heaptrack => {
-            let mut c = Command::new("heaptrack");
-            c.arg("-o")
-                .arg(out.with_extension("heaptrack"))
-                .args(&w.cmd);
             c
         }
     };
@@ -251,18 +250,7 @@ fn run_one(
         }
     };
     let wall = t0.elapsed().as_secs_f64();
-    let measured = matches!(
-        tool,
-        Tool::Leaktrace
-            | Tool::LeaktraceSampled
-            | Tool::LeaktraceSampledNoSessions
-            | Tool::LeaktraceStats
-            | Tool::LeaktraceNoPython
-            | Tool::LeaktraceBare
-            | Tool::LeaktraceFp
-            | Tool::LeaktraceCopy
-            | Tool::Bpftrace
-    );
+    let measured = tool.is_leaktrace() || tool == Tool::Bpftrace;
     let tracer_cpu = if measured {
         cpu_seconds(tracer).zip(cpu0).map(|(b, a)| (b - a) / wall)
     } else {
@@ -270,22 +258,16 @@ fn run_one(
     };
     let tracer_rss_kib = if measured { peak_rss_kib(tracer) } else { None };
     finish(child)?;
-    let report = matches!(
-        tool,
-        Tool::Leaktrace
-            | Tool::LeaktraceSampled
-            | Tool::LeaktraceNoPython
-            | Tool::LeaktraceFp
-            | Tool::LeaktraceStats
-    )
-    .then(|| {
-        let path =
-            std::env::temp_dir().join(format!("leaktrace-bench-{}.json", std::process::id()));
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-    })
-    .flatten();
+    let report = tool
+        .is_leaktrace()
+        .then(|| {
+            let path =
+                std::env::temp_dir().join(format!("leaktrace-bench-{}.json", std::process::id()));
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        })
+        .flatten();
     let events = report
         .as_ref()
         .and_then(|v| v["counters"]["events_sent"].as_f64());
