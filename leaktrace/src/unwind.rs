@@ -852,14 +852,10 @@ mod tests {
         let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
         let data = std::fs::read(&exe).expect("readable");
         let file = object::File::parse(&*data).expect("ELF");
-        let runtime = probe_target as usize as u64;
+        let runtime = probe_target as fn() -> u64 as usize as u64;
         let sym = file
             .symbols()
-            .find(|s| {
-                s.name().is_ok_and(|n| {
-                    n.contains("bias_of_own_code_mapping") == false && n.contains("probe_target")
-                })
-            })
+            .find(|s| s.name().is_ok_and(|n| n.contains("probe_target")))
             .expect("symbol of probe_target in the test binary");
         let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
         let (start, offset) = maps
