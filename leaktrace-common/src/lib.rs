@@ -37,6 +37,8 @@ pub mod maps {
     /// Per-CPU array of u64: entry-probe hits per [`crate::AllocFn`] discriminant
     /// (index 0 unused), for call rates and the overhead projection.
     pub const HITS: &str = "HITS";
+    /// Entries of [`HITS`], indexed by [`crate::AllocFn`].
+    pub const HIT_SLOTS: u32 = 16;
     /// Array of one u32 of `ENABLE_*` bits, set once every program is attached. Until
     /// then the programs do nothing, so the attach sequence cannot pair half-attached probes.
     pub const ENABLED: &str = "ENABLED";
@@ -553,79 +555,73 @@ pub const STACK_IN_ALLOCATOR: u32 = 16;
 
 /// Kernel-side counters, indexed into [`maps::COUNTERS`]. Ids are stable data.
 pub mod counter {
-    /// Ring-buffer reservations that failed: the event was lost.
-    pub const RINGBUF_FULL: u32 = 0;
-    /// Inserts into the in-flight allocator map that failed: the call was lost.
-    pub const ALLOC_INFLIGHT_FULL: u32 = 1;
-    /// Inserts into the in-flight syscall map that failed: the call was lost.
-    pub const SYSCALL_INFLIGHT_FULL: u32 = 2;
-    /// Stack-map inserts that failed for lack of room: the event has no stack.
-    pub const STACK_MAP_FULL: u32 = 3;
-    /// Two different stacks hashed to one id: the event has no stack.
-    pub const STACK_COLLISION: u32 = 4;
-    /// The stack could not be read at all: the event has no stack.
-    pub const STACK_ERROR: u32 = 5;
-    /// Allocator returns with no matching entry (calls in flight at attach time).
-    pub const RETURN_WITHOUT_ENTRY: u32 = 6;
-    /// An entry was replaced before its return was seen (a lost return).
-    pub const STALE_ENTRY: u32 = 7;
-    /// Allocator calls made from inside another probed allocator call, or tail-called
-    /// by one (glibc's `realloc(NULL, n)` jumps to `malloc`): counted once, as the outer call.
-    pub const NESTED_CALL: u32 = 8;
-    /// Syscall exits with no matching entry.
-    pub const SYSCALL_WITHOUT_ENTRY: u32 = 9;
-    /// Events successfully sent.
-    pub const EVENTS_SENT: u32 = 10;
-    /// Stacks cut short at the depth limit or an unreadable frame.
-    pub const STACK_TRUNCATED: u32 = 11;
-    /// Sampled blocks that did not fit in the sampled-address map: their frees will be missed.
-    pub const SAMPLED_FULL: u32 = 12;
-    /// Heap calls skipped by sampling (no stack walk, no event).
-    pub const UNSAMPLED: u32 = 13;
-    /// Python stacks that did not fit in their map: the event has native frames only.
-    pub const PY_STACK_MAP_FULL: u32 = 14;
-    /// Python stacks cut at [`crate::MAX_PY_FRAMES`] or at an unreadable frame.
-    pub const PY_TRUNCATED: u32 = 15;
-    /// Two different Python stacks hashed to one id: the event has native frames only.
-    pub const PY_COLLISION: u32 = 16;
-    /// Stack walks that reached an address outside every object with an unwind
-    /// table (code mapped after the tables were loaded, or a corrupt frame): the
-    /// stack ends there, truncated.
-    pub const UNWIND_UNKNOWN_PC: u32 = 17;
-    /// Stack walks that reached a frame whose CFI rules BPF does not evaluate.
-    pub const UNWIND_UNSUPPORTED: u32 = 18;
-    /// Frames found by following rbp through code without unwind tables.
-    pub const UNWIND_FP_FRAMES: u32 = 19;
-    /// Stops of a launched command's main thread after it mapped code (see
-    /// [`crate::CONFIG_STOP_ON_EXEC_MAP`]).
-    pub const EXEC_MAP_STOPS: u32 = 20;
-    /// Number of counters.
-    pub const COUNT: u32 = 21;
+    /// Declares the counters in order: each gets the next id, and its name in
+    /// [`NAMES`] is its identifier in lower case, so ids and names cannot drift apart.
+    macro_rules! counters {
+        (@next $n:expr;) => {
+            /// Number of counters.
+            pub const COUNT: u32 = $n;
+        };
+        (@next $n:expr; $(#[$doc:meta])* $id:ident = $name:literal, $($rest:tt)*) => {
+            $(#[$doc])*
+            pub const $id: u32 = $n;
+            counters!(@next $n + 1; $($rest)*);
+        };
+        ($($(#[$doc:meta])* $id:ident = $name:literal,)*) => {
+            counters!(@next 0; $($(#[$doc])* $id = $name,)*);
+            /// Stable name of each counter, as shown in reports and JSON.
+            pub const NAMES: [&str; COUNT as usize] = [$($name),*];
+        };
+    }
 
-    /// Stable name of each counter, as shown in reports and JSON.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "ringbuf_full",
-        "alloc_inflight_full",
-        "syscall_inflight_full",
-        "stack_map_full",
-        "stack_collision",
-        "stack_error",
-        "return_without_entry",
-        "stale_entry",
-        "nested_call",
-        "syscall_without_entry",
-        "events_sent",
-        "stack_truncated",
-        "sampled_full",
-        "unsampled",
-        "py_stack_map_full",
-        "py_truncated",
-        "py_collision",
-        "unwind_unknown_pc",
-        "unwind_unsupported",
-        "unwind_fp_frames",
-        "exec_map_stops",
-    ];
+    counters! {
+        /// Ring-buffer reservations that failed: the event was lost.
+        RINGBUF_FULL = "ringbuf_full",
+        /// Inserts into the in-flight allocator map that failed: the call was lost.
+        ALLOC_INFLIGHT_FULL = "alloc_inflight_full",
+        /// Inserts into the in-flight syscall map that failed: the call was lost.
+        SYSCALL_INFLIGHT_FULL = "syscall_inflight_full",
+        /// Stack-map inserts that failed for lack of room: the event has no stack.
+        STACK_MAP_FULL = "stack_map_full",
+        /// Two different stacks hashed to one id: the event has no stack.
+        STACK_COLLISION = "stack_collision",
+        /// The stack could not be read at all: the event has no stack.
+        STACK_ERROR = "stack_error",
+        /// Allocator returns with no matching entry (calls in flight at attach time).
+        RETURN_WITHOUT_ENTRY = "return_without_entry",
+        /// An entry was replaced before its return was seen (a lost return).
+        STALE_ENTRY = "stale_entry",
+        /// Allocator calls made from inside another probed allocator call, or tail-called
+        /// by one (glibc's `realloc(NULL, n)` jumps to `malloc`): counted once, as the outer call.
+        NESTED_CALL = "nested_call",
+        /// Syscall exits with no matching entry.
+        SYSCALL_WITHOUT_ENTRY = "syscall_without_entry",
+        /// Events successfully sent.
+        EVENTS_SENT = "events_sent",
+        /// Stacks cut short at the depth limit or an unreadable frame.
+        STACK_TRUNCATED = "stack_truncated",
+        /// Sampled blocks that did not fit in the sampled-address map: their frees will be missed.
+        SAMPLED_FULL = "sampled_full",
+        /// Heap calls skipped by sampling (no stack walk, no event).
+        UNSAMPLED = "unsampled",
+        /// Python stacks that did not fit in their map: the event has native frames only.
+        PY_STACK_MAP_FULL = "py_stack_map_full",
+        /// Python stacks cut at [`crate::MAX_PY_FRAMES`] or at an unreadable frame.
+        PY_TRUNCATED = "py_truncated",
+        /// Two different Python stacks hashed to one id: the event has native frames only.
+        PY_COLLISION = "py_collision",
+        /// Stack walks that reached an address outside every object with an unwind
+        /// table (code mapped after the tables were loaded, or a corrupt frame): the
+        /// stack ends there, truncated.
+        UNWIND_UNKNOWN_PC = "unwind_unknown_pc",
+        /// Stack walks that reached a frame whose CFI rules BPF does not evaluate.
+        UNWIND_UNSUPPORTED = "unwind_unsupported",
+        /// Frames found by following rbp through code without unwind tables.
+        UNWIND_FP_FRAMES = "unwind_fp_frames",
+        /// Stops of a launched command's main thread after it mapped code (see
+        /// [`crate::CONFIG_STOP_ON_EXEC_MAP`]).
+        EXEC_MAP_STOPS = "exec_map_stops",
+    }
 
     /// Whether a nonzero value of this counter means data was lost.
     pub const fn is_loss(id: u32) -> bool {
@@ -691,4 +687,46 @@ mod user {
     unsafe impl aya::Pod for UnwindObject {}
     // SAFETY: as above.
     unsafe impl aya::Pod for UnwindKey {}
+}
+
+/// `/proc/PID/stat`, parsed one way for the engine and for xtask's benchmarks.
+pub mod stat {
+    /// Field `n` of a `/proc/PID/stat` line, numbered from 1 as in proc(5), for
+    /// `n >= 3`: the command name (field 2) may hold spaces and parentheses, so the
+    /// fields resume after its last `)`.
+    pub fn field(stat: &str, n: usize) -> Option<&str> {
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        rest.split_ascii_whitespace().nth(n.checked_sub(3)?)
+    }
+
+    /// utime + stime (fields 14 and 15), in clock ticks (`sysconf(_SC_CLK_TCK)` per second).
+    pub fn cpu_ticks(stat: &str) -> Option<u64> {
+        let utime: u64 = field(stat, 14)?.parse().ok()?;
+        let stime: u64 = field(stat, 15)?.parse().ok()?;
+        utime.checked_add(stime)
+    }
+}
+
+#[cfg(test)]
+mod contract_tests {
+    #[test]
+    fn counter_ids_index_their_names() {
+        use super::counter::*;
+        assert_eq!(COUNT as usize, NAMES.len());
+        assert_eq!(NAMES[RINGBUF_FULL as usize], "ringbuf_full");
+        assert_eq!(NAMES[UNSAMPLED as usize], "unsampled");
+        assert_eq!(NAMES[EXEC_MAP_STOPS as usize], "exec_map_stops");
+        assert_eq!(EXEC_MAP_STOPS, COUNT - 1);
+    }
+
+    #[test]
+    fn stat_fields_after_a_hostile_command_name() {
+        // A command name may contain ") " and digits: fields resume after the last ')'.
+        let line = "4242 (evil) 1 2 3) S 1 4242 4242 0 -1 4194560 10 0 0 0 250 75 0 0 20 0 3 0 100";
+        assert_eq!(super::stat::field(line, 3), Some("S"));
+        assert_eq!(super::stat::field(line, 9), Some("4194560"));
+        assert_eq!(super::stat::cpu_ticks(line), Some(325));
+        assert_eq!(super::stat::field(line, 2), None);
+        assert_eq!(super::stat::field("no parenthesis", 3), None);
+    }
 }

@@ -85,17 +85,13 @@ struct Sample {
     programs: Vec<(String, f64, f64)>,
 }
 
-fn clk_tck() -> f64 {
-    100.0
-}
-
 /// utime + stime of a process, seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clk_tck())
+    let ticks = leaktrace_common::stat::cpu_ticks(&stat)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
