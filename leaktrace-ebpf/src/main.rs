@@ -16,6 +16,7 @@ mod heap;
 mod python;
 mod stack;
 mod syscalls;
+mod window;
 
 use aya_ebpf::{
     Global,
@@ -65,7 +66,7 @@ static SAMPLED: HashMap<u64, u8> =
     HashMap::with_max_entries(leaktrace_common::DEFAULT_SAMPLED_CAPACITY, 0);
 
 #[map]
-static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
+static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(leaktrace_common::maps::HIT_SLOTS, 0);
 
 #[map]
 static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
@@ -110,7 +111,7 @@ static UNWIND_PAGES: Array<u64> = Array::with_max_entries(
 static STACK_COPIES: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map]
-static STACK_WINDOW: PerCpuArray<stack::StackWindow> = PerCpuArray::with_max_entries(1, 0);
+static STACK_WINDOW: PerCpuArray<window::StackWindow> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static UNWIND_WALK: PerCpuArray<stack::UnwindState> = PerCpuArray::with_max_entries(1, 0);

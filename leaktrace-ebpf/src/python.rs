@@ -23,7 +23,7 @@ use leaktrace_common::{
 
 use crate::{
     PY_CONFIG, PY_SCRATCH, PY_STACKS, PY_WALK, count,
-    stack::{WINDOW, clear_window, window_word},
+    window::{WINDOW, clear_window, window_word},
 };
 
 /// How far below a frame a window refill starts: room for the outer frames.
