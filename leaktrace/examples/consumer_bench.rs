@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use leaktrace::ledger::Ledger;
+use leaktrace::accounting::ledger::Ledger;
 use leaktrace_common::{AllocFn, Event, kind};
 
 /// xorshift64*: deterministic, fast, good enough for a workload generator.

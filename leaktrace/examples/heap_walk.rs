@@ -1,7 +1,10 @@
 //! Walks a live process's glibc heaps from outside and prints the result as JSON.
 //! `cargo run --example heap_walk -- PID` (as root). No tracing involved.
 
-use leaktrace::{glibc_heap, procfs};
+use leaktrace::{
+    heap::glibc as glibc_heap,
+    process::{self, procfs},
+};
 
 fn main() {
     let Some(pid) = std::env::args().nth(1).and_then(|p| p.parse::<u32>().ok()) else {
@@ -13,7 +16,7 @@ fn main() {
         std::process::exit(1);
     });
     let sites = glibc_heap::find_sites(&maps, procfs::read_start_brk(pid), None);
-    let mem = glibc_heap::ProcMemory::open(pid).unwrap_or_else(|e| {
+    let mem = process::ProcMemory::open(pid).unwrap_or_else(|e| {
         eprintln!("heap_walk: cannot open /proc/{pid}/mem: {e}");
         std::process::exit(1);
     });

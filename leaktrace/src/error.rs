@@ -107,6 +107,24 @@ pub enum Error {
     /// Runtime setup failed.
     #[error("failed to set up the event loop")]
     Runtime(#[source] std::io::Error),
+    /// The unwind tables' maps could not be set up.
+    #[error("failed to set up the unwind tables")]
+    Unwind(#[source] crate::unwind::UnwindError),
+    /// The worker thread could not be started, or stopped answering.
+    #[error("the session's worker thread failed: {0}")]
+    Worker(String),
+}
+
+/// An error and its sources, joined by ": " (what `{:#}` prints for anyhow).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 impl Error {

@@ -298,20 +298,8 @@ fn main() -> ExitCode {
         Ok(outcome) if outcome.interrupted => ExitCode::from(130),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("leaktrace: {}", chain(&e));
+            eprintln!("leaktrace: {}", leaktrace::error::chain(&e));
             ExitCode::from(2)
         }
     }
-}
-
-/// The error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

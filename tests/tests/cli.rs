@@ -71,12 +71,12 @@ fn root_sigkill_removes_probes() {
     require_root();
     let mut fx = Fixture::spawn("heap_ops", &["basic"]);
     // Where malloc's first instruction sits in the target, and what the file has there.
-    let maps = leaktrace::procfs::read_maps(fx.pid).expect("maps");
+    let maps = leaktrace::process::procfs::read_maps(fx.pid).expect("maps");
     let libc = maps
         .iter()
         .find(|m| m.is_exec() && m.path.contains("libc.so"))
         .expect("libc mapped");
-    let sites = leaktrace::allocators::find_in_object(&libc.path, Path::new(&libc.path))
+    let sites = leaktrace::probes::allocators::find_in_object(&libc.path, Path::new(&libc.path))
         .expect("libc symbols");
     let malloc = sites
         .iter()

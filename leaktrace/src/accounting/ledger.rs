@@ -12,15 +12,13 @@
 use leaktrace_common::{AllocFn, EVENT_IN_ALLOCATOR, Event, kind};
 use rustc_hash::FxHashMap;
 
-use crate::intervals::{Region, RegionKind, RegionMap};
+use crate::{
+    accounting::intervals::{Region, RegionKind, RegionMap},
+    units::page_up,
+};
 
-const PAGE: u64 = 4096;
 const MAP_ANONYMOUS: u64 = 0x20;
 const PROT_READ_WRITE: u64 = 0x3;
-
-fn page_up(n: u64) -> u64 {
-    n.saturating_add(PAGE - 1) & !(PAGE - 1)
-}
 
 /// A live heap block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -633,6 +631,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::PAGE;
 
     fn alloc(func: AllocFn, addr: u64, size: u64, old: u64, stack: i64, ts: u64) -> Event {
         Event {

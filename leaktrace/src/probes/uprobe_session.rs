@@ -17,7 +17,6 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, anyhow, bail};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 
 /// `BPF_TRACE_UPROBE_SESSION` (enum bpf_attach_type, Linux 6.13); newer than aya-obj's bindings.
@@ -26,6 +25,7 @@ pub const BPF_TRACE_UPROBE_SESSION: u32 = 57;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 
 /// A session program loaded into the kernel, ready to attach.
+#[derive(Debug)]
 pub struct SessionProgram {
     fd: OwnedFd,
     /// Keeps the program's BTF alive while the program is.
@@ -77,16 +77,16 @@ impl SessionProgram {
     /// Loads program `name` of the object `elf` (the bytes aya loaded as `ebpf`,
     /// whose maps it shares) with the session attach type. Call before taking maps
     /// out of `ebpf`.
-    pub fn load(elf: &[u8], ebpf: &aya::Ebpf, name: &str) -> anyhow::Result<Self> {
-        let mut obj = aya_obj::Object::parse(elf).context("parsing the BPF object")?;
+    pub fn load(elf: &[u8], ebpf: &aya::Ebpf, name: &str) -> Result<Self, SessionError> {
+        let mut obj = aya_obj::Object::parse(elf).map_err(SessionError::Parse)?;
         // No CO-RE step here: refuse an object that would need one rather than load it
         // unrelocated.
         if obj.has_btf_relocations() {
-            bail!("the BPF object has CO-RE relocations, which this loader does not apply");
+            return Err(SessionError::CoRe);
         }
         let features = aya::features();
         let btf = match features.btf() {
-            Some(f) => match obj.fixup_and_sanitize_btf(f)? {
+            Some(f) => match obj.fixup_and_sanitize_btf(f).map_err(SessionError::Btf)? {
                 Some(btf) => {
                     let bytes = btf.to_bytes();
                     // SAFETY: plain old data; zero is a valid bpf_attr.
@@ -97,7 +97,7 @@ impl SessionProgram {
                         u.btf = bytes.as_ptr() as u64;
                         u.btf_size = bytes.len() as u32;
                     }
-                    Some(sys_bpf(bpf_cmd::BPF_BTF_LOAD, &mut attr).context("loading BTF")?)
+                    Some(sys_bpf(bpf_cmd::BPF_BTF_LOAD, &mut attr).map_err(SessionError::BtfLoad)?)
                 }
                 None => None,
             },
@@ -110,22 +110,23 @@ impl SessionProgram {
                 let fd = ebpf
                     .map(n)
                     .and_then(map_fd)
-                    .ok_or_else(|| anyhow!("map {n} is not available"))?;
+                    .ok_or_else(|| SessionError::MapUnavailable(n.clone()))?;
                 Ok((n.clone(), fd, m.clone()))
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<Result<_, SessionError>>()?;
         let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-        obj.relocate_maps(maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text)?;
-        obj.relocate_calls(&text)?;
+        obj.relocate_maps(maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text)
+            .map_err(SessionError::Relocate)?;
+        obj.relocate_calls(&text).map_err(SessionError::Relocate)?;
         obj.sanitize_functions(features);
         let program = obj
             .programs
             .get(name)
-            .ok_or_else(|| anyhow!("no program {name}"))?;
+            .ok_or_else(|| SessionError::NoProgram(name.to_owned()))?;
         let function = obj
             .functions
             .get(&program.function_key())
-            .ok_or_else(|| anyhow!("no code for {name}"))?;
+            .ok_or_else(|| SessionError::NoCode(name.to_owned()))?;
         let license = CString::new("GPL").expect("no NUL");
         let func_info = function.func_info.func_info_bytes();
         let line_info = function.line_info.line_info_bytes();
@@ -173,12 +174,18 @@ impl SessionProgram {
                 let _ = attempt(&mut log);
                 let text = String::from_utf8_lossy(&log);
                 let tail: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(8).collect();
-                bail!(
-                    "the kernel refused {name} ({e}): {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-                );
+                return Err(SessionError::Refused {
+                    name: name.to_owned(),
+                    why: e,
+                    log: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
+                });
             }
-            Err(e) => return Err(e).with_context(|| format!("loading {name} as a uprobe session")),
+            Err(source) => {
+                return Err(SessionError::Load {
+                    name: name.to_owned(),
+                    source,
+                });
+            }
         };
         Ok(Self { fd, _btf: btf })
     }
@@ -205,12 +212,12 @@ impl SessionProgram {
         offsets: &[u64],
         cookies: &[u64],
         pid: u32,
-    ) -> anyhow::Result<SessionLink> {
+    ) -> Result<SessionLink, SessionError> {
         if offsets.len() != cookies.len() || offsets.is_empty() {
-            bail!("one cookie per offset, at least one offset");
+            return Err(SessionError::Cookies);
         }
-        let c_path =
-            CString::new(path.as_os_str().as_encoded_bytes()).context("path with a NUL byte")?;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| SessionError::NulPath(path.display().to_string()))?;
         // SAFETY: plain old data; zero is a valid bpf_attr.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
         // SAFETY: writing the BPF_LINK_CREATE member of the union; the buffers outlive the call.
@@ -225,13 +232,81 @@ impl SessionProgram {
             u.cnt = offsets.len() as u32;
             u.pid = pid;
         }
-        let fd = sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
-            .with_context(|| format!("attaching a uprobe session in {}", path.display()))?;
+        let fd = sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map_err(|source| {
+            SessionError::Attach {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
         Ok(SessionLink { _fd: fd })
     }
 }
 
+/// Why a uprobe session could not be loaded or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The BPF object did not parse.
+    #[error("parsing the BPF object")]
+    Parse(#[source] aya_obj::ParseError),
+    /// The object needs CO-RE relocations, which this loader does not apply.
+    #[error("the BPF object has CO-RE relocations, which this loader does not apply")]
+    CoRe,
+    /// The object's BTF could not be prepared for this kernel.
+    #[error("preparing the BTF")]
+    Btf(#[source] aya_obj::btf::BtfError),
+    /// The kernel refused the BTF.
+    #[error("loading BTF")]
+    BtfLoad(#[source] io::Error),
+    /// A map the program uses is not among aya's.
+    #[error("map {0} is not available")]
+    MapUnavailable(String),
+    /// Relocating the program's maps or calls failed.
+    #[error("relocating the program")]
+    Relocate(#[source] aya_obj::relocation::EbpfRelocationError),
+    /// No program of that name.
+    #[error("no program {0}")]
+    NoProgram(String),
+    /// The program has no code.
+    #[error("no code for {0}")]
+    NoCode(String),
+    /// The verifier (or the attach type's checks) refused the program.
+    #[error("the kernel refused {name} ({why}): {log}")]
+    Refused {
+        /// The program.
+        name: String,
+        /// The error of the load.
+        why: io::Error,
+        /// The end of the verifier's log.
+        log: String,
+    },
+    /// Loading failed otherwise.
+    #[error("loading {name} as a uprobe session")]
+    Load {
+        /// The program.
+        name: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Offsets and cookies do not pair up.
+    #[error("one cookie per offset, at least one offset")]
+    Cookies,
+    /// The object's path holds a NUL byte.
+    #[error("path with a NUL byte: {0}")]
+    NulPath(String),
+    /// Creating the link failed.
+    #[error("attaching a uprobe session in {path}")]
+    Attach {
+        /// The object.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// An attached session; closing it detaches the probes.
+#[derive(Debug)]
 pub struct SessionLink {
     _fd: OwnedFd,
 }

@@ -9,7 +9,7 @@
 
 use leaktrace_common::AllocFn;
 
-use crate::allocators::ProbeSite;
+use crate::probes::allocators::ProbeSite;
 
 /// Entry probe on an emulated instruction, µs.
 pub const EMULATED_ENTRY_US: f64 = 1.3;
@@ -81,7 +81,7 @@ pub fn overhead_pct(projected: f64, own_cpu: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::Placement;
+    use crate::probes::placement::Placement;
 
     fn site(func: AllocFn, emulated: bool) -> ProbeSite {
         ProbeSite {

@@ -207,7 +207,7 @@ mod tests {
     /// musl, jemalloc, tcmalloc and mimalloc, and synthetic ones) gets its expected offset.
     #[test]
     fn places_probes_on_known_prologues() {
-        let data = include_str!("testdata/prologues.txt");
+        let data = include_str!("../testdata/prologues.txt");
         let mut n = 0;
         for line in data
             .lines()
@@ -237,30 +237,5 @@ mod tests {
             n += 1;
         }
         assert!(n >= 15, "all cases read");
-    }
-
-    /// On this machine's C library, `free` is placed where its prologue says.
-    #[test]
-    fn places_free_in_this_libc() {
-        let maps = crate::procfs::read_maps(std::process::id()).expect("own maps");
-        let libc = maps
-            .iter()
-            .find(|m| m.is_exec() && m.path.contains("libc.so"))
-            .expect("libc");
-        let sites = crate::allocators::find_in_object(&libc.path, std::path::Path::new(&libc.path))
-            .expect("libc");
-        let free = sites
-            .iter()
-            .find(|s| s.func == leaktrace_common::AllocFn::Free)
-            .expect("free");
-        // Whatever this libc is, the chosen offset lands on an emulated instruction or stays at 0.
-        assert!(
-            free.placement.offset == 0
-                || free.placement.reason.starts_with("null-check")
-                || free.placement.reason.starts_with("straight"),
-            "{:?}",
-            free.placement
-        );
-        assert_eq!(free.offset, free.entry_offset + free.placement.offset);
     }
 }

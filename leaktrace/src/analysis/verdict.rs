@@ -21,11 +21,53 @@
 use serde::Serialize;
 
 use crate::{
-    glibc_heap::{ArenaLimit, HeapWalk},
-    report::bytes,
-    symbols::Frame,
-    timeline::{Growth, Point, growth},
+    accounting::{
+        ledger::Ledger,
+        timeline::{Growth, Point, Timeline, growth},
+    },
+    heap::glibc::{ArenaKind, ArenaLimit, HeapWalk},
+    symbolize::{Frame, FrameKind, StackStore},
+    units::{bytes, rate, signed_bytes},
 };
+
+/// Where a stack's outstanding memory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    /// Live heap blocks.
+    Heap,
+    /// Anonymous mappings: mmap, brk, pymalloc arenas.
+    Mappings,
+}
+
+/// What the verdict says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerdictKind {
+    /// Live allocations pile up.
+    Leak,
+    /// The allocator keeps memory that was freed.
+    Fragmentation,
+    /// Anonymous mappings made outside the allocator grow.
+    NonHeapGrowth,
+    /// Resident memory does not grow.
+    NoGrowth,
+    /// Growth the evidence cannot attribute, or too little evidence.
+    Inconclusive,
+}
+
+impl VerdictKind {
+    /// The name, as in the JSON (`no-growth`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Leak => "leak",
+            Self::Fragmentation => "fragmentation",
+            Self::NonHeapGrowth => "non-heap-growth",
+            Self::NoGrowth => "no-growth",
+            Self::Inconclusive => "inconclusive",
+        }
+    }
+}
 
 /// Smallest growth that counts, and the share of RSS that does.
 const MIN_GROWTH: u64 = 1 << 20;
@@ -50,8 +92,8 @@ pub struct Evidence {
 /// A stack whose outstanding memory keeps growing.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Suspect {
-    /// `heap` (live blocks) or `mappings` (anonymous mmap, brk, pymalloc arenas).
-    pub section: &'static str,
+    /// Live blocks or mappings.
+    pub section: Section,
     /// Kernel stack id.
     pub stack_id: i64,
     /// Theil–Sen slope of its outstanding bytes, bytes/s.
@@ -86,8 +128,8 @@ pub struct Remedy {
 /// The verdict.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Verdict {
-    /// `leak`, `fragmentation`, `non-heap-growth`, `no-growth` or `inconclusive`.
-    pub kind: &'static str,
+    /// What it says.
+    pub kind: VerdictKind,
     /// One paragraph a person can act on.
     pub summary: String,
     /// The numbers behind it.
@@ -101,8 +143,8 @@ pub struct Verdict {
 /// A stack the verdict may name.
 #[derive(Clone, Debug)]
 pub struct Candidate {
-    /// `heap` or `mappings`.
-    pub section: &'static str,
+    /// Live blocks or mappings.
+    pub section: Section,
     /// Kernel stack id.
     pub stack_id: i64,
     /// Outstanding bytes over time.
@@ -113,7 +155,7 @@ pub struct Candidate {
     pub allocs: u64,
     /// Freed.
     pub frees: u64,
-    /// Blocks or regions younger than the minimum age are left out of `series`' last point.
+    /// The stack walk stopped before the outermost frame.
     pub truncated: bool,
     /// Frames, innermost first.
     pub frames: Vec<Frame>,
@@ -142,6 +184,51 @@ pub struct Facts<'a> {
     pub python: bool,
 }
 
+/// Stacks the verdict may name: every heap and mapping stack with a history.
+pub fn candidates(
+    ledger: &Ledger,
+    timeline: &Timeline,
+    stacks: &StackStore,
+    now_ns: u64,
+) -> Vec<Candidate> {
+    let oldest = ledger.oldest_by_stack();
+    let age = |id: i64| {
+        oldest
+            .get(&id)
+            .map_or(0.0, |&t| now_ns.saturating_sub(t) as f64 / 1e9)
+    };
+    let mut out = Vec::new();
+    for (section, all) in [
+        (Section::Heap, timeline.heap_series()),
+        (Section::Mappings, timeline.mapped_series()),
+    ] {
+        for (&id, series) in all {
+            if series.len() < 3 || series.last().is_none_or(|p| p.1 == 0) {
+                continue;
+            }
+            let (frames, truncated) = stacks
+                .get(id)
+                .map_or((Vec::new(), false), |s| (s.frames.clone(), s.truncated));
+            let a = if section == Section::Heap {
+                ledger.stack_activity(id)
+            } else {
+                Default::default()
+            };
+            out.push(Candidate {
+                section,
+                stack_id: id,
+                series: series.clone(),
+                oldest_age_s: age(id),
+                allocs: a.allocs,
+                frees: a.frees,
+                truncated,
+                frames,
+            });
+        }
+    }
+    out
+}
+
 /// Net change of a series: median of its last tenth minus median of its first.
 fn net(v: &[(f64, u64)]) -> f64 {
     let k = (v.len() / 10).max(1);
@@ -160,22 +247,6 @@ fn recent_slope(v: &[(f64, u64)]) -> f64 {
 
 fn series(points: &[Point], f: impl Fn(&Point) -> u64) -> Vec<(f64, u64)> {
     points.iter().map(|p| (p.t_s, f(p))).collect()
-}
-
-fn rate(bps: f64) -> String {
-    if bps >= 0.0 {
-        format!("+{}/s", bytes(bps.round() as u64))
-    } else {
-        format!("-{}/s", bytes((-bps).round() as u64))
-    }
-}
-
-fn signed(b: f64) -> String {
-    if b >= 0.0 {
-        format!("+{}", bytes(b.round() as u64))
-    } else {
-        format!("-{}", bytes((-b).round() as u64))
-    }
 }
 
 /// Name prefixes of glibc's allocator internals.
@@ -241,7 +312,7 @@ pub fn suspect_name(frames: &[Frame]) -> String {
     // In a Python process, the innermost Python function is the one to name.
     if let Some(f) = frames
         .iter()
-        .find(|f| f.kind == "python" && f.function.is_some())
+        .find(|f| f.kind == FrameKind::Python && f.function.is_some())
     {
         let file = f
             .file
@@ -275,7 +346,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     };
     if pts.len() < MIN_POINTS || span < MIN_SPAN_S {
         return Verdict {
-            kind: "inconclusive",
+            kind: VerdictKind::Inconclusive,
             summary: format!(
                 "Traced for {span:.1} s with {} samples: too short to tell growth from noise. Trace for at least {MIN_SPAN_S:.0} s, \
                  ideally for as long as RES takes to grow visibly.",
@@ -308,7 +379,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
         value: rss_net,
         text: format!(
             "anonymous RSS {} over {span:.1} s ({} → {}), {} in the second half",
-            signed(rss_net),
+            signed_bytes(rss_net),
             bytes(pts[0].rss.anon_bytes),
             bytes(pts[pts.len() - 1].rss.anon_bytes),
             rate(rss_recent)
@@ -320,13 +391,13 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
         text: if f.python {
             format!(
                 "live heap and pymalloc arenas {} ({} in the second half)",
-                signed(heap_net),
+                signed_bytes(heap_net),
                 rate(heap_recent)
             )
         } else {
             format!(
                 "live heap {} ({} in the second half)",
-                signed(heap_net),
+                signed_bytes(heap_net),
                 rate(heap_recent)
             )
         },
@@ -336,7 +407,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
         value: retained_net,
         text: format!(
             "memory the allocator took from the system beyond its live blocks (brk heap, arena heaps, mmapped chunks) {}",
-            signed(retained_net)
+            signed_bytes(retained_net)
         ),
     });
     evidence.push(Evidence {
@@ -344,7 +415,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
         value: other_net,
         text: format!(
             "anonymous mappings made outside the allocator {}",
-            signed(other_net)
+            signed_bytes(other_net)
         ),
     });
     let threads = (pts[0].threads, pts[pts.len() - 1].threads);
@@ -382,8 +453,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
         };
         let mut summary = format!(
             "No growth: anonymous RSS moved {} over {span:.1} s and was flat in the second half; the live heap moved {}.{early}",
-            signed(rss_net),
-            signed(heap_net)
+            signed_bytes(rss_net),
+            signed_bytes(heap_net)
         );
         let remedies = retained_remedies(f);
         if let Some(w) = f.walk
@@ -395,7 +466,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             ));
         }
         return Verdict {
-            kind: "no-growth",
+            kind: VerdictKind::NoGrowth,
             summary,
             evidence,
             suspects: vec![],
@@ -404,7 +475,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     }
     if f.heap_detached && !rss_growing {
         return Verdict {
-            kind: "inconclusive",
+            kind: VerdictKind::Inconclusive,
             summary: "The heap probes were detached by --max-overhead, so heap growth after that is unknown.".into(),
             evidence,
             suspects,
@@ -417,7 +488,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     let share = |x: f64| if basis > 0.0 { x / basis } else { 0.0 };
     if (heap_growing || share(heap_net) >= 0.5) && !suspects.is_empty() {
         let s = &suspects[0];
-        let freed = if s.section == "heap" && s.allocs > 0 {
+        let freed = if s.section == Section::Heap && s.allocs > 0 {
             if s.frees == 0 {
                 format!(", none of its {} blocks freed", s.allocs)
             } else {
@@ -440,14 +511,14 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             top_name.clone().unwrap_or_default(),
             rate(s.growth_bytes_per_s),
             bytes(s.bytes),
-            if s.section == "mappings" && f.python {
+            if s.section == Section::Mappings && f.python {
                 " Small-object growth shows up as pymalloc arena growth."
             } else {
                 ""
             },
         );
         return Verdict {
-            kind: "leak",
+            kind: VerdictKind::Leak,
             summary,
             evidence,
             suspects,
@@ -457,7 +528,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     if share(retained_net) >= 0.5 {
         let remedies = retained_remedies(f);
         let walk = f.walk.map_or(String::new(), |w| {
-            let thread_arenas = w.arenas.iter().filter(|a| a.kind == "thread").count();
+            let thread_arenas = w.arenas.iter().filter(|a| a.kind == ArenaKind::Thread).count();
             format!(
                 " glibc holds {} of free memory resident across {} arena{} ({} thread arena{}{}); malloc_trim(0) would return {}.",
                 bytes(w.free_resident_bytes),
@@ -472,7 +543,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
         let summary = format!(
             "Fragmentation: anonymous RSS grew {} over {span:.1} s while the live heap grew {}: the allocator keeps freed memory.{walk}{}",
             bytes(rss_net as u64),
-            signed(heap_net),
+            signed_bytes(heap_net),
             remedies.first().map_or(String::new(), |r| format!(
                 " Best remedy: {} (expected to return about {}).",
                 r.action,
@@ -480,7 +551,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             )),
         );
         return Verdict {
-            kind: "fragmentation",
+            kind: VerdictKind::Fragmentation,
             summary,
             evidence,
             suspects: vec![],
@@ -490,7 +561,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     if share(other_net) >= 0.5 {
         let mapped: Vec<Suspect> = suspects
             .iter()
-            .filter(|s| s.section == "mappings")
+            .filter(|s| s.section == Section::Mappings)
             .cloned()
             .collect();
         let summary = format!(
@@ -512,7 +583,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             )),
         );
         return Verdict {
-            kind: "non-heap-growth",
+            kind: VerdictKind::NonHeapGrowth,
             summary,
             evidence,
             suspects: mapped,
@@ -524,12 +595,12 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
          nor other anonymous mappings ({}) explain half of it. Memory allocated before attach and touched since, or an allocator \
          leaktrace does not probe, would look like this.",
         bytes(rss_net.max(0.0) as u64),
-        signed(heap_net),
-        signed(retained_net),
-        signed(other_net)
+        signed_bytes(heap_net),
+        signed_bytes(retained_net),
+        signed_bytes(other_net)
     );
     Verdict {
-        kind: "inconclusive",
+        kind: VerdictKind::Inconclusive,
         summary,
         evidence,
         suspects,
@@ -581,7 +652,11 @@ fn suspects(candidates: &[Candidate], span: f64, threshold: f64) -> Vec<Suspect>
 fn walk_evidence(f: &Facts<'_>, rss_anon: u64) -> Vec<Evidence> {
     let mut e = Vec::new();
     let Some(w) = f.walk else { return e };
-    let thread_arenas = w.arenas.iter().filter(|a| a.kind == "thread").count();
+    let thread_arenas = w
+        .arenas
+        .iter()
+        .filter(|a| a.kind == ArenaKind::Thread)
+        .count();
     e.push(Evidence {
         metric: "glibc_free_resident_bytes",
         value: w.free_resident_bytes as f64,
@@ -604,7 +679,8 @@ fn walk_evidence(f: &Facts<'_>, rss_anon: u64) -> Vec<Evidence> {
     });
     e.push(Evidence {
         metric: "glibc_arenas",
-        value: (thread_arenas + usize::from(w.arenas.iter().any(|a| a.kind == "main"))) as f64,
+        value: (thread_arenas + usize::from(w.arenas.iter().any(|a| a.kind == ArenaKind::Main)))
+            as f64,
         text: format!(
             "{} thread arena{} besides the main heap{}",
             thread_arenas,
@@ -647,7 +723,11 @@ fn retained_remedies(f: &Facts<'_>) -> Vec<Remedy> {
         return vec![];
     }
     let mut r = Vec::new();
-    let thread: Vec<_> = w.arenas.iter().filter(|a| a.kind == "thread").collect();
+    let thread: Vec<_> = w
+        .arenas
+        .iter()
+        .filter(|a| a.kind == ArenaKind::Thread)
+        .collect();
     let arenas = thread.len() as u64 + 1;
     if thread.len() >= 2 {
         let n = 2u64;
@@ -695,14 +775,14 @@ fn retained_remedies(f: &Facts<'_>) -> Vec<Remedy> {
         expected_bytes: w.free_resident_bytes,
         why: format!("upper bound: {} of freed memory is resident in glibc's heaps now", bytes(w.free_resident_bytes)),
     });
-    r.sort_by(|a, b| b.expected_bytes.cmp(&a.expected_bytes));
+    r.sort_by_key(|x| std::cmp::Reverse(x.expected_bytes));
     r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{glibc_heap::ArenaStats, ledger::AnonSplit, procfs::Rss};
+    use crate::{accounting::ledger::AnonSplit, heap::glibc::ArenaStats, process::procfs::Rss};
 
     const MIB: u64 = 1 << 20;
 
@@ -735,7 +815,7 @@ mod tests {
 
     fn candidate(id: i64, f: impl Fn(u64) -> u64) -> Candidate {
         Candidate {
-            section: "heap",
+            section: Section::Heap,
             stack_id: id,
             series: (0..40).map(|i| (i as f64 * 0.25, f(i))).collect(),
             oldest_age_s: 10.0,
@@ -750,7 +830,7 @@ mod tests {
         let mut w = HeapWalk::default();
         for i in 0..thread_arenas {
             w.arenas.push(ArenaStats {
-                kind: "thread",
+                kind: ArenaKind::Thread,
                 arena: format!("{i}"),
                 extent_bytes: free_each + MIB,
                 resident_bytes: free_each + MIB,
@@ -854,7 +934,7 @@ mod tests {
                 walk,
                 ..Facts::default()
             });
-            assert_eq!(v.kind, kind, "{name}: {}", v.summary);
+            assert_eq!(v.kind.as_str(), kind, "{name}: {}", v.summary);
             assert_eq!(
                 v.suspects.first().map(|s| s.stack_id),
                 top,
@@ -893,7 +973,7 @@ mod tests {
             points: &pts[..5],
             ..Facts::default()
         });
-        assert_eq!(v.kind, "inconclusive");
+        assert_eq!(v.kind, VerdictKind::Inconclusive);
     }
 
     /// A stack that grew early and stopped, or that churns, is no suspect.

@@ -17,7 +17,7 @@ use std::{
 use leaktrace_common::AllocFn;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 
-use crate::placement::{self, Placement};
+use crate::probes::placement::{self, Placement};
 
 /// One place to attach a probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,7 +164,7 @@ mod tests {
     /// The C library this test runs on defines the whole malloc family; aliases collapse.
     #[test]
     fn finds_libc_allocators() {
-        let maps = crate::procfs::read_maps(std::process::id()).expect("own maps");
+        let maps = crate::process::procfs::read_maps(std::process::id()).expect("own maps");
         let libc = maps
             .iter()
             .find(|m| m.is_exec() && m.path.contains("libc.so"))
@@ -187,5 +187,29 @@ mod tests {
         }
         let offsets: BTreeSet<_> = sites.iter().map(|s| s.offset).collect();
         assert_eq!(offsets.len(), sites.len(), "each offset is probed once");
+    }
+
+    /// On this machine's C library, `free` is placed where its prologue says.
+    #[test]
+    fn places_free_in_this_libc() {
+        let maps = crate::process::procfs::read_maps(std::process::id()).expect("own maps");
+        let libc = maps
+            .iter()
+            .find(|m| m.is_exec() && m.path.contains("libc.so"))
+            .expect("libc");
+        let sites = find_in_object(&libc.path, Path::new(&libc.path)).expect("libc");
+        let free = sites
+            .iter()
+            .find(|s| s.func == leaktrace_common::AllocFn::Free)
+            .expect("free");
+        // Whatever this libc is, the chosen offset lands on an emulated instruction or stays at 0.
+        assert!(
+            free.placement.offset == 0
+                || free.placement.reason.starts_with("null-check")
+                || free.placement.reason.starts_with("straight"),
+            "{:?}",
+            free.placement
+        );
+        assert_eq!(free.offset, free.entry_offset + free.placement.offset);
     }
 }

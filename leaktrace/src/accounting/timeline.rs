@@ -10,8 +10,8 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
-    ledger::{AnonSplit, Ledger},
-    procfs::Rss,
+    accounting::ledger::{AnonSplit, Ledger},
+    process::procfs::Rss,
 };
 
 /// Samples of the totals kept before they are thinned to every other one.

@@ -1,9 +1,13 @@
-//! Reading `/proc/PID`: the memory map, process state, RSS and the break.
+//! Every read of `/proc/PID` but its memory (see [`super::memory`]): the memory map,
+//! status and RSS, `stat` (CPU time, the break, kernel threads), the environment and
+//! thread names.
 
 use std::{
     fs, io,
     path::{Path, PathBuf},
 };
+
+use leaktrace_common::stat;
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,26 +141,27 @@ pub fn read_status(pid: u32) -> io::Result<Status> {
     ))?))
 }
 
-/// Fields of `/proc/PID/stat` from field 3 (state) on: index `n - 3` is field `n`.
-pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces; fields resume after the last ')'.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+/// `/proc/PID/stat`, whose fields [`leaktrace_common::stat::field`] reads.
+pub fn read_stat(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/stat")).ok()
 }
 
 /// `start_brk` from `/proc/PID/stat` (field 47), if the kernel shows it.
 pub fn read_start_brk(pid: u32) -> Option<u64> {
-    let v: u64 = stat_fields(pid)?.get(47 - 3)?.parse().ok()?;
+    let v: u64 = stat::field(&read_stat(pid)?, 47)?.parse().ok()?;
     (v != 0).then_some(v)
 }
 
 /// utime + stime (fields 14 and 15 of `/proc/PID/stat`), in seconds, all threads.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let f = stat_fields(pid)?;
+    let ticks = stat::cpu_ticks(&read_stat(pid)?)?;
+    Some(ticks as f64 / clock_ticks_per_second())
+}
+
+/// `sysconf(_SC_CLK_TCK)`: the unit of /proc's CPU times.
+pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some((f.get(14 - 3)?.parse::<f64>().ok()? + f.get(15 - 3)?.parse::<f64>().ok()?) / hz)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// Kernel-thread flag in `/proc/PID/stat` field 9.
@@ -164,9 +169,46 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Whether `pid` is a kernel thread (flags, field 9).
 pub fn is_kernel_thread(pid: u32) -> bool {
-    stat_fields(pid)
-        .and_then(|f| f.get(9 - 3)?.parse::<u64>().ok())
+    read_stat(pid)
+        .and_then(|s| stat::field(&s, 9)?.parse::<u64>().ok())
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// The target's initial environment (`/proc/PID/environ`).
+pub fn read_environ(pid: u32) -> Vec<(String, String)> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let s = String::from_utf8_lossy(kv);
+            let (k, v) = s.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// Online CPUs of this machine (the target's too).
+pub fn online_cpus() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u64::try_from(n).unwrap_or(1).max(1)
+}
+
+/// Names of a process's threads (`/proc/PID/task/TID/comm`), by thread id.
+pub fn thread_names(pid: u32) -> rustc_hash::FxHashMap<u32, String> {
+    let mut m = rustc_hash::FxHashMap::default();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok())
+            && let Ok(comm) = std::fs::read_to_string(e.path().join("comm"))
+        {
+            m.insert(tid, comm.trim().to_owned());
+        }
+    }
+    m
 }
 
 #[cfg(test)]
@@ -200,12 +242,9 @@ mod tests {
     #[test]
     fn reads_own_stat() {
         let me = std::process::id();
-        let f = stat_fields(me).expect("own stat");
-        assert!(
-            ["R", "S"].contains(&f[0].as_str()),
-            "field 3 is the state: {}",
-            f[0]
-        );
+        let s = read_stat(me).expect("own stat");
+        let state = stat::field(&s, 3).expect("field 3");
+        assert!(["R", "S"].contains(&state), "field 3 is the state: {state}");
         assert!(!is_kernel_thread(me));
         assert!(is_kernel_thread(2), "pid 2 is kthreadd");
         assert!(cpu_seconds(me).expect("cpu") >= 0.0);

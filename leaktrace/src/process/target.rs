@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{error::Error, procfs};
+use crate::{error::Error, process::procfs};
 
 /// CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF bit numbers (linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;

@@ -226,6 +226,56 @@ pub fn spawn_blocked(program: &Path, args: &[OsString]) -> Result<Blocked, Error
     })
 }
 
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this status.
+    Status(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl Exit {
+    /// How the child ended, from a `waitpid` status; `None` if it has not.
+    pub fn from_wait_status(status: i32) -> Option<Self> {
+        if libc::WIFEXITED(status) {
+            Some(Self::Status(libc::WEXITSTATUS(status)))
+        } else if libc::WIFSIGNALED(status) {
+            Some(Self::Signal(libc::WTERMSIG(status)))
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(n) => write!(f, "exit status {n}"),
+            Self::Signal(n) => write!(f, "killed by signal {n}"),
+        }
+    }
+}
+
+/// Reaps the launched child if it has ended, without waiting.
+pub fn try_reap(pid: u32) -> Option<Exit> {
+    let mut status = 0;
+    // SAFETY: reaping our own launched child.
+    let r = unsafe { libc::waitpid(pid as i32, &raw mut status, libc::WNOHANG) };
+    (r == pid as i32)
+        .then(|| Exit::from_wait_status(status))
+        .flatten()
+}
+
+/// Kills a child that was never released: closing its pipe makes it exit without
+/// running the command; then it is reaped.
+pub fn kill_blocked(b: Blocked) {
+    let pid = b.pid as i32;
+    drop(b);
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+}
+
 /// What a launched child reported to its parent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChildStop {
@@ -233,8 +283,8 @@ pub enum ChildStop {
     None,
     /// It is about to exit; its memory map is still readable. Call [`detach`] after.
     Exiting,
-    /// It has exited; the text says how.
-    Exited(&'static str, i32),
+    /// It has exited, so.
+    Exited(Exit),
     /// It exec'd, or our BPF program stopped it after it mapped code (SIGURG, not
     /// delivered): load the code's unwind tables, then call [`resume`].
     MappedCode,
@@ -252,11 +302,8 @@ pub fn poll_child(pid: u32, ours: &mut u64) -> ChildStop {
         if r <= 0 {
             return ChildStop::None;
         }
-        if libc::WIFEXITED(status) {
-            return ChildStop::Exited("exit status", libc::WEXITSTATUS(status));
-        }
-        if libc::WIFSIGNALED(status) {
-            return ChildStop::Exited("killed by signal", libc::WTERMSIG(status));
+        if let Some(exit) = Exit::from_wait_status(status) {
+            return ChildStop::Exited(exit);
         }
         if !libc::WIFSTOPPED(status) {
             continue;

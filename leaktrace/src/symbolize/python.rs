@@ -15,10 +15,13 @@ use std::path::Path;
 use leaktrace_common::{
     PY_EDGE_IS_ENTRY, PY_EDGE_NONE, PY_EDGE_SHIM, PY_FRAME_EDGE, PyConfig, PyFrame,
 };
-use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSymbol as _};
 use rustc_hash::FxHashMap;
 
-use crate::{glibc_heap::Memory, procfs::MapEntry, symbols::Frame};
+use crate::{
+    process::{Memory, procfs::MapEntry},
+    symbolize::{Frame, FrameKind},
+};
 
 /// glibc x86-64: `offsetof(struct pthread, specific_1stblock)`; a key's slot is
 /// 16 bytes (`seq`, `data`), valid for keys below 32.
@@ -108,16 +111,6 @@ pub fn version_from_name(path: &str) -> Option<(u32, u32)> {
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
-/// Runtime address of `file_addr` in an object mapped by the target: the mapping
-/// of the object's first loadable segment gives the load bias.
-fn load_bias(maps: &[MapEntry], target_path: &str, first_segment: (u64, u64)) -> Option<u64> {
-    let (seg_addr, seg_offset) = first_segment;
-    let m = maps
-        .iter()
-        .find(|m| m.path == target_path && m.offset == seg_offset & !0xfff)?;
-    Some(m.start.wrapping_sub(seg_addr & !0xfff))
-}
-
 /// Finds CPython in the target, if any: `objects` are (path in target, host path).
 pub fn detect<M: Memory>(
     mem: &M,
@@ -144,11 +137,12 @@ pub fn detect<M: Memory>(
         let Some(runtime) = sym("_PyRuntime") else {
             continue;
         };
-        let first = file.segments().find_map(|s| {
-            let (off, _) = s.file_range();
-            (off == 0).then(|| (s.address(), off))
-        });
-        let Some(bias) = first.and_then(|f| load_bias(maps, target_path, f)) else {
+        // The object's first mapping (the lowest, from offset 0) gives the load bias.
+        let Some(bias) = maps
+            .iter()
+            .find(|m| m.path == *target_path)
+            .and_then(|m| crate::process::elf::load_bias(&data, m.start, m.offset, m.is_exec()))
+        else {
             continue;
         };
         let at = |a: u64| a.wrapping_add(bias);
@@ -334,7 +328,7 @@ impl PySymbols {
                     file: Some(c.filename),
                     line,
                     module: None,
-                    kind: "python",
+                    kind: FrameKind::Python,
                     address: format!("{:#x}", f.code),
                     inlined: false,
                 }
@@ -344,7 +338,7 @@ impl PySymbols {
                 file: None,
                 line: None,
                 module: None,
-                kind: "python",
+                kind: FrameKind::Python,
                 address: format!("{:#x}", f.code),
                 inlined: false,
             },
@@ -612,7 +606,7 @@ mod tests {
         }
     }
 
-    fn f(name: &str, kind: &'static str) -> Frame {
+    fn f(name: &str, kind: FrameKind) -> Frame {
         Frame {
             function: Some(name.into()),
             file: None,
@@ -635,13 +629,13 @@ mod tests {
             "_PyEval_EvalFrameDefault",
             "main",
         ]
-        .map(|n| f(n, "native"))
+        .map(|n| f(n, FrameKind::Native))
         .to_vec();
         let py = vec![
-            (f("leaf", "python"), false),
-            (f("mid", "python"), true),
-            (f("cb", "python"), false),
-            (f("<module>", "python"), true),
+            (f("leaf", FrameKind::Python), false),
+            (f("mid", FrameKind::Python), true),
+            (f("cb", FrameKind::Python), false),
+            (f("<module>", FrameKind::Python), true),
         ];
         let names = |v: Vec<Frame>| {
             v.into_iter()
@@ -662,7 +656,7 @@ mod tests {
             ]
         );
         // No eval frames in a broken native stack: the Python frames follow.
-        let short = vec![f("malloc", "native")];
+        let short = vec![f("malloc", FrameKind::Native)];
         assert_eq!(
             names(interleave(short, py, false)),
             ["malloc", "leaf", "mid", "cb", "<module>"]

@@ -1,4 +1,4 @@
-//! Turning stack addresses into frames with blazesym.
+//! Native frames: stack addresses turned into functions, files and lines with blazesym.
 //!
 //! Addresses are normalized against our own snapshot of the target's
 //! executable mappings and symbolized per object file by file offset, so a
@@ -15,40 +15,13 @@ use blazesym::symbolize::{
 use leaktrace_common::{STACK_CFI, STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
 use rustc_hash::FxHashMap;
 
-use crate::procfs::{self, MapEntry};
+use crate::{
+    process::procfs::{self, MapEntry},
+    symbolize::{Frame, FrameKind, Stack},
+};
 
 /// An address to symbolize and whether it is a return address (looked up at `addr - 1`).
 type Key = (u64, bool);
-
-/// One frame of a symbolized stack.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Frame {
-    /// Function name, demangled; `null` when unknown.
-    pub function: Option<String>,
-    /// Source file, when debug info has it.
-    pub file: Option<String>,
-    /// Source line, when debug info has it.
-    pub line: Option<u32>,
-    /// Object the code belongs to.
-    pub module: Option<String>,
-    /// Always `"native"` for now; Python frames will say `"python"`.
-    pub kind: &'static str,
-    /// The address in the target, hex.
-    pub address: String,
-    /// Whether the function was inlined into the next frame.
-    pub inlined: bool,
-}
-
-/// A resolved stack.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stack {
-    /// Frames, innermost first.
-    pub frames: Vec<Frame>,
-    /// The walk stopped before the outermost frame.
-    pub truncated: bool,
-    /// Bytes of stack from the stack pointer to the outermost frame reached.
-    pub span: u64,
-}
 
 /// Stack symbolizer for one target process.
 pub struct Symbols {
@@ -56,14 +29,13 @@ pub struct Symbols {
     exec_maps: Vec<MapEntry>,
     symbolizer: Symbolizer,
     cache: FxHashMap<Key, Vec<Frame>>,
-    stacks: FxHashMap<i64, Stack>,
 }
 
 impl std::fmt::Debug for Symbols {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Symbols")
             .field("pid", &self.pid)
-            .field("stacks", &self.stacks.len())
+            .field("cached_addresses", &self.cache.len())
             .finish_non_exhaustive()
     }
 }
@@ -80,7 +52,6 @@ impl Symbols {
                 .enable_demangling(true)
                 .build(),
             cache: FxHashMap::default(),
-            stacks: FxHashMap::default(),
         };
         s.refresh_maps();
         s
@@ -133,18 +104,8 @@ impl Symbols {
             .all(|(i, &a)| (syscall && i == 1) || self.mapping(a).is_some())
     }
 
-    /// A resolved stack.
-    pub fn stack_mut(&mut self, id: i64) -> Option<&mut Stack> {
-        self.stacks.get_mut(&id)
-    }
-
-    /// A resolved stack.
-    pub fn get(&self, id: i64) -> Option<&Stack> {
-        self.stacks.get(&id)
-    }
-
     /// Resolves raw stacks (id, trace) in one batch.
-    pub fn resolve(&mut self, raw: &[(i64, StackTrace)]) {
+    pub fn resolve(&mut self, raw: &[(i64, StackTrace)]) -> Vec<(i64, Stack)> {
         // Addresses to look up: (address, is_return_address).
         let mut wanted: Vec<Key> = Vec::new();
         // (stack id, its addresses, truncated, span)
@@ -178,20 +139,23 @@ impl Symbols {
         wanted.sort_unstable();
         wanted.dedup();
         self.symbolize(&wanted);
-        for (id, addrs, truncated, span) in plans {
-            let frames = addrs
-                .iter()
-                .flat_map(|k| self.cache.get(k).cloned().unwrap_or_default())
-                .collect();
-            self.stacks.insert(
-                id,
-                Stack {
-                    frames,
-                    truncated,
-                    span,
-                },
-            );
-        }
+        plans
+            .into_iter()
+            .map(|(id, addrs, truncated, span)| {
+                let frames = addrs
+                    .iter()
+                    .flat_map(|k| self.cache.get(k).cloned().unwrap_or_default())
+                    .collect();
+                (
+                    id,
+                    Stack {
+                        frames,
+                        truncated,
+                        span,
+                    },
+                )
+            })
+            .collect()
     }
 
     fn symbolize(&mut self, wanted: &[Key]) {
@@ -233,7 +197,7 @@ impl Symbols {
                                 file: code.map(|c| c.to_path().display().to_string()),
                                 line: code.and_then(|c| c.line),
                                 module: Some(module.clone()),
-                                kind: "native",
+                                kind: FrameKind::Native,
                                 address: format!("{:#x}", key.0),
                                 inlined,
                             };
@@ -257,7 +221,7 @@ fn unknown(addr: u64, module: Option<String>) -> Frame {
         file: None,
         line: None,
         module,
-        kind: "native",
+        kind: FrameKind::Native,
         address: format!("{addr:#x}"),
         inlined: false,
     }

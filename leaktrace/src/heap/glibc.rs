@@ -24,14 +24,14 @@
 //! reported as not walkable — never guessed. Chunks parked in tcache or fastbins
 //! look in use from outside (they are small: at most 7 per size class per thread).
 
-use std::{fs::File, io, os::unix::fs::FileExt as _};
-
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::procfs::MapEntry;
+use crate::{
+    process::{Memory, procfs::MapEntry},
+    units::{PAGE, page_down, page_up},
+};
 
-const PAGE: u64 = 4096;
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: arena heaps are aligned to it.
 pub const HEAP_MAX: u64 = 64 << 20;
 /// `sizeof(struct malloc_chunk)`: `mtrim` keeps this much of a free chunk.
@@ -42,47 +42,6 @@ const PREV_INUSE: u64 = 1;
 const WINDOW: usize = 64 << 10;
 /// Attempts per heap before it is reported as changing too fast to walk.
 const ATTEMPTS: usize = 3;
-
-/// The target's memory, as the walker reads it.
-pub trait Memory {
-    /// Fills `buf` from `addr`.
-    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Whether each page of `[start, end)` (page-aligned) is resident.
-    fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>>;
-}
-
-/// `/proc/PID/mem` and `/proc/PID/pagemap`.
-pub struct ProcMemory {
-    mem: File,
-    pagemap: File,
-}
-
-impl ProcMemory {
-    /// Opens the target's memory for reading.
-    pub fn open(pid: u32) -> io::Result<Self> {
-        Ok(Self {
-            mem: File::open(format!("/proc/{pid}/mem"))?,
-            pagemap: File::open(format!("/proc/{pid}/pagemap"))?,
-        })
-    }
-}
-
-impl Memory for ProcMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.mem.read_exact_at(buf, addr)
-    }
-
-    fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
-        let pages = ((end - start) / PAGE) as usize;
-        let mut raw = vec![0u8; pages * 8];
-        self.pagemap.read_exact_at(&mut raw, start / PAGE * 8)?;
-        // Bit 63: page present in RAM.
-        Ok(raw
-            .chunks_exact(8)
-            .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) >> 63 == 1)
-            .collect())
-    }
-}
 
 /// Reads 8-byte words through a window, so that small chunks cost no syscall each.
 struct Words<'a, M: Memory> {
@@ -150,7 +109,7 @@ fn walk<M: Memory>(
     let mut n = 0u32;
     loop {
         n = n.wrapping_add(1);
-        if n % 4096 == 0 && std::time::Instant::now() > deadline {
+        if n.is_multiple_of(4096) && std::time::Instant::now() > deadline {
             return Err("not walked: over the time budget (a very large heap)");
         }
         let Some(field) = w.at(p + 8) else {
@@ -195,11 +154,22 @@ fn walk<M: Memory>(
     }
 }
 
+/// Which kind of arena.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArenaKind {
+    /// The main arena: the brk heap.
+    #[default]
+    Main,
+    /// A per-thread arena: 64 MiB-aligned heaps of its own.
+    Thread,
+}
+
 /// What the walk says about one arena.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ArenaStats {
-    /// `main` (the brk heap) or `thread`.
-    pub kind: &'static str,
+    /// Main or per-thread.
+    pub kind: ArenaKind,
     /// Address of the arena's `malloc_state` (the main arena's is not needed: "brk").
     pub arena: String,
     /// Heaps the arena spans (thread arenas grow by adding 64 MiB heaps).
@@ -298,14 +268,6 @@ fn hex(a: u64) -> String {
     format!("{a:#x}")
 }
 
-fn page_up(a: u64) -> u64 {
-    a.div_ceil(PAGE) * PAGE
-}
-
-fn page_down(a: u64) -> u64 {
-    a / PAGE * PAGE
-}
-
 /// Accumulates one walked heap into its arena's figures.
 fn add_heap<M: Memory>(mem: &M, a: &mut ArenaStats, start: u64, end: u64, c: &Chunks, main: bool) {
     let (ps, pe) = (page_down(start), page_up(end));
@@ -385,7 +347,7 @@ fn walk_thread<M: Memory>(
         let (ar_ptr, size, mprotect_size) = (word(0), word(2), word(3));
         // ar_ptr points just past this heap's heap_info, or another heap's.
         let owner_ok = heaps.iter().any(|&o| ar_ptr > o && ar_ptr < o + 256);
-        if !owner_ok || size < PAGE || size > HEAP_MAX || mprotect_size < size {
+        if !owner_ok || !(PAGE..=HEAP_MAX).contains(&size) || mprotect_size < size {
             return Err("not a glibc arena heap (heap_info does not check out)".into());
         }
         let end = h + size;
@@ -419,7 +381,7 @@ pub fn walk_heaps<M: Memory>(mem: &M, sites: &HeapSites) -> HeapWalk {
         match walk_main(mem, start, end, deadline) {
             Ok(c) => {
                 let mut a = ArenaStats {
-                    kind: "main",
+                    kind: ArenaKind::Main,
                     arena: "brk heap".into(),
                     ..ArenaStats::default()
                 };
@@ -437,7 +399,7 @@ pub fn walk_heaps<M: Memory>(mem: &M, sites: &HeapSites) -> HeapWalk {
         match walk_thread(mem, h, &sites.thread_heaps, deadline) {
             Ok((ar, c, end)) => {
                 let a = thread.entry(ar).or_insert_with(|| ArenaStats {
-                    kind: "thread",
+                    kind: ArenaKind::Thread,
                     arena: hex(ar),
                     ..ArenaStats::default()
                 });
@@ -502,28 +464,10 @@ pub fn arena_limit(environ: &[(String, String)], cpus: u64) -> ArenaLimit {
     }
 }
 
-/// The target's initial environment (`/proc/PID/environ`).
-pub fn read_environ(pid: u32) -> Vec<(String, String)> {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .unwrap_or_default()
-        .split(|&b| b == 0)
-        .filter_map(|kv| {
-            let s = String::from_utf8_lossy(kv);
-            let (k, v) = s.split_once('=')?;
-            Some((k.to_owned(), v.to_owned()))
-        })
-        .collect()
-}
-
-/// Online CPUs of this machine (the target's too).
-pub fn online_cpus() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    u64::try_from(n).unwrap_or(1).max(1)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
 
     /// A heap laid out in a byte buffer, as glibc would lay it out.
@@ -604,7 +548,7 @@ mod tests {
         let a = &w.arenas[0];
         assert_eq!(
             (a.kind, a.in_use_chunks, a.in_use_bytes),
-            ("main", 2, 0x290 + 0x5d70)
+            (ArenaKind::Main, 2, 0x290 + 0x5d70)
         );
         assert_eq!(
             (a.free_chunks, a.free_bytes, a.largest_free_bytes),

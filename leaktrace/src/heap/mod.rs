@@ -1,0 +1,5 @@
+//! Allocator state read from the target's memory, from outside: the heap as the
+//! allocator itself sees it (in use, free, free but resident, trimmable).
+//! [`glibc`] walks glibc's arenas; other allocators get a module beside it.
+
+pub mod glibc;

@@ -1,0 +1,101 @@
+//! ELF objects as the target maps them.
+
+use object::{Object as _, ObjectSegment as _};
+
+/// The load bias of an object mapped at `start` from file offset `offset`: the
+/// runtime address of file address `v` is `bias + v`. `executable` is whether the
+/// mapping is (its permissions include x).
+pub fn load_bias(data: &[u8], start: u64, offset: u64, executable: bool) -> Option<u64> {
+    let file = object::File::parse(data).ok()?;
+    // The mapping's offset is the segment's rounded down to a page: lld does not align
+    // p_offset, so the segment can start after `offset`. Of two segments sharing the
+    // page, the one whose executability matches the mapping's is the one mapped there.
+    let maps = |s: &object::Segment<'_, '_>| {
+        let (o, n) = s.file_range();
+        (o & !0xfff) <= offset && offset < o + n.max(1)
+    };
+    let is_exec = |s: &object::Segment<'_, '_>| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
+    let seg = file
+        .segments()
+        .find(|s| maps(s) && is_exec(s) == executable)
+        .or_else(|| file.segments().find(|s| maps(s)))?;
+    let (seg_off, _) = seg.file_range();
+    // address(v) = start + (v − (vaddr − seg_off)) − offset
+    Some(
+        start
+            .wrapping_sub(offset)
+            .wrapping_sub(seg.address().wrapping_sub(seg_off)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn probe_target() -> u64 {
+        std::hint::black_box(42)
+    }
+
+    /// The load bias of this test binary's code mapping puts a function's symbol at
+    /// its runtime address. Rust links with lld (rustc 1.90+), which does not
+    /// page-align segment file offsets, so the mapping's offset lies before the
+    /// code segment's: the segment covering it must still be the code's.
+    #[test]
+    fn bias_of_own_code_mapping() {
+        use object::{Object as _, ObjectSymbol as _};
+        let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
+        let data = std::fs::read(&exe).expect("readable");
+        let file = object::File::parse(&*data).expect("ELF");
+        let runtime = probe_target as fn() -> u64 as usize as u64;
+        let sym = file
+            .symbols()
+            .find(|s| s.name().is_ok_and(|n| n.contains("probe_target")))
+            .expect("symbol of probe_target in the test binary");
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
+        let (start, offset) = maps
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (lo, hi) = f[0].split_once('-')?;
+                let (lo, hi) = (
+                    u64::from_str_radix(lo, 16).ok()?,
+                    u64::from_str_radix(hi, 16).ok()?,
+                );
+                (f[1].contains('x') && (lo..hi).contains(&runtime))
+                    .then(|| Some((lo, u64::from_str_radix(f[2], 16).ok()?)))
+                    .flatten()
+            })
+            .expect("the code mapping holding probe_target");
+        let b = load_bias(&data, start, offset, true).expect("a segment for the mapping");
+        assert_eq!(
+            b.wrapping_add(sym.address()),
+            runtime,
+            "mapping at {start:#x} offset {offset:#x}, symbol {:#x}",
+            sym.address()
+        );
+    }
+
+    /// The read-only mapping at offset 0 of the same binary gives the same bias: the
+    /// segment holding the ELF header is chosen, not the code segment sharing its page.
+    #[test]
+    fn bias_of_own_first_mapping() {
+        use object::{Object as _, ObjectSymbol as _};
+        let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
+        let data = std::fs::read(&exe).expect("readable");
+        let file = object::File::parse(&*data).expect("ELF");
+        let runtime = probe_target as fn() -> u64 as usize as u64;
+        let sym = file
+            .symbols()
+            .find(|s| s.name().is_ok_and(|n| n.contains("probe_target")))
+            .expect("symbol of probe_target in the test binary");
+        let maps = crate::process::procfs::read_maps(std::process::id()).expect("own maps");
+        let exe = exe.display().to_string();
+        let first = maps
+            .iter()
+            .find(|m| m.path == exe && m.offset == 0)
+            .expect("the mapping of the executable at offset 0");
+        let b = load_bias(&data, first.start, first.offset, first.is_exec()).expect("a segment");
+        assert_eq!(b.wrapping_add(sym.address()), runtime);
+    }
+}

@@ -1,0 +1,11 @@
+//! The traced process: everything read from `/proc/PID` ([`procfs`]), its memory
+//! ([`memory`]), its ELF objects ([`elf`]), validating a pid ([`target`]) and
+//! launching a command under trace ([`launch`]).
+
+pub mod elf;
+pub mod launch;
+pub mod memory;
+pub mod procfs;
+pub mod target;
+
+pub use memory::{Memory, ProcMemory};

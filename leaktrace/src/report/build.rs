@@ -1,0 +1,300 @@
+//! Builds a report from the engine's state: the books, the resolved stacks, what
+//! the worker read from the target, and the verdict decided from them.
+
+use crate::{
+    accounting::{
+        ledger::{Ledger, Totals, weigh},
+        losses::Losses,
+        timeline::Timeline,
+    },
+    analysis::verdict::Verdict,
+    heap::glibc::{ArenaLimit, HeapWalk},
+    probes::{
+        attach::ProbeInfo,
+        meter::{HeapDetached, Overhead},
+    },
+    process::procfs::Rss,
+    report::*,
+    symbolize::StackStore,
+    unwind::UnwindStats,
+};
+
+/// Everything a report is built from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    /// Traced process.
+    pub pid: u32,
+    /// The books.
+    pub ledger: &'a Ledger,
+    /// Resolved stacks.
+    pub stacks: &'a StackStore,
+    /// Kernel counters, indexed by `counter::*`.
+    pub kernel_counters: &'a [u64],
+    /// Last RSS reading.
+    pub rss: Rss,
+    /// Seconds traced.
+    pub duration_s: f64,
+    /// Monotonic now, ns (for ages).
+    pub now_ns: u64,
+    /// Stacks to show per section.
+    pub top: usize,
+    /// Final report?
+    pub final_report: bool,
+    /// Why tracing ended.
+    pub end_reason: Option<String>,
+    /// Whether the target exited.
+    pub target_exited: bool,
+    /// Probes attached.
+    pub probes: &'a [ProbeInfo],
+    /// Latest overhead measurement.
+    pub overhead: Option<Overhead>,
+    /// Heap probes detached by the budget.
+    pub heap_detached: Option<HeapDetached>,
+    /// Samples over time.
+    pub timeline: &'a Timeline,
+    /// The verdict, decided from the same state.
+    pub verdict: Verdict,
+    /// Blocks younger than this are left out of the heap stacks (0: none).
+    pub min_age_s: f64,
+    /// glibc heaps walked now, if the target has them and is alive.
+    pub walk: Option<&'a HeapWalk>,
+    /// glibc's arena limit.
+    pub arena_limit: Option<ArenaLimit>,
+    /// malloc settings in the target's environment.
+    pub malloc_env: Vec<String>,
+    /// The target's CPython interpreter, if it is one.
+    pub python: Option<PythonInfo>,
+    /// Names of the target's threads.
+    pub thread_names: &'a rustc_hash::FxHashMap<u32, String>,
+    /// The unwinder in use.
+    pub unwinder: Unwinder,
+    /// The unwind tables loaded, with CFI.
+    pub unwind: Option<&'a UnwindStats>,
+}
+
+/// Builds a report.
+pub fn build(i: &Inputs<'_>) -> Report {
+    let oldest = i.ledger.oldest_by_stack();
+    let age = |id: i64| {
+        oldest
+            .get(&id)
+            .map_or(0.0, |&t| i.now_ns.saturating_sub(t) as f64 / 1e9)
+    };
+    let frames = |id: i64| {
+        i.stacks
+            .get(id)
+            .map_or((Vec::new(), false), |s| (s.frames.clone(), s.truncated))
+    };
+    let mut heap: Vec<(i64, Totals)> = if i.min_age_s > 0.0 {
+        aged_heap(i.ledger, i.now_ns, i.min_age_s)
+    } else {
+        i.ledger
+            .heap_by_stack()
+            .iter()
+            .map(|(&id, t)| (id, *t))
+            .collect()
+    };
+    heap.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(&b.0)));
+    let heap_stacks = heap
+        .iter()
+        .take(i.top)
+        .map(|&(id, t)| {
+            let (frames, truncated) = frames(id);
+            HeapStack {
+                live_bytes: t.bytes,
+                live_allocations: t.count,
+                samples: t.samples,
+                live_bytes_error95: error95(t.variance),
+                oldest_age_s: age(id),
+                growth: i.timeline.stack_growth(id),
+                stack_id: id,
+                truncated,
+                frames,
+            }
+        })
+        .collect();
+    let mut mapped: Vec<_> = i
+        .ledger
+        .mapped_by_stack()
+        .iter()
+        .map(|(&id, t)| (id, t.bytes))
+        .collect();
+    mapped.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let map_stacks = mapped
+        .iter()
+        .take(i.top)
+        .map(|&(id, bytes)| {
+            let (frames, truncated) = frames(id);
+            MapStack {
+                mapped_bytes: bytes,
+                oldest_age_s: age(id),
+                stack_id: id,
+                truncated,
+                frames,
+            }
+        })
+        .collect();
+
+    let Losses {
+        lost,
+        counters,
+        total: lost_total,
+    } = Losses::tally(i.kernel_counters, &i.ledger.counters);
+
+    Report {
+        pid: i.pid,
+        duration_s: (i.duration_s * 1000.0).round() / 1000.0,
+        rss_bytes: i.rss.rss_bytes,
+        rss: i.rss,
+        final_report: i.final_report,
+        end_reason: i.end_reason.clone(),
+        target_exited: i.target_exited,
+        heap: Heap {
+            live_bytes: i.ledger.live_bytes(),
+            live_allocations: i.ledger.live_allocations(),
+            live_bytes_error95: error95(i.ledger.live_variance()),
+            sample_rate_bytes: i.ledger.sample_rate(),
+            stacks: heap_stacks,
+        },
+        mappings: Mappings {
+            anon_mapped_bytes: i.ledger.anon_mapped_bytes(),
+            brk_bytes: i.ledger.brk_bytes().unwrap_or(0),
+            brk_grown_bytes: i.ledger.brk_grown_bytes(),
+            split: i.ledger.anon_split(),
+            arenas: {
+                let mut a = i.ledger.arenas();
+                a.sort_by(|x, y| y.2.cmp(&x.2).then(x.0.cmp(&y.0)));
+                a.into_iter()
+                    .take(i.top)
+                    .map(|(start, reserved, committed, id, tid)| ArenaInfo {
+                        address: format!("{start:#x}"),
+                        reserved_bytes: reserved,
+                        committed_bytes: committed,
+                        stack_id: id,
+                        thread: tid,
+                        thread_name: i.thread_names.get(&tid).cloned(),
+                        frames: frames(id).0,
+                    })
+                    .collect()
+            },
+            stacks: map_stacks,
+        },
+        lost,
+        lost_total,
+        counters,
+        activity: i.ledger.activity,
+        probes: i.probes.to_vec(),
+        overhead: i.overhead.clone(),
+        heap_detached: i.heap_detached.clone(),
+        verdict: i.verdict.clone(),
+        allocator: Allocator {
+            glibc_heaps: i.walk.map(|w| glibc_heaps(i, w)),
+            arena_limit: i.arena_limit.clone(),
+            environment: i.malloc_env.clone(),
+            mmap_threshold_raised_to: i.ledger.mmap_threshold_raised_to(),
+        },
+        python: i.python.clone(),
+        stacks: stack_info(i),
+        timeline: i.timeline.points().to_vec(),
+    }
+}
+
+fn stack_info(i: &Inputs<'_>) -> StackInfo {
+    let (mut complete, mut all, mut cs, mut ts) = (0u64, 0u64, 0, 0);
+    const COPIES: [u64; 4] = [8, 16, 32, 64];
+    let mut fit = [0u64; 4];
+    for (&id, t) in i.ledger.heap_by_stack() {
+        let Some(s) = i.stacks.get(id) else {
+            continue;
+        };
+        if t.bytes == 0 {
+            continue;
+        }
+        all += t.bytes;
+        if s.truncated {
+            ts += 1;
+        } else {
+            complete += t.bytes;
+            cs += 1;
+            // The copy must reach the outermost frame's return address, just below its CFA.
+            for (k, kib) in COPIES.iter().enumerate() {
+                if s.span <= kib * 1024 {
+                    fit[k] += t.bytes;
+                }
+            }
+        }
+    }
+    StackInfo {
+        unwinder: i.unwinder,
+        complete_pct: if all == 0 {
+            100.0
+        } else {
+            complete as f64 * 100.0 / all as f64
+        },
+        complete_stacks: cs,
+        truncated_stacks: ts,
+        tables: i.unwind.cloned(),
+        copy_would_fit: if i.unwinder == Unwinder::Cfi {
+            COPIES
+                .iter()
+                .zip(fit)
+                .map(|(&k, f)| (k, f as f64 * 100.0 / all.max(1) as f64))
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Heap totals per stack counting only blocks at least `min_age_s` old.
+fn aged_heap(ledger: &Ledger, now_ns: u64, min_age_s: f64) -> Vec<(i64, Totals)> {
+    let cutoff = now_ns.saturating_sub((min_age_s * 1e9) as u64);
+    let mut m: rustc_hash::FxHashMap<i64, Totals> = rustc_hash::FxHashMap::default();
+    for b in ledger.live().values().filter(|b| b.ts_ns <= cutoff) {
+        let (bytes, count, var) = weigh(b.size, ledger.sample_rate());
+        let t = m.entry(b.stack_id).or_default();
+        t.bytes += bytes;
+        t.count += count;
+        t.samples += 1;
+        t.variance += var;
+    }
+    m.into_iter().collect()
+}
+
+/// The walk, with arenas joined to the thread and stack that created them.
+fn glibc_heaps(i: &Inputs<'_>, w: &HeapWalk) -> GlibcHeaps {
+    let created = i.ledger.arenas();
+    GlibcHeaps {
+        in_use_bytes: w.in_use_bytes,
+        free_bytes: w.free_bytes,
+        free_resident_bytes: w.free_resident_bytes,
+        trimmable_bytes: w.trimmable_bytes,
+        resident_bytes: w.resident_bytes,
+        arenas: w
+            .arenas
+            .iter()
+            .map(|a| {
+                let first = a
+                    .heaps
+                    .first()
+                    .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+                let c = first.and_then(|h| created.iter().find(|c| c.0 == h));
+                WalkedArena {
+                    stats: a.clone(),
+                    created_by_thread: c.map(|c| c.4),
+                    created_by_thread_name: c.and_then(|c| i.thread_names.get(&c.4).cloned()),
+                    created_by_stack: c.map(|c| c.3),
+                    frames: c
+                        .map(|c| i.stacks.get(c.3).map_or(Vec::new(), |s| s.frames.clone()))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect(),
+        unwalkable: w.unwalkable.clone(),
+    }
+}
+
+/// 95% half-width from a variance.
+fn error95(variance: f64) -> u64 {
+    (1.96 * variance.max(0.0).sqrt()).round() as u64
+}

@@ -1,0 +1,461 @@
+//! Reports: the model (this file, serialized as the JSON document), how it is
+//! built ([`build`]) and its text rendering ([`text`]).
+//!
+//! The JSON shape is a stable contract (see README): fields are only added.
+
+mod build;
+mod text;
+
+use serde::Serialize;
+
+pub use build::{Inputs, build};
+pub use text::{render_dry_run, render_text};
+
+pub use crate::probes::{
+    attach::{ProbeInfo, ReturnProbe},
+    meter::{HeapDetached, Overhead, ProgramCost},
+};
+use crate::{
+    accounting::{
+        ledger::Activity,
+        timeline::{Growth, Point},
+    },
+    analysis::verdict::Verdict,
+    heap::glibc::{ArenaLimit, ArenaStats, Unwalkable},
+    process::procfs::Rss,
+    symbolize::Frame,
+};
+
+/// One stack's outstanding heap.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeapStack {
+    /// Outstanding requested bytes.
+    pub live_bytes: u64,
+    /// Outstanding blocks.
+    pub live_allocations: u64,
+    /// Sampled blocks behind the figures (equal to `live_allocations` when exact).
+    pub samples: u64,
+    /// Half-width of the 95% interval of `live_bytes` (0 when exact).
+    pub live_bytes_error95: u64,
+    /// Age of the oldest outstanding block, seconds.
+    pub oldest_age_s: f64,
+    /// How its outstanding bytes moved over the trace (null until three samples).
+    pub growth: Option<Growth>,
+    /// Kernel stack id (negative: capture failed, see `lost`).
+    pub stack_id: i64,
+    /// The stack walk stopped early.
+    pub truncated: bool,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// One stack's outstanding mappings (anonymous mmap and brk growth).
+#[derive(Clone, Debug, Serialize)]
+pub struct MapStack {
+    /// Bytes still mapped.
+    pub mapped_bytes: u64,
+    /// Age of the oldest region, seconds.
+    pub oldest_age_s: f64,
+    /// Kernel stack id.
+    pub stack_id: i64,
+    /// The stack walk stopped early.
+    pub truncated: bool,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// An arena reservation made by the allocator since attach.
+#[derive(Clone, Debug, Serialize)]
+pub struct ArenaInfo {
+    /// Start address, hex.
+    pub address: String,
+    /// Reserved address space.
+    pub reserved_bytes: u64,
+    /// Made accessible with mprotect.
+    pub committed_bytes: u64,
+    /// Stack of the allocator call that created it.
+    pub stack_id: i64,
+    /// Thread that created it.
+    pub thread: u32,
+    /// That thread's name, if it is still running.
+    pub thread_name: Option<String>,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// A glibc arena as walked from outside, with who created it when that was seen.
+#[derive(Clone, Debug, Serialize)]
+pub struct WalkedArena {
+    /// The walk's figures.
+    #[serde(flatten)]
+    pub stats: ArenaStats,
+    /// Thread whose allocation created the arena (arenas created since attach).
+    pub created_by_thread: Option<u32>,
+    /// That thread's name, if still running.
+    pub created_by_thread_name: Option<String>,
+    /// Stack of the allocation that created it.
+    pub created_by_stack: Option<i64>,
+    /// Its frames, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// The allocator as seen from outside: glibc's heaps walked through /proc/PID/mem.
+#[derive(Clone, Debug, Serialize)]
+pub struct Allocator {
+    /// Arenas walked (main first), with totals; null when the target has no glibc heap to walk or has exited.
+    pub glibc_heaps: Option<GlibcHeaps>,
+    /// glibc's arena limit for the target.
+    pub arena_limit: Option<ArenaLimit>,
+    /// malloc settings in the target's environment.
+    pub environment: Vec<String>,
+    /// glibc raised its dynamic mmap threshold to this after freeing an mmapped chunk.
+    pub mmap_threshold_raised_to: Option<u64>,
+}
+
+/// The walk's totals and arenas.
+#[derive(Clone, Debug, Serialize)]
+pub struct GlibcHeaps {
+    /// Bytes in chunks in use.
+    pub in_use_bytes: u64,
+    /// Free bytes, top chunks included.
+    pub free_bytes: u64,
+    /// Resident free bytes.
+    pub free_resident_bytes: u64,
+    /// What malloc_trim(0) would release now.
+    pub trimmable_bytes: u64,
+    /// Resident bytes of all heaps.
+    pub resident_bytes: u64,
+    /// Arenas, main first.
+    pub arenas: Vec<WalkedArena>,
+    /// Heaps that could not be walked.
+    pub unwalkable: Vec<Unwalkable>,
+}
+
+/// How native stacks are unwound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Unwinder {
+    /// No stacks (`--no-stacks`).
+    #[default]
+    #[serde(rename = "off")]
+    Off,
+    /// Unwind tables, frame pointers only where no table exists (the default).
+    #[serde(rename = "cfi")]
+    Cfi,
+    /// Frame pointers only (`--unwind fp`).
+    #[serde(rename = "frame-pointers")]
+    FramePointers,
+    /// Benchmark only: stack copies for a userspace unwinder, no stacks.
+    #[serde(rename = "stack-copy (benchmark)")]
+    StackCopy,
+}
+
+/// How call stacks were unwound, and how many reached their outermost frame.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StackInfo {
+    /// The unwinder.
+    pub unwinder: Unwinder,
+    /// Live heap bytes whose stack reached its outermost frame (`_start`, the
+    /// thread start), in percent of the live heap bytes that have a stack.
+    pub complete_pct: f64,
+    /// Distinct stacks holding live heap bytes: complete and truncated.
+    pub complete_stacks: usize,
+    /// See `complete_stacks`.
+    pub truncated_stacks: usize,
+    /// The unwind tables loaded (CFI only).
+    pub tables: Option<crate::unwind::UnwindStats>,
+    /// For a userspace unwinder fed with a copy of the stack (perf's design): share of
+    /// live heap bytes, in percent, whose complete stack fits in a copy of 8, 16, 32
+    /// and 64 KiB (`[KiB, percent]` pairs). From the span of each CFI-unwound stack.
+    pub copy_would_fit: Vec<(u64, f64)>,
+}
+
+/// The target's CPython interpreter.
+#[derive(Clone, Debug, Serialize)]
+pub struct PythonInfo {
+    /// "3.11".
+    pub version: String,
+    /// Object holding the interpreter.
+    pub object: String,
+    /// Whether Python frames are in the stacks.
+    pub frames: bool,
+    /// Why not, when they are not.
+    pub unavailable: Option<String>,
+    /// How small objects show up.
+    pub note: String,
+}
+
+/// Heap section.
+#[derive(Clone, Debug, Serialize)]
+pub struct Heap {
+    /// Outstanding requested bytes allocated since attach.
+    pub live_bytes: u64,
+    /// Outstanding blocks allocated since attach.
+    pub live_allocations: u64,
+    /// Half-width of the 95% interval of `live_bytes` (0 when exact).
+    pub live_bytes_error95: u64,
+    /// Mean sampling interval in bytes; 0 when every call was traced.
+    pub sample_rate_bytes: u64,
+    /// Stacks by outstanding bytes, largest first.
+    pub stacks: Vec<HeapStack>,
+}
+
+/// Address-space section.
+#[derive(Clone, Debug, Serialize)]
+pub struct Mappings {
+    /// Anonymous bytes mapped since attach and still mapped.
+    pub anon_mapped_bytes: u64,
+    /// Size of the brk heap (`brk − start_brk`), 0 if the process has none.
+    pub brk_bytes: u64,
+    /// brk growth since attach still in place.
+    pub brk_grown_bytes: u64,
+    /// Anonymous mappings since attach by origin.
+    pub split: crate::accounting::ledger::AnonSplit,
+    /// Arena reservations made since attach, most committed first.
+    pub arenas: Vec<ArenaInfo>,
+    /// Stacks by mapped bytes, largest first.
+    pub stacks: Vec<MapStack>,
+}
+
+/// A report, as printed at each interval and at the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Traced process.
+    pub pid: u32,
+    /// Seconds since the probes were attached.
+    pub duration_s: f64,
+    /// Resident set size (last value read while the target was alive).
+    pub rss_bytes: u64,
+    /// RSS split.
+    pub rss: Rss,
+    /// Whether this is the final report.
+    pub final_report: bool,
+    /// Why tracing ended (final report only).
+    pub end_reason: Option<String>,
+    /// Whether the target had exited.
+    pub target_exited: bool,
+    /// Heap accounting.
+    pub heap: Heap,
+    /// Address-space accounting.
+    pub mappings: Mappings,
+    /// Data lost, by cause; all zero means the report is complete.
+    pub lost: std::collections::BTreeMap<String, u64>,
+    /// Sum of `lost`.
+    pub lost_total: u64,
+    /// Other counters (not losses).
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Activity since attach.
+    pub activity: Activity,
+    /// Probes attached.
+    pub probes: Vec<ProbeInfo>,
+    /// Latest call rates and projected probe cost (over the whole run in the final report).
+    pub overhead: Option<Overhead>,
+    /// Set when the overhead budget detached the heap probes: heap figures stop there.
+    pub heap_detached: Option<HeapDetached>,
+    /// Leak, fragmentation, non-heap growth, no growth, or inconclusive — with evidence.
+    pub verdict: Verdict,
+    /// The allocator as seen from outside.
+    pub allocator: Allocator,
+    /// The CPython interpreter, when the target is one.
+    pub python: Option<PythonInfo>,
+    /// How stacks were unwound.
+    pub stacks: StackInfo,
+    /// Totals sampled every 250 ms (thinned to at most 2048 points).
+    pub timeline: Vec<Point>,
+}
+
+#[cfg(test)]
+mod tests {
+    use leaktrace_common::counter;
+
+    use super::*;
+    use crate::{
+        analysis::verdict::VerdictKind, heap::glibc::ArenaKind, symbolize::FrameKind, units::bytes,
+    };
+
+    fn frame(function: &str, file: &str, line: u32, module: &str, inlined: bool) -> Frame {
+        Frame {
+            function: Some(function.into()),
+            file: Some(file.into()),
+            line: Some(line),
+            module: Some(module.into()),
+            kind: FrameKind::Native,
+            address: "0x1234".into(),
+            inlined,
+        }
+    }
+
+    fn sample() -> Report {
+        let mut lost: std::collections::BTreeMap<String, u64> = counter::NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| counter::is_loss(*i as u32))
+            .map(|(_, n)| ((*n).to_owned(), 0))
+            .collect();
+        lost.insert("ringbuf_full".into(), 12);
+        let counters = [
+            ("free_unknown", 3),
+            ("realloc_unknown", 0),
+            ("failed_allocs", 1),
+            ("nested_call", 2),
+            ("stack_truncated", 0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Report {
+            pid: 4242,
+            duration_s: 5.0,
+            rss_bytes: 10 << 20,
+            rss: Rss { rss_bytes: 10 << 20, anon_bytes: 6 << 20, file_bytes: 4 << 20, shmem_bytes: 0 },
+            final_report: true,
+            end_reason: Some("duration elapsed".into()),
+            target_exited: false,
+            heap: Heap {
+                live_bytes: 819_200 + 112_000,
+                live_allocations: 2200,
+                live_bytes_error95: 0,
+                sample_rate_bytes: 0,
+                stacks: vec![
+                    HeapStack {
+                        live_bytes: 819_200,
+                        live_allocations: 200,
+                        samples: 200,
+                        live_bytes_error95: 0,
+                        oldest_age_s: 4.96,
+                        growth: Some(Growth { bytes_per_s: 163_840.0, steadiness: 1.0, points: 20 }),
+                        stack_id: 1,
+                        truncated: false,
+                        frames: vec![
+                            frame("make_buffer", "/src/leaky.c", 20, "/usr/bin/leaky", true),
+                            frame("handle_error", "/src/leaky.c", 21, "/usr/bin/leaky", false),
+                            frame("main", "/src/leaky.c", 59, "/usr/bin/leaky", false),
+                        ],
+                    },
+                    HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, growth: None, stack_id: -14, truncated: false, frames: vec![] },
+                ],
+            },
+            mappings: Mappings {
+                anon_mapped_bytes: 1 << 20,
+                brk_bytes: 135_168,
+                brk_grown_bytes: 0,
+                split: crate::accounting::ledger::AnonSplit::default(),
+                arenas: vec![],
+                stacks: vec![MapStack {
+                    mapped_bytes: 1 << 20,
+                    oldest_age_s: 2.0,
+                    stack_id: 7,
+                    truncated: true,
+                    frames: vec![Frame { function: None, file: None, line: None, module: None, kind: FrameKind::Native, address: "0xdead".into(), inlined: false }],
+                }],
+            },
+            lost_total: 12,
+            lost,
+            counters,
+            activity: Activity { allocs: 8201, alloc_bytes: 35_481_186, frees: 4000, mmaps: 8, munmaps: 1, ..Activity::default() },
+            probes: vec![],
+            overhead: None,
+            heap_detached: None,
+            verdict: Verdict {
+                kind: VerdictKind::Leak,
+                summary: "Leak: the live heap grew 800.0 KiB over 5.0 s (100% of the RSS growth of 800.0 KiB) and is still growing. Top suspect: make_buffer at +160.0 KiB/s, 800.0 KiB outstanding, none of its 200 blocks freed.".into(),
+                evidence: vec![crate::analysis::verdict::Evidence { metric: "rss_anon_growth_bytes", value: 819_200.0, text: "anonymous RSS +800.0 KiB over 5.0 s".into() }],
+                suspects: vec![],
+                remedies: vec![],
+            },
+            allocator: Allocator {
+                glibc_heaps: Some(GlibcHeaps {
+                    in_use_bytes: 900 << 10,
+                    free_bytes: 5 << 20,
+                    free_resident_bytes: 4 << 20,
+                    trimmable_bytes: 3 << 20,
+                    resident_bytes: 6 << 20,
+                    arenas: vec![
+                        WalkedArena {
+                            stats: ArenaStats { kind: ArenaKind::Main, arena: "brk heap".into(), heaps: vec!["0x5555000".into()], extent_bytes: 1 << 20, resident_bytes: 1 << 20, in_use_bytes: 800 << 10, ..ArenaStats::default() },
+                            created_by_thread: None, created_by_thread_name: None, created_by_stack: None, frames: vec![],
+                        },
+                        WalkedArena {
+                            stats: ArenaStats { kind: ArenaKind::Thread, arena: "0x7f0000000030".into(), heaps: vec!["0x7f0000000000".into()], extent_bytes: 5 << 20, resident_bytes: 5 << 20, in_use_bytes: 100 << 10, free_resident_bytes: 4 << 20, trimmable_bytes: 3 << 20, ..ArenaStats::default() },
+                            created_by_thread: Some(4243), created_by_thread_name: Some("worker".into()), created_by_stack: Some(1),
+                            frames: vec![frame("make_buffer", "/src/leaky.c", 20, "/usr/bin/leaky", false)],
+                        },
+                    ],
+                    unwalkable: vec![],
+                }),
+                arena_limit: Some(ArenaLimit { limit: 16, source: "glibc default: 8 × 2 CPUs".into() }),
+                environment: vec![],
+                mmap_threshold_raised_to: None,
+            },
+            python: None,
+            stacks: StackInfo {
+                unwinder: Unwinder::Cfi,
+                complete_pct: 87.97,
+                complete_stacks: 2,
+                truncated_stacks: 1,
+                tables: Some(crate::unwind::UnwindStats {
+                    objects: 3,
+                    rows: 29_873,
+                    table_bytes: 242_000,
+                    build_ms: 31.0,
+                    ..Default::default()
+                }),
+                copy_would_fit: vec![(8, 60.0), (16, 87.97), (32, 87.97), (64, 87.97)],
+            },
+            timeline: vec![],
+        }
+    }
+
+    /// The text report renders totals, stacks innermost first, and a loud loss line.
+    #[test]
+    fn renders_text_report() {
+        let got = render_text(&sample(), 16);
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/report.txt"),
+                &got,
+            )
+            .expect("write snapshot");
+        }
+        let want = include_str!("../testdata/report.txt");
+        assert_eq!(got, want, "rendered:\n{got}");
+    }
+
+    /// The JSON report carries the contract's keys with the documented nesting.
+    #[test]
+    fn serializes_json_contract() {
+        let v = serde_json::to_value(sample()).expect("serializes");
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["duration_s"], 5.0);
+        assert_eq!(v["rss_bytes"], 10 << 20);
+        assert_eq!(v["heap"]["live_bytes"], 931_200);
+        assert_eq!(
+            v["heap"]["stacks"][0]["frames"][0]["function"],
+            "make_buffer"
+        );
+        assert_eq!(v["heap"]["stacks"][0]["frames"][0]["kind"], "native");
+        assert_eq!(v["heap"]["stacks"][0]["frames"][0]["line"], 20);
+        assert_eq!(v["mappings"]["stacks"][0]["mapped_bytes"], 1 << 20);
+        assert_eq!(
+            v["mappings"]["stacks"][0]["frames"][0]["function"],
+            serde_json::Value::Null
+        );
+        assert_eq!(v["lost"]["ringbuf_full"], 12);
+        assert_eq!(v["mappings"]["brk_bytes"], 135_168);
+    }
+
+    /// Byte counts use binary units with one decimal.
+    #[test]
+    fn formats_bytes() {
+        let cases = [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (819_200, "800.0 KiB"),
+            (10 << 20, "10.0 MiB"),
+            (3 << 30, "3.0 GiB"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(bytes(n), want);
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The text rendering of a report.
+
+use std::fmt::Write as _;
+
+use crate::{
+    analysis::verdict::{Section, Verdict},
+    heap::glibc::ArenaKind,
+    report::*,
+    symbolize::{Frame, FrameKind},
+    units::{bytes, rate},
+};
+
+/// Renders a dry run: call rates and the projected cost of tracing them.
+pub fn render_dry_run(pid: u32, duration_s: f64, o: &Overhead, reason: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "=== leaktrace dry run: pid {pid}, {duration_s:.1} s counting allocator calls ({reason}) ==="
+    );
+    let _ = writeln!(
+        s,
+        "{:<16} {:>12} {:>16} {:>14}",
+        "function", "calls/s", "cost/call (µs)", "CPU-s/s"
+    );
+    for (f, r) in &o.calls_per_s {
+        let c = o.cost_per_call_us.get(f).copied().unwrap_or(0.0);
+        let _ = writeln!(s, "{f:<16} {r:>12.0} {c:>16.1} {:>14.4}", r * c / 1e6);
+    }
+    let _ = writeln!(
+        s,
+        "Target CPU: {:.3} CPU-s/s (including the counting probes' own traps).",
+        o.target_cpu_per_s
+    );
+    let _ = writeln!(
+        s,
+        "Projected cost of full tracing: {:.3} CPU-s/s, {:.1}% of the target's own CPU time.",
+        o.projected_cpu_per_s, o.projected_pct
+    );
+    s.push_str("(Per-call costs are those measured on the development VM; see docs/bench.md.)\n");
+    s
+}
+
+fn frame_line(f: &Frame) -> String {
+    let func = f.function.as_deref().unwrap_or("??");
+    let mut s = func.to_string();
+    if let (Some(file), Some(line)) = (&f.file, f.line) {
+        let short = file.rsplit('/').next().unwrap_or(file);
+        let _ = write!(s, " ({short}:{line})");
+    }
+    if f.inlined {
+        s.push_str(" [inlined]");
+    }
+    if f.kind == FrameKind::Python {
+        s.push_str("  [python]");
+        if f.function.is_none() {
+            let _ = write!(s, " code object @ {} (freed or unreadable)", f.address);
+        }
+        return s;
+    }
+    let module = f
+        .module
+        .as_deref()
+        .map_or("?", |m| m.rsplit('/').next().unwrap_or(m));
+    let _ = write!(s, "  in {module}");
+    if f.function.is_none() {
+        let _ = write!(s, " @ {}", f.address);
+    }
+    s
+}
+
+fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bool, max: usize) {
+    if frames.is_empty() {
+        let why = match stack_id {
+            leaktrace_common::STACK_NONE => "stacks are off".to_owned(),
+            id if id < 0 => format!("capture failed with errno {}, counted under losses", -id),
+            _ => "not symbolized".to_owned(),
+        };
+        let _ = writeln!(out, "      (no stack: {why})");
+        return;
+    }
+    for f in frames.iter().take(max) {
+        let _ = writeln!(out, "      {}", frame_line(f));
+    }
+    if frames.len() > max {
+        let _ = writeln!(out, "      … {} more frames", frames.len() - max);
+    } else if truncated {
+        out.push_str("      … (stack truncated)\n");
+    }
+}
+
+/// Wraps `text` at about 100 columns: the first line starts with `first`, the
+/// others with `rest` (a hanging indent).
+fn wrap_hanging(out: &mut String, text: &str, first: &str, rest: &str) {
+    let mut line = String::new();
+    let mut prefix = first;
+    for word in text.split_whitespace() {
+        if !line.is_empty() && prefix.len() + line.len() + 1 + word.len() > 100 {
+            let _ = writeln!(out, "{prefix}{line}");
+            line.clear();
+            prefix = rest;
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        let _ = writeln!(out, "{prefix}{line}");
+    }
+}
+
+fn wrap(out: &mut String, text: &str, indent: &str) {
+    wrap_hanging(out, text, indent, indent);
+}
+
+fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
+    let _ = writeln!(o, "VERDICT: {}", v.kind.as_str().to_uppercase());
+    wrap(o, &v.summary, "  ");
+    if !v.evidence.is_empty() {
+        o.push_str("  Evidence:\n");
+        for e in &v.evidence {
+            wrap_hanging(o, &e.text, "    - ", "      ");
+        }
+    }
+    if !v.suspects.is_empty() {
+        o.push_str("  Suspects, fastest-growing first:\n");
+        for (n, s) in v.suspects.iter().enumerate() {
+            let freed = if s.section == Section::Heap && s.allocs > 0 {
+                format!(", {} of its {} blocks freed", s.frees, s.allocs)
+            } else {
+                String::new()
+            };
+            let kind = if s.section == Section::Heap {
+                "heap"
+            } else {
+                "mapped"
+            };
+            let _ = writeln!(
+                o,
+                "    #{} +{}/s {kind}, {} outstanding, oldest {:.1} s, {:.0}% of steps grew or held{freed}",
+                n + 1,
+                bytes(s.growth_bytes_per_s.max(0.0).round() as u64),
+                bytes(s.bytes),
+                s.oldest_age_s,
+                s.steadiness * 100.0
+            );
+            write_frames(o, s.stack_id, &s.frames, s.truncated, max_frames);
+        }
+    }
+    if !v.remedies.is_empty() {
+        o.push_str("  Remedies, by expected effect:\n");
+        for (n, r) in v.remedies.iter().enumerate() {
+            let effect = if r.expected_bytes > 0 {
+                format!(" — about {}", bytes(r.expected_bytes))
+            } else {
+                String::new()
+            };
+            wrap_hanging(
+                o,
+                &format!("{}. {}{effect}", n + 1, r.action),
+                "    ",
+                "       ",
+            );
+            wrap(o, &r.why, "       ");
+        }
+    }
+}
+
+fn render_allocator(o: &mut String, a: &Allocator) {
+    let Some(g) = &a.glibc_heaps else { return };
+    let _ = writeln!(
+        o,
+        "\nglibc heaps, read from /proc/PID/mem: {} arena{}{}; {} in use, {} free ({} resident); malloc_trim(0) would return {}",
+        g.arenas.len(),
+        if g.arenas.len() == 1 { "" } else { "s" },
+        a.arena_limit.as_ref().map_or(String::new(), |l| format!(
+            " (limit {}: {})",
+            l.limit, l.source
+        )),
+        bytes(g.in_use_bytes),
+        bytes(g.free_bytes),
+        bytes(g.free_resident_bytes),
+        bytes(g.trimmable_bytes)
+    );
+    let _ = writeln!(
+        o,
+        "  {:<16} {:>5} {:>11} {:>11} {:>11} {:>13} {:>11}  created by",
+        "arena", "heaps", "extent", "resident", "in use", "free resident", "trimmable"
+    );
+    for w in &g.arenas {
+        let s = &w.stats;
+        let by = match (w.created_by_thread, &w.created_by_thread_name) {
+            (Some(t), Some(n)) => format!(
+                "thread {t} ({n}) in {}",
+                crate::analysis::verdict::suspect_name(&w.frames)
+            ),
+            (Some(t), None) => format!(
+                "thread {t} in {}",
+                crate::analysis::verdict::suspect_name(&w.frames)
+            ),
+            _ if s.kind == ArenaKind::Main => "the main heap".into(),
+            _ => "before attach".into(),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<16} {:>5} {:>11} {:>11} {:>11} {:>13} {:>11}  {by}",
+            s.arena,
+            s.heaps.len(),
+            bytes(s.extent_bytes),
+            bytes(s.resident_bytes),
+            bytes(s.in_use_bytes),
+            bytes(s.free_resident_bytes),
+            bytes(s.trimmable_bytes)
+        );
+    }
+    for u in &g.unwalkable {
+        let _ = writeln!(o, "  heap at {} not walked: {}", u.heap, u.reason);
+    }
+    if !a.environment.is_empty() {
+        let _ = writeln!(
+            o,
+            "  malloc settings in the environment: {}",
+            a.environment.join(" ")
+        );
+    }
+}
+
+/// Renders a report as text.
+pub fn render_text(r: &Report, max_frames: usize) -> String {
+    let mut o = String::new();
+    let title = if r.final_report {
+        "final report"
+    } else {
+        "report"
+    };
+    let _ = writeln!(
+        o,
+        "=== leaktrace {title}: pid {}, {:.1} s traced{} ===",
+        r.pid,
+        r.duration_s,
+        r.end_reason
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        o,
+        "RSS {} (anon {}, file {}, shmem {}){}",
+        bytes(r.rss.rss_bytes),
+        bytes(r.rss.anon_bytes),
+        bytes(r.rss.file_bytes),
+        bytes(r.rss.shmem_bytes),
+        if r.target_exited {
+            " — last reading; the target has exited"
+        } else {
+            ""
+        }
+    );
+    if r.heap.sample_rate_bytes == 0 {
+        let _ = writeln!(
+            o,
+            "Live heap allocated since attach: {} in {} blocks",
+            bytes(r.heap.live_bytes),
+            r.heap.live_allocations
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "Live heap allocated since attach (estimated, sampling every {} on average): {} ± {} (95%) in ~{} blocks",
+            bytes(r.heap.sample_rate_bytes),
+            bytes(r.heap.live_bytes),
+            bytes(r.heap.live_bytes_error95),
+            r.heap.live_allocations
+        );
+    }
+    let _ = writeln!(
+        o,
+        "Anonymous mappings since attach: {}    brk heap: {} ({} grown since attach)",
+        bytes(r.mappings.anon_mapped_bytes),
+        bytes(r.mappings.brk_bytes),
+        bytes(r.mappings.brk_grown_bytes)
+    );
+    let sp = &r.mappings.split;
+    if sp.arenas > 0 || sp.allocator_chunk_bytes > 0 {
+        let _ = writeln!(
+            o,
+            "  of which by the allocator: {} arena heaps ({} committed of {} reserved), {} in directly mapped chunks; other anonymous: {}",
+            sp.arenas,
+            bytes(sp.arena_committed_bytes),
+            bytes(sp.arena_reserved_bytes),
+            bytes(sp.allocator_chunk_bytes),
+            bytes(sp.other_anon_bytes)
+        );
+    }
+    let a = &r.activity;
+    let sampled = if r.heap.sample_rate_bytes == 0 {
+        ""
+    } else {
+        "sampled "
+    };
+    let _ = writeln!(
+        o,
+        "Activity: {} {sampled}allocations ({}), {} {sampled}frees, {} mmap, {} munmap, {} mremap, {} brk",
+        a.allocs,
+        bytes(a.alloc_bytes),
+        a.frees,
+        a.mmaps,
+        a.munmaps,
+        a.mremaps,
+        a.brks
+    );
+    {
+        let st = &r.stacks;
+        let tables = st.tables.as_ref().map_or(String::new(), |t| {
+            let mut x = format!(
+                " from the unwind tables of {} objects ({} rows, {} KiB, built in {:.0} ms)",
+                t.objects,
+                t.rows,
+                t.table_bytes / 1024,
+                t.build_ms
+            );
+            if !t.without_tables.is_empty() {
+                x.push_str(&format!(
+                    "; frame pointers in {} mappings without tables",
+                    t.without_tables.len()
+                ));
+            }
+            if !t.loaded_after_attach.is_empty() {
+                x.push_str(&format!(
+                    "; loaded after attach: {}",
+                    t.loaded_after_attach.join(", ")
+                ));
+            }
+            x
+        });
+        if st.unwinder != Unwinder::Off {
+            let _ = writeln!(
+                o,
+                "Stacks: unwound with {}{tables}. {:.1}% of live heap bytes sit on stacks that reach their outermost frame ({} complete, {} truncated).",
+                if st.unwinder == Unwinder::Cfi {
+                    "CFI"
+                } else {
+                    "frame pointers"
+                },
+                st.complete_pct,
+                st.complete_stacks,
+                st.truncated_stacks
+            );
+        }
+    }
+    if let Some(p) = &r.python {
+        match &p.unavailable {
+            None => {
+                let _ = writeln!(
+                    o,
+                    "CPython {} ({}): Python frames on. {}",
+                    p.version, p.object, p.note
+                );
+            }
+            Some(why) => {
+                let _ = writeln!(
+                    o,
+                    "CPython {} ({}): no Python frames: {why}. {}",
+                    p.version, p.object, p.note
+                );
+            }
+        }
+    }
+    o.push('\n');
+    render_verdict(&mut o, &r.verdict, max_frames);
+    o.push('\n');
+    if r.heap.stacks.is_empty() {
+        o.push_str("No outstanding heap allocations since attach.\n");
+    } else {
+        let _ = writeln!(
+            o,
+            "Top {} stacks by outstanding heap bytes:",
+            r.heap.stacks.len()
+        );
+        for (n, s) in r.heap.stacks.iter().enumerate() {
+            let growth = s.growth.map_or(String::new(), |g| {
+                let rate = rate(g.bytes_per_s);
+                let down = (1.0 - g.steadiness) * 100.0;
+                if down < 0.5 {
+                    format!(", {rate} over {} samples, never shrank", g.points)
+                } else {
+                    format!(
+                        ", {rate} over {} samples, shrank in {down:.0}% of steps",
+                        g.points
+                    )
+                }
+            });
+            if r.heap.sample_rate_bytes == 0 {
+                let _ = writeln!(
+                    o,
+                    "  #{} {} in {} blocks, oldest {:.1} s{growth}",
+                    n + 1,
+                    bytes(s.live_bytes),
+                    s.live_allocations,
+                    s.oldest_age_s
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "  #{} ~{} ± {} in ~{} blocks ({} sampled), oldest {:.1} s{growth}",
+                    n + 1,
+                    bytes(s.live_bytes),
+                    bytes(s.live_bytes_error95),
+                    s.live_allocations,
+                    s.samples,
+                    s.oldest_age_s
+                );
+            }
+            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
+        }
+    }
+    if !r.mappings.stacks.is_empty() {
+        o.push('\n');
+        let _ = writeln!(
+            o,
+            "Top {} stacks by mapped bytes (anonymous mmap, brk):",
+            r.mappings.stacks.len()
+        );
+        for (n, s) in r.mappings.stacks.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  #{} {} mapped, oldest {:.1} s",
+                n + 1,
+                bytes(s.mapped_bytes),
+                s.oldest_age_s
+            );
+            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
+        }
+    }
+    render_allocator(&mut o, &r.allocator);
+    if let Some(d) = &r.heap_detached {
+        let _ = writeln!(
+            o,
+            "\nHEAP PROBES DETACHED after {:.1} s: {}. Heap figures are as of then; mappings are still traced.",
+            d.after_s, d.reason
+        );
+    }
+    if let Some(ov) = &r.overhead {
+        let calls: f64 = ov.calls_per_s.values().sum();
+        let measured = ov.bpf_us_per_call.map_or(String::new(), |u| {
+            format!(
+                " (traps as modelled, plus {u:.2} µs of BPF work per call measured by the kernel)"
+            )
+        });
+        let _ = writeln!(
+            o,
+            "\nProbe cost (projected): {:.1}% of the target's CPU time at {:.0} allocator calls/s{measured}.",
+            ov.projected_pct, calls
+        );
+    }
+    o.push('\n');
+    let nonzero: Vec<String> = r
+        .lost
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if nonzero.is_empty() {
+        o.push_str("Losses: none — every event was accounted.\n");
+    } else {
+        let _ = writeln!(
+            o,
+            "LOSSES: {} — this report is built on incomplete data ({} events or stacks lost).",
+            nonzero.join(", "),
+            r.lost_total
+        );
+    }
+    let c = &r.counters;
+    let _ = writeln!(
+        o,
+        "Not losses: {} frees of blocks not allocated since attach, {} reallocs of such blocks, {} failed allocations, {} nested allocator calls, {} truncated stacks.",
+        c.get("free_unknown").unwrap_or(&0),
+        c.get("realloc_unknown").unwrap_or(&0),
+        c.get("failed_allocs").unwrap_or(&0),
+        c.get("nested_call").unwrap_or(&0),
+        c.get("stack_truncated").unwrap_or(&0)
+    );
+    o
+}

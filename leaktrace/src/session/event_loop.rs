@@ -1,0 +1,694 @@
+//! The event loop: drains the ring buffer into the books and dispatches timers,
+//! signals, the launched child's stops and the worker's replies. Every arm is
+//! short; whatever takes long (symbols, heap walks, Python, unwind tables) is a
+//! [`Job`] for the worker thread, so the ring is drained while it runs.
+
+use std::{
+    io::Write as _,
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+};
+use leaktrace_common::{Event, counter, maps};
+use rustc_hash::FxHashSet;
+use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedReceiver};
+
+use crate::{
+    accounting::{ledger::Ledger, losses::Losses, timeline::Timeline},
+    analysis::verdict::{self, Facts},
+    error::Error,
+    probes::{
+        allocators::ProbeSite,
+        attach::{self, Attached},
+        load::{self, monotonic_ns},
+        meter::{self, HeapDetached, Meter, Overhead},
+    },
+    process::{launch, procfs},
+    report::{self, Report, Unwinder},
+    session::{
+        Config, Format, Outcome,
+        prepare::Prepared,
+        worker::{self, Job, Reply, Snapshot, Then},
+    },
+    symbolize::{StackStore, python},
+    unwind::BpfTables,
+};
+
+/// How often new stacks are symbolized and RSS is sampled.
+const TICK: Duration = Duration::from_millis(250);
+/// How often probe hit rates and the target's CPU time are measured.
+const BUDGET_EVERY: Duration = Duration::from_secs(1);
+/// How often the ring buffer is drained without a wakeup from the kernel.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// `PROT_EXEC` in an mmap event's protection bits.
+const PROT_EXEC: u64 = 4;
+
+/// Where reports go.
+pub struct Output {
+    path: String,
+    out: Box<dyn std::io::Write>,
+}
+
+impl Output {
+    /// Opens the output named by the configuration (stdout by default).
+    pub fn open(config: &Config) -> Result<Self, Error> {
+        Ok(match &config.output {
+            Some(p) => Self {
+                path: p.display().to_string(),
+                out: Box::new(std::fs::File::create(p).map_err(|source| Error::Output {
+                    path: p.display().to_string(),
+                    source,
+                })?),
+            },
+            None => Self {
+                path: "stdout".into(),
+                out: Box::new(std::io::stdout()),
+            },
+        })
+    }
+
+    fn write(&mut self, s: &str) -> Result<(), Error> {
+        self.out
+            .write_all(s.as_bytes())
+            .and_then(|()| self.out.flush())
+            .map_err(|source| Error::Output {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// The launched command, as its tracer sees it.
+#[derive(Debug, Default)]
+struct Child {
+    /// SIGURGs sent after it mapped code, already handled.
+    exec_stops_seen: u64,
+    /// It is stopped until the worker replies (tables loading, or its exit read).
+    waiting: bool,
+    /// How it ended.
+    exit_status: Option<String>,
+}
+
+/// The state the event loop keeps on its own thread.
+struct Session<'a> {
+    config: &'a Config,
+    pid: u32,
+    launched: bool,
+    /// The books: live blocks and the address space.
+    ledger: Ledger,
+    /// Totals and per-stack bytes over time.
+    timeline: Timeline,
+    /// Stacks resolved by the worker.
+    stacks: StackStore,
+    /// Stack ids seen in events so far.
+    known_stacks: FxHashSet<i64>,
+    rss: procfs::Rss,
+    /// Threads in the target at the last sample.
+    threads: u64,
+    attached: Attached,
+    sites: Vec<ProbeSite>,
+    /// Why and when the heap probes were detached by the overhead budget.
+    heap_detached: Option<HeapDetached>,
+    /// Latest overhead measurement.
+    overhead: Option<Overhead>,
+    unwinder: Unwinder,
+    child: Child,
+    target_exited: bool,
+    started: Instant,
+    worker: worker::Handle,
+    replies: UnboundedReceiver<Reply>,
+    out: Output,
+}
+
+/// Takes a map out of the loaded object.
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    what: &'static str,
+    make: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, Error> {
+    make(ebpf.take_map(name).ok_or(Error::Missing(what))?)
+        .map_err(|source| Error::Map { name, source })
+}
+
+/// Runs the prepared session to its end.
+pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> {
+    let Prepared {
+        pid,
+        objects,
+        blocked,
+        sites,
+        unwinder,
+        mut ebpf,
+        attached,
+        start_brk,
+        brk,
+    } = p;
+    // Open the exit notifier before releasing a launched child, so its exit can't be missed.
+    let pidfd = open_pidfd(pid);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let python = objects
+        .iter()
+        .filter_map(|(t, _)| python::version_from_name(t))
+        .find(|&(major, _)| major == 3);
+    // pymalloc maps 1 MiB arenas since CPython 3.10, 256 KiB ones before.
+    let pymalloc_arena = python.map(|(_, minor)| if minor >= 10 { 1 << 20 } else { 256 << 10 });
+    let unwind = match unwinder {
+        Some(u) => {
+            let tables = BpfTables::take(&mut ebpf, u.capacity()).map_err(Error::Unwind)?;
+            Some((u, tables))
+        }
+        None => None,
+    };
+    let unwinder_kind = if !config.capture_stacks {
+        Unwinder::Off
+    } else if config.copy_stacks {
+        Unwinder::StackCopy
+    } else if unwind.is_some() {
+        Unwinder::Cfi
+    } else {
+        Unwinder::FramePointers
+    };
+    let setup = worker::Setup {
+        pid,
+        launched: blocked.is_some(),
+        objects,
+        stacks: take_map(&mut ebpf, maps::STACKS, "STACKS map", BpfHashMap::try_from)?,
+        py_stacks: take_map(
+            &mut ebpf,
+            maps::PY_STACKS,
+            "PY_STACKS map",
+            BpfHashMap::try_from,
+        )?,
+        py_config: take_map(&mut ebpf, maps::PY_CONFIG, "PY_CONFIG map", Array::try_from)?,
+        python,
+        python_stacks: config.python_stacks,
+        unwind,
+        announce: config.announce,
+        walk_heaps: config.walk_heaps,
+    };
+    let (reply_tx, replies) = tokio::sync::mpsc::unbounded_channel();
+    let worker = worker::Handle::start(setup, reply_tx)
+        .map_err(|e| Error::Worker(format!("cannot start it: {e}")))?;
+    let mut s = Session {
+        config,
+        pid,
+        launched: blocked.is_some(),
+        ledger: Ledger::new(start_brk, brk)
+            .with_sampling(u64::from(config.sample_rate))
+            .with_pymalloc_arena(pymalloc_arena),
+        timeline: Timeline::default(),
+        stacks: StackStore::default(),
+        known_stacks: FxHashSet::default(),
+        rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
+        threads: 0,
+        attached,
+        sites,
+        heap_detached: None,
+        overhead: None,
+        unwinder: unwinder_kind,
+        child: Child::default(),
+        target_exited: false,
+        started: Instant::now(),
+        worker,
+        replies,
+        out,
+    };
+    let outcome = rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked));
+    s.worker.stop();
+    outcome
+}
+
+/// The maps the event loop reads itself.
+struct Maps {
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    hits: PerCpuArray<MapData, u64>,
+    /// Benchmark of the copy design: the copies are drained and dropped.
+    copies: Option<RingBuf<MapData>>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf, copy_stacks: bool) -> Result<Self, Error> {
+        let ring = take_map(ebpf, maps::EVENTS, "EVENTS map", RingBuf::try_from)?;
+        Ok(Self {
+            ring: async_fd(ring)?,
+            counters: take_map(ebpf, maps::COUNTERS, "COUNTERS map", PerCpuArray::try_from)?,
+            hits: take_map(ebpf, maps::HITS, "HITS map", PerCpuArray::try_from)?,
+            copies: if copy_stacks {
+                Some(take_map(
+                    ebpf,
+                    maps::STACK_COPIES,
+                    "STACK_COPIES map",
+                    RingBuf::try_from,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The kernel's counters, indexed by `counter::*`.
+    fn kernel_counters(&self) -> Vec<u64> {
+        (0..counter::COUNT)
+            .map(|i| {
+                self.counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Session<'_> {
+    async fn event_loop(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pidfd: Option<OwnedFd>,
+        blocked: Option<launch::Blocked>,
+    ) -> Result<Outcome, Error> {
+        let mut m = Maps::take(ebpf, self.config.copy_stacks)?;
+        let mut meter = Meter::new(
+            self.pid,
+            self.config.dry_run,
+            self.attached.session_functions(),
+        );
+        // With a budget, the programs' own run time is measured by the kernel (BPF
+        // statistics, on while this descriptor is open; ~20–40 ns per program run).
+        let stats = if self.config.max_overhead_pct.is_some() {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    log::warn!(
+                        "BPF run-time statistics unavailable ({e}); the budget counts traps only"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let stats_on = stats.is_some();
+        meter.start_bpf(meter::bpf_run_ns(
+            ebpf,
+            &self.attached.session_program,
+            stats_on,
+        ));
+        let mut budget_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
+        budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pidfd = match pidfd {
+            Some(fd) => Some(async_fd(fd)?),
+            None => None,
+        };
+        let signal = |kind| tokio::signal::unix::signal(kind).map_err(Error::Runtime);
+        use tokio::signal::unix::SignalKind;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigchld = signal(SignalKind::child())?;
+        let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
+        drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let far = Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut report_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
+            self.config.interval.unwrap_or(far),
+        );
+        // The worker loads the attach-time unwind tables and finds the interpreter
+        // before the probes are enabled, so the first events already have both.
+        match self.replies.recv().await {
+            Some(Reply::Ready) => {}
+            other => return Err(Error::Worker(format!("no start-up answer ({other:?})"))),
+        }
+        load::enable(
+            ebpf,
+            leaktrace_common::ENABLE_HEAP | leaktrace_common::ENABLE_SYSCALLS,
+        )?;
+        self.started = go(self.config, self.pid, self.attached.probes.len(), blocked)?;
+        let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
+        tokio::pin!(deadline);
+
+        let (reason, interrupted) = loop {
+            tokio::select! {
+                guard = m.ring.readable_mut() => {
+                    let mut guard = guard.map_err(Error::Runtime)?;
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                _ = drain_tick.tick() => {
+                    self.drain(m.ring.get_mut());
+                    if let Some(c) = &mut m.copies {
+                        while let Some(item) = c.next() {
+                            std::hint::black_box(item.len());
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.sample_rss();
+                    self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss, self.threads);
+                    self.worker.send(Job::Resolve);
+                }
+                _ = budget_tick.tick() => {
+                    if self.heap_detached.is_none()
+                        && let Some(window) = meter.window(&m.hits, &m.counters, meter::bpf_run_ns(ebpf, &self.attached.session_program, stats_on), &self.sites)
+                    {
+                        self.check_budget(ebpf, &window);
+                        self.overhead = Some(window);
+                    }
+                }
+                _ = report_tick.tick() => {
+                    if self.config.format == Format::Text {
+                        self.ask_snapshot(Then::IntervalReport);
+                    }
+                }
+                reply = self.replies.recv() => {
+                    let Some(reply) = reply else {
+                        return Err(Error::Worker("it stopped".into()));
+                    };
+                    if let Some((Then::IntervalReport, snap)) = self.on_reply(reply, &mut m) {
+                        let r = self.report(&snap, &m, false, None);
+                        self.out.write(&report::render_text(&r, self.config.max_frames))?;
+                    }
+                }
+                _ = sigchld.recv(), if self.launched => self.on_child_event(&mut m),
+                _ = sigint.recv() => break ("interrupted".to_owned(), true),
+                _ = sigterm.recv() => break ("terminated".to_owned(), false),
+                () = &mut deadline => break ("duration elapsed".to_owned(), false),
+                r = async { match &pidfd { Some(fd) => fd.readable().await.map(|mut g| g.clear_ready()), None => std::future::pending().await } } => {
+                    let _ = r;
+                    self.target_exited = true;
+                    self.reap();
+                    break (format!("target exited{}", self.child.exit_status.as_deref().map(|s| format!(", {s}")).unwrap_or_default()), false);
+                }
+            }
+        };
+        // Whatever is still in the ring buffer belongs in the final report.
+        self.drain(m.ring.get_mut());
+        if !self.target_exited {
+            self.sample_rss();
+        }
+        self.timeline.sample(
+            self.started.elapsed().as_secs_f64(),
+            &self.ledger,
+            self.rss,
+            self.threads,
+        );
+        self.ask_snapshot(Then::FinalReport);
+        // The whole run's figures, unless the budget stopped the heap probes: then
+        // the window that tripped it is the one to show.
+        if self.heap_detached.is_none()
+            && let Some(whole) = meter.whole_run(
+                &m.hits,
+                &m.counters,
+                meter::bpf_run_ns(ebpf, &self.attached.session_program, stats_on),
+                &self.sites,
+            )
+        {
+            self.overhead = Some(whole);
+        }
+        if stats.is_some()
+            && let Some(o) = self.overhead.as_mut()
+        {
+            o.bpf_programs = meter::program_costs(ebpf, &self.attached.session_program);
+        }
+        let snap = loop {
+            let Some(reply) = self.replies.recv().await else {
+                return Err(Error::Worker("it stopped before the final report".into()));
+            };
+            if let Some((Then::FinalReport, snap)) = self.on_reply(reply, &mut m) {
+                break snap;
+            }
+        };
+        if self.config.dry_run {
+            let o = self.overhead.clone().unwrap_or_default();
+            let text = match self.config.format {
+                Format::Text => report::render_dry_run(self.pid, self.started.elapsed().as_secs_f64(), &o, &reason),
+                Format::Json => serde_json::to_string_pretty(&serde_json::json!({
+                    "pid": self.pid, "dry_run": true, "duration_s": self.started.elapsed().as_secs_f64(),
+                    "end_reason": reason, "overhead": o,
+                })).expect("serializes") + "\n",
+            };
+            self.out.write(&text)?;
+            let report = self.report(&snap, &m, true, Some(reason));
+            return Ok(Outcome {
+                report,
+                interrupted,
+            });
+        }
+        let report = self.report(&snap, &m, true, Some(reason));
+        let text = match self.config.format {
+            Format::Text => report::render_text(&report, self.config.max_frames),
+            Format::Json => {
+                serde_json::to_string_pretty(&report).expect("report serializes") + "\n"
+            }
+        };
+        self.out.write(&text)?;
+        Ok(Outcome {
+            report,
+            interrupted,
+        })
+    }
+
+    /// Applies what the worker sends; returns a snapshot for the caller to report on.
+    fn on_reply(&mut self, reply: Reply, m: &mut Maps) -> Option<(Then, Box<Snapshot>)> {
+        match reply {
+            Reply::Ready => {}
+            Reply::Stacks { stacks, unreadable } => {
+                self.stacks.extend(stacks);
+                self.ledger.counters.stack_unreadable += unreadable;
+            }
+            Reply::Done(Then::Resume) => {
+                self.child.waiting = false;
+                launch::resume(self.pid);
+                // Stops that came while it waited are collected now.
+                self.on_child_event(m);
+            }
+            Reply::Done(Then::Detach) => {
+                self.child.waiting = false;
+                launch::detach(self.pid);
+            }
+            Reply::Done(_) => {}
+            Reply::Snapshot(then, snap) => return Some((then, snap)),
+        }
+        None
+    }
+
+    /// Asks the worker for what a report needs (it symbolizes pending stacks first).
+    fn ask_snapshot(&self, then: Then) {
+        self.worker.send(Job::Snapshot {
+            then,
+            brk: self.ledger.brk(),
+            walk: !self.target_exited,
+        });
+    }
+
+    /// The launched child's ptrace stops (SIGCHLD).
+    fn on_child_event(&mut self, m: &mut Maps) {
+        if self.child.waiting {
+            return;
+        }
+        let sent = m
+            .counters
+            .get(&counter::EXEC_MAP_STOPS, 0)
+            .map(|v| v.iter().sum::<u64>())
+            .unwrap_or(0);
+        let mut ours = sent.saturating_sub(self.child.exec_stops_seen);
+        let before = ours;
+        let stop = launch::poll_child(self.pid, &mut ours);
+        self.child.exec_stops_seen += before - ours;
+        match stop {
+            launch::ChildStop::MappedCode => {
+                // It stays stopped until its new code's tables are loaded.
+                self.child.waiting = true;
+                self.worker.send(Job::SyncUnwind(Then::Resume));
+            }
+            launch::ChildStop::Exiting => {
+                // Its mappings are still there: take everything we need from them now.
+                self.drain(m.ring.get_mut());
+                self.sample_rss();
+                self.child.waiting = true;
+                self.worker.send(Job::Exiting {
+                    then: Then::Detach,
+                    brk: self.ledger.brk(),
+                });
+            }
+            launch::ChildStop::Exited(exit) => self.child.exit_status = Some(exit.to_string()),
+            launch::ChildStop::None => {}
+        }
+    }
+
+    /// Applies every event waiting in the ring buffer; tells the worker about stack
+    /// ids not seen before and about mapped code (a library loaded: read it while it
+    /// is surely there).
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut exec_mapped = false;
+        let mut new_stacks = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<Event>() {
+                self.ledger.counters.bad_events += 1;
+                continue;
+            }
+            // SAFETY: the buffer holds at least one Event, a Pod written by our BPF program;
+            // read_unaligned copes with any alignment.
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            self.ledger.apply(&ev);
+            if ev.stack_id >= 0 && self.known_stacks.insert(ev.stack_id) {
+                new_stacks.push(ev.stack_id);
+            }
+            if ev.kind == leaktrace_common::kind::MMAP && ev.aux & PROT_EXEC != 0 {
+                exec_mapped = true;
+            }
+        }
+        if exec_mapped {
+            // Before the new stacks: their addresses may lie in the code just mapped.
+            self.worker.send(Job::CodeMapped);
+        }
+        if !new_stacks.is_empty() {
+            self.worker.send(Job::NewStacks(new_stacks));
+        }
+    }
+
+    /// Detaches the heap probes if their projected cost is over the budget.
+    fn check_budget(&mut self, ebpf: &mut Ebpf, window: &Overhead) {
+        let Some(max) = self.config.max_overhead_pct else {
+            return;
+        };
+        if window.projected_pct <= max || self.config.dry_run {
+            return;
+        }
+        let Some(links) = self.attached.heap_links.take() else {
+            return;
+        };
+        // Stop every heap program at once, then take the probes out.
+        if let Err(e) = load::enable(ebpf, leaktrace_common::ENABLE_SYSCALLS) {
+            log::warn!("failed to stop the heap probes: {e}");
+        }
+        attach::detach_heap(ebpf, links);
+        let after_s = self.started.elapsed().as_secs_f64();
+        let reason = format!(
+            "projected probe cost {:.1}% of the target's CPU time exceeded --max-overhead {max}% ({:.0} allocator calls/s)",
+            window.projected_pct,
+            window.calls_per_s.values().sum::<f64>()
+        );
+        log::warn!("heap probes detached after {after_s:.1} s: {reason}");
+        self.heap_detached = Some(HeapDetached { after_s, reason });
+    }
+
+    fn sample_rss(&mut self) {
+        if let Ok(st) = procfs::read_status(self.pid)
+            && st.has_mm
+        {
+            self.rss = st.rss;
+            self.threads = st.threads;
+        }
+    }
+
+    fn reap(&mut self) {
+        if !self.launched || self.child.exit_status.is_some() {
+            return;
+        }
+        if let Some(exit) = launch::try_reap(self.pid) {
+            self.child.exit_status = Some(exit.to_string());
+        }
+    }
+
+    /// The verdict, then the report, from the books and the worker's snapshot.
+    fn report(
+        &self,
+        snap: &Snapshot,
+        m: &Maps,
+        final_report: bool,
+        reason: Option<String>,
+    ) -> Report {
+        let kernel = m.kernel_counters();
+        let now_ns = monotonic_ns();
+        let verdict = verdict::decide(&Facts {
+            points: self.timeline.points(),
+            candidates: verdict::candidates(&self.ledger, &self.timeline, &self.stacks, now_ns),
+            walk: snap.walk.as_ref(),
+            arena_limit: snap.arena_limit.clone(),
+            mmap_threshold_raised_to: self.ledger.mmap_threshold_raised_to(),
+            malloc_env: snap.malloc_env.clone(),
+            heap_detached: self.heap_detached.is_some(),
+            lost_total: Losses::tally(&kernel, &self.ledger.counters).total,
+            python: snap.python.is_some(),
+        });
+        report::build(&report::Inputs {
+            pid: self.pid,
+            ledger: &self.ledger,
+            stacks: &self.stacks,
+            kernel_counters: &kernel,
+            rss: self.rss,
+            duration_s: self.started.elapsed().as_secs_f64(),
+            now_ns,
+            top: self.config.top,
+            final_report,
+            end_reason: reason,
+            target_exited: self.target_exited,
+            probes: &self.attached.probes,
+            overhead: self.overhead.clone(),
+            heap_detached: self.heap_detached.clone(),
+            timeline: &self.timeline,
+            verdict,
+            min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
+            walk: snap.walk.as_ref(),
+            arena_limit: snap.arena_limit.clone(),
+            malloc_env: snap.malloc_env.clone(),
+            python: snap.python.clone(),
+            thread_names: &snap.thread_names,
+            unwinder: self.unwinder,
+            unwind: snap.unwind.as_ref(),
+        })
+    }
+}
+
+/// Starts the clock, releases a launched child, and tells the user we are tracing.
+/// Called once signal handlers are in place, so a Ctrl-C from then on gets a report.
+fn go(
+    config: &Config,
+    pid: u32,
+    probes: usize,
+    blocked: Option<launch::Blocked>,
+) -> Result<Instant, Error> {
+    let started = Instant::now();
+    if let Some(b) = blocked {
+        b.release().map_err(|source| Error::Launch {
+            program: format!("{:?}", config.target),
+            source,
+        })?;
+    }
+    if config.announce {
+        #[expect(
+            clippy::print_stderr,
+            reason = "the one status line users and tests wait for"
+        )]
+        {
+            eprintln!(
+                "leaktrace: tracing pid {pid} ({probes} allocator probes, {} syscall tracepoints); Ctrl-C to stop",
+                attach::SYSCALLS.len() * 2
+            );
+        }
+    }
+    Ok(started)
+}
+
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative return is a descriptor we now own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn async_fd<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, Error> {
+    // SAFETY: `inner` owns its descriptor, which stays open as long as the AsyncFd holds it.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| Error::Runtime(e.into()))
+}

@@ -1,0 +1,137 @@
+//! A tracing session, as a pipeline: [`prepare`] (resolve the target, find its
+//! allocator, build the unwind tables, load and attach the programs), then the
+//! [`event_loop`] (drain events into the books, dispatch timers and signals), with
+//! the slow work on a [`worker`] thread, and the final report.
+
+mod event_loop;
+pub mod prepare;
+pub mod worker;
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use leaktrace_common::{DEFAULT_INFLIGHT_CAPACITY, DEFAULT_RING_BYTES, DEFAULT_STACK_CAPACITY};
+
+use crate::{error::Error, process::target, report::Report};
+
+/// What to trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A running process.
+    Pid(u32),
+    /// A command to launch under trace: program and its arguments (argv\[0\] first).
+    Command(Vec<OsString>),
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// Text reports at each interval and at the end.
+    #[default]
+    Text,
+    /// One JSON document at the end.
+    Json,
+}
+
+/// A validated session configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// What to trace.
+    pub target: Target,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Print a report this often.
+    pub interval: Option<Duration>,
+    /// Stacks per report section.
+    pub top: usize,
+    /// Frames shown per stack in text reports.
+    pub max_frames: usize,
+    /// Output format.
+    pub format: Format,
+    /// Write reports here instead of stdout.
+    pub output: Option<PathBuf>,
+    /// Ring-buffer size in bytes (power of two).
+    pub ring_bytes: u32,
+    /// Stack map capacity.
+    pub stack_capacity: u32,
+    /// In-flight call map capacity (threads).
+    pub inflight_capacity: u32,
+    /// Capture stacks.
+    pub capture_stacks: bool,
+    /// Print one line on stderr once the probes are attached.
+    pub announce: bool,
+    /// Mean heap sampling interval in bytes (0: trace every call).
+    pub sample_rate: u32,
+    /// Capacity of the sampled-address map.
+    pub sampled_capacity: u32,
+    /// Count allocator calls only, and report rates and the projected cost.
+    pub dry_run: bool,
+    /// Detach the heap probes when their projected cost exceeds this share of the
+    /// target's own CPU time, in percent.
+    pub max_overhead_pct: Option<f64>,
+    /// Leave blocks younger than this out of the heap stacks.
+    pub min_age: Option<Duration>,
+    /// Walk glibc's heaps through /proc/PID/mem for each report.
+    pub walk_heaps: bool,
+    /// Walk CPython frames when the target is a Python interpreter.
+    pub python_stacks: bool,
+    /// Benchmark only: attach every probe as usual, but let the programs do
+    /// nothing beyond counting the hit (the bare trap cost of the same sites).
+    pub bare_probes: bool,
+    /// Walk native stacks with frame pointers only, not the objects' unwind tables.
+    pub fp_stacks: bool,
+    /// Benchmark only: copy 8 KiB of stack per event for a userspace unwinder
+    /// (discarded), instead of walking in the kernel; events carry no stack.
+    pub copy_stacks: bool,
+    /// When sampling, probe malloc and calloc with uprobe sessions where the kernel
+    /// has them, so unsampled calls skip the return trap.
+    pub uprobe_sessions: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            target: Target::Pid(0),
+            duration: None,
+            interval: None,
+            top: 10,
+            max_frames: 16,
+            format: Format::Text,
+            output: None,
+            ring_bytes: DEFAULT_RING_BYTES,
+            stack_capacity: DEFAULT_STACK_CAPACITY,
+            inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
+            capture_stacks: true,
+            announce: false,
+            sample_rate: 0,
+            sampled_capacity: leaktrace_common::DEFAULT_SAMPLED_CAPACITY,
+            dry_run: false,
+            max_overhead_pct: None,
+            min_age: None,
+            walk_heaps: true,
+            uprobe_sessions: true,
+            python_stacks: true,
+            bare_probes: false,
+            fp_stacks: false,
+            copy_stacks: false,
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The final report.
+    pub report: Report,
+    /// Ended by SIGINT.
+    pub interrupted: bool,
+}
+
+/// Runs a session to its end and returns the final report (already written to the output).
+pub fn run(config: &Config) -> Result<Outcome, Error> {
+    target::check_privileges()?;
+    target::ensure_tracefs()?;
+    // A bad output path is refused before anything is attached.
+    let out = event_loop::Output::open(config)?;
+    let prepared = prepare::prepare(config)?;
+    event_loop::run(config, prepared, out)
+}

@@ -1,0 +1,194 @@
+//! The first stage: resolve the target, find its allocator, build the unwind tables
+//! that size the kernel maps, load the BPF object and attach it. Nothing here runs
+//! once events flow.
+
+use std::path::PathBuf;
+
+use aya::Ebpf;
+use leaktrace_common::AllocFn;
+
+use crate::{
+    error::Error,
+    probes::{
+        allocators::{self, ProbeSite},
+        attach::{self, Attached},
+        load::{self, LoadOptions, Modes},
+    },
+    process::{launch, procfs, target},
+    session::{Config, Target},
+    unwind::{Capacity, Unwinder},
+};
+
+/// Everything the event loop starts from.
+pub struct Prepared {
+    /// The traced process.
+    pub pid: u32,
+    /// The objects mapped at attach (or that a launched command will map): path in
+    /// the target, host path.
+    pub objects: Vec<(String, PathBuf)>,
+    /// A launched command, not yet released to exec.
+    pub blocked: Option<launch::Blocked>,
+    /// The allocator functions found.
+    pub sites: Vec<ProbeSite>,
+    /// The CFI unwinder with its tables built, when stacks are unwound with CFI.
+    pub unwinder: Option<Unwinder>,
+    /// The loaded programs.
+    pub ebpf: Ebpf,
+    /// The probes attached.
+    pub attached: Attached,
+    /// The heap's break at attach: the start of the brk heap and its end (none for a
+    /// launched command, whose heap starts empty).
+    pub start_brk: Option<u64>,
+    /// See `start_brk`.
+    pub brk: Option<u64>,
+}
+
+/// Whether native stacks are unwound with CFI tables (the default).
+pub fn cfi_enabled(config: &Config) -> bool {
+    config.capture_stacks
+        && !config.fp_stacks
+        && !config.copy_stacks
+        && !config.dry_run
+        && !config.bare_probes
+}
+
+/// Resolves the target, loads and attaches. A launched child is killed on failure.
+pub fn prepare(config: &Config) -> Result<Prepared, Error> {
+    let (pid, objects, blocked) = resolve(config)?;
+    match load_and_attach(config, pid, objects.as_slice()) {
+        Ok((sites, unwinder, ebpf, attached)) => {
+            let launched = blocked.is_some();
+            let start_brk = (!launched).then(|| procfs::read_start_brk(pid)).flatten();
+            let brk = if launched {
+                None
+            } else {
+                procfs::read_maps(pid)
+                    .ok()
+                    .and_then(|m| m.iter().find(|e| e.path == "[heap]").map(|e| e.end))
+                    .or(start_brk)
+            };
+            Ok(Prepared {
+                pid,
+                objects,
+                blocked,
+                sites,
+                unwinder,
+                ebpf,
+                attached,
+                start_brk,
+                brk,
+            })
+        }
+        Err(e) => {
+            if let Some(b) = blocked {
+                launch::kill_blocked(b);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A target's pid, its objects (path in the target, host path), and the launched
+/// child held before exec.
+type Resolved = (u32, Vec<(String, PathBuf)>, Option<launch::Blocked>);
+
+/// The pid and its objects: a running process's mappings, or the objects a command
+/// will map (its program, interpreter and libraries), with the child forked and held.
+fn resolve(config: &Config) -> Result<Resolved, Error> {
+    Ok(match &config.target {
+        Target::Pid(pid) => {
+            let p = target::validate_pid(*pid)?;
+            (p.pid, target::mapped_objects(p.pid)?, None)
+        }
+        Target::Command(argv) => {
+            let program = argv.first().ok_or_else(|| Error::BadCommand {
+                program: String::new(),
+                why: "empty command".into(),
+            })?;
+            let path = launch::resolve_program(program)?;
+            let elf = launch::effective_elf(&path)?;
+            let objs: Vec<(String, PathBuf)> = launch::objects_for(&elf)
+                .into_iter()
+                .map(|p| (p.display().to_string(), p))
+                .collect();
+            let blocked = launch::spawn_blocked(&path, argv)?;
+            (blocked.pid, objs, Some(blocked))
+        }
+    })
+}
+
+/// Finds the allocator, sizes and loads the programs, attaches them.
+fn load_and_attach(
+    config: &Config,
+    pid: u32,
+    objects: &[(String, PathBuf)],
+) -> Result<(Vec<ProbeSite>, Option<Unwinder>, Ebpf, Attached), Error> {
+    let search = allocators::search(objects.iter().map(|(t, h)| (t.as_str(), h.clone())));
+    let has = |f: AllocFn| search.sites.iter().any(|s| s.func == f);
+    if !has(AllocFn::Malloc) || !has(AllocFn::Free) {
+        let looked_for = AllocFn::ALL
+            .iter()
+            .map(|f| f.symbol())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut searched = search.searched.join(", ");
+        if searched.is_empty() {
+            searched = "no executable file mappings".into();
+        }
+        if !search.unreadable.is_empty() {
+            searched.push_str(&format!(" (unreadable: {})", search.unreadable.join("; ")));
+        }
+        return Err(Error::NoAllocator {
+            pid,
+            looked_for,
+            searched,
+        });
+    }
+
+    // Unwind tables of the code mapped now (or about to be, for a launched command)
+    // are built before loading, so the kernel arrays are created large enough.
+    let mut unwinder = cfi_enabled(config).then(|| Unwinder::new(pid));
+    // Whether a syscall's own walk can tell it runs inside free, malloc or calloc: then
+    // frees need no mark, and malloc and calloc may skip unsampled returns (sessions).
+    let mut walk_sees_allocators = false;
+    let unwind = match &mut unwinder {
+        Some(u) => {
+            let hosts: Vec<PathBuf> = objects.iter().map(|(_, h)| h.clone()).collect();
+            let caps = u.prepare(&hosts);
+            walk_sees_allocators = u.set_allocator_functions(
+                [AllocFn::Free, AllocFn::Malloc, AllocFn::Calloc]
+                    .iter()
+                    .flat_map(|f| search.sites.iter().filter(move |s| s.func == *f))
+                    .map(|s| (s.host_path.as_path(), s.symbol.0, s.symbol.1)),
+            );
+            caps
+        }
+        None => Capacity::default(),
+    };
+    let mut ebpf = load::load(&LoadOptions {
+        pid,
+        modes: Modes {
+            capture_stacks: config.capture_stacks,
+            count_only: config.dry_run || config.bare_probes,
+            fp_stacks: config.fp_stacks,
+            copy_stacks: config.copy_stacks,
+            free_mark: !walk_sees_allocators,
+            stop_on_exec_map: matches!(config.target, Target::Command(_)) && cfi_enabled(config),
+        },
+        ring_bytes: config.ring_bytes,
+        stack_capacity: config.stack_capacity,
+        inflight_capacity: config.inflight_capacity,
+        sampled_capacity: config.sampled_capacity,
+        sample_rate: config.sample_rate,
+        unwind,
+    })?;
+    // Sessions leave an unsampled call no record in flight: only the walk of a syscall it
+    // makes can then tell that syscall is the allocator's.
+    let sessions = config.uprobe_sessions
+        && walk_sees_allocators
+        && config.sample_rate > 0
+        && !config.dry_run
+        && !config.bare_probes;
+    let attached = attach::attach(&mut ebpf, pid, &search.sites, config.dry_run, sessions)?;
+    Ok((search.sites, unwinder, ebpf, attached))
+}

@@ -1,0 +1,565 @@
+//! The session's worker thread: the slow work the event loop must not wait for.
+//!
+//! It owns everything that reads the target at length or parses files: the stack
+//! maps (new stacks are read as soon as their ids appear), the native symbolizer
+//! and CPython's code objects, the unwind tables of code mapped after attach,
+//! finding the interpreter (retried every 20 ms while a launched one starts, with
+//! the kernel's BTF parsed once), the heap walks, and what a report reads from
+//! `/proc`. The event loop sends [`Job`]s and receives [`Reply`]s in the same order;
+//! it never blocks on one while events flow.
+
+use std::{
+    path::PathBuf,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use leaktrace_common::{PY_FRAME_EDGE, PyConfig, PyStack, STACK_TRUNCATED, StackTrace};
+use rustc_hash::FxHashMap;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{
+    heap::glibc::{self, ArenaLimit, HeapWalk},
+    probes::btf::Btf,
+    process::{ProcMemory, procfs},
+    report::PythonInfo,
+    symbolize::{
+        Frame, Stack,
+        native::Symbols,
+        python::{self, PySymbols, PyTarget},
+    },
+    unwind::{BpfTables, UnwindStats, Unwinder},
+};
+
+/// How often a launched command is looked at for a started interpreter.
+const PY_RETRY: Duration = Duration::from_millis(20);
+/// Attempts before a launched command is taken not to start Python (~20 s).
+const PY_ATTEMPTS: u32 = 1000;
+
+/// What the worker starts with.
+pub struct Setup {
+    /// The traced process.
+    pub pid: u32,
+    /// A command leaktrace launched (its objects appear only once it has exec'd).
+    pub launched: bool,
+    /// Objects mapped at attach: path in the target, host path.
+    pub objects: Vec<(String, PathBuf)>,
+    /// The kernel's native stacks.
+    pub stacks: BpfHashMap<MapData, i64, StackTrace>,
+    /// The kernel's Python stacks.
+    pub py_stacks: BpfHashMap<MapData, i64, PyStack>,
+    /// Where the Python walk is told where the interpreter is.
+    pub py_config: Array<MapData, PyConfig>,
+    /// CPython (major, minor) when the target is an interpreter.
+    pub python: Option<(u32, u32)>,
+    /// Walk Python frames (else the interpreter is only reported).
+    pub python_stacks: bool,
+    /// The CFI unwinder and its maps.
+    pub unwind: Option<(Unwinder, BpfTables)>,
+    /// Say on stderr when tables are loaded for code mapped after attach.
+    pub announce: bool,
+    /// Walk glibc's heaps for reports.
+    pub walk_heaps: bool,
+}
+
+/// What the event loop asks for.
+#[derive(Debug)]
+pub enum Job {
+    /// Stack ids seen in events for the first time: read them from the kernel now.
+    NewStacks(Vec<i64>),
+    /// An executable mapping appeared: snapshot the mappings, load its unwind table.
+    CodeMapped,
+    /// A launched command stopped after mapping code: load the tables, then reply
+    /// [`Reply::Done`] so it is resumed.
+    SyncUnwind(Then),
+    /// Symbolize the stacks read so far.
+    Resolve,
+    /// Everything a report needs from the target, after symbolizing what is pending;
+    /// walk the heaps if `walk` (the heap's break is `brk`).
+    Snapshot {
+        /// What the reply is for.
+        then: Then,
+        /// The brk heap's end, from the ledger.
+        brk: Option<u64>,
+        /// Walk the heaps (the target is alive and walks are on).
+        walk: bool,
+    },
+    /// A launched command is about to exit, its mappings still there: take what
+    /// later reports need from them (mappings, stacks, heaps), then reply.
+    Exiting {
+        /// What the reply is for.
+        then: Then,
+        /// The brk heap's end, from the ledger.
+        brk: Option<u64>,
+    },
+}
+
+/// What the event loop does with a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// Resume the stopped child.
+    Resume,
+    /// Let the child finish exiting.
+    Detach,
+    /// Print an interval report.
+    IntervalReport,
+    /// Build the final report.
+    FinalReport,
+}
+
+/// The worker's answers.
+#[derive(Debug)]
+pub enum Reply {
+    /// Set up: the unwind tables of the code mapped at attach are loaded and the
+    /// interpreter looked for; the probes may be enabled.
+    Ready,
+    /// Newly resolved stacks, and stacks the kernel no longer had.
+    Stacks {
+        /// Resolved stacks, Python frames interleaved.
+        stacks: Vec<(i64, Stack)>,
+        /// Stack ids whose stack could not be read (a loss to show).
+        unreadable: u64,
+    },
+    /// The job is done.
+    Done(Then),
+    /// What a report needs from the target.
+    Snapshot(Then, Box<Snapshot>),
+}
+
+/// What a report reads from the target, besides the books.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The latest walk of glibc's heaps (kept from an earlier report once the target
+    /// is gone).
+    pub walk: Option<HeapWalk>,
+    /// glibc's arena limit, when its heaps were walked.
+    pub arena_limit: Option<ArenaLimit>,
+    /// malloc settings in the target's environment (`NAME=value`).
+    pub malloc_env: Vec<String>,
+    /// The target's thread names, by thread id.
+    pub thread_names: FxHashMap<u32, String>,
+    /// The interpreter, if the target is CPython.
+    pub python: Option<PythonInfo>,
+    /// The unwind tables loaded, with CFI.
+    pub unwind: Option<UnwindStats>,
+}
+
+/// The event loop's end of the worker.
+pub struct Handle {
+    jobs: mpsc::Sender<Job>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Handle {
+    /// Starts the worker; its replies go to `replies`.
+    pub fn start(setup: Setup, replies: UnboundedSender<Reply>) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("leaktrace-worker".into())
+            .spawn(move || Worker::new(setup, replies).run(&rx))?;
+        Ok(Self { jobs, thread })
+    }
+
+    /// Queues a job (ignored if the worker has stopped: its replies say so by not coming).
+    pub fn send(&self, job: Job) {
+        let _ = self.jobs.send(job);
+    }
+
+    /// Stops the worker once its queue is done, and waits for it.
+    pub fn stop(self) {
+        let Self { jobs, thread } = self;
+        drop(jobs);
+        let _ = thread.join();
+    }
+}
+
+/// Whether Python frames are walked.
+#[derive(Debug)]
+enum PyState {
+    /// Not a Python target, or turned off.
+    Off,
+    /// A Python target whose interpreter was not found yet (attempts so far).
+    Pending(u32),
+    /// Frames are walked.
+    Ready(Box<PyTarget>),
+    /// A Python target whose frames cannot be walked, and why.
+    Unavailable(String),
+}
+
+struct Worker {
+    setup: Setup,
+    replies: UnboundedSender<Reply>,
+    /// Created on first use (in launch mode only once the command has exec'd, so its
+    /// first snapshot of the mappings is of the right program).
+    symbols: Option<Symbols>,
+    /// Stacks read from the kernel, waiting to be symbolized.
+    fetched: Vec<(i64, StackTrace)>,
+    /// Stack ids the kernel did not have, since the last reply.
+    unreadable: u64,
+    py: PyState,
+    /// Python stacks read with their native stack, by native stack id, until symbolized.
+    py_raw: FxHashMap<i64, PyStack>,
+    /// Code objects read so far.
+    py_symbols: PySymbols,
+    /// `task_struct.thread.fsbase`'s offset from the kernel's BTF, parsed once.
+    fsbase: Option<Option<u64>>,
+    next_py_try: Instant,
+    /// The latest walk of glibc's heaps.
+    walk: Option<HeapWalk>,
+}
+
+impl Worker {
+    fn new(setup: Setup, replies: UnboundedSender<Reply>) -> Self {
+        let py = if setup.python.is_some() && setup.python_stacks {
+            PyState::Pending(0)
+        } else {
+            PyState::Off
+        };
+        Self {
+            setup,
+            replies,
+            symbols: None,
+            fetched: Vec::new(),
+            unreadable: 0,
+            py,
+            py_raw: FxHashMap::default(),
+            py_symbols: PySymbols::default(),
+            fsbase: None,
+            next_py_try: Instant::now(),
+            walk: None,
+        }
+    }
+
+    fn reply(&self, r: Reply) {
+        let _ = self.replies.send(r);
+    }
+
+    fn run(mut self, jobs: &mpsc::Receiver<Job>) {
+        self.load_attach_tables();
+        self.setup_python();
+        self.reply(Reply::Ready);
+        loop {
+            let job = if matches!(self.py, PyState::Pending(_)) {
+                let now = Instant::now();
+                if now >= self.next_py_try {
+                    self.setup_python();
+                    continue;
+                }
+                match jobs.recv_timeout(self.next_py_try - now) {
+                    Ok(j) => j,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            self.handle(job);
+        }
+    }
+
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::NewStacks(ids) => self.fetch(&ids),
+            Job::CodeMapped => {
+                self.symbols().refresh_maps();
+                self.sync_unwind();
+            }
+            Job::SyncUnwind(then) => {
+                self.sync_unwind();
+                self.reply(Reply::Done(then));
+            }
+            Job::Resolve => self.resolve(),
+            Job::Snapshot { then, brk, walk } => {
+                self.resolve();
+                if walk {
+                    self.walk_heaps(brk);
+                }
+                let snap = self.snapshot();
+                self.reply(Reply::Snapshot(then, Box::new(snap)));
+            }
+            Job::Exiting { then, brk } => {
+                self.walk_heaps(brk);
+                self.symbols().refresh_maps();
+                self.resolve();
+                self.reply(Reply::Done(then));
+            }
+        }
+    }
+
+    fn symbols(&mut self) -> &mut Symbols {
+        let pid = self.setup.pid;
+        self.symbols.get_or_insert_with(|| Symbols::new(pid))
+    }
+
+    /// Loads the unwind tables of the code mapped at attach (a launched command's
+    /// are loaded at its first stop, once it has exec'd).
+    fn load_attach_tables(&mut self) {
+        if self.setup.launched {
+            return;
+        }
+        if let Some((u, t)) = &mut self.setup.unwind {
+            u.sync(t);
+            log::info!(
+                "unwind tables: {} objects, {} rows, {} KiB, {:.0} ms",
+                u.stats.objects,
+                u.stats.rows,
+                u.stats.table_bytes / 1024,
+                u.stats.build_ms
+            );
+            u.set_attached();
+        }
+    }
+
+    /// Loads the tables of code mapped since the last sync.
+    fn sync_unwind(&mut self) {
+        let Some((u, t)) = &mut self.setup.unwind else {
+            return;
+        };
+        let before = u.stats.loaded_after_attach.len();
+        u.sync(t);
+        if self.setup.announce {
+            for o in &u.stats.loaded_after_attach[before..] {
+                #[expect(
+                    clippy::print_stderr,
+                    reason = "progress line, shown with the attach line"
+                )]
+                {
+                    eprintln!("leaktrace: unwind tables loaded for {o} (mapped after attach)");
+                }
+            }
+        }
+    }
+
+    /// Reads new stacks from the kernel as soon as they appear and, if one points
+    /// outside the mappings snapshot (an object mapped since), takes a new snapshot
+    /// now, while the target is surely alive: symbolization comes later and must
+    /// work even if the target has exited by then.
+    fn fetch(&mut self, ids: &[i64]) {
+        let mut uncovered = false;
+        let mut fetched = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match self.setup.stacks.get(&id, 0) {
+                Ok(st) => {
+                    if st.py_stack >= 0 {
+                        match self.setup.py_stacks.get(&st.py_stack, 0) {
+                            Ok(ps) => {
+                                self.py_raw.insert(id, ps);
+                            }
+                            Err(_) => self.unreadable += 1,
+                        }
+                    }
+                    fetched.push((id, st));
+                }
+                // The kernel stores a stack before sending its id, so this is a loss to show.
+                Err(_) => self.unreadable += 1,
+            }
+        }
+        let symbols = self.symbols();
+        for (_, st) in &fetched {
+            uncovered |= !symbols.covers(st);
+        }
+        if uncovered {
+            symbols.refresh_maps();
+        }
+        self.fetched.extend(fetched);
+    }
+
+    /// Symbolizes the fetched stacks and sends them.
+    fn resolve(&mut self) {
+        if self.fetched.is_empty() {
+            if self.unreadable > 0 {
+                let unreadable = std::mem::take(&mut self.unreadable);
+                self.reply(Reply::Stacks {
+                    stacks: Vec::new(),
+                    unreadable,
+                });
+            }
+            return;
+        }
+        let fetched = std::mem::take(&mut self.fetched);
+        let mut stacks = self.symbols().resolve(&fetched);
+        self.merge_python(&mut stacks);
+        let unreadable = std::mem::take(&mut self.unreadable);
+        self.reply(Reply::Stacks { stacks, unreadable });
+    }
+
+    /// Interleaves the Python frames of newly resolved stacks into their native frames.
+    fn merge_python(&mut self, stacks: &mut [(i64, Stack)]) {
+        if self.py_raw.is_empty() {
+            return;
+        }
+        let PyState::Ready(t) = &self.py else {
+            self.py_raw.clear();
+            return;
+        };
+        let Ok(mem) = ProcMemory::open(self.setup.pid) else {
+            return;
+        };
+        for (id, stack) in stacks {
+            let Some(ps) = self.py_raw.remove(id) else {
+                continue;
+            };
+            let n = (ps.len as usize).min(ps.frames.len());
+            let py: Vec<(Frame, bool)> = ps.frames[..n]
+                .iter()
+                .map(|&f| {
+                    (
+                        self.py_symbols.frame(&mem, t, f),
+                        f.instr & PY_FRAME_EDGE != 0,
+                    )
+                })
+                .collect();
+            let native = std::mem::take(&mut stack.frames);
+            stack.frames = python::interleave(native, py, t.version.1 <= 10);
+            stack.truncated |= ps.flags & STACK_TRUNCATED != 0;
+        }
+    }
+
+    /// Finds the interpreter and tells BPF where its frames are (retried while a
+    /// launched command has not yet started Python).
+    fn setup_python(&mut self) {
+        let PyState::Pending(tries) = self.py else {
+            return;
+        };
+        self.next_py_try = Instant::now() + PY_RETRY;
+        let fsbase = *self.fsbase.get_or_insert_with(|| {
+            Btf::from_sys()
+                .ok()
+                .and_then(|b| b.member_offset("task_struct", &["thread", "fsbase"]))
+        });
+        let pid = self.setup.pid;
+        let found = match (procfs::read_maps(pid), ProcMemory::open(pid)) {
+            (Ok(maps), Ok(mem)) => {
+                // In launch mode the objects come from the program's file; map them by name.
+                let objects: Vec<(String, PathBuf)> = if self.setup.launched {
+                    maps.iter()
+                        .filter(|m| m.is_file())
+                        .map(|m| (m.path.clone(), procfs::path_in_target(pid, &m.path)))
+                        .collect()
+                } else {
+                    self.setup.objects.clone()
+                };
+                python::detect(&mem, &maps, &objects, fsbase)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(format!("cannot read the target: {e}")),
+        };
+        self.py = match found {
+            Ok(Some(t)) => match self.setup.py_config.set(0, t.config, 0) {
+                Ok(()) => {
+                    log::info!(
+                        "CPython 3.{} in {}: Python frames on",
+                        t.version.1,
+                        t.object
+                    );
+                    PyState::Ready(Box::new(t))
+                }
+                Err(e) => PyState::Unavailable(format!("failed to configure the Python walk: {e}")),
+            },
+            // Not started yet (launch mode) or still initializing: retry for a while.
+            Ok(None) | Err(_) if tries < PY_ATTEMPTS && self.setup.launched => {
+                PyState::Pending(tries + 1)
+            }
+            Ok(None) => PyState::Unavailable("no object defining _PyRuntime is mapped".into()),
+            Err(why) => PyState::Unavailable(why),
+        };
+        if let PyState::Unavailable(why) = &self.py {
+            log::warn!("no Python frames: {why}");
+        }
+    }
+
+    /// Walks glibc's heaps in the target's memory, if walks are on (kept for later
+    /// reports: the target may be gone by then).
+    fn walk_heaps(&mut self, brk: Option<u64>) {
+        if !self.setup.walk_heaps {
+            return;
+        }
+        let pid = self.setup.pid;
+        let (Ok(maps), Ok(mem)) = (procfs::read_maps(pid), ProcMemory::open(pid)) else {
+            return;
+        };
+        let t = Instant::now();
+        let sites = glibc::find_sites(&maps, procfs::read_start_brk(pid), brk);
+        let w = glibc::walk_heaps(&mem, &sites);
+        log::debug!(
+            "walked glibc heaps in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        if !w.arenas.is_empty() || !w.unwalkable.is_empty() {
+            self.walk = Some(w);
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let pid = self.setup.pid;
+        let environ = procfs::read_environ(pid);
+        let malloc_env: Vec<String> = environ
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("MALLOC_")
+                    || k == "GLIBC_TUNABLES"
+                    || k == "LD_PRELOAD"
+                    || k.starts_with("PYTHONMALLOC")
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let arena_limit = self
+            .walk
+            .as_ref()
+            .map(|_| glibc::arena_limit(&environ, procfs::online_cpus()));
+        Snapshot {
+            walk: self.walk.clone(),
+            arena_limit,
+            malloc_env,
+            thread_names: procfs::thread_names(pid),
+            python: self.python_info(),
+            unwind: self.setup.unwind.as_ref().map(|(u, _)| u.stats.clone()),
+        }
+    }
+
+    /// What the report says about the interpreter.
+    fn python_info(&self) -> Option<PythonInfo> {
+        let (major, minor) = self.setup.python?;
+        let arena = if minor >= 10 { "1 MiB" } else { "256 KiB" };
+        let note = format!(
+            "Objects of 512 bytes or less come from pymalloc's {arena} arenas, not malloc: small-object growth shows as \
+             pymalloc arenas under the mappings, charged to the Python stack that opened each arena. leaktrace does not \
+             probe PyObject_Malloc (LTO builds inline it at hundreds of call sites, so a probe there would see a fraction)."
+        );
+        let (frames, unavailable, object) = match &self.py {
+            PyState::Ready(t) => (true, None, t.object.clone()),
+            PyState::Unavailable(why) => (false, Some(why.clone()), String::new()),
+            PyState::Pending(_) => (
+                false,
+                Some("the interpreter had not initialized yet".into()),
+                String::new(),
+            ),
+            PyState::Off => (
+                false,
+                Some("turned off with --no-python".into()),
+                String::new(),
+            ),
+        };
+        let object = if object.is_empty() {
+            self.setup
+                .objects
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .find(|t| python::version_from_name(t).is_some())
+                .unwrap_or("?")
+                .to_owned()
+        } else {
+            object
+        };
+        Some(PythonInfo {
+            version: format!("{major}.{minor}"),
+            object,
+            frames,
+            unavailable,
+            note,
+        })
+    }
+}
