@@ -111,7 +111,8 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
             .get(start..start.saturating_add(len as usize).min(data.len()))
             .unwrap_or(&[]);
         let placement = if func == AllocFn::Free {
-            // free's probe reads only its argument: it may move to a cheaper instruction.
+            // free's probe reads its argument (and [sp], before any push): it may move to a
+            // cheaper instruction.
             placement::place(code, iced_x86::Register::RDI)
         } else {
             placement::at_entry(code, "the probe reads the return address at [sp]")

@@ -147,15 +147,6 @@ pub fn attach(
         None => (None, Vec::new(), Vec::new()),
     };
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
-    let attach_err = |what: String| {
-        move |source| {
-            if Error::is_permission(&source) {
-                Error::NotPrivileged
-            } else {
-                Error::Attach { what, source }
-            }
-        }
-    };
     let uprobe = |ebpf: &mut Ebpf, name: &'static str| -> Result<(), Error> {
         let p: &mut UProbe = ebpf
             .program_mut(name)
@@ -173,19 +164,15 @@ pub fn attach(
         .enumerate()
         .filter(|(i, s)| s.func.return_program().is_some() && !dry_run && !in_session.contains(i))
     {
-        let p: &mut UProbe = ebpf
-            .program_mut("alloc_exit")
-            .ok_or(Error::Missing("alloc_exit"))?
-            .try_into()
-            .map_err(attach_err("alloc_exit".into()))?;
         // A return probe hijacks the return address at [sp], so it stays at the entry.
-        let link = p
-            .attach(site.entry_offset, &site.host_path, scope)
-            .map_err(attach_err(format!(
-                "return probe on {} in {}",
-                site.func.symbol(),
-                site.object
-            )))?;
+        let link = attach_one(
+            ebpf,
+            "alloc_exit",
+            site,
+            site.entry_offset,
+            "return probe",
+            scope,
+        )?;
         links.push(("alloc_exit", link));
     }
     let mut infos = Vec::new();
@@ -215,18 +202,7 @@ pub fn attach(
             uprobe(ebpf, name)?;
             loaded.push(name);
         }
-        let p: &mut UProbe = ebpf
-            .program_mut(name)
-            .ok_or(Error::Missing(name))?
-            .try_into()
-            .map_err(attach_err(name.into()))?;
-        let link = p
-            .attach(site.offset, &site.host_path, scope)
-            .map_err(attach_err(format!(
-                "probe on {} in {}",
-                site.func.symbol(),
-                site.object
-            )))?;
+        let link = attach_one(ebpf, name, site, site.offset, "probe", scope)?;
         links.push((name, link));
         log::info!(
             "probe on {} in {} at +{}: {}",
@@ -268,6 +244,39 @@ pub fn attach(
         }),
         session_program: session_prog,
     })
+}
+
+/// Maps an attach failure to "not privileged" when the kernel said EPERM.
+fn attach_err(what: String) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    move |source| {
+        if Error::is_permission(&source) {
+            Error::NotPrivileged
+        } else {
+            Error::Attach { what, source }
+        }
+    }
+}
+
+/// Attaches the loaded uprobe program `name` at `offset` of `site`'s object.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    site: &ProbeSite,
+    offset: u64,
+    what: &str,
+    scope: UProbeScope,
+) -> Result<aya::programs::uprobe::UProbeLinkId, Error> {
+    let p: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or(Error::Missing(name))?
+        .try_into()
+        .map_err(attach_err(name.into()))?;
+    p.attach(offset, &site.host_path, scope)
+        .map_err(attach_err(format!(
+            "{what} on {} in {}",
+            site.func.symbol(),
+            site.object
+        )))
 }
 
 /// Detaches the heap probes (the syscall tracepoints stay).

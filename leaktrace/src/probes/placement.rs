@@ -16,9 +16,12 @@
 //!   for `free`.
 //!
 //! Anything else (a `jne`, a call, a write to the argument, no emulated
-//! instruction within reach) keeps the probe at the entry. This is only for
-//! probes that read nothing but the argument: an allocator's entry probe also
-//! reads the return address at `[sp]`, which a `push` before the probe moves.
+//! instruction within reach) keeps the probe at the entry. Only `free` is moved:
+//! its probe reads the argument and, when frees are marked for the syscall walk
+//! (`CONFIG_FREE_MARK`), the return address at `[sp]` — still in place, since the
+//! probe stops at the first emulated instruction, before any `push` has run. The
+//! other allocators' entry probes stay at the entry, where their stack walk and
+//! their return probe start.
 
 use iced_x86::{
     ConditionCode, Decoder, DecoderOptions, Formatter as _, GasFormatter, Instruction,

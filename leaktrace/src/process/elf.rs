@@ -37,42 +37,41 @@ mod tests {
         std::hint::black_box(42)
     }
 
+    /// This test binary: its path, its bytes, and `probe_target`'s runtime and
+    /// link-time addresses.
+    fn own_probe_target() -> (String, Vec<u8>, u64, u64) {
+        use object::{Object as _, ObjectSymbol as _};
+        let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
+        let data = std::fs::read(&exe).expect("readable");
+        let file = object::File::parse(&*data).expect("ELF");
+        let link = file
+            .symbols()
+            .find(|s| s.name().is_ok_and(|n| n.contains("probe_target")))
+            .expect("symbol of probe_target in the test binary")
+            .address();
+        let runtime = probe_target as fn() -> u64 as usize as u64;
+        (exe.display().to_string(), data, runtime, link)
+    }
+
     /// The load bias of this test binary's code mapping puts a function's symbol at
     /// its runtime address. Rust links with lld (rustc 1.90+), which does not
     /// page-align segment file offsets, so the mapping's offset lies before the
     /// code segment's: the segment covering it must still be the code's.
     #[test]
     fn bias_of_own_code_mapping() {
-        use object::{Object as _, ObjectSymbol as _};
-        let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
-        let data = std::fs::read(&exe).expect("readable");
-        let file = object::File::parse(&*data).expect("ELF");
-        let runtime = probe_target as fn() -> u64 as usize as u64;
-        let sym = file
-            .symbols()
-            .find(|s| s.name().is_ok_and(|n| n.contains("probe_target")))
-            .expect("symbol of probe_target in the test binary");
-        let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
-        let (start, offset) = maps
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let (lo, hi) = f[0].split_once('-')?;
-                let (lo, hi) = (
-                    u64::from_str_radix(lo, 16).ok()?,
-                    u64::from_str_radix(hi, 16).ok()?,
-                );
-                (f[1].contains('x') && (lo..hi).contains(&runtime))
-                    .then(|| Some((lo, u64::from_str_radix(f[2], 16).ok()?)))
-                    .flatten()
-            })
+        let (_, data, runtime, link) = own_probe_target();
+        let maps = crate::process::procfs::read_maps(std::process::id()).expect("own maps");
+        let code = maps
+            .iter()
+            .find(|m| m.is_exec() && (m.start..m.end).contains(&runtime))
             .expect("the code mapping holding probe_target");
-        let b = load_bias(&data, start, offset, true).expect("a segment for the mapping");
+        let b = load_bias(&data, code.start, code.offset, true).expect("a segment for the mapping");
         assert_eq!(
-            b.wrapping_add(sym.address()),
+            b.wrapping_add(link),
             runtime,
-            "mapping at {start:#x} offset {offset:#x}, symbol {:#x}",
-            sym.address()
+            "mapping at {:#x} offset {:#x}, symbol {link:#x}",
+            code.start,
+            code.offset
         );
     }
 
@@ -80,22 +79,13 @@ mod tests {
     /// segment holding the ELF header is chosen, not the code segment sharing its page.
     #[test]
     fn bias_of_own_first_mapping() {
-        use object::{Object as _, ObjectSymbol as _};
-        let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
-        let data = std::fs::read(&exe).expect("readable");
-        let file = object::File::parse(&*data).expect("ELF");
-        let runtime = probe_target as fn() -> u64 as usize as u64;
-        let sym = file
-            .symbols()
-            .find(|s| s.name().is_ok_and(|n| n.contains("probe_target")))
-            .expect("symbol of probe_target in the test binary");
+        let (exe, data, runtime, link) = own_probe_target();
         let maps = crate::process::procfs::read_maps(std::process::id()).expect("own maps");
-        let exe = exe.display().to_string();
         let first = maps
             .iter()
             .find(|m| m.path == exe && m.offset == 0)
             .expect("the mapping of the executable at offset 0");
         let b = load_bias(&data, first.start, first.offset, first.is_exec()).expect("a segment");
-        assert_eq!(b.wrapping_add(sym.address()), runtime);
+        assert_eq!(b.wrapping_add(link), runtime);
     }
 }

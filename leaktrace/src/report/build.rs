@@ -85,7 +85,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             .get(id)
             .map_or((Vec::new(), false), |s| (s.frames.clone(), s.truncated))
     };
-    let mut heap: Vec<(i64, Totals)> = if i.min_age_s > 0.0 {
+    let heap: Vec<(i64, Totals)> = if i.min_age_s > 0.0 {
         aged_heap(i.ledger, i.now_ns, i.min_age_s)
     } else {
         i.ledger
@@ -94,11 +94,9 @@ pub fn build(i: &Inputs<'_>) -> Report {
             .map(|(&id, t)| (id, *t))
             .collect()
     };
-    heap.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(&b.0)));
-    let heap_stacks = heap
-        .iter()
-        .take(i.top)
-        .map(|&(id, t)| {
+    let heap_stacks = largest(heap, i.top, |t| t.bytes)
+        .into_iter()
+        .map(|(id, t)| {
             let (frames, truncated) = frames(id);
             HeapStack {
                 live_bytes: t.bytes,
@@ -113,17 +111,15 @@ pub fn build(i: &Inputs<'_>) -> Report {
             }
         })
         .collect();
-    let mut mapped: Vec<_> = i
+    let mapped: Vec<_> = i
         .ledger
         .mapped_by_stack()
         .iter()
         .map(|(&id, t)| (id, t.bytes))
         .collect();
-    mapped.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let map_stacks = mapped
-        .iter()
-        .take(i.top)
-        .map(|&(id, bytes)| {
+    let map_stacks = largest(mapped, i.top, |&b| b)
+        .into_iter()
+        .map(|(id, bytes)| {
             let (frames, truncated) = frames(id);
             MapStack {
                 mapped_bytes: bytes,
@@ -244,6 +240,13 @@ fn stack_info(i: &Inputs<'_>) -> StackInfo {
             Vec::new()
         },
     }
+}
+
+/// The `n` stacks with the most bytes (`bytes` of their figures), ties by stack id.
+fn largest<T>(mut v: Vec<(i64, T)>, n: usize, bytes: impl Fn(&T) -> u64) -> Vec<(i64, T)> {
+    v.sort_by(|a, b| bytes(&b.1).cmp(&bytes(&a.1)).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
 }
 
 /// Heap totals per stack counting only blocks at least `min_age_s` old.

@@ -187,6 +187,19 @@ enum PyState {
     Unavailable(String),
 }
 
+/// Everything about the target's Python frames.
+struct Python {
+    state: PyState,
+    /// Python stacks read with their native stack, by native stack id, until symbolized.
+    raw: FxHashMap<i64, PyStack>,
+    /// Code objects read so far.
+    symbols: PySymbols,
+    /// `task_struct.thread.fsbase`'s offset from the kernel's BTF, parsed once.
+    fsbase: Option<Option<u64>>,
+    /// When a pending interpreter is looked for next.
+    next_try: Instant,
+}
+
 struct Worker {
     setup: Setup,
     replies: UnboundedSender<Reply>,
@@ -197,24 +210,23 @@ struct Worker {
     fetched: Vec<(i64, StackTrace)>,
     /// Stack ids the kernel did not have, since the last reply.
     unreadable: u64,
-    py: PyState,
-    /// Python stacks read with their native stack, by native stack id, until symbolized.
-    py_raw: FxHashMap<i64, PyStack>,
-    /// Code objects read so far.
-    py_symbols: PySymbols,
-    /// `task_struct.thread.fsbase`'s offset from the kernel's BTF, parsed once.
-    fsbase: Option<Option<u64>>,
-    next_py_try: Instant,
+    py: Python,
     /// The latest walk of glibc's heaps.
     walk: Option<HeapWalk>,
 }
 
 impl Worker {
     fn new(setup: Setup, replies: UnboundedSender<Reply>) -> Self {
-        let py = if setup.python.is_some() && setup.python_stacks {
-            PyState::Pending(0)
-        } else {
-            PyState::Off
+        let py = Python {
+            state: if setup.python.is_some() && setup.python_stacks {
+                PyState::Pending(0)
+            } else {
+                PyState::Off
+            },
+            raw: FxHashMap::default(),
+            symbols: PySymbols::default(),
+            fsbase: None,
+            next_try: Instant::now(),
         };
         Self {
             setup,
@@ -223,10 +235,6 @@ impl Worker {
             fetched: Vec::new(),
             unreadable: 0,
             py,
-            py_raw: FxHashMap::default(),
-            py_symbols: PySymbols::default(),
-            fsbase: None,
-            next_py_try: Instant::now(),
             walk: None,
         }
     }
@@ -240,13 +248,13 @@ impl Worker {
         self.setup_python();
         self.reply(Reply::Ready);
         loop {
-            let job = if matches!(self.py, PyState::Pending(_)) {
+            let job = if matches!(self.py.state, PyState::Pending(_)) {
                 let now = Instant::now();
-                if now >= self.next_py_try {
+                if now >= self.py.next_try {
                     self.setup_python();
                     continue;
                 }
-                match jobs.recv_timeout(self.next_py_try - now) {
+                match jobs.recv_timeout(self.py.next_try - now) {
                     Ok(j) => j,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -347,7 +355,7 @@ impl Worker {
                     if st.py_stack >= 0 {
                         match self.setup.py_stacks.get(&st.py_stack, 0) {
                             Ok(ps) => {
-                                self.py_raw.insert(id, ps);
+                                self.py.raw.insert(id, ps);
                             }
                             Err(_) => self.unreadable += 1,
                         }
@@ -389,18 +397,18 @@ impl Worker {
 
     /// Interleaves the Python frames of newly resolved stacks into their native frames.
     fn merge_python(&mut self, stacks: &mut [(i64, Stack)]) {
-        if self.py_raw.is_empty() {
+        if self.py.raw.is_empty() {
             return;
         }
-        let PyState::Ready(t) = &self.py else {
-            self.py_raw.clear();
+        let PyState::Ready(t) = &self.py.state else {
+            self.py.raw.clear();
             return;
         };
         let Ok(mem) = ProcMemory::open(self.setup.pid) else {
             return;
         };
         for (id, stack) in stacks {
-            let Some(ps) = self.py_raw.remove(id) else {
+            let Some(ps) = self.py.raw.remove(id) else {
                 continue;
             };
             let n = (ps.len as usize).min(ps.frames.len());
@@ -408,7 +416,7 @@ impl Worker {
                 .iter()
                 .map(|&f| {
                     (
-                        self.py_symbols.frame(&mem, t, f),
+                        self.py.symbols.frame(&mem, t, f),
                         f.instr & PY_FRAME_EDGE != 0,
                     )
                 })
@@ -422,11 +430,11 @@ impl Worker {
     /// Finds the interpreter and tells BPF where its frames are (retried while a
     /// launched command has not yet started Python).
     fn setup_python(&mut self) {
-        let PyState::Pending(tries) = self.py else {
+        let PyState::Pending(tries) = self.py.state else {
             return;
         };
-        self.next_py_try = Instant::now() + PY_RETRY;
-        let fsbase = *self.fsbase.get_or_insert_with(|| {
+        self.py.next_try = Instant::now() + PY_RETRY;
+        let fsbase = *self.py.fsbase.get_or_insert_with(|| {
             Btf::from_sys()
                 .ok()
                 .and_then(|b| b.member_offset("task_struct", &["thread", "fsbase"]))
@@ -447,7 +455,7 @@ impl Worker {
             }
             (Err(e), _) | (_, Err(e)) => Err(format!("cannot read the target: {e}")),
         };
-        self.py = match found {
+        self.py.state = match found {
             Ok(Some(t)) => match self.setup.py_config.set(0, t.config, 0) {
                 Ok(()) => {
                     log::info!(
@@ -466,7 +474,7 @@ impl Worker {
             Ok(None) => PyState::Unavailable("no object defining _PyRuntime is mapped".into()),
             Err(why) => PyState::Unavailable(why),
         };
-        if let PyState::Unavailable(why) = &self.py {
+        if let PyState::Unavailable(why) = &self.py.state {
             log::warn!("no Python frames: {why}");
         }
     }
@@ -529,7 +537,7 @@ impl Worker {
              pymalloc arenas under the mappings, charged to the Python stack that opened each arena. leaktrace does not \
              probe PyObject_Malloc (LTO builds inline it at hundreds of call sites, so a probe there would see a fraction)."
         );
-        let (frames, unavailable, object) = match &self.py {
+        let (frames, unavailable, object) = match &self.py.state {
             PyState::Ready(t) => (true, None, t.object.clone()),
             PyState::Unavailable(why) => (false, Some(why.clone()), String::new()),
             PyState::Pending(_) => (
