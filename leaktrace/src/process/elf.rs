@@ -39,7 +39,7 @@ mod tests {
 
     /// This test binary: its path, its bytes, and `probe_target`'s runtime and
     /// link-time addresses.
-    fn own_probe_target() -> (String, Vec<u8>, u64, u64) {
+    fn this_binary() -> (String, Vec<u8>, u64, u64) {
         use object::{Object as _, ObjectSymbol as _};
         let exe = std::fs::canonicalize("/proc/self/exe").expect("own executable");
         let data = std::fs::read(&exe).expect("readable");
@@ -59,7 +59,7 @@ mod tests {
     /// code segment's: the segment covering it must still be the code's.
     #[test]
     fn bias_of_own_code_mapping() {
-        let (_, data, runtime, link) = own_probe_target();
+        let (_, data, runtime, link) = this_binary();
         let maps = crate::process::procfs::read_maps(std::process::id()).expect("own maps");
         let code = maps
             .iter()
@@ -79,7 +79,7 @@ mod tests {
     /// segment holding the ELF header is chosen, not the code segment sharing its page.
     #[test]
     fn bias_of_own_first_mapping() {
-        let (exe, data, runtime, link) = own_probe_target();
+        let (exe, data, runtime, link) = this_binary();
         let maps = crate::process::procfs::read_maps(std::process::id()).expect("own maps");
         let first = maps
             .iter()
