@@ -138,6 +138,61 @@ pub struct Verdict {
     pub suspects: Vec<Suspect>,
     /// Remedies by expected effect, largest first.
     pub remedies: Vec<Remedy>,
+    /// How RSS and the live heap moved while traced (none for a trace too short).
+    pub trend: Option<Trend>,
+    /// Other findings beside the primary one (a leak amid fragmentation).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secondary: Vec<Finding>,
+}
+
+/// How RSS moved while traced: reported with every verdict, deciding only whether
+/// a leak is growing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Trend {
+    /// Growing, flat or shrinking.
+    pub kind: TrendKind,
+    /// Seconds traced.
+    pub span_s: f64,
+    /// Net change of anonymous RSS over the window.
+    pub rss_anon_net_bytes: f64,
+    /// Anonymous RSS's slope in the second half, bytes/s.
+    pub rss_anon_bytes_per_s: f64,
+    /// Net change of the live heap (and pymalloc arenas).
+    pub live_heap_net_bytes: f64,
+    /// The live heap's slope in the second half, bytes/s.
+    pub live_heap_bytes_per_s: f64,
+}
+
+/// Which way memory moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrendKind {
+    /// Rose by the growth threshold and still rising in the second half.
+    Growing,
+    /// Neither.
+    Flat,
+    /// Fell by at least the growth threshold.
+    Shrinking,
+}
+
+impl TrendKind {
+    /// The name, as in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Growing => "growing",
+            Self::Flat => "flat",
+            Self::Shrinking => "shrinking",
+        }
+    }
+}
+
+/// A finding beside the primary verdict.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    /// What it is.
+    pub kind: VerdictKind,
+    /// In words.
+    pub summary: String,
 }
 
 /// A stack the verdict may name.
@@ -336,8 +391,118 @@ pub fn suspect_name(frames: &[Frame]) -> String {
     }
 }
 
-/// Decides the verdict.
+/// Free memory the allocator keeps that makes the verdict fragmentation from the
+/// heap's state alone, grown in the window or not: at least this much, and this
+/// share of anonymous RSS.
+pub const HELD_MIN_BYTES: u64 = 16 << 20;
+/// See [`HELD_MIN_BYTES`].
+pub const HELD_MIN_SHARE: f64 = 0.25;
+
+/// Decides the verdict: from growth in the window (a leak must grow), then from the
+/// heap's state (fragmentation need not grow: it may predate attach).
 pub fn decide(f: &Facts<'_>) -> Verdict {
+    let mut v = decide_from_growth(f);
+    v.trend = trend(f.points);
+    let anon = f.points.last().map_or(0, |p| p.rss.anon_bytes);
+    let Some(w) = f.walk else { return v };
+    let held = w.free_resident_bytes;
+    if held < HELD_MIN_BYTES || (held as f64) < HELD_MIN_SHARE * anon as f64 {
+        return v;
+    }
+    let thread_arenas = w
+        .arenas
+        .iter()
+        .filter(|a| a.kind == ArenaKind::Thread)
+        .count();
+    let remedies = retained_remedies(f);
+    let finding = format!(
+        "glibc keeps {} of freed memory resident ({:.0}% of anonymous RSS) across {} arena{} ({} thread arena{}{}): memory \
+         freed before attach or since that the allocator has not given back; malloc_trim(0) would return {}.",
+        bytes(held),
+        held as f64 * 100.0 / anon.max(1) as f64,
+        w.arenas.len(),
+        if w.arenas.len() == 1 { "" } else { "s" },
+        thread_arenas,
+        if thread_arenas == 1 { "" } else { "s" },
+        f.arena_limit
+            .as_ref()
+            .map_or(String::new(), |l| format!(", limit {}", l.limit)),
+        bytes(w.trimmable_bytes)
+    );
+    match v.kind {
+        VerdictKind::Fragmentation => v,
+        VerdictKind::Leak | VerdictKind::NonHeapGrowth => {
+            v.summary
+                .push_str(&format!(" Also fragmentation: {finding}"));
+            v.secondary.push(Finding {
+                kind: VerdictKind::Fragmentation,
+                summary: finding,
+            });
+            v.remedies = remedies;
+            v
+        }
+        VerdictKind::NoGrowth | VerdictKind::Inconclusive => {
+            let was = v.kind;
+            let trend = v.trend.as_ref().map_or(String::new(), |t| {
+                format!(
+                    " Anonymous RSS was {} over {:.1} s ({} in the second half).",
+                    t.kind.as_str(),
+                    t.span_s,
+                    rate(t.rss_anon_bytes_per_s)
+                )
+            });
+            v.summary = format!(
+                "Fragmentation: {finding}{trend}{}",
+                remedies.first().map_or(String::new(), |r| format!(
+                    " Best remedy: {} (expected to return about {}).",
+                    r.action,
+                    bytes(r.expected_bytes)
+                ))
+            );
+            if was == VerdictKind::Inconclusive {
+                v.secondary.push(Finding {
+                    kind: was,
+                    summary: "the growth in the window is not explained by the live heap, the allocator's retained memory or other mappings".into(),
+                });
+            }
+            v.kind = VerdictKind::Fragmentation;
+            v.suspects.clear();
+            v.remedies = remedies;
+            v
+        }
+    }
+}
+
+/// How anonymous RSS and the live heap moved; none for too short a trace.
+fn trend(pts: &[Point]) -> Option<Trend> {
+    let span = pts.last()?.t_s - pts.first()?.t_s;
+    if pts.len() < MIN_POINTS || span < MIN_SPAN_S {
+        return None;
+    }
+    let rss = series(pts, |p| p.rss.anon_bytes);
+    let heap = series(pts, |p| p.live_bytes);
+    let py = series(pts, |p| p.split.pymalloc_arena_bytes);
+    let threshold = (MIN_GROWTH as f64).max(pts[0].rss.anon_bytes as f64 * MIN_GROWTH_RSS_SHARE);
+    let (rss_net, rss_recent) = (net(&rss), recent_slope(&rss));
+    let kind = if rss_net >= threshold && rss_recent * span / 2.0 >= threshold / 2.0 {
+        TrendKind::Growing
+    } else if rss_net <= -threshold {
+        TrendKind::Shrinking
+    } else {
+        TrendKind::Flat
+    };
+    Some(Trend {
+        kind,
+        span_s: span,
+        rss_anon_net_bytes: rss_net,
+        rss_anon_bytes_per_s: rss_recent,
+        live_heap_net_bytes: net(&heap) + net(&py),
+        live_heap_bytes_per_s: recent_slope(&heap) + recent_slope(&py),
+    })
+}
+
+/// The verdict from growth in the traced window.
+fn decide_from_growth(f: &Facts<'_>) -> Verdict {
     let mut evidence = Vec::new();
     let pts = f.points;
     let span = match (pts.first(), pts.last()) {
@@ -355,6 +520,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             evidence,
             suspects: vec![],
             remedies: vec![],
+            trend: None,
+            secondary: Vec::new(),
         };
     }
     let rss = series(pts, |p| p.rss.anon_bytes);
@@ -471,6 +638,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             evidence,
             suspects: vec![],
             remedies,
+            trend: None,
+            secondary: Vec::new(),
         };
     }
     if f.heap_detached && !rss_growing {
@@ -480,6 +649,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             evidence,
             suspects,
             remedies: vec![],
+            trend: None,
+            secondary: Vec::new(),
         };
     }
 
@@ -523,6 +694,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             evidence,
             suspects,
             remedies: vec![],
+            trend: None,
+            secondary: Vec::new(),
         };
     }
     if share(retained_net) >= 0.5 {
@@ -556,6 +729,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             evidence,
             suspects: vec![],
             remedies,
+            trend: None,
+            secondary: Vec::new(),
         };
     }
     if share(other_net) >= 0.5 {
@@ -588,6 +763,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             evidence,
             suspects: mapped,
             remedies: vec![],
+            trend: None,
+            secondary: Vec::new(),
         };
     }
     let summary = format!(
@@ -605,6 +782,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
         evidence,
         suspects,
         remedies: vec![],
+        trend: None,
+        secondary: Vec::new(),
     }
 }
 
@@ -917,6 +1096,31 @@ mod tests {
                 "non-heap-growth",
                 None,
             ),
+            // Fragmented before attach: flat, with 144 MiB free in six arenas.
+            (
+                "fragmented-before-attach",
+                points(|_| (160 * MIB, 2 * MIB, 150 * MIB, 0)),
+                vec![],
+                Some(&w),
+                "fragmentation",
+                None,
+            ),
+            // A leak amid that fragmentation: the leak is primary, fragmentation secondary.
+            (
+                "leak-and-fragmentation",
+                points(|i| {
+                    (
+                        160 * MIB + i * 256 * 1024,
+                        2 * MIB + i * 256 * 1024,
+                        150 * MIB + i * 256 * 1024,
+                        0,
+                    )
+                }),
+                vec![candidate(1, |i| i * 256 * 1024)],
+                Some(&w),
+                "leak",
+                Some(1),
+            ),
             // RSS grows and nothing we see explains it.
             (
                 "unexplained",
@@ -935,6 +1139,19 @@ mod tests {
                 ..Facts::default()
             });
             assert_eq!(v.kind.as_str(), kind, "{name}: {}", v.summary);
+            let trend = v.trend.as_ref().expect("a trend").kind;
+            let want_trend = match name {
+                "cache" | "fragmented-before-attach" => TrendKind::Flat,
+                _ => TrendKind::Growing,
+            };
+            assert_eq!(trend, want_trend, "{name}");
+            let secondary: Vec<VerdictKind> = v.secondary.iter().map(|f| f.kind).collect();
+            if name == "leak-and-fragmentation" {
+                assert_eq!(secondary, [VerdictKind::Fragmentation], "{name}");
+                assert!(v.summary.contains("Also fragmentation"), "{}", v.summary);
+            } else {
+                assert_eq!(secondary, [], "{name}");
+            }
             assert_eq!(
                 v.suspects.first().map(|s| s.stack_id),
                 top,

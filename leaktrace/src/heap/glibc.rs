@@ -165,6 +165,16 @@ pub enum ArenaKind {
     Thread,
 }
 
+impl ArenaKind {
+    /// The kind as named in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Thread => "thread",
+        }
+    }
+}
+
 /// What the walk says about one arena.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ArenaStats {
@@ -464,6 +474,48 @@ pub fn arena_limit(environ: &[(String, String)], cpus: u64) -> ArenaLimit {
     }
 }
 
+/// Chunks glibc's malloc mapped on their own (requests above the mmap threshold,
+/// 128 KiB by default): each is a page-aligned mapping that starts with a chunk header
+/// whose size has `IS_MMAPPED` set and covers whole pages. Neighbouring chunks share one
+/// kernel mapping, so each region is followed from chunk to chunk. Returns `(start, end)`
+/// of each chunk found in `regions` (anonymous read-write mappings outside the heaps).
+pub fn mmapped_chunks<M: Memory>(mem: &M, regions: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    const IS_MMAPPED: u64 = 2;
+    const NON_MAIN_ARENA: u64 = 4;
+    let mut out = Vec::new();
+    for &(start, end) in regions {
+        let mut at = start;
+        // At most one chunk per page: the loop ends even on a hostile layout.
+        for _ in 0..(end.saturating_sub(start) / PAGE) {
+            if at + PAGE > end {
+                break;
+            }
+            let mut hdr = [0u8; 16];
+            if mem.read(at, &mut hdr).is_err() {
+                break;
+            }
+            let prev = u64::from_le_bytes(hdr[..8].try_into().expect("8 bytes"));
+            let word = u64::from_le_bytes(hdr[8..].try_into().expect("8 bytes"));
+            let size = word & !7;
+            // `prev_size` holds the alignment padding of a memaligned chunk (< a page);
+            // the mapping is the padding plus the chunk.
+            let len = size.saturating_add(prev);
+            let ok = word & IS_MMAPPED != 0
+                && word & NON_MAIN_ARENA == 0
+                && prev < PAGE
+                && size >= PAGE
+                && len % PAGE == 0
+                && len <= end - at;
+            if !ok {
+                break;
+            }
+            out.push((at, at + len));
+            at += len;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
@@ -673,5 +725,32 @@ mod tests {
             .limit,
             3
         );
+    }
+
+    /// Two mmapped chunks sharing one mapping are both found; a region that starts
+    /// with anything else yields nothing, and a size past the region is refused.
+    #[test]
+    fn finds_mmapped_chunks() {
+        let base = 0x7f00_0000_0000u64;
+        let mut bytes = vec![0u8; 6 * PAGE as usize];
+        let mut put = |at: usize, prev: u64, size: u64| {
+            bytes[at..at + 8].copy_from_slice(&prev.to_le_bytes());
+            bytes[at + 8..at + 16].copy_from_slice(&size.to_le_bytes());
+        };
+        put(0, 0, (2 * PAGE) | 2);
+        put(2 * PAGE as usize, 0, (3 * PAGE) | 2);
+        // A chunk whose size runs past the mapping's end.
+        put(5 * PAGE as usize, 0, (4 * PAGE) | 2);
+        let mem = Fake {
+            base,
+            bytes,
+            resident: Vec::new(),
+        };
+        let end = base + 6 * PAGE;
+        assert_eq!(
+            mmapped_chunks(&mem, &[(base, end)]),
+            vec![(base, base + 2 * PAGE), (base + 2 * PAGE, base + 5 * PAGE)]
+        );
+        assert_eq!(mmapped_chunks(&mem, &[(base + PAGE, end)]), vec![]);
     }
 }

@@ -1,6 +1,6 @@
 //! Every read of `/proc/PID` but its memory (see [`super::memory`]): the memory map,
-//! status and RSS, `stat` (CPU time, the break, kernel threads), the environment and
-//! thread names.
+//! smaps, status and RSS, `stat` (CPU time, the break, kernel threads), the environment,
+//! thread names and stack pointers.
 
 use std::{
     fs, io,
@@ -141,6 +141,94 @@ pub fn read_status(pid: u32) -> io::Result<Status> {
     ))?))
 }
 
+/// One mapping of `/proc/PID/smaps` with the figures "Where RSS goes" needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmapsEntry {
+    /// The mapping, as in `/proc/PID/maps`.
+    pub map: MapEntry,
+    /// Resident bytes.
+    pub rss: u64,
+    /// Of those, anonymous (private pages never backed by the file, or written since).
+    pub anonymous: u64,
+}
+
+/// Parses the text of `/proc/PID/smaps`; mappings with malformed lines keep zeros.
+pub fn parse_smaps(text: &str) -> Vec<SmapsEntry> {
+    let mut out: Vec<SmapsEntry> = Vec::new();
+    for line in text.lines() {
+        // A mapping's header starts with its hex range; its fields with "Name:".
+        if let Some(map) = line
+            .split_once(' ')
+            .filter(|(range, _)| range.contains('-') && !range.ends_with(':'))
+            .and_then(|_| parse_map_line(line))
+        {
+            out.push(SmapsEntry {
+                map,
+                rss: 0,
+                anonymous: 0,
+            });
+            continue;
+        }
+        let (Some(e), Some((key, rest))) = (out.last_mut(), line.split_once(':')) else {
+            continue;
+        };
+        let kib = || -> u64 {
+            rest.trim()
+                .strip_suffix(" kB")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                .saturating_mul(1024)
+        };
+        match key {
+            "Rss" => e.rss = kib(),
+            "Anonymous" => e.anonymous = kib(),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Reads and parses `/proc/PID/smaps`.
+pub fn read_smaps(pid: u32) -> io::Result<Vec<SmapsEntry>> {
+    Ok(parse_smaps(&fs::read_to_string(format!(
+        "/proc/{pid}/smaps"
+    ))?))
+}
+
+/// Each thread's user stack pointer, from `/proc/PID/task/TID/syscall` (the
+/// thread's state where it last entered the kernel: `nr args… sp pc`, or `-1 sp pc`
+/// when it is not in a system call; `running` gives none).
+pub fn thread_stack_pointers(pid: u32) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(sp) = fs::read_to_string(e.path().join("syscall"))
+            .ok()
+            .and_then(|t| parse_syscall_sp(&t))
+        {
+            out.push((tid, sp));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The stack pointer in a `/proc/PID/task/TID/syscall` line: the second-last field.
+fn parse_syscall_sp(text: &str) -> Option<u64> {
+    let f: Vec<&str> = text.split_whitespace().collect();
+    if f.len() < 3 {
+        return None;
+    }
+    let sp = f[f.len() - 2].strip_prefix("0x")?;
+    u64::from_str_radix(sp, 16).ok().filter(|&v| v != 0)
+}
+
 /// `/proc/PID/stat`, whose fields [`leaktrace_common::stat::field`] reads.
 pub fn read_stat(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/stat")).ok()
@@ -236,6 +324,46 @@ mod tests {
         assert!(!m[2].is_file());
         assert_eq!(m[3].path, "");
         assert_eq!(m[4].path, "/tmp/lib with space.so (deleted)");
+    }
+
+    /// smaps figures per mapping, in bytes, headers told apart from fields.
+    #[test]
+    fn parses_smaps() {
+        let text = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234 /usr/bin/cat
+Size:                  4 kB
+Rss:                   4 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me sd
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 
+Size:               1024 kB
+Rss:                 512 kB
+Pss:                 512 kB
+Anonymous:           508 kB
+";
+        let m = parse_smaps(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].rss, m[0].anonymous), (4096, 0));
+        assert_eq!(m[0].map.path, "/usr/bin/cat");
+        assert_eq!((m[1].rss, m[1].anonymous), (512 << 10, 508 << 10));
+        assert_eq!(m[1].map.start, 0x7f00_0000_0000);
+    }
+
+    /// The stack pointer is the second-last field, in or out of a system call.
+    #[test]
+    fn parses_syscall_stack_pointer() {
+        assert_eq!(
+            parse_syscall_sp("202 0x7f1 0x80 0x0 0x0 0x0 0x0 0x7ffd1230 0x7f0041\n"),
+            Some(0x7ffd_1230)
+        );
+        assert_eq!(
+            parse_syscall_sp("-1 0x7ffd1000 0x401000\n"),
+            Some(0x7ffd_1000)
+        );
+        assert_eq!(parse_syscall_sp("running\n"), None);
+        // Our own threads: the one running this test is "running"; a sleeping one has an sp.
+        let own = thread_stack_pointers(std::process::id());
+        assert!(own.iter().all(|&(_, sp)| sp != 0), "{own:?}");
     }
 
     /// Our own stat fields: state, kernel-thread flag, CPU time.

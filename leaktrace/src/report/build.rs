@@ -7,7 +7,7 @@ use crate::{
         losses::Losses,
         timeline::Timeline,
     },
-    analysis::verdict::Verdict,
+    analysis::{memory::MemoryMap, verdict::Verdict},
     heap::glibc::{ArenaLimit, HeapWalk},
     probes::{
         attach::ProbeInfo,
@@ -54,6 +54,8 @@ pub struct Inputs<'a> {
     pub timeline: &'a Timeline,
     /// The verdict, decided from the same state.
     pub verdict: Verdict,
+    /// Where RSS goes.
+    pub memory: MemoryMap,
     /// Blocks younger than this are left out of the heap stacks (0: none).
     pub min_age_s: f64,
     /// glibc heaps walked now, if the target has them and is alive.
@@ -142,6 +144,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
         duration_s: (i.duration_s * 1000.0).round() / 1000.0,
         rss_bytes: i.rss.rss_bytes,
         rss: i.rss,
+        memory: i.memory.clone(),
         final_report: i.final_report,
         end_reason: i.end_reason.clone(),
         target_exited: i.target_exited,

@@ -20,7 +20,7 @@ use crate::{
         ledger::Activity,
         timeline::{Growth, Point},
     },
-    analysis::verdict::Verdict,
+    analysis::{memory::MemoryMap, verdict::Verdict},
     heap::glibc::{ArenaLimit, ArenaStats, Unwalkable},
     process::procfs::Rss,
     symbolize::Frame,
@@ -227,6 +227,9 @@ pub struct Report {
     pub rss_bytes: u64,
     /// RSS split.
     pub rss: Rss,
+    /// Where RSS goes: every resident byte classified from the target's state,
+    /// allocated before attach or since (empty until the target could be read).
+    pub memory: MemoryMap,
     /// Whether this is the final report.
     pub final_report: bool,
     /// Why tracing ended (final report only).
@@ -307,6 +310,7 @@ mod tests {
             duration_s: 5.0,
             rss_bytes: 10 << 20,
             rss: Rss { rss_bytes: 10 << 20, anon_bytes: 6 << 20, file_bytes: 4 << 20, shmem_bytes: 0 },
+            memory: MemoryMap::default(),
             final_report: true,
             end_reason: Some("duration elapsed".into()),
             target_exited: false,
@@ -356,6 +360,8 @@ mod tests {
             overhead: None,
             heap_detached: None,
             verdict: Verdict {
+                trend: None,
+                secondary: Vec::new(),
                 kind: VerdictKind::Leak,
                 summary: "Leak: the live heap grew 800.0 KiB over 5.0 s (100% of the RSS growth of 800.0 KiB) and is still growing. Top suspect: make_buffer at +160.0 KiB/s, 800.0 KiB outstanding, none of its 200 blocks freed.".into(),
                 evidence: vec![crate::analysis::verdict::Evidence { metric: "rss_anon_growth_bytes", value: 819_200.0, text: "anonymous RSS +800.0 KiB over 5.0 s".into() }],

@@ -114,8 +114,34 @@ fn wrap(out: &mut String, text: &str, indent: &str) {
 }
 
 fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
-    let _ = writeln!(o, "VERDICT: {}", v.kind.as_str().to_uppercase());
+    let also: Vec<String> = v
+        .secondary
+        .iter()
+        .map(|f| f.kind.as_str().to_uppercase())
+        .collect();
+    let _ = writeln!(
+        o,
+        "VERDICT: {}{}",
+        v.kind.as_str().to_uppercase(),
+        if also.is_empty() {
+            String::new()
+        } else {
+            format!(" (also {})", also.join(", "))
+        }
+    );
     wrap(o, &v.summary, "  ");
+    if let Some(t) = &v.trend {
+        let _ = writeln!(
+            o,
+            "  Trend: {} — anonymous RSS {} over {:.1} s ({} in the second half), live heap {} ({}).",
+            t.kind.as_str(),
+            crate::units::signed_bytes(t.rss_anon_net_bytes),
+            t.span_s,
+            rate(t.rss_anon_bytes_per_s),
+            crate::units::signed_bytes(t.live_heap_net_bytes),
+            rate(t.live_heap_bytes_per_s)
+        );
+    }
     if !v.evidence.is_empty() {
         o.push_str("  Evidence:\n");
         for e in &v.evidence {
@@ -369,6 +395,11 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     o.push('\n');
     render_verdict(&mut o, &r.verdict, max_frames);
     o.push('\n');
+    let memory = crate::analysis::memory::render(&r.memory);
+    if !memory.is_empty() {
+        o.push_str(&memory);
+        o.push('\n');
+    }
     if r.heap.stacks.is_empty() {
         o.push_str("No outstanding heap allocations since attach.\n");
     } else {

@@ -639,6 +639,7 @@ impl Session<'_> {
             heap_detached: self.heap_detached.clone(),
             timeline: &self.timeline,
             verdict,
+            memory: snap.memory.clone(),
             min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
             walk: snap.walk.as_ref(),
             arena_limit: snap.arena_limit.clone(),

@@ -20,9 +20,10 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
+    analysis::memory::{self, MemoryMap},
     heap::glibc::{self, ArenaLimit, HeapWalk},
     probes::btf::Btf,
-    process::{ProcMemory, procfs},
+    process::{Memory as _, ProcMemory, procfs},
     report::PythonInfo,
     symbolize::{
         Frame, Stack,
@@ -143,6 +144,8 @@ pub struct Snapshot {
     pub python: Option<PythonInfo>,
     /// The unwind tables loaded, with CFI.
     pub unwind: Option<UnwindStats>,
+    /// Where RSS goes (read now, or the last reading once the target is gone).
+    pub memory: MemoryMap,
 }
 
 /// The event loop's end of the worker.
@@ -213,6 +216,8 @@ struct Worker {
     py: Python,
     /// The latest walk of glibc's heaps.
     walk: Option<HeapWalk>,
+    /// The latest reading of where RSS goes.
+    memory: MemoryMap,
 }
 
 impl Worker {
@@ -236,6 +241,7 @@ impl Worker {
             unreadable: 0,
             py,
             walk: None,
+            memory: MemoryMap::default(),
         }
     }
 
@@ -285,6 +291,7 @@ impl Worker {
                 self.resolve();
                 if walk {
                     self.walk_heaps(brk);
+                    self.read_memory(brk);
                 }
                 let snap = self.snapshot();
                 self.reply(Reply::Snapshot(then, Box::new(snap)));
@@ -525,7 +532,62 @@ impl Worker {
             thread_names: procfs::thread_names(pid),
             python: self.python_info(),
             unwind: self.setup.unwind.as_ref().map(|(u, _)| u.stats.clone()),
+            memory: self.memory.clone(),
         }
+    }
+
+    /// Reads where RSS goes: smaps, the threads' stack pointers, malloc's own
+    /// mappings, and the heap walk just made.
+    fn read_memory(&mut self, brk: Option<u64>) {
+        let pid = self.setup.pid;
+        let (Ok(smaps), Ok(mem), Ok(status)) = (
+            procfs::read_smaps(pid),
+            ProcMemory::open(pid),
+            procfs::read_status(pid),
+        ) else {
+            return;
+        };
+        let maps: Vec<procfs::MapEntry> = smaps.iter().map(|e| e.map.clone()).collect();
+        let sites = glibc::find_sites(&maps, procfs::read_start_brk(pid), brk);
+        let heap_ranges: Vec<(u64, u64)> = maps
+            .iter()
+            .filter(|m| sites.thread_heaps.contains(&m.start))
+            .map(|m| (m.start, m.end))
+            .chain(sites.main)
+            .collect();
+        let stack_pointers = procfs::thread_stack_pointers(pid);
+        // Anonymous read-write mappings outside the heaps and stacks may hold chunks
+        // malloc mapped on its own.
+        let candidates: Vec<(u64, u64)> = maps
+            .iter()
+            .filter(|m| m.path.is_empty() && &m.perms[..2] == b"rw")
+            .filter(|m| !heap_ranges.iter().any(|&(s, e)| s < m.end && m.start < e))
+            .filter(|m| {
+                !stack_pointers
+                    .iter()
+                    .any(|&(_, sp)| (m.start..m.end).contains(&sp))
+            })
+            .map(|m| (m.start, m.end))
+            .collect();
+        let mmapped: Vec<(u64, u64, u64)> = glibc::mmapped_chunks(&mem, &candidates)
+            .into_iter()
+            .map(|(s, e)| {
+                let resident = mem
+                    .resident(s, e)
+                    .map(|r| r.iter().filter(|&&p| p).count() as u64 * crate::units::PAGE)
+                    .unwrap_or(0);
+                (s, e, resident)
+            })
+            .collect();
+        self.memory = memory::compose(&memory::State {
+            smaps: &smaps,
+            rss_bytes: status.rss.rss_bytes,
+            glibc: self.walk.as_ref(),
+            heap_ranges: &heap_ranges,
+            mmapped: &mmapped,
+            pymalloc: &[],
+            stack_pointers: &stack_pointers,
+        });
     }
 
     /// What the report says about the interpreter.

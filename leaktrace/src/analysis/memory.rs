@@ -1,0 +1,451 @@
+//! Where RSS goes: every resident byte of the target, classified from its state
+//! (`/proc/PID/smaps`, the thread stack pointers and the allocator walks), whether it
+//! was allocated before or after attach.
+//!
+//! Each mapping's resident bytes split into its anonymous pages and the rest. The rest
+//! is `file` (per object) or `shmem` (memfd, SysV, `/dev/shm`, shared anonymous
+//! mappings). Anonymous pages are glibc's heaps (the `[heap]` mapping and the arena
+//! heaps: in use or free by the walk, `heap-unwalked` where the walk did not reach),
+//! `thread-stacks` (the mapping holding a thread's stack pointer, and `[stack]`),
+//! chunks malloc mapped on their own (`heap-mmapped`), pymalloc's arenas, or
+//! `other-anon`. The parts sum to the mappings' resident bytes; `unexplained_bytes` is
+//! what separates that sum from the RSS the kernel reports (its counters lag slightly).
+
+use serde::Serialize;
+
+use crate::{heap::glibc::HeapWalk, process::procfs::SmapsEntry, units::bytes};
+
+/// What a part of RSS is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartKind {
+    /// glibc heap pages holding blocks in use (or chunk headers).
+    HeapInUse,
+    /// glibc heap pages that are free but resident: memory the allocator keeps.
+    HeapFree,
+    /// Resident pages of glibc's heaps the walk did not classify.
+    HeapUnwalked,
+    /// Chunks malloc mapped on their own (above the mmap threshold), in use.
+    HeapMmapped,
+    /// pymalloc arenas' pages holding objects.
+    PymallocInUse,
+    /// pymalloc arenas' free pages and blocks, resident.
+    PymallocFree,
+    /// Thread stacks.
+    ThreadStacks,
+    /// Other anonymous memory (private mappings, written file pages, JIT code…).
+    OtherAnon,
+    /// Pages of mapped files (code, data, mapped files), per object.
+    File,
+    /// Shared memory.
+    Shmem,
+}
+
+impl PartKind {
+    /// The kind as named in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HeapInUse => "heap-in-use",
+            Self::HeapFree => "heap-free",
+            Self::HeapUnwalked => "heap-unwalked",
+            Self::HeapMmapped => "heap-mmapped",
+            Self::PymallocInUse => "pymalloc-in-use",
+            Self::PymallocFree => "pymalloc-free",
+            Self::ThreadStacks => "thread-stacks",
+            Self::OtherAnon => "other-anon",
+            Self::File => "file",
+            Self::Shmem => "shmem",
+        }
+    }
+}
+
+/// One part of RSS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Part {
+    /// What it is.
+    pub kind: PartKind,
+    /// Resident bytes.
+    pub bytes: u64,
+    /// Which arena, object, thread or mapping.
+    pub detail: String,
+}
+
+/// Where RSS goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryMap {
+    /// RSS as the kernel reports it (`VmRSS`).
+    pub rss_bytes: u64,
+    /// Its parts, by kind, largest first within a kind.
+    pub parts: Vec<Part>,
+    /// RSS the parts do not account for (the kernel's counters and smaps disagree by
+    /// a little while the target runs).
+    pub unexplained_bytes: u64,
+}
+
+impl MemoryMap {
+    /// Total bytes of one kind.
+    pub fn total(&self, kind: PartKind) -> u64 {
+        self.parts
+            .iter()
+            .filter(|p| p.kind == kind)
+            .map(|p| p.bytes)
+            .sum()
+    }
+}
+
+/// The target's state the composition is read from.
+#[derive(Debug, Default)]
+pub struct State<'a> {
+    /// `/proc/PID/smaps`.
+    pub smaps: &'a [SmapsEntry],
+    /// `VmRSS`.
+    pub rss_bytes: u64,
+    /// glibc's heaps, walked now.
+    pub glibc: Option<&'a HeapWalk>,
+    /// The heaps' address ranges: the brk heap and each arena heap's mapping.
+    pub heap_ranges: &'a [(u64, u64)],
+    /// Chunks malloc mapped on their own: (start, end, resident bytes).
+    pub mmapped: &'a [(u64, u64, u64)],
+    /// pymalloc arenas: (address, resident bytes in use, resident bytes free).
+    pub pymalloc: &'a [(u64, u64, u64)],
+    /// Each thread's stack pointer: (tid, sp).
+    pub stack_pointers: &'a [(u32, u64)],
+}
+
+/// Parts listed one by one before the rest of their kind is summed in one line.
+const DETAILED: usize = 8;
+
+/// Whether a mapping is shared memory rather than a file.
+fn is_shmem(path: &str) -> bool {
+    path.starts_with("/memfd:")
+        || path.starts_with("/SYSV")
+        || path.starts_with("/dev/shm/")
+        || path.starts_with("/dev/zero")
+        || path.starts_with("[anon_shmem")
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Pushes the largest items of a kind one by one, then the rest summed.
+fn push_kind(parts: &mut Vec<Part>, kind: PartKind, mut items: Vec<(String, u64)>, rest: &str) {
+    items.retain(|(_, b)| *b > 0);
+    items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let more: u64 = items.iter().skip(DETAILED).map(|(_, b)| b).sum();
+    let n = items.len();
+    for (detail, bytes) in items.into_iter().take(DETAILED) {
+        parts.push(Part {
+            kind,
+            bytes,
+            detail,
+        });
+    }
+    if more > 0 {
+        parts.push(Part {
+            kind,
+            bytes: more,
+            detail: format!("{} more {rest}", n - DETAILED),
+        });
+    }
+}
+
+/// Classifies every resident byte.
+pub fn compose(s: &State<'_>) -> MemoryMap {
+    // By object: an object's mappings (code, data, relocations) count as one.
+    let mut files: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut shmem: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut stacks: Vec<(String, u64)> = Vec::new();
+    let (mut heap_vmas, mut rest_anon, mut written_file) = (0u64, 0u64, 0u64);
+    for e in s.smaps {
+        let m = &e.map;
+        let shared = e.rss.saturating_sub(e.anonymous);
+        if shared > 0 {
+            let name = if m.path.is_empty() {
+                "[anonymous shared]".to_owned()
+            } else {
+                m.path.clone()
+            };
+            if is_shmem(&m.path) || m.perms[3] == b's' && !m.is_file() {
+                *shmem.entry(name).or_default() += shared;
+            } else {
+                *files.entry(name).or_default() += shared;
+            }
+        }
+        if e.anonymous == 0 {
+            continue;
+        }
+        let range = (m.start, m.end);
+        if m.path == "[heap]" || s.heap_ranges.iter().any(|&h| overlaps(h, range)) {
+            heap_vmas += e.anonymous;
+        } else if m.path == "[stack]" {
+            stacks.push(("main thread ([stack])".into(), e.anonymous));
+        } else if let Some(&(tid, _)) = s
+            .stack_pointers
+            .iter()
+            .find(|&&(_, sp)| (m.start..m.end).contains(&sp))
+        {
+            stacks.push((format!("thread {tid}"), e.anonymous));
+        } else if m.is_file() {
+            // Private file pages written since (data, relocations): anonymous now.
+            written_file += e.anonymous;
+        } else {
+            rest_anon += e.anonymous;
+        }
+    }
+    let mut parts = Vec::new();
+    // glibc's heaps: what the walk saw, and what of their mappings it did not.
+    let (mut heap_in_use, mut heap_free_total) = (0u64, 0u64);
+    let mut free_by_arena = Vec::new();
+    if let Some(w) = s.glibc {
+        for a in &w.arenas {
+            heap_in_use += a.resident_bytes.saturating_sub(a.free_resident_bytes);
+            heap_free_total += a.free_resident_bytes;
+            free_by_arena.push((
+                format!("{} arena {}", a.kind.as_str(), a.arena),
+                a.free_resident_bytes,
+            ));
+        }
+    }
+    let walked = (heap_in_use + heap_free_total).min(heap_vmas);
+    push_kind(
+        &mut parts,
+        PartKind::HeapInUse,
+        vec![("glibc heaps, blocks in use".into(), heap_in_use.min(walked))],
+        "",
+    );
+    push_kind(&mut parts, PartKind::HeapFree, free_by_arena, "arenas");
+    push_kind(
+        &mut parts,
+        PartKind::HeapUnwalked,
+        vec![(
+            "glibc heap pages the walk did not reach".into(),
+            heap_vmas.saturating_sub(heap_in_use + heap_free_total),
+        )],
+        "",
+    );
+    // Claims on the other anonymous memory, capped by what is there.
+    let mut left = rest_anon;
+    let mut take = |b: u64| {
+        let t = b.min(left);
+        left -= t;
+        t
+    };
+    let mmapped: u64 = take(s.mmapped.iter().map(|c| c.2).sum());
+    push_kind(
+        &mut parts,
+        PartKind::HeapMmapped,
+        vec![(
+            format!("{} chunks malloc mapped on their own", s.mmapped.len()),
+            mmapped,
+        )],
+        "",
+    );
+    let py_in_use = take(s.pymalloc.iter().map(|a| a.1).sum());
+    let py_free = take(s.pymalloc.iter().map(|a| a.2).sum());
+    push_kind(
+        &mut parts,
+        PartKind::PymallocInUse,
+        vec![(format!("{} arenas", s.pymalloc.len()), py_in_use)],
+        "",
+    );
+    push_kind(
+        &mut parts,
+        PartKind::PymallocFree,
+        vec![(format!("{} arenas", s.pymalloc.len()), py_free)],
+        "",
+    );
+    push_kind(&mut parts, PartKind::ThreadStacks, stacks, "threads");
+    push_kind(
+        &mut parts,
+        PartKind::OtherAnon,
+        vec![
+            ("anonymous mappings".into(), left),
+            ("file pages written since mapped".into(), written_file),
+        ],
+        "",
+    );
+    push_kind(
+        &mut parts,
+        PartKind::File,
+        files.into_iter().collect(),
+        "objects",
+    );
+    push_kind(
+        &mut parts,
+        PartKind::Shmem,
+        shmem.into_iter().collect(),
+        "mappings",
+    );
+    let sum: u64 = parts.iter().map(|p| p.bytes).sum();
+    MemoryMap {
+        rss_bytes: s.rss_bytes,
+        unexplained_bytes: s.rss_bytes.abs_diff(sum),
+        parts,
+    }
+}
+
+/// The text table: one line per kind, with its largest part named.
+pub fn render(m: &MemoryMap) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    if m.parts.is_empty() {
+        return o;
+    }
+    let _ = writeln!(o, "Where RSS goes ({} resident):", bytes(m.rss_bytes));
+    let mut kinds: Vec<PartKind> = m.parts.iter().map(|p| p.kind).collect();
+    kinds.dedup();
+    for k in kinds {
+        let total = m.total(k);
+        let share = total as f64 * 100.0 / m.rss_bytes.max(1) as f64;
+        let of_kind: Vec<&Part> = m.parts.iter().filter(|p| p.kind == k).collect();
+        let detail = match of_kind.as_slice() {
+            [one] => one.detail.clone(),
+            [first, ..] => format!(
+                "largest: {} ({}), {} parts",
+                first.detail,
+                bytes(first.bytes),
+                of_kind.len()
+            ),
+            [] => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<16} {:>10} {:>5.1}%  {detail}",
+            k.as_str(),
+            bytes(total),
+            share
+        );
+    }
+    if m.unexplained_bytes > 0 {
+        let _ = writeln!(
+            o,
+            "  {:<16} {:>10} {:>5.1}%  smaps and the kernel's RSS counter differ by this much",
+            "unexplained",
+            bytes(m.unexplained_bytes),
+            m.unexplained_bytes as f64 * 100.0 / m.rss_bytes.max(1) as f64
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        heap::glibc::{ArenaKind, ArenaStats},
+        process::procfs::MapEntry,
+    };
+
+    fn vma(start: u64, end: u64, perms: &str, path: &str, rss: u64, anonymous: u64) -> SmapsEntry {
+        SmapsEntry {
+            map: MapEntry {
+                start,
+                end,
+                perms: perms.as_bytes().try_into().expect("4 bytes"),
+                offset: 0,
+                inode: u64::from(path.starts_with('/')),
+                path: path.into(),
+            },
+            rss,
+            anonymous,
+        }
+    }
+
+    /// A process with a fragmented arena, a thread, an mmapped chunk, pymalloc arenas,
+    /// code and a memfd: every byte lands in its kind and the parts sum to RSS.
+    #[test]
+    fn classifies_every_resident_byte() {
+        const M: u64 = 1 << 20;
+        let smaps = [
+            vma(0x40_0000, 0x50_0000, "r-xp", "/usr/bin/app", 3 * M, 0),
+            vma(
+                0x60_0000,
+                0x61_0000,
+                "rw-p",
+                "/usr/bin/app",
+                64 << 10,
+                32 << 10,
+            ),
+            vma(0x100_0000, 0x200_0000, "rw-p", "[heap]", 10 * M, 10 * M),
+            vma(
+                0x7f00_0000_0000,
+                0x7f00_0400_0000,
+                "rw-p",
+                "",
+                30 * M,
+                30 * M,
+            ),
+            vma(0x7f10_0000_0000, 0x7f10_0080_0000, "rw-p", "", 8 * M, 8 * M),
+            vma(0x7f20_0000_0000, 0x7f20_0080_0000, "rw-p", "", 6 * M, 6 * M),
+            vma(
+                0x7f30_0000_0000,
+                0x7f30_0001_0000,
+                "rw-s",
+                "/memfd:ring (deleted)",
+                M,
+                0,
+            ),
+            vma(
+                0x7ffd_0000_0000,
+                0x7ffd_0002_0000,
+                "rw-p",
+                "[stack]",
+                128 << 10,
+                128 << 10,
+            ),
+        ];
+        let walk = HeapWalk {
+            arenas: vec![
+                ArenaStats {
+                    kind: ArenaKind::Main,
+                    arena: "brk heap".into(),
+                    resident_bytes: 10 * M,
+                    free_resident_bytes: 2 * M,
+                    ..ArenaStats::default()
+                },
+                ArenaStats {
+                    kind: ArenaKind::Thread,
+                    arena: "0x7f0000000030".into(),
+                    resident_bytes: 29 * M,
+                    free_resident_bytes: 25 * M,
+                    ..ArenaStats::default()
+                },
+            ],
+            ..HeapWalk::default()
+        };
+        // The second anonymous mapping holds a thread's stack pointer; the third holds a
+        // 2 MiB mmapped chunk and two pymalloc arenas.
+        let m = compose(&State {
+            smaps: &smaps,
+            rss_bytes: 58 * M + (64 << 10) + (128 << 10),
+            glibc: Some(&walk),
+            heap_ranges: &[(0x7f00_0000_0000, 0x7f00_0400_0000)],
+            mmapped: &[(0x7f20_0000_0000, 0x7f20_0020_0000, 2 * M)],
+            pymalloc: &[(0x7f20_0020_0000, M, 0), (0x7f20_0030_0000, M / 2, M / 2)],
+            stack_pointers: &[(4242, 0x7f10_0070_0000)],
+        });
+        let total = |k| m.total(k);
+        assert_eq!(total(PartKind::HeapInUse), 12 * M);
+        assert_eq!(total(PartKind::HeapFree), 27 * M);
+        assert_eq!(total(PartKind::HeapUnwalked), M);
+        assert_eq!(total(PartKind::HeapMmapped), 2 * M);
+        assert_eq!(total(PartKind::PymallocInUse), 3 * M / 2);
+        assert_eq!(total(PartKind::PymallocFree), M / 2);
+        assert_eq!(total(PartKind::ThreadStacks), 8 * M + (128 << 10));
+        assert_eq!(total(PartKind::OtherAnon), 2 * M + (32 << 10));
+        assert_eq!(total(PartKind::File), 3 * M + (32 << 10));
+        assert_eq!(total(PartKind::Shmem), M);
+        assert_eq!(m.unexplained_bytes, 0);
+        let free: Vec<&str> = m
+            .parts
+            .iter()
+            .filter(|p| p.kind == PartKind::HeapFree)
+            .map(|p| p.detail.as_str())
+            .collect();
+        assert_eq!(free, ["thread arena 0x7f0000000030", "main arena brk heap"]);
+        let text = render(&m);
+        assert!(text.contains("heap-free"), "{text}");
+        assert!(text.contains("thread-stacks"), "{text}");
+    }
+}
