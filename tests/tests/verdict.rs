@@ -100,6 +100,74 @@ fn check_arenas(fx: &mut Fixture, r: &Value) {
     );
 }
 
+/// Resident bytes of a process by smaps (`Rss` in smaps_rollup).
+fn smaps_rss(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.trim().strip_suffix(" kB"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("Rss line")
+        * 1024.0
+}
+
+/// The parts of "Where RSS goes" of one kind, summed.
+fn memory_total(r: &Value, kind: &str) -> f64 {
+    r["memory"]["parts"]
+        .as_array()
+        .expect("memory parts")
+        .iter()
+        .filter(|p| p["kind"] == kind)
+        .map(|p| p["bytes"].as_f64().expect("bytes"))
+        .sum()
+}
+
+/// Fragmentation done before attach: four arenas each left with ~24 MiB free, then a
+/// steady working set. Growth in the window says nothing; the heap's state says
+/// fragmentation, "Where RSS goes" puts the free memory in heap-free, finds the four
+/// workers' stacks, and its parts sum to smaps' Rss within 3%.
+#[test]
+fn root_verdict_fragmented_before_attach() {
+    require_root();
+    let mut fx = Fixture::spawn("verdicts", &["prefragmented", "60"]);
+    let r = trace_fixture(&mut fx, &[]);
+    let rss = smaps_rss(fx.pid);
+    let (kind, v) = verdict_of(&r);
+    print_verdict("prefragmented", v);
+    assert_eq!(kind, "fragmentation", "{v:#}");
+    assert_eq!(v["trend"]["kind"], "flat", "{:#}", v["trend"]);
+    let parts = r["memory"]["parts"].as_array().expect("memory parts");
+    let sum: f64 = parts.iter().map(|p| p["bytes"].as_f64().unwrap()).sum();
+    eprintln!(
+        "where RSS goes: {sum} B in {} parts, smaps Rss {rss} B",
+        parts.len()
+    );
+    for p in parts {
+        eprintln!("    {} {} {}", p["kind"], p["bytes"], p["detail"]);
+    }
+    assert!(
+        (sum - rss).abs() <= 0.03 * rss,
+        "parts {sum} vs smaps Rss {rss}"
+    );
+    let heap_free = memory_total(&r, "heap-free");
+    let walked = r["allocator"]["glibc_heaps"]["free_resident_bytes"]
+        .as_f64()
+        .unwrap();
+    assert!(heap_free >= 4.0 * 20.0 * MIB, "heap-free {heap_free}");
+    assert!(
+        (heap_free - walked).abs() <= 0.05 * walked,
+        "{heap_free} vs walk {walked}"
+    );
+    let worker_stacks = parts
+        .iter()
+        .filter(|p| {
+            p["kind"] == "thread-stacks" && p["detail"].as_str().unwrap().starts_with("thread ")
+        })
+        .count();
+    assert_eq!(worker_stacks, 4, "{parts:#?}");
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
 #[test]
 fn root_verdict_leak() {
     require_root();
