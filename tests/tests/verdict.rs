@@ -71,6 +71,14 @@ fn check_arenas(fx: &mut Fixture, r: &Value) {
             a["free_resident_bytes"].as_f64().unwrap() > 20.0 * MIB,
             "each arena keeps ~24 MiB free: {a:#}"
         );
+        // Survivors every 256 blocks of 16 KiB: each keeps ~4 MiB free below it, and
+        // was allocated in the trace, by fill_arena.
+        let pin = &a["pinned_by"][0];
+        assert_eq!(pin["since_attach"], true, "{pin:#}");
+        assert_eq!(pin["block_bytes"], 16384, "{pin:#}");
+        assert!(functions(pin).iter().any(|f| f == "fill_arena"), "{pin:#}");
+        let held = pin["bytes_held"].as_f64().unwrap();
+        assert!((3.5 * MIB..=4.1 * MIB).contains(&held), "{pin:#}");
     }
     let remedies = r["verdict"]["remedies"].as_array().expect("remedies");
     assert!(
@@ -165,6 +173,18 @@ fn root_verdict_fragmented_before_attach() {
         })
         .count();
     assert_eq!(worker_stacks, 4, "{parts:#?}");
+    // What holds it: in each worker's arena, survivors allocated before attach, ~4 MiB each.
+    let arenas = r["allocator"]["glibc_heaps"]["arenas"]
+        .as_array()
+        .expect("arenas");
+    let thread: Vec<&Value> = arenas.iter().filter(|a| a["kind"] == "thread").collect();
+    assert_eq!(thread.len(), 4, "{arenas:#?}");
+    for a in thread {
+        let pin = &a["pinned_by"][0];
+        assert_eq!(pin["since_attach"], false, "{pin:#}");
+        let held = pin["bytes_held"].as_f64().unwrap();
+        assert!((3.5 * MIB..=4.1 * MIB).contains(&held), "{pin:#}");
+    }
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
 }
 

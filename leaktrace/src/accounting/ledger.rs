@@ -20,6 +20,21 @@ use crate::{
 const MAP_ANONYMOUS: u64 = 0x20;
 const PROT_READ_WRITE: u64 = 0x3;
 
+/// A glibc arena reservation (a 64 MiB-aligned heap) seen being made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArenaReservation {
+    /// Its start.
+    pub start: u64,
+    /// Bytes reserved (mapped `PROT_NONE`).
+    pub reserved_bytes: u64,
+    /// Of those, committed (made read-write).
+    pub committed_bytes: u64,
+    /// The stack of the allocation that created it.
+    pub stack_id: i64,
+    /// The thread that made it.
+    pub tid: u32,
+}
+
 /// A live heap block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
@@ -548,8 +563,8 @@ impl Ledger {
         }
     }
 
-    /// Arena reservations: (start, reserved bytes, committed bytes, creating stack, creating thread).
-    pub fn arenas(&self) -> Vec<(u64, u64, u64, i64, u32)> {
+    /// glibc arena reservations made since attach.
+    pub fn arenas(&self) -> Vec<ArenaReservation> {
         self.regions
             .iter()
             .filter(|(_, r)| r.kind == RegionKind::ArenaReserve)
@@ -560,7 +575,13 @@ impl Ledger {
                     .iter()
                     .map(|(cs, c)| c.end - cs)
                     .sum();
-                (s, r.end - s, committed, r.stack_id, r.tid)
+                ArenaReservation {
+                    start: s,
+                    reserved_bytes: r.end - s,
+                    committed_bytes: committed,
+                    stack_id: r.stack_id,
+                    tid: r.tid,
+                }
             })
             .collect()
     }
@@ -882,7 +903,13 @@ mod tests {
         assert_eq!(l.anon_mapped_bytes(), 8 * PAGE + (1 << 20) + (132 << 10));
         assert_eq!(
             l.arenas(),
-            vec![(0x7f00_0000_0000, 64 << 20, 132 << 10, 9, 0)]
+            vec![ArenaReservation {
+                start: 0x7f00_0000_0000,
+                reserved_bytes: 64 << 20,
+                committed_bytes: 132 << 10,
+                stack_id: 9,
+                tid: 0
+            }]
         );
         // The arena grows, then shrinks (glibc shrink_heap re-protects its top).
         l.apply(&in_alloc(sys(

@@ -87,6 +87,9 @@ struct Chunks {
     in_use_chunks: u64,
     /// Free chunks other than the top: (address, size).
     free: Vec<(u64, u64)>,
+    /// In-use chunks right above a free chunk of [`PIN_MIN_BYTES`] or more:
+    /// (in-use address, size, free address, free size).
+    pins: Vec<(u64, u64, u64, u64)>,
     /// The top chunk, if this heap holds its arena's top.
     top: Option<(u64, u64)>,
 }
@@ -106,6 +109,8 @@ fn walk<M: Memory>(
     let mut c = Chunks::default();
     let mut p = first;
     let mut prev: Option<(u64, u64)> = None;
+    // The chunk classified just before `prev`, when it was free.
+    let mut free_below: Option<(u64, u64)> = None;
     let mut n = 0u32;
     loop {
         n = n.wrapping_add(1);
@@ -119,7 +124,13 @@ fn walk<M: Memory>(
         if let Some((pa, ps)) = prev {
             if field & PREV_INUSE == 0 {
                 c.free.push((pa, ps));
+                free_below = Some((pa, ps));
             } else {
+                if let Some((fa, fs)) = free_below.take()
+                    && fs >= PIN_MIN_BYTES
+                {
+                    c.pins.push((pa, ps, fa, fs));
+                }
                 c.in_use_bytes += ps;
                 c.in_use_chunks += 1;
             }
@@ -206,7 +217,30 @@ pub struct ArenaStats {
     pub top_resident_bytes: u64,
     /// Resident bytes `malloc_trim(0)` would release from this arena.
     pub trimmable_bytes: u64,
+    /// In-use chunks sitting right above a large free chunk, largest held first: the
+    /// heap cannot shrink past them, so the free memory below stays (but for an
+    /// explicit `malloc_trim`).
+    #[serde(skip)]
+    pub pins: Vec<Pin>,
 }
+
+/// An in-use chunk right above a free chunk of at least [`PIN_MIN_BYTES`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pin {
+    /// The in-use chunk's address (its user pointer is 16 bytes on).
+    pub chunk: u64,
+    /// Its size.
+    pub chunk_bytes: u64,
+    /// Resident bytes of the free chunk below it.
+    pub held_resident_bytes: u64,
+    /// Size of the free chunk below it.
+    pub held_bytes: u64,
+}
+
+/// Free chunks at least this large, below an in-use chunk, are reported as pinned.
+pub const PIN_MIN_BYTES: u64 = 1 << 20;
+/// Pins kept per arena.
+const PINS_KEPT: usize = 8;
 
 /// A heap that could not be walked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -307,6 +341,20 @@ fn add_heap<M: Memory>(mem: &M, a: &mut ArenaStats, start: u64, end: u64, c: &Ch
         a.free_resident_bytes += r;
         a.trimmable_bytes += r;
     }
+    for &(p, size, fa, fs) in &c.pins {
+        a.pins.push(Pin {
+            chunk: p,
+            chunk_bytes: size,
+            held_resident_bytes: present(page_up(fa + CHUNK_STRUCT), page_down(fa + fs)),
+            held_bytes: fs,
+        });
+    }
+    a.pins.sort_by(|x, y| {
+        y.held_resident_bytes
+            .cmp(&x.held_resident_bytes)
+            .then(x.chunk.cmp(&y.chunk))
+    });
+    a.pins.truncate(PINS_KEPT);
     if let Some((p, size)) = c.top {
         a.top_bytes += size;
         let r = present(page_up(p + 16), page_down(p + size));

@@ -162,17 +162,21 @@ pub fn build(i: &Inputs<'_>) -> Report {
             split: i.ledger.anon_split(),
             arenas: {
                 let mut a = i.ledger.arenas();
-                a.sort_by(|x, y| y.2.cmp(&x.2).then(x.0.cmp(&y.0)));
+                a.sort_by(|x, y| {
+                    y.committed_bytes
+                        .cmp(&x.committed_bytes)
+                        .then(x.start.cmp(&y.start))
+                });
                 a.into_iter()
                     .take(i.top)
-                    .map(|(start, reserved, committed, id, tid)| ArenaInfo {
-                        address: format!("{start:#x}"),
-                        reserved_bytes: reserved,
-                        committed_bytes: committed,
-                        stack_id: id,
-                        thread: tid,
-                        thread_name: i.thread_names.get(&tid).cloned(),
-                        frames: frames(id).0,
+                    .map(|r| ArenaInfo {
+                        address: format!("{:#x}", r.start),
+                        reserved_bytes: r.reserved_bytes,
+                        committed_bytes: r.committed_bytes,
+                        stack_id: r.stack_id,
+                        thread: r.tid,
+                        thread_name: i.thread_names.get(&r.tid).cloned(),
+                        frames: frames(r.stack_id).0,
                     })
                     .collect()
             },
@@ -284,20 +288,46 @@ fn glibc_heaps(i: &Inputs<'_>, w: &HeapWalk) -> GlibcHeaps {
                     .heaps
                     .first()
                     .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
-                let c = first.and_then(|h| created.iter().find(|c| c.0 == h));
+                let c = first.and_then(|h| created.iter().find(|c| c.start == h));
                 WalkedArena {
                     stats: a.clone(),
-                    created_by_thread: c.map(|c| c.4),
-                    created_by_thread_name: c.and_then(|c| i.thread_names.get(&c.4).cloned()),
-                    created_by_stack: c.map(|c| c.3),
+                    created_by_thread: c.map(|c| c.tid),
+                    created_by_thread_name: c.and_then(|c| i.thread_names.get(&c.tid).cloned()),
+                    created_by_stack: c.map(|c| c.stack_id),
                     frames: c
-                        .map(|c| i.stacks.get(c.3).map_or(Vec::new(), |s| s.frames.clone()))
+                        .map(|c| {
+                            i.stacks
+                                .get(c.stack_id)
+                                .map_or(Vec::new(), |s| s.frames.clone())
+                        })
                         .unwrap_or_default(),
+                    pinned_by: pinned_by(i, a),
                 }
             })
             .collect(),
         unwalkable: w.unwalkable.clone(),
     }
+}
+
+/// The blocks pinning an arena's free memory, joined to their allocations.
+fn pinned_by(i: &Inputs<'_>, a: &crate::heap::glibc::ArenaStats) -> Vec<PinnedBy> {
+    a.pins
+        .iter()
+        .map(|p| {
+            let user = p.chunk + 16;
+            let block = i.ledger.live().get(&user);
+            PinnedBy {
+                address: format!("{user:#x}"),
+                bytes_held: p.held_resident_bytes,
+                block_bytes: block.map_or(p.chunk_bytes.saturating_sub(8), |b| b.size),
+                since_attach: block.is_some(),
+                stack_id: block.map(|b| b.stack_id),
+                frames: block
+                    .and_then(|b| i.stacks.get(b.stack_id))
+                    .map_or(Vec::new(), |s| s.frames.clone()),
+            }
+        })
+        .collect()
 }
 
 /// 95% half-width from a variance.

@@ -97,6 +97,26 @@ pub struct WalkedArena {
     pub created_by_stack: Option<i64>,
     /// Its frames, innermost first.
     pub frames: Vec<Frame>,
+    /// Live blocks right above its largest free chunks, which keep that memory from
+    /// being returned as the heap shrinks, most held first.
+    pub pinned_by: Vec<PinnedBy>,
+}
+
+/// A live block that keeps free memory below it in its heap.
+#[derive(Clone, Debug, Serialize)]
+pub struct PinnedBy {
+    /// Its address (the user pointer).
+    pub address: String,
+    /// Resident free bytes it holds below it.
+    pub bytes_held: u64,
+    /// The block's size (requested size when allocated since attach, else its chunk's).
+    pub block_bytes: u64,
+    /// Allocated since attach (its stack is known).
+    pub since_attach: bool,
+    /// Allocation stack id, when allocated since attach.
+    pub stack_id: Option<i64>,
+    /// Its frames, innermost first.
+    pub frames: Vec<Frame>,
 }
 
 /// The allocator as seen from outside: glibc's heaps walked through /proc/PID/mem.
@@ -377,10 +397,12 @@ mod tests {
                     resident_bytes: 6 << 20,
                     arenas: vec![
                         WalkedArena {
+                            pinned_by: vec![],
                             stats: ArenaStats { kind: ArenaKind::Main, arena: "brk heap".into(), heaps: vec!["0x5555000".into()], extent_bytes: 1 << 20, resident_bytes: 1 << 20, in_use_bytes: 800 << 10, ..ArenaStats::default() },
                             created_by_thread: None, created_by_thread_name: None, created_by_stack: None, frames: vec![],
                         },
                         WalkedArena {
+                            pinned_by: vec![],
                             stats: ArenaStats { kind: ArenaKind::Thread, arena: "0x7f0000000030".into(), heaps: vec!["0x7f0000000000".into()], extent_bytes: 5 << 20, resident_bytes: 5 << 20, in_use_bytes: 100 << 10, free_resident_bytes: 4 << 20, trimmable_bytes: 3 << 20, ..ArenaStats::default() },
                             created_by_thread: Some(4243), created_by_thread_name: Some("worker".into()), created_by_stack: Some(1),
                             frames: vec![frame("make_buffer", "/src/leaky.c", 20, "/usr/bin/leaky", false)],

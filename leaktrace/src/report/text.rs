@@ -239,6 +239,24 @@ fn render_allocator(o: &mut String, a: &Allocator) {
             bytes(s.trimmable_bytes)
         );
     }
+    // What keeps the free memory: the largest pins, three per arena at most.
+    for w in &g.arenas {
+        for p in w.pinned_by.iter().take(3) {
+            let from = if p.since_attach {
+                format!("from {}", crate::analysis::verdict::suspect_name(&p.frames))
+            } else {
+                "allocated before attach".to_owned()
+            };
+            let _ = writeln!(
+                o,
+                "  a {} block {from} at {} in arena {} keeps {} free below it from being returned",
+                bytes(p.block_bytes),
+                p.address,
+                w.stats.arena,
+                bytes(p.bytes_held)
+            );
+        }
+    }
     for u in &g.unwalkable {
         let _ = writeln!(o, "  heap at {} not walked: {}", u.heap, u.reason);
     }
