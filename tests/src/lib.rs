@@ -390,8 +390,31 @@ pub fn run_cli(args: &[&str]) -> (Option<i32>, Vec<String>, String) {
 /// Checks the JSON contract every report must satisfy.
 #[track_caller]
 pub fn check_shape(r: &Value) {
-    for key in ["pid", "duration_s", "rss_bytes", "heap", "mappings", "lost"] {
+    for key in [
+        "pid",
+        "duration_s",
+        "rss_bytes",
+        "heap",
+        "mappings",
+        "lost",
+        "memory",
+    ] {
         assert!(r.get(key).is_some(), "report lacks {key}: {r:#}");
+    }
+    // Where RSS goes, when the target could be read: its parts sum to the RSS read with
+    // them, within 3%.
+    let parts = r["memory"]["parts"].as_array().expect("memory parts");
+    if !parts.is_empty() {
+        let sum: f64 = parts
+            .iter()
+            .map(|p| p["bytes"].as_f64().expect("bytes"))
+            .sum();
+        let rss = r["memory"]["rss_bytes"].as_f64().expect("memory rss");
+        assert!(
+            (sum - rss).abs() <= 0.03 * rss,
+            "where RSS goes sums to {sum}, RSS {rss}: {:#}",
+            r["memory"]
+        );
     }
     for key in ["live_bytes", "live_allocations", "stacks"] {
         assert!(r["heap"].get(key).is_some(), "heap lacks {key}");
