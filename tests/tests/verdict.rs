@@ -188,6 +188,38 @@ fn root_verdict_fragmented_before_attach() {
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
 }
 
+/// A leak amid fragmentation done before attach: the leak is the verdict (it grows),
+/// fragmentation the secondary finding, with the glibc remedies.
+#[test]
+fn root_verdict_leak_amid_fragmentation() {
+    require_root();
+    let mut fx = Fixture::spawn("verdicts", &["leakfrag", "60"]);
+    let r = trace_fixture(&mut fx, &[]);
+    let (kind, v) = verdict_of(&r);
+    print_verdict("leakfrag", v);
+    assert_eq!(kind, "leak", "{v:#}");
+    assert!(
+        functions(&v["suspects"][0])
+            .iter()
+            .any(|f| f == "leak_record"),
+        "{v:#}"
+    );
+    assert_eq!(v["trend"]["kind"], "growing", "{:#}", v["trend"]);
+    let secondary: Vec<&str> = v["secondary"]
+        .as_array()
+        .expect("secondary findings")
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(secondary, ["fragmentation"], "{v:#}");
+    assert!(!v["remedies"].as_array().unwrap().is_empty(), "{v:#}");
+    assert!(
+        memory_total(&r, "heap-free") >= 4.0 * 20.0 * MIB,
+        "{:#}",
+        r["memory"]
+    );
+}
+
 #[test]
 fn root_verdict_leak() {
     require_root();
