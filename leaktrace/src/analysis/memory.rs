@@ -35,7 +35,8 @@ pub enum PartKind {
     ThreadStacks,
     /// Other anonymous memory (private mappings, written file pages, JIT code…).
     OtherAnon,
-    /// Pages of mapped files (code, data, mapped files), per object.
+    /// Pages of mapped files (code, data, mapped files), per object, and the pages
+    /// the kernel maps in ([vdso], [vvar]).
     File,
     /// Shared memory.
     Shmem,
@@ -163,6 +164,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         if shared > 0 {
             let name = if m.path.is_empty() {
                 "[anonymous shared]".to_owned()
+            } else if m.path.starts_with('[') {
+                // [vdso], [vvar], [uprobes]: pages the kernel maps in, counted with the files.
+                "kernel-provided pages ([vdso], [vvar], [uprobes])".to_owned()
             } else {
                 m.path.clone()
             };
@@ -236,7 +240,16 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         &mut parts,
         PartKind::HeapMmapped,
         vec![(
-            format!("{} chunks malloc mapped on their own", s.mmapped.len()),
+            format!(
+                "{} chunk{} malloc mapped on {}",
+                s.mmapped.len(),
+                if s.mmapped.len() == 1 { "" } else { "s" },
+                if s.mmapped.len() == 1 {
+                    "its own"
+                } else {
+                    "their own"
+                }
+            ),
             mmapped,
         )],
         "",
