@@ -401,9 +401,8 @@ pub fn check_shape(r: &Value) {
     ] {
         assert!(r.get(key).is_some(), "report lacks {key}: {r:#}");
     }
-    // Where RSS goes, when the target could be read: its parts sum to the RSS read with
-    // them, within 3% — or 256 KiB for a small process: the kernel batches RSS counter
-    // updates per thread (64 events), so VmRSS trails smaps by up to that much.
+    // Where RSS goes, when the target could be read: its parts sum to smaps' RSS read
+    // with them, within 3%.
     let parts = r["memory"]["parts"].as_array().expect("memory parts");
     if !parts.is_empty() {
         let sum: f64 = parts
@@ -412,7 +411,7 @@ pub fn check_shape(r: &Value) {
             .sum();
         let rss = r["memory"]["rss_bytes"].as_f64().expect("memory rss");
         assert!(
-            (sum - rss).abs() <= (0.03 * rss).max(256.0 * 1024.0),
+            (sum - rss).abs() <= 0.03 * rss,
             "where RSS goes sums to {sum}, RSS {rss}: {:#}",
             r["memory"]
         );

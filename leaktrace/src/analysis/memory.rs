@@ -8,8 +8,8 @@
 //! heaps: in use or free by the walk, `heap-unwalked` where the walk did not reach),
 //! `thread-stacks` (the mapping holding a thread's stack pointer, and `[stack]`),
 //! chunks malloc mapped on their own (`heap-mmapped`), pymalloc's arenas, or
-//! `other-anon`. The parts sum to the mappings' resident bytes; `unexplained_bytes` is
-//! what separates that sum from the RSS the kernel reports (its counters lag slightly).
+//! `other-anon`. The parts sum to smaps' resident bytes (`rss_bytes`); `vmrss_bytes` is
+//! the kernel's batched counter beside it (top's RES).
 
 use serde::Serialize;
 
@@ -74,12 +74,14 @@ pub struct Part {
 /// Where RSS goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MemoryMap {
-    /// RSS as the kernel reports it (`VmRSS`).
+    /// RSS as smaps counts it, page by page, at the moment of the composition.
     pub rss_bytes: u64,
+    /// `VmRSS` read at the same moment (top's RES): the kernel batches this counter per
+    /// CPU, so it may differ from `rss_bytes` by a few hundred KiB.
+    pub vmrss_bytes: u64,
     /// Its parts, by kind, largest first within a kind.
     pub parts: Vec<Part>,
-    /// RSS the parts do not account for (the kernel's counters and smaps disagree by
-    /// a little while the target runs).
+    /// Resident bytes the parts do not account for (or account for twice).
     pub unexplained_bytes: u64,
 }
 
@@ -100,7 +102,7 @@ pub struct State<'a> {
     /// `/proc/PID/smaps`.
     pub smaps: &'a [SmapsEntry],
     /// `VmRSS`.
-    pub rss_bytes: u64,
+    pub vmrss_bytes: u64,
     /// glibc's heaps, walked now.
     pub glibc: Option<&'a HeapWalk>,
     /// The heaps' address ranges: the brk heap and each arena heap's mapping.
@@ -291,9 +293,11 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         "mappings",
     );
     let sum: u64 = parts.iter().map(|p| p.bytes).sum();
+    let rss: u64 = s.smaps.iter().map(|e| e.rss).sum();
     MemoryMap {
-        rss_bytes: s.rss_bytes,
-        unexplained_bytes: s.rss_bytes.abs_diff(sum),
+        rss_bytes: rss,
+        vmrss_bytes: s.vmrss_bytes,
+        unexplained_bytes: rss.abs_diff(sum),
         parts,
     }
 }
@@ -333,7 +337,7 @@ pub fn render(m: &MemoryMap) -> String {
     if m.unexplained_bytes > 0 {
         let _ = writeln!(
             o,
-            "  {:<16} {:>10} {:>5.1}%  smaps and the kernel's RSS counter differ by this much",
+            "  {:<16} {:>10} {:>5.1}%  resident bytes the parts do not account for",
             "unexplained",
             bytes(m.unexplained_bytes),
             m.unexplained_bytes as f64 * 100.0 / m.rss_bytes.max(1) as f64
@@ -431,7 +435,7 @@ mod tests {
         // 2 MiB mmapped chunk and two pymalloc arenas.
         let m = compose(&State {
             smaps: &smaps,
-            rss_bytes: 58 * M + (64 << 10) + (128 << 10),
+            vmrss_bytes: 58 * M,
             glibc: Some(&walk),
             heap_ranges: &[(0x7f00_0000_0000, 0x7f00_0400_0000)],
             mmapped: &[(0x7f20_0000_0000, 0x7f20_0020_0000, 2 * M)],
@@ -450,6 +454,8 @@ mod tests {
         assert_eq!(total(PartKind::File), 3 * M + (32 << 10));
         assert_eq!(total(PartKind::Shmem), M);
         assert_eq!(m.unexplained_bytes, 0);
+        assert_eq!(m.rss_bytes, 58 * M + (64 << 10) + (128 << 10));
+        assert_eq!(m.vmrss_bytes, 58 * M);
         let free: Vec<&str> = m
             .parts
             .iter()

@@ -581,7 +581,7 @@ impl Worker {
             .collect();
         self.memory = memory::compose(&memory::State {
             smaps: &smaps,
-            rss_bytes: status.rss.rss_bytes,
+            vmrss_bytes: status.rss.rss_bytes,
             glibc: self.walk.as_ref(),
             heap_ranges: &heap_ranges,
             mmapped: &mmapped,
