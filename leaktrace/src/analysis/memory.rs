@@ -213,11 +213,20 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
             ));
         }
     }
-    let walked = (heap_in_use + heap_free_total).min(heap_vmas);
+    // pagemap counts pages mapped to the shared zero page (read, never written) as
+    // present; smaps does not count them: the walk's figures are capped by the heaps'
+    // anonymous pages, free memory first.
+    if heap_free_total > heap_vmas {
+        for (_, b) in &mut free_by_arena {
+            *b = (*b as u128 * heap_vmas as u128 / heap_free_total as u128) as u64;
+        }
+    }
+    let free_assigned: u64 = free_by_arena.iter().map(|(_, b)| b).sum();
+    let in_use = heap_in_use.min(heap_vmas - free_assigned);
     push_kind(
         &mut parts,
         PartKind::HeapInUse,
-        vec![("glibc heaps, blocks in use".into(), heap_in_use.min(walked))],
+        vec![("glibc heaps, blocks in use".into(), in_use)],
         "",
     );
     push_kind(&mut parts, PartKind::HeapFree, free_by_arena, "arenas");
@@ -226,7 +235,7 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         PartKind::HeapUnwalked,
         vec![(
             "glibc heap pages the walk did not reach".into(),
-            heap_vmas.saturating_sub(heap_in_use + heap_free_total),
+            heap_vmas - free_assigned - in_use,
         )],
         "",
     );
@@ -367,6 +376,41 @@ mod tests {
             rss,
             anonymous,
         }
+    }
+
+    /// A walk that counts more resident pages than smaps (zero pages) is capped by the
+    /// heap's anonymous pages, free memory first, and the parts still sum to RSS.
+    #[test]
+    fn walk_figures_are_capped_by_smaps() {
+        const K: u64 = 1 << 10;
+        let smaps = [vma(
+            0x100_0000,
+            0x101_0000,
+            "rw-p",
+            "[heap]",
+            40 * K,
+            40 * K,
+        )];
+        let walk = HeapWalk {
+            arenas: vec![ArenaStats {
+                kind: ArenaKind::Main,
+                arena: "brk heap".into(),
+                resident_bytes: 64 * K,
+                free_resident_bytes: 56 * K,
+                ..ArenaStats::default()
+            }],
+            ..HeapWalk::default()
+        };
+        let m = compose(&State {
+            smaps: &smaps,
+            glibc: Some(&walk),
+            ..State::default()
+        });
+        assert_eq!(m.total(PartKind::HeapFree), 40 * K);
+        assert_eq!(m.total(PartKind::HeapInUse), 0);
+        assert_eq!(m.total(PartKind::HeapUnwalked), 0);
+        assert_eq!(m.rss_bytes, 40 * K);
+        assert_eq!(m.unexplained_bytes, 0);
     }
 
     /// A process with a fragmented arena, a thread, an mmapped chunk, pymalloc arenas,
