@@ -175,6 +175,27 @@ pub enum TrendKind {
     Shrinking,
 }
 
+impl Verdict {
+    /// A verdict without trend or secondary findings (`decide` adds those).
+    fn new(
+        kind: VerdictKind,
+        summary: String,
+        evidence: Vec<Evidence>,
+        suspects: Vec<Suspect>,
+        remedies: Vec<Remedy>,
+    ) -> Self {
+        Self {
+            kind,
+            summary,
+            evidence,
+            suspects,
+            remedies,
+            trend: None,
+            secondary: Vec::new(),
+        }
+    }
+}
+
 impl TrendKind {
     /// The name, as in the JSON.
     pub fn as_str(self) -> &'static str {
@@ -632,26 +653,10 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
                 bytes(w.free_resident_bytes), bytes(w.trimmable_bytes)
             ));
         }
-        return Verdict {
-            kind: VerdictKind::NoGrowth,
-            summary,
-            evidence,
-            suspects: vec![],
-            remedies,
-            trend: None,
-            secondary: Vec::new(),
-        };
+        return Verdict::new(VerdictKind::NoGrowth, summary, evidence, vec![], remedies);
     }
     if f.heap_detached && !rss_growing {
-        return Verdict {
-            kind: VerdictKind::Inconclusive,
-            summary: "The heap probes were detached by --max-overhead, so heap growth after that is unknown.".into(),
-            evidence,
-            suspects,
-            remedies: vec![],
-            trend: None,
-            secondary: Vec::new(),
-        };
+        return Verdict::new(VerdictKind::Inconclusive, "The heap probes were detached by --max-overhead, so heap growth after that is unknown.".into(), evidence, suspects, vec![]);
     }
 
     // Which account explains the growth?
@@ -688,15 +693,7 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
                 ""
             },
         );
-        return Verdict {
-            kind: VerdictKind::Leak,
-            summary,
-            evidence,
-            suspects,
-            remedies: vec![],
-            trend: None,
-            secondary: Vec::new(),
-        };
+        return Verdict::new(VerdictKind::Leak, summary, evidence, suspects, vec![]);
     }
     if share(retained_net) >= 0.5 {
         let remedies = retained_remedies(f);
@@ -723,15 +720,13 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
                 bytes(r.expected_bytes)
             )),
         );
-        return Verdict {
-            kind: VerdictKind::Fragmentation,
+        return Verdict::new(
+            VerdictKind::Fragmentation,
             summary,
             evidence,
-            suspects: vec![],
+            vec![],
             remedies,
-            trend: None,
-            secondary: Vec::new(),
-        };
+        );
     }
     if share(other_net) >= 0.5 {
         let mapped: Vec<Suspect> = suspects
@@ -757,15 +752,13 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
                 rate(s.growth_bytes_per_s)
             )),
         );
-        return Verdict {
-            kind: VerdictKind::NonHeapGrowth,
+        return Verdict::new(
+            VerdictKind::NonHeapGrowth,
             summary,
             evidence,
-            suspects: mapped,
-            remedies: vec![],
-            trend: None,
-            secondary: Vec::new(),
-        };
+            mapped,
+            vec![],
+        );
     }
     let summary = format!(
         "Inconclusive: anonymous RSS grew {} over {span:.1} s, but neither the live heap ({}), memory retained by the allocator ({}) \
@@ -776,15 +769,13 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
         signed_bytes(retained_net),
         signed_bytes(other_net)
     );
-    Verdict {
-        kind: VerdictKind::Inconclusive,
+    Verdict::new(
+        VerdictKind::Inconclusive,
         summary,
         evidence,
         suspects,
-        remedies: vec![],
-        trend: None,
-        secondary: Vec::new(),
-    }
+        vec![],
+    )
 }
 
 /// Stacks growing steadily and still growing, fastest first.
