@@ -566,57 +566,17 @@ pub fn mmapped_chunks<M: Memory>(mem: &M, regions: &[(u64, u64)]) -> Vec<(u64, u
 
 #[cfg(test)]
 mod tests {
-    use std::io;
-
     use super::*;
+    use crate::process::memory::Laid;
 
-    /// A heap laid out in a byte buffer, as glibc would lay it out.
-    struct Fake {
-        base: u64,
-        bytes: Vec<u8>,
-        resident: Vec<bool>,
-    }
-
-    impl Fake {
-        fn new(base: u64, len: u64) -> Self {
-            Self {
-                base,
-                bytes: vec![0; len as usize],
-                resident: vec![true; (len / PAGE) as usize],
-            }
-        }
-        fn put(&mut self, addr: u64, v: u64) {
-            let o = (addr - self.base) as usize;
-            self.bytes[o..o + 8].copy_from_slice(&v.to_le_bytes());
-        }
-        /// Lays out chunks (size, in_use) from `first`; the last one is the top.
-        fn chunks(&mut self, first: u64, chunks: &[(u64, bool)]) {
-            let mut p = first;
-            let mut prev_in_use = true;
-            for &(size, in_use) in chunks {
-                self.put(p + 8, size | u64::from(prev_in_use));
-                prev_in_use = in_use;
-                p += size;
-            }
-        }
-    }
-
-    impl Memory for Fake {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-            let o = addr
-                .checked_sub(self.base)
-                .ok_or(io::ErrorKind::InvalidInput)? as usize;
-            let src = self
-                .bytes
-                .get(o..o + buf.len())
-                .ok_or(io::ErrorKind::UnexpectedEof)?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
-            Ok(self.resident
-                [((start - self.base) / PAGE) as usize..((end - self.base) / PAGE) as usize]
-                .to_vec())
+    /// Lays out chunks (size, in_use) from `first`; the last one is the top.
+    fn lay_chunks(m: &mut Laid, first: u64, chunks: &[(u64, bool)]) {
+        let mut p = first;
+        let mut prev_in_use = true;
+        for &(size, in_use) in chunks {
+            m.put(p + 8, size | u64::from(prev_in_use));
+            prev_in_use = in_use;
+            p += size;
         }
     }
 
@@ -625,14 +585,14 @@ mod tests {
     fn main_heap_counts_free_resident_and_trimmable() {
         let base = 0x5555_0000_0000;
         let len = 0x2_0000; // 128 KiB heap
-        let mut m = Fake::new(base, len);
+        let mut m = Laid::new(base, len);
         let chunks = [
             (0x290, true),
             (0x1_0000, false),
             (0x5d70, true),
             (len - 0x290 - 0x1_0000 - 0x5d70, false),
         ];
-        m.chunks(base, &chunks);
+        lay_chunks(&mut m, base, &chunks);
         // The hole spans [base+0x290, base+0x10290): pages 1..=15 lie wholly past its header.
         for pg in 1..8 {
             m.resident[pg] = false;
@@ -670,14 +630,15 @@ mod tests {
     fn thread_arena_heaps_group_by_arena() {
         let h1 = 0x7f00_0000_0000u64;
         let h2 = h1 + HEAP_MAX;
-        let mut m = Fake::new(h1, HEAP_MAX + 0x10000);
+        let mut m = Laid::new(h1, HEAP_MAX + 0x10000);
         let size = 0x8000;
         // First heap: heap_info{ar_ptr = h1+48, prev 0, size, mprotect_size}; chunks at h1+2256.
         m.put(h1, h1 + 48);
         m.put(h1 + 16, size);
         m.put(h1 + 24, size);
         let first = h1 + 2256;
-        m.chunks(
+        lay_chunks(
+            &mut m,
             first,
             &[
                 (0x1000, true),
@@ -691,7 +652,8 @@ mod tests {
         m.put(h2 + 8, h1);
         m.put(h2 + 16, 0x4000);
         m.put(h2 + 24, 0x4000);
-        m.chunks(
+        lay_chunks(
+            &mut m,
             h2 + 48,
             &[(0x2000, true), (0x1000, false), (0x100, true), (16, true)],
         );
@@ -721,8 +683,8 @@ mod tests {
     #[test]
     fn broken_chain_is_unwalkable() {
         let base = 0x5555_0000_0000;
-        let mut m = Fake::new(base, 0x4000);
-        m.chunks(base, &[(0x100, true), (0x9000, false)]);
+        let mut m = Laid::new(base, 0x4000);
+        lay_chunks(&mut m, base, &[(0x100, true), (0x9000, false)]);
         let w = walk_heaps(
             &m,
             &HeapSites {
@@ -739,10 +701,10 @@ mod tests {
     fn walk_stops_at_its_deadline() {
         let base = 0x5555_0000_0000;
         let len = 0x4_0000;
-        let mut m = Fake::new(base, len);
+        let mut m = Laid::new(base, len);
         let n = (len / 32) as usize;
         let chunks: Vec<(u64, bool)> = (0..n).map(|i| (32, i + 1 < n)).collect();
-        m.chunks(base, &chunks);
+        lay_chunks(&mut m, base, &chunks);
         let past = std::time::Instant::now() - std::time::Duration::from_secs(1);
         assert!(walk(&m, base, base + len, past).is_err());
         let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -789,7 +751,7 @@ mod tests {
         put(2 * PAGE as usize, 0, (3 * PAGE) | 2);
         // A chunk whose size runs past the mapping's end.
         put(5 * PAGE as usize, 0, (4 * PAGE) | 2);
-        let mem = Fake {
+        let mem = Laid {
             base,
             bytes,
             resident: Vec::new(),

@@ -47,3 +47,62 @@ impl Memory for ProcMemory {
             .collect())
     }
 }
+
+/// Memory laid out in a buffer, as an allocator would lay it out: the walkers'
+/// unit tests read it through [`Memory`].
+#[cfg(test)]
+pub struct Laid {
+    /// Address of the first byte.
+    pub base: u64,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// Residency of each page.
+    pub resident: Vec<bool>,
+}
+
+#[cfg(test)]
+impl Laid {
+    /// `len` zero bytes at `base`, every page resident.
+    pub fn new(base: u64, len: u64) -> Self {
+        Self {
+            base,
+            bytes: vec![0; len as usize],
+            resident: vec![true; (len / PAGE) as usize],
+        }
+    }
+
+    /// Writes an 8-byte word.
+    pub fn put(&mut self, addr: u64, v: u64) {
+        let o = (addr - self.base) as usize;
+        self.bytes[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Writes a 4-byte word.
+    pub fn put32(&mut self, addr: u64, v: u32) {
+        let o = (addr - self.base) as usize;
+        self.bytes[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+impl Memory for Laid {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        let o = addr
+            .checked_sub(self.base)
+            .ok_or(io::ErrorKind::InvalidInput)? as usize;
+        let src = self
+            .bytes
+            .get(o..o + buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
+        let page = |a: u64| ((a - self.base) / PAGE) as usize;
+        self.resident
+            .get(page(start)..page(end))
+            .map(<[bool]>::to_vec)
+            .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
+    }
+}

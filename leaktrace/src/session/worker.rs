@@ -21,7 +21,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     analysis::memory::{self, MemoryMap},
-    heap::glibc::{self, ArenaLimit, HeapWalk},
+    heap::{
+        glibc::{self, ArenaLimit, HeapWalk},
+        pymalloc::{self, PymallocWalk},
+    },
     probes::btf::Btf,
     process::{Memory as _, ProcMemory, procfs},
     report::PythonInfo,
@@ -146,6 +149,8 @@ pub struct Snapshot {
     pub unwind: Option<UnwindStats>,
     /// Where RSS goes (read now, or the last reading once the target is gone).
     pub memory: MemoryMap,
+    /// The latest walk of pymalloc's arenas, if the target is CPython.
+    pub pymalloc: Option<PymallocWalk>,
 }
 
 /// The event loop's end of the worker.
@@ -218,6 +223,8 @@ struct Worker {
     walk: Option<HeapWalk>,
     /// The latest reading of where RSS goes.
     memory: MemoryMap,
+    /// The latest walk of pymalloc's arenas (made with the reading of where RSS goes).
+    pymalloc: Option<PymallocWalk>,
 }
 
 impl Worker {
@@ -242,6 +249,7 @@ impl Worker {
             py,
             walk: None,
             memory: MemoryMap::default(),
+            pymalloc: None,
         }
     }
 
@@ -533,6 +541,7 @@ impl Worker {
             python: self.python_info(),
             unwind: self.setup.unwind.as_ref().map(|(u, _)| u.stats.clone()),
             memory: self.memory.clone(),
+            pymalloc: self.pymalloc.clone(),
         }
     }
 
@@ -569,6 +578,27 @@ impl Worker {
             })
             .map(|m| (m.start, m.end))
             .collect();
+        // CPython's small-object arenas live in the same kind of mappings.
+        if let Some(layout) = self
+            .setup
+            .python
+            .and_then(|(major, minor)| pymalloc::Layout::for_version(major, minor))
+        {
+            let t = Instant::now();
+            let w = pymalloc::walk(&mem, &layout, &candidates);
+            log::debug!(
+                "walked {} pymalloc arenas in {:.1} ms",
+                w.arena_count,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            self.pymalloc = Some(w);
+        }
+        let py_spans: Vec<(u64, u64, u64)> = self
+            .pymalloc
+            .iter()
+            .flat_map(|w| &w.spans)
+            .map(|&(start, _, in_use, free)| (start, in_use, free))
+            .collect();
         let mmapped: Vec<(u64, u64, u64)> = glibc::mmapped_chunks(&mem, &candidates)
             .into_iter()
             .map(|(s, e)| {
@@ -585,7 +615,7 @@ impl Worker {
             glibc: self.walk.as_ref(),
             heap_ranges: &heap_ranges,
             mmapped: &mmapped,
-            pymalloc: &[],
+            pymalloc: &py_spans,
             stack_pointers: &stack_pointers,
         });
     }
