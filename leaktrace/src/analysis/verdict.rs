@@ -26,6 +26,7 @@ use crate::{
         timeline::{Growth, Point, Timeline, growth},
     },
     heap::glibc::{ArenaKind, ArenaLimit, HeapWalk},
+    heap::pymalloc::PymallocWalk,
     symbolize::{Frame, FrameKind, StackStore},
     units::{bytes, rate, signed_bytes},
 };
@@ -258,6 +259,8 @@ pub struct Facts<'a> {
     pub lost_total: u64,
     /// The target is CPython (pymalloc arenas are its small-object heap).
     pub python: bool,
+    /// pymalloc's arenas walked at the end (None: not CPython, or not walked).
+    pub pymalloc: Option<&'a PymallocWalk>,
 }
 
 /// Stacks the verdict may name: every heap and mapping stack with a history.
@@ -425,31 +428,33 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     let mut v = decide_from_growth(f);
     v.trend = trend(f.points);
     let anon = f.points.last().map_or(0, |p| p.rss.anon_bytes);
-    let Some(w) = f.walk else { return v };
-    let held = w.free_resident_bytes;
+    let glibc_held = f.walk.map_or(0, |w| w.free_resident_bytes);
+    let py_held = f.pymalloc.map_or(0, |w| w.free_resident_bytes);
+    let held = glibc_held + py_held;
     if held < HELD_MIN_BYTES || (held as f64) < HELD_MIN_SHARE * anon as f64 {
         return v;
     }
-    let thread_arenas = w
-        .arenas
-        .iter()
-        .filter(|a| a.kind == ArenaKind::Thread)
-        .count();
-    let remedies = retained_remedies(f);
-    let finding = format!(
-        "glibc keeps {} of freed memory resident ({:.0}% of anonymous RSS) across {} arena{} ({} thread arena{}{}): memory \
-         freed before attach or since that the allocator has not given back; malloc_trim(0) would return {}.",
-        bytes(held),
-        held as f64 * 100.0 / anon.max(1) as f64,
-        w.arenas.len(),
-        if w.arenas.len() == 1 { "" } else { "s" },
-        thread_arenas,
-        if thread_arenas == 1 { "" } else { "s" },
-        f.arena_limit
-            .as_ref()
-            .map_or(String::new(), |l| format!(", limit {}", l.limit)),
-        bytes(w.trimmable_bytes)
-    );
+    let share = |b: u64| b as f64 * 100.0 / anon.max(1) as f64;
+    let mut findings = Vec::new();
+    let mut remedies = Vec::new();
+    // Each allocator's part, largest first.
+    let mut parts: Vec<(u64, bool)> = vec![(glibc_held, false), (py_held, true)];
+    parts.sort_by_key(|p| std::cmp::Reverse(p.0));
+    for (b, is_py) in parts {
+        if b == 0 || b * 10 < held {
+            continue;
+        }
+        if is_py {
+            let w = f.pymalloc.expect("pymalloc held");
+            findings.push(pymalloc_finding(w, share(b)));
+            remedies.extend(pymalloc_remedies(w));
+        } else if let Some(w) = f.walk {
+            findings.push(glibc_finding(f, w, share(b)));
+            remedies.extend(retained_remedies(f));
+        }
+    }
+    remedies.sort_by_key(|x| std::cmp::Reverse(x.expected_bytes));
+    let finding = findings.join(" ");
     match v.kind {
         VerdictKind::Fragmentation => v,
         VerdictKind::Leak | VerdictKind::NonHeapGrowth => {
@@ -492,6 +497,92 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             v
         }
     }
+}
+
+/// glibc's free memory, as a finding.
+fn glibc_finding(f: &Facts<'_>, w: &HeapWalk, share: f64) -> String {
+    let thread_arenas = w
+        .arenas
+        .iter()
+        .filter(|a| a.kind == ArenaKind::Thread)
+        .count();
+    format!(
+        "glibc keeps {} of freed memory resident ({share:.0}% of anonymous RSS) across {} arena{} ({} thread arena{}{}): memory \
+         freed before attach or since that the allocator has not given back; malloc_trim(0) would return {}.",
+        bytes(w.free_resident_bytes),
+        w.arenas.len(),
+        if w.arenas.len() == 1 { "" } else { "s" },
+        thread_arenas,
+        if thread_arenas == 1 { "" } else { "s" },
+        f.arena_limit
+            .as_ref()
+            .map_or(String::new(), |l| format!(", limit {}", l.limit)),
+        bytes(w.trimmable_bytes)
+    )
+}
+
+/// pymalloc's free memory, as a finding.
+fn pymalloc_finding(w: &PymallocWalk, share: f64) -> String {
+    let p = &w.pinned;
+    let pins = if p.arenas > 0 {
+        format!(
+            " {} mostly-empty arena{} ({} resident) are kept by {} live block{} ({}): an arena is returned only when every block in it is free.",
+            p.arenas,
+            if p.arenas == 1 { "" } else { "s" },
+            bytes(p.resident_bytes),
+            p.blocks_in_use,
+            if p.blocks_in_use == 1 { "" } else { "s" },
+            size_classes_text(&p.size_classes)
+        )
+    } else {
+        " An arena is returned only when every block in it is free.".into()
+    };
+    format!(
+        "CPython's small-object allocator keeps {} of free blocks resident ({share:.0}% of anonymous RSS): {}.{pins}",
+        bytes(w.free_resident_bytes),
+        w.summary()
+    )
+}
+
+/// "1200 of 64 B, 30 of 32 B" for the largest size classes.
+pub fn size_classes_text(c: &[crate::heap::pymalloc::SizeClass]) -> String {
+    let mut t: Vec<String> = c
+        .iter()
+        .take(3)
+        .map(|c| format!("{} of {} B", c.blocks, c.block_bytes))
+        .collect();
+    if c.len() > 3 {
+        t.push(format!("{} more size classes", c.len() - 3));
+    }
+    t.join(", ")
+}
+
+/// Remedies for memory pymalloc keeps, with the bytes each is expected to return.
+fn pymalloc_remedies(w: &PymallocWalk) -> Vec<Remedy> {
+    let mut r = vec![Remedy {
+        action: "restart the process (or its workers) periodically, e.g. gunicorn --max-requests, multiprocessing maxtasksperchild".into(),
+        expected_bytes: w.free_resident_bytes,
+        why: format!("pymalloc's arenas hold {} of free blocks resident now; a fresh process starts without them", bytes(w.free_resident_bytes)),
+    }];
+    let p = &w.pinned;
+    if p.arenas > 0 {
+        r.push(Remedy {
+            action: "keep long-lived small objects apart from short-lived ones: build long-lived caches before the temporaries, or hold them compactly (array, bytes, numpy, __slots__ classes) so few survivors are spread over many arenas".into(),
+            expected_bytes: p.free_resident_bytes,
+            why: format!(
+                "{} mostly-empty arenas would be returned if their {} live blocks ({}) were elsewhere",
+                p.arenas,
+                p.blocks_in_use,
+                bytes(p.in_use_bytes)
+            ),
+        });
+    }
+    r.push(Remedy {
+        action: "restart with PYTHONMALLOC=malloc: small objects then come from glibc, whose free memory malloc_trim(0) and the remedies for it can return (allocation gets slower)".into(),
+        expected_bytes: 0,
+        why: "not estimable from outside: glibc fragments too, differently".into(),
+    });
+    r
 }
 
 /// How anonymous RSS and the live heap moved; none for too short a trace.
@@ -821,6 +912,18 @@ fn suspects(candidates: &[Candidate], span: f64, threshold: f64) -> Vec<Suspect>
 /// What the heap walk says, as evidence.
 fn walk_evidence(f: &Facts<'_>, rss_anon: u64) -> Vec<Evidence> {
     let mut e = Vec::new();
+    if let Some(p) = f.pymalloc.filter(|p| p.arena_count > 0) {
+        e.push(Evidence {
+            metric: "pymalloc_free_resident_bytes",
+            value: p.free_resident_bytes as f64,
+            text: format!(
+                "{}; {} of free blocks resident ({:.0}% of anonymous RSS)",
+                p.summary(),
+                bytes(p.free_resident_bytes),
+                p.free_resident_bytes as f64 * 100.0 / rss_anon.max(1) as f64
+            ),
+        });
+    }
     let Some(w) = f.walk else { return e };
     let thread_arenas = w
         .arenas

@@ -60,6 +60,8 @@ pub struct Inputs<'a> {
     pub min_age_s: f64,
     /// glibc heaps walked now, if the target has them and is alive.
     pub walk: Option<&'a HeapWalk>,
+    /// pymalloc's arenas, walked at the end.
+    pub pymalloc: Option<&'a crate::heap::pymalloc::PymallocWalk>,
     /// glibc's arena limit.
     pub arena_limit: Option<ArenaLimit>,
     /// malloc settings in the target's environment.
@@ -195,6 +197,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             arena_limit: i.arena_limit.clone(),
             environment: i.malloc_env.clone(),
             mmap_threshold_raised_to: i.ledger.mmap_threshold_raised_to(),
+            pymalloc: i.pymalloc.cloned(),
         },
         python: i.python.clone(),
         stacks: stack_info(i),

@@ -22,6 +22,7 @@ use crate::{
     },
     analysis::{memory::MemoryMap, verdict::Verdict},
     heap::glibc::{ArenaLimit, ArenaStats, Unwalkable},
+    heap::pymalloc::PymallocWalk,
     process::procfs::Rss,
     symbolize::Frame,
 };
@@ -130,6 +131,9 @@ pub struct Allocator {
     pub environment: Vec<String>,
     /// glibc raised its dynamic mmap threshold to this after freeing an mmapped chunk.
     pub mmap_threshold_raised_to: Option<u64>,
+    /// CPython's small-object arenas walked from outside; null when the target is not
+    /// CPython (or its version's layout is unknown).
+    pub pymalloc: Option<PymallocWalk>,
 }
 
 /// The walk's totals and arenas.
@@ -413,6 +417,7 @@ mod tests {
                 arena_limit: Some(ArenaLimit { limit: 16, source: "glibc default: 8 × 2 CPUs".into() }),
                 environment: vec![],
                 mmap_threshold_raised_to: None,
+                pymalloc: None,
             },
             python: None,
             stacks: StackInfo {

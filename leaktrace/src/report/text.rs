@@ -193,6 +193,35 @@ fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
 }
 
 fn render_allocator(o: &mut String, a: &Allocator) {
+    if let Some(p) = a.pymalloc.as_ref().filter(|p| p.arena_count > 0) {
+        let _ = writeln!(
+            o,
+            "\npymalloc, read from /proc/PID/mem: {}; {} of free blocks resident{}",
+            p.summary(),
+            bytes(p.free_resident_bytes),
+            p.incomplete
+                .as_ref()
+                .map_or(String::new(), |w| format!(" (walk {w})"))
+        );
+        let _ = writeln!(
+            o,
+            "  live blocks by size: {}",
+            crate::analysis::verdict::size_classes_text(&p.size_classes)
+        );
+        if p.pinned.arenas > 0 {
+            let _ = writeln!(
+                o,
+                "  {} mostly-empty arena{} ({} resident, {} free) are kept from being returned by {} live block{}: {}",
+                p.pinned.arenas,
+                if p.pinned.arenas == 1 { "" } else { "s" },
+                bytes(p.pinned.resident_bytes),
+                bytes(p.pinned.free_resident_bytes),
+                p.pinned.blocks_in_use,
+                if p.pinned.blocks_in_use == 1 { "" } else { "s" },
+                crate::analysis::verdict::size_classes_text(&p.pinned.size_classes)
+            );
+        }
+    }
     let Some(g) = &a.glibc_heaps else { return };
     let _ = writeln!(
         o,

@@ -621,6 +621,7 @@ impl Session<'_> {
             heap_detached: self.heap_detached.is_some(),
             lost_total: Losses::tally(&kernel, &self.ledger.counters).total,
             python: snap.python.is_some(),
+            pymalloc: snap.pymalloc.as_ref(),
         });
         report::build(&report::Inputs {
             pid: self.pid,
@@ -642,6 +643,7 @@ impl Session<'_> {
             memory: snap.memory.clone(),
             min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
             walk: snap.walk.as_ref(),
+            pymalloc: snap.pymalloc.as_ref(),
             arena_limit: snap.arena_limit.clone(),
             malloc_env: snap.malloc_env.clone(),
             python: snap.python.clone(),
