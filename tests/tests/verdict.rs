@@ -1,9 +1,9 @@
 //! The verdict on real processes: one fixture per verdict, each traced for about
 //! 6 s (well within 20 s), in C and on Debian's python3.11.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use leaktrace_tests::{Fixture, functions, require_root, script_path, trace_fixture};
+use leaktrace_tests::{Fixture, check_shape, functions, require_root, script_path, trace_fixture};
 use serde_json::Value;
 
 /// Debian's python3.11 package (static libpython, LTO+PGO, no frame pointers).
@@ -327,4 +327,95 @@ fn root_verdict_python_leak() {
 fn root_verdict_python_fragmentation() {
     require_root();
     check_python(PY_CASES[1].0, PY_CASES[1].1);
+}
+
+/// pymalloc fragmented before attach: 50 x 10000 (int, str) tuples made, one in 25
+/// kept, then the ready line. The verdict says fragmentation from pymalloc's state,
+/// and the walk counts the survivors by size class: 20000 tuples and as many
+/// strings in the 64-byte class, 20000 ints in the 32-byte class (plus what the
+/// interpreter itself holds there).
+fn pymalloc_fragmented(python: &Path) {
+    let script = script_path("py_verdict.py");
+    let mut fx = Fixture::spawn_program(python, &[script.to_str().unwrap(), "tuples", "50"], &[]);
+    let r = trace_fixture(&mut fx, &[]);
+    check_shape(&r);
+    let (kind, v) = verdict_of(&r);
+    print_verdict(&format!("{} tuples", python.display()), v);
+    assert_eq!(kind, "fragmentation", "{v:#}");
+    let p = &r["allocator"]["pymalloc"];
+    let blocks = |size: u64| {
+        p["size_classes"]
+            .as_array()
+            .expect("size classes")
+            .iter()
+            .find(|c| c["block_bytes"] == size)
+            .map_or(0, |c| c["blocks"].as_u64().unwrap())
+    };
+    let kept = 20_000u64;
+    let (b64, b32) = (blocks(64), blocks(32));
+    assert!(
+        (2 * kept..2 * kept + 8_000).contains(&b64),
+        "64-byte blocks {b64}: {p:#}"
+    );
+    assert!(
+        (kept..kept + 8_000).contains(&b32),
+        "32-byte blocks {b32}: {p:#}"
+    );
+    // 500000 tuples of 160 bytes spread over the arenas: at least 60 MiB stay, mostly free.
+    let free = p["free_resident_bytes"].as_f64().unwrap();
+    assert!(free > 60.0 * MIB, "{p:#}");
+    assert!(p["pinned"]["arenas"].as_u64().unwrap() >= 1, "{p:#}");
+    let parts = r["memory"]["parts"].as_array().expect("parts");
+    let of = |k: &str| -> f64 {
+        parts
+            .iter()
+            .filter(|x| x["kind"] == k)
+            .map(|x| x["bytes"].as_f64().unwrap())
+            .sum()
+    };
+    assert!(
+        (of("pymalloc-free") - free).abs() <= 0.05 * free,
+        "{parts:#?}"
+    );
+    assert!(
+        v["summary"]
+            .as_str()
+            .unwrap()
+            .contains("small-object allocator"),
+        "{}",
+        v["summary"]
+    );
+    assert!(
+        v["remedies"]
+            .as_array()
+            .expect("remedies")
+            .iter()
+            .any(|m| m["action"].as_str().unwrap().contains("restart")),
+        "{v:#}"
+    );
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
+#[test]
+fn root_verdict_pymalloc_fragmented_before_attach() {
+    require_root();
+    assert!(
+        Path::new(DEBIAN_PYTHON).exists(),
+        "{DEBIAN_PYTHON} is missing (cargo xtask setup installs Debian's python3.11)"
+    );
+    pymalloc_fragmented(Path::new(DEBIAN_PYTHON));
+    // 4 KiB pools and 256 KiB arenas (3.8, 16-byte alignment): pyenv's, on these machines.
+    let root =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let py38 = std::fs::read_dir(root.join("versions"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("3.8."))
+        .map(|e| e.path().join("bin/python3.8"))
+        .find(|p| p.exists())
+        .expect(
+            "pyenv's 3.8 is missing (expected under $PYENV_ROOT/versions, default /root/.pyenv)",
+        );
+    pymalloc_fragmented(&py38);
 }
