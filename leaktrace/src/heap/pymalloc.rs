@@ -65,28 +65,44 @@ pub struct Layout {
     pub alignment: u64,
     /// Number of size classes (`SMALL_REQUEST_THRESHOLD / ALIGNMENT`).
     pub classes: u32,
+    /// The alignment of the version's earlier point releases, also accepted: 16-byte
+    /// alignment on 64-bit (bpo-27987) reached 2.7.15 and 3.6/3.7's late releases.
+    pub older_alignment: Option<u64>,
 }
 
 impl Layout {
     /// The layout of CPython `major.minor`, if leaktrace knows it.
     pub fn for_version(major: u32, minor: u32) -> Option<Self> {
-        let (pool_bytes, arena_bytes, alignment, threshold) = match (major, minor) {
-            // 2.7: 256-byte threshold, 8-byte alignment.
-            (2, 7) => (4 << 10, 256 << 10, 8, 256),
-            // 3.0–3.7: the threshold rose to 512.
-            (3, 0..=7) => (4 << 10, 256 << 10, 8, 512),
-            // 3.8–3.9: 16-byte alignment on 64-bit (bpo-27987).
-            (3, 8..=9) => (4 << 10, 256 << 10, 16, 512),
+        let (pool_bytes, arena_bytes, threshold, older_alignment) = match (major, minor) {
+            // 2.7: a 256-byte threshold; 8-byte alignment before 2.7.15 (measured: pyenv's
+            // 2.7.18 aligns to 16).
+            (2, 7) => (4 << 10, 256 << 10, 256, Some(8)),
+            // 3.0–3.7: the threshold rose to 512; 8-byte alignment in early releases
+            // (measured: pyenv's 3.6.15 and 3.7.16 align to 16).
+            (3, 0..=7) => (4 << 10, 256 << 10, 512, Some(8)),
+            // 3.8–3.9: 16-byte alignment on 64-bit.
+            (3, 8..=9) => (4 << 10, 256 << 10, 512, None),
             // 3.10 on: the radix tree's large pools and arenas.
-            (3, 10..) => (16 << 10, 1 << 20, 16, 512),
+            (3, 10..) => (16 << 10, 1 << 20, 512, None),
             _ => return None,
         };
         Some(Self {
             pool_bytes,
             arena_bytes,
-            alignment,
-            classes: (threshold / alignment) as u32,
+            alignment: 16,
+            classes: (threshold / 16) as u32,
+            older_alignment,
         })
+    }
+
+    /// `SMALL_REQUEST_THRESHOLD`.
+    fn threshold(&self) -> u64 {
+        u64::from(self.classes) * self.alignment
+    }
+
+    /// Size-class slots counted in units of the smallest alignment (8 bytes).
+    fn slots(&self) -> usize {
+        (self.threshold() / 8) as usize
     }
 }
 
@@ -105,10 +121,10 @@ fn parse(raw: &[u8; POOL_OVERHEAD as usize], addr: u64, l: &Layout) -> Option<Po
     let freeblock = u64::from_le_bytes(raw[8..16].try_into().expect("8"));
     let (count, arena_index, szidx) = (u32_at(0), u32_at(32), u32_at(36));
     let (next, max_next) = (u32_at(40), u32_at(44));
-    if szidx >= u64::from(l.classes) {
-        return None;
-    }
-    let size = (szidx + 1) * l.alignment;
+    let size = std::iter::once(l.alignment)
+        .chain(l.older_alignment)
+        .map(|a| (szidx + 1) * a)
+        .find(|&size| size <= l.threshold() && max_next == l.pool_bytes - size)?;
     let capacity = (l.pool_bytes - POOL_OVERHEAD) / size;
     let carved = next.checked_sub(POOL_OVERHEAD)? / size;
     let valid = max_next == l.pool_bytes - size
@@ -165,11 +181,11 @@ pub struct PyArena {
 }
 
 impl PyArena {
-    fn new(start: u64, classes: u32) -> Self {
+    fn new(start: u64, l: &Layout) -> Self {
         Self {
             address: format!("{start:#x}"),
             start,
-            classes: vec![0; classes as usize],
+            classes: vec![0; l.slots()],
             ..Self::default()
         }
     }
@@ -187,7 +203,7 @@ impl PyArena {
                 if p.in_use > 0 {
                     self.used_pools += 1;
                     self.blocks_in_use += p.in_use;
-                    self.classes[(p.block_bytes / l.alignment - 1) as usize] += p.in_use;
+                    self.classes[(p.block_bytes / 8 - 1) as usize] += p.in_use;
                     p.in_use * p.block_bytes + POOL_OVERHEAD
                 } else {
                     0
@@ -209,7 +225,7 @@ impl PyArena {
             .enumerate()
             .filter(|&(_, &n)| n > 0)
             .map(|(i, &n)| SizeClass {
-                block_bytes: (i as u64 + 1) * l.alignment,
+                block_bytes: (i as u64 + 1) * 8,
                 blocks: n,
             })
             .collect();
@@ -355,7 +371,7 @@ fn walk_until<M: Memory>(
                     (Some(p), Some((idx, _))) if p.arena_index == idx => {}
                     (Some(p), _) => {
                         current = Some((p.arena_index, (pool + l.arena_bytes).min(end)));
-                        arenas.push(PyArena::new(pool, l.classes));
+                        arenas.push(PyArena::new(pool, l));
                     }
                     (None, Some(_)) => {}
                     (None, None) => continue,
@@ -443,9 +459,11 @@ mod tests {
             Layout::for_version(maj, min)
                 .map(|l| (l.pool_bytes, l.arena_bytes, l.alignment, l.classes))
         };
-        assert_eq!(g(2, 7), Some((4096, 262144, 8, 32)));
-        assert_eq!(g(3, 6), Some((4096, 262144, 8, 64)));
-        assert_eq!(g(3, 7), Some((4096, 262144, 8, 64)));
+        assert_eq!(g(2, 7), Some((4096, 262144, 16, 16)));
+        assert_eq!(g(3, 6), Some((4096, 262144, 16, 32)));
+        assert_eq!(g(3, 7), Some((4096, 262144, 16, 32)));
+        assert_eq!(Layout::for_version(2, 7).unwrap().older_alignment, Some(8));
+        assert_eq!(Layout::for_version(3, 8).unwrap().older_alignment, None);
         assert_eq!(g(3, 8), Some((4096, 262144, 16, 32)));
         assert_eq!(g(3, 9), Some((4096, 262144, 16, 32)));
         assert_eq!(g(3, 10), Some((16384, 1 << 20, 16, 32)));
@@ -457,7 +475,16 @@ mod tests {
     /// side; the first is unaligned to its pool size (one pool fewer), the second
     /// holds a single survivor. Exact figures for each version's geometry.
     fn two_arenas(major: u32, minor: u32) {
-        let l = Layout::for_version(major, minor).unwrap();
+        two_arenas_aligned(major, minor, None);
+    }
+
+    /// The same, laid out with `alignment` instead of the layout's own.
+    fn two_arenas_aligned(major: u32, minor: u32, alignment: Option<u64>) {
+        let walked = Layout::for_version(major, minor).unwrap();
+        let mut l = walked;
+        if let Some(a) = alignment {
+            l.alignment = a;
+        }
         let pool = l.pool_bytes;
         let pages = pool / PAGE;
         // The mapping starts one page past a pool boundary.
@@ -495,7 +522,7 @@ mod tests {
         m.put32(first + 4 * pool + 36, 1);
         set_resident(&mut m, first + 4 * pool, 1);
 
-        let w = walk(&m, &l, &[(base, base + len)]);
+        let w = walk(&m, &walked, &[(base, base + len)]);
         assert_eq!(w.arena_count, 2, "{major}.{minor}");
         let size0 = l.alignment;
         let size3 = 4 * l.alignment;
@@ -546,6 +573,13 @@ mod tests {
     #[test]
     fn arenas_python_2_7() {
         two_arenas(2, 7);
+    }
+
+    /// 2.7 and 3.6 before 16-byte alignment was backported: 8-byte classes.
+    #[test]
+    fn arenas_early_releases_8_byte_aligned() {
+        two_arenas_aligned(2, 7, Some(8));
+        two_arenas_aligned(3, 6, Some(8));
     }
 
     #[test]

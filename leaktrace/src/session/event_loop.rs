@@ -158,6 +158,12 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         .iter()
         .filter_map(|(t, _)| python::version_from_name(t))
         .find(|&(major, _)| major == 3);
+    // pymalloc is walked in every CPython whose layout is known (2.7 too, whose stacks
+    // are not read).
+    let pymalloc = objects
+        .iter()
+        .filter_map(|(t, _)| python::version_from_name(t))
+        .find_map(|(major, minor)| crate::heap::pymalloc::Layout::for_version(major, minor));
     // pymalloc maps 1 MiB arenas since CPython 3.10, 256 KiB ones before.
     let pymalloc_arena = python.map(|(_, minor)| if minor >= 10 { 1 << 20 } else { 256 << 10 });
     let unwind = match unwinder {
@@ -189,6 +195,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         )?,
         py_config: take_map(&mut ebpf, maps::PY_CONFIG, "PY_CONFIG map", Array::try_from)?,
         python,
+        pymalloc,
         python_stacks: config.python_stacks,
         unwind,
         announce: config.announce,

@@ -56,6 +56,9 @@ pub struct Setup {
     /// Where the Python walk is told where the interpreter is.
     pub py_config: Array<MapData, PyConfig>,
     /// CPython (major, minor) when the target is an interpreter.
+    /// pymalloc's geometry, if the target is a CPython whose layout is known (2.7 too,
+    /// whose stacks are not read).
+    pub pymalloc: Option<pymalloc::Layout>,
     pub python: Option<(u32, u32)>,
     /// Walk Python frames (else the interpreter is only reported).
     pub python_stacks: bool,
@@ -579,11 +582,7 @@ impl Worker {
             .map(|m| (m.start, m.end))
             .collect();
         // CPython's small-object arenas live in the same kind of mappings.
-        if let Some(layout) = self
-            .setup
-            .python
-            .and_then(|(major, minor)| pymalloc::Layout::for_version(major, minor))
-        {
+        if let Some(layout) = self.setup.pymalloc {
             let t = Instant::now();
             let w = pymalloc::walk(&mem, &layout, &candidates);
             log::debug!(
