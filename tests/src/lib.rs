@@ -315,6 +315,21 @@ pub fn script_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The 1-based line of the first line of fixture script `name` that contains
+/// `needle`: expected Python lines follow the fixture's text, not a number
+/// copied into the test.
+#[track_caller]
+pub fn script_line(name: &str, needle: &str) -> u64 {
+    let path = script_path(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("failed to read {}: {e}", path.display()));
+    let index = text
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{} has no line containing {needle:?}", path.display()));
+    index as u64 + 1
+}
+
 /// Starts fixture `name` with `fixture_args`, attaches `leaktrace --pid` to it with
 /// `tracer_args`, runs its scenario, and returns the fixture (still running) and the
 /// report, whose shape has been checked.

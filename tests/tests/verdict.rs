@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use leaktrace_tests::{Fixture, check_shape, functions, require_root, script_path, trace_fixture};
+use leaktrace_tests::{
+    Fixture, check_shape, functions, require_root, script_line, script_path, trace_fixture,
+};
 use serde_json::Value;
 
 /// Debian's python3.11 package (static libpython, LTO+PGO, no frame pointers).
@@ -279,7 +281,12 @@ fn check_python(scenario: &str, want: &str) {
             })
             .collect();
         eprintln!("python3.11 leak suspect: {py:?}");
-        let want = [("remember", 21), ("handle", 26), ("leak_worker", 32)];
+        let line = |needle| script_line("py_verdict.py", needle);
+        let want = [
+            ("remember", line("CACHE[key] = bytearray")),
+            ("handle", line("remember((worker, i))")),
+            ("leak_worker", line("        handle(worker, i)")),
+        ];
         for (i, (func, line)) in want.iter().enumerate() {
             let (f, file, l) = py
                 .get(i)
