@@ -4,7 +4,7 @@
 
 use std::{
     fs, io,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use leaktrace_common::stat;
@@ -69,9 +69,14 @@ pub fn read_maps(pid: u32) -> io::Result<Vec<MapEntry>> {
     ))?))
 }
 
-/// Path through which a file mapped by `pid` can be opened from our mount namespace.
-pub fn path_in_target(pid: u32, path: &str) -> PathBuf {
-    Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
+/// Path through which the file behind mapping `start..end` of `pid` opens: the
+/// inode actually mapped (`/proc/PID/map_files/START-END`, root only), whatever the
+/// target's root, mount namespace or overlay. The names in `/proc/PID/maps` are
+/// resolved against the *reader's* root, so neither they nor `/proc/PID/root/NAME`
+/// reach a file inside a chroot or a container's own mounts; a deleted or replaced
+/// file still opens as the version the process runs.
+pub fn mapped_file(pid: u32, start: u64, end: u64) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
 }
 
 /// Memory figures from `/proc/PID/status`, in bytes.

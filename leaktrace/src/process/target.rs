@@ -103,7 +103,7 @@ pub fn mapped_objects(pid: u32) -> Result<Vec<(String, PathBuf)>, Error> {
     let mut out: Vec<(String, PathBuf)> = Vec::new();
     for m in maps.iter().filter(|m| m.is_exec() && m.is_file()) {
         if !out.iter().any(|(p, _)| *p == m.path) {
-            out.push((m.path.clone(), procfs::path_in_target(pid, &m.path)));
+            out.push((m.path.clone(), procfs::mapped_file(pid, m.start, m.end)));
         }
     }
     Ok(out)

@@ -464,7 +464,7 @@ impl Worker {
                 let objects: Vec<(String, PathBuf)> = if self.setup.launched {
                     maps.iter()
                         .filter(|m| m.is_file())
-                        .map(|m| (m.path.clone(), procfs::path_in_target(pid, &m.path)))
+                        .map(|m| (m.path.clone(), procfs::mapped_file(pid, m.start, m.end)))
                         .collect()
                 } else {
                     self.setup.objects.clone()

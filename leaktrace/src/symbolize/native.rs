@@ -169,7 +169,7 @@ impl Symbols {
             // A return address points after the call; look up the call itself.
             let lookup = if is_ret { addr.saturating_sub(1) } else { addr };
             let off = lookup - m.start + m.offset;
-            let host = procfs::path_in_target(self.pid, m.path.trim_end_matches(" (deleted)"));
+            let host = procfs::mapped_file(self.pid, m.start, m.end);
             by_obj
                 .entry((host, m.path.clone()))
                 .or_default()
@@ -177,8 +177,8 @@ impl Symbols {
         }
         for ((host, module), items) in by_obj {
             let offsets: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
-            // After the target exits /proc/PID/root is gone; the file is usually still
-            // at the same path in our namespace.
+            // After the target exits (or unmaps the object) its map_files entry is gone;
+            // the file is usually still at the same path in our namespace.
             let path = if host.exists() {
                 host
             } else {

@@ -232,8 +232,7 @@ impl Unwinder {
             // JIT code, the vdso, vsyscall: frame pointers only.
             return self.insert(m, fp_only, sink);
         }
-        let host =
-            crate::process::procfs::path_in_target(self.pid, m.path.trim_end_matches(" (deleted)"));
+        let host = crate::process::procfs::mapped_file(self.pid, m.start, m.end);
         let data = match map_file(&host) {
             Ok(d) => d,
             Err(e) => {
