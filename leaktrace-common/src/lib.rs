@@ -60,6 +60,9 @@ pub mod maps {
     pub const PY_STACKS: &str = "PY_STACKS";
     /// Per-CPU scratch slot for building a [`crate::PyStack`].
     pub const PY_SCRATCH: &str = "PY_SCRATCH";
+    /// LRU hash: thread id → `PyThreadState*` found by a search of the interpreter's
+    /// thread list ([`crate::PY_TSTATE_LIST`]), checked against the thread before use.
+    pub const PY_TSTATES: &str = "PY_TSTATES";
     /// LPM trie: user address range → [`crate::UnwindObject`] of the executable
     /// mapping holding it (keys are big-endian addresses).
     pub const UNWIND_OBJECTS: &str = "UNWIND_OBJECTS";
@@ -199,15 +202,41 @@ pub struct PyConfig {
     pub frame_read: u32,
     /// `&_Py_NoneStruct` on 3.13+ (a C-entry frame's `f_executable`), else 0.
     pub none_addr: u64,
+    /// How the calling thread's `PyThreadState` is found: [`PY_TSTATE_TSS`] or
+    /// [`PY_TSTATE_LIST`].
+    pub tstate_lookup: u32,
+    /// [`PY_TSTATE_LIST`]: `PyThreadState.next`.
+    pub tstate_next: u32,
+    /// [`PY_TSTATE_LIST`]: `PyThreadState.thread_id` (the thread's `pthread_self()`,
+    /// which on glibc x86-64 is its fsbase).
+    pub tstate_thread_id: u32,
+    /// [`PY_TSTATE_LIST`]: `PyInterpreterState.tstate_head`.
+    pub interp_tstate_head: u32,
+    /// [`PY_TSTATE_LIST`]: address of the variable holding the first
+    /// `PyInterpreterState*` (2.7's `interp_head`).
+    pub interp_head: u64,
 }
-const _: () = assert!(size_of::<PyConfig>() == 64);
+const _: () = assert!(size_of::<PyConfig>() == 88);
+
+/// [`PyConfig::tstate_lookup`]: the thread's pthread TSD slot holds its
+/// `PyThreadState*` (`fsbase + tss_slot_offset`; CPython 3.7+, `autoTSSkey`).
+pub const PY_TSTATE_TSS: u32 = 0;
+/// [`PyConfig::tstate_lookup`]: the interpreter's list of thread states is searched
+/// for the one whose `thread_id` is the caller's `pthread_self()` (CPython 2.7, whose
+/// TLS is its own linked list; found once per thread, then cached).
+pub const PY_TSTATE_LIST: u32 = 1;
+/// Thread states searched per lookup at most ([`PY_TSTATE_LIST`]).
+pub const MAX_PY_THREADS: u32 = 1024;
+/// Thread id → `PyThreadState*` found by a [`PY_TSTATE_LIST`] search.
+pub const DEFAULT_PY_TSTATE_CAPACITY: u32 = 4096;
 
 /// [`PyConfig::edge_kind`]: every frame is its own run of the eval loop (≤3.10).
 pub const PY_EDGE_NONE: u32 = 0;
 /// [`PyConfig::edge_kind`]: a nonzero `is_entry` byte marks the first frame of a run (3.11).
 pub const PY_EDGE_IS_ENTRY: u32 = 1;
-/// [`PyConfig::edge_kind`]: `owner == FRAME_OWNED_BY_CSTACK` (3) marks a shim frame
-/// pushed where C entered the eval loop (3.12+); it is skipped.
+/// [`PyConfig::edge_kind`]: `owner >= 3` marks a frame pushed where C entered the eval
+/// loop, which is skipped: `FRAME_OWNED_BY_CSTACK` (3) on 3.12 and 3.13;
+/// `FRAME_OWNED_BY_INTERPRETER` (3) and `FRAME_OWNED_BY_CSTACK` (4) on 3.14.
 pub const PY_EDGE_SHIM: u32 = 2;
 /// Set in [`PyFrame::instr`] on the first (outermost) frame of a run of the eval loop:
 /// one native `_PyEval_EvalFrameDefault` frame stands for the Python frames down to it.
@@ -445,6 +474,9 @@ pub mod kind {
     pub const MPROTECT: u32 = 14;
     /// `madvise(addr, size, aux)` with MADV_DONTNEED or MADV_FREE succeeded.
     pub const MADVISE: u32 = 15;
+    /// The process exec'd a new program (`sched:sched_process_exec`): every block and
+    /// mapping of the old one is gone.
+    pub const EXEC: u32 = 16;
 }
 
 /// One record in the ring buffer. Meaning of the fields per [`kind`].

@@ -88,6 +88,13 @@ static PY_WALK: PerCpuArray<python::WalkState> = PerCpuArray::with_max_entries(1
 static PY_SCRATCH: PerCpuArray<leaktrace_common::PyStack> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
+static PY_TSTATES: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(leaktrace_common::DEFAULT_PY_TSTATE_CAPACITY, 0);
+
+#[map]
+static PY_THREAD_SEARCH: PerCpuArray<python::ThreadSearch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
 static UNWIND_OBJECTS: LpmTrie<[u8; 8], leaktrace_common::UnwindObject> =
     LpmTrie::with_max_entries(leaktrace_common::DEFAULT_UNWIND_PREFIXES, 0);
 

@@ -1,13 +1,15 @@
 //! CPython frames of the calling thread, walked at the same moment as its native
 //! stack.
 //!
-//! Userspace fills [`PY_CONFIG`] from the interpreter's version, exported symbols
-//! and type introspection (see `leaktrace/src/python.rs`). Here, per captured
-//! stack: the thread's `PyThreadState` comes from its pthread TSD slot (glibc:
-//! `fsbase + 0x310 + key * 16 + 8`, the key being `_PyRuntime`'s `autoTSSkey`), which
-//! stays bound to the OS thread while the GIL is released — so an allocation made
-//! with the GIL dropped still gets its own thread's Python stack, never the GIL
-//! holder's. Then the frame chain is followed with one 80-byte read per frame,
+//! Userspace fills [`PY_CONFIG`] from the interpreter's version, symbols, debug
+//! offsets and type introspection (see `leaktrace/src/symbolize/python/`). Here, per
+//! captured stack: the thread's `PyThreadState` comes from its pthread TSD slot
+//! (glibc: `fsbase + 0x310 + key * 16 + 8`, the key being `_PyRuntime`'s
+//! `autoTSSkey`; CPython 3.7+) or, on 2.7, from the interpreter's list of thread
+//! states, searched once per thread for the one whose `thread_id` is the thread's
+//! `pthread_self()` (its fsbase). Both stay bound to the OS thread while the GIL is
+//! released — so an allocation made with the GIL dropped still gets its own thread's
+//! Python stack, never the GIL holder's. Then the frame chain is followed,
 //! recording `(code object, instruction)`; userspace turns those into file,
 //! qualified name and line by reading the code objects. Stacks are deduplicated
 //! in [`PY_STACKS`] like native ones.
@@ -17,20 +19,38 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use leaktrace_common::{
-    MAX_PY_FRAMES, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE, PyConfig, STACK_NONE,
-    STACK_TRUNCATED, counter,
+    MAX_PY_FRAMES, MAX_PY_THREADS, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE,
+    PY_TSTATE_LIST, PyConfig, STACK_NONE, STACK_TRUNCATED, counter,
 };
 
 use crate::{
-    PY_CONFIG, PY_SCRATCH, PY_STACKS, PY_WALK, count,
+    PY_CONFIG, PY_SCRATCH, PY_STACKS, PY_THREAD_SEARCH, PY_TSTATES, PY_WALK, count,
     window::{WINDOW, clear_window, window_word},
 };
 
 /// How far below a frame a window refill starts: room for the outer frames.
 const BELOW: u64 = (WINDOW - 128) as u64;
 
-/// `FRAME_OWNED_BY_CSTACK`.
-const OWNED_BY_CSTACK: u8 = 3;
+/// The lowest `owner` of a frame C pushed where it entered the eval loop:
+/// `FRAME_OWNED_BY_CSTACK` on 3.12/3.13 (3), `FRAME_OWNED_BY_INTERPRETER` (3) and
+/// `FRAME_OWNED_BY_CSTACK` (4) on 3.14. Owners below are threads, generators and
+/// frame objects.
+const OWNED_BY_C: u8 = 3;
+
+/// A code reference's tag bits: 3.14's `_PyStackRef` marks deferred references in
+/// the low bit of `f_executable`; objects are 16-byte aligned on every version.
+const REF_TAG_BITS: u64 = 7;
+
+/// State of a search of 2.7's thread-state list, in map memory like [`WalkState`].
+#[derive(Clone, Copy)]
+pub struct ThreadSearch {
+    /// The thread state to look at next (0: the list ended).
+    next: u64,
+    /// The caller's `pthread_self()`.
+    want: u64,
+    /// The caller's thread state, once found.
+    found: u64,
+}
 
 /// State of one walk, kept in map memory ([`PY_WALK`]) rather than on the stack:
 /// the verifier does not track values read back from a map, so the loop's states
@@ -81,7 +101,8 @@ extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         return 1;
     };
     let edge_byte = (edge_word >> ((edge_at & 7) * 8)) as u8;
-    let shim = (cfg.edge_kind == PY_EDGE_SHIM && edge_byte == OWNED_BY_CSTACK)
+    let code = code & !REF_TAG_BITS;
+    let shim = (cfg.edge_kind == PY_EDGE_SHIM && edge_byte >= OWNED_BY_C)
         || (cfg.none_addr != 0 && code == cfg.none_addr);
     let n = w.n as usize;
     if shim {
@@ -118,6 +139,85 @@ extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
+/// One thread state of the list: stops at the caller's or at the list's end.
+extern "C" fn next_thread(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer to our config copy, live for the loop.
+    let cfg = unsafe { &*ctx.cast::<PyConfig>() };
+    let Some(s) = PY_THREAD_SEARCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's private slot from a successful lookup.
+    let s = unsafe { &mut *s };
+    let t = s.next;
+    if t == 0 {
+        return 1;
+    }
+    // SAFETY: user memory reads through the helper cannot fault.
+    let id = unsafe { bpf_probe_read_user((t + u64::from(cfg.tstate_thread_id)) as *const u64) };
+    // SAFETY: as above.
+    let next = unsafe { bpf_probe_read_user((t + u64::from(cfg.tstate_next)) as *const u64) };
+    let (Ok(id), Ok(next)) = (id, next) else {
+        return 1;
+    };
+    if id == s.want {
+        s.found = t;
+        return 1;
+    }
+    s.next = next;
+    0
+}
+
+/// The calling thread's `PyThreadState*` from 2.7's thread list: the cached one if
+/// it still belongs to this thread, else the list is searched.
+#[inline(always)]
+fn listed_thread_state(cfg: &PyConfig, fsbase: u64) -> Option<u64> {
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
+    if let Some(&t) = unsafe { PY_TSTATES.get(&tid) } {
+        // SAFETY: user memory reads through the helper cannot fault.
+        let id = unsafe { bpf_probe_read_user((t + u64::from(cfg.tstate_thread_id)) as *const u64) };
+        if id == Ok(fsbase) {
+            return Some(t);
+        }
+    }
+    // SAFETY: user memory reads through the helper cannot fault.
+    let interp = unsafe { bpf_probe_read_user(cfg.interp_head as *const u64) }.ok()?;
+    if interp == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let head = unsafe {
+        bpf_probe_read_user((interp + u64::from(cfg.interp_tstate_head)) as *const u64)
+    }
+    .ok()?;
+    let s = PY_THREAD_SEARCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's private slot from a successful lookup.
+    unsafe {
+        *s = ThreadSearch {
+            next: head,
+            want: fsbase,
+            found: 0,
+        }
+    };
+    let mut cfg = *cfg;
+    // SAFETY: the callback only reads the config we pass, for the duration of the call.
+    unsafe {
+        bpf_loop(
+            MAX_PY_THREADS,
+            next_thread as *mut core::ffi::c_void,
+            (&raw mut cfg).cast(),
+            0,
+        )
+    };
+    let s = PY_THREAD_SEARCH.get(0)?;
+    let t = s.found;
+    if t == 0 {
+        return None;
+    }
+    let _ = PY_TSTATES.insert(&tid, &t, 0);
+    Some(t)
+}
+
 /// The calling thread's Python stack id, or [`STACK_NONE`] when the target is not
 /// CPython or this thread has no Python frames.
 #[inline(always)]
@@ -135,14 +235,15 @@ pub fn capture() -> i64 {
     else {
         return STACK_NONE;
     };
-    // SAFETY: user memory reads through the helper cannot fault.
-    let Ok(tstate) = (unsafe { bpf_probe_read_user((fsbase + cfg.tss_slot_offset) as *const u64) })
-    else {
+    let tstate = if cfg.tstate_lookup == PY_TSTATE_LIST {
+        listed_thread_state(&cfg, fsbase)
+    } else {
+        // SAFETY: user memory reads through the helper cannot fault.
+        unsafe { bpf_probe_read_user((fsbase + cfg.tss_slot_offset) as *const u64) }.ok()
+    };
+    let Some(tstate) = tstate.filter(|&t| t != 0) else {
         return STACK_NONE;
     };
-    if tstate == 0 {
-        return STACK_NONE;
-    }
     let Ok(mut frame) =
         (unsafe { bpf_probe_read_user((tstate + u64::from(cfg.tstate_frame)) as *const u64) })
     else {

@@ -199,6 +199,24 @@ macro_rules! syscall_probes {
     };
 }
 
+/// `sched:sched_process_exec`: the traced process replaced its program (its books
+/// restart). Sent in order with the events of the old program, before the new one
+/// runs.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else {
+        return 0;
+    };
+    emit(Event {
+        kind: kind::EXEC,
+        tid,
+        ts_ns: now(),
+        stack_id: STACK_NONE,
+        ..Event::default()
+    });
+    0
+}
+
 // (enter, exit, number, arguments read, capture a stack)
 syscall_probes!(sys_enter_mmap, sys_exit_mmap, nr::MMAP, 5, true);
 syscall_probes!(sys_enter_munmap, sys_exit_munmap, nr::MUNMAP, 2, false);
