@@ -50,6 +50,15 @@ pub struct RegionMap {
 }
 
 impl RegionMap {
+    /// Changes the kind of every region of kind `from` spanning exactly `len` bytes.
+    pub fn reclassify(&mut self, from: RegionKind, len: u64, to: RegionKind) {
+        for (&start, r) in &mut self.regions {
+            if r.kind == from && r.end - start == len {
+                r.kind = to;
+            }
+        }
+    }
+
     /// Inserts `[start, start+len)`, first removing whatever overlapped it
     /// (as `MAP_FIXED` does). Returns the removed pieces.
     pub fn insert(&mut self, start: u64, len: u64, region: Region) -> Vec<(u64, Region)> {

@@ -119,6 +119,8 @@ pub struct Activity {
     pub mremaps: u64,
     /// brk calls.
     pub brks: u64,
+    /// Programs the target exec'd since attach (the books restart at each).
+    pub execs: u64,
     /// mprotect calls.
     pub mprotects: u64,
     /// madvise(MADV_DONTNEED/MADV_FREE) calls.
@@ -210,6 +212,31 @@ impl Ledger {
         self
     }
 
+    /// The target turned out to be CPython with `size`-byte pymalloc arenas (learned
+    /// once the interpreter is identified, after the first mappings may have come):
+    /// the anonymous mappings of exactly that size made outside the allocator so far
+    /// become arenas too. `None`: not CPython (any more).
+    pub fn set_pymalloc_arena(&mut self, size: Option<u64>) {
+        if let Some(size) = size {
+            self.regions
+                .reclassify(RegionKind::Anon, page_up(size), RegionKind::PyArena);
+        }
+        self.pymalloc_arena = size;
+    }
+
+    /// The target exec'd: its address space, blocks and break are the new program's,
+    /// none of the old ones survive. Activity and counters go on.
+    pub fn exec(&mut self) {
+        *self = Self {
+            sample_rate: self.sample_rate,
+            counters: std::mem::take(&mut self.counters),
+            activity: std::mem::take(&mut self.activity),
+            last_ts_ns: self.last_ts_ns,
+            ..Self::default()
+        };
+        self.activity.execs += 1;
+    }
+
     /// The mean sampling interval (0: exact).
     pub fn sample_rate(&self) -> u64 {
         self.sample_rate
@@ -270,6 +297,7 @@ impl Ledger {
                 self.activity.mprotects += 1;
                 self.on_mprotect(ev);
             }
+            kind::EXEC => self.exec(),
             kind::MADVISE => {
                 self.activity.madvises += 1;
                 self.activity.madvised_bytes += page_up(ev.size);

@@ -195,7 +195,7 @@ impl PyArena {
         (self.in_use_bytes as f64) < MOSTLY_EMPTY_SHARE * self.resident_bytes as f64
     }
 
-    fn add(&mut self, p: Option<Pool>, resident: u64, l: &Layout) {
+    fn add(&mut self, p: Option<Pool>, resident: u64, _l: &Layout) {
         let in_use = match p {
             Some(p) => {
                 self.pools += 1;
@@ -218,7 +218,7 @@ impl PyArena {
         self.free_resident_bytes += resident - in_use;
     }
 
-    fn finish(&mut self, l: &Layout) {
+    fn finish(&mut self, _l: &Layout) {
         self.size_classes = self
             .classes
             .iter()

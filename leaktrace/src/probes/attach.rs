@@ -236,6 +236,16 @@ pub fn attach(
                 .map_err(attach_err(format!("tracepoint syscalls:{name}")))?;
         }
     }
+    if !dry_run {
+        let name = "sched_process_exec";
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(Error::Missing("the exec tracepoint program"))?;
+        let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.into()))?;
+        tp.load().map_err(attach_err(name.into()))?;
+        tp.attach("sched", name)
+            .map_err(attach_err(format!("tracepoint sched:{name}")))?;
+    }
     Ok(Attached {
         probes: infos,
         heap_links: Some(HeapLinks {

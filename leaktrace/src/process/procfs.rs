@@ -79,6 +79,14 @@ pub fn mapped_file(pid: u32, start: u64, end: u64) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
 }
 
+/// A file's identity (device, inode), following links: the same object mapped
+/// twice, or opened through different paths, has one.
+pub fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
 /// Memory figures from `/proc/PID/status`, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Rss {

@@ -34,7 +34,7 @@ use crate::{
         prepare::Prepared,
         worker::{self, Job, Reply, Snapshot, Then},
     },
-    symbolize::{StackStore, python},
+    symbolize::StackStore,
     unwind::BpfTables,
 };
 
@@ -154,18 +154,6 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    let python = objects
-        .iter()
-        .filter_map(|(t, _)| python::version_from_name(t))
-        .find(|&(major, _)| major == 3);
-    // pymalloc is walked in every CPython whose layout is known (2.7 too, whose stacks
-    // are not read).
-    let pymalloc = objects
-        .iter()
-        .filter_map(|(t, _)| python::version_from_name(t))
-        .find_map(|(major, minor)| crate::heap::pymalloc::Layout::for_version(major, minor));
-    // pymalloc maps 1 MiB arenas since CPython 3.10, 256 KiB ones before.
-    let pymalloc_arena = python.map(|(_, minor)| if minor >= 10 { 1 << 20 } else { 256 << 10 });
     let unwind = match unwinder {
         Some(u) => {
             let tables = BpfTables::take(&mut ebpf, u.capacity()).map_err(Error::Unwind)?;
@@ -194,8 +182,6 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
             BpfHashMap::try_from,
         )?,
         py_config: take_map(&mut ebpf, maps::PY_CONFIG, "PY_CONFIG map", Array::try_from)?,
-        python,
-        pymalloc,
         python_stacks: config.python_stacks,
         unwind,
         announce: config.announce,
@@ -209,8 +195,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         pid,
         launched: blocked.is_some(),
         ledger: Ledger::new(start_brk, brk)
-            .with_sampling(u64::from(config.sample_rate))
-            .with_pymalloc_arena(pymalloc_arena),
+            .with_sampling(u64::from(config.sample_rate)),
         timeline: Timeline::default(),
         stacks: StackStore::default(),
         known_stacks: FxHashSet::default(),
@@ -332,9 +317,14 @@ impl Session<'_> {
         );
         // The worker loads the attach-time unwind tables and finds the interpreter
         // before the probes are enabled, so the first events already have both.
-        match self.replies.recv().await {
-            Some(Reply::Ready) => {}
-            other => return Err(Error::Worker(format!("no start-up answer ({other:?})"))),
+        loop {
+            match self.replies.recv().await {
+                Some(Reply::Ready) => break,
+                Some(r @ Reply::Interpreter(_)) => {
+                    self.on_reply(r, &mut m);
+                }
+                other => return Err(Error::Worker(format!("no start-up answer ({other:?})"))),
+            }
         }
         load::enable(
             ebpf,
@@ -484,6 +474,11 @@ impl Session<'_> {
                 launch::detach(self.pid);
             }
             Reply::Done(_) => {}
+            Reply::Interpreter(version) => {
+                // pymalloc maps 1 MiB arenas since CPython 3.10, 256 KiB ones before.
+                let arena = version.map(|v| if v >= (3, 10) { 1 << 20 } else { 256 << 10 });
+                self.ledger.set_pymalloc_arena(arena);
+            }
             Reply::Snapshot(then, snap) => return Some((then, snap)),
         }
         None
@@ -553,6 +548,14 @@ impl Session<'_> {
             }
             if ev.kind == leaktrace_common::kind::MMAP && ev.aux & PROT_EXEC != 0 {
                 exec_mapped = true;
+            }
+            if ev.kind == leaktrace_common::kind::EXEC {
+                // Stacks and mappings seen so far belong to the old program.
+                if !new_stacks.is_empty() {
+                    self.worker.send(Job::NewStacks(std::mem::take(&mut new_stacks)));
+                }
+                self.worker.send(Job::Exec);
+                exec_mapped = false;
             }
         }
         if exec_mapped {

@@ -16,7 +16,7 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use leaktrace_common::{PY_FRAME_EDGE, PyConfig, PyStack, STACK_TRUNCATED, StackTrace};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
@@ -31,7 +31,7 @@ use crate::{
     symbolize::{
         Frame, Stack,
         native::Symbols,
-        python::{self, PySymbols, PyTarget},
+        python::{self, Interpreter, PySymbols, PyTarget},
     },
     unwind::{BpfTables, UnwindStats, Unwinder},
 };
@@ -55,11 +55,6 @@ pub struct Setup {
     pub py_stacks: BpfHashMap<MapData, i64, PyStack>,
     /// Where the Python walk is told where the interpreter is.
     pub py_config: Array<MapData, PyConfig>,
-    /// CPython (major, minor) when the target is an interpreter.
-    /// pymalloc's geometry, if the target is a CPython whose layout is known (2.7 too,
-    /// whose stacks are not read).
-    pub pymalloc: Option<pymalloc::Layout>,
-    pub python: Option<(u32, u32)>,
     /// Walk Python frames (else the interpreter is only reported).
     pub python_stacks: bool,
     /// The CFI unwinder and its maps.
@@ -80,6 +75,8 @@ pub enum Job {
     /// A launched command stopped after mapping code: load the tables, then reply
     /// [`Reply::Done`] so it is resumed.
     SyncUnwind(Then),
+    /// The target exec'd a new program: its interpreter, if any, is looked for again.
+    Exec,
     /// Symbolize the stacks read so far.
     Resolve,
     /// Everything a report needs from the target, after symbolizing what is pending;
@@ -130,6 +127,9 @@ pub enum Reply {
     },
     /// The job is done.
     Done(Then),
+    /// The target's CPython interpreter was identified (its frames may come later):
+    /// (major, minor), or `None` once an exec replaced it.
+    Interpreter(Option<(u32, u32)>),
     /// What a report needs from the target.
     Snapshot(Then, Box<Snapshot>),
 }
@@ -188,14 +188,28 @@ impl Handle {
 /// Whether Python frames are walked.
 #[derive(Debug)]
 enum PyState {
-    /// Not a Python target, or turned off.
-    Off,
-    /// A Python target whose interpreter was not found yet (attempts so far).
-    Pending(u32),
+    /// No interpreter among the objects mapped so far (looked for again when code is
+    /// mapped or the target execs).
+    Absent,
+    /// An interpreter was found; its runtime is not ready to read yet (attempts so far).
+    Pending(Box<Interpreter>, u32),
     /// Frames are walked.
-    Ready(Box<PyTarget>),
-    /// A Python target whose frames cannot be walked, and why.
-    Unavailable(String),
+    Ready(Box<Interpreter>, Box<PyTarget>),
+    /// An interpreter whose frames cannot be walked, and why.
+    Unavailable(Box<Interpreter>, String),
+    /// An interpreter whose frames were turned off with --no-python.
+    Off(Box<Interpreter>),
+}
+
+impl PyState {
+    fn interpreter(&self) -> Option<&Interpreter> {
+        match self {
+            Self::Absent => None,
+            Self::Pending(i, _) | Self::Ready(i, _) | Self::Unavailable(i, _) | Self::Off(i) => {
+                Some(i)
+            }
+        }
+    }
 }
 
 /// Everything about the target's Python frames.
@@ -209,6 +223,10 @@ struct Python {
     fsbase: Option<Option<u64>>,
     /// When a pending interpreter is looked for next.
     next_try: Instant,
+    /// Objects (by device and inode) already found not to be an interpreter.
+    not_python: FxHashSet<(u64, u64)>,
+    /// Looks for an interpreter while none was found.
+    absent_tries: u32,
 }
 
 struct Worker {
@@ -233,15 +251,13 @@ struct Worker {
 impl Worker {
     fn new(setup: Setup, replies: UnboundedSender<Reply>) -> Self {
         let py = Python {
-            state: if setup.python.is_some() && setup.python_stacks {
-                PyState::Pending(0)
-            } else {
-                PyState::Off
-            },
+            state: PyState::Absent,
             raw: FxHashMap::default(),
             symbols: PySymbols::default(),
             fsbase: None,
             next_try: Instant::now(),
+            not_python: FxHashSet::default(),
+            absent_tries: 0,
         };
         Self {
             setup,
@@ -262,13 +278,13 @@ impl Worker {
 
     fn run(mut self, jobs: &mpsc::Receiver<Job>) {
         self.load_attach_tables();
-        self.setup_python();
+        self.find_python();
         self.reply(Reply::Ready);
         loop {
-            let job = if matches!(self.py.state, PyState::Pending(_)) {
+            let job = if self.python_pending() {
                 let now = Instant::now();
                 if now >= self.py.next_try {
-                    self.setup_python();
+                    self.find_python();
                     continue;
                 }
                 match jobs.recv_timeout(self.py.next_try - now) {
@@ -292,10 +308,30 @@ impl Worker {
             Job::CodeMapped => {
                 self.symbols().refresh_maps();
                 self.sync_unwind();
+                if matches!(self.py.state, PyState::Absent) {
+                    self.find_python();
+                }
             }
             Job::SyncUnwind(then) => {
                 self.sync_unwind();
+                if matches!(self.py.state, PyState::Absent) {
+                    self.find_python();
+                }
                 self.reply(Reply::Done(then));
+            }
+            Job::Exec => {
+                // The old image's interpreter (and code objects) are gone.
+                if self.py.state.interpreter().is_some() {
+                    if let Err(e) = self.setup.py_config.set(0, PyConfig::default(), 0) {
+                        log::warn!("failed to turn the Python walk off after exec: {e}");
+                    }
+                    self.py.state = PyState::Absent;
+                    self.py.symbols = PySymbols::default();
+                    self.py.raw.clear();
+                    self.reply(Reply::Interpreter(None));
+                }
+                self.symbols().refresh_maps();
+                self.find_python();
             }
             Job::Resolve => self.resolve(),
             Job::Snapshot { then, brk, walk } => {
@@ -418,7 +454,7 @@ impl Worker {
         if self.py.raw.is_empty() {
             return;
         }
-        let PyState::Ready(t) = &self.py.state else {
+        let PyState::Ready(_, t) = &self.py.state else {
             self.py.raw.clear();
             return;
         };
@@ -440,59 +476,105 @@ impl Worker {
                 })
                 .collect();
             let native = std::mem::take(&mut stack.frames);
-            stack.frames = python::interleave(native, py, t.version.1 <= 10);
+            stack.frames = t.interleave(native, py);
             stack.truncated |= ps.flags & STACK_TRUNCATED != 0;
         }
     }
 
-    /// Finds the interpreter and tells BPF where its frames are (retried while a
-    /// launched command has not yet started Python).
-    fn setup_python(&mut self) {
-        let PyState::Pending(tries) = self.py.state else {
+    /// Whether an interpreter is looked for on a timer: found but not ready yet, or
+    /// (launch mode) not found while the command may still map it.
+    fn python_pending(&self) -> bool {
+        match &self.py.state {
+            PyState::Pending(..) => true,
+            PyState::Absent => self.setup.launched && self.py.absent_tries < PY_ATTEMPTS,
+            _ => false,
+        }
+    }
+
+    /// Looks for an interpreter among the objects the target maps now (by their
+    /// symbols: a symlinked, renamed or embedding program is found too) and, once
+    /// found, tells BPF where its frames are (retried while its runtime is not
+    /// initialized yet).
+    fn find_python(&mut self) {
+        self.py.next_try = Instant::now() + PY_RETRY;
+        let pid = self.setup.pid;
+        let Ok(maps) = procfs::read_maps(pid) else {
             return;
         };
-        self.py.next_try = Instant::now() + PY_RETRY;
+        if matches!(self.py.state, PyState::Absent) {
+            self.py.absent_tries += 1;
+            let mut objects: Vec<(String, PathBuf)> = Vec::new();
+            for m in maps.iter().filter(|m| m.is_file()) {
+                let host = procfs::mapped_file(pid, m.start, m.end);
+                let id = procfs::file_identity(&host);
+                if objects.iter().any(|(p, _)| *p == m.path)
+                    || id.is_some_and(|id| self.py.not_python.contains(&id))
+                {
+                    continue;
+                }
+                match python::identify::identify(&m.path, &host) {
+                    Some(i) => {
+                        log::info!(
+                            "CPython {}.{} in {} (version from {})",
+                            i.version.0,
+                            i.version.1,
+                            i.object,
+                            i.version_from
+                        );
+                        self.reply(Reply::Interpreter(Some(i.version)));
+                        self.py.state = if self.setup.python_stacks {
+                            PyState::Pending(Box::new(i), 0)
+                        } else {
+                            PyState::Off(Box::new(i))
+                        };
+                        break;
+                    }
+                    None => {
+                        if let Some(id) = id {
+                            self.py.not_python.insert(id);
+                        }
+                    }
+                }
+                objects.push((m.path.clone(), host));
+            }
+        }
+        let PyState::Pending(interp, tries) = &self.py.state else {
+            return;
+        };
+        let tries = *tries;
         let fsbase = *self.py.fsbase.get_or_insert_with(|| {
             Btf::from_sys()
                 .ok()
                 .and_then(|b| b.member_offset("task_struct", &["thread", "fsbase"]))
         });
-        let pid = self.setup.pid;
-        let found = match (procfs::read_maps(pid), ProcMemory::open(pid)) {
-            (Ok(maps), Ok(mem)) => {
-                // In launch mode the objects come from the program's file; map them by name.
-                let objects: Vec<(String, PathBuf)> = if self.setup.launched {
-                    maps.iter()
-                        .filter(|m| m.is_file())
-                        .map(|m| (m.path.clone(), procfs::mapped_file(pid, m.start, m.end)))
-                        .collect()
-                } else {
-                    self.setup.objects.clone()
-                };
-                python::detect(&mem, &maps, &objects, fsbase)
-            }
-            (Err(e), _) | (_, Err(e)) => Err(format!("cannot read the target: {e}")),
+        let found = match ProcMemory::open(pid) {
+            Ok(mem) => python::configure(&mem, interp, &maps, fsbase),
+            Err(e) => Err(format!("cannot read the target: {e}")),
         };
+        let interp = interp.clone();
         self.py.state = match found {
-            Ok(Some(t)) => match self.setup.py_config.set(0, t.config, 0) {
+            Ok(t) => match self.setup.py_config.set(0, t.config, 0) {
                 Ok(()) => {
                     log::info!(
-                        "CPython 3.{} in {}: Python frames on",
+                        "CPython {}.{} in {}: Python frames on",
+                        t.version.0,
                         t.version.1,
                         t.object
                     );
-                    PyState::Ready(Box::new(t))
+                    PyState::Ready(interp, Box::new(t))
                 }
-                Err(e) => PyState::Unavailable(format!("failed to configure the Python walk: {e}")),
+                Err(e) => PyState::Unavailable(
+                    interp,
+                    format!("failed to configure the Python walk: {e}"),
+                ),
             },
-            // Not started yet (launch mode) or still initializing: retry for a while.
-            Ok(None) | Err(_) if tries < PY_ATTEMPTS && self.setup.launched => {
-                PyState::Pending(tries + 1)
+            // Still initializing (a launched command, or one that just started): retry a while.
+            Err(_) if tries < PY_ATTEMPTS && self.setup.launched => {
+                PyState::Pending(interp, tries + 1)
             }
-            Ok(None) => PyState::Unavailable("no object defining _PyRuntime is mapped".into()),
-            Err(why) => PyState::Unavailable(why),
+            Err(why) => PyState::Unavailable(interp, why),
         };
-        if let PyState::Unavailable(why) = &self.py.state {
+        if let PyState::Unavailable(_, why) = &self.py.state {
             log::warn!("no Python frames: {why}");
         }
     }
@@ -582,7 +664,12 @@ impl Worker {
             .map(|m| (m.start, m.end))
             .collect();
         // CPython's small-object arenas live in the same kind of mappings.
-        if let Some(layout) = self.setup.pymalloc {
+        let layout = self
+            .py
+            .state
+            .interpreter()
+            .and_then(|i| pymalloc::Layout::for_version(i.version.0, i.version.1));
+        if let Some(layout) = layout {
             let t = Instant::now();
             let w = pymalloc::walk(&mem, &layout, &candidates);
             log::debug!(
@@ -621,41 +708,29 @@ impl Worker {
 
     /// What the report says about the interpreter.
     fn python_info(&self) -> Option<PythonInfo> {
-        let (major, minor) = self.setup.python?;
-        let arena = if minor >= 10 { "1 MiB" } else { "256 KiB" };
+        let interp = self.py.state.interpreter()?;
+        let (major, minor) = interp.version;
+        let arena = if (major, minor) >= (3, 10) {
+            "1 MiB"
+        } else {
+            "256 KiB"
+        };
+        let limit = if major == 2 { 256 } else { 512 };
         let note = format!(
-            "Objects of 512 bytes or less come from pymalloc's {arena} arenas, not malloc: small-object growth shows as \
+            "Objects of {limit} bytes or less come from pymalloc's {arena} arenas, not malloc: small-object growth shows as \
              pymalloc arenas under the mappings, charged to the Python stack that opened each arena. leaktrace does not \
              probe PyObject_Malloc (LTO builds inline it at hundreds of call sites, so a probe there would see a fraction)."
         );
-        let (frames, unavailable, object) = match &self.py.state {
-            PyState::Ready(t) => (true, None, t.object.clone()),
-            PyState::Unavailable(why) => (false, Some(why.clone()), String::new()),
-            PyState::Pending(_) => (
-                false,
-                Some("the interpreter had not initialized yet".into()),
-                String::new(),
-            ),
-            PyState::Off => (
-                false,
-                Some("turned off with --no-python".into()),
-                String::new(),
-            ),
-        };
-        let object = if object.is_empty() {
-            self.setup
-                .objects
-                .iter()
-                .map(|(t, _)| t.as_str())
-                .find(|t| python::version_from_name(t).is_some())
-                .unwrap_or("?")
-                .to_owned()
-        } else {
-            object
+        let (frames, unavailable) = match &self.py.state {
+            PyState::Ready(..) => (true, None),
+            PyState::Unavailable(_, why) => (false, Some(why.clone())),
+            PyState::Pending(..) => (false, Some("the interpreter had not initialized yet".into())),
+            PyState::Off(_) => (false, Some("turned off with --no-python".into())),
+            PyState::Absent => return None,
         };
         Some(PythonInfo {
             version: format!("{major}.{minor}"),
-            object,
+            object: interp.object.clone(),
             frames,
             unavailable,
             note,

@@ -16,6 +16,7 @@
 
 mod bpf;
 mod table;
+pub use table::fde_ranges;
 
 pub use bpf::{BpfTables, Capacity, TableSink, UnwindError, prefixes};
 pub use table::{FileError, Table, TableError, build, build_file};
@@ -120,7 +121,7 @@ impl Unwinder {
     ) -> bool {
         let mut all = true;
         for (path, addr, size) in funcs {
-            let ranges = file_id(path).map(|id| self.alloc_ranges.entry(id).or_default());
+            let ranges = crate::process::procfs::file_identity(path).map(|id| self.alloc_ranges.entry(id).or_default());
             match (ranges, u32::try_from(addr), u32::try_from(addr + size)) {
                 (Some(r), Ok(lo), Ok(hi))
                     if size > 0 && r.len() < leaktrace_common::ALLOC_RANGES =>
@@ -139,7 +140,7 @@ impl Unwinder {
         let t0 = Instant::now();
         let (mut rows, mut pages) = (0, 0);
         for p in paths {
-            let Some(id) = file_id(p) else {
+            let Some(id) = crate::process::procfs::file_identity(p) else {
                 continue;
             };
             let t = self.built.entry(id).or_insert_with(|| {
@@ -240,7 +241,7 @@ impl Unwinder {
                 return self.insert(m, fp_only, sink);
             }
         };
-        let Some(id) = file_id(&host) else {
+        let Some(id) = crate::process::procfs::file_identity(&host) else {
             self.stats
                 .without_tables
                 .push((name, "no file identity".into()));
@@ -360,9 +361,3 @@ fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&f) }
 }
 
-/// A file's identity: (device, inode).
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.dev(), m.ino()))
-}

@@ -135,6 +135,32 @@ fn plt_threshold(expr: &[u8]) -> Option<i16> {
     (same && (0x30..=0x4f).contains(&expr[6])).then(|| i16::from(expr[6] - 0x30))
 }
 
+/// The address ranges (link-time) of an object's FDEs: the functions, and the
+/// parts of functions, its `.eh_frame` describes.
+pub fn fde_ranges(data: &[u8]) -> Result<Vec<(u64, u64)>, TableError> {
+    let file = object::File::parse(data)?;
+    let section = file
+        .section_by_name(".eh_frame")
+        .ok_or(TableError::NoEhFrame)?;
+    let eh_data = section.uncompressed_data()?;
+    let eh = EhFrame::new(&eh_data, LittleEndian);
+    let mut bases = BaseAddresses::default().set_eh_frame(section.address());
+    if let Some(text) = file.section_by_name(".text") {
+        bases = bases.set_text(text.address());
+    }
+    let mut out = Vec::new();
+    let mut entries = eh.entries(&bases);
+    while let Some(entry) = entries.next()? {
+        if let CieOrFde::Fde(partial) = entry
+            && let Ok(fde) = partial.parse(EhFrame::cie_from_offset)
+            && fde.len() > 0
+        {
+            out.push((fde.initial_address(), fde.initial_address() + fde.len()));
+        }
+    }
+    Ok(out)
+}
+
 /// Builds the compact table of an ELF object's `.eh_frame`.
 pub fn build(data: &[u8]) -> Result<Table, TableError> {
     let file = object::File::parse(data)?;

@@ -1,36 +1,37 @@
-//! CPython: find the interpreter in the target, tell BPF where its frames are
-//! ([`PyConfig`]), and turn recorded `(code object, instruction)` pairs into
-//! file, qualified name and line by reading the code objects from the target's
-//! memory. Nothing is injected; reads go through `/proc/PID/mem`.
+//! CPython: tell BPF where the interpreter's frames are ([`PyConfig`]), and turn
+//! recorded `(code object, instruction)` pairs into file, qualified name and line by
+//! reading the code objects from the target's memory. Nothing is injected; reads go
+//! through `/proc/PID/mem`.
 //!
-//! Per version (3.9–3.13, x86-64, default GIL builds), see ../shared/docs/python.md:
-//! * version: `Py_Version` (3.11+) or the object's name (`python3.N`, `libpython3.N`);
-//! * the thread's `PyThreadState`: pthread TSD slot of `_PyRuntime`'s `autoTSSkey`;
-//! * code object and (3.9/3.10) frame field offsets: read from the types' own
-//!   `tp_members` tables in the target (introspection), the rest from a small table;
-//! * line numbers: `co_lnotab` (3.9), the 3.10 line table, the 3.11+ location table.
+//! Per version (x86-64, default GIL builds; see ../shared/docs/python.md):
+//! * which object is the interpreter, and its version: [`identify`], from symbols;
+//! * the thread's `PyThreadState`: the pthread TSD slot of `_PyRuntime`'s
+//!   `autoTSSkey` (3.9–3.14; the key's address is read from the code of
+//!   `PyGILState_GetThisThreadState`, a per-version table as fallback), or 2.7's list
+//!   of thread states searched by `pthread_self()` ([`layout`]);
+//! * field offsets: the types' own `tp_members` tables in the target (2.7–3.13),
+//!   3.14's `_Py_DebugOffsets`, and a small table for what neither gives;
+//! * line numbers: [`lines`].
 
-use std::path::Path;
+pub mod identify;
+mod layout;
+pub mod lines;
 
-use leaktrace_common::{
-    PY_EDGE_IS_ENTRY, PY_EDGE_NONE, PY_EDGE_SHIM, PY_FRAME_EDGE, PyConfig, PyFrame,
-};
-use object::{Object as _, ObjectSymbol as _};
+pub use identify::{Interpreter, version_from_name};
+pub use layout::configure;
+use leaktrace_common::{PY_FRAME_EDGE, PyConfig, PyFrame};
+use lines::{linetable310_line, lnotab_line, location_line};
 use rustc_hash::FxHashMap;
 
 use crate::{
-    process::{Memory, procfs::MapEntry},
+    process::Memory,
     symbolize::{Frame, FrameKind},
 };
 
-/// glibc x86-64: `offsetof(struct pthread, specific_1stblock)`; a key's slot is
-/// 16 bytes (`seq`, `data`), valid for keys below 32.
-const GLIBC_SPECIFIC_1STBLOCK: u64 = 0x310;
-
-/// What leaktrace knows about the target's interpreter.
+/// What leaktrace knows about the target's interpreter, once configured.
 #[derive(Clone, Debug)]
 pub struct PyTarget {
-    /// (3, minor).
+    /// (major, minor).
     pub version: (u32, u32),
     /// Object holding the interpreter (executable or libpython).
     pub object: String,
@@ -40,16 +41,61 @@ pub struct PyTarget {
     code: CodeLayout,
     /// `&PyCode_Type`, to validate code objects.
     code_type: u64,
+    /// How names and file names are stored.
+    text: TextLayout,
+    /// Runtime address ranges of the eval loop's native function, where symbols
+    /// may not name it (stripped builds, GCC's `.cold` parts).
+    eval_ranges: Vec<(u64, u64)>,
+}
+
+impl PyTarget {
+    /// Whether each Python frame is its own run of the eval loop (≤3.10: one native
+    /// eval frame per Python frame).
+    pub fn every_frame_a_run(&self) -> bool {
+        self.version <= (3, 10)
+    }
+
+    /// Interleaves Python frames into native ones, as [`interleave`] does, knowing
+    /// this interpreter's eval loop by name and by address.
+    pub fn interleave(&self, native: Vec<Frame>, py: Vec<(Frame, bool)>) -> Vec<Frame> {
+        let names: &[&str] = if self.version.0 == 2 {
+            &["PyEval_EvalFrameEx"]
+        } else {
+            &["_PyEval_EvalFrameDefault", "_PyEval_EvalFrame"]
+        };
+        let is_eval = |f: &Frame| {
+            f.function.as_deref().is_some_and(|n| names.contains(&n))
+                || (f.kind == FrameKind::Native
+                    && parse_address(&f.address)
+                        .is_some_and(|a| self.eval_ranges.iter().any(|&(s, e)| s <= a && a < e)))
+        };
+        interleave_with(native, py, self.every_frame_a_run(), is_eval)
+    }
+}
+
+fn parse_address(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.strip_prefix("0x")?, 16).ok()
 }
 
 #[derive(Clone, Copy, Debug, Default)]
 struct CodeLayout {
+    /// Where the bytecode starts in a code object (3.11+: `co_code_adaptive`).
     basicsize: u64,
     filename: u64,
     name: u64,
     qualname: Option<u64>,
     firstlineno: u64,
     linetable: u64,
+}
+
+/// How a code object's strings are laid out.
+#[derive(Clone, Copy, Debug)]
+enum TextLayout {
+    /// 2.x `str` (`PyStringObject`): length at 16, bytes at 36.
+    Bytes27,
+    /// 3.x `str` (PEP 393): compact ASCII data at `ascii_data`, other compact
+    /// kinds `compact_extra` bytes further (the UTF-8 cache's fields).
+    Unicode { ascii_data: u64, compact_extra: u64 },
 }
 
 /// Why Python frames are not available (said in the report).
@@ -65,220 +111,6 @@ fn read_u32<M: Memory>(mem: &M, addr: u64) -> Option<u32> {
     let mut b = [0u8; 4];
     mem.read(addr, &mut b).ok()?;
     Some(u32::from_le_bytes(b))
-}
-
-fn read_cstr<M: Memory>(mem: &M, addr: u64) -> Option<String> {
-    let mut b = [0u8; 64];
-    // A name may sit near the end of a mapping: shrink the read until it succeeds.
-    let mut len = b.len();
-    while mem.read(addr, &mut b[..len]).is_err() {
-        len /= 2;
-        if len < 8 {
-            return None;
-        }
-    }
-    let end = b[..len].iter().position(|&c| c == 0)?;
-    Some(String::from_utf8_lossy(&b[..end]).into_owned())
-}
-
-/// `{name: offset}` of a type's `tp_members` (`PyMemberDef` is 40 bytes on 64-bit).
-fn members<M: Memory>(mem: &M, type_addr: u64) -> FxHashMap<String, u64> {
-    let mut out = FxHashMap::default();
-    let Some(table) = read_u64(mem, type_addr + 240).filter(|&t| t != 0) else {
-        return out;
-    };
-    for i in 0..64 {
-        let m = table + i * 40;
-        let Some(name) = read_u64(mem, m).filter(|&n| n != 0) else {
-            break;
-        };
-        let (Some(name), Some(off)) = (read_cstr(mem, name), read_u64(mem, m + 16)) else {
-            break;
-        };
-        out.insert(name, off);
-    }
-    out
-}
-
-/// Version from an object's file name: `python3.11`, `libpython3.9.so.1.0`.
-pub fn version_from_name(path: &str) -> Option<(u32, u32)> {
-    let base = path.rsplit('/').next()?;
-    let rest = base
-        .strip_prefix("libpython")
-        .or_else(|| base.strip_prefix("python"))?;
-    let (major, rest) = rest.split_once('.')?;
-    let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    Some((major.parse().ok()?, minor.parse().ok()?))
-}
-
-/// Finds CPython in the target, if any: `objects` are (path in target, host path).
-pub fn detect<M: Memory>(
-    mem: &M,
-    maps: &[MapEntry],
-    objects: &[(String, std::path::PathBuf)],
-    fsbase_offset: Option<u64>,
-) -> Result<Option<PyTarget>, Unavailable> {
-    for (target_path, host) in objects {
-        let Some(name_version) = version_from_name(target_path).filter(|v| v.0 == 3) else {
-            continue;
-        };
-        let Ok(data) = std::fs::read(host) else {
-            continue;
-        };
-        let Ok(file) = object::File::parse(&*data) else {
-            continue;
-        };
-        let sym = |n: &str| {
-            file.dynamic_symbols()
-                .chain(file.symbols())
-                .find(|s| s.name() == Ok(n))
-                .map(|s| s.address())
-        };
-        let Some(runtime) = sym("_PyRuntime") else {
-            continue;
-        };
-        // The object's first mapping (the lowest, from offset 0) gives the load bias.
-        let Some(bias) = maps
-            .iter()
-            .find(|m| m.path == *target_path)
-            .and_then(|m| crate::process::elf::load_bias(&data, m.start, m.offset, m.is_exec()))
-        else {
-            continue;
-        };
-        let at = |a: u64| a.wrapping_add(bias);
-        let version = match sym("Py_Version").and_then(|a| read_u32(mem, at(a))) {
-            Some(v) if v >> 24 == 3 => (3, (v >> 16) & 0xff),
-            _ => name_version,
-        };
-        return configure(
-            mem,
-            Path::new(target_path),
-            version,
-            at(runtime),
-            sym("PyCode_Type").map(at),
-            sym("PyFrame_Type").map(at),
-            sym("_Py_NoneStruct").map(at),
-            fsbase_offset,
-        )
-        .map(Some);
-    }
-    Ok(None)
-}
-
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site, each argument a distinct symbol"
-)]
-fn configure<M: Memory>(
-    mem: &M,
-    object: &Path,
-    version: (u32, u32),
-    runtime: u64,
-    code_type: Option<u64>,
-    frame_type: Option<u64>,
-    none: Option<u64>,
-    fsbase_offset: Option<u64>,
-) -> Result<PyTarget, Unavailable> {
-    let minor = version.1;
-    if !(9..=13).contains(&minor) {
-        return Err(format!("CPython 3.{minor} is not supported (3.9–3.13 are)"));
-    }
-    let fsbase_offset =
-        fsbase_offset.ok_or("the kernel's BTF does not give task_struct.thread.fsbase")?;
-    let code_type = code_type.ok_or("PyCode_Type not found")?;
-    // Py_tss_t { int _is_initialized; pthread_key_t _key; } inside _PyRuntime.
-    let tss = match minor {
-        9 | 10 => 584,
-        11 => 592,
-        12 => 1544,
-        _ => 2160,
-    };
-    let (init, key) = (
-        read_u32(mem, runtime + tss),
-        read_u32(mem, runtime + tss + 4),
-    );
-    let key = match (init, key) {
-        (Some(1), Some(k)) if k < 32 => u64::from(k),
-        _ => {
-            return Err(format!(
-                "_PyRuntime.autoTSSkey not found at +{tss} (read {init:?}, {key:?})"
-            ));
-        }
-    };
-    let m = members(mem, code_type);
-    let get = |n: &str| {
-        m.get(n)
-            .copied()
-            .ok_or_else(|| format!("PyCode_Type has no member {n}"))
-    };
-    let basicsize = read_u64(mem, code_type + 32).ok_or("PyCode_Type unreadable")?;
-    let code = CodeLayout {
-        basicsize,
-        filename: get("co_filename")?,
-        name: get("co_name")?,
-        qualname: m.get("co_qualname").copied(),
-        firstlineno: get("co_firstlineno")?,
-        linetable: if minor == 9 {
-            get("co_lnotab")?
-        } else {
-            get("co_linetable")?
-        },
-    };
-    let mut c = PyConfig {
-        enabled: 1,
-        fsbase_offset,
-        tss_slot_offset: GLIBC_SPECIFIC_1STBLOCK + key * 16 + 8,
-        cframe_frame: u32::MAX,
-        ..PyConfig::default()
-    };
-    match minor {
-        9 | 10 => {
-            let fm = members(mem, frame_type.ok_or("PyFrame_Type not found")?);
-            let f = |n: &str| {
-                fm.get(n)
-                    .map(|&o| o as u32)
-                    .ok_or_else(|| format!("PyFrame_Type has no member {n}"))
-            };
-            c.tstate_frame = 24;
-            c.frame_code = f("f_code")?;
-            c.frame_previous = f("f_back")?;
-            // 3.10 made f_lasti a getter (in bytes); the int field sits at 96.
-            c.frame_instr = if minor == 9 {
-                f("f_lasti")?
-            } else {
-                fm.get("f_lasti").map_or(96, |&o| o as u32)
-            };
-            c.instr_is_int = 1;
-            c.edge_kind = PY_EDGE_NONE;
-            c.frame_read = c.frame_instr + 4;
-        }
-        11 => {
-            (c.tstate_frame, c.cframe_frame) = (56, 8);
-            (c.frame_code, c.frame_previous, c.frame_instr, c.frame_edge) = (32, 48, 56, 68);
-            c.edge_kind = PY_EDGE_IS_ENTRY;
-            c.frame_read = 72;
-        }
-        12 => {
-            (c.tstate_frame, c.cframe_frame) = (56, 0);
-            (c.frame_code, c.frame_previous, c.frame_instr, c.frame_edge) = (0, 8, 56, 70);
-            c.edge_kind = PY_EDGE_SHIM;
-            c.frame_read = 72;
-        }
-        _ => {
-            c.tstate_frame = 72;
-            (c.frame_code, c.frame_previous, c.frame_instr, c.frame_edge) = (0, 8, 56, 70);
-            c.edge_kind = PY_EDGE_SHIM;
-            c.frame_read = 72;
-            c.none_addr = none.unwrap_or(0);
-        }
-    }
-    Ok(PyTarget {
-        version,
-        object: object.display().to_string(),
-        config: c,
-        code,
-        code_type,
-    })
 }
 
 /// A code object as read from the target.
@@ -307,13 +139,14 @@ impl PySymbols {
             .clone();
         match code {
             Some(c) => {
-                let line = match t.version.1 {
-                    9 => lnotab_line(
+                let line = match t.version {
+                    (2, _) | (3, ..=9) => lnotab_line(
                         &c.linetable,
                         c.firstlineno,
                         (instr as u32 as i32).max(0) as u64,
+                        t.version >= (3, 6),
                     ),
-                    10 => linetable310_line(
+                    (3, 10) => linetable310_line(
                         &c.linetable,
                         c.firstlineno,
                         2 * (instr as u32 as i32).max(0) as u64,
@@ -354,19 +187,30 @@ fn read_code<M: Memory>(mem: &M, t: &PyTarget, code: u64) -> Option<Code> {
     let l = &t.code;
     let name_ptr = read_u64(mem, code + l.qualname.unwrap_or(l.name))?;
     Some(Code {
-        filename: read_str(mem, read_u64(mem, code + l.filename)?, t.version.1)?,
-        qualname: read_str(mem, name_ptr, t.version.1)?,
+        filename: read_text(mem, read_u64(mem, code + l.filename)?, t.text)?,
+        qualname: read_text(mem, name_ptr, t.text)?,
         firstlineno: read_u32(mem, code + l.firstlineno)?,
-        linetable: read_bytes(mem, read_u64(mem, code + l.linetable)?)?,
+        linetable: read_bytes(mem, read_u64(mem, code + l.linetable)?, t.text)?,
     })
 }
 
-/// A `str` object's text (PEP 393 compact forms).
-fn read_str<M: Memory>(mem: &M, s: u64, minor: u32) -> Option<String> {
+/// A string object's text: 2.x `str`, or 3.x `str` in its PEP 393 compact forms.
+fn read_text<M: Memory>(mem: &M, s: u64, layout: TextLayout) -> Option<String> {
     let len = read_u64(mem, s + 16)? as usize;
     if len > 4096 {
         return None;
     }
+    let (ascii_data, compact_extra) = match layout {
+        TextLayout::Bytes27 => {
+            let mut b = vec![0u8; len];
+            mem.read(s + 36, &mut b).ok()?;
+            return Some(String::from_utf8_lossy(&b).into_owned());
+        }
+        TextLayout::Unicode {
+            ascii_data,
+            compact_extra,
+        } => (ascii_data, compact_extra),
+    };
     let state = read_u32(mem, s + 32)?;
     let (kind, compact, ascii) = (
         (state >> 2) & 7,
@@ -376,11 +220,10 @@ fn read_str<M: Memory>(mem: &M, s: u64, minor: u32) -> Option<String> {
     if !compact {
         return None;
     }
-    let base = if minor >= 12 { 40 } else { 48 };
     let data = if ascii {
-        s + base
+        s + ascii_data
     } else {
-        s + base + if minor >= 12 { 16 } else { 24 }
+        s + ascii_data + compact_extra
     };
     let width = match kind {
         1 => 1,
@@ -403,109 +246,22 @@ fn read_str<M: Memory>(mem: &M, s: u64, minor: u32) -> Option<String> {
     })
 }
 
-/// A `bytes` object's contents.
-fn read_bytes<M: Memory>(mem: &M, b: u64) -> Option<Vec<u8>> {
+/// A `bytes` (2.x `str`) object's contents: the line table.
+fn read_bytes<M: Memory>(mem: &M, b: u64, layout: TextLayout) -> Option<Vec<u8>> {
     let len = read_u64(mem, b + 16)? as usize;
     if len > 1 << 20 {
         return None;
     }
+    let data = match layout {
+        TextLayout::Bytes27 => 36,
+        TextLayout::Unicode { .. } => 32,
+    };
     let mut v = vec![0u8; len];
-    mem.read(b + 32, &mut v).ok()?;
+    mem.read(b + data, &mut v).ok()?;
     Some(v)
 }
 
-/// Line of bytecode byte offset `off` from a 3.9 `co_lnotab`.
-pub fn lnotab_line(t: &[u8], first: u32, off: u64) -> Option<u32> {
-    let (mut addr, mut line) = (0u64, i64::from(first));
-    for p in t.chunks_exact(2) {
-        addr += u64::from(p[0]);
-        if addr > off {
-            break;
-        }
-        line += i64::from(p[1] as i8);
-    }
-    u32::try_from(line).ok()
-}
-
-/// Line of bytecode byte offset `off` from a 3.10 `co_linetable` (PEP 626).
-pub fn linetable310_line(t: &[u8], first: u32, off: u64) -> Option<u32> {
-    let (mut end, mut line) = (0u64, i64::from(first));
-    for p in t.chunks_exact(2) {
-        let start = end;
-        end += u64::from(p[0]);
-        let ld = p[1] as i8;
-        let here = if ld == -128 {
-            None
-        } else {
-            line += i64::from(ld);
-            Some(line)
-        };
-        if off >= start && off < end {
-            return here.and_then(|l| u32::try_from(l).ok());
-        }
-    }
-    None
-}
-
-/// Line of code unit `off` from a 3.11+ location table.
-pub fn location_line(t: &[u8], first: u32, off: u64) -> Option<u32> {
-    let mut i = 0;
-    let varint = |i: &mut usize| -> u64 {
-        let (mut v, mut shift) = (0u64, 0);
-        while let Some(&b) = t.get(*i) {
-            *i += 1;
-            v |= u64::from(b & 63) << shift;
-            shift += 6;
-            if b & 64 == 0 {
-                break;
-            }
-        }
-        v
-    };
-    let signed = |v: u64| {
-        if v & 1 == 1 {
-            -((v >> 1) as i64)
-        } else {
-            (v >> 1) as i64
-        }
-    };
-    let (mut addr, mut line) = (0u64, i64::from(first));
-    while let Some(&b) = t.get(i) {
-        i += 1;
-        let code = (b >> 3) & 15;
-        let len = u64::from(b & 7) + 1;
-        let here = match code {
-            15 => None,
-            14 => {
-                line += signed(varint(&mut i));
-                varint(&mut i);
-                varint(&mut i);
-                varint(&mut i);
-                Some(line)
-            }
-            13 => {
-                line += signed(varint(&mut i));
-                Some(line)
-            }
-            10..=12 => {
-                line += i64::from(code) - 10;
-                i += 2;
-                Some(line)
-            }
-            _ => {
-                i += 1;
-                Some(line)
-            }
-        };
-        if off >= addr && off < addr + len {
-            return here.and_then(|l| u32::try_from(l).ok());
-        }
-        addr += len;
-    }
-    None
-}
-
-/// The eval loop's native frame, which Python frames replace.
+/// The eval loop's native frame in CPython 3, which Python frames replace.
 fn is_eval_frame(f: &Frame) -> bool {
     f.function
         .as_deref()
@@ -521,6 +277,15 @@ pub fn interleave(
     native: Vec<Frame>,
     py: Vec<(Frame, bool)>,
     every_frame_a_run: bool,
+) -> Vec<Frame> {
+    interleave_with(native, py, every_frame_a_run, is_eval_frame)
+}
+
+fn interleave_with(
+    native: Vec<Frame>,
+    py: Vec<(Frame, bool)>,
+    every_frame_a_run: bool,
+    is_eval_frame: impl Fn(&Frame) -> bool,
 ) -> Vec<Frame> {
     let mut runs: Vec<Vec<Frame>> = Vec::new();
     let mut cur = Vec::new();
@@ -554,57 +319,6 @@ pub fn interleave(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Line tables of each format, against lines CPython itself reports (the
-    /// tables are from `compile()` of small functions; see the comments).
-    #[test]
-    fn line_tables() {
-        // 3.11 location table: first line 10; 2 units on line 10 (code 0, 1 column byte),
-        // 3 units on line 11 (code 11: delta 1), 1 unit with no location (15), 2 units
-        // on line 14 (code 13, signed varint +3 = 6), 1 unit on line 12 (code 14: -2 = 5).
-        let t = [0x81, 5, 0xda, 1, 2, 0xf8, 0xe9, 6, 0xf0, 5, 0, 0, 0];
-        let cases = [
-            (0, Some(10)),
-            (1, Some(10)),
-            (2, Some(11)),
-            (4, Some(11)),
-            (5, None),
-            (6, Some(14)),
-            (7, Some(14)),
-            (8, Some(12)),
-            (9, None),
-        ];
-        for (off, want) in cases {
-            assert_eq!(location_line(&t, 10, off), want, "3.11 offset {off}");
-        }
-        // 3.10: (bytes, line delta): 4 bytes on line 20, 6 on 21, 2 with no line, 4 on 19.
-        let t = [4, 0, 6, 1, 2, 0x80, 4, 0xfe];
-        let cases = [
-            (0, Some(20)),
-            (3, Some(20)),
-            (4, Some(21)),
-            (9, Some(21)),
-            (10, None),
-            (12, Some(19)),
-            (16, None),
-        ];
-        for (off, want) in cases {
-            assert_eq!(linetable310_line(&t, 20, off), want, "3.10 offset {off}");
-        }
-        // 3.9 lnotab: (address increment, line increment): line 5 at 0, 6 at 4, 8 at 10.
-        let t = [4, 1, 6, 2];
-        let cases = [
-            (0, Some(5)),
-            (3, Some(5)),
-            (4, Some(6)),
-            (9, Some(6)),
-            (10, Some(8)),
-            (40, Some(8)),
-        ];
-        for (off, want) in cases {
-            assert_eq!(lnotab_line(&t, 5, off), want, "3.9 offset {off}");
-        }
-    }
 
     fn f(name: &str, kind: FrameKind) -> Frame {
         Frame {
@@ -661,15 +375,5 @@ mod tests {
             names(interleave(short, py, false)),
             ["malloc", "leaf", "mid", "cb", "<module>"]
         );
-    }
-
-    #[test]
-    fn versions_from_names() {
-        assert_eq!(version_from_name("/usr/bin/python3.11"), Some((3, 11)));
-        assert_eq!(
-            version_from_name("/x/lib/libpython3.9.so.1.0"),
-            Some((3, 9))
-        );
-        assert_eq!(version_from_name("/usr/bin/python"), None);
     }
 }
