@@ -69,10 +69,18 @@ impl Fixture {
     /// Starts `program ARGS` (e.g. an interpreter running a fixture script) and waits for its ready line.
     #[track_caller]
     pub fn spawn_program(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let name = program.display().to_string();
-        let mut child = Command::new(program)
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn_command(cmd)
+    }
+
+    /// Starts `cmd` and waits for its ready line. A fixture in its own pid namespace
+    /// (a container) prints its pid there; [`Fixture::pid`] is its pid here, found
+    /// among `cmd`'s descendants by the last entry of their `NSpid`.
+    #[track_caller]
+    pub fn spawn_command(mut cmd: Command) -> Self {
+        let name = format!("{cmd:?}");
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -83,11 +91,17 @@ impl Fixture {
         stdout
             .read_line(&mut line)
             .unwrap_or_else(|e| panic!("failed to read ready line of {name}: {e}"));
-        let pid = line
+        let printed: u32 = line
             .strip_prefix("ready ")
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("fixture {name} printed {line:?}, expected `ready <pid>`"));
-        assert_eq!(pid, child.id(), "fixture reports its own pid");
+        let pid = if printed == child.id() {
+            printed
+        } else {
+            host_pid(child.id(), printed).unwrap_or_else(|| {
+                panic!("fixture {name} printed pid {printed}, which is neither its own ({}) nor a descendant's in a pid namespace", child.id())
+            })
+        };
         Self {
             child,
             stdin,
@@ -140,6 +154,49 @@ impl Fixture {
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
+}
+
+/// The pid, in our namespace, of a descendant of `ancestor` whose pid in its own
+/// (innermost) namespace is `inner`.
+fn host_pid(ancestor: u32, inner: u32) -> Option<u32> {
+    let status = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
+    let field = |text: &str, key: &str| -> Option<Vec<u32>> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        Some(
+            line[key.len()..]
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect(),
+        )
+    };
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(text) = status(pid) else { continue };
+        let ns = field(&text, "NSpid:").unwrap_or_default();
+        if ns.len() < 2 || ns.last() != Some(&inner) {
+            continue;
+        }
+        // Is `ancestor` above it?
+        let mut p = pid;
+        for _ in 0..64 {
+            let Some(pp) = status(p)
+                .and_then(|t| field(&t, "PPid:"))
+                .and_then(|v| v.first().copied())
+            else {
+                break;
+            };
+            if pp == ancestor {
+                return Some(pid);
+            }
+            if pp <= 1 {
+                break;
+            }
+            p = pp;
+        }
+    }
+    None
 }
 
 impl Drop for Fixture {
@@ -247,6 +304,11 @@ impl Tracer {
     /// The stdout of a launched command, if any (leaktrace's own stdout is unused with -o).
     pub fn stdout(&mut self) -> BufReader<ChildStdout> {
         BufReader::new(self.child.stdout.take().expect("stdout"))
+    }
+
+    /// The stdin of a launched command, when started with a piped stdin.
+    pub fn stdin(&mut self) -> std::process::ChildStdin {
+        self.child.stdin.take().expect("piped stdin")
     }
 
     /// leaktrace's pid.

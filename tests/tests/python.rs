@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use leaktrace_tests::{Fixture, require_root, script_line, script_path, trace_fixture};
+use leaktrace_tests::{
+    Fixture, Tracer, check_shape, require_root, script_line, script_path, temp_path, trace_fixture,
+};
 use serde_json::Value;
 
 /// Python frames of a stack: (function, line), innermost first.
@@ -74,15 +76,23 @@ fn pyenv(minor: u32) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Runs py_stacks.py on `interpreter` under `leaktrace --pid` and checks the report.
 fn check(interpreter: &Path) {
     let script = script_path("py_stacks.py");
     let mut fx = Fixture::spawn_program(interpreter, &[script.to_str().unwrap()], &[]);
     let r = trace_fixture(&mut fx, &[]);
-    let name = interpreter.display();
+    check_report(&interpreter.display().to_string(), &r);
+}
+
+/// What every interpreter's report of py_stacks.py must show: the cache's exact
+/// bytes under grow_cache ← serve with their lines, the ctypes mallocs under
+/// native_alloc (the GIL released), the small objects as pymalloc arenas under
+/// keep_small, file names, and no losses.
+fn check_report(name: &str, r: &Value) {
     let line = |needle| script_line("py_stacks.py", needle);
     // 2 threads × 100 bytearray(32768), each 32,769 bytes, from serve → grow_cache.
     let cache = bytes_through(
-        &r,
+        r,
         "heap",
         "live_bytes",
         &[
@@ -93,14 +103,14 @@ fn check(interpreter: &Path) {
     );
     // 100 × malloc(12345) through ctypes, which drops the GIL for the call.
     let native = bytes_through(
-        &r,
+        r,
         "heap",
         "live_bytes",
         &[("native_alloc", line("KEPT.append(LIBC.malloc"))],
         Some(12345),
     );
     // Small objects: pymalloc arenas mapped from keep_small.
-    let small = bytes_through(&r, "mappings", "mapped_bytes", &[("keep_small", 0)], None);
+    let small = bytes_through(r, "mappings", "mapped_bytes", &[("keep_small", 0)], None);
     let arenas = r["mappings"]["split"]["pymalloc_arenas"].as_u64().unwrap();
     eprintln!(
         "{name}: grow_cache {cache} B, native_alloc {native} B, keep_small arenas {small} B ({arenas} pymalloc arenas)"
@@ -130,11 +140,14 @@ fn check(interpreter: &Path) {
     assert_eq!(r["lost_total"], 0, "{name}: {}", r["lost"]);
 }
 
+/// Debian's python3.11 (installed by `cargo xtask setup`).
+const DEBIAN_311: &str = "/usr/bin/python3.11";
+
 /// Debian's python3.11 package: static, LTO+PGO, no frame pointers. Must exist.
 #[test]
 fn root_python_debian_311() {
     require_root();
-    let p = Path::new("/usr/bin/python3.11");
+    let p = Path::new(DEBIAN_311);
     assert!(
         p.exists(),
         "Debian's python3.11 is missing (cargo xtask setup installs it)"
@@ -161,4 +174,182 @@ fn root_python_other_versions() {
         });
         check(&p);
     }
+}
+
+/// pyenv's 2.7.18, the interpreter of the daemon leaktrace was started for: its frames
+/// are read from the interpreter's thread list. Must exist on the development and CI
+/// machines.
+#[test]
+fn root_python_pyenv_27() {
+    require_root();
+    let root =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let p = root.join("versions/2.7.18/bin/python2.7");
+    assert!(p.exists(), "pyenv 2.7.18 is missing ({})", p.display());
+    let script = script_path("py_stacks.py");
+    let mut fx = Fixture::spawn_program(&p, &[script.to_str().unwrap()], &[]);
+    let r = trace_fixture(&mut fx, &[]);
+    assert_eq!(r["python"]["version"], "2.7", "{}", r["python"]);
+    check_report("python2.7", &r);
+}
+
+/// Runs py_stacks.py launched by leaktrace as `program` (a name the interpreter is
+/// not known by) and checks the report.
+fn check_launched(name: &str, program: &Path, want_version: &str) {
+    use std::io::{BufRead as _, Write as _};
+    let script = script_path("py_stacks.py");
+    let mut tracer = Tracer::start_with(
+        &["--", program.to_str().unwrap(), script.to_str().unwrap()],
+        std::process::Stdio::piped(),
+    );
+    let mut out = tracer.stdout();
+    let mut stdin = tracer.stdin();
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    assert!(line.starts_with("ready "), "{name}: {line:?}");
+    stdin.write_all(b"go\n").expect("send go");
+    stdin.flush().expect("flush go");
+    line.clear();
+    out.read_line(&mut line).expect("done line");
+    assert_eq!(line.trim(), "done", "{name}");
+    let r = tracer.finish();
+    check_shape(&r);
+    assert_eq!(r["python"]["version"], want_version, "{name}: {}", r["python"]);
+    assert_eq!(r["python"]["frames"], true, "{name}: {}", r["python"]);
+    check_report(name, &r);
+}
+
+/// `leaktrace -- python3 app.py` where python3 is a symlink to Debian's python3.11:
+/// the interpreter is found by its symbols once mapped, not by the name launched.
+#[test]
+fn root_python_launched_through_a_symlink() {
+    require_root();
+    let dir = temp_path("bin");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let link = dir.join("python3");
+    std::os::unix::fs::symlink(DEBIAN_311, &link).expect("symlink");
+    check_launched("python3 → python3.11", &link, "3.11");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `leaktrace -- ~/.pyenv/shims/python3.11 app.py`: a bash script that execs pyenv,
+/// another bash script, which execs the interpreter; the books restart at each exec.
+#[test]
+fn root_python_launched_through_pyenv_shim() {
+    require_root();
+    let root =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let shim = root.join("shims/python3.11");
+    assert!(shim.exists(), "pyenv's shim is missing ({})", shim.display());
+    check_launched("pyenv shim python3.11", &shim, "3.11");
+}
+
+/// Debian sid's root with python3.14 and glibc 2.43, made by `cargo xtask setup`.
+fn sid_root() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let root = home.join(".cache/leaktrace/sid-root");
+    assert!(
+        root.join("usr/bin/python3.14").exists(),
+        "Debian sid's root with python3.14 is missing at {} (cargo xtask setup makes it)",
+        root.display()
+    );
+    root
+}
+
+/// Copies py_stacks.py under `root` (at a path unique to this test): returns its
+/// path as seen inside `root`, and the host path to remove afterwards.
+fn place_script(root: &Path, tag: &str) -> (String, PathBuf) {
+    let inside = format!(
+        "/tmp/leaktrace-tests-{}-{tag}/py_stacks.py",
+        std::process::id()
+    );
+    let host = root.join(inside.trim_start_matches('/'));
+    std::fs::create_dir_all(host.parent().unwrap()).expect("script dir in the root");
+    std::fs::copy(script_path("py_stacks.py"), &host).expect("copy the fixture into the root");
+    (inside, host)
+}
+
+/// The checks of a traced python3.14 in another root (`lib`: the root's
+/// /usr/lib/x86_64-linux-gnu as the target's maps name it): its version, its Python
+/// frames, and native stacks through the root's own objects: the ctypes call's
+/// innermost frames are libffi's `ffi_call` (symbolized from the root's libffi, found
+/// through map_files), and the thread's stack is complete down to its start in the
+/// root's glibc 2.43 (clone3).
+fn check_in_root(name: &str, r: &Value, lib: &str) {
+    assert_eq!(r["python"]["version"], "3.14", "{name}: {}", r["python"]);
+    assert_eq!(r["python"]["frames"], true, "{name}: {}", r["python"]);
+    check_report(name, r);
+    let native_alloc = r["heap"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| py_frames(s).first().is_some_and(|(f, _)| f == "native_alloc"))
+        .unwrap_or_else(|| panic!("{name}: no native_alloc stack: {:#}", r["heap"]));
+    let frames = native_alloc["frames"].as_array().unwrap();
+    let module = |f: &Value| f["module"].as_str().unwrap_or("").to_owned();
+    assert!(
+        frames.iter().any(|f| f["function"] == "ffi_call"
+            && module(f).starts_with(&format!("{lib}/libffi.so."))),
+        "{name}: ffi_call in the root's libffi: {native_alloc:#}"
+    );
+    assert_eq!(native_alloc["truncated"], false, "{name}: {native_alloc:#}");
+    assert_eq!(
+        module(frames.last().unwrap()),
+        format!("{lib}/libc.so.6"),
+        "{name}: a thread's stack ends in its libc (clone3): {native_alloc:#}"
+    );
+}
+
+/// python3.14 in a chroot (a container image's root without namespaces): the names in
+/// /proc/PID/maps are paths from our root, the files open through map_files.
+#[test]
+fn root_python_314_in_chroot() {
+    require_root();
+    let root = sid_root();
+    let (inside, host) = place_script(&root, "chroot");
+    let mut cmd = std::process::Command::new("chroot");
+    cmd.arg(&root).arg("/usr/bin/python3.14").arg(&inside);
+    let mut fx = Fixture::spawn_command(cmd);
+    let r = trace_fixture(&mut fx, &[]);
+    drop(fx);
+    let _ = std::fs::remove_dir_all(host.parent().unwrap());
+    let lib = root.join("usr/lib/x86_64-linux-gnu");
+    check_in_root("python3.14 in a chroot", &r, lib.to_str().unwrap());
+}
+
+/// python3.14 in a container: its own mount and pid namespaces, an overlayfs root
+/// (sid's root as the lower layer) entered with pivot_root. Its pid here is not the
+/// one it prints, and the paths in its maps mean nothing in our mount namespace.
+#[test]
+fn root_python_314_in_container() {
+    require_root();
+    let lower = sid_root();
+    let dir = temp_path("container");
+    let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir_all(d).expect("overlay dirs");
+    }
+    // The script lives in the upper layer only.
+    let (inside, _) = place_script(&upper, "container");
+    let script = format!(
+        "set -e; mount --make-rprivate /; \
+         mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} {m}; \
+         mkdir -p {m}/.old; cd {m}; pivot_root . .old; cd /; \
+         exec /usr/bin/python3.14 {inside}",
+        lower.display(),
+        upper.display(),
+        work.display(),
+        m = merged.display(),
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--pid", "--fork", "--kill-child", "sh", "-c", &script]);
+    let mut fx = Fixture::spawn_command(cmd);
+    let r = trace_fixture(&mut fx, &[]);
+    drop(fx);
+    let _ = std::fs::remove_dir_all(&dir);
+    check_in_root(
+        "python3.14 in a container",
+        &r,
+        "/usr/lib/x86_64-linux-gnu",
+    );
 }
