@@ -254,15 +254,20 @@ fn check_python(scenario: &str, want: &str) {
         Path::new(DEBIAN_PYTHON).exists(),
         "{DEBIAN_PYTHON} is missing (cargo xtask setup installs Debian's python3.11)"
     );
+    check_python_on(Path::new(DEBIAN_PYTHON), scenario, want);
+}
+
+fn check_python_on(interpreter: &Path, scenario: &str, want: &str) {
     let script = script_path("py_verdict.py");
     let mut fx = Fixture::spawn_program(
-        Path::new(DEBIAN_PYTHON),
+        interpreter,
         &[script.to_str().unwrap(), scenario, "60"],
         &[],
     );
     let r = trace_fixture(&mut fx, &[]);
     let (kind, v) = verdict_of(&r);
-    print_verdict(&format!("python3.11 {scenario}"), v);
+    let name = interpreter.file_name().unwrap().to_string_lossy();
+    print_verdict(&format!("{name} {scenario}"), v);
     assert_eq!(kind, want, "python {scenario}: {v:#}");
     if want == "leak" {
         // The leaking Python function, its Python callers, file and line.
@@ -280,7 +285,7 @@ fn check_python(scenario: &str, want: &str) {
                 )
             })
             .collect();
-        eprintln!("python3.11 leak suspect: {py:?}");
+        eprintln!("{name} leak suspect: {py:?}");
         let line = |needle| script_line("py_verdict.py", needle);
         let want = [
             ("remember", line("CACHE[key] = bytearray")),
@@ -328,6 +333,19 @@ fn check_python(scenario: &str, want: &str) {
 fn root_verdict_python_leak() {
     require_root();
     check_python(PY_CASES[0].0, PY_CASES[0].1);
+}
+
+/// A leaking threaded CPython 2.7 daemon (pyenv's 2.7.18): the top suspect is the
+/// Python function that keeps the data, with its callers and lines, not
+/// `PyByteArray_Resize` in libpython.
+#[test]
+fn root_verdict_python27_leak() {
+    require_root();
+    let root =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let p = root.join("versions/2.7.18/bin/python2.7");
+    assert!(p.exists(), "pyenv 2.7.18 is missing ({})", p.display());
+    check_python_on(&p, PY_CASES[0].0, PY_CASES[0].1);
 }
 
 #[test]
