@@ -19,6 +19,21 @@ use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 
 use crate::probes::placement::{self, Placement};
 
+/// Functions longer than this are not decoded whole (their probe stays at the entry).
+const MAX_FUNCTION_BYTES: u64 = 256 << 10;
+
+/// The argument registers a function's probe reads (System V x86-64: rdi, rsi, rdx).
+fn argument_registers(func: AllocFn) -> &'static [iced_x86::Register] {
+    use iced_x86::Register::{RDI, RDX, RSI};
+    match func {
+        AllocFn::Malloc | AllocFn::Valloc | AllocFn::Pvalloc | AllocFn::Free => &[RDI],
+        AllocFn::Calloc | AllocFn::Realloc | AllocFn::AlignedAlloc | AllocFn::Memalign => {
+            &[RDI, RSI]
+        }
+        AllocFn::Reallocarray | AllocFn::PosixMemalign => &[RDI, RSI, RDX],
+    }
+}
+
 /// One place to attach a probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeSite {
@@ -28,7 +43,8 @@ pub struct ProbeSite {
     pub object: String,
     /// Path to open from our mount namespace.
     pub host_path: PathBuf,
-    /// File offset of the probe: the function's first instruction plus `placement.offset`.
+    /// File offset of the probes (entry, return or session): the function's first
+    /// instruction plus `placement.offset`.
     pub offset: u64,
     /// File offset of the function's first instruction.
     pub entry_offset: u64,
@@ -102,21 +118,22 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
         if !seen_offsets.insert(entry_offset) {
             continue;
         }
-        let len = match sym.size() {
-            0 => 64,
-            n => n.min(64),
-        };
+        // The whole function when its size is known (the placement checks it for
+        // branches back into the prefix it skips), else its first bytes.
+        let whole = sym.size() > 0 && sym.size() <= MAX_FUNCTION_BYTES;
+        let len = if whole { sym.size() } else { 64 };
         let start = usize::try_from(entry_offset).unwrap_or(usize::MAX);
         let code = data
             .get(start..start.saturating_add(len as usize).min(data.len()))
             .unwrap_or(&[]);
-        let placement = if func == AllocFn::Free {
-            // free's probe reads its argument (and [sp], before any push): it may move to a
-            // cheaper instruction.
-            placement::place(code, iced_x86::Register::RDI)
-        } else {
-            placement::at_entry(code, "the probe reads the return address at [sp]")
-        };
+        let placement = placement::place(
+            code,
+            whole,
+            placement::Needs {
+                args: argument_registers(func),
+                null_exit_ok: func == AllocFn::Free,
+            },
+        );
         sites.push(ProbeSite {
             func,
             object: object.to_owned(),

@@ -110,8 +110,9 @@ fn attach_sessions(
     }
     let (mut links, mut covered) = (Vec::new(), Vec::new());
     for (path, idx) in by_object {
-        // At the entry: the return is hijacked through the return address at [sp].
-        let offsets: Vec<u64> = idx.iter().map(|&i| sites[i].entry_offset).collect();
+        // At the placed site, before any push: the return is hijacked through the
+        // return address at [sp], and entry and return share the trap.
+        let offsets: Vec<u64> = idx.iter().map(|&i| sites[i].offset).collect();
         let cookies: Vec<u64> = idx.iter().map(|&i| sites[i].func as u64).collect();
         links.push(program.attach(path, &offsets, &cookies, pid)?);
         covered.extend(idx);
@@ -164,15 +165,9 @@ pub fn attach(
         .enumerate()
         .filter(|(i, s)| s.func.return_program().is_some() && !dry_run && !in_session.contains(i))
     {
-        // A return probe hijacks the return address at [sp], so it stays at the entry.
-        let link = attach_one(
-            ebpf,
-            "alloc_exit",
-            site,
-            site.entry_offset,
-            "return probe",
-            scope,
-        )?;
+        // A return probe hijacks the return address at [sp]: at the placed site, before
+        // any push, where the entry probe is (one trap serves both).
+        let link = attach_one(ebpf, "alloc_exit", site, site.offset, "return probe", scope)?;
         links.push(("alloc_exit", link));
     }
     let mut infos = Vec::new();
@@ -187,11 +182,12 @@ pub fn attach(
             infos.push(ProbeInfo {
                 function: site.func.symbol().into(),
                 object: site.object.clone(),
-                offset: site.entry_offset,
-                offset_in_function: 0,
-                placement:
-                    "function entry: a uprobe session, whose return runs only for sampled calls"
-                        .into(),
+                offset: site.offset,
+                offset_in_function: site.placement.offset,
+                placement: format!(
+                    "a uprobe session, whose return runs only for sampled calls; {}",
+                    site.placement.reason
+                ),
                 return_probe: ReturnProbe::Session,
             });
             continue;

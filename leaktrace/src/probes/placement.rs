@@ -1,27 +1,28 @@
-//! Where to put an entry uprobe so the kernel emulates, rather than
+//! Where to put an allocator's uprobe so the kernel emulates, rather than
 //! single-steps, the probed instruction.
 //!
-//! A uprobe on an instruction the kernel can emulate (push, nop, relative
-//! branches) costs about 1.3 µs here; one it must single-step out of line costs
-//! 15–19 µs (../shared/docs/performance.md §2). glibc's `free` starts with
-//! `test %rdi,%rdi`, a single-stepped instruction, and reaches `push %rbp` at +9
-//! on every non-NULL call. This module decodes a prologue and moves the probe to
-//! the first emulated instruction only when it can prove that every path that
-//! matters passes it with the argument still in its register:
+//! A uprobe on an instruction the kernel can emulate (push, nop, relative jumps,
+//! calls and conditional branches) costs about 0.7–1.3 µs here; one it must
+//! single-step out of line costs 10–19 µs (../shared/docs/performance.md §2, §10).
+//! glibc's `free` starts with `test %rdi,%rdi`, jemalloc's `malloc` and
+//! `operator new` with `cmp $0x1000,%rdi`, its `free` with nine `mov`/`shr`/`and`/
+//! `add`s: all single-stepped. This module decodes a function and moves its probe —
+//! the entry probe and the return probe alike, which then share one trap — to the
+//! first emulated instruction when it can prove that every call reaches it with
+//! what the probe reads intact:
 //!
-//! * the instructions before it are straight-line code that does not write the
-//!   argument register (an `endbr64`, a copy of the argument elsewhere, a test);
-//! * the only branches allowed are `je`/`jz` right after the argument was tested
-//!   against zero — they leave only for a NULL argument, which changes nothing
-//!   for `free`.
+//! * the instructions before it are straight-line code that writes neither an
+//!   argument register the probe reads nor the stack pointer (so `[sp]` is still
+//!   the return address the return probe hijacks and the stack walk starts from);
+//! * the site may be a conditional branch itself (every call executes it); for
+//!   `free`-like functions a `je` right after the argument was tested against zero
+//!   may be passed, since it leaves only for a NULL argument;
+//! * no branch anywhere in the function lands inside the skipped prefix or on the
+//!   site, which would let one call pass the site twice.
 //!
-//! Anything else (a `jne`, a call, a write to the argument, no emulated
-//! instruction within reach) keeps the probe at the entry. Only `free` is moved:
-//! its probe reads the argument and, when frees are marked for the syscall walk
-//! (`CONFIG_FREE_MARK`), the return address at `[sp]` — still in place, since the
-//! probe stops at the first emulated instruction, before any `push` has run. The
-//! other allocators' entry probes stay at the entry, where their stack walk and
-//! their return probe start.
+//! Anything else (a call or `ret` in the prefix, a write to an argument or to
+//! `rsp`, no emulated instruction within reach, an unknown function size) keeps
+//! the probe at the entry.
 
 use iced_x86::{
     ConditionCode, Decoder, DecoderOptions, Formatter as _, GasFormatter, Instruction,
@@ -29,7 +30,7 @@ use iced_x86::{
 };
 
 /// Prologue instructions examined at most.
-const MAX_INSNS: usize = 8;
+const MAX_INSNS: usize = 16;
 
 /// Where to place a probe, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,9 +101,75 @@ fn tests_zero(i: &Instruction, arg: Register) -> bool {
     }
 }
 
-/// Chooses the probe offset in `code` (the function's first bytes) for a probe
-/// that only reads the argument in register `arg`.
-pub fn place(code: &[u8], arg: Register) -> Placement {
+/// What a probe reads at its site, which the instructions before the site must
+/// leave intact.
+#[derive(Clone, Copy, Debug)]
+pub struct Needs<'a> {
+    /// Argument registers the probe reads.
+    pub args: &'a [Register],
+    /// A `je` right after the first argument was tested against zero may be passed
+    /// (`free`: a NULL argument changes nothing); else the probe stops at the first
+    /// emulated instruction, a branch included.
+    pub null_exit_ok: bool,
+}
+
+/// Chooses the probe offset in `code`, the function's bytes (all of them when
+/// `whole`, else only its first bytes), for a probe that reads `needs.args` and
+/// `[sp]` (the return address, for the return probe and the stack walk).
+///
+/// The site is the first instruction the kernel emulates that every call reaches
+/// through straight-line code which writes neither an argument register nor the
+/// stack pointer; the probe may sit on a conditional branch, which every call
+/// executes. No branch in the function may land inside the skipped prefix or on
+/// the site (a loop back would pass the site twice in one call), which can only be
+/// checked on the whole function: with `whole` false the probe stays at the entry.
+pub fn place(code: &[u8], whole: bool, needs: Needs<'_>) -> Placement {
+    let chosen = scan(code, needs);
+    if chosen.offset == 0 {
+        return chosen;
+    }
+    if !whole {
+        return Placement {
+            offset: 0,
+            reason: format!(
+                "refused: the function's size is unknown, so a branch back into its first {} bytes can't be ruled out ({})",
+                chosen.offset, chosen.reason
+            ),
+            emulated: first_is_emulated(code),
+        };
+    }
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    for i in decoder.iter() {
+        if matches!(
+            i.flow_control(),
+            iced_x86::FlowControl::ConditionalBranch
+                | iced_x86::FlowControl::UnconditionalBranch
+                | iced_x86::FlowControl::Call
+        ) && matches!(
+            i.op0_kind(),
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+        ) {
+            let t = i.near_branch_target();
+            if t > 0 && t <= chosen.offset {
+                return Placement {
+                    offset: 0,
+                    reason: format!(
+                        "refused: `{}` at +{} branches to +{t}, inside the prefix up to +{} ({})",
+                        text(&i),
+                        i.ip(),
+                        chosen.offset,
+                        chosen.reason
+                    ),
+                    emulated: first_is_emulated(code),
+                };
+            }
+        }
+    }
+    chosen
+}
+
+/// The first-instruction scan of [`place`], without the branch-in check.
+fn scan(code: &[u8], needs: Needs<'_>) -> Placement {
     let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
     let mut null_tested = false;
@@ -122,6 +189,7 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
             emulated: first_is_emulated(code),
         },
     };
+    let first_arg = needs.args.first().copied().unwrap_or(Register::RDI);
     for n in 0..MAX_INSNS {
         if !decoder.can_decode() {
             break;
@@ -138,21 +206,24 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
             };
         }
         if i.is_jcc_short_or_near() {
-            if null_tested && i.condition_code() == ConditionCode::e {
+            if needs.null_exit_ok && null_tested && i.condition_code() == ConditionCode::e {
                 // Leaves only when the argument is NULL.
                 exit_branch = Some((i.ip(), text(&i)));
                 prefix.push(text(&i));
                 null_tested = false;
                 continue;
             }
-            return give_up(
-                format!(
-                    "`{}` at +{} may take a path that matters elsewhere",
+            // Every call executes this branch: the probe sits on it.
+            return Placement {
+                offset: i.ip(),
+                reason: format!(
+                    "branch: `{}` at +{} follows only {}",
                     text(&i),
-                    i.ip()
+                    i.ip(),
+                    prefix.join("; ")
                 ),
-                &exit_branch,
-            );
+                emulated: true,
+            };
         }
         if emulated(&i) {
             let how = if exit_branch.is_some() {
@@ -177,23 +248,28 @@ pub fn place(code: &[u8], arg: Register) -> Placement {
                 &exit_branch,
             );
         }
-        let writes_arg = info.info(&i).used_registers().iter().any(|u| {
-            u.register().full_register() == arg.full_register()
-                && matches!(
-                    u.access(),
-                    OpAccess::Write
-                        | OpAccess::ReadWrite
-                        | OpAccess::CondWrite
-                        | OpAccess::ReadCondWrite
-                )
+        let written = info.info(&i).used_registers().iter().find_map(|u| {
+            let r = u.register().full_register();
+            let writes = matches!(
+                u.access(),
+                OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+            );
+            (writes
+                && (r == Register::RSP || needs.args.iter().any(|a| a.full_register() == r)))
+            .then_some(r)
         });
-        if writes_arg {
+        if let Some(r) = written {
+            let what = if r == Register::RSP {
+                "the stack pointer"
+            } else {
+                "an argument register"
+            };
             return give_up(
-                format!("`{}` at +{} writes the argument register", text(&i), i.ip()),
+                format!("`{}` at +{} writes {what}", text(&i), i.ip()),
                 &exit_branch,
             );
         }
-        null_tested = tests_zero(&i, arg);
+        null_tested = tests_zero(&i, first_arg);
         prefix.push(text(&i));
     }
     give_up(
@@ -217,15 +293,32 @@ mod tests {
             .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         {
             let cols: Vec<&str> = line.split('|').map(str::trim).collect();
-            let [name, reg, offset, keyword, hex] = cols[..] else {
+            let [name, regs, offset, keyword, hex] = cols[..] else {
                 panic!("bad line {line:?}")
             };
-            assert_eq!(reg, "rdi", "only rdi cases so far");
+            let args: Vec<Register> = regs
+                .split(',')
+                .map(|r| match r.trim() {
+                    "rdi" => Register::RDI,
+                    "rsi" => Register::RSI,
+                    "rdx" => Register::RDX,
+                    other => panic!("{name}: register {other}"),
+                })
+                .collect();
             let bytes: Vec<u8> = hex
                 .split_whitespace()
                 .map(|b| u8::from_str_radix(b, 16).expect("hex"))
                 .collect();
-            let p = place(&bytes, Register::RDI);
+            // The byte strings are whole functions' beginnings: no branch lands in them.
+            let free_like = name.ends_with(" free") || name.contains("delete");
+            let p = place(
+                &bytes,
+                true,
+                Needs {
+                    args: &args,
+                    null_exit_ok: free_like,
+                },
+            );
             assert_eq!(
                 p.offset,
                 offset.parse::<u64>().unwrap(),
