@@ -352,9 +352,12 @@ pub const CONFIG_CAPTURE_STACKS: u32 = 1;
 /// Stack id meaning "no stack was requested".
 pub const STACK_NONE: i64 = -1_000_000;
 
-/// Allocator functions, each with the semantics the probes implement.
+/// Allocator functions, each with the semantics the probes implement. One variant
+/// may stand for several symbols with the same arguments and semantics
+/// ([`AllocFn::symbols`]: `operator new` and `new[]`, their nothrow and aligned forms).
 ///
-/// The discriminant travels in [`Event::func`] and [`AllocEntry::func`].
+/// The discriminant travels in [`Event::func`] and [`AllocEntry::func`]; it indexes
+/// [`maps::HITS`], so it stays below [`maps::HIT_SLOTS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AllocFn {
@@ -378,11 +381,27 @@ pub enum AllocFn {
     Pvalloc = 9,
     /// `void free(void *ptr)`
     Free = 10,
+    /// C++ `operator new(size_t, …)` and `new[]`, plain, nothrow and aligned: the size
+    /// is the first argument; probed where the allocator defines them itself (jemalloc,
+    /// tcmalloc and mimalloc inline their fast path there, calling no `malloc`).
+    OperatorNew = 11,
+    /// C++ `operator delete(void *, …)` and `delete[]`, plain, sized, nothrow and
+    /// aligned: the pointer is the first argument.
+    OperatorDelete = 12,
+    /// jemalloc's `void *mallocx(size_t size, int flags)`.
+    Mallocx = 13,
+    /// jemalloc's `void *rallocx(void *ptr, size_t size, int flags)`: a realloc that
+    /// never frees.
+    Rallocx = 14,
+    /// Frees that take a size or flags after the pointer: jemalloc's `dallocx(ptr,
+    /// flags)` and `sdallocx(ptr, size, flags)`, C23's `free_sized(ptr, size)` and
+    /// `free_aligned_sized(ptr, alignment, size)`.
+    SizedFree = 15,
 }
 
 impl AllocFn {
     /// Every allocator function leaktrace probes, in a stable order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 15] = [
         Self::Malloc,
         Self::Calloc,
         Self::Realloc,
@@ -393,9 +412,14 @@ impl AllocFn {
         Self::Valloc,
         Self::Pvalloc,
         Self::Free,
+        Self::OperatorNew,
+        Self::OperatorDelete,
+        Self::Mallocx,
+        Self::Rallocx,
+        Self::SizedFree,
     ];
 
-    /// The C symbol name.
+    /// The name reports use: the C symbol, or the C++ operator.
     pub const fn symbol(self) -> &'static str {
         match self {
             Self::Malloc => "malloc",
@@ -408,7 +432,66 @@ impl AllocFn {
             Self::Valloc => "valloc",
             Self::Pvalloc => "pvalloc",
             Self::Free => "free",
+            Self::OperatorNew => "operator new",
+            Self::OperatorDelete => "operator delete",
+            Self::Mallocx => "mallocx",
+            Self::Rallocx => "rallocx",
+            Self::SizedFree => "sdallocx",
         }
+    }
+
+    /// The (mangled) symbols this function is defined under.
+    pub const fn symbols(self) -> &'static [&'static str] {
+        match self {
+            Self::OperatorNew => &[
+                "_Znwm",
+                "_Znam",
+                "_ZnwmRKSt9nothrow_t",
+                "_ZnamRKSt9nothrow_t",
+                "_ZnwmSt11align_val_t",
+                "_ZnamSt11align_val_t",
+                "_ZnwmSt11align_val_tRKSt9nothrow_t",
+                "_ZnamSt11align_val_tRKSt9nothrow_t",
+            ],
+            Self::OperatorDelete => &[
+                "_ZdlPv",
+                "_ZdaPv",
+                "_ZdlPvm",
+                "_ZdaPvm",
+                "_ZdlPvRKSt9nothrow_t",
+                "_ZdaPvRKSt9nothrow_t",
+                "_ZdlPvSt11align_val_t",
+                "_ZdaPvSt11align_val_t",
+                "_ZdlPvmSt11align_val_t",
+                "_ZdaPvmSt11align_val_t",
+                "_ZdlPvSt11align_val_tRKSt9nothrow_t",
+                "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+            ],
+            Self::SizedFree => &["sdallocx", "dallocx", "free_sized", "free_aligned_sized"],
+            Self::Malloc => &["malloc"],
+            Self::Calloc => &["calloc"],
+            Self::Realloc => &["realloc"],
+            Self::Reallocarray => &["reallocarray"],
+            Self::PosixMemalign => &["posix_memalign"],
+            Self::AlignedAlloc => &["aligned_alloc"],
+            Self::Memalign => &["memalign"],
+            Self::Valloc => &["valloc"],
+            Self::Pvalloc => &["pvalloc"],
+            Self::Free => &["free"],
+            Self::Mallocx => &["mallocx"],
+            Self::Rallocx => &["rallocx"],
+        }
+    }
+
+    /// Whether the function frees its first argument (and has no return probe).
+    pub const fn frees(self) -> bool {
+        matches!(self, Self::Free | Self::OperatorDelete | Self::SizedFree)
+    }
+
+    /// Whether the function moves or resizes a block (its old pointer is the first
+    /// argument).
+    pub const fn reallocates(self) -> bool {
+        matches!(self, Self::Realloc | Self::Reallocarray | Self::Rallocx)
     }
 
     /// Decodes a discriminant sent by the kernel.
@@ -424,6 +507,11 @@ impl AllocFn {
             8 => Self::Valloc,
             9 => Self::Pvalloc,
             10 => Self::Free,
+            11 => Self::OperatorNew,
+            12 => Self::OperatorDelete,
+            13 => Self::Mallocx,
+            14 => Self::Rallocx,
+            15 => Self::SizedFree,
             _ => return None,
         })
     }
@@ -441,17 +529,24 @@ impl AllocFn {
             Self::Valloc => "valloc_enter",
             Self::Pvalloc => "pvalloc_enter",
             Self::Free => "free_enter",
+            Self::OperatorNew => "operator_new_enter",
+            Self::OperatorDelete => "operator_delete_enter",
+            Self::Mallocx => "mallocx_enter",
+            Self::Rallocx => "rallocx_enter",
+            Self::SizedFree => "sized_free_enter",
         }
     }
 
     /// BPF program name of the return probe, if the function needs one.
     pub const fn return_program(self) -> Option<&'static str> {
-        match self {
-            Self::Free => None,
-            _ => Some("alloc_exit"),
+        if self.frees() {
+            None
+        } else {
+            Some("alloc_exit")
         }
     }
 }
+const _: () = assert!((AllocFn::SizedFree as u32) < maps::HIT_SLOTS);
 
 /// Event kinds carried in [`Event::kind`]. Ids are stable; retired ids are never reused.
 pub mod kind {

@@ -144,7 +144,7 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64, session: 
         sp: regs.sp,
         // Only a realloc's entry time is used (userspace: was the old address handed
         // out again after this call started?); a clock read is ~30 ns.
-        ts_ns: if matches!(func, AllocFn::Realloc | AllocFn::Reallocarray) {
+        ts_ns: if func.reallocates() {
             now()
         } else {
             0
@@ -207,6 +207,12 @@ alloc_entry_probe!(aligned_alloc_enter, AllocFn::AlignedAlloc, |ctx| (
 alloc_entry_probe!(memalign_enter, AllocFn::Memalign, |ctx| (arg(&ctx, 1), 0));
 alloc_entry_probe!(valloc_enter, AllocFn::Valloc, |ctx| (arg(&ctx, 0), 0));
 alloc_entry_probe!(pvalloc_enter, AllocFn::Pvalloc, |ctx| (arg(&ctx, 0), 0));
+alloc_entry_probe!(operator_new_enter, AllocFn::OperatorNew, |ctx| (
+    arg(&ctx, 0),
+    0
+));
+alloc_entry_probe!(mallocx_enter, AllocFn::Mallocx, |ctx| (arg(&ctx, 0), 0));
+alloc_entry_probe!(rallocx_enter, AllocFn::Rallocx, |ctx| (arg(&ctx, 1), arg(&ctx, 0)));
 
 /// malloc and calloc as one uprobe session program (Linux 6.13+, loaded by
 /// userspace with the session attach type when sampling): it runs at the entry and,
@@ -300,7 +306,7 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
     let ret: u64 = unsafe { (*ctx.cast::<pt_regs>()).rax };
     let unsampled = entry.func & ENTRY_UNSAMPLED != 0;
     let func = entry.func & !ENTRY_UNSAMPLED;
-    let is_realloc = func == AllocFn::Realloc as u32 || func == AllocFn::Reallocarray as u32;
+    let is_realloc = AllocFn::from_u32(func).is_some_and(AllocFn::reallocates);
     let sampling = CONFIG.load().sample_bytes != 0;
     if sampling && is_realloc && entry.aux != 0 && (ret != 0 || entry.size == 0) {
         // The old block is gone; if it was sampled (the delete finds it), userspace must hear of it.
@@ -367,14 +373,32 @@ fn emit_alloc(tid: u32, entry: &AllocEntry, func: u32, ret: u64, old: u64, sampl
 /// Entry uprobe of `free`.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
+    free_like(&ctx, AllocFn::Free)
+}
+
+/// Entry uprobe of C++'s `operator delete` (every form: the pointer comes first).
+#[uprobe]
+pub fn operator_delete_enter(ctx: ProbeContext) -> u32 {
+    free_like(&ctx, AllocFn::OperatorDelete)
+}
+
+/// Entry uprobe of `sdallocx`, `dallocx`, `free_sized`, `free_aligned_sized`.
+#[uprobe]
+pub fn sized_free_enter(ctx: ProbeContext) -> u32 {
+    free_like(&ctx, AllocFn::SizedFree)
+}
+
+/// A call that frees its first argument.
+#[inline(always)]
+fn free_like(ctx: &ProbeContext, func: AllocFn) -> u32 {
     let Some(tid) = traced_thread(ENABLE_HEAP) else {
         return 0;
     };
-    let ptr = arg(&ctx, 0);
+    let ptr = arg(ctx, 0);
     if ptr == 0 {
         return 0;
     }
-    hit(AllocFn::Free as u32);
+    hit(func as u32);
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return 0;
     }
@@ -411,7 +435,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         aux: 0,
         aux2: 0,
         stack_id: leaktrace_common::STACK_NONE,
-        func: AllocFn::Free as u32,
+        func: func as u32,
         flags: 0,
     });
     0

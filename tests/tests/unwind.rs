@@ -234,6 +234,52 @@ fn root_cpp_new_and_vector() {
     assert!(share_reaching_start(&r, "C++ -O2") >= 99.0);
 }
 
+/// The same C++ program on jemalloc (Debian's libjemalloc2, preloaded): its
+/// `operator new` inlines the allocation and calls no malloc, so the leak is seen
+/// only through the probe on jemalloc's own `operator new` — on an emulated
+/// instruction, not the single-stepped entry — and the vector's old buffers go back
+/// through its sized `operator delete`.
+#[test]
+fn root_cpp_on_jemalloc_through_operator_new() {
+    require_root();
+    let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    assert!(
+        std::path::Path::new(jemalloc).exists(),
+        "{jemalloc} is missing (cargo xtask setup installs libjemalloc2)"
+    );
+    let mut fx = Fixture::spawn_with_env("unwind_cpp", &[""], &[("LD_PRELOAD", jemalloc)]);
+    let r = trace_fixture(&mut fx, &["--top", "1000"]);
+    let new = r["probes"]
+        .as_array()
+        .expect("probes")
+        .iter()
+        .find(|p| p["function"] == "_Znwm" && p["object"].as_str().unwrap().ends_with("libjemalloc.so.2"))
+        .unwrap_or_else(|| panic!("no probe on jemalloc's operator new: {:#}", r["probes"]));
+    assert_eq!(new["offset_in_function"], 7, "{new:#}");
+    let records: Vec<&Value> = heap_stacks(&r)
+        .iter()
+        .filter(|s| native(s).first().is_some_and(|f| f == "make_records(int)"))
+        .collect();
+    assert_eq!(records.len(), 1, "one stack from make_records: {:#}", r["heap"]);
+    assert_eq!(
+        (records[0]["live_bytes"].as_u64(), records[0]["live_allocations"].as_u64()),
+        (Some(80 * 96), Some(80)),
+        "{:#}",
+        records[0]
+    );
+    assert_eq!(native(records[0])[1..3], ["build_index()", "main"]);
+    // Every buffer the vector outgrew was deleted: only the last one, 16384 longs, stays,
+    // with the vector object itself (24 bytes, also made by fill_vector).
+    let vector: Vec<&Value> = heap_stacks(&r)
+        .iter()
+        .filter(|s| native(s).iter().any(|f| f == "fill_vector(int)"))
+        .collect();
+    let live: u64 = vector.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum();
+    assert_eq!(live, 16384 * 8 + 24, "{vector:#?}");
+    assert_eq!(r["counters"]["free_unknown"], 0, "{}", r["counters"]);
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
 #[test]
 fn root_library_dlopened_after_attach() {
     require_root();

@@ -311,7 +311,7 @@ impl Ledger {
             self.counters.bad_events += 1;
             return;
         };
-        let is_realloc = matches!(func, AllocFn::Realloc | AllocFn::Reallocarray);
+        let is_realloc = func.reallocates();
         if ev.addr == 0 {
             if is_realloc && ev.aux != 0 && ev.size == 0 {
                 // glibc: realloc(p, 0) frees p and returns NULL.

@@ -26,10 +26,19 @@ const MAX_FUNCTION_BYTES: u64 = 256 << 10;
 fn argument_registers(func: AllocFn) -> &'static [iced_x86::Register] {
     use iced_x86::Register::{RDI, RDX, RSI};
     match func {
-        AllocFn::Malloc | AllocFn::Valloc | AllocFn::Pvalloc | AllocFn::Free => &[RDI],
-        AllocFn::Calloc | AllocFn::Realloc | AllocFn::AlignedAlloc | AllocFn::Memalign => {
-            &[RDI, RSI]
-        }
+        AllocFn::Malloc
+        | AllocFn::Valloc
+        | AllocFn::Pvalloc
+        | AllocFn::Free
+        | AllocFn::OperatorNew
+        | AllocFn::OperatorDelete
+        | AllocFn::Mallocx
+        | AllocFn::SizedFree => &[RDI],
+        AllocFn::Calloc
+        | AllocFn::Realloc
+        | AllocFn::AlignedAlloc
+        | AllocFn::Memalign
+        | AllocFn::Rallocx => &[RDI, RSI],
         AllocFn::Reallocarray | AllocFn::PosixMemalign => &[RDI, RSI, RDX],
     }
 }
@@ -39,6 +48,8 @@ fn argument_registers(func: AllocFn) -> &'static [iced_x86::Register] {
 pub struct ProbeSite {
     /// The function and its semantics.
     pub func: AllocFn,
+    /// The symbol probed (one of `func`'s [`AllocFn::symbols`]).
+    pub name: &'static str,
     /// Path of the object as the target sees it.
     pub object: String,
     /// Path to open from our mount namespace.
@@ -98,11 +109,22 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
         .collect();
     let mut sites = Vec::new();
     let mut seen_offsets = BTreeSet::new();
-    for func in AllocFn::ALL {
+    let defines = |name: &str| {
+        syms.iter().any(|s| {
+            s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == name)
+        })
+    };
+    // C++'s operators matter where the allocator defines them (jemalloc, tcmalloc and
+    // mimalloc inline their fast path there); libstdc++'s call malloc, whose probe
+    // sees those calls already.
+    let allocator_here = defines("malloc");
+    let wanted = AllocFn::ALL
+        .iter()
+        .filter(|f| allocator_here || !matches!(f, AllocFn::OperatorNew | AllocFn::OperatorDelete))
+        .flat_map(|&f| f.symbols().iter().map(move |&n| (f, n)));
+    for (func, name) in wanted {
         let Some(sym) = syms.iter().find(|s| {
-            s.is_definition()
-                && s.kind() == SymbolKind::Text
-                && s.name().is_ok_and(|n| n == func.symbol())
+            s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == name)
         }) else {
             continue;
         };
@@ -126,16 +148,22 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
         let code = data
             .get(start..start.saturating_add(len as usize).min(data.len()))
             .unwrap_or(&[]);
+        // A thunk that jumps to another function (jemalloc's `operator delete` is `jmp
+        // free@plt`) is probed where it lands; probing both would see one call twice.
+        if placement::is_thunk(code) {
+            continue;
+        }
         let placement = placement::place(
             code,
             whole,
             placement::Needs {
                 args: argument_registers(func),
-                null_exit_ok: func == AllocFn::Free,
+                null_exit_ok: func.frees(),
             },
         );
         sites.push(ProbeSite {
             func,
+            name,
             object: object.to_owned(),
             host_path: host_path.to_owned(),
             offset: entry_offset + placement.offset,

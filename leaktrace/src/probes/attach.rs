@@ -174,13 +174,9 @@ pub fn attach(
     let mut loaded: Vec<&'static str> = Vec::new();
     for (i, site) in sites.iter().enumerate() {
         if in_session.contains(&i) {
-            log::info!(
-                "uprobe session on {} in {}",
-                site.func.symbol(),
-                site.object
-            );
+            log::info!("uprobe session on {} in {}", site.name, site.object);
             infos.push(ProbeInfo {
-                function: site.func.symbol().into(),
+                function: site.name.into(),
                 object: site.object.clone(),
                 offset: site.offset,
                 offset_in_function: site.placement.offset,
@@ -202,13 +198,13 @@ pub fn attach(
         links.push((name, link));
         log::info!(
             "probe on {} in {} at +{}: {}",
-            site.func.symbol(),
+            site.name,
             site.object,
             site.placement.offset,
             site.placement.reason
         );
         infos.push(ProbeInfo {
-            function: site.func.symbol().into(),
+            function: site.name.into(),
             object: site.object.clone(),
             offset: site.offset,
             offset_in_function: site.placement.offset,
@@ -280,7 +276,7 @@ fn attach_one(
     p.attach(offset, &site.host_path, scope)
         .map_err(attach_err(format!(
             "{what} on {} in {}",
-            site.func.symbol(),
+            site.name,
             site.object
         )))
 }

@@ -86,6 +86,7 @@ mod tests {
     fn site(func: AllocFn, emulated: bool) -> ProbeSite {
         ProbeSite {
             func,
+            name: func.symbol(),
             object: "libc".into(),
             host_path: "/libc".into(),
             offset: 0,

@@ -52,6 +52,20 @@ pub fn first_is_emulated(code: &[u8]) -> bool {
     }
 }
 
+/// Whether a function is only a jump elsewhere (after an optional `endbr64`): a thunk
+/// whose target, if it is an allocator function, has a probe of its own.
+pub fn is_thunk(code: &[u8]) -> bool {
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    for i in decoder.iter().take(2) {
+        match i.mnemonic() {
+            Mnemonic::Endbr64 => continue,
+            Mnemonic::Jmp => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// The probe stays at the entry (for probes that read more than the argument).
 pub fn at_entry(code: &[u8], why: &str) -> Placement {
     Placement {
