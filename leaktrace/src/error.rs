@@ -71,6 +71,20 @@ pub enum Error {
     /// tracefs is not available.
     #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed")]
     Tracefs(#[source] std::io::Error),
+    /// The kernel lacks a BPF feature leaktrace's programs use (found by loading a test
+    /// program before anything else).
+    #[error(
+        "this kernel ({release}) lacks {feature}, which leaktrace's stack walks need (a test program calling it was refused)"
+    )]
+    KernelLacks {
+        /// The kernel's release (`uname -r`).
+        release: String,
+        /// What it lacks, with the Linux version that brought it.
+        feature: &'static str,
+        /// The kernel's answer to the test program.
+        #[source]
+        source: std::io::Error,
+    },
     /// Loading the BPF object failed.
     #[error("failed to load the BPF programs")]
     Load(#[source] aya::EbpfError),

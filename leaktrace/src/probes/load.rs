@@ -51,8 +51,9 @@ pub struct LoadOptions {
     pub unwind: Capacity,
 }
 
-/// Loads the BPF object.
+/// Loads the BPF object, on a kernel that has what its programs use.
 pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
+    check_kernel()?;
     let m = o.modes;
     let flag = |on: bool, bit: u32| if on { bit } else { 0 };
     let bpf_config = BpfConfig {
@@ -99,6 +100,125 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
         fill_exp_draws(&mut ebpf, o.sample_rate)?;
     }
     Ok(ebpf)
+}
+
+/// Refuses, before anything is loaded, a kernel without `bpf_loop` (Linux 5.17), which
+/// the stack walks (CFI unwinding, the CPython frame walk) are built on. Older kernels
+/// otherwise fail later with a verifier message that names no feature (5.10: "number of
+/// funcs in func_info doesn't match number of subprogs", as it does not know the
+/// callback's instruction either). Without the privilege to load programs at all, this
+/// says nothing and [`load`] reports that.
+pub fn check_kernel() -> Result<(), Error> {
+    match probe_bpf_loop() {
+        Err(e) if e.raw_os_error() != Some(libc::EPERM) => Err(Error::KernelLacks {
+            release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown release".into(), |r| r.trim().to_owned()),
+            feature: "bpf_loop (Linux 5.17+)",
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Loads (and drops) a kprobe-type program that calls `bpf_loop` once with an empty
+/// callback. The kernel takes a callback only from a program with BTF function info
+/// that marks it static, so a three-type BTF goes with it.
+fn probe_bpf_loop() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
+
+    /// One instruction: opcode, destination and source registers, offset, immediate.
+    const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+        let off = off as u16 as u64;
+        let imm = imm as u32 as u64;
+        code as u64 | ((dst as u64 | (src as u64) << 4) << 8) | off << 16 | imm << 32
+    }
+    const MOV64_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+    const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_DW | BPF_IMM
+    const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
+    const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+    const PSEUDO_FUNC: u8 = 4; // BPF_PSEUDO_FUNC: the immediate is a subprogram's offset
+    const FUNC_LOOP: i32 = 181; // BPF_FUNC_loop
+    const PROG_TYPE_KPROBE: u32 = 2;
+    const CALLBACK: u32 = 8;
+    let insns: [u64; 10] = [
+        insn(MOV64_IMM, 1, 0, 0, 1), // r1 = 1 iteration
+        // r2 = the callback (its offset counts from the instruction after this one).
+        insn(LD_IMM64, 2, PSEUDO_FUNC, 0, CALLBACK as i32 - 2),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_IMM, 3, 0, 0, 0), // r3 = no context
+        insn(MOV64_IMM, 4, 0, 0, 0), // r4 = no flags
+        insn(CALL, 0, 0, 0, FUNC_LOOP),
+        insn(MOV64_IMM, 0, 0, 0, 0),
+        insn(EXIT, 0, 0, 0, 0),
+        insn(MOV64_IMM, 0, 0, 0, 0), // the callback: return 0 (go on)
+        insn(EXIT, 0, 0, 0, 0),
+    ];
+    // BTF (include/uapi/linux/btf.h): 1 = FUNC_PROTO returning void, 2 = FUNC "probe"
+    // (global), 3 = FUNC "cb" (static); one func_info record per function.
+    let strings = b"\0probe\0cb\0";
+    // (name offset, kind << 24 | vlen or linkage, return type or proto)
+    let types: [[u32; 3]; 3] = [
+        [0, 13 << 24, 0],     // FUNC_PROTO, no parameters, void
+        [1, 12 << 24 | 1, 1], // FUNC probe, global, proto 1
+        [7, 12 << 24, 1],     // FUNC cb, static, proto 1
+    ];
+    let type_len = (types.len() * 12) as u32;
+    let mut btf = Vec::with_capacity(24 + type_len as usize + strings.len());
+    btf.extend_from_slice(&0xeb9f_u16.to_le_bytes());
+    btf.extend_from_slice(&[1, 0]); // version, flags
+    for field in [24, 0, type_len, type_len, strings.len() as u32] {
+        btf.extend_from_slice(&field.to_le_bytes()); // hdr_len, type_off, type_len, str_off, str_len
+    }
+    for t in types.as_flattened() {
+        btf.extend_from_slice(&t.to_le_bytes());
+    }
+    btf.extend_from_slice(strings);
+    let func_info: [u32; 4] = [0, 2, CALLBACK, 3]; // (instruction, FUNC type id)
+
+    let sys_bpf = |cmd: bpf_cmd, attr: &mut bpf_attr| {
+        // SAFETY: `attr` is a zeroed bpf_attr filled for `cmd`, whose pointers refer to
+        // buffers that outlive the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd as libc::c_long,
+                std::ptr::from_mut(attr),
+                size_of::<bpf_attr>(),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: these commands return a new descriptor we now own (dropping it unloads).
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    // SAFETY: plain old data; zero is a valid bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the BPF_BTF_LOAD member of the union.
+    unsafe {
+        let u = &mut attr.__bindgen_anon_7;
+        u.btf = btf.as_ptr() as u64;
+        u.btf_size = btf.len() as u32;
+    }
+    let btf_fd = sys_bpf(bpf_cmd::BPF_BTF_LOAD, &mut attr)?;
+    let license = c"GPL";
+    // SAFETY: plain old data; zero is a valid bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the BPF_PROG_LOAD member of the union.
+    unsafe {
+        let u = &mut attr.__bindgen_anon_3;
+        u.prog_type = PROG_TYPE_KPROBE;
+        u.insns = insns.as_ptr() as u64;
+        u.insn_cnt = insns.len() as u32;
+        u.license = license.as_ptr() as u64;
+        u.prog_btf_fd = btf_fd.as_raw_fd() as u32;
+        u.func_info = func_info.as_ptr() as u64;
+        u.func_info_cnt = 2;
+        u.func_info_rec_size = 8;
+    }
+    sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(drop)
 }
 
 /// Fills the table of exponential draws (mean `rate` bytes) the BPF sampler picks from.
