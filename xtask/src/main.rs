@@ -1,4 +1,4 @@
-//! Orchestration for leaktrace: `cargo xtask setup | test | demo | bench`.
+//! Orchestration for leaktrace: `cargo xtask setup | test | kernels | demo | bench`.
 //!
 //! The BPF object itself is built by `leaktrace/build.rs` (aya-build); xtask
 //! installs what that build and the tests need, and runs things in order.
@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod kernels;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -23,13 +24,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build and tests need (idempotent; fast when done).
+    /// Install what the build and tests need, the kernel tier's too (idempotent; fast when done).
     Setup,
-    /// Set up, build, and run every test (the probe tests need root).
+    /// Set up, build, and run every test (the probe tests need root), then, without test
+    /// arguments, the kernel tier and the benchmark smoke.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Set up, build, and run only the kernel tier: Debian's kernels under qemu.
+    Kernels {
+        /// Kernel series to boot (6.1, 6.12, 5.10); all when none.
+        series: Vec<String>,
     },
     /// Set up, build, and trace the demo program as it leaks.
     Demo,
@@ -44,10 +51,15 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.task {
-        Task::Setup => setup(),
-        Task::Test { args } => setup().and_then(|()| test(&args)),
-        Task::Demo => setup().and_then(|()| demo()),
-        Task::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Task::Setup => setup(true),
+        Task::Test { args } => {
+            // Filtered runs leave the tier out; otherwise it runs unless opted out.
+            let tier = args.is_empty() && !kernels::skipped();
+            setup(tier).and_then(|()| test(&args, tier))
+        }
+        Task::Kernels { series } => setup(true).and_then(|()| kernel_tier(&series)),
+        Task::Demo => setup(false).and_then(|()| demo()),
+        Task::Bench { quick } => setup(false).and_then(|()| bench(quick)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,8 +108,9 @@ fn works(cmd: &mut Command) -> bool {
 
 /// Installs, only where missing: a C compiler (fixtures, demo), the nightly
 /// toolchain's rust-src (the BPF build uses -Z build-std=core), and bpf-linker
-/// built against the nightly toolchain's own libLLVM (no prebuilt download works here).
-fn setup() -> Result<()> {
+/// built against the nightly toolchain's own libLLVM (no prebuilt download works here);
+/// with `kernels`, what the kernel tier needs (qemu, virtme-ng, Debian's kernels).
+fn setup(kernels: bool) -> Result<()> {
     // Debian packages the tests need: C and C++ compilers for the fixtures, and Debian's own
     // python3.11 (static libpython, LTO+PGO, no frame pointers), which the Python
     // fixtures run on. Installed only when missing.
@@ -116,6 +129,9 @@ fn setup() -> Result<()> {
     }
     if !Path::new("/usr/bin/python3.11").exists() {
         missing.push("python3.11");
+    }
+    if kernels {
+        missing.extend(kernels::missing_packages());
     }
     if !missing.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
@@ -148,7 +164,11 @@ fn setup() -> Result<()> {
             "nightly",
         ]))?;
     }
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    if kernels {
+        kernels::setup()?;
+    }
+    Ok(())
 }
 
 /// bpf-linker must use the same LLVM as the nightly rustc that emits the bitcode.
@@ -226,13 +246,20 @@ fn cargo() -> Command {
     c
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(args: &[String], tier: bool) -> Result<()> {
     run(cargo().args(["build", "-p", "leaktrace"]))?;
     let bin = workspace().join("target/debug/leaktrace");
     run(cargo()
         .args(["test", "--workspace", "--exclude", "leaktrace-ebpf", "--"])
         .args(args)
-        .env("LEAKTRACE_BIN", bin))?;
+        .env("LEAKTRACE_BIN", &bin))?;
+    if tier {
+        kernels::run_tier(&workspace(), cargo(), &bin, &[])?;
+    } else if !args.is_empty() {
+        eprintln!(
+            "xtask: kernel tier not run (test arguments given; `cargo xtask kernels` runs it)"
+        );
+    }
     if args.is_empty() {
         // A quick run of the benchmark harness, so it never rots (numbers not asserted).
         run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
@@ -244,6 +271,13 @@ fn test(args: &[String]) -> Result<()> {
         println!("bench smoke: every workload ran under every installed tool");
     }
     Ok(())
+}
+
+/// The kernel tier alone, on the series given (all when none).
+fn kernel_tier(series: &[String]) -> Result<()> {
+    run(cargo().args(["build", "-p", "leaktrace"]))?;
+    let bin = workspace().join("target/debug/leaktrace");
+    kernels::run_tier(&workspace(), cargo(), &bin, series)
 }
 
 fn demo() -> Result<()> {
