@@ -12,6 +12,7 @@
     reason = "program shims are documented where they are generated"
 )]
 
+mod calibrate;
 mod heap;
 mod python;
 mod stack;

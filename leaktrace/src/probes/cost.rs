@@ -1,81 +1,82 @@
-//! What the probes cost the target, projected from call rates.
+//! What the probes cost the target, from call rates and the trap costs measured on
+//! this machine at startup ([`super::calibrate`]).
 //!
-//! Every probed call traps into the kernel; the trap, not the BPF program, is
-//! most of the cost. Per-hit costs were measured on the development VM
-//! (../shared/docs/performance.md §2 and docs/bench.md): an entry probe on an
-//! instruction the kernel emulates ≈ 1.3 µs, one it single-steps ≈ 17 µs, a
-//! return probe's trampoline ≈ 1.8 µs. Other machines trap faster (published
-//! figures are 5–10× lower), so projections here err on the high side.
+//! Every probed call traps into the kernel; the trap, not the BPF program, is most
+//! of the cost: an entry probe on an instruction the kernel emulates, one it
+//! single-steps (about 14× more on the development VM), and a return probe's
+//! trampoline. The programs' own run time is measured by the kernel's BPF
+//! statistics and added by the meter.
 
 use leaktrace_common::AllocFn;
 
-use crate::probes::allocators::ProbeSite;
+use crate::probes::{allocators::ProbeSite, calibrate::TrapCosts};
 
-/// Entry probe on an emulated instruction, µs.
-pub const EMULATED_ENTRY_US: f64 = 1.3;
-/// Entry probe on a single-stepped instruction, µs.
-pub const SINGLE_STEPPED_ENTRY_US: f64 = 17.0;
-/// Return probe (trampoline trap), µs.
-pub const RETURN_US: f64 = 1.8;
-
-/// Projected cost of one traced call of a probe site, µs.
-pub fn cost_per_call_us(site: &ProbeSite) -> f64 {
-    let entry = if site.placement.emulated {
-        EMULATED_ENTRY_US
-    } else {
-        SINGLE_STEPPED_ENTRY_US
-    };
-    entry
+/// Cost of one traced call of a probe site, µs: its entry trap and, where there is
+/// one, its return trap.
+pub fn cost_per_call_us(site: &ProbeSite, t: &TrapCosts) -> f64 {
+    entry_us(site, t)
         + if site.func.return_program().is_some() {
-            RETURN_US
+            t.return_us
         } else {
             0.0
         }
 }
 
-/// Projected cost per call of `func`, the most expensive of its sites.
-pub fn cost_for(sites: &[ProbeSite], func: AllocFn) -> f64 {
+/// Cost of a site's entry trap, µs.
+pub fn entry_us(site: &ProbeSite, t: &TrapCosts) -> f64 {
+    if site.placement.emulated {
+        t.emulated_us
+    } else {
+        t.single_stepped_us
+    }
+}
+
+/// Cost per call of `func`, the most expensive of its sites.
+pub fn cost_for(sites: &[ProbeSite], func: AllocFn, t: &TrapCosts) -> f64 {
     sites
         .iter()
         .filter(|s| s.func == func)
-        .map(cost_per_call_us)
+        .map(|s| cost_per_call_us(s, t))
         .fold(0.0, f64::max)
 }
 
-/// Projected CPU seconds per second the probes add, from calls per second per function.
-pub fn projected_cpu(sites: &[ProbeSite], rates: &[(AllocFn, f64)]) -> f64 {
+/// CPU seconds per second the traps add, from calls per second per function.
+pub fn projected_cpu(sites: &[ProbeSite], rates: &[(AllocFn, f64)], t: &TrapCosts) -> f64 {
     rates
         .iter()
-        .map(|&(f, r)| r * cost_for(sites, f) / 1e6)
+        .map(|&(f, r)| r * cost_for(sites, f, t) / 1e6)
         .sum()
 }
 
 /// CPU seconds per second of the entry traps alone (a dry run's counting probes).
-pub fn entry_only_cpu(sites: &[ProbeSite], rates: &[(AllocFn, f64)]) -> f64 {
+pub fn entry_only_cpu(sites: &[ProbeSite], rates: &[(AllocFn, f64)], t: &TrapCosts) -> f64 {
     rates
         .iter()
         .map(|&(f, r)| {
             let entry = sites
                 .iter()
                 .filter(|s| s.func == f)
-                .map(|s| {
-                    if s.placement.emulated {
-                        EMULATED_ENTRY_US
-                    } else {
-                        SINGLE_STEPPED_ENTRY_US
-                    }
-                })
+                .map(|s| entry_us(s, t))
                 .fold(0.0, f64::max);
             r * entry / 1e6
         })
         .sum()
 }
 
-/// The probes' projected cost as a percentage of the target's own CPU time
-/// (what the kernel charged it, less what the probes attached now cost; never
-/// taken below a millisecond per second, so an idle target gives a large but finite figure).
-pub fn overhead_pct(projected: f64, own_cpu: f64) -> f64 {
-    projected / own_cpu.max(1e-3) * 100.0
+/// The probes' cost as a percentage of the target's own CPU time (what the kernel
+/// charged it, `target`, less what the probes attached now cost, `current`). The
+/// own time is never taken below a tenth of what the kernel charged nor below a
+/// millisecond per second, so a model error or an idle target gives a large but
+/// finite figure, not a division by nothing.
+pub fn overhead_pct(projected: f64, target: f64, current: f64) -> f64 {
+    let own = (target - current).max(target * 0.1).max(1e-3);
+    projected / own * 100.0
+}
+
+/// The share of its untraced speed a CPU-bound target keeps under `pct` (from
+/// [`overhead_pct`]): its own work plus the probes' in the time its own took.
+pub fn throughput_share(pct: f64) -> f64 {
+    1.0 / (1.0 + pct / 100.0)
 }
 
 #[cfg(test)]
@@ -100,6 +101,13 @@ mod tests {
         }
     }
 
+    const T: TrapCosts = TrapCosts {
+        emulated_us: 1.3,
+        single_stepped_us: 17.0,
+        return_us: 1.8,
+        measured: true,
+    };
+
     /// Projection: rates × per-call costs; overhead relative to the target's own time.
     #[test]
     fn projects_cost() {
@@ -115,18 +123,21 @@ mod tests {
             (AllocFn::PosixMemalign, 18.8),
             (AllocFn::Calloc, 0.0),
         ] {
-            assert!((cost_for(&sites, f) - want).abs() < 1e-9, "{f:?}");
+            assert!((cost_for(&sites, f, &T) - want).abs() < 1e-9, "{f:?}");
         }
         let rates = [
             (AllocFn::Malloc, 100_000.0),
             (AllocFn::Free, 100_000.0),
             (AllocFn::PosixMemalign, 1_000.0),
         ];
-        let cpu = projected_cpu(&sites, &rates);
+        let cpu = projected_cpu(&sites, &rates, &T);
         assert!((cpu - 0.4588).abs() < 1e-9, "{cpu}");
         // The target was charged 0.9588 CPU-s/s, of which 0.4588 were the probes.
-        assert!((overhead_pct(cpu, 0.9588 - cpu) - 91.76).abs() < 1e-6);
+        assert!((overhead_pct(cpu, 0.9588, cpu) - 91.76).abs() < 1e-6);
+        assert!((throughput_share(91.76) - 0.5215).abs() < 1e-4);
+        // A model that says more than the kernel charged is capped, not divided by zero.
+        assert!((overhead_pct(cpu, 0.3, cpu) - 1529.33).abs() < 0.01);
         // A dry run's counting probes cost the entry traps only.
-        assert!((entry_only_cpu(&sites, &rates) - (0.13 + 0.13 + 0.017)).abs() < 1e-9);
+        assert!((entry_only_cpu(&sites, &rates, &T) - (0.13 + 0.13 + 0.017)).abs() < 1e-9);
     }
 }

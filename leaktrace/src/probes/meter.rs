@@ -12,7 +12,7 @@ use leaktrace_common::{AllocFn, maps::HIT_SLOTS};
 use serde::Serialize;
 
 use crate::{
-    probes::{allocators::ProbeSite, cost, uprobe_session::SessionProgram},
+    probes::{allocators::ProbeSite, calibrate::TrapCosts, cost, uprobe_session::SessionProgram},
     process::procfs,
 };
 
@@ -23,8 +23,11 @@ pub struct Overhead {
     pub window_s: f64,
     /// Calls per second per function (entry-probe hits).
     pub calls_per_s: std::collections::BTreeMap<String, f64>,
-    /// Projected cost per traced call, µs (entry trap, plus the return trap where there is one).
+    /// Cost per traced call, µs (entry trap, plus the return trap where there is one),
+    /// from the trap costs measured at startup (`traps`).
     pub cost_per_call_us: std::collections::BTreeMap<String, f64>,
+    /// What one trap costs on this machine, measured at startup.
+    pub traps: Option<TrapCosts>,
     /// Projected CPU seconds per second added by tracing every call: the traps from
     /// the per-trap model, plus `bpf_cpu_per_s` when measured.
     pub projected_cpu_per_s: f64,
@@ -72,6 +75,8 @@ pub struct Meter {
     /// Time spent in our BPF programs (kernel BPF statistics) at `start` and `last`,
     /// when the statistics are on.
     bpf_ns: (Option<u64>, Option<u64>),
+    /// What a trap costs here.
+    traps: TrapCosts,
 }
 
 /// (name, total run time ns, runs) of each of our programs, the session program
@@ -136,7 +141,7 @@ impl Reading {
 
 impl Meter {
     /// A meter for `pid`, starting now.
-    pub fn new(pid: u32, dry_run: bool, session_funcs: Vec<AllocFn>) -> Self {
+    pub fn new(pid: u32, dry_run: bool, session_funcs: Vec<AllocFn>, traps: TrapCosts) -> Self {
         let now = Reading {
             at: Instant::now(),
             hits: [0; HIT_SLOTS as usize],
@@ -150,6 +155,7 @@ impl Meter {
             start: now.clone(),
             last: now,
             bpf_ns: (None, None),
+            traps,
         }
     }
 
@@ -180,6 +186,7 @@ impl Meter {
         sites: &[ProbeSite],
         dry_run: bool,
         session_funcs: &[AllocFn],
+        traps: &TrapCosts,
     ) -> Option<Overhead> {
         let secs = to.at.duration_since(from.at).as_secs_f64();
         if secs <= 0.0 {
@@ -210,15 +217,16 @@ impl Meter {
         } else {
             0.0
         };
-        let saved_cpu = session_rate * skipped_share * cost::RETURN_US / 1e6;
-        let projected = cost::projected_cpu(sites, &rates) - saved_cpu + bpf_cpu.unwrap_or(0.0);
+        let saved_cpu = session_rate * skipped_share * traps.return_us / 1e6;
+        let projected =
+            cost::projected_cpu(sites, &rates, traps) - saved_cpu + bpf_cpu.unwrap_or(0.0);
         let target = match (from.cpu_s, to.cpu_s) {
             (Some(a), Some(b)) => (b - a) / secs,
             _ => 0.0,
         };
         // What the probes attached now cost the target (in a dry run, only the entry traps).
         let current = if dry_run {
-            cost::entry_only_cpu(sites, &rates)
+            cost::entry_only_cpu(sites, &rates, traps)
         } else {
             projected
         };
@@ -232,19 +240,20 @@ impl Meter {
                 .iter()
                 .map(|(f, _)| {
                     let skipped = if session_funcs.contains(f) {
-                        skipped_share * cost::RETURN_US
+                        skipped_share * traps.return_us
                     } else {
                         0.0
                     };
-                    (f.symbol().to_owned(), cost::cost_for(sites, *f) - skipped)
+                    (f.symbol().to_owned(), cost::cost_for(sites, *f, traps) - skipped)
                 })
                 .collect(),
             projected_cpu_per_s: projected,
             bpf_cpu_per_s: bpf_cpu,
             bpf_us_per_call: bpf_cpu.filter(|_| calls > 0.0).map(|c| c * 1e6 / calls),
             bpf_programs: Default::default(),
+            traps: Some(*traps),
             target_cpu_per_s: target,
-            projected_pct: cost::overhead_pct(projected, target - current),
+            projected_pct: cost::overhead_pct(projected, target, current),
         })
     }
 
@@ -264,6 +273,7 @@ impl Meter {
             sites,
             self.dry_run,
             &self.session_funcs,
+            &self.traps,
         );
         self.last = now;
         self.bpf_ns.1 = bpf_ns;
@@ -290,6 +300,7 @@ impl Meter {
             sites,
             self.dry_run,
             &self.session_funcs,
+            &self.traps,
         )
     }
 }

@@ -7,6 +7,7 @@
 pub mod allocators;
 pub mod attach;
 pub mod btf;
+pub mod calibrate;
 pub mod cost;
 pub mod load;
 pub mod meter;

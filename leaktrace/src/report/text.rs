@@ -33,10 +33,23 @@ pub fn render_dry_run(pid: u32, duration_s: f64, o: &Overhead, reason: &str) -> 
     );
     let _ = writeln!(
         s,
-        "Projected cost of full tracing: {:.3} CPU-s/s, {:.1}% of the target's own CPU time.",
-        o.projected_cpu_per_s, o.projected_pct
+        "Projected cost of full tracing: {:.3} CPU-s/s, {:.1}% of the target's own CPU time (a CPU-bound target would keep about {:.2} of its speed).",
+        o.projected_cpu_per_s,
+        o.projected_pct,
+        crate::probes::cost::throughput_share(o.projected_pct)
     );
-    s.push_str("(Per-call costs are those measured on the development VM; see docs/bench.md.)\n");
+    match o.traps {
+        Some(t) if t.measured => {
+            let _ = writeln!(
+                s,
+                "(Trap costs measured on this machine at startup: {:.2} µs on an emulated instruction, {:.2} µs single-stepped, {:.2} µs more for a return probe; the BPF programs' own work comes on top.)",
+                t.emulated_us, t.single_stepped_us, t.return_us
+            );
+        }
+        _ => s.push_str(
+            "(Trap costs could not be measured here: those of the development VM are used; see docs/bench.md.)\n",
+        ),
+    }
     s
 }
 
@@ -520,16 +533,36 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     }
     if let Some(ov) = &r.overhead {
         let calls: f64 = ov.calls_per_s.values().sum();
-        let measured = ov.bpf_us_per_call.map_or(String::new(), |u| {
+        let traps = ov.traps.map_or(String::new(), |t| {
             format!(
-                " (traps as modelled, plus {u:.2} µs of BPF work per call measured by the kernel)"
+                "; a trap costs {:.2} µs here on an emulated instruction, {:.2} µs single-stepped, {:.2} µs more for a return probe{}",
+                t.emulated_us,
+                t.single_stepped_us,
+                t.return_us,
+                if t.measured {
+                    " (measured at startup)"
+                } else {
+                    " (not measured here: the development VM's figures)"
+                }
             )
         });
-        let _ = writeln!(
-            o,
-            "\nProbe cost (projected): {:.1}% of the target's CPU time at {:.0} allocator calls/s{measured}.",
-            ov.projected_pct, calls
-        );
+        let bpf = ov.bpf_us_per_call.map_or(String::new(), |u| {
+            format!(", plus {u:.2} µs of BPF work per call (the kernel's statistics)")
+        });
+        if calls < 0.5 {
+            let _ = writeln!(
+                o,
+                "\nProbe cost: none to speak of — the target made no allocator calls while traced{traps}."
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "\nProbe cost: {:.1}% of the target's own CPU time at {:.0} allocator calls/s (a CPU-bound target keeps about {:.2} of its untraced speed){traps}{bpf}.",
+                ov.projected_pct,
+                calls,
+                crate::probes::cost::throughput_share(ov.projected_pct)
+            );
+        }
     }
     o.push('\n');
     let nonzero: Vec<String> = r

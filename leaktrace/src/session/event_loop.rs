@@ -268,25 +268,39 @@ impl Session<'_> {
         blocked: Option<launch::Blocked>,
     ) -> Result<Outcome, Error> {
         let mut m = Maps::take(ebpf, self.config.copy_stacks)?;
+        // What a trap costs on this machine, measured now (probes on functions of our own).
+        let traps = match crate::probes::calibrate::calibrate(ebpf) {
+            Ok(t) => {
+                log::info!(
+                    "trap costs here: {:.2} µs emulated, {:.2} µs single-stepped, {:.2} µs per return",
+                    t.emulated_us,
+                    t.single_stepped_us,
+                    t.return_us
+                );
+                t
+            }
+            Err(e) => {
+                log::warn!(
+                    "trap costs could not be measured here ({}); using the development VM's",
+                    crate::error::chain(&e)
+                );
+                crate::probes::calibrate::TrapCosts::FALLBACK
+            }
+        };
         let mut meter = Meter::new(
             self.pid,
             self.config.dry_run,
             self.attached.session_functions(),
+            traps,
         );
-        // With a budget, the programs' own run time is measured by the kernel (BPF
-        // statistics, on while this descriptor is open; ~20–40 ns per program run).
-        let stats = if self.config.max_overhead_pct.is_some() {
-            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    log::warn!(
-                        "BPF run-time statistics unavailable ({e}); the budget counts traps only"
-                    );
-                    None
-                }
+        // The programs' own run time is measured by the kernel (BPF statistics, on while
+        // this descriptor is open; ~20–40 ns per program run).
+        let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!("BPF run-time statistics unavailable ({e}); costs count traps only");
+                None
             }
-        } else {
-            None
         };
         let stats_on = stats.is_some();
         meter.start_bpf(meter::bpf_run_ns(
@@ -685,10 +699,16 @@ fn go(
             reason = "the one status line users and tests wait for"
         )]
         {
-            eprintln!(
-                "leaktrace: tracing pid {pid} ({probes} allocator probes, {} syscall tracepoints); Ctrl-C to stop",
-                attach::SYSCALLS.len() * 2
-            );
+            if config.dry_run {
+                eprintln!(
+                    "leaktrace: tracing pid {pid} in a dry run: only counting calls at {probes} allocator entries; Ctrl-C to stop"
+                );
+            } else {
+                eprintln!(
+                    "leaktrace: tracing pid {pid} ({probes} allocator probes, {} tracepoints); Ctrl-C to stop",
+                    attach::SYSCALLS.len() * 2 + 1
+                );
+            }
         }
     }
     Ok(started)
