@@ -185,14 +185,24 @@ impl Handle {
     }
 }
 
+/// Sets the time of the next attempt when an attempt ends.
+struct RetryAfter<'a>(&'a mut Instant);
+
+impl Drop for RetryAfter<'_> {
+    fn drop(&mut self) {
+        *self.0 = Instant::now() + PY_RETRY;
+    }
+}
+
 /// Whether Python frames are walked.
 #[derive(Debug)]
 enum PyState {
     /// No interpreter among the objects mapped so far (looked for again when code is
     /// mapped or the target execs).
     Absent,
-    /// An interpreter was found; its runtime is not ready to read yet (attempts so far).
-    Pending(Box<Interpreter>, u32),
+    /// An interpreter was found; its runtime is not ready to read yet (what its file
+    /// says, once read; attempts so far).
+    Pending(Box<Interpreter>, Option<Box<python::Loaded>>, u32),
     /// Frames are walked.
     Ready(Box<Interpreter>, Box<PyTarget>),
     /// An interpreter whose frames cannot be walked, and why.
@@ -205,7 +215,7 @@ impl PyState {
     fn interpreter(&self) -> Option<&Interpreter> {
         match self {
             Self::Absent => None,
-            Self::Pending(i, _) | Self::Ready(i, _) | Self::Unavailable(i, _) | Self::Off(i) => {
+            Self::Pending(i, ..) | Self::Ready(i, _) | Self::Unavailable(i, _) | Self::Off(i) => {
                 Some(i)
             }
         }
@@ -282,6 +292,15 @@ impl Worker {
         self.reply(Reply::Ready);
         loop {
             let job = if self.python_pending() {
+                // Jobs first: a launched command may be stopped until one is answered.
+                match jobs.try_recv() {
+                    Ok(j) => {
+                        self.handle(j);
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                    Err(mpsc::TryRecvError::Empty) => {}
+                }
                 let now = Instant::now();
                 if now >= self.py.next_try {
                     self.find_python();
@@ -496,7 +515,6 @@ impl Worker {
     /// found, tells BPF where its frames are (retried while its runtime is not
     /// initialized yet).
     fn find_python(&mut self) {
-        self.py.next_try = Instant::now() + PY_RETRY;
         let pid = self.setup.pid;
         let Ok(maps) = procfs::read_maps(pid) else {
             return;
@@ -523,7 +541,7 @@ impl Worker {
                         );
                         self.reply(Reply::Interpreter(Some(i.version)));
                         self.py.state = if self.setup.python_stacks {
-                            PyState::Pending(Box::new(i), 0)
+                            PyState::Pending(Box::new(i), None, 0)
                         } else {
                             PyState::Off(Box::new(i))
                         };
@@ -538,17 +556,39 @@ impl Worker {
                 objects.push((m.path.clone(), host));
             }
         }
-        let PyState::Pending(interp, tries) = &self.py.state else {
+        // The next attempt waits PY_RETRY after this one ends (reading the interpreter's
+        // file takes longer than that).
+        let _retry = RetryAfter(&mut self.py.next_try);
+        let PyState::Pending(interp, loaded, tries) = &mut self.py.state else {
             return;
         };
         let tries = *tries;
+        if loaded.is_none() {
+            match python::load(interp, &maps) {
+                Ok(l) => *loaded = Some(Box::new(l)),
+                Err(why) => {
+                    let interp = interp.clone();
+                    self.py.state = PyState::Unavailable(interp, why);
+                    if let PyState::Unavailable(_, why) = &self.py.state {
+                        log::warn!("no Python frames: {why}");
+                    }
+                    return;
+                }
+            }
+        }
+        let Some(loaded) = loaded.clone() else {
+            return;
+        };
         let fsbase = *self.py.fsbase.get_or_insert_with(|| {
             Btf::from_sys()
                 .ok()
                 .and_then(|b| b.member_offset("task_struct", &["thread", "fsbase"]))
         });
+        let PyState::Pending(interp, ..) = &self.py.state else {
+            return;
+        };
         let found = match ProcMemory::open(pid) {
-            Ok(mem) => python::configure(&mem, interp, &maps, fsbase),
+            Ok(mem) => python::configure(&mem, interp, &loaded, &maps, fsbase),
             Err(e) => Err(format!("cannot read the target: {e}")),
         };
         let interp = interp.clone();
@@ -570,7 +610,7 @@ impl Worker {
             },
             // Still initializing (a launched command, or one that just started): retry a while.
             Err(_) if tries < PY_ATTEMPTS && self.setup.launched => {
-                PyState::Pending(interp, tries + 1)
+                PyState::Pending(interp, Some(loaded), tries + 1)
             }
             Err(why) => PyState::Unavailable(interp, why),
         };

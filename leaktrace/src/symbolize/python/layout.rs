@@ -68,13 +68,34 @@ fn members<M: Memory>(mem: &M, type_addr: u64) -> FxHashMap<String, u64> {
     out
 }
 
-/// The interpreter's object as loaded: its bytes and load bias.
-struct Loaded {
+/// What the interpreter's file says, read once per interpreter (its file is read
+/// whole, megabytes): the load bias, the eval loop's ranges and the addresses the
+/// code that finds the thread state refers to. [`configure`] is then only reads of
+/// the target's memory, cheap to retry while the runtime initializes.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    bias: u64,
+    /// Runtime ranges of the eval loop's native function.
+    eval_ranges: Vec<(u64, u64)>,
+    /// Link-time addresses `PyGILState_GetThisThreadState` refers to.
+    gilstate_refs: Vec<u64>,
+    /// Link-time addresses `PyInterpreterState_Head` refers to (2.x).
+    interp_head_refs: Vec<u64>,
+}
+
+impl Loaded {
+    fn at(&self, link: u64) -> u64 {
+        link.wrapping_add(self.bias)
+    }
+}
+
+/// The file's bytes, while [`load`] reads them.
+struct FileBytes {
     data: Vec<u8>,
     bias: u64,
 }
 
-impl Loaded {
+impl FileBytes {
     fn at(&self, link: u64) -> u64 {
         link.wrapping_add(self.bias)
     }
@@ -125,7 +146,8 @@ impl Loaded {
     }
 }
 
-fn load(interp: &Interpreter, maps: &[MapEntry]) -> Result<Loaded, Unavailable> {
+/// Reads what [`configure`] needs from the interpreter's file (once per interpreter).
+pub fn load(interp: &Interpreter, maps: &[MapEntry]) -> Result<Loaded, Unavailable> {
     let data = std::fs::read(&interp.host)
         .map_err(|e| format!("failed to read {}: {e}", interp.host.display()))?;
     let bias = maps
@@ -133,13 +155,22 @@ fn load(interp: &Interpreter, maps: &[MapEntry]) -> Result<Loaded, Unavailable> 
         .find(|m| m.path == interp.object)
         .and_then(|m| crate::process::elf::load_bias(&data, m.start, m.offset, m.is_exec()))
         .ok_or_else(|| format!("{} is not mapped where its ELF says", interp.object))?;
-    Ok(Loaded { data, bias })
+    let f = FileBytes { data, bias };
+    let s = &interp.symbols;
+    Ok(Loaded {
+        bias,
+        eval_ranges: eval_ranges(&f, interp),
+        gilstate_refs: s.gilstate_fn.map(|a| f.referenced(a)).unwrap_or_default(),
+        interp_head_refs: s.interp_head_fn.map(|a| f.referenced(a)).unwrap_or_default(),
+    })
 }
 
-/// Configures the Python walk for `interp` in the live target.
+/// Configures the Python walk for `interp` in the live target, from what [`load`]
+/// read of its file.
 pub fn configure<M: Memory>(
     mem: &M,
     interp: &Interpreter,
+    loaded: &Loaded,
     maps: &[MapEntry],
     fsbase_offset: Option<u64>,
 ) -> Result<PyTarget, Unavailable> {
@@ -151,7 +182,7 @@ pub fn configure<M: Memory>(
     }
     let fsbase_offset =
         fsbase_offset.ok_or("the kernel's BTF does not give task_struct.thread.fsbase")?;
-    let loaded = load(interp, maps)?;
+    let loaded = loaded.clone();
     let s = &interp.symbols;
     let code_type = loaded.at(s.code_type);
     let mut c = PyConfig {
@@ -170,7 +201,7 @@ pub fn configure<M: Memory>(
             ascii_data: if minor >= 12 { 40 } else { 48 },
             compact_extra: if minor >= 12 { 16 } else { 24 },
         },
-        eval_ranges: eval_ranges(&loaded, interp),
+        eval_ranges: loaded.eval_ranges.clone(),
     };
     if major == 2 {
         configure_27(mem, interp, &loaded, maps, &mut c, &mut t)?;
@@ -247,10 +278,9 @@ fn configure_27<M: Memory>(
     let s = &interp.symbols;
     // `interp_head` is static: in .symtab when not stripped, else read from the code of
     // PyInterpreterState_Head() (`mov interp_head(%rip), %rax; ret`).
-    let candidates: Vec<u64> = match (s.interp_head, s.interp_head_fn) {
-        (Some(a), _) => vec![a],
-        (None, Some(f)) => loaded.referenced(f),
-        (None, None) => Vec::new(),
+    let candidates: Vec<u64> = match s.interp_head {
+        Some(a) => vec![a],
+        None => loaded.interp_head_refs.clone(),
     };
     let mut found = None;
     for link in candidates {
@@ -475,11 +505,10 @@ fn tss_key<M: Memory>(mem: &M, interp: &Interpreter, loaded: &Loaded) -> Result<
     let s = &interp.symbols;
     let runtime = s.runtime.ok_or("_PyRuntime not found")?;
     let span = s.runtime_size.max(4096);
-    let mut candidates: Vec<u64> = s
-        .gilstate_fn
-        .map(|f| loaded.referenced(f))
-        .unwrap_or_default()
-        .into_iter()
+    let mut candidates: Vec<u64> = loaded
+        .gilstate_refs
+        .iter()
+        .copied()
         .filter(|&a| a >= runtime && a < runtime + span)
         .collect();
     let table = match interp.version.1 {
@@ -513,7 +542,7 @@ fn tss_key<M: Memory>(mem: &M, interp: &Interpreter, loaded: &Loaded) -> Result<
 /// split off into `.cold` parts. Those are named in `.symtab`; in a stripped build
 /// (Debian's python3.14, where most of the loop is in its cold part) they are the
 /// `.eh_frame` ranges the function's own jumps land in.
-fn eval_ranges(loaded: &Loaded, interp: &Interpreter) -> Vec<(u64, u64)> {
+fn eval_ranges(loaded: &FileBytes, interp: &Interpreter) -> Vec<(u64, u64)> {
     use iced_x86::{Decoder, DecoderOptions, FlowControl};
     let Ok(file) = object::File::parse(&*loaded.data) else {
         return Vec::new();
@@ -589,7 +618,7 @@ mod tests {
         let host = Path::new("/usr/bin/python3.11");
         let interp = super::super::identify::identify("/usr/bin/python3.11", host)
             .expect("python3.11 is an interpreter");
-        let loaded = Loaded {
+        let loaded = FileBytes {
             data: std::fs::read(host).expect("readable"),
             bias: 0,
         };

@@ -18,7 +18,7 @@ mod layout;
 pub mod lines;
 
 pub use identify::{Interpreter, version_from_name};
-pub use layout::configure;
+pub use layout::{Loaded, configure, load};
 use leaktrace_common::{PY_FRAME_EDGE, PyConfig, PyFrame};
 use lines::{linetable310_line, lnotab_line, location_line};
 use rustc_hash::FxHashMap;
