@@ -603,6 +603,14 @@ const _: () = assert!(size_of::<Event>() == 64);
 
 /// [`Event::flags`]: the syscall was made from inside a probed allocator call.
 pub const EVENT_IN_ALLOCATOR: u32 = 1;
+/// [`Event::flags`] of an [`kind::ALLOC`] by a realloc-like call: the block was resized
+/// in place (`addr` is the old pointer) and keeps the stack that allocated it; no stack
+/// was walked ([`Event::stack_id`] is [`STACK_NONE`]).
+pub const EVENT_IN_PLACE: u32 = 2;
+
+/// [`AllocEntry::stack_id`] of a realloc-like call whose stack is walked at its return,
+/// and only if it moved its block.
+pub const STACK_AT_RETURN: i64 = -1_000_001;
 
 /// Per-thread state saved at an allocator's entry and consumed at its return.
 #[repr(C)]

@@ -68,7 +68,19 @@ pub fn at_function_entry(regs: Regs) -> i64 {
         count(counter::STACK_ERROR);
         return -EFAULT;
     };
-    capture(ret, None, regs.ip, regs.bp, regs.sp, 0, true).0
+    capture(ret, None, regs.ip, regs.bp, regs.sp, 0, true, true).0
+}
+
+/// Stack of a function's caller, from `regs` at the function's return (a return
+/// probe): the same frames as [`at_function_entry`] would have found, the caller's
+/// return address first. For calls whose stack is only needed once their result is
+/// known (a realloc that moved its block).
+#[inline(always)]
+pub fn at_return(regs: Regs) -> i64 {
+    if CONFIG.load().flags & CONFIG_CAPTURE_STACKS == 0 {
+        return STACK_NONE;
+    }
+    capture(regs.ip, None, regs.ip, regs.bp, regs.sp, 0, true, false).0
 }
 
 /// Stack of the current task, stopped in a syscall, with the walk's flags. With
@@ -101,7 +113,7 @@ pub fn at_syscall(keep: bool) -> (i64, u32) {
     }
     // SAFETY: as above, for user memory.
     let guess = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
-    capture(ip, Some(guess), ip, bp, sp, STACK_SYSCALL, keep)
+    capture(ip, Some(guess), ip, bp, sp, STACK_SYSCALL, keep, true)
 }
 
 #[inline(always)]
@@ -115,9 +127,11 @@ const M2: u64 = 0xC2B2_AE3D_27D4_EB4F;
 /// Walks the stack from the captured registers and stores it, returning its id.
 ///
 /// `first` is recorded as frame 0 (the caller's return address at a function
-/// entry, the interrupted instruction pointer in a syscall); `ip` is where the
-/// thread stands, from which the CFI walk starts.
+/// entry or its return, the interrupted instruction pointer in a syscall); `ip` is
+/// where the thread stands, from which the CFI walk starts: an instruction about to
+/// run (`exact`), or a return address.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the registers and how to read them")]
 fn capture(
     first: u64,
     second: Option<u64>,
@@ -126,6 +140,7 @@ fn capture(
     sp: u64,
     flags: u32,
     keep: bool,
+    exact: bool,
 ) -> (i64, u32) {
     let config = CONFIG.load().flags;
     if config & CONFIG_COPY_STACKS != 0 {
@@ -150,7 +165,7 @@ fn capture(
     let (n, flags, h1, h2) = if config & CONFIG_FP_STACKS != 0 {
         walk_fp(st, first, second, bp, sp, flags)
     } else {
-        walk_cfi(st, flags & STACK_SYSCALL != 0, ip, bp, sp, flags)
+        walk_cfi(st, flags & STACK_SYSCALL != 0, exact, ip, bp, sp, flags)
     };
     if !keep {
         return (STACK_NONE, flags);
@@ -512,6 +527,7 @@ fn run_walk(
 fn walk_cfi(
     st: &mut StackTrace,
     record_ip: bool,
+    exact: bool,
     ip: u64,
     bp: u64,
     sp: u64,
@@ -531,7 +547,8 @@ fn walk_cfi(
     let Some(w) = begin_walk(ip, sp, bp, n, flags | STACK_CFI, h1, h2) else {
         return (n as usize, flags | STACK_TRUNCATED, h1, h2);
     };
-    w.exact = 1;
+    // At a return address (a return probe) the first step records it as a frame.
+    w.exact = u64::from(exact);
     w.obj = UnwindObject::default();
     let generation = UNWIND_GEN.get(0).copied().unwrap_or(0);
     if w.cache_gen != generation {

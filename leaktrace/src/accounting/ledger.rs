@@ -9,7 +9,7 @@
 //! * a free of an address we never saw allocated (a block from before attach)
 //!   is counted on its own and subtracts nothing.
 
-use leaktrace_common::{AllocFn, EVENT_IN_ALLOCATOR, Event, kind};
+use leaktrace_common::{AllocFn, EVENT_IN_ALLOCATOR, EVENT_IN_PLACE, Event, kind};
 use rustc_hash::FxHashMap;
 
 use crate::{
@@ -321,6 +321,34 @@ impl Ledger {
             }
             return;
         }
+        // Resized in place: the block keeps the stack (and age) of its allocation, and
+        // its stack neither allocated nor freed a block.
+        if is_realloc && ev.flags & EVENT_IN_PLACE != 0 && ev.aux == ev.addr {
+            self.activity.allocs += 1;
+            self.activity.alloc_bytes += ev.size;
+            if let Some(&b) = self.live.get(&ev.addr)
+                && b.ts_ns <= ev.aux2
+            {
+                self.sub_heap(b);
+                let block = Block { size: ev.size, ..b };
+                self.live.insert(ev.addr, block);
+                self.add_heap(block);
+                return;
+            }
+            // A block from before attach (or one whose allocation was missed): from now on
+            // it is known, without a stack.
+            self.counters.realloc_unknown += 1;
+            let block = Block {
+                size: ev.size,
+                stack_id: ev.stack_id,
+                ts_ns: ev.ts_ns,
+            };
+            if let Some(old) = self.live.insert(ev.addr, block) {
+                self.sub_heap(old);
+            }
+            self.add_heap(block);
+            return;
+        }
         if is_realloc && ev.aux != 0 {
             self.release_old(ev);
         }
@@ -335,15 +363,19 @@ impl Ledger {
             self.counters.alloc_over_live += 1;
             self.sub_heap(old);
         }
-        let (bytes, count, var) = weigh(block.size, self.sample_rate);
-        self.live_bytes += bytes;
-        self.live_count += count;
-        self.live_variance += var;
         self.stack_activity
             .entry(block.stack_id)
             .or_default()
             .allocs += 1;
-        let t = self.heap_by_stack.entry(block.stack_id).or_default();
+        self.add_heap(block);
+    }
+
+    fn add_heap(&mut self, b: Block) {
+        let (bytes, count, var) = weigh(b.size, self.sample_rate);
+        self.live_bytes += bytes;
+        self.live_count += count;
+        self.live_variance += var;
+        let t = self.heap_by_stack.entry(b.stack_id).or_default();
         t.bytes += bytes;
         t.count += count;
         t.samples += 1;
@@ -702,6 +734,36 @@ mod tests {
             func: AllocFn::Free as u32,
             ..Event::default()
         }
+    }
+
+    /// A realloc that resized its block in place (no stack walked) keeps the block's
+    /// stack and age and counts neither an allocation nor a free for that stack; one
+    /// of a block from before attach becomes known, without a stack.
+    #[test]
+    fn realloc_in_place_keeps_its_stack() {
+        let in_place = |addr, size, ts| Event {
+            flags: EVENT_IN_PLACE,
+            ..alloc(AllocFn::Realloc, addr, size, addr, STACK_NONE_ID, ts)
+        };
+        const STACK_NONE_ID: i64 = leaktrace_common::STACK_NONE;
+        let mut l = Ledger::default();
+        l.apply(&alloc(AllocFn::Malloc, 0x10, 100, 0, 7, 1));
+        l.apply(&in_place(0x10, 300, 5));
+        assert_eq!((l.live_bytes(), l.live_allocations()), (300, 1));
+        let b = l.live()[&0x10];
+        assert_eq!((b.size, b.stack_id, b.ts_ns), (300, 7, 1));
+        assert_eq!(l.heap_by_stack()[&7].bytes, 300);
+        let a = l.stack_activity(7);
+        assert_eq!((a.allocs, a.frees), (1, 0), "a resize is neither");
+        // A block from before attach: known from now on, stackless.
+        l.apply(&in_place(0x80, 64, 9));
+        assert_eq!(l.live()[&0x80].stack_id, STACK_NONE_ID);
+        assert_eq!(l.counters.realloc_unknown, 1);
+        assert_eq!(l.live_bytes(), 364);
+        // Freed later: both gone.
+        l.apply(&free(0x10));
+        l.apply(&free(0x80));
+        assert_eq!((l.live_bytes(), l.live_allocations()), (0, 0));
     }
 
     /// malloc/free/realloc sequences end in exact live bytes, blocks, and counters.
