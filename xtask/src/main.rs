@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result, bail};
 
 mod bench;
 mod kernels;
+mod roots;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -130,6 +131,11 @@ fn setup(kernels: bool) -> Result<()> {
     if !Path::new("/usr/bin/python3.11").exists() {
         missing.push("python3.11");
     }
+    // jemalloc, for the C++ program on jemalloc (its operator new inlines the allocation).
+    if !Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2").exists() {
+        missing.push("libjemalloc2");
+    }
+    missing.extend(roots::missing_packages());
     if kernels {
         missing.extend(kernels::missing_packages());
     }
@@ -165,6 +171,7 @@ fn setup(kernels: bool) -> Result<()> {
         ]))?;
     }
     ensure_bpf_linker()?;
+    roots::setup()?;
     if kernels {
         kernels::setup()?;
     }
