@@ -39,8 +39,10 @@ pub mod maps {
     pub const HITS: &str = "HITS";
     /// Entries of [`HITS`], indexed by [`crate::AllocFn`].
     pub const HIT_SLOTS: u32 = 16;
-    /// Array of one u32 of `ENABLE_*` bits, set once every program is attached. Until
-    /// then the programs do nothing, so the attach sequence cannot pair half-attached probes.
+    /// Array of two u32: `ENABLE_*` bits, set once every program is attached (until then
+    /// the programs do nothing, so the attach sequence cannot pair half-attached
+    /// probes), and the heap probes' window number (sampled mode attaches them for
+    /// windows; an allocator entry of an earlier window is not in flight).
     pub const ENABLED: &str = "ENABLED";
     /// LRU hash: thread id → bytes (i64) left until the thread's next sample.
     pub const SAMPLE_COUNTDOWN: &str = "SAMPLE_COUNTDOWN";
@@ -337,6 +339,9 @@ pub const DEFAULT_UNWIND_PREFIXES: u32 = 1 << 16;
 pub const ENABLE_HEAP: u32 = 1;
 /// [`maps::ENABLED`] bit: the syscall tracepoints run.
 pub const ENABLE_SYSCALLS: u32 = 2;
+/// `ENABLED` bit: the free-like probes run (they stay on between sampled mode's
+/// windows, while [`ENABLE_HEAP`] is off).
+pub const ENABLE_FREES: u32 = 4;
 
 /// Number of exponential draws in [`maps::EXP_DRAWS`].
 pub const EXP_DRAWS: u32 = 4096;
@@ -608,6 +613,11 @@ pub const EVENT_IN_ALLOCATOR: u32 = 1;
 /// was walked ([`Event::stack_id`] is [`STACK_NONE`]).
 pub const EVENT_IN_PLACE: u32 = 2;
 
+/// [`Event::flags`] of a [`kind::FREE`] that no free call was seen for: the allocator
+/// handed the address out again, so the sampled block recorded there is gone (its
+/// free came while sampled mode's probes were detached).
+pub const EVENT_REUSED: u32 = 4;
+
 /// [`AllocEntry::stack_id`] of a realloc-like call whose stack is walked at its return,
 /// and only if it moved its block.
 pub const STACK_AT_RETURN: i64 = -1_000_001;
@@ -628,7 +638,8 @@ pub struct AllocEntry {
     pub stack_id: i64,
     /// [`AllocFn`] discriminant.
     pub func: u32,
-    /// Nonzero while the call is in flight. A thread's entry stays in the map
+    /// While the call is in flight, the heap probes' window number plus one (see
+    /// [`maps::ENABLED`]); 0 once it returned. A thread's entry stays in the map
     /// between calls and is rewritten in place: cheaper than insert and delete.
     pub active: u32,
 }

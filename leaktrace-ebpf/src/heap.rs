@@ -17,15 +17,17 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    AllocEntry, AllocFn, CONFIG_COUNT_ONLY, CONFIG_FREE_MARK, ENABLE_HEAP, ENTRY_UNSAMPLED,
-    EVENT_IN_PLACE, EXP_DRAWS as N_DRAWS, Event, STACK_AT_RETURN, STACK_NONE, counter, kind,
+    AllocEntry, AllocFn, CONFIG_COUNT_ONLY, CONFIG_FREE_MARK, ENABLE_FREES, ENABLE_HEAP,
+    ENTRY_UNSAMPLED,
+    EVENT_IN_PLACE, EVENT_REUSED, EXP_DRAWS as N_DRAWS, Event, STACK_AT_RETURN, STACK_NONE,
+    counter, kind,
 };
 
 use crate::{
     ALLOC_INFLIGHT, CONFIG, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit, hit,
     now,
     stack::{self, Regs},
-    traced_thread,
+    traced_thread, window_generation,
 };
 
 #[inline(always)]
@@ -111,9 +113,10 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64, session: 
     }
     let regs = regs_of(ctx.as_ptr());
     let slot = ALLOC_INFLIGHT.get_ptr_mut(&tid);
+    let generation = window_generation();
     // SAFETY: a lookup returns a pointer valid for this program run.
     if let Some(prev) = slot.map(|p| unsafe { &*p })
-        && prev.active != 0
+        && prev.active == generation
     {
         if regs.sp <= prev.sp {
             // Called from inside the outer allocator call (sp below), or tail-called by it
@@ -159,7 +162,7 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64, session: 
             stack::at_function_entry(regs)
         },
         func: func as u32 | if take { 0 } else { ENTRY_UNSAMPLED },
-        active: 1,
+        active: generation,
     };
     match slot {
         // SAFETY: the thread's own slot from a successful lookup; only this thread writes it.
@@ -256,6 +259,47 @@ fn session(ctx: ProbeContext) -> u32 {
     u32::from(!wanted)
 }
 
+/// Every allocator function's entry as one program, which learns the function from
+/// its attach cookie (an [`AllocFn`]): attached through `uprobe_multi` links (Linux
+/// 6.6+) in sampled mode's duty cycle, one link per object for all its functions, so
+/// that detaching them waits for one RCU grace period instead of one per probe.
+/// Written without `#[uprobe]` for the same reason as [`alloc_session`]: userspace
+/// loads it itself, with the multi attach type.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub extern "C" fn heap_enter_multi(ctx: *mut core::ffi::c_void) -> u32 {
+    let ctx = ProbeContext::new(ctx);
+    // SAFETY: the helper takes the program's own context.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(func) = AllocFn::from_u32(cookie as u32) else {
+        return 0;
+    };
+    let (size, aux) = match func {
+        AllocFn::Free | AllocFn::OperatorDelete | AllocFn::SizedFree => {
+            return free_like(&ctx, func);
+        }
+        AllocFn::Calloc => (mul_sat(arg(&ctx, 0), arg(&ctx, 1)), 0),
+        AllocFn::Realloc | AllocFn::Rallocx => (arg(&ctx, 1), arg(&ctx, 0)),
+        AllocFn::Reallocarray => (mul_sat(arg(&ctx, 1), arg(&ctx, 2)), arg(&ctx, 0)),
+        AllocFn::PosixMemalign => (arg(&ctx, 2), arg(&ctx, 0)),
+        AllocFn::AlignedAlloc | AllocFn::Memalign => (arg(&ctx, 1), 0),
+        AllocFn::Malloc
+        | AllocFn::Valloc
+        | AllocFn::Pvalloc
+        | AllocFn::OperatorNew
+        | AllocFn::Mallocx => (arg(&ctx, 0), 0),
+    };
+    alloc_enter(&ctx, func, size, aux, false);
+    0
+}
+
+/// [`alloc_exit`] for `uprobe_multi` return links (loaded by userspace).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uretprobe")]
+pub extern "C" fn heap_exit_multi(ctx: *mut core::ffi::c_void) -> u32 {
+    exit(ctx)
+}
+
 /// Return probe shared by every allocator function.
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
@@ -275,7 +319,11 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
     let regs = regs_of(ctx);
     let slot = ALLOC_INFLIGHT.get_ptr_mut(&tid);
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
-    let Some(entry) = slot.map(|p| unsafe { *p }).filter(|e| e.active != 0) else {
+    let generation = window_generation();
+    let Some(entry) = slot
+        .map(|p| unsafe { *p })
+        .filter(|e| e.active == generation)
+    else {
         // A tail call leaves two return probes on one return: the first consumed the entry.
         if let Some(last) = LAST_RETURN.get_ptr(0)
             // SAFETY: this CPU's slot from a successful lookup.
@@ -330,6 +378,25 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
             // Userspace never saw the old block: report the new one as a plain allocation.
             return emit_alloc(tid, &entry, func, ret, 0, sampling, 0);
         }
+    }
+    // An address handed out while a sampled block is still recorded there: that block
+    // was freed while the probes were detached (sampled mode attaches them for windows).
+    if sampling
+        && ret != 0
+        && func != AllocFn::PosixMemalign as u32
+        && !(is_realloc && ret == entry.aux)
+        && SAMPLED.remove(&ret).is_ok()
+    {
+        emit(Event {
+            kind: kind::FREE,
+            tid,
+            ts_ns: now(),
+            addr: ret,
+            func: AllocFn::Free as u32,
+            stack_id: STACK_NONE,
+            flags: EVENT_REUSED,
+            ..Event::default()
+        });
     }
     if unsampled {
         return 0;
@@ -416,7 +483,7 @@ pub fn sized_free_enter(ctx: ProbeContext) -> u32 {
 /// A call that frees its first argument.
 #[inline(always)]
 fn free_like(ctx: &ProbeContext, func: AllocFn) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_HEAP) else {
+    let Some(tid) = traced_thread(ENABLE_FREES) else {
         return 0;
     };
     let ptr = arg(ctx, 0);

@@ -70,7 +70,7 @@ static SAMPLED: HashMap<u64, u8> =
 static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(leaktrace_common::maps::HIT_SLOTS, 0);
 
 #[map]
-static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
+static ENABLED: Array<u32> = Array::with_max_entries(2, 0);
 
 #[map]
 static LAST_RETURN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
@@ -131,6 +131,14 @@ static FREE_MARK: LruHashMap<u32, leaktrace_common::FreeMark> =
 #[map]
 static SYSCALL_INFLIGHT: HashMap<u32, SyscallEntry> =
     HashMap::with_max_entries(DEFAULT_INFLIGHT_CAPACITY, 0);
+
+/// The heap probes' current window: an allocator entry recorded in an earlier window
+/// (the probes were detached before its return) is not in flight. Userspace bumps
+/// `ENABLED[1]` at each window; entries store it plus one, so 0 stays "none".
+#[inline(always)]
+fn window_generation() -> u32 {
+    ENABLED.get(1).copied().unwrap_or(0).wrapping_add(1).max(1)
+}
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

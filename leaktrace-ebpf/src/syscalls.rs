@@ -75,7 +75,9 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
         return 0;
     }
     // SAFETY: a lookup returns a pointer valid for this program run.
-    let (stack_id, flags) = match unsafe { ALLOC_INFLIGHT.get(&tid) }.filter(|e| e.active != 0) {
+    let (stack_id, flags) = match unsafe { ALLOC_INFLIGHT.get(&tid) }
+        .filter(|e| e.active == crate::window_generation())
+    {
         Some(alloc) => (alloc.stack_id, EVENT_IN_ALLOCATOR),
         None if CONFIG.load().flags & CONFIG_FREE_MARK != 0 => {
             let flags = if inside_free(tid) {
