@@ -70,9 +70,17 @@ struct Opts {
 
     /// Sample heap allocations: one per BYTES allocated on average (suffixes K, M, G),
     /// byte-weighted as in jemalloc and tcmalloc; reports show unbiased estimates with
-    /// their 95% error. Unsampled calls skip the stack walk and send nothing.
+    /// their 95% error. Unsampled calls skip the stack walk and send nothing. The heap
+    /// probes are attached only for windows, few enough to keep their cost under
+    /// --max-overhead (default 1%) of the target's CPU time as modelled: a call outside
+    /// a window does not trap at all.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     sample_rate: Option<u32>,
+
+    /// With --sample-rate: keep the heap probes attached all the time (every call
+    /// traps; unsampled calls only skip the stack walk).
+    #[arg(long, requires = "sample_rate")]
+    no_duty_cycle: bool,
 
     /// Sampled live blocks the kernel can track (with --sample-rate).
     #[arg(long, value_name = "N", default_value_t = Config::default().sampled_capacity, value_parser = clap::value_parser!(u32).range(1..))]
@@ -84,7 +92,8 @@ struct Opts {
     dry_run: bool,
 
     /// Detach the heap probes if their projected cost exceeds PCT percent of the
-    /// target's own CPU time (checked every second); mappings stay traced.
+    /// target's own CPU time (checked every second); mappings stay traced. With
+    /// --sample-rate: the cost the duty cycle keeps to (default 1).
     #[arg(long, value_name = "PCT", value_parser = parse_pct)]
     max_overhead: Option<f64>,
 
@@ -234,7 +243,10 @@ fn config(opts: Opts) -> Config {
         sample_rate: opts.sample_rate.unwrap_or(0),
         sampled_capacity: opts.sampled_capacity,
         dry_run: opts.dry_run,
-        max_overhead_pct: opts.max_overhead,
+        // With the duty cycle, --max-overhead is its budget, not a reason to detach.
+        max_overhead_pct: opts
+            .max_overhead
+            .filter(|_| opts.sample_rate.is_none() || opts.no_duty_cycle),
         min_age: opts.min_age,
         walk_heaps: !opts.no_heap_walk,
         python_stacks: !opts.no_python,
@@ -242,6 +254,11 @@ fn config(opts: Opts) -> Config {
         fp_stacks: opts.unwind == UnwindArg::Fp,
         copy_stacks: opts.copy_stacks,
         uprobe_sessions: !opts.no_uprobe_sessions,
+        duty_budget_pct: (opts.sample_rate.is_some() && !opts.no_duty_cycle && !opts.dry_run)
+            .then(|| {
+                opts.max_overhead
+                    .unwrap_or(leaktrace::session::DEFAULT_DUTY_BUDGET_PCT)
+            }),
     }
 }
 

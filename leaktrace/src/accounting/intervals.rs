@@ -41,6 +41,9 @@ pub struct Region {
     pub ts_ns: u64,
     /// Thread that created it.
     pub tid: u32,
+    /// Made by a probed allocator call (brk growth or a chunk of malloc's): memory the
+    /// heap's blocks stand for, counted with them rather than as a mapping of its own.
+    pub by_allocator: bool,
 }
 
 /// Non-overlapping intervals keyed by start address.
@@ -174,6 +177,7 @@ mod tests {
             stack_id: stack,
             ts_ns: 0,
             tid: 0,
+            by_allocator: false,
         }
     }
 

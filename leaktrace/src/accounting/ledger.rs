@@ -9,7 +9,7 @@
 //! * a free of an address we never saw allocated (a block from before attach)
 //!   is counted on its own and subtracts nothing.
 
-use leaktrace_common::{AllocFn, EVENT_IN_ALLOCATOR, EVENT_IN_PLACE, Event, kind};
+use leaktrace_common::{AllocFn, EVENT_IN_ALLOCATOR, EVENT_IN_PLACE, EVENT_REUSED, Event, kind};
 use rustc_hash::FxHashMap;
 
 use crate::{
@@ -44,7 +44,13 @@ pub struct Block {
     pub stack_id: i64,
     /// Monotonic time of allocation, ns.
     pub ts_ns: u64,
+    /// Share of the time, in millionths, the heap probes were attached when it was
+    /// allocated (sampled mode's duty cycle; 0 or a million: always).
+    pub duty_ppm: u32,
 }
+
+/// [`Block::duty_ppm`] of probes attached all the time.
+pub const FULL_DUTY: u32 = 1_000_000;
 
 /// Outstanding totals for one stack (estimates when sampling).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -60,16 +66,25 @@ pub struct Totals {
 }
 
 /// What one recorded block stands for under byte-weighted Poisson sampling with
-/// mean interval `rate` (0: exact): (estimated bytes, estimated blocks, variance).
+/// mean interval `rate` (0: exact), made while the probes were attached a share
+/// `duty_ppm` (millionths) of the time: (estimated bytes, estimated blocks, variance).
 ///
-/// A block of `size` bytes is sampled with probability p = 1 − e^(−size/rate), so
-/// counting it as size/p bytes and 1/p blocks is unbiased (Horvitz–Thompson), and
-/// (1 − p)·(size/p)² estimates its contribution to the variance.
-pub fn weigh(size: u64, rate: u64) -> (u64, u64, f64) {
-    if rate == 0 || size == 0 {
+/// A block of `size` bytes is sampled with probability p = d·(1 − e^(−size/rate)) (d the
+/// duty: its allocation fell in a window with probability d, windows being placed at
+/// random), so counting it as size/p bytes and 1/p blocks is unbiased
+/// (Horvitz–Thompson), and (1 − p)·(size/p)² estimates its contribution to the variance.
+pub fn weigh(size: u64, rate: u64, duty_ppm: u32) -> (u64, u64, f64) {
+    let duty_ppm = if duty_ppm == 0 { FULL_DUTY } else { duty_ppm };
+    let d = f64::from(duty_ppm.min(FULL_DUTY)) / f64::from(FULL_DUTY);
+    if (rate == 0 && duty_ppm >= FULL_DUTY) || size == 0 {
         return (size, 1, 0.0);
     }
-    let p = -(-(size as f64) / rate as f64).exp_m1();
+    let bytes_p = if rate == 0 {
+        1.0
+    } else {
+        -(-(size as f64) / rate as f64).exp_m1()
+    };
+    let p = d * bytes_p;
     if p <= 0.0 {
         return (size, 1, 0.0);
     }
@@ -79,6 +94,33 @@ pub fn weigh(size: u64, rate: u64) -> (u64, u64, f64) {
         (1.0 / p).round().max(1.0) as u64,
         (1.0 - p) * est * est,
     )
+}
+
+/// Whether a region counts among the stacks' mapped bytes: memory (not a reservation,
+/// whose committed parts are counted apart, nor a file), and not made by a probed
+/// allocator call — that is the memory the heap's blocks stand for, which the heap
+/// section counts already (each byte is shown once).
+fn counts_as_mapped(r: &Region) -> bool {
+    !r.by_allocator
+        && !matches!(
+            r.kind,
+            RegionKind::File
+                | RegionKind::ArenaReserve
+                | RegionKind::Reserved
+                | RegionKind::AllocatorChunk
+        )
+}
+
+/// A region made now by the thread and stack of `ev`.
+fn region_of(ev: &Event, kind: RegionKind) -> Region {
+    Region {
+        end: 0,
+        kind,
+        stack_id: ev.stack_id,
+        ts_ns: ev.ts_ns,
+        tid: ev.tid,
+        by_allocator: ev.flags & EVENT_IN_ALLOCATOR != 0,
+    }
 }
 
 /// Counters kept by userspace.
@@ -100,6 +142,9 @@ pub struct UserCounters {
     pub untracked_unmapped_bytes: u64,
     /// Stack ids sent by the kernel that could not be read back from its stack map.
     pub stack_unreadable: u64,
+    /// Sampled blocks found freed without their free call being seen, when the
+    /// allocator handed their address out again (sampled mode: the probes were detached).
+    pub freed_unseen: u64,
 }
 
 /// Cumulative activity since attach.
@@ -167,6 +212,8 @@ pub struct Ledger {
     live_variance: f64,
     /// Mean sampling interval in bytes (0: exact).
     sample_rate: u64,
+    /// The heap probes' current duty (millionths of the time they are attached; 0: always).
+    duty_ppm: u32,
     regions: RegionMap,
     /// The accessible (mprotect-committed) parts of arena reservations.
     committed: RegionMap,
@@ -199,6 +246,12 @@ impl Ledger {
         }
     }
 
+    /// The heap probes will be attached a share `duty` of the time (sampled mode's
+    /// windows) while the blocks recorded next are allocated: each stands for 1/duty.
+    pub fn set_duty(&mut self, duty: f64) {
+        self.duty_ppm = (duty.clamp(1e-6, 1.0) * f64::from(FULL_DUTY)).round() as u32;
+    }
+
     /// Treats heap events as byte-weighted samples with this mean interval.
     pub fn with_sampling(mut self, rate: u64) -> Self {
         self.sample_rate = rate;
@@ -229,6 +282,7 @@ impl Ledger {
     pub fn exec(&mut self) {
         *self = Self {
             sample_rate: self.sample_rate,
+            duty_ppm: self.duty_ppm,
             counters: std::mem::take(&mut self.counters),
             activity: std::mem::take(&mut self.activity),
             last_ts_ns: self.last_ts_ns,
@@ -247,6 +301,13 @@ impl Ledger {
         self.last_ts_ns = self.last_ts_ns.max(ev.ts_ns);
         match ev.kind {
             kind::ALLOC => self.on_alloc(ev),
+            kind::FREE if ev.flags & EVENT_REUSED != 0 => {
+                // No free was seen: the address was handed out again while the probes were
+                // detached (sampled mode's windows), so the block recorded there is gone.
+                if self.take(ev.addr).is_some() {
+                    self.counters.freed_unseen += 1;
+                }
+            }
             kind::FREE => {
                 self.activity.frees += 1;
                 if self.take(ev.addr).is_none() {
@@ -272,7 +333,7 @@ impl Ledger {
                     (true, false, true) => RegionKind::Anon,
                     (true, false, false) => RegionKind::Reserved,
                 };
-                self.map(ev.addr, page_up(ev.size), k, ev.stack_id, ev.ts_ns, ev.tid);
+                self.map(ev.addr, page_up(ev.size), region_of(ev, k));
             }
             kind::MUNMAP => {
                 self.activity.munmaps += 1;
@@ -342,6 +403,7 @@ impl Ledger {
                 size: ev.size,
                 stack_id: ev.stack_id,
                 ts_ns: ev.ts_ns,
+                duty_ppm: self.duty_ppm,
             };
             if let Some(old) = self.live.insert(ev.addr, block) {
                 self.sub_heap(old);
@@ -358,6 +420,7 @@ impl Ledger {
             size: ev.size,
             stack_id: ev.stack_id,
             ts_ns: ev.ts_ns,
+            duty_ppm: self.duty_ppm,
         };
         if let Some(old) = self.live.insert(ev.addr, block) {
             self.counters.alloc_over_live += 1;
@@ -371,7 +434,7 @@ impl Ledger {
     }
 
     fn add_heap(&mut self, b: Block) {
-        let (bytes, count, var) = weigh(b.size, self.sample_rate);
+        let (bytes, count, var) = weigh(b.size, self.sample_rate, b.duty_ppm);
         self.live_bytes += bytes;
         self.live_count += count;
         self.live_variance += var;
@@ -405,7 +468,7 @@ impl Ledger {
     }
 
     fn sub_heap(&mut self, b: Block) {
-        let (bytes, count, var) = weigh(b.size, self.sample_rate);
+        let (bytes, count, var) = weigh(b.size, self.sample_rate, b.duty_ppm);
         self.live_bytes -= bytes;
         self.live_count -= count;
         self.live_variance = (self.live_variance - var).max(0.0);
@@ -458,30 +521,17 @@ impl Ledger {
             stack_id: ev.stack_id,
             ts_ns: ev.ts_ns,
             tid: ev.tid,
+            by_allocator: true,
         };
         self.committed.insert(start, len, r);
     }
 
-    fn map(&mut self, start: u64, len: u64, kind: RegionKind, stack_id: i64, ts_ns: u64, tid: u32) {
-        let removed = self.regions.insert(
-            start,
-            len,
-            Region {
-                end: 0,
-                kind,
-                stack_id,
-                ts_ns,
-                tid,
-            },
-        );
+    fn map(&mut self, start: u64, len: u64, r: Region) {
+        let removed = self.regions.insert(start, len, r);
         self.sub_regions(&removed);
         self.committed.remove(start, len);
-        // Reservations are address space, not memory; their committed parts are counted apart.
-        if !matches!(
-            kind,
-            RegionKind::File | RegionKind::ArenaReserve | RegionKind::Reserved
-        ) {
-            self.mapped_by_stack.entry(stack_id).or_default().bytes += len;
+        if counts_as_mapped(&r) {
+            self.mapped_by_stack.entry(r.stack_id).or_default().bytes += len;
         }
     }
 
@@ -495,10 +545,7 @@ impl Ledger {
 
     fn sub_regions(&mut self, removed: &[(u64, Region)]) {
         for (s, r) in removed {
-            if matches!(
-                r.kind,
-                RegionKind::File | RegionKind::ArenaReserve | RegionKind::Reserved
-            ) {
+            if !counts_as_mapped(r) {
                 continue;
             }
             if let Some(t) = self.mapped_by_stack.get_mut(&r.stack_id) {
@@ -525,15 +572,15 @@ impl Ledger {
                 // The mapping keeps its creator, grown or not: mremap is usually called
                 // by an allocator or a container resizing what it owns, and glibc's
                 // mremap wrapper is no leaf, so its own stack misses that caller.
-                self.map(new, kept, r.kind, r.stack_id, r.ts_ns, r.tid);
+                self.map(new, kept, r);
                 if new_len > old_len {
                     self.map(
                         new + old_len,
                         new_len - old_len,
-                        r.kind,
-                        r.stack_id,
-                        ev.ts_ns,
-                        r.tid,
+                        Region {
+                            ts_ns: ev.ts_ns,
+                            ..r
+                        },
                     );
                 }
             }
@@ -542,10 +589,7 @@ impl Ledger {
                 self.map(
                     new + old_len,
                     new_len - old_len,
-                    RegionKind::Anon,
-                    ev.stack_id,
-                    ev.ts_ns,
-                    ev.tid,
+                    region_of(ev, RegionKind::Anon),
                 );
             }
             None => {}
@@ -559,14 +603,7 @@ impl Ledger {
             self.start_brk = Some(new);
         }
         match self.brk {
-            Some(cur) if new > cur => self.map(
-                cur,
-                new - cur,
-                RegionKind::Brk,
-                ev.stack_id,
-                ev.ts_ns,
-                ev.tid,
-            ),
+            Some(cur) if new > cur => self.map(cur, new - cur, region_of(ev, RegionKind::Brk)),
             Some(cur) if new < cur => {
                 self.unmap(new, cur - new);
             }
@@ -876,12 +913,12 @@ mod tests {
     /// larger than the interval count as themselves, small ones as size/p.
     #[test]
     fn sampling_weights() {
-        assert_eq!(weigh(100, 0), (100, 1, 0.0));
-        let (b, c, v) = weigh(64 << 20, 512 << 10);
+        assert_eq!(weigh(100, 0, FULL_DUTY), (100, 1, 0.0));
+        let (b, c, v) = weigh(64 << 20, 512 << 10, FULL_DUTY);
         assert_eq!((b, c), (64 << 20, 1));
         assert!(v < 1.0);
         // 100 bytes at 512 KiB: p = 1 - e^(-100/524288) ≈ 1.907e-4; weight ≈ 5243.
-        let (b, c, _) = weigh(100, 512 << 10);
+        let (b, c, _) = weigh(100, 512 << 10, FULL_DUTY);
         assert_eq!(c, 5243);
         assert!((b as i64 - 524_338).abs() <= 1, "{b}");
         // Simulate: 200,000 blocks of 100 bytes sampled at p; the estimate lands within 4 sigma.

@@ -39,6 +39,7 @@ impl Losses {
             bad_events,
             untracked_unmapped_bytes,
             stack_unreadable,
+            freed_unseen,
         } = *user;
         lost.insert("bad_events".into(), bad_events);
         lost.insert("stack_unreadable".into(), stack_unreadable);
@@ -47,6 +48,7 @@ impl Losses {
         counters.insert("realloc_unknown".into(), realloc_unknown);
         counters.insert("failed_allocs".into(), failed_allocs);
         counters.insert("untracked_unmapped_bytes".into(), untracked_unmapped_bytes);
+        counters.insert("freed_unseen".into(), freed_unseen);
         let lost_total = lost.values().sum();
         Self {
             lost,

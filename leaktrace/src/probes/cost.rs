@@ -64,14 +64,19 @@ pub fn entry_only_cpu(sites: &[ProbeSite], rates: &[(AllocFn, f64)], t: &TrapCos
 }
 
 /// The probes' cost as a percentage of the target's own CPU time (what the kernel
-/// charged it, `target`, less what the probes attached now cost, `current`). The
-/// own time is never taken below a tenth of what the kernel charged nor below a
-/// millisecond per second, so a model error or an idle target gives a large but
-/// finite figure, not a division by nothing.
+/// charged it, `target`, less what the probes attached now cost, `current`). The own
+/// time is never taken below a tenth of what the kernel charged (a model that says
+/// more than was charged cannot divide by nothing) nor below [`MIN_OWN_CPU`]: a target
+/// that sleeps most of the time is not slowed by a few traps, and a percentage of its
+/// nearly nothing would read like a disaster.
 pub fn overhead_pct(projected: f64, target: f64, current: f64) -> f64 {
-    let own = (target - current).max(target * 0.1).max(1e-3);
+    let own = (target - current).max(target * 0.1).max(MIN_OWN_CPU);
     projected / own * 100.0
 }
+
+/// CPU seconds per second below which a target's own time is taken as this much
+/// (a tenth of a core).
+pub const MIN_OWN_CPU: f64 = 0.1;
 
 /// The share of its untraced speed a CPU-bound target keeps under `pct` (from
 /// [`overhead_pct`]): its own work plus the probes' in the time its own took.
@@ -135,8 +140,11 @@ mod tests {
         // The target was charged 0.9588 CPU-s/s, of which 0.4588 were the probes.
         assert!((overhead_pct(cpu, 0.9588, cpu) - 91.76).abs() < 1e-6);
         assert!((throughput_share(91.76) - 0.5215).abs() < 1e-4);
-        // A model that says more than the kernel charged is capped, not divided by zero.
-        assert!((overhead_pct(cpu, 0.3, cpu) - 1529.33).abs() < 0.01);
+        // A model that says more than the kernel charged is capped, not divided by zero:
+        // the own time is taken as a tenth of a core at least.
+        assert!((overhead_pct(cpu, 0.3, cpu) - 458.8).abs() < 0.01);
+        // A nearly idle target: a few traps against a tenth of a core.
+        assert!((overhead_pct(0.0005, 0.002, 0.0005) - 0.5).abs() < 1e-9);
         // A dry run's counting probes cost the entry traps only.
         assert!((entry_only_cpu(&sites, &rates, &T) - (0.13 + 0.13 + 0.017)).abs() < 1e-9);
     }

@@ -262,6 +262,22 @@ pub fn enable(ebpf: &mut Ebpf, bits: u32) -> Result<(), Error> {
     })
 }
 
+/// Starts window `n` of the heap probes: allocator entries of earlier windows are no
+/// longer in flight.
+pub fn set_window(ebpf: &mut Ebpf, n: u32) -> Result<(), Error> {
+    let map = ebpf
+        .map_mut(maps::ENABLED)
+        .ok_or(Error::Missing("ENABLED map"))?;
+    let mut a: Array<&mut MapData, u32> = Array::try_from(map).map_err(|source| Error::Map {
+        name: maps::ENABLED,
+        source,
+    })?;
+    a.set(1, n, 0).map_err(|source| Error::Map {
+        name: maps::ENABLED,
+        source,
+    })
+}
+
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns` (the events' timestamps).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

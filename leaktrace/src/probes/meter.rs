@@ -12,7 +12,7 @@ use leaktrace_common::{AllocFn, maps::HIT_SLOTS};
 use serde::Serialize;
 
 use crate::{
-    probes::{allocators::ProbeSite, calibrate::TrapCosts, cost, uprobe_session::SessionProgram},
+    probes::{allocators::ProbeSite, attach::Attached, calibrate::TrapCosts, cost},
     process::procfs,
 };
 
@@ -79,29 +79,34 @@ pub struct Meter {
     traps: TrapCosts,
 }
 
-/// (name, total run time ns, runs) of each of our programs, the session program
-/// included, from the kernel's BPF statistics (zero while they are off).
+/// (name, total run time ns, runs) of each of our programs, those loaded outside aya
+/// (the session program, the `uprobe_multi` ones) included, from the kernel's BPF
+/// statistics (zero while they are off).
 pub fn program_times<'a>(
     ebpf: &'a Ebpf,
-    session: &'a Option<SessionProgram>,
+    attached: &'a Attached,
 ) -> impl Iterator<Item = (&'a str, u64, u64)> + 'a {
     ebpf.programs()
         .filter_map(|(name, p)| {
             let i = p.info().ok()?;
             Some((name, i.run_time().as_nanos() as u64, i.run_count()))
         })
-        .chain(session.iter().filter_map(|p| {
+        .chain(attached.session_program.iter().filter_map(|p| {
             let (ns, runs) = p.run_stats().ok()?;
             Some(("alloc_session", ns, runs))
+        }))
+        .chain(attached.multi.iter().map(|m| {
+            let (ns, runs) = m.run_stats();
+            ("heap_multi", ns, runs)
         }))
 }
 
 /// Each program that ran: runs and mean run time.
 pub fn program_costs(
     ebpf: &Ebpf,
-    session: &Option<SessionProgram>,
+    attached: &Attached,
 ) -> std::collections::BTreeMap<String, ProgramCost> {
-    program_times(ebpf, session)
+    program_times(ebpf, attached)
         .filter(|&(_, _, runs)| runs > 0)
         .map(|(name, ns, runs)| {
             (
@@ -117,8 +122,8 @@ pub fn program_costs(
 
 /// Nanoseconds the kernel has spent in our programs since they were loaded; `None`
 /// unless BPF run-time statistics are on (`BPF_ENABLE_STATS`).
-pub fn bpf_run_ns(ebpf: &Ebpf, session: &Option<SessionProgram>, stats_on: bool) -> Option<u64> {
-    stats_on.then(|| program_times(ebpf, session).map(|(_, ns, _)| ns).sum())
+pub fn bpf_run_ns(ebpf: &Ebpf, attached: &Attached, stats_on: bool) -> Option<u64> {
+    stats_on.then(|| program_times(ebpf, attached).map(|(_, ns, _)| ns).sum())
 }
 
 /// The counters at one moment.

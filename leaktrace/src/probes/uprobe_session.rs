@@ -1,7 +1,8 @@
 //! Uprobe sessions (Linux 6.13+): one program at a function's entry and return,
-//! where the entry decides whether the return runs.
+//! where the entry decides whether the return runs; and plain `uprobe_multi` links
+//! (Linux 6.6+), many probes of one object under one link, entries or returns.
 //!
-//! aya 0.14 cannot load a program with the session attach type or create a
+//! aya 0.14 cannot load a program with these attach types or create a
 //! `uprobe_multi` link, so this module does both itself: it takes the object aya
 //! loaded, relocates one program's instructions against aya's maps with `aya-obj`
 //! (the relocation code aya itself uses), loads it with `BPF_PROG_LOAD` and
@@ -21,15 +22,23 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 
 /// `BPF_TRACE_UPROBE_SESSION` (enum bpf_attach_type, Linux 6.13); newer than aya-obj's bindings.
 pub const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+/// `BPF_TRACE_UPROBE_MULTI` (enum bpf_attach_type, Linux 6.6).
+pub const BPF_TRACE_UPROBE_MULTI: u32 = 48;
+/// `BPF_F_UPROBE_MULTI_RETURN`: the link's probes are return probes.
+const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
 /// `BPF_PROG_TYPE_KPROBE`: uprobes are kprobe-type programs.
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 
-/// A session program loaded into the kernel, ready to attach.
+/// A session (or `uprobe_multi`) program loaded into the kernel, ready to attach.
 #[derive(Debug)]
 pub struct SessionProgram {
     fd: OwnedFd,
     /// Keeps the program's BTF alive while the program is.
     _btf: Option<OwnedFd>,
+    /// Its attach type.
+    attach_type: u32,
+    /// Link flags (`BPF_F_UPROBE_MULTI_RETURN` for return probes).
+    flags: u32,
 }
 
 fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
@@ -78,6 +87,28 @@ impl SessionProgram {
     /// whose maps it shares) with the session attach type. Call before taking maps
     /// out of `ebpf`.
     pub fn load(elf: &[u8], ebpf: &aya::Ebpf, name: &str) -> Result<Self, SessionError> {
+        Self::load_as(elf, ebpf, name, BPF_TRACE_UPROBE_SESSION, 0)
+    }
+
+    /// Loads program `name` for `uprobe_multi` links of entry probes, or of return
+    /// probes when `returns`.
+    pub fn load_multi(
+        elf: &[u8],
+        ebpf: &aya::Ebpf,
+        name: &str,
+        returns: bool,
+    ) -> Result<Self, SessionError> {
+        let flags = if returns { BPF_F_UPROBE_MULTI_RETURN } else { 0 };
+        Self::load_as(elf, ebpf, name, BPF_TRACE_UPROBE_MULTI, flags)
+    }
+
+    fn load_as(
+        elf: &[u8],
+        ebpf: &aya::Ebpf,
+        name: &str,
+        attach_type: u32,
+        flags: u32,
+    ) -> Result<Self, SessionError> {
         let mut obj = aya_obj::Object::parse(elf).map_err(SessionError::Parse)?;
         // No CO-RE step here: refuse an object that would need one rather than load it
         // unrelocated.
@@ -139,7 +170,7 @@ impl SessionProgram {
             unsafe {
                 let u = &mut attr.__bindgen_anon_3;
                 u.prog_type = BPF_PROG_TYPE_KPROBE;
-                u.expected_attach_type = BPF_TRACE_UPROBE_SESSION;
+                u.expected_attach_type = attach_type;
                 u.insns = function.instructions.as_ptr() as u64;
                 u.insn_cnt = function.instructions.len() as u32;
                 u.license = license.as_ptr() as u64;
@@ -187,7 +218,12 @@ impl SessionProgram {
                 });
             }
         };
-        Ok(Self { fd, _btf: btf })
+        Ok(Self {
+            fd,
+            _btf: btf,
+            attach_type,
+            flags,
+        })
     }
 
     /// The kernel's run statistics for the program: (total run time ns, runs); zero
@@ -224,8 +260,9 @@ impl SessionProgram {
         unsafe {
             let l = &mut attr.link_create;
             l.__bindgen_anon_1.prog_fd = self.fd.as_raw_fd() as u32;
-            l.attach_type = BPF_TRACE_UPROBE_SESSION;
+            l.attach_type = self.attach_type;
             let u = &mut l.__bindgen_anon_3.uprobe_multi;
+            u.flags = self.flags;
             u.path = c_path.as_ptr() as u64;
             u.offsets = offsets.as_ptr() as u64;
             u.cookies = cookies.as_ptr() as u64;

@@ -50,6 +50,8 @@ pub struct Inputs<'a> {
     pub overhead: Option<Overhead>,
     /// Heap probes detached by the budget.
     pub heap_detached: Option<HeapDetached>,
+    /// Sampled mode's duty cycle, if on.
+    pub duty: Option<DutyReport>,
     /// Samples over time.
     pub timeline: &'a Timeline,
     /// The verdict, decided from the same state.
@@ -155,6 +157,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             live_allocations: i.ledger.live_allocations(),
             live_bytes_error95: error95(i.ledger.live_variance()),
             sample_rate_bytes: i.ledger.sample_rate(),
+            duty_cycle: i.duty.clone(),
             stacks: heap_stacks,
         },
         mappings: Mappings {
@@ -264,7 +267,7 @@ fn aged_heap(ledger: &Ledger, now_ns: u64, min_age_s: f64) -> Vec<(i64, Totals)>
     let cutoff = now_ns.saturating_sub((min_age_s * 1e9) as u64);
     let mut m: rustc_hash::FxHashMap<i64, Totals> = rustc_hash::FxHashMap::default();
     for b in ledger.live().values().filter(|b| b.ts_ns <= cutoff) {
-        let (bytes, count, var) = weigh(b.size, ledger.sample_rate());
+        let (bytes, count, var) = weigh(b.size, ledger.sample_rate(), b.duty_ppm);
         let t = m.entry(b.stack_id).or_default();
         t.bytes += bytes;
         t.count += count;

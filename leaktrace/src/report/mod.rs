@@ -219,8 +219,33 @@ pub struct Heap {
     pub live_bytes_error95: u64,
     /// Mean sampling interval in bytes; 0 when every call was traced.
     pub sample_rate_bytes: u64,
+    /// Sampled mode's duty cycle, when the heap probes were attached only for windows
+    /// (null: attached all the time).
+    pub duty_cycle: Option<DutyReport>,
     /// Stacks by outstanding bytes, largest first.
     pub stacks: Vec<HeapStack>,
+}
+
+/// How sampled mode's duty cycle went: the heap probes were attached for one window
+/// at a random moment of each second, as often as the cost budget allowed.
+#[derive(Clone, Debug, Serialize)]
+pub struct DutyReport {
+    /// The budget, percent of the target's own CPU time.
+    pub budget_pct: f64,
+    /// Share of the traced time the heap probes were attached.
+    pub attached_share: f64,
+    /// Windows opened.
+    pub windows: u64,
+    /// Share of each period attached now (1/slots).
+    pub duty_now: f64,
+    /// The probes' cost while attached, percent of the target's own CPU time, as last
+    /// measured.
+    pub cost_when_attached_pct: Option<f64>,
+    /// Whether the free-like probes stayed attached between windows (every free seen:
+    /// a recorded block is live until its free) or came and went with them (a block
+    /// freed between windows is counted until its address is handed out again in a
+    /// window, or its memory unmapped: estimates lean high).
+    pub frees_always_attached: bool,
 }
 
 /// Address-space section.
@@ -343,6 +368,7 @@ mod tests {
                 live_allocations: 2200,
                 live_bytes_error95: 0,
                 sample_rate_bytes: 0,
+                duty_cycle: None,
                 stacks: vec![
                     HeapStack {
                         live_bytes: 819_200,

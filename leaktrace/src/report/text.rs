@@ -359,6 +359,23 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
             r.heap.live_allocations
         );
     }
+    if let Some(d) = &r.heap.duty_cycle {
+        let cost = d
+            .cost_when_attached_pct
+            .map_or(String::new(), |c| format!(", costing {c:.0}% of the target's CPU time while attached"));
+        let frees = if d.frees_always_attached {
+            "The frees' probes stayed attached, so a recorded block counts until it is freed."
+        } else {
+            "The frees' probes, too costly to keep, came and went with the windows: a block freed between windows counts until its address is handed out again in a window or its memory is unmapped, so the estimates lean high."
+        };
+        let _ = writeln!(
+            o,
+            "Sampled mode: the allocation probes were attached {:.1}% of the time ({} windows at random moments{cost}; budget {:.0}%), so no allocation outside a window trapped; each recorded block stands for those of the time they were not. {frees}",
+            d.attached_share * 100.0,
+            d.windows,
+            d.budget_pct
+        );
+    }
     let _ = writeln!(
         o,
         "Anonymous mappings since attach: {}    brk heap: {} ({} grown since attach)",

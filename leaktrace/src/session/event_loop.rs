@@ -115,6 +115,8 @@ struct Session<'a> {
     heap_detached: Option<HeapDetached>,
     /// Latest overhead measurement.
     overhead: Option<Overhead>,
+    /// Sampled mode's duty cycle, when the heap probes are attached only for windows.
+    duty: Option<super::duty::DutyCycle>,
     unwinder: Unwinder,
     child: Child,
     target_exited: bool,
@@ -205,6 +207,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         sites,
         heap_detached: None,
         overhead: None,
+        duty: None,
         unwinder: unwinder_kind,
         child: Child::default(),
         target_exited: false,
@@ -219,6 +222,9 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
 }
 
 /// The maps the event loop reads itself.
+/// Events applied per drain at most (a few milliseconds of work): see [`Session::drain`].
+const DRAIN_BUDGET: u32 = 32_768;
+
 struct Maps {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
@@ -303,11 +309,7 @@ impl Session<'_> {
             }
         };
         let stats_on = stats.is_some();
-        meter.start_bpf(meter::bpf_run_ns(
-            ebpf,
-            &self.attached.session_program,
-            stats_on,
-        ));
+        meter.start_bpf(meter::bpf_run_ns(ebpf, &self.attached, stats_on));
         let mut budget_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
         budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -342,14 +344,51 @@ impl Session<'_> {
         }
         load::enable(
             ebpf,
-            leaktrace_common::ENABLE_HEAP | leaktrace_common::ENABLE_SYSCALLS,
+            leaktrace_common::ENABLE_HEAP
+                | leaktrace_common::ENABLE_FREES
+                | leaktrace_common::ENABLE_SYSCALLS,
         )?;
         self.started = go(self.config, self.pid, self.attached.probes.len(), blocked)?;
+        if self.config.duty_budget_pct.is_some()
+            && self.attached.multi.is_none()
+            && !self.config.dry_run
+        {
+            log::warn!(
+                "no duty cycle: it needs uprobe_multi links (Linux 6.6+); the heap probes stay attached"
+            );
+        }
+        if let Some(budget) = self
+            .config
+            .duty_budget_pct
+            .filter(|_| !self.config.dry_run && self.attached.multi.is_some())
+        {
+            // The first window measures what the probes cost while attached.
+            meter.window(
+                &m.hits,
+                &m.counters,
+                meter::bpf_run_ns(ebpf, &self.attached, stats_on),
+                &self.sites,
+            );
+            self.duty = Some(super::duty::DutyCycle::new(
+                budget,
+                tokio::time::Instant::now(),
+            ));
+        }
         let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
         tokio::pin!(deadline);
 
         let (reason, interrupted) = loop {
+            let duty_at = self.duty.as_ref().map(|d| d.next);
             tokio::select! {
+                () = async {
+                    match duty_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let bpf_ns = meter::bpf_run_ns(ebpf, &self.attached, stats_on);
+                    self.on_duty(ebpf, &mut m, &mut meter, bpf_ns)?;
+                }
                 guard = m.ring.readable_mut() => {
                     let mut guard = guard.map_err(Error::Runtime)?;
                     self.drain(guard.get_inner_mut());
@@ -369,8 +408,9 @@ impl Session<'_> {
                     self.worker.send(Job::Resolve);
                 }
                 _ = budget_tick.tick() => {
-                    if self.heap_detached.is_none()
-                        && let Some(window) = meter.window(&m.hits, &m.counters, meter::bpf_run_ns(ebpf, &self.attached.session_program, stats_on), &self.sites)
+                    // The duty cycle measures its windows itself.
+                    if self.heap_detached.is_none() && self.duty.is_none()
+                        && let Some(window) = meter.window(&m.hits, &m.counters, meter::bpf_run_ns(ebpf, &self.attached, stats_on), &self.sites)
                     {
                         self.check_budget(ebpf, &window);
                         self.overhead = Some(window);
@@ -402,8 +442,12 @@ impl Session<'_> {
                 }
             }
         };
-        // Whatever is still in the ring buffer belongs in the final report.
-        self.drain(m.ring.get_mut());
+        // Whatever is still in the ring buffer belongs in the final report: the programs
+        // stop first, so a target that keeps allocating cannot keep the drain going.
+        if let Err(e) = load::enable(ebpf, 0) {
+            log::warn!("failed to stop the programs before the last drain: {e}");
+        }
+        while self.drain(m.ring.get_mut()) {}
         if !self.target_exited {
             self.sample_rss();
         }
@@ -420,7 +464,7 @@ impl Session<'_> {
             && let Some(whole) = meter.whole_run(
                 &m.hits,
                 &m.counters,
-                meter::bpf_run_ns(ebpf, &self.attached.session_program, stats_on),
+                meter::bpf_run_ns(ebpf, &self.attached, stats_on),
                 &self.sites,
             )
         {
@@ -429,7 +473,7 @@ impl Session<'_> {
         if stats.is_some()
             && let Some(o) = self.overhead.as_mut()
         {
-            o.bpf_programs = meter::program_costs(ebpf, &self.attached.session_program);
+            o.bpf_programs = meter::program_costs(ebpf, &self.attached);
         }
         let snap = loop {
             let Some(reply) = self.replies.recv().await else {
@@ -545,10 +589,21 @@ impl Session<'_> {
     /// Applies every event waiting in the ring buffer; tells the worker about stack
     /// ids not seen before and about mapped code (a library loaded: read it while it
     /// is surely there).
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    /// At most [`DRAIN_BUDGET`] events per call, so that timers, signals and the duty
+    /// cycle are not starved by a target that refills the ring as fast as it is read
+    /// (the ring then fills, and what does not fit is counted as lost). Returns
+    /// whether events may remain.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
         let mut exec_mapped = false;
         let mut new_stacks = Vec::new();
-        while let Some(item) = ring.next() {
+        let mut budget = DRAIN_BUDGET;
+        let mut more = false;
+        while budget > 0 {
+            budget -= 1;
+            let Some(item) = ring.next() else {
+                break;
+            };
+            more = budget == 0;
             if item.len() < size_of::<Event>() {
                 self.ledger.counters.bad_events += 1;
                 continue;
@@ -579,6 +634,141 @@ impl Session<'_> {
         if !new_stacks.is_empty() {
             self.worker.send(Job::NewStacks(new_stacks));
         }
+        more
+    }
+
+    /// Sampled mode's duty cycle: a window ends (the probes' cost while attached is
+    /// measured, the next windows sized to the budget, the probes detached unless they
+    /// stay) or opens (the probes attached again).
+    fn on_duty(
+        &mut self,
+        ebpf: &mut Ebpf,
+        m: &mut Maps,
+        meter: &mut Meter,
+        bpf_ns: Option<u64>,
+    ) -> Result<(), Error> {
+        let now = tokio::time::Instant::now();
+        if self.duty.as_ref().is_some_and(|d| !d.on) {
+            // The events before the window are counted with the duty they were made under.
+            self.drain(m.ring.get_mut());
+        }
+        let Some(d) = self.duty.as_mut() else {
+            return Ok(());
+        };
+        if d.on {
+            let w = meter.window(&m.hits, &m.counters, bpf_ns, &self.sites);
+            // A window too short to measure (it opened late) keeps the last figure. The
+            // budget is a share of the target's CPU time, or of one core if it used less:
+            // a target that mostly sleeps is not slowed by a few traps per second.
+            let cost = w.as_ref().filter(|w| w.window_s >= 0.01).map(|w| {
+                let own = (w.target_cpu_per_s - w.projected_cpu_per_s).max(1.0);
+                w.projected_cpu_per_s / own * 100.0
+            });
+            log::debug!(
+                "duty cycle: window {} ends after {:.3} s, cost while attached {cost:?}%",
+                d.window,
+                w.as_ref().map_or(0.0, |w| w.window_s)
+            );
+            // What the frees alone cost: they may stay attached between windows.
+            let frees_pct = w.as_ref().map_or(0.0, |w| {
+                let frees: f64 = ["free", "operator delete", "sdallocx"]
+                    .iter()
+                    .map(|f| {
+                        w.calls_per_s.get(*f).copied().unwrap_or(0.0)
+                            * (w.cost_per_call_us.get(*f).copied().unwrap_or(0.0)
+                                + w.bpf_us_per_call.unwrap_or(0.0))
+                            / 1e6
+                    })
+                    .sum();
+                frees / (w.target_cpu_per_s - w.projected_cpu_per_s).max(1.0) * 100.0
+            });
+            if let Some(w) = w {
+                self.overhead = Some(w);
+            }
+            let was_windowed = d.frees_windowed == Some(true);
+            let frees_windowed = d.decide_frees(frees_pct);
+            if !was_windowed && frees_windowed {
+                // The frees come and go with the windows from now on.
+                if let (Some(p), Some(links)) =
+                    (self.attached.persistent.take(), self.attached.heap_links.as_mut())
+                {
+                    links.sessions.extend(p);
+                }
+                log::debug!("duty cycle: the frees alone cost {frees_pct:.1}%: windowed too");
+            }
+            // Frees that stay attached cost the budget too: the windows get what is left.
+            let cost = if frees_windowed {
+                cost
+            } else {
+                cost.map(|c| (c - frees_pct).max(0.0) * d.budget_pct / (d.budget_pct - frees_pct).max(d.budget_pct / 2.0))
+            };
+            if d.close(now, cost) {
+                return Ok(());
+            }
+            // Allocations off; frees stay seen unless they too are windowed.
+            load::enable(
+                ebpf,
+                if frees_windowed {
+                    leaktrace_common::ENABLE_SYSCALLS
+                } else {
+                    leaktrace_common::ENABLE_FREES | leaktrace_common::ENABLE_SYSCALLS
+                },
+            )?;
+            if let Some(links) = self.attached.heap_links.take() {
+                attach::detach_heap(ebpf, links);
+            }
+            log::debug!(
+                "duty cycle: detached; 1 window in {} per period (cost while attached {:?}%)",
+                d.slots,
+                cost
+            );
+            // The window's events are counted with the duty they were recorded under.
+            self.drain(m.ring.get_mut());
+        } else {
+            load::set_window(ebpf, d.window.wrapping_add(1))?;
+            let t = std::time::Instant::now();
+            let links = attach::reattach_heap(
+                ebpf,
+                self.pid,
+                &self.sites,
+                self.attached.session_program.as_ref(),
+                self.attached.multi.as_ref(),
+                d.frees_windowed == Some(true),
+            )?;
+            self.attached.heap_links = Some(links);
+            // The window is timed from when its probes are in place.
+            d.open(tokio::time::Instant::now());
+            self.ledger.set_duty(d.duty());
+            load::enable(
+                ebpf,
+                leaktrace_common::ENABLE_HEAP
+                    | leaktrace_common::ENABLE_FREES
+                    | leaktrace_common::ENABLE_SYSCALLS,
+            )?;
+            log::debug!(
+                "duty cycle: window {} attached in {:.2} ms",
+                d.window,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            // The window's cost is measured from now.
+            meter.window(&m.hits, &m.counters, bpf_ns, &self.sites);
+        }
+        Ok(())
+    }
+
+    /// How the duty cycle went, for the report.
+    fn duty_report(&self) -> Option<report::DutyReport> {
+        let d = self.duty.as_ref()?;
+        let traced = self.started.elapsed().as_secs_f64().max(1e-9);
+        let attached = d.attached_until(tokio::time::Instant::now()).as_secs_f64();
+        Some(report::DutyReport {
+            budget_pct: d.budget_pct,
+            attached_share: (attached / traced).min(1.0),
+            windows: d.windows,
+            duty_now: d.duty(),
+            cost_when_attached_pct: d.cost_on_pct,
+            frees_always_attached: d.frees_windowed != Some(true),
+        })
     }
 
     /// Detaches the heap probes if their projected cost is over the budget.
@@ -662,6 +852,7 @@ impl Session<'_> {
             probes: &self.attached.probes,
             overhead: self.overhead.clone(),
             heap_detached: self.heap_detached.clone(),
+            duty: self.duty_report(),
             timeline: &self.timeline,
             verdict,
             memory: snap.memory.clone(),

@@ -3,6 +3,7 @@
 //! [`event_loop`] (drain events into the books, dispatch timers and signals), with
 //! the slow work on a [`worker`] thread, and the final report.
 
+mod duty;
 mod event_loop;
 pub mod prepare;
 pub mod worker;
@@ -85,7 +86,15 @@ pub struct Config {
     /// When sampling, probe malloc and calloc with uprobe sessions where the kernel
     /// has them, so unsampled calls skip the return trap.
     pub uprobe_sessions: bool,
+    /// When sampling: keep the heap probes' cost under this share of the target's own
+    /// CPU time, in percent, by attaching them only for windows (a duty cycle chosen
+    /// from the cost they are measured to have while attached). `None`: attached all
+    /// the time.
+    pub duty_budget_pct: Option<f64>,
 }
+
+/// The duty cycle's default cost budget, percent of the target's own CPU time.
+pub const DEFAULT_DUTY_BUDGET_PCT: f64 = 1.0;
 
 impl Default for Config {
     fn default() -> Self {
@@ -113,6 +122,7 @@ impl Default for Config {
             bare_probes: false,
             fp_stacks: false,
             copy_stacks: false,
+            duty_budget_pct: None,
         }
     }
 }

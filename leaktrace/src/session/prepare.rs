@@ -189,6 +189,13 @@ fn load_and_attach(
         && config.sample_rate > 0
         && !config.dry_run
         && !config.bare_probes;
-    let attached = attach::attach(&mut ebpf, pid, &search.sites, config.dry_run, sessions)?;
+    let attached = attach::attach(
+        &mut ebpf,
+        pid,
+        &search.sites,
+        config.dry_run,
+        sessions,
+        config.duty_budget_pct.is_some(),
+    )?;
     Ok((search.sites, unwinder, ebpf, attached))
 }
