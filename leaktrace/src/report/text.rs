@@ -437,18 +437,24 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
             x
         });
         if st.unwinder != Unwinder::Off {
-            let _ = writeln!(
-                o,
-                "Stacks: unwound with {}{tables}. {:.1}% of live heap bytes sit on stacks that reach their outermost frame ({} complete, {} truncated).",
-                if st.unwinder == Unwinder::Cfi {
-                    "CFI"
-                } else {
-                    "frame pointers"
-                },
-                st.complete_pct,
-                st.complete_stacks,
-                st.truncated_stacks
-            );
+            let how = if st.unwinder == Unwinder::Cfi {
+                "CFI"
+            } else {
+                "frame pointers"
+            };
+            // A share of nothing is no figure.
+            if st.complete_stacks + st.truncated_stacks == 0 {
+                let _ = writeln!(
+                    o,
+                    "Stacks: unwound with {how}{tables}. No live heap block allocated since attach has a stack yet."
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "Stacks: unwound with {how}{tables}. {:.1}% of live heap bytes sit on stacks that reach their outermost frame ({} complete, {} truncated).",
+                    st.complete_pct, st.complete_stacks, st.truncated_stacks
+                );
+            }
         }
     }
     if let Some(p) = &r.python {
