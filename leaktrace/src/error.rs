@@ -5,6 +5,12 @@ use std::path::PathBuf;
 /// Why leaktrace could not trace the target.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A signal asked leaktrace to stop before it had attached.
+    #[error("stopped by signal {signal} while attaching; nothing was traced")]
+    Stopped {
+        /// The signal.
+        signal: i32,
+    },
     /// No process with that pid.
     #[error("no process with pid {pid}")]
     NoSuchProcess {

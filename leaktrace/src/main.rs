@@ -311,9 +311,15 @@ fn main() -> ExitCode {
         .filter_level(level)
         .parse_env("LEAKTRACE_LOG")
         .init();
+    // From here on Ctrl-C and SIGTERM stop leaktrace in an orderly way, whatever phase.
+    leaktrace::session::stop::install();
     match leaktrace::run(&config(opts)) {
         Ok(outcome) if outcome.interrupted => ExitCode::from(130),
         Ok(_) => ExitCode::SUCCESS,
+        Err(e @ leaktrace::error::Error::Stopped { signal }) => {
+            eprintln!("leaktrace: {}", leaktrace::error::chain(&e));
+            ExitCode::from(if signal == libc::SIGINT { 130 } else { 143 })
+        }
         Err(e) => {
             eprintln!("leaktrace: {}", leaktrace::error::chain(&e));
             ExitCode::from(2)

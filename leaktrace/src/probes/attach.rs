@@ -93,8 +93,8 @@ impl MultiPrograms {
     /// Loads them (before the maps are taken out of `ebpf`).
     pub fn load(ebpf: &Ebpf) -> Result<Self, SessionError> {
         Ok(Self {
-            enter: SessionProgram::load_multi(BPF_OBJECT, ebpf, "heap_enter_multi", false)?,
-            exit: SessionProgram::load_multi(BPF_OBJECT, ebpf, "heap_exit_multi", true)?,
+            enter: SessionProgram::load_multi(BPF_OBJECT, ebpf, "heap_enter", false)?,
+            exit: SessionProgram::load_multi(BPF_OBJECT, ebpf, "alloc_exit", true)?,
         })
     }
 
@@ -116,6 +116,7 @@ impl MultiPrograms {
         sites: &[ProbeSite],
         skip: &[usize],
         frees: bool,
+        returns: bool,
     ) -> Result<Vec<SessionLink>, SessionError> {
         let mut by_object: std::collections::BTreeMap<&std::path::Path, Vec<usize>> =
             Default::default();
@@ -132,7 +133,7 @@ impl MultiPrograms {
             let returns: Vec<usize> = idx
                 .iter()
                 .copied()
-                .filter(|&i| sites[i].func.return_program().is_some())
+                .filter(|&i| returns && sites[i].func.return_program().is_some())
                 .collect();
             if !returns.is_empty() {
                 let offsets: Vec<u64> = returns.iter().map(|&i| sites[i].offset).collect();
@@ -206,18 +207,20 @@ pub fn attach(
     duty_cycle: bool,
 ) -> Result<Attached, Error> {
     let mut links = Vec::new();
-    // The duty cycle detaches and re-attaches the heap probes: through uprobe_multi
-    // links where the kernel has them, else (before Linux 6.6) one by one.
-    let multi = match (duty_cycle && !dry_run).then(|| MultiPrograms::load(ebpf)) {
-        Some(Ok(m)) => Some(m),
-        Some(Err(e)) => {
-            log::warn!(
-                "uprobe_multi links unavailable ({}): the duty cycle attaches probes one by one",
+    // The heap probes go through uprobe_multi links where the kernel has them (Linux
+    // 6.6+): one link per object for the entries and one for the returns, attached in
+    // one call and detached waiting for one RCU grace period. Detaching ~30 of aya's
+    // perf uprobes waited for one each (~90 ms apiece on 6.18 under load): seconds
+    // at every exit, and a duty cycle could not work. Before 6.6, one by one.
+    let multi = match MultiPrograms::load(ebpf) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log::info!(
+                "uprobe_multi links unavailable ({}): probes attached one by one",
                 crate::error::chain(&e)
             );
             None
         }
-        None => None,
     };
     // Before aya's own probes, so a failure leaves nothing half attached.
     let (session_prog, session_links, in_session) = match sessions
@@ -243,8 +246,11 @@ pub fn attach(
         p.load().map_err(attach_err(name.into()))
     };
     // The programs stay idle until `enable` flips the ENABLED flag, so the order
-    // of attachment does not matter for pairing.
-    uprobe(ebpf, "alloc_exit")?;
+    // of attachment does not matter for pairing. With uprobe_multi links, aya's own
+    // copies of the heap programs are not needed (each costs a verifier run).
+    if multi.is_none() {
+        uprobe(ebpf, "alloc_exit")?;
+    }
     // A dry run counts calls at the entries only.
     for (_, site) in sites.iter().enumerate().filter(|(i, s)| {
         s.func.return_program().is_some() && !dry_run && !in_session.contains(i) && multi.is_none()
@@ -274,7 +280,7 @@ pub fn attach(
         }
         let name = site.func.entry_program();
         // Several objects may define one function (an interposed allocator and libc).
-        if !loaded.contains(&name) {
+        if !loaded.contains(&name) && multi.is_none() {
             uprobe(ebpf, name)?;
             loaded.push(name);
         }
@@ -328,8 +334,17 @@ pub fn attach(
     let mut persistent = None;
     if let Some(m) = &multi {
         let multi_err = |e: SessionError| Error::Worker(format!("uprobe_multi: {}", crate::error::chain(&e)));
-        session_links.extend(m.attach(pid, sites, &in_session, false).map_err(multi_err)?);
-        persistent = Some(m.attach(pid, sites, &in_session, true).map_err(multi_err)?);
+        session_links.extend(
+            m.attach(pid, sites, &in_session, false, !dry_run)
+                .map_err(multi_err)?,
+        );
+        let frees = m.attach(pid, sites, &in_session, true, !dry_run).map_err(multi_err)?;
+        // Under the duty cycle the frees are kept apart (they may stay between windows).
+        if duty_cycle && !dry_run {
+            persistent = Some(frees);
+        } else {
+            session_links.extend(frees);
+        }
     }
     Ok(Attached {
         probes: infos,
@@ -379,9 +394,9 @@ pub fn reattach_heap(
     if let Some(m) = multi {
         let multi_err =
             |e: SessionError| Error::Worker(format!("uprobe_multi: {}", crate::error::chain(&e)));
-        sessions.extend(m.attach(pid, sites, &in_session, false).map_err(multi_err)?);
+        sessions.extend(m.attach(pid, sites, &in_session, false, true).map_err(multi_err)?);
         if with_frees {
-            sessions.extend(m.attach(pid, sites, &in_session, true).map_err(multi_err)?);
+            sessions.extend(m.attach(pid, sites, &in_session, true, true).map_err(multi_err)?);
         }
         return Ok(HeapLinks {
             uprobes: Vec::new(),
@@ -429,7 +444,12 @@ fn attach_one(
         .ok_or(Error::Missing(name))?
         .try_into()
         .map_err(attach_err(name.into()))?;
-    p.attach(offset, &site.host_path, scope)
+    // The entry program reads the function from the cookie.
+    let point = aya::programs::uprobe::UProbeAttachPoint {
+        location: offset.into(),
+        cookie: matches!(p.kind(), aya::programs::ProbeKind::Entry).then_some(site.func as u64),
+    };
+    p.attach(point, &site.host_path, scope)
         .map_err(attach_err(format!(
             "{what} on {} in {}",
             site.name,

@@ -333,13 +333,24 @@ impl Session<'_> {
         );
         // The worker loads the attach-time unwind tables and finds the interpreter
         // before the probes are enabled, so the first events already have both.
+        // A signal meanwhile stops leaktrace before anything is traced.
+        let mut stop_poll = tokio::time::interval(Duration::from_millis(50));
         loop {
-            match self.replies.recv().await {
-                Some(Reply::Ready) => break,
-                Some(r @ Reply::Interpreter(_)) => {
-                    self.on_reply(r, &mut m);
+            tokio::select! {
+                reply = self.replies.recv() => match reply {
+                    Some(Reply::Ready) => break,
+                    Some(r @ Reply::Interpreter(_)) => {
+                        self.on_reply(r, &mut m);
+                    }
+                    other => return Err(Error::Worker(format!("no start-up answer ({other:?})"))),
+                },
+                _ = sigint.recv() => return Err(Error::Stopped { signal: libc::SIGINT }),
+                _ = sigterm.recv() => return Err(Error::Stopped { signal: libc::SIGTERM }),
+                _ = stop_poll.tick() => {
+                    if let Some(signal) = super::stop::requested() {
+                        return Err(Error::Stopped { signal });
+                    }
                 }
-                other => return Err(Error::Worker(format!("no start-up answer ({other:?})"))),
             }
         }
         load::enable(
@@ -433,6 +444,15 @@ impl Session<'_> {
                 _ = sigchld.recv(), if self.launched => self.on_child_event(&mut m),
                 _ = sigint.recv() => break ("interrupted".to_owned(), true),
                 _ = sigterm.recv() => break ("terminated".to_owned(), false),
+                // A signal noted before the loop's own handlers were in place.
+                () = async {}, if super::stop::requested().is_some() => {
+                    let sig = super::stop::requested();
+                    break if sig == Some(libc::SIGINT) {
+                        ("interrupted".to_owned(), true)
+                    } else {
+                        ("terminated".to_owned(), false)
+                    };
+                }
                 () = &mut deadline => break ("duration elapsed".to_owned(), false),
                 r = async { match &pidfd { Some(fd) => fd.readable().await.map(|mut g| g.clear_ready()), None => std::future::pending().await } } => {
                     let _ = r;

@@ -5,6 +5,7 @@
 
 mod duty;
 mod event_loop;
+pub mod stop;
 pub mod prepare;
 pub mod worker;
 
@@ -143,5 +144,10 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     // A bad output path is refused before anything is attached.
     let out = event_loop::Output::open(config)?;
     let prepared = prepare::prepare(config)?;
+    // Asked to stop while attaching: nothing was traced yet (the probes go with
+    // `prepared`, a launched command with its pipe).
+    if let Some(sig) = stop::requested() {
+        return Err(Error::Stopped { signal: sig });
+    }
     event_loop::run(config, prepared, out)
 }

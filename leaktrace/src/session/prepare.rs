@@ -123,6 +123,11 @@ fn load_and_attach(
     pid: u32,
     objects: &[(String, PathBuf)],
 ) -> Result<(Vec<ProbeSite>, Option<Unwinder>, Ebpf, Attached), Error> {
+    // Ctrl-C between the steps ends here (each step is well under a second).
+    let stopped = || match super::stop::requested() {
+        Some(signal) => Err(Error::Stopped { signal }),
+        None => Ok(()),
+    };
     let search = allocators::search(objects.iter().map(|(t, h)| (t.as_str(), h.clone())));
     let has = |f: AllocFn| search.sites.iter().any(|s| s.func == f);
     if !has(AllocFn::Malloc) || !has(AllocFn::Free) {
@@ -165,6 +170,7 @@ fn load_and_attach(
         }
         None => Capacity::default(),
     };
+    stopped()?;
     let mut ebpf = load::load(&LoadOptions {
         pid,
         modes: Modes {
@@ -182,6 +188,7 @@ fn load_and_attach(
         sample_rate: config.sample_rate,
         unwind,
     })?;
+    stopped()?;
     // Sessions leave an unsampled call no record in flight: only the walk of a syscall it
     // makes can then tell that syscall is the allocator's.
     let sessions = config.uprobe_sessions
