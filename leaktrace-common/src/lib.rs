@@ -521,25 +521,10 @@ impl AllocFn {
         })
     }
 
-    /// BPF program name of the entry probe.
+    /// BPF program name of the entry probe: one for every function, which reads the
+    /// function from its attach cookie.
     pub const fn entry_program(self) -> &'static str {
-        match self {
-            Self::Malloc => "malloc_enter",
-            Self::Calloc => "calloc_enter",
-            Self::Realloc => "realloc_enter",
-            Self::Reallocarray => "reallocarray_enter",
-            Self::PosixMemalign => "posix_memalign_enter",
-            Self::AlignedAlloc => "aligned_alloc_enter",
-            Self::Memalign => "memalign_enter",
-            Self::Valloc => "valloc_enter",
-            Self::Pvalloc => "pvalloc_enter",
-            Self::Free => "free_enter",
-            Self::OperatorNew => "operator_new_enter",
-            Self::OperatorDelete => "operator_delete_enter",
-            Self::Mallocx => "mallocx_enter",
-            Self::Rallocx => "rallocx_enter",
-            Self::SizedFree => "sized_free_enter",
-        }
+        "heap_enter"
     }
 
     /// BPF program name of the return probe, if the function needs one.
