@@ -236,6 +236,38 @@ pub fn attach(
         }
         None => (None, Vec::new(), Vec::new()),
     };
+    // The multi links first: a kernel that loads their programs but has no such links
+    // (6.1 takes the attach type and refuses the link) falls back to aya's uprobes.
+    let mut multi_links = Vec::new();
+    let mut persistent = None;
+    let multi = match multi {
+        Some(m) => {
+            let all = m
+                .attach(pid, sites, &in_session, false, !dry_run)
+                .and_then(|a| Ok((a, m.attach(pid, sites, &in_session, true, !dry_run)?)));
+            match all {
+                Ok((allocs, frees)) => {
+                    multi_links = allocs;
+                    // Under the duty cycle the frees are kept apart (they may stay
+                    // attached between windows).
+                    if duty_cycle && !dry_run {
+                        persistent = Some(frees);
+                    } else {
+                        multi_links.extend(frees);
+                    }
+                    Some(m)
+                }
+                Err(e) => {
+                    log::info!(
+                        "uprobe_multi links refused ({}): probes attached one by one",
+                        crate::error::chain(&e)
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
     let uprobe = |ebpf: &mut Ebpf, name: &'static str| -> Result<(), Error> {
         let p: &mut UProbe = ebpf
@@ -331,21 +363,7 @@ pub fn attach(
             .map_err(attach_err(format!("tracepoint sched:{name}")))?;
     }
     let mut session_links = session_links;
-    let mut persistent = None;
-    if let Some(m) = &multi {
-        let multi_err = |e: SessionError| Error::Worker(format!("uprobe_multi: {}", crate::error::chain(&e)));
-        session_links.extend(
-            m.attach(pid, sites, &in_session, false, !dry_run)
-                .map_err(multi_err)?,
-        );
-        let frees = m.attach(pid, sites, &in_session, true, !dry_run).map_err(multi_err)?;
-        // Under the duty cycle the frees are kept apart (they may stay between windows).
-        if duty_cycle && !dry_run {
-            persistent = Some(frees);
-        } else {
-            session_links.extend(frees);
-        }
-    }
+    session_links.extend(multi_links);
     Ok(Attached {
         probes: infos,
         heap_links: Some(HeapLinks {
