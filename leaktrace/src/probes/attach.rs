@@ -212,13 +212,20 @@ pub fn attach(
     // one call and detached waiting for one RCU grace period. Detaching ~30 of aya's
     // perf uprobes waited for one each (~90 ms apiece on 6.18 under load): seconds
     // at every exit, and a duty cycle could not work. Before 6.6, one by one.
-    let multi = match MultiPrograms::load(ebpf) {
-        Ok(m) => Some(m),
-        Err(e) => {
+    // The kernel's BTF says whether it has them (loading the programs for nothing costs
+    // two verifier runs, seconds under emulation).
+    let has_multi = super::btf::Btf::from_sys().is_ok_and(|b| b.has_struct("bpf_uprobe_multi_link"));
+    let multi = match has_multi.then(|| MultiPrograms::load(ebpf)) {
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
             log::info!(
                 "uprobe_multi links unavailable ({}): probes attached one by one",
                 crate::error::chain(&e)
             );
+            None
+        }
+        None => {
+            log::info!("this kernel has no uprobe_multi links (6.6+): probes attached one by one");
             None
         }
     };

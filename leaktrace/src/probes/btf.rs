@@ -102,6 +102,12 @@ impl Btf {
             .map(|i| i as u32 + 1)
     }
 
+    /// Whether the kernel defines struct `name` (a feature's own structure: the kernel
+    /// has `uprobe_multi` links if it has `bpf_uprobe_multi_link`).
+    pub fn has_struct(&self, name: &str) -> bool {
+        self.struct_id(name).is_some()
+    }
+
     /// Byte offset of `path` (member names, e.g. `["thread", "fsbase"]`) inside struct `root`.
     pub fn member_offset(&self, root: &str, path: &[&str]) -> Option<u64> {
         let mut id = self.struct_id(root)?;
