@@ -232,6 +232,42 @@ fn root_unprivileged_user_is_told_what_is_needed() {
     );
 }
 
+/// A target flooding the ring buffer (eight threads in tight malloc/free loops) cannot
+/// keep leaktrace from its deadline: `--duration 2` ends, report written, within the
+/// duration plus 1.5 s of attaching (it took 16 s for `--duration 6` when each drain
+/// ran until the ring was empty).
+#[test]
+fn root_duration_holds_under_a_flood() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["flood"]);
+    let out = leaktrace_tests::temp_path("report.json");
+    let mut child = Command::new(leaktrace_bin())
+        .args(["--pid", &fx.pid.to_string(), "--duration", "2", "--format", "json", "-o"])
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leaktrace");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("leaktrace: tracing pid"), "{line}");
+    let attached = std::time::Instant::now();
+    fx.run_scenario();
+    let status = child.wait().unwrap();
+    let took = attached.elapsed().as_secs_f64();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("report")).expect("JSON");
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(r["end_reason"], "duration elapsed");
+    assert!(
+        r["activity"]["allocs"].as_u64().unwrap() > 100_000,
+        "the flood was traced: {}",
+        r["activity"]
+    );
+    assert!(took <= 3.5, "--duration 2 ended {took:.2} s after attach");
+}
+
 /// Text mode prints periodic reports and a final one, with the loss line in each.
 #[test]
 fn root_text_reports_at_each_interval() {
