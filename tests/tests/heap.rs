@@ -230,7 +230,7 @@ fn assert_arenas(r: &serde_json::Value, threads: u64, caller: Option<&str>) {
     for a in r["mappings"]["arenas"].as_array().unwrap() {
         assert!(
             functions(a).iter().any(|f| f == caller),
-            "arena created by {:?}, not {caller}",
+            "arena created by {:?}, not {caller}: {a:#}",
             functions(a)
         );
     }
