@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result, bail};
 mod bench;
 mod kernels;
 mod roots;
+mod servers;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -46,6 +47,9 @@ enum Task {
         /// Small workloads, to check the harness works (used by the tests).
         #[arg(long)]
         quick: bool,
+        /// Only the real servers (redis, CPython, nginx): no engine figures, no microbenchmarks.
+        #[arg(long)]
+        servers: bool,
     },
 }
 
@@ -60,7 +64,7 @@ fn main() -> ExitCode {
         }
         Task::Kernels { series } => setup(true).and_then(|()| kernel_tier(&series)),
         Task::Demo => setup(false).and_then(|()| demo()),
-        Task::Bench { quick } => setup(false).and_then(|()| bench(quick)),
+        Task::Bench { quick, servers } => setup(false).and_then(|()| bench(quick, servers)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -304,12 +308,14 @@ fn demo() -> Result<()> {
         .arg(&leaky))
 }
 
-/// The peers the full benchmark compares against, from Debian, where missing.
+/// The peers the full benchmark compares against, and the real servers with their load
+/// generators (redis-server, redis-tools, nginx, wrk), from Debian, where missing.
 fn ensure_bench_peers() -> Result<()> {
-    let missing: Vec<&str> = ["bpftrace", "heaptrack", "sqlite3"]
+    let mut missing: Vec<&str> = ["bpftrace", "heaptrack", "sqlite3"]
         .into_iter()
         .filter(|bin| which::which(bin).is_err())
         .collect();
+    missing.extend(servers::missing_packages());
     if !missing.is_empty() {
         eprintln!(
             "xtask: installing the benchmark's peers: {}",
@@ -324,9 +330,26 @@ fn ensure_bench_peers() -> Result<()> {
 }
 
 /// Engine throughput, then the side-by-side table of workloads and tracers.
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, servers_only: bool) -> Result<()> {
     if !quick {
         ensure_bench_peers()?;
+    }
+    if servers_only {
+        run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+        let (summaries, failures) = servers::run(
+            &workspace(),
+            &workspace().join("target/release/leaktrace"),
+            quick,
+        );
+        servers::print_summary(&summaries, None);
+        if !failures.is_empty() {
+            bail!(
+                "{} server runs failed: {}",
+                failures.len(),
+                failures.join("; ")
+            );
+        }
+        return Ok(());
     }
     run(cargo().args([
         "build",
