@@ -976,116 +976,13 @@ fn bench_workload(
             secs(|s| s.stop_s),
         );
     }
-    // What leaktrace's reports say: losses, events per operation, the duty cycle.
     for (i, &tool) in tools.iter().enumerate() {
-        let reports: Vec<(&serde_json::Value, f64)> = samples[i]
-            .iter()
-            .flatten()
-            .filter_map(|s| Some((s.report.as_ref()?, s.ops)))
-            .collect();
-        if reports.is_empty() {
-            continue;
-        }
-        let mut lost: BTreeMap<String, u64> = BTreeMap::new();
-        let mut lost_total = 0;
-        let mut per_op = Vec::new();
-        let mut notes = Vec::new();
-        for (r, ops) in &reports {
-            lost_total += r["lost_total"].as_u64().unwrap_or(0);
-            if let Some(m) = r["lost"].as_object() {
-                for (k, v) in m {
-                    *lost.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
-                }
-            }
-            let a = &r["activity"];
-            let events = a["allocs"].as_f64().unwrap_or(0.0) + a["frees"].as_f64().unwrap_or(0.0);
-            if *ops > 0.0 {
-                per_op.push(events / ops);
-            }
-            if !r["heap_detached"].is_null() {
-                notes.push(format!("heap probes detached: {}", r["heap_detached"]));
-            }
-        }
-        let lost_text = if lost_total == 0 {
-            format!("lost_total 0 in all {} reports", reports.len())
-        } else {
-            let parts: Vec<String> = lost
-                .iter()
-                .filter(|(_, v)| **v > 0)
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect();
-            format!(
-                "LOSSES: lost_total {lost_total} over {} reports ({})",
-                reports.len(),
-                parts.join(", ")
-            )
-        };
-        print!(
-            "  {}: {lost_text}; allocs+frees recorded per {}: {}",
-            tool.label(),
-            w.op,
-            median(&mut per_op.clone()).map_or("-".into(), |m| format!("{m:.2}"))
-        );
-        let duty: Vec<&serde_json::Value> = reports
-            .iter()
-            .map(|(r, _)| &r["heap"]["duty_cycle"])
-            .filter(|d| !d.is_null())
-            .collect();
-        if !duty.is_empty() {
-            let f = |k: &str| -> Vec<f64> { duty.iter().filter_map(|d| d[k].as_f64()).collect() };
-            let always = duty
-                .iter()
-                .filter(|d| d["frees_always_attached"] == true)
-                .count();
-            print!(
-                "\n    duty cycle: probes attached {} of the time (median {}), {} windows per report, duty now {}, cost while attached {} of the target's CPU, budget {}%; frees attached throughout in {} of {}",
-                range(&f("attached_share"), |v| format!("{:.1}%", v * 100.0)),
-                median(&mut f("attached_share"))
-                    .map_or("-".into(), |v| format!("{:.1}%", v * 100.0)),
-                range(&f("windows"), |v| format!("{v:.0}")),
-                range(&f("duty_now"), |v| format!("{v:.3}")),
-                range(&f("cost_when_attached_pct"), |v| format!("{v:.0}%")),
-                f("budget_pct")
-                    .first()
-                    .map_or("-".into(), |v| format!("{v}")),
-                always,
-                duty.len()
-            );
-        } else if tool == Tool::Sampled {
-            print!("\n    no duty cycle in the reports (the probes stayed attached)");
-        }
-        for n in notes.iter().take(1) {
-            print!("\n    {n}");
-        }
-        println!();
+        print_reports(tool, &samples[i], w.op);
     }
     if plan.full {
-        // The allocator call rate: count-only probes over one window.
         let report = ctx.out.join(format!("{}-dryrun.json", w.key));
         match measure(ctx, server, w.load, Tool::DryRun, plan.secs, &report) {
-            Ok(s) => {
-                let r = s.report.unwrap_or_default();
-                let dur = r["duration_s"].as_f64().unwrap_or(0.0);
-                let calls: Vec<(String, f64)> = r["overhead"]["calls_per_s"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .filter_map(|(k, v)| {
-                                Some((k.clone(), v.as_f64()? * dur / s.ops.max(1.0)))
-                            })
-                            .filter(|(_, n)| *n >= 0.01)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let total: f64 = calls.iter().map(|(_, n)| n).sum();
-                let parts: Vec<String> = calls.iter().map(|(k, n)| format!("{k} {n:.2}")).collect();
-                println!(
-                    "  allocator calls per {} (leaktrace --dry-run, count-only probes): {} = {total:.1}; at the untraced median, {} calls/s",
-                    w.op,
-                    parts.join(", "),
-                    base.map_or("-".into(), |b| si(b * total))
-                );
-            }
+            Ok(s) => print_call_rates(&s, w.op, base),
             Err(e) => {
                 println!("  dry run failed: {e:#}");
                 failures.push(format!("{} under {}", w.name, Tool::DryRun.label()));
@@ -1104,6 +1001,118 @@ fn bench_workload(
         untraced: base.map(|b| (b, range(&untraced, si))),
         shares,
     }
+}
+
+/// What leaktrace's reports over the rounds say: losses, what it recorded per operation,
+/// and in sampled mode the duty cycle.
+fn print_reports(tool: Tool, samples: &[Option<Sample>], op: &str) {
+    let reports: Vec<(&serde_json::Value, f64)> = samples
+        .iter()
+        .flatten()
+        .filter_map(|s| Some((s.report.as_ref()?, s.ops)))
+        .collect();
+    if reports.is_empty() {
+        return;
+    }
+    let mut lost: BTreeMap<String, u64> = BTreeMap::new();
+    let mut per_op = Vec::new();
+    let mut nested = Vec::new();
+    let mut detached = None;
+    for (r, ops) in &reports {
+        if let Some(m) = r["lost"].as_object() {
+            for (k, v) in m {
+                *lost.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+            }
+        }
+        let a = &r["activity"];
+        let events = a["allocs"].as_f64().unwrap_or(0.0) + a["frees"].as_f64().unwrap_or(0.0);
+        per_op.push(events / ops.max(1.0));
+        nested.push(r["counters"]["nested_call"].as_f64().unwrap_or(0.0) / ops.max(1.0));
+        if !r["heap_detached"].is_null() {
+            detached = Some(r["heap_detached"].to_string());
+        }
+    }
+    let lost_total: u64 = reports
+        .iter()
+        .map(|(r, _)| r["lost_total"].as_u64().unwrap_or(0))
+        .sum();
+    let lost_text = if lost_total == 0 {
+        format!("lost_total 0 in all {} reports", reports.len())
+    } else {
+        let parts: Vec<String> = lost
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        format!(
+            "LOSSES: lost_total {lost_total} over {} reports ({})",
+            reports.len(),
+            parts.join(", ")
+        )
+    };
+    let fmt2 = |v: Option<f64>| v.map_or("-".into(), |m| format!("{m:.2}"));
+    print!(
+        "  {}: {lost_text}; allocs+frees recorded per {op}: {}",
+        tool.label(),
+        fmt2(median(&mut per_op))
+    );
+    if let Some(n) = median(&mut nested).filter(|n| *n >= 0.01) {
+        print!(" (and {n:.2} allocator calls made inside another, counted as nested_call)");
+    }
+    let duty: Vec<&serde_json::Value> = reports
+        .iter()
+        .map(|(r, _)| &r["heap"]["duty_cycle"])
+        .filter(|d| !d.is_null())
+        .collect();
+    if !duty.is_empty() {
+        let f = |k: &str| -> Vec<f64> { duty.iter().filter_map(|d| d[k].as_f64()).collect() };
+        let pct = |v: f64| format!("{:.1}%", v * 100.0);
+        let always = duty
+            .iter()
+            .filter(|d| d["frees_always_attached"] == true)
+            .count();
+        print!(
+            "\n    duty cycle: probes attached {} of the time (median {}), {} windows per report, duty now {}, cost while attached {} of the target's CPU, budget {}%; frees attached throughout in {} of {}",
+            range(&f("attached_share"), pct),
+            median(&mut f("attached_share")).map_or("-".into(), pct),
+            range(&f("windows"), |v| format!("{v:.0}")),
+            range(&f("duty_now"), |v| format!("{v:.3}")),
+            range(&f("cost_when_attached_pct"), |v| format!("{v:.0}%")),
+            f("budget_pct")
+                .first()
+                .map_or("-".into(), |v| format!("{v}")),
+            always,
+            duty.len()
+        );
+    } else if tool == Tool::Sampled {
+        print!("\n    no duty cycle in the reports (the probes stayed attached)");
+    }
+    if let Some(d) = detached {
+        print!("\n    heap probes detached: {d}");
+    }
+    println!();
+}
+
+/// The allocator call rate, from a dry run's count-only probes over one window.
+fn print_call_rates(s: &Sample, op: &str, untraced: Option<f64>) {
+    let r = s.report.clone().unwrap_or_default();
+    let dur = r["duration_s"].as_f64().unwrap_or(0.0);
+    let calls: Vec<(String, f64)> = r["overhead"]["calls_per_s"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? * dur / s.ops.max(1.0))))
+                .filter(|(_, n)| *n >= 0.01)
+                .collect()
+        })
+        .unwrap_or_default();
+    let total: f64 = calls.iter().map(|(_, n)| n).sum();
+    let parts: Vec<String> = calls.iter().map(|(k, n)| format!("{k} {n:.2}")).collect();
+    println!(
+        "  allocator calls per {op} (leaktrace --dry-run, count-only probes): {} = {total:.1}; at the untraced median, {} calls/s",
+        parts.join(", "),
+        untraced.map_or("-".into(), |b| si(b * total))
+    );
 }
 
 fn version(cmd: &str, args: &[&str]) -> String {
