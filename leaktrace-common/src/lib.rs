@@ -301,8 +301,38 @@ pub struct Config {
     pub wakeup_bytes: u32,
     /// Mean sampling interval in bytes for heap allocations (0: trace every call).
     pub sample_bytes: u32,
+    /// Where the kernel keeps the return addresses its return probes replaced, for
+    /// [`CONFIG_RETURN_FIXUP`].
+    pub returns: ReturnOffsets,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 32);
+
+/// Byte offsets, from the running kernel's BTF, of what a stack walk reads to undo
+/// return probes. A return probe (a uretprobe, ours or anyone's on the same file)
+/// replaces the return address of every call it catches with the address of a
+/// trampoline page, `[uprobes]`, and keeps the original in a per-thread list of
+/// `struct return_instance` (newest first) until the call returns. Another tool's
+/// probes on the same library hijack the calls of every process that has one of that
+/// library's breakpoints (the kernel prepares the return of all consumers before
+/// their filters run), so a walk meets trampolines it did not cause.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReturnOffsets {
+    /// `task_struct.utask` (a `struct uprobe_task *`).
+    pub utask: u16,
+    /// `uprobe_task.return_instances` (the newest `struct return_instance *`).
+    pub instances: u16,
+    /// `return_instance.stack`: the stack pointer at the hijack, the return address's slot.
+    pub stack: u16,
+    /// `return_instance.orig_ret_vaddr`: the return address replaced.
+    pub orig: u16,
+    /// `return_instance.next`. (A tail call from a probed function into another
+    /// leaves two instances on one slot; the kernel copies the original address into
+    /// the newer one, so a walk takes the first and skips the second.)
+    pub next: u16,
+    /// Padding.
+    pub _pad: [u16; 3],
+}
 
 /// [`Config::flags`]: count allocator calls per function and do nothing else (dry run).
 pub const CONFIG_COUNT_ONLY: u32 = 2;
@@ -327,6 +357,9 @@ pub const CONFIG_STOP_ON_EXEC_MAP: u32 = 16;
 /// Set when stacks are not unwound with CFI tables; with them, a syscall's own walk
 /// tells whether it runs inside `free` ([`STACK_IN_ALLOCATOR`]), and frees cost nothing extra.
 pub const CONFIG_FREE_MARK: u32 = 32;
+/// [`Config::flags`]: [`Config::returns`] is filled in: stack walks put back the return
+/// addresses return probes replaced.
+pub const CONFIG_RETURN_FIXUP: u32 = 64;
 
 /// Default capacity of [`maps::UNWIND_ROWS`] (8 bytes each).
 pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
@@ -752,6 +785,9 @@ pub mod counter {
         /// Stops of a launched command's main thread after it mapped code (see
         /// [`crate::CONFIG_STOP_ON_EXEC_MAP`]).
         EXEC_MAP_STOPS = "exec_map_stops",
+        /// Return addresses a return probe had replaced with its trampoline, put back
+        /// by a stack walk from the kernel's list of the thread's pending returns.
+        RETURNS_RESTORED = "returns_restored",
     }
 
     /// Whether a nonzero value of this counter means data was lost.

@@ -18,9 +18,8 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     AllocEntry, AllocFn, CONFIG_COUNT_ONLY, CONFIG_FREE_MARK, ENABLE_FREES, ENABLE_HEAP,
-    ENTRY_UNSAMPLED,
-    EVENT_IN_PLACE, EVENT_REUSED, EXP_DRAWS as N_DRAWS, Event, STACK_AT_RETURN, STACK_NONE,
-    counter, kind,
+    ENTRY_UNSAMPLED, EVENT_IN_PLACE, EVENT_REUSED, EXP_DRAWS as N_DRAWS, Event, STACK_AT_RETURN,
+    STACK_NONE, counter, kind,
 };
 
 use crate::{
@@ -147,11 +146,7 @@ fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64, session: 
         sp: regs.sp,
         // Only a realloc's entry time is used (userspace: was the old address handed
         // out again after this call started?); a clock read is ~30 ns.
-        ts_ns: if func.reallocates() {
-            now()
-        } else {
-            0
-        },
+        ts_ns: if func.reallocates() { now() } else { 0 },
         stack_id: if !take {
             STACK_NONE
         } else if func.reallocates() && CONFIG.load().sample_bytes == 0 {

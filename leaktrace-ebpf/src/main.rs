@@ -37,6 +37,14 @@ static CONFIG: Global<Config> = Global::new(Config {
     flags: 0,
     wakeup_bytes: 0,
     sample_bytes: 0,
+    returns: leaktrace_common::ReturnOffsets {
+        utask: 0,
+        instances: 0,
+        stack: 0,
+        orig: 0,
+        next: 0,
+        _pad: [0; 3],
+    },
 });
 
 #[map]

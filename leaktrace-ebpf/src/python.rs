@@ -19,8 +19,8 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use leaktrace_common::{
-    MAX_PY_FRAMES, MAX_PY_THREADS, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE,
-    PY_TSTATE_LIST, PyConfig, STACK_NONE, STACK_TRUNCATED, counter,
+    MAX_PY_FRAMES, MAX_PY_THREADS, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE, PY_TSTATE_LIST,
+    PyConfig, STACK_NONE, STACK_TRUNCATED, counter,
 };
 
 use crate::{
@@ -175,7 +175,8 @@ fn listed_thread_state(cfg: &PyConfig, fsbase: u64) -> Option<u64> {
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     if let Some(&t) = unsafe { PY_TSTATES.get(&tid) } {
         // SAFETY: user memory reads through the helper cannot fault.
-        let id = unsafe { bpf_probe_read_user((t + u64::from(cfg.tstate_thread_id)) as *const u64) };
+        let id =
+            unsafe { bpf_probe_read_user((t + u64::from(cfg.tstate_thread_id)) as *const u64) };
         if id == Ok(fsbase) {
             return Some(t);
         }
@@ -186,10 +187,9 @@ fn listed_thread_state(cfg: &PyConfig, fsbase: u64) -> Option<u64> {
         return None;
     }
     // SAFETY: as above.
-    let head = unsafe {
-        bpf_probe_read_user((interp + u64::from(cfg.interp_tstate_head)) as *const u64)
-    }
-    .ok()?;
+    let head =
+        unsafe { bpf_probe_read_user((interp + u64::from(cfg.interp_tstate_head)) as *const u64) }
+            .ok()?;
     let s = PY_THREAD_SEARCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's private slot from a successful lookup.
     unsafe {

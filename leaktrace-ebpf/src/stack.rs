@@ -22,16 +22,17 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_user_buf, bpf_task_pt_regs,
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel,
+        bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
     maps::lpm_trie::Key,
 };
 use leaktrace_common::{
-    CONFIG_CAPTURE_STACKS, CONFIG_COPY_STACKS, CONFIG_FP_STACKS, MAX_STACK_DEPTH, STACK_CFI,
-    STACK_COPY_BYTES, STACK_FP_FALLBACK, STACK_IN_ALLOCATOR, STACK_NONE, STACK_SYSCALL,
-    STACK_TRUNCATED, StackTrace, UNWIND_CFA_RBP, UNWIND_CFA_RSP, UNWIND_END, UNWIND_GAP,
-    UNWIND_PAGE_SHIFT, UNWIND_PLT, UNWIND_SEARCH_STEPS, UnwindObject, counter,
+    CONFIG_CAPTURE_STACKS, CONFIG_COPY_STACKS, CONFIG_FP_STACKS, CONFIG_RETURN_FIXUP,
+    MAX_STACK_DEPTH, STACK_CFI, STACK_COPY_BYTES, STACK_FP_FALLBACK, STACK_IN_ALLOCATOR,
+    STACK_NONE, STACK_SYSCALL, STACK_TRUNCATED, StackTrace, UNWIND_CFA_RBP, UNWIND_CFA_RSP,
+    UNWIND_END, UNWIND_GAP, UNWIND_PAGE_SHIFT, UNWIND_PLT, UNWIND_SEARCH_STEPS, UnwindObject,
+    counter,
 };
 
 use crate::{
@@ -131,7 +132,10 @@ const M2: u64 = 0xC2B2_AE3D_27D4_EB4F;
 /// where the thread stands, from which the CFI walk starts: an instruction about to
 /// run (`exact`), or a return address.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "the registers and how to read them")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the registers and how to read them"
+)]
 fn capture(
     first: u64,
     second: Option<u64>,
@@ -256,6 +260,7 @@ extern "C" fn fp_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         w.flags |= u64::from(STACK_TRUNCATED);
         return 1;
     };
+    let ret = restore_return(w, bp + 8, ret);
     if ret == 0 {
         return 1;
     }
@@ -301,6 +306,11 @@ pub struct UnwindState {
     cache: [UnwindObject; OBJECT_CACHE],
     cache_gen: u64,
     cache_next: u64,
+    /// The thread's oldest-unmatched pending return probe (a kernel `struct
+    /// return_instance *`, 0: none left) and the stack slot whose return address it
+    /// replaced. See [`restore_return`].
+    ri: u64,
+    ri_slot: u64,
 }
 
 /// Entries of the per-CPU object cache.
@@ -454,6 +464,7 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         w.flags |= truncated;
         return 1;
     };
+    let ra = restore_return(w, cfa - 8, ra);
     if kind == UNWIND_GAP && !exact {
         let Some(b) = stack_word(w.bp) else {
             w.flags |= truncated;
@@ -497,7 +508,72 @@ fn begin_walk(
     w.flags = u64::from(flags);
     w.h1 = h1;
     w.h2 = h2;
+    w.ri = 0;
+    w.ri_slot = 0;
+    let c = CONFIG.load();
+    if c.flags & CONFIG_RETURN_FIXUP != 0 {
+        // SAFETY: the current task is valid while the program runs; probe reads of
+        // kernel memory cannot fault.
+        let task = unsafe { bpf_get_current_task() };
+        let utask = kernel_word(task + u64::from(c.returns.utask));
+        if utask != 0 {
+            set_return_instance(w, kernel_word(utask + u64::from(c.returns.instances)));
+        }
+    }
     Some(w)
+}
+
+/// The 8-byte kernel word at `addr`, 0 when unreadable.
+#[inline(always)]
+fn kernel_word(addr: u64) -> u64 {
+    // SAFETY: probe reads of kernel memory cannot fault.
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+}
+
+/// Makes `ri` the walk's next pending return instance.
+#[inline(always)]
+fn set_return_instance(w: &mut UnwindState, ri: u64) {
+    w.ri = ri;
+    w.ri_slot = if ri != 0 {
+        kernel_word(ri + u64::from(CONFIG.load().returns.stack))
+    } else {
+        0
+    };
+    if w.ri_slot == 0 {
+        w.ri = 0;
+    }
+}
+
+/// Return instances skipped per frame: those of frames below where the walk began
+/// (the call a return probe is handling), and a tail call's second instance on the slot.
+const RETURN_SKIPS: usize = 4;
+
+/// The return address in stack slot `slot`, read as `ra`, as the program wrote it. A
+/// return probe on a call (ours, or another tool's on the same library: the kernel
+/// arms every consumer's return, whichever process it traces) replaces the address
+/// with its trampoline's, which lies in no object; the original is in the thread's
+/// list of pending returns, newest first, so in the order a walk up the stack meets
+/// their slots.
+#[inline(always)]
+fn restore_return(w: &mut UnwindState, slot: u64, ra: u64) -> u64 {
+    for _ in 0..RETURN_SKIPS {
+        if w.ri == 0 || w.ri_slot >= slot {
+            break;
+        }
+        let next = kernel_word(w.ri + u64::from(CONFIG.load().returns.next));
+        set_return_instance(w, next);
+    }
+    if w.ri == 0 || w.ri_slot != slot {
+        return ra;
+    }
+    let orig = kernel_word(w.ri + u64::from(CONFIG.load().returns.orig));
+    let next = kernel_word(w.ri + u64::from(CONFIG.load().returns.next));
+    set_return_instance(w, next);
+    if orig == 0 {
+        return ra;
+    }
+    count(counter::RETURNS_RESTORED);
+    orig
 }
 
 /// Runs up to `steps` calls of `step` over the walk state, then returns it (by

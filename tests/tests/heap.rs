@@ -266,6 +266,31 @@ fn root_arenas_created_inside_unsampled_malloc() {
     assert_arenas(&r, threads, Some("worker_alloc"));
 }
 
+/// Another tracer's return probes on the same libc (here a second leaktrace, tracing
+/// every call of an idle process) make the kernel hijack the return address of every
+/// probed call in this target too: the kernel arms all consumers' returns before their
+/// process filters run. The arena's stack walk meets malloc's hijacked return and
+/// restores it from the kernel's list of pending returns; without that, the stack ended
+/// at malloc (what failed intermittently in CI while tests ran side by side).
+#[test]
+fn root_stacks_through_another_tracers_return_probes() {
+    require_root();
+    let bystander = Fixture::spawn("heap_ops", &["basic"]);
+    let other = Tracer::start(&["--pid", &bystander.pid.to_string()]);
+    let (_fx, r) = trace_scenario(
+        "threads",
+        &["4", "100", "48"],
+        &["--sample-rate", "64M", "--no-duty-cycle"],
+    );
+    assert_arenas(&r, 4, Some("worker_alloc"));
+    assert!(
+        counter(&r, "returns_restored") >= 4,
+        "one restored return per arena at least: {}",
+        r["counters"]
+    );
+    other.finish();
+}
+
 /// A full stack map is a counted loss: the report says so, and byte totals stay exact.
 #[test]
 fn root_full_stack_map_is_reported_as_loss() {
@@ -404,19 +429,21 @@ fn check_sampling(r: &serde_json::Value) {
 }
 
 /// Sampled mode's duty cycle: beside a thread churning as fast as it can, tracing every
-/// call would cost the target several times its own CPU time, far more than a 25%
-/// budget, so the heap probes are attached only for windows (about 1 in 40 slots of a
-/// second here) — and the leak is still found and estimated within its error: 4000 ×
-/// 4096 bytes from leak_record, the top heap stack.
+/// call costs most of the target's CPU time while attached (77–103% here, 40% on the CI
+/// machine while other tests ran), far more than a 5% budget, so the heap probes are
+/// attached only for windows (1 slot in 16–21 here) — and the leak is still found and
+/// estimated within its error: 4000 × 4096 bytes from leak_record, the top heap stack.
+/// (With a 25% budget the CI machine's 40% gave 2 slots, a share of exactly one half.)
 #[test]
 fn root_duty_cycle_keeps_the_leak_and_the_budget() {
     require_root();
     let (_fx, r) = trace_scenario(
         "heap_ops",
         &["duty"],
-        &["--sample-rate", "4K", "--max-overhead", "25"],
+        &["--sample-rate", "4K", "--max-overhead", "5"],
     );
     let d = &r["heap"]["duty_cycle"];
+    eprintln!("duty cycle: {d}");
     let attached = d["attached_share"].as_f64().expect("a duty cycle ran");
     assert!(
         attached < 0.5 && d["windows"].as_u64().unwrap() >= 3,

@@ -5,7 +5,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
 };
-use leaktrace_common::{CONFIG_CAPTURE_STACKS, CONFIG_GLOBAL, Config as BpfConfig, maps};
+use leaktrace_common::{
+    CONFIG_CAPTURE_STACKS, CONFIG_GLOBAL, Config as BpfConfig, ReturnOffsets, maps,
+};
 
 use crate::{error::Error, unwind::Capacity};
 
@@ -56,7 +58,7 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
     check_kernel()?;
     let m = o.modes;
     let flag = |on: bool, bit: u32| if on { bit } else { 0 };
-    let bpf_config = BpfConfig {
+    let mut bpf_config = BpfConfig {
         tgid: o.pid,
         flags: flag(m.capture_stacks, CONFIG_CAPTURE_STACKS)
             | flag(m.count_only, leaktrace_common::CONFIG_COUNT_ONLY)
@@ -71,7 +73,12 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
         // and otherwise drains every few milliseconds.
         wakeup_bytes: o.ring_bytes / 4,
         sample_bytes: o.sample_rate,
+        returns: ReturnOffsets::default(),
     };
+    if let Some(r) = return_offsets() {
+        bpf_config.returns = r;
+        bpf_config.flags |= leaktrace_common::CONFIG_RETURN_FIXUP;
+    }
     let mut loader = EbpfLoader::new();
     loader
         .override_global(CONFIG_GLOBAL, &bpf_config, true)
@@ -100,6 +107,25 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
         fill_exp_draws(&mut ebpf, o.sample_rate)?;
     }
     Ok(ebpf)
+}
+
+/// Where the running kernel keeps the return addresses its return probes replaced
+/// (see [`ReturnOffsets`]), from its BTF; `None` when any member is missing, and stack
+/// walks then end at a hijacked return.
+pub fn return_offsets() -> Option<ReturnOffsets> {
+    let btf = super::btf::Btf::from_sys().ok()?;
+    let small = |root: &str, member: &str| {
+        btf.member_offset(root, &[member])
+            .and_then(|o| u16::try_from(o).ok())
+    };
+    Some(ReturnOffsets {
+        utask: small("task_struct", "utask")?,
+        instances: small("uprobe_task", "return_instances")?,
+        stack: small("return_instance", "stack")?,
+        orig: small("return_instance", "orig_ret_vaddr")?,
+        next: small("return_instance", "next")?,
+        _pad: [0; 3],
+    })
 }
 
 /// Refuses, before anything is loaded, a kernel without `bpf_loop` (Linux 5.17), which
