@@ -254,11 +254,12 @@ fn config(opts: Opts) -> Config {
         fp_stacks: opts.unwind == UnwindArg::Fp,
         copy_stacks: opts.copy_stacks,
         uprobe_sessions: !opts.no_uprobe_sessions,
-        duty_budget_pct: (opts.sample_rate.is_some() && !opts.no_duty_cycle && !opts.dry_run)
-            .then(|| {
+        duty_budget_pct: (opts.sample_rate.is_some() && !opts.no_duty_cycle && !opts.dry_run).then(
+            || {
                 opts.max_overhead
                     .unwrap_or(leaktrace::session::DEFAULT_DUTY_BUDGET_PCT)
-            }),
+            },
+        ),
     }
 }
 
@@ -269,17 +270,22 @@ fn main() -> ExitCode {
             let code = if e.use_stderr() { 2 } else { 0 };
             if code == 2 {
                 // One clear line, not clap's multi-line usage block.
-                if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                let msg = e.render().to_string();
+                // clap's message up to its usage block, on one line.
+                let first = msg
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let first = first.trim_start_matches("error: ");
+                if e.kind() == clap::error::ErrorKind::MissingRequiredArgument
+                    && first.contains("<PID>")
+                {
                     eprintln!(
                         "leaktrace: say what to trace: --pid PID, or a command after -- (see --help)"
                     );
                 } else {
-                    let msg = e.render().to_string();
-                    let first = msg
-                        .lines()
-                        .next()
-                        .unwrap_or("invalid arguments")
-                        .trim_start_matches("error: ");
                     eprintln!("leaktrace: {first} (see --help)");
                 }
             } else {

@@ -145,6 +145,11 @@ fn bad_options_are_one_line_errors() {
             &["--pid", "1", "--interval", "1", "--format", "json"],
             "--interval",
         ),
+        // An option that needs another names it (it read "say what to trace").
+        (
+            &["--pid", "1", "--no-duty-cycle"],
+            "required arguments were not provided: --sample-rate",
+        ),
     ];
     for (args, needle) in cases {
         rejects(args, needle);
@@ -242,7 +247,15 @@ fn root_duration_holds_under_a_flood() {
     let mut fx = Fixture::spawn("heap_ops", &["flood"]);
     let out = leaktrace_tests::temp_path("report.json");
     let mut child = Command::new(leaktrace_bin())
-        .args(["--pid", &fx.pid.to_string(), "--duration", "2", "--format", "json", "-o"])
+        .args([
+            "--pid",
+            &fx.pid.to_string(),
+            "--duration",
+            "2",
+            "--format",
+            "json",
+            "-o",
+        ])
         .arg(&out)
         .stderr(Stdio::piped())
         .spawn()

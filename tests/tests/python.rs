@@ -214,7 +214,11 @@ fn check_launched(name: &str, program: &Path, want_version: &str) {
     assert_eq!(line.trim(), "done", "{name}");
     let r = tracer.finish();
     check_shape(&r);
-    assert_eq!(r["python"]["version"], want_version, "{name}: {}", r["python"]);
+    assert_eq!(
+        r["python"]["version"], want_version,
+        "{name}: {}",
+        r["python"]
+    );
     assert_eq!(r["python"]["frames"], true, "{name}: {}", r["python"]);
     check_report(name, &r);
 }
@@ -240,7 +244,11 @@ fn root_python_launched_through_pyenv_shim() {
     let root =
         std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
     let shim = root.join("shims/python3.11");
-    assert!(shim.exists(), "pyenv's shim is missing ({})", shim.display());
+    assert!(
+        shim.exists(),
+        "pyenv's shim is missing ({})",
+        shim.display()
+    );
     check_launched("pyenv shim python3.11", &shim, "3.11");
 }
 
@@ -283,13 +291,19 @@ fn check_in_root(name: &str, r: &Value, lib: &str) {
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| py_frames(s).first().is_some_and(|(f, _)| f == "native_alloc"))
+        .find(|s| {
+            py_frames(s)
+                .first()
+                .is_some_and(|(f, _)| f == "native_alloc")
+        })
         .unwrap_or_else(|| panic!("{name}: no native_alloc stack: {:#}", r["heap"]));
     let frames = native_alloc["frames"].as_array().unwrap();
     let module = |f: &Value| f["module"].as_str().unwrap_or("").to_owned();
     assert!(
-        frames.iter().any(|f| f["function"] == "ffi_call"
-            && module(f).starts_with(&format!("{lib}/libffi.so."))),
+        frames
+            .iter()
+            .any(|f| f["function"] == "ffi_call"
+                && module(f).starts_with(&format!("{lib}/libffi.so."))),
         "{name}: ffi_call in the root's libffi: {native_alloc:#}"
     );
     assert_eq!(native_alloc["truncated"], false, "{name}: {native_alloc:#}");
@@ -342,14 +356,18 @@ fn root_python_314_in_container() {
         m = merged.display(),
     );
     let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--mount", "--pid", "--fork", "--kill-child", "sh", "-c", &script]);
+    cmd.args([
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "sh",
+        "-c",
+        &script,
+    ]);
     let mut fx = Fixture::spawn_command(cmd);
     let r = trace_fixture(&mut fx, &[]);
     drop(fx);
     let _ = std::fs::remove_dir_all(&dir);
-    check_in_root(
-        "python3.14 in a container",
-        &r,
-        "/usr/lib/x86_64-linux-gnu",
-    );
+    check_in_root("python3.14 in a container", &r, "/usr/lib/x86_64-linux-gnu");
 }

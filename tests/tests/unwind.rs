@@ -253,16 +253,26 @@ fn root_cpp_on_jemalloc_through_operator_new() {
         .as_array()
         .expect("probes")
         .iter()
-        .find(|p| p["function"] == "_Znwm" && p["object"].as_str().unwrap().ends_with("libjemalloc.so.2"))
+        .find(|p| {
+            p["function"] == "_Znwm" && p["object"].as_str().unwrap().ends_with("libjemalloc.so.2")
+        })
         .unwrap_or_else(|| panic!("no probe on jemalloc's operator new: {:#}", r["probes"]));
     assert_eq!(new["offset_in_function"], 7, "{new:#}");
     let records: Vec<&Value> = heap_stacks(&r)
         .iter()
         .filter(|s| native(s).first().is_some_and(|f| f == "make_records(int)"))
         .collect();
-    assert_eq!(records.len(), 1, "one stack from make_records: {:#}", r["heap"]);
     assert_eq!(
-        (records[0]["live_bytes"].as_u64(), records[0]["live_allocations"].as_u64()),
+        records.len(),
+        1,
+        "one stack from make_records: {:#}",
+        r["heap"]
+    );
+    assert_eq!(
+        (
+            records[0]["live_bytes"].as_u64(),
+            records[0]["live_allocations"].as_u64()
+        ),
         (Some(80 * 96), Some(80)),
         "{:#}",
         records[0]
@@ -274,7 +284,10 @@ fn root_cpp_on_jemalloc_through_operator_new() {
         .iter()
         .filter(|s| native(s).iter().any(|f| f == "fill_vector(int)"))
         .collect();
-    let live: u64 = vector.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum();
+    let live: u64 = vector
+        .iter()
+        .map(|s| s["live_bytes"].as_u64().unwrap())
+        .sum();
     assert_eq!(live, 16384 * 8 + 24, "{vector:#?}");
     assert_eq!(r["counters"]["free_unknown"], 0, "{}", r["counters"]);
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);

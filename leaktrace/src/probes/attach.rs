@@ -214,7 +214,8 @@ pub fn attach(
     // at every exit, and a duty cycle could not work. Before 6.6, one by one.
     // The kernel's BTF says whether it has them (loading the programs for nothing costs
     // two verifier runs, seconds under emulation).
-    let has_multi = super::btf::Btf::from_sys().is_ok_and(|b| b.has_struct("bpf_uprobe_multi_link"));
+    let has_multi =
+        super::btf::Btf::from_sys().is_ok_and(|b| b.has_struct("bpf_uprobe_multi_link"));
     let multi = match has_multi.then(|| MultiPrograms::load(ebpf)) {
         Some(Ok(m)) => Some(m),
         Some(Err(e)) => {
@@ -409,9 +410,9 @@ pub fn reattach_heap(
         for (path, idx) in by_object {
             let offsets: Vec<u64> = idx.iter().map(|&i| sites[i].offset).collect();
             let cookies: Vec<u64> = idx.iter().map(|&i| sites[i].func as u64).collect();
-            let link = program
-                .attach(path, &offsets, &cookies, pid)
-                .map_err(|e| Error::Worker(format!("uprobe session: {}", crate::error::chain(&e))))?;
+            let link = program.attach(path, &offsets, &cookies, pid).map_err(|e| {
+                Error::Worker(format!("uprobe session: {}", crate::error::chain(&e)))
+            })?;
             sessions.push(link);
             in_session.extend(idx);
         }
@@ -419,9 +420,15 @@ pub fn reattach_heap(
     if let Some(m) = multi {
         let multi_err =
             |e: SessionError| Error::Worker(format!("uprobe_multi: {}", crate::error::chain(&e)));
-        sessions.extend(m.attach(pid, sites, &in_session, false, true).map_err(multi_err)?);
+        sessions.extend(
+            m.attach(pid, sites, &in_session, false, true)
+                .map_err(multi_err)?,
+        );
         if with_frees {
-            sessions.extend(m.attach(pid, sites, &in_session, true, true).map_err(multi_err)?);
+            sessions.extend(
+                m.attach(pid, sites, &in_session, true, true)
+                    .map_err(multi_err)?,
+            );
         }
         return Ok(HeapLinks {
             uprobes: Vec::new(),
@@ -477,8 +484,7 @@ fn attach_one(
     p.attach(point, &site.host_path, scope)
         .map_err(attach_err(format!(
             "{what} on {} in {}",
-            site.name,
-            site.object
+            site.name, site.object
         )))
 }
 
@@ -506,7 +512,10 @@ pub fn detach_heap(ebpf: &mut Ebpf, links: HeapLinks) {
             .spawn(move || {
                 let t = std::time::Instant::now();
                 drop(l);
-                log::debug!("heap probe detached in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+                log::debug!(
+                    "heap probe detached in {:.1} ms",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
             })
         {
             log::warn!("failed to detach a heap probe on a thread of its own: {e}");

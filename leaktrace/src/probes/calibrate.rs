@@ -80,7 +80,9 @@ fn per_call_ns(f: extern "C" fn(u64) -> u64, n: u32, rounds: usize) -> f64 {
 fn own_offset(f: extern "C" fn(u64) -> u64) -> Option<(std::path::PathBuf, u64)> {
     let addr = f as usize as u64;
     let maps = crate::process::procfs::read_maps(std::process::id()).ok()?;
-    let m = maps.iter().find(|m| m.start <= addr && addr < m.end && m.is_file())?;
+    let m = maps
+        .iter()
+        .find(|m| m.start <= addr && addr < m.end && m.is_file())?;
     Some((m.path.clone().into(), addr - m.start + m.offset))
 }
 

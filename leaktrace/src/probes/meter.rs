@@ -249,7 +249,10 @@ impl Meter {
                     } else {
                         0.0
                     };
-                    (f.symbol().to_owned(), cost::cost_for(sites, *f, traps) - skipped)
+                    (
+                        f.symbol().to_owned(),
+                        cost::cost_for(sites, *f, traps) - skipped,
+                    )
                 })
                 .collect(),
             projected_cpu_per_s: projected,

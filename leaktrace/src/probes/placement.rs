@@ -266,11 +266,13 @@ fn scan(code: &[u8], needs: Needs<'_>) -> Placement {
             let r = u.register().full_register();
             let writes = matches!(
                 u.access(),
-                OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
             );
-            (writes
-                && (r == Register::RSP || needs.args.iter().any(|a| a.full_register() == r)))
-            .then_some(r)
+            (writes && (r == Register::RSP || needs.args.iter().any(|a| a.full_register() == r)))
+                .then_some(r)
         });
         if let Some(r) = written {
             let what = if r == Register::RSP {

@@ -98,7 +98,11 @@ impl SessionProgram {
         name: &str,
         returns: bool,
     ) -> Result<Self, SessionError> {
-        let flags = if returns { BPF_F_UPROBE_MULTI_RETURN } else { 0 };
+        let flags = if returns {
+            BPF_F_UPROBE_MULTI_RETURN
+        } else {
+            0
+        };
         Self::load_as(elf, ebpf, name, BPF_TRACE_UPROBE_MULTI, flags)
     }
 

@@ -2,10 +2,7 @@
 //! smaps, status and RSS, `stat` (CPU time, the break, kernel threads), the environment,
 //! thread names and stack pointers.
 
-use std::{
-    fs, io,
-    path::PathBuf,
-};
+use std::{fs, io, path::PathBuf};
 
 use leaktrace_common::stat;
 

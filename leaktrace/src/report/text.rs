@@ -360,9 +360,9 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         );
     }
     if let Some(d) = &r.heap.duty_cycle {
-        let cost = d
-            .cost_when_attached_pct
-            .map_or(String::new(), |c| format!(", costing {c:.0}% of the target's CPU time while attached"));
+        let cost = d.cost_when_attached_pct.map_or(String::new(), |c| {
+            format!(", costing {c:.0}% of the target's CPU time while attached")
+        });
         let frees = if d.frees_always_attached {
             "The frees' probes stayed attached, so a recorded block counts until it is freed."
         } else {

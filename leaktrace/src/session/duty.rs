@@ -198,7 +198,10 @@ mod tests {
         d.slots = 40;
         assert_eq!(d.period(), PERIOD);
         d.slots = 300;
-        assert_eq!((d.period(), d.period() / d.slots), (Duration::from_secs(6), MIN_WINDOW));
+        assert_eq!(
+            (d.period(), d.period() / d.slots),
+            (Duration::from_secs(6), MIN_WINDOW)
+        );
     }
 
     /// Over many periods each window lies in its period and lasts 1/k of it, and the

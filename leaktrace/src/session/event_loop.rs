@@ -196,8 +196,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         config,
         pid,
         launched: blocked.is_some(),
-        ledger: Ledger::new(start_brk, brk)
-            .with_sampling(u64::from(config.sample_rate)),
+        ledger: Ledger::new(start_brk, brk).with_sampling(u64::from(config.sample_rate)),
         timeline: Timeline::default(),
         stacks: StackStore::default(),
         known_stacks: FxHashSet::default(),
@@ -641,7 +640,8 @@ impl Session<'_> {
             if ev.kind == leaktrace_common::kind::EXEC {
                 // Stacks and mappings seen so far belong to the old program.
                 if !new_stacks.is_empty() {
-                    self.worker.send(Job::NewStacks(std::mem::take(&mut new_stacks)));
+                    self.worker
+                        .send(Job::NewStacks(std::mem::take(&mut new_stacks)));
                 }
                 self.worker.send(Job::Exec);
                 exec_mapped = false;
@@ -709,9 +709,10 @@ impl Session<'_> {
             let frees_windowed = d.decide_frees(frees_pct);
             if !was_windowed && frees_windowed {
                 // The frees come and go with the windows from now on.
-                if let (Some(p), Some(links)) =
-                    (self.attached.persistent.take(), self.attached.heap_links.as_mut())
-                {
+                if let (Some(p), Some(links)) = (
+                    self.attached.persistent.take(),
+                    self.attached.heap_links.as_mut(),
+                ) {
                     links.sessions.extend(p);
                 }
                 log::debug!("duty cycle: the frees alone cost {frees_pct:.1}%: windowed too");
@@ -720,7 +721,10 @@ impl Session<'_> {
             let cost = if frees_windowed {
                 cost
             } else {
-                cost.map(|c| (c - frees_pct).max(0.0) * d.budget_pct / (d.budget_pct - frees_pct).max(d.budget_pct / 2.0))
+                cost.map(|c| {
+                    (c - frees_pct).max(0.0) * d.budget_pct
+                        / (d.budget_pct - frees_pct).max(d.budget_pct / 2.0)
+                })
             };
             if d.close(now, cost) {
                 return Ok(());

@@ -5,8 +5,8 @@
 
 mod duty;
 mod event_loop;
-pub mod stop;
 pub mod prepare;
+pub mod stop;
 pub mod worker;
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};

@@ -764,7 +764,10 @@ impl Worker {
         let (frames, unavailable) = match &self.py.state {
             PyState::Ready(..) => (true, None),
             PyState::Unavailable(_, why) => (false, Some(why.clone())),
-            PyState::Pending(..) => (false, Some("the interpreter had not initialized yet".into())),
+            PyState::Pending(..) => (
+                false,
+                Some("the interpreter had not initialized yet".into()),
+            ),
             PyState::Off(_) => (false, Some("turned off with --no-python".into())),
             PyState::Absent => return None,
         };

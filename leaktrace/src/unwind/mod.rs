@@ -121,7 +121,8 @@ impl Unwinder {
     ) -> bool {
         let mut all = true;
         for (path, addr, size) in funcs {
-            let ranges = crate::process::procfs::file_identity(path).map(|id| self.alloc_ranges.entry(id).or_default());
+            let ranges = crate::process::procfs::file_identity(path)
+                .map(|id| self.alloc_ranges.entry(id).or_default());
             match (ranges, u32::try_from(addr), u32::try_from(addr + size)) {
                 (Some(r), Ok(lo), Ok(hi))
                     if size > 0 && r.len() < leaktrace_common::ALLOC_RANGES =>
@@ -360,4 +361,3 @@ fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
     // while it runs (a replaced file gets a new inode, the old one stays intact).
     unsafe { memmap2::Mmap::map(&f) }
 }
-

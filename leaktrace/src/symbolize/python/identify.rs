@@ -66,7 +66,9 @@ pub fn version_from_name(path: &str) -> Option<(u32, u32)> {
 /// The interpreter among `objects` (path in the target, host path), if any.
 /// Objects that fail to read or parse are passed over.
 pub fn find(objects: &[(String, PathBuf)]) -> Option<Interpreter> {
-    objects.iter().find_map(|(target, host)| identify(target, host))
+    objects
+        .iter()
+        .find_map(|(target, host)| identify(target, host))
 }
 
 /// Whether the object at `host` (mapped as `target`) is a CPython interpreter.
@@ -197,7 +199,8 @@ mod tests {
     #[test]
     fn identifies_interpreters_by_their_symbols() {
         let debian = Path::new("/usr/bin/python3.11");
-        let i = identify("/usr/bin/renamed", debian).expect("/usr/bin/python3.11 is an interpreter");
+        let i =
+            identify("/usr/bin/renamed", debian).expect("/usr/bin/python3.11 is an interpreter");
         assert_eq!((i.version, i.version_from), ((3, 11), "Py_Version"));
         assert!(i.symbols.runtime.is_some() && i.symbols.gilstate_fn.is_some());
         let home = std::env::var_os("PYENV_ROOT")
@@ -208,6 +211,9 @@ mod tests {
         assert_eq!((i.version, i.version_from), ((2, 7), "the soname"));
         assert!(i.symbols.interp_head.is_some() && i.symbols.runtime.is_none());
         let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        assert!(identify("libc.so.6", libc).is_none(), "libc is no interpreter");
+        assert!(
+            identify("libc.so.6", libc).is_none(),
+            "libc is no interpreter"
+        );
     }
 }

@@ -15,16 +15,13 @@
 //!
 //! Unsupported versions and builds (free-threaded ones) are refused with the reason.
 
-
 use leaktrace_common::{
     PY_EDGE_IS_ENTRY, PY_EDGE_NONE, PY_EDGE_SHIM, PY_TSTATE_LIST, PY_TSTATE_TSS, PyConfig,
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use rustc_hash::FxHashMap;
 
-use super::{
-    CodeLayout, Interpreter, PyTarget, TextLayout, Unavailable, read_u32, read_u64,
-};
+use super::{CodeLayout, Interpreter, PyTarget, TextLayout, Unavailable, read_u32, read_u64};
 use crate::process::{Memory, procfs::MapEntry};
 
 /// glibc x86-64: `offsetof(struct pthread, specific_1stblock)`; a key's slot is
@@ -137,7 +134,9 @@ impl FileBytes {
             }
             if matches!(
                 i.flow_control(),
-                FlowControl::Return | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch
+                FlowControl::Return
+                    | FlowControl::UnconditionalBranch
+                    | FlowControl::IndirectBranch
             ) {
                 break;
             }
@@ -161,7 +160,10 @@ pub fn load(interp: &Interpreter, maps: &[MapEntry]) -> Result<Loaded, Unavailab
         bias,
         eval_ranges: eval_ranges(&f, interp),
         gilstate_refs: s.gilstate_fn.map(|a| f.referenced(a)).unwrap_or_default(),
-        interp_head_refs: s.interp_head_fn.map(|a| f.referenced(a)).unwrap_or_default(),
+        interp_head_refs: s
+            .interp_head_fn
+            .map(|a| f.referenced(a))
+            .unwrap_or_default(),
     })
 }
 
@@ -345,7 +347,11 @@ fn configure_3x<M: Memory>(
     t.code = code_from_members(
         mem,
         t.code_type,
-        if minor == 9 { "co_lnotab" } else { "co_linetable" },
+        if minor == 9 {
+            "co_lnotab"
+        } else {
+            "co_linetable"
+        },
     )?;
     match minor {
         9 | 10 => {
@@ -446,9 +452,14 @@ fn configure_314<M: Memory>(
     let (frame_size, code_size) = (w[d::FRAME_SIZE], w[d::CODE_SIZE]);
     let within = |i: usize, size: u64| w[i] < size;
     let sane = (48..=256).contains(&frame_size)
-        && [d::FRAME_PREVIOUS, d::FRAME_EXECUTABLE, d::FRAME_INSTR_PTR, d::FRAME_OWNER]
-            .iter()
-            .all(|&i| within(i, frame_size.min(128)))
+        && [
+            d::FRAME_PREVIOUS,
+            d::FRAME_EXECUTABLE,
+            d::FRAME_INSTR_PTR,
+            d::FRAME_OWNER,
+        ]
+        .iter()
+        .all(|&i| within(i, frame_size.min(128)))
         && (64..=1024).contains(&code_size)
         && [
             d::CODE_FILENAME,
@@ -530,7 +541,10 @@ fn tss_key<M: Memory>(mem: &M, interp: &Interpreter, loaded: &Loaded) -> Result<
         {
             return Ok(u64::from(k));
         }
-        seen.push(format!("+{} ({init:?}, {key:?})", link.wrapping_sub(runtime)));
+        seen.push(format!(
+            "+{} ({init:?}, {key:?})",
+            link.wrapping_sub(runtime)
+        ));
     }
     Err(format!(
         "_PyRuntime.autoTSSkey not found (looked at {})",
@@ -562,9 +576,7 @@ fn eval_ranges(loaded: &FileBytes, interp: &Interpreter) -> Vec<(u64, u64)> {
         .collect();
     ranges.sort_unstable();
     ranges.dedup();
-    let has_cold = file
-        .symbols()
-        .any(|s| s.name().is_ok_and(|n| n == cold));
+    let has_cold = file.symbols().any(|s| s.name().is_ok_and(|n| n == cold));
     if let (false, Some(&(start, end))) = (has_cold, ranges.first()) {
         let code = file.sections().find_map(|s| {
             let d = s.data().ok()?;
@@ -624,7 +636,12 @@ mod tests {
         };
         let runtime = interp.symbols.runtime.expect("_PyRuntime");
         let refs: Vec<u64> = loaded
-            .referenced(interp.symbols.gilstate_fn.expect("PyGILState_GetThisThreadState"))
+            .referenced(
+                interp
+                    .symbols
+                    .gilstate_fn
+                    .expect("PyGILState_GetThisThreadState"),
+            )
             .into_iter()
             .filter(|&a| a >= runtime && a < runtime + interp.symbols.runtime_size)
             .map(|a| a - runtime)
