@@ -883,7 +883,8 @@ mod contract_tests {
         assert_eq!(NAMES[RINGBUF_FULL as usize], "ringbuf_full");
         assert_eq!(NAMES[UNSAMPLED as usize], "unsampled");
         assert_eq!(NAMES[EXEC_MAP_STOPS as usize], "exec_map_stops");
-        assert_eq!(EXEC_MAP_STOPS, COUNT - 1);
+        assert_eq!(NAMES[RETURNS_RESTORED as usize], "returns_restored");
+        assert_eq!(RETURNS_RESTORED, COUNT - 1);
     }
 
     #[test]
