@@ -324,3 +324,49 @@ fn root_text_reports_at_each_interval() {
         "{last}"
     );
 }
+
+/// `-o` as root in a directory another user writes: a link planted at the name is
+/// replaced, never followed (what it points to keeps its bytes); the report's mode is
+/// 0644 under umask 000; a session refused before tracing (no such pid) leaves the
+/// file at the name untouched. Before, `File::create` followed the link, truncated the
+/// file before the pid was checked, and made it 0666 under umask 000.
+#[test]
+fn root_output_file_is_never_followed_or_truncated_early() {
+    use std::os::unix::fs::MetadataExt as _;
+    require_root();
+    let dir = leaktrace_tests::temp_path("outdir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keep = dir.join("keep.txt");
+    std::fs::write(&keep, "keep").unwrap();
+    rejects(
+        &["--pid", "4000000", "-o", keep.to_str().unwrap()],
+        "no process with pid 4000000",
+    );
+    assert_eq!(std::fs::read_to_string(&keep).unwrap(), "keep");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "no file left beside it"
+    );
+
+    let report = dir.join("report.txt");
+    std::os::unix::fs::symlink(&keep, &report).unwrap();
+    let fx = Fixture::spawn("heap_ops", &["basic"]);
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(r#"umask 000; exec "$0" "$@""#)
+        .arg(leaktrace_bin())
+        .args(["--pid", &fx.pid.to_string(), "--duration", "1", "-o"])
+        .arg(&report)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(std::fs::read_to_string(&keep).unwrap(), "keep", "the link's target");
+    let m = std::fs::symlink_metadata(&report).unwrap();
+    assert!(m.file_type().is_file(), "the link was replaced: {m:?}");
+    assert_eq!(m.mode() & 0o7777, 0o644);
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(text.contains("VERDICT"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

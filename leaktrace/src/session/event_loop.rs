@@ -4,7 +4,6 @@
 //! [`Job`] for the worker thread, so the ring is drained while it runs.
 
 use std::{
-    io::Write as _,
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -31,6 +30,7 @@ use crate::{
     report::{self, Report, Unwinder},
     session::{
         Config, Format, Outcome,
+        output::Output,
         prepare::Prepared,
         worker::{self, Job, Reply, Snapshot, Then},
     },
@@ -46,41 +46,6 @@ const BUDGET_EVERY: Duration = Duration::from_secs(1);
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// `PROT_EXEC` in an mmap event's protection bits.
 const PROT_EXEC: u64 = 4;
-
-/// Where reports go.
-pub struct Output {
-    path: String,
-    out: Box<dyn std::io::Write>,
-}
-
-impl Output {
-    /// Opens the output named by the configuration (stdout by default).
-    pub fn open(config: &Config) -> Result<Self, Error> {
-        Ok(match &config.output {
-            Some(p) => Self {
-                path: p.display().to_string(),
-                out: Box::new(std::fs::File::create(p).map_err(|source| Error::Output {
-                    path: p.display().to_string(),
-                    source,
-                })?),
-            },
-            None => Self {
-                path: "stdout".into(),
-                out: Box::new(std::io::stdout()),
-            },
-        })
-    }
-
-    fn write(&mut self, s: &str) -> Result<(), Error> {
-        self.out
-            .write_all(s.as_bytes())
-            .and_then(|()| self.out.flush())
-            .map_err(|source| Error::Output {
-                path: self.path.clone(),
-                source,
-            })
-    }
-}
 
 /// The launched command, as its tracer sees it.
 #[derive(Debug, Default)]

@@ -5,6 +5,7 @@
 
 mod duty;
 mod event_loop;
+mod output;
 pub mod prepare;
 pub mod stop;
 pub mod worker;
@@ -142,7 +143,10 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     target::check_privileges()?;
     target::ensure_tracefs()?;
     // A bad output path is refused before anything is attached.
-    let out = event_loop::Output::open(config)?;
+    let out = match &config.output {
+        Some(p) => output::Output::file(p)?,
+        None => output::Output::stdout(),
+    };
     let prepared = prepare::prepare(config)?;
     // Asked to stop while attaching: nothing was traced yet (the probes go with
     // `prepared`, a launched command with its pipe).
