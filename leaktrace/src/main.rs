@@ -36,8 +36,8 @@ struct Opts {
     #[arg(short, long, value_name = "S", value_parser = parse_seconds)]
     duration: Option<Duration>,
 
-    /// Print a report every S seconds (text format only).
-    #[arg(short, long, value_name = "S", value_parser = parse_seconds)]
+    /// Print a report every S seconds (text format only; at least 0.1).
+    #[arg(short, long, value_name = "S", value_parser = parse_interval)]
     interval: Option<Duration>,
 
     /// Stacks to show in each section.
@@ -171,17 +171,34 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Shortest `--interval`: each report is a heap walk and a render; more often than
+/// this it would be most of what leaktrace does.
+const MIN_INTERVAL_S: f64 = 0.1;
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_seconds(s)?;
+    if d.as_secs_f64() < MIN_INTERVAL_S {
+        return Err(format!(
+            "an interval of '{s}' s is shorter than {MIN_INTERVAL_S} s"
+        ));
+    }
+    Ok(d)
+}
+
+/// Largest ring buffer, KiB (1 GiB: its size in bytes must fit the kernel's u32).
+const MAX_RING_KIB: u32 = 1 << 20;
+
 fn parse_ring_kib(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
-        Ok(v) if v >= 4 && v.is_power_of_two() && v <= 4 << 20 => Ok(v),
+        Ok(v) if v >= 4 && v.is_power_of_two() && v <= MAX_RING_KIB => Ok(v),
         Ok(v) => Err(format!(
-            "{v} KiB is not a power of two between 4 and 4194304; use {} or {}",
+            "{v} KiB is not a power of two between 4 and {MAX_RING_KIB}; use {} or {}",
             v.checked_next_power_of_two()
-                .map_or(4 << 20, |p| p / 2)
-                .max(4),
+                .map_or(MAX_RING_KIB, |p| p / 2)
+                .clamp(4, MAX_RING_KIB),
             v.checked_next_power_of_two()
-                .unwrap_or(4 << 20)
-                .clamp(4, 4 << 20)
+                .unwrap_or(MAX_RING_KIB)
+                .clamp(4, MAX_RING_KIB)
         )),
         Err(_) => Err(format!("'{s}' is not a size in KiB")),
     }
@@ -212,7 +229,8 @@ fn parse_size(s: &str) -> Result<u32, String> {
     let v = num
         .parse::<u64>()
         .map_err(|_| format!("'{s}' is not a size (use e.g. 524288, 512K or 2M)"))?
-        * mul;
+        .checked_mul(mul)
+        .unwrap_or(u64::MAX);
     if v == 0 || v > u64::from(u32::MAX) {
         return Err(format!("'{s}' must be between 1 byte and 4 GiB"));
     }

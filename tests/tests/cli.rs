@@ -145,6 +145,17 @@ fn bad_options_are_one_line_errors() {
             &["--pid", "1", "--interval", "1", "--format", "json"],
             "--interval",
         ),
+        // Values out of range (the ring's byte size overflowed u32; the sample rate
+        // wrapped to 1 GiB; an interval of 1 ns wrote thousands of reports a second).
+        (
+            &["--pid", "1", "--ring-kib", "4194304"],
+            "between 4 and 1048576",
+        ),
+        (
+            &["--pid", "1", "--sample-rate", "17179869185G"],
+            "must be between 1 byte and 4 GiB",
+        ),
+        (&["--pid", "1", "--interval", "1e-9"], "shorter than 0.1 s"),
         // An option that needs another names it (it read "say what to trace").
         (
             &["--pid", "1", "--no-duty-cycle"],
@@ -362,7 +373,11 @@ fn root_output_file_is_never_followed_or_truncated_early() {
         .status()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    assert_eq!(std::fs::read_to_string(&keep).unwrap(), "keep", "the link's target");
+    assert_eq!(
+        std::fs::read_to_string(&keep).unwrap(),
+        "keep",
+        "the link's target"
+    );
     let m = std::fs::symlink_metadata(&report).unwrap();
     assert!(m.file_type().is_file(), "the link was replaced: {m:?}");
     assert_eq!(m.mode() & 0o7777, 0o644);
