@@ -385,3 +385,51 @@ fn root_output_file_is_never_followed_or_truncated_early() {
     assert!(text.contains("VERDICT"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ctrl-C while a launched command is being attached to: leaktrace ends at once with
+/// 130, and the command it had forked and held (seized, with exit stops) is gone, not
+/// left stopped. The signal lands at different points of the attach (the delays are
+/// where it lands, not a wait for readiness; every outcome must hold).
+#[test]
+fn root_interrupted_launch_leaves_nothing_behind() {
+    require_root();
+    for (i, delay_ms) in [20u64, 80, 200].into_iter().enumerate() {
+        let tag = format!("{}{i}", 70_000 + std::process::id() % 10_000);
+        let mut child = Command::new(leaktrace_bin())
+            .args(["--", "sleep", &tag])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "leaktrace did not end after SIGINT ({delay_ms} ms)"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(130), "after {delay_ms} ms");
+        // What is left that was started for this run: a `sleep TAG` that was already
+        // running untouched is fine (the signal came after the attach); nothing stopped.
+        for p in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if !cmdline.split(|&b| b == 0).any(|a| a == tag.as_bytes()) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            let state = stat.rsplit(") ").next().unwrap_or("").chars().next();
+            assert!(
+                !matches!(state, Some('t' | 'T' | 'Z')),
+                "left behind after {delay_ms} ms: {stat}"
+            );
+            let _ = Command::new("kill").arg("-9").arg(p.file_name()).status();
+        }
+    }
+}

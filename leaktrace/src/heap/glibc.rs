@@ -362,7 +362,8 @@ fn add_heap<M: Memory>(mem: &M, a: &mut ArenaStats, start: u64, end: u64, c: &Ch
         a.top_resident_bytes += r;
         if main {
             // systrim(0): keep MINSIZE of the top, give the whole pages above back.
-            let extra = page_down(size - MINSIZE - 1);
+            // (A top of MINSIZE or less gives nothing back.)
+            let extra = page_down(size.saturating_sub(MINSIZE + 1));
             a.trimmable_bytes += present(page_down(p + size) - extra, page_down(p + size));
         }
     }
@@ -622,6 +623,26 @@ mod tests {
         // malloc_trim: the hole's 8 resident pages, plus the top above MINSIZE (9 whole pages).
         assert_eq!(a.trimmable_bytes, 8 * PAGE + 9 * PAGE);
         assert_eq!(a.resident_bytes, len - 7 * PAGE);
+    }
+
+    /// A main heap whose top chunk is exactly MINSIZE (or less) gives nothing back; the
+    /// trimmable figure underflowed (a panic in debug builds, a wrap in release).
+    #[test]
+    fn main_heap_with_a_minimal_top_trims_nothing() {
+        let base = 0x5555_0000_0000;
+        let len = 0x1_0000;
+        let mut m = Laid::new(base, len);
+        lay_chunks(&mut m, base, &[(len - MINSIZE, true), (MINSIZE, false)]);
+        let w = walk_heaps(
+            &m,
+            &HeapSites {
+                main: Some((base, base + len)),
+                thread_heaps: vec![],
+            },
+        );
+        assert!(w.unwalkable.is_empty(), "{:?}", w.unwalkable);
+        let a = &w.arenas[0];
+        assert_eq!((a.top_bytes, a.trimmable_bytes), (MINSIZE, 0));
     }
 
     /// A thread arena: heap_info, malloc_state, then chunks; and a second heap of the

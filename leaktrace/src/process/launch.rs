@@ -267,13 +267,25 @@ pub fn try_reap(pid: u32) -> Option<Exit> {
         .flatten()
 }
 
-/// Kills a child that was never released: closing its pipe makes it exit without
-/// running the command; then it is reaped.
+/// Kills a child that was never released (it has not run the command yet) and reaps
+/// it. It may be seized with exit stops: a plain wait would return at the stop and
+/// leave it stopped and unreaped, so it is killed and waited for until it is gone.
 pub fn kill_blocked(b: Blocked) {
     let pid = b.pid as i32;
     drop(b);
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    // SAFETY: signalling and reaping our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for _ in 0..64 {
+        let mut status = 0;
+        // SAFETY: as above.
+        let r = unsafe { libc::waitpid(pid, &raw mut status, libc::__WALL) };
+        if r != pid || libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            break;
+        }
+        // A ptrace stop (its exit stop, which SIGKILL does not end): let it go on.
+        // SAFETY: our own seized child, stopped.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+    }
 }
 
 /// What a launched child reported to its parent.
