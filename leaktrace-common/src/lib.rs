@@ -751,7 +751,9 @@ pub mod counter {
         STACK_COLLISION = "stack_collision",
         /// The stack could not be read at all: the event has no stack.
         STACK_ERROR = "stack_error",
-        /// Allocator returns with no matching entry (calls in flight at attach time).
+        /// Allocator returns with no matching entry: calls in flight when the probes were
+        /// attached (at attach, and at each window of sampled mode's duty cycle). Not a
+        /// loss: the call began before tracing did, like a free of a block from before.
         RETURN_WITHOUT_ENTRY = "return_without_entry",
         /// An entry was replaced before its return was seen (a lost return).
         STALE_ENTRY = "stale_entry",
@@ -800,7 +802,6 @@ pub mod counter {
                 | STACK_MAP_FULL
                 | STACK_COLLISION
                 | STACK_ERROR
-                | RETURN_WITHOUT_ENTRY
                 | STALE_ENTRY
                 | SYSCALL_WITHOUT_ENTRY
                 | SAMPLED_FULL

@@ -293,7 +293,6 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
     if regs.sp > expected_sp {
         // The recorded call's return was lost and this is some outer frame's return.
         count(counter::STALE_ENTRY);
-        count(counter::RETURN_WITHOUT_ENTRY);
         return 0;
     }
     // SAFETY: uprobe programs receive a pointer to the user registers as context.

@@ -607,9 +607,10 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
     let c = &r.counters;
     let _ = writeln!(
         o,
-        "Not losses: {} frees of blocks not allocated since attach, {} reallocs of such blocks, {} failed allocations, {} nested allocator calls, {} truncated stacks.",
+        "Not losses: {} frees of blocks not allocated since attach, {} reallocs of such blocks, {} returns of calls begun before the probes were attached, {} failed allocations, {} nested allocator calls, {} truncated stacks.",
         c.get("free_unknown").unwrap_or(&0),
         c.get("realloc_unknown").unwrap_or(&0),
+        c.get("return_without_entry").unwrap_or(&0),
         c.get("failed_allocs").unwrap_or(&0),
         c.get("nested_call").unwrap_or(&0),
         c.get("stack_truncated").unwrap_or(&0)
