@@ -141,10 +141,6 @@ fn bad_options_are_one_line_errors() {
             &["--pid", "1", "--", "true"],
             "'--pid <PID>' cannot be used with '[CMD]...'",
         ),
-        (
-            &["--pid", "1", "--interval", "1", "--format", "json"],
-            "--interval",
-        ),
         // Values out of range (the ring's byte size overflowed u32; the sample rate
         // wrapped to 1 GiB; an interval of 1 ns wrote thousands of reports a second).
         (
@@ -432,4 +428,67 @@ fn root_interrupted_launch_leaves_nothing_behind() {
             let _ = Command::new("kill").arg("-9").arg(p.file_name()).status();
         }
     }
+}
+
+/// `--interval` with `--format json` writes JSON Lines: one report per line, each a whole
+/// document, the last one the final report (its `end_reason` set, the others' null). And
+/// one report per interval: with `--interval` equal to `--duration`, the report due at the
+/// end is the final one (two were printed).
+#[test]
+fn root_json_lines_at_each_interval_and_one_report_per_interval() {
+    require_root();
+    let fx = Fixture::spawn("heap_ops", &["basic"]);
+    let pid = fx.pid.to_string();
+    let out = leaktrace_tests::temp_path("lines.jsonl");
+    let (code, stderr, _) = run_cli(&[
+        "--pid",
+        &pid,
+        "--interval",
+        "0.5",
+        "--duration",
+        "2",
+        "--format",
+        "json",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr:?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let docs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not one JSON document per line ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        (2..=4).contains(&docs.len()),
+        "3 interval reports and the final one, at most: {}",
+        docs.len()
+    );
+    let (last, periodic) = docs.split_last().unwrap();
+    assert_eq!(last["end_reason"], "duration elapsed", "{last}");
+    for d in periodic {
+        assert!(d["end_reason"].is_null(), "{d}");
+        check_shape(d);
+    }
+    check_shape(last);
+
+    let out = leaktrace_tests::temp_path("one.txt");
+    let (code, stderr, _) = run_cli(&[
+        "--pid",
+        &pid,
+        "--interval",
+        "1",
+        "--duration",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr:?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(text.matches("=== leaktrace").count(), 1, "{text}");
+    drop(fx);
 }

@@ -334,7 +334,11 @@ fn root_attach_to_busy_process_loses_nothing() {
         let s = stack_at(&r, "heap", "leak_malloc");
         assert_eq!(s["live_bytes"], 500, "{r:#}");
         // At most the one call in flight when the probes were switched on.
-        assert!(counter(&r, "return_without_entry") <= 1, "{}", r["counters"]);
+        assert!(
+            counter(&r, "return_without_entry") <= 1,
+            "{}",
+            r["counters"]
+        );
         for name in [
             "alloc_over_live",
             "stale_entry",
@@ -535,7 +539,11 @@ fn root_overhead_budget_detaches_heap_probes() {
     );
     // Detaching loses nothing it claims to have; at most the one call in flight when
     // the probes were switched on returns without its entry.
-    assert!(counter(&r, "return_without_entry") <= 1, "{}", r["counters"]);
+    assert!(
+        counter(&r, "return_without_entry") <= 1,
+        "{}",
+        r["counters"]
+    );
     assert_eq!(r["lost_total"].as_u64().unwrap(), 0, "{}", r["lost"]);
     assert!(fx.alive());
 }

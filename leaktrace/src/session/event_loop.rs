@@ -350,6 +350,8 @@ impl Session<'_> {
             ));
         }
         let deadline = tokio::time::sleep(self.config.duration.unwrap_or(far));
+        // An interval report due this close to the end is the final report.
+        let ends_at = self.config.duration.map(|d| Instant::now() + d);
         tokio::pin!(deadline);
 
         let (reason, interrupted) = loop {
@@ -392,7 +394,11 @@ impl Session<'_> {
                     }
                 }
                 _ = report_tick.tick() => {
-                    if self.config.format == Format::Text {
+                    let last = match (ends_at, self.config.interval) {
+                        (Some(end), Some(every)) => end.saturating_duration_since(Instant::now()) < every / 2,
+                        _ => false,
+                    };
+                    if !last {
                         self.ask_snapshot(Then::IntervalReport);
                     }
                 }
@@ -402,7 +408,11 @@ impl Session<'_> {
                     };
                     if let Some((Then::IntervalReport, snap)) = self.on_reply(reply, &mut m) {
                         let r = self.report(&snap, &m, false, None);
-                        self.out.write(&report::render_text(&r, self.config.max_frames))?;
+                        self.out.write(&match self.config.format {
+                            Format::Text => report::render_text(&r, self.config.max_frames),
+                            // JSON Lines: one document per line, the final one last.
+                            Format::Json => serde_json::to_string(&r).expect("report serializes") + "\n",
+                        })?;
                     }
                 }
                 _ = sigchld.recv(), if self.launched => self.on_child_event(&mut m),
@@ -486,6 +496,9 @@ impl Session<'_> {
         let report = self.report(&snap, &m, true, Some(reason));
         let text = match self.config.format {
             Format::Text => report::render_text(&report, self.config.max_frames),
+            Format::Json if self.config.interval.is_some() => {
+                serde_json::to_string(&report).expect("report serializes") + "\n"
+            }
             Format::Json => {
                 serde_json::to_string_pretty(&report).expect("report serializes") + "\n"
             }
