@@ -500,6 +500,8 @@ impl Vm<'_> {
         cmd.arg("--run")
             .arg(&vmlinuz)
             .args(["--disable-kvm", "--memory", "4G", "--cpus", "2"])
+            // The kernel's messages on the console (console.log): a panic shows there.
+            .arg("--verbose")
             .arg("--qemu")
             .arg(self.qemu)
             .arg("--rwdir")
@@ -582,7 +584,27 @@ impl Vm<'_> {
         }
         script.push_str("echo done > \"$D/done\"\n");
         let vm_limit = BOOT_LIMIT + TEST_LIMIT * tests.len() as u32;
-        self.boot(&script, vm_limit)?;
+        // A VM that dies before its done marker (once in a CI run on 6.12, twenty seconds
+        // in, with nothing on its console) is booted once more; its console is kept.
+        for attempt in 1..=2 {
+            if self.boot(&script, vm_limit)? || attempt == 2 {
+                break;
+            }
+            let kept = self.dir.join("console-died.log");
+            let _ = fs::rename(self.dir.join("console.log"), &kept);
+            eprintln!(
+                "xtask: kernel {}: the VM ended before the tests did; booting it once more. Its console ({}):\n{}",
+                self.release,
+                kept.display(),
+                indent(&tail(&kept, 30))
+            );
+            for (name, _) in tests {
+                for ext in ["out", "status", "secs"] {
+                    let _ = fs::remove_file(self.dir.join(format!("{name}.{ext}")));
+                }
+            }
+            let _ = fs::remove_file(self.dir.join("ready"));
+        }
         if let Some(f) = self.check_ready() {
             return Ok((0, vec![f]));
         }
