@@ -1,7 +1,7 @@
 //! The command line as a user meets it: launch mode, bad input, SIGKILL.
 
 use std::{
-    io::BufRead as _,
+    io::{BufRead as _, Write as _},
     os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, Stdio},
@@ -205,8 +205,9 @@ fn root_bad_targets_are_one_line_errors() {
     {
         std::thread::yield_now();
     }
+    // A dry run only counts allocator calls: with none to probe, it is refused.
     rejects(
-        &["--pid", &pid.to_string()],
+        &["--pid", &pid.to_string(), "--dry-run"],
         "no allocator leaktrace recognizes: looked for malloc, calloc",
     );
     let mut fx = fx;
@@ -491,4 +492,74 @@ fn root_json_lines_at_each_interval_and_one_report_per_interval() {
     let _ = std::fs::remove_file(&out);
     assert_eq!(text.matches("=== leaktrace").count(), 1, "{text}");
     drop(fx);
+}
+
+/// A static binary with no allocator leaktrace recognizes (Debian's busybox-static: glibc
+/// linked in, stripped) is traced without heap probes: one line says so, its mappings,
+/// brk and RSS are traced, the report says the heap was not traced, and the verdict
+/// makes no claim about a heap it did not see. It was refused with exit 2.
+#[test]
+fn root_static_binary_is_traced_without_heap_probes() {
+    require_root();
+    let busybox = Path::new("/usr/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "busybox-static is required (cargo xtask setup installs it)"
+    );
+    // A string built by appending: the shell's allocator grows it by mmap and brk.
+    let script = "echo ready; read x; i=0; v=''; while [ $i -lt 30000 ]; do v=\"$v$i\"; i=$((i+1)); done; echo grown; read y";
+    let mut sh = Command::new(busybox)
+        .args(["sh", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(sh.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let mut tracer = Tracer::start(&["--pid", &sh.id().to_string()]);
+    tracer.wait_stderr("tracing its mappings, brk and RSS only");
+    let mut stdin = sh.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "grown");
+    let r = tracer.finish();
+    drop(stdin);
+    let _ = sh.wait();
+    check_shape(&r);
+    let why = r["heap"]["not_traced"].as_str().expect("heap.not_traced");
+    assert!(why.contains("no allocator leaktrace recognizes"), "{why}");
+    assert!(
+        r["probes"].as_array().unwrap().is_empty(),
+        "{}",
+        r["probes"]
+    );
+    assert!(
+        r["activity"]["mmaps"].as_u64().unwrap() >= 1000,
+        "the string's copies are mapped: {}",
+        r["activity"]
+    );
+    assert!(!r["mappings"]["stacks"].as_array().unwrap().is_empty());
+    let v = &r["verdict"];
+    assert!(
+        matches!(v["kind"].as_str(), Some("no-growth" | "inconclusive")),
+        "{v:#}"
+    );
+    assert!(
+        v["summary"]
+            .as_str()
+            .unwrap()
+            .contains("The heap was not traced"),
+        "{v:#}"
+    );
+    let metrics: Vec<&str> = v["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["metric"].as_str())
+        .collect();
+    assert!(!metrics.contains(&"live_heap_growth_bytes"), "{metrics:?}");
+    assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
 }

@@ -139,6 +139,12 @@ fn setup(kernels: bool) -> Result<()> {
     if !Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2").exists() {
         missing.push("libjemalloc2");
     }
+    // A real static binary (glibc linked in, stripped): traced without heap probes.
+    if !works(Command::new("dpkg").args(["-s", "busybox-static"]))
+        && !missing.contains(&"busybox-static")
+    {
+        missing.push("busybox-static");
+    }
     missing.extend(roots::missing_packages());
     if kernels {
         missing.extend(kernels::missing_packages());

@@ -234,7 +234,11 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         &mut parts,
         PartKind::HeapUnwalked,
         vec![(
-            "glibc heap pages the walk did not reach".into(),
+            if s.glibc.is_some() {
+                "glibc heap pages the walk did not reach".into()
+            } else {
+                "brk heap and arena pages, not walked".into()
+            },
             heap_vmas - free_assigned - in_use,
         )],
         "",

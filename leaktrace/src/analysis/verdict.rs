@@ -255,6 +255,9 @@ pub struct Facts<'a> {
     pub malloc_env: Vec<String>,
     /// The heap probes were detached by the overhead budget.
     pub heap_detached: bool,
+    /// The heap was not traced at all (no allocator recognized): only RSS, brk and
+    /// mappings are known, and live data can't be told from freed memory kept.
+    pub heap_untraced: bool,
     /// Events or stacks lost.
     pub lost_total: u64,
     /// The target is CPython (pymalloc arenas are its small-object heap).
@@ -613,6 +616,53 @@ fn trend(pts: &[Point]) -> Option<Trend> {
     })
 }
 
+/// The verdict when the heap was not traced: RSS, brk and mappings only. The heap's
+/// evidence goes (its figures would read as zeros); growth is named but not classified.
+fn untraced_heap_verdict(
+    mut evidence: Vec<Evidence>,
+    suspects: Vec<Suspect>,
+    span: f64,
+    rss_net: f64,
+    rss_growing: bool,
+    mapped_net: f64,
+) -> Verdict {
+    evidence.retain(|e| {
+        !matches!(
+            e.metric,
+            "live_heap_growth_bytes"
+                | "allocator_retained_growth_bytes"
+                | "other_anon_growth_bytes"
+        )
+    });
+    evidence.push(Evidence {
+        metric: "anon_mapped_growth_bytes",
+        value: mapped_net,
+        text: format!(
+            "brk heap and anonymous mappings, the allocator's and the program's alike (not told apart: the heap was not traced) {}",
+            signed_bytes(mapped_net)
+        ),
+    });
+    if !rss_growing {
+        let summary = format!(
+            "No growth: anonymous RSS moved {} over {span:.1} s and was flat in the second half. The heap was not traced (no allocator leaktrace recognizes), so there are no heap stacks; brk and mapping calls were traced.",
+            signed_bytes(rss_net)
+        );
+        return Verdict::new(VerdictKind::NoGrowth, summary, evidence, suspects, vec![]);
+    }
+    let summary = format!(
+        "Inconclusive: anonymous RSS grew {} over {span:.1} s and is still growing, with the brk heap and anonymous mappings {}.          The heap was not traced (no allocator leaktrace recognizes), so whether this is live data or freed memory the allocator keeps can't be told;          the stacks below are those of the brk and mapping calls.",
+        signed_bytes(rss_net),
+        signed_bytes(mapped_net)
+    );
+    Verdict::new(
+        VerdictKind::Inconclusive,
+        summary,
+        evidence,
+        suspects,
+        vec![],
+    )
+}
+
 /// The verdict from growth in the traced window.
 fn decide_from_growth(f: &Facts<'_>) -> Verdict {
     let mut evidence = Vec::new();
@@ -720,6 +770,17 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
 
     let suspects = suspects(&f.candidates, span, threshold);
     let top_name = suspects.first().map(|s| suspect_name(&s.frames));
+
+    if f.heap_untraced {
+        return untraced_heap_verdict(
+            evidence,
+            suspects,
+            span,
+            rss_net,
+            rss_growing,
+            net(&alloc) + other_net,
+        );
+    }
 
     if !rss_growing && !heap_growing {
         let early = if rss_net >= threshold {

@@ -52,6 +52,8 @@ pub struct Inputs<'a> {
     pub heap_detached: Option<HeapDetached>,
     /// Sampled mode's duty cycle, if on.
     pub duty: Option<DutyReport>,
+    /// Why the heap was not traced, if it was not.
+    pub heap_not_traced: Option<String>,
     /// Samples over time.
     pub timeline: &'a Timeline,
     /// The verdict, decided from the same state.
@@ -158,6 +160,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             live_bytes_error95: error95(i.ledger.live_variance()),
             sample_rate_bytes: i.ledger.sample_rate(),
             duty_cycle: i.duty.clone(),
+            not_traced: i.heap_not_traced.clone(),
             stacks: heap_stacks,
         },
         mappings: Mappings {

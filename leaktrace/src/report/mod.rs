@@ -222,6 +222,9 @@ pub struct Heap {
     /// Sampled mode's duty cycle, when the heap probes were attached only for windows
     /// (null: attached all the time).
     pub duty_cycle: Option<DutyReport>,
+    /// Why the heap was not traced (null: it was): no allocator leaktrace recognizes
+    /// (a static binary, an unknown allocator); mappings, brk and RSS still are.
+    pub not_traced: Option<String>,
     /// Stacks by outstanding bytes, largest first.
     pub stacks: Vec<HeapStack>,
 }
@@ -369,6 +372,7 @@ mod tests {
                 live_bytes_error95: 0,
                 sample_rate_bytes: 0,
                 duty_cycle: None,
+                not_traced: None,
                 stacks: vec![
                     HeapStack {
                         live_bytes: 819_200,

@@ -342,7 +342,12 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
             ""
         }
     );
-    if r.heap.sample_rate_bytes == 0 {
+    if let Some(why) = &r.heap.not_traced {
+        let _ = writeln!(
+            o,
+            "Heap not traced: {why}. Mappings, brk and RSS are traced; the verdict rests on them alone."
+        );
+    } else if r.heap.sample_rate_bytes == 0 {
         let _ = writeln!(
             o,
             "Live heap allocated since attach: {} in {} blocks",
@@ -483,7 +488,9 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         o.push_str(&memory);
         o.push('\n');
     }
-    if r.heap.stacks.is_empty() {
+    if r.heap.not_traced.is_some() {
+        o.push_str("No heap stacks: the heap was not traced.\n");
+    } else if r.heap.stacks.is_empty() {
         o.push_str("No outstanding heap allocations since attach.\n");
     } else {
         let _ = writeln!(
@@ -572,7 +579,12 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         let bpf = ov.bpf_us_per_call.map_or(String::new(), |u| {
             format!(", plus {u:.2} µs of BPF work per call (the kernel's statistics)")
         });
-        if calls < 0.5 {
+        if r.heap.not_traced.is_some() {
+            let _ = writeln!(
+                o,
+                "\nProbe cost: no allocator probes (the heap was not traced); the brk and mapping tracepoints cost little{traps}."
+            );
+        } else if calls < 0.5 {
             let _ = writeln!(
                 o,
                 "\nProbe cost: none to speak of — the target made no allocator calls while traced{traps}."

@@ -76,6 +76,8 @@ struct Session<'a> {
     threads: u64,
     attached: Attached,
     sites: Vec<ProbeSite>,
+    /// Why the heap is not traced at all (no allocator recognized).
+    heap_not_traced: Option<String>,
     /// Why and when the heap probes were detached by the overhead budget.
     heap_detached: Option<HeapDetached>,
     /// Latest overhead measurement.
@@ -109,6 +111,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         objects,
         blocked,
         sites,
+        heap_not_traced,
         unwinder,
         mut ebpf,
         attached,
@@ -152,7 +155,8 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         python_stacks: config.python_stacks,
         unwind,
         announce: config.announce,
-        walk_heaps: config.walk_heaps,
+        // An allocator leaktrace does not recognize has no heap it can walk.
+        walk_heaps: config.walk_heaps && heap_not_traced.is_none(),
     };
     let (reply_tx, replies) = tokio::sync::mpsc::unbounded_channel();
     let worker = worker::Handle::start(setup, reply_tx)
@@ -169,6 +173,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         threads: 0,
         attached,
         sites,
+        heap_not_traced,
         heap_detached: None,
         overhead: None,
         duty: None,
@@ -835,6 +840,7 @@ impl Session<'_> {
             mmap_threshold_raised_to: self.ledger.mmap_threshold_raised_to(),
             malloc_env: snap.malloc_env.clone(),
             heap_detached: self.heap_detached.is_some(),
+            heap_untraced: self.heap_not_traced.is_some(),
             lost_total: Losses::tally(&kernel, &self.ledger.counters).total,
             python: snap.python.is_some(),
             pymalloc: snap.pymalloc.as_ref(),
@@ -855,6 +861,7 @@ impl Session<'_> {
             overhead: self.overhead.clone(),
             heap_detached: self.heap_detached.clone(),
             duty: self.duty_report(),
+            heap_not_traced: self.heap_not_traced.clone(),
             timeline: &self.timeline,
             verdict,
             memory: snap.memory.clone(),

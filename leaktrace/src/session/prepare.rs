@@ -30,6 +30,8 @@ pub struct Prepared {
     pub blocked: Option<launch::Blocked>,
     /// The allocator functions found.
     pub sites: Vec<ProbeSite>,
+    /// Why the heap is not traced (no allocator recognized), if it is not.
+    pub heap_not_traced: Option<String>,
     /// The CFI unwinder with its tables built, when stacks are unwound with CFI.
     pub unwinder: Option<Unwinder>,
     /// The loaded programs.
@@ -56,7 +58,7 @@ pub fn cfi_enabled(config: &Config) -> bool {
 pub fn prepare(config: &Config) -> Result<Prepared, Error> {
     let (pid, objects, blocked) = resolve(config)?;
     match load_and_attach(config, pid, objects.as_slice()) {
-        Ok((sites, unwinder, ebpf, attached)) => {
+        Ok((sites, heap_not_traced, unwinder, ebpf, attached)) => {
             let launched = blocked.is_some();
             let start_brk = (!launched).then(|| procfs::read_start_brk(pid)).flatten();
             let brk = if launched {
@@ -72,6 +74,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Error> {
                 objects,
                 blocked,
                 sites,
+                heap_not_traced,
                 unwinder,
                 ebpf,
                 attached,
@@ -122,14 +125,24 @@ fn load_and_attach(
     config: &Config,
     pid: u32,
     objects: &[(String, PathBuf)],
-) -> Result<(Vec<ProbeSite>, Option<Unwinder>, Ebpf, Attached), Error> {
+) -> Result<
+    (
+        Vec<ProbeSite>,
+        Option<String>,
+        Option<Unwinder>,
+        Ebpf,
+        Attached,
+    ),
+    Error,
+> {
     // Ctrl-C between the steps ends here (each step is well under a second).
     let stopped = || match super::stop::requested() {
         Some(signal) => Err(Error::Stopped { signal }),
         None => Ok(()),
     };
-    let search = allocators::search(objects.iter().map(|(t, h)| (t.as_str(), h.clone())));
+    let mut search = allocators::search(objects.iter().map(|(t, h)| (t.as_str(), h.clone())));
     let has = |f: AllocFn| search.sites.iter().any(|s| s.func == f);
+    let mut heap_not_traced = None;
     if !has(AllocFn::Malloc) || !has(AllocFn::Free) {
         let looked_for = AllocFn::ALL
             .iter()
@@ -143,11 +156,21 @@ fn load_and_attach(
         if !search.unreadable.is_empty() {
             searched.push_str(&format!(" (unreadable: {})", search.unreadable.join("; ")));
         }
-        return Err(Error::NoAllocator {
+        let e = Error::NoAllocator {
             pid,
             looked_for,
             searched,
-        });
+        };
+        // A dry run only counts allocator calls: with none to probe it has nothing to do.
+        if config.dry_run || config.bare_probes {
+            return Err(e);
+        }
+        // A static binary or an allocator leaktrace does not know: its mappings, brk
+        // and RSS are still worth tracing.
+        let why = e.to_string();
+        eprintln!("leaktrace: {why}; tracing its mappings, brk and RSS only");
+        heap_not_traced = Some(why);
+        search.sites.clear();
     }
 
     // Unwind tables of the code mapped now (or about to be, for a launched command)
@@ -204,5 +227,5 @@ fn load_and_attach(
         sessions,
         config.duty_budget_pct.is_some(),
     )?;
-    Ok((search.sites, unwinder, ebpf, attached))
+    Ok((search.sites, heap_not_traced, unwinder, ebpf, attached))
 }
