@@ -518,14 +518,16 @@ fn root_static_binary_is_traced_without_heap_probes() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
-    let mut tracer = Tracer::start(&["--pid", &sh.id().to_string()]);
+    // 8 s: the loop takes ~2 s untraced; the trace must outlast it and be long enough
+    // for a verdict on its own (2 s at least).
+    let mut tracer = Tracer::start(&["--pid", &sh.id().to_string(), "--duration", "8"]);
     tracer.wait_stderr("tracing its mappings, brk and RSS only");
     let mut stdin = sh.stdin.take().unwrap();
     writeln!(stdin, "go").unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "grown");
-    let r = tracer.finish();
+    let r = tracer.wait_report(0);
     drop(stdin);
     let _ = sh.wait();
     check_shape(&r);
