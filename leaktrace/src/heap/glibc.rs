@@ -98,6 +98,12 @@ struct Chunks {
 /// huge heap of small chunks is reported as not walked rather than stall it.
 pub const WALK_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Chunks walked between two looks at the clock (each chunk is at most one read).
+const CHUNKS_PER_CLOCK: u32 = 256;
+
+/// Why a heap was not walked when the budget ran out.
+const OVER_BUDGET: &str = "not walked: over the time budget (a very large heap, or many)";
+
 /// Walks the chunks from `first` to `end`; `Err` says why the chain broke.
 fn walk<M: Memory>(
     mem: &M,
@@ -113,10 +119,12 @@ fn walk<M: Memory>(
     let mut free_below: Option<(u64, u64)> = None;
     let mut n = 0u32;
     loop {
-        n = n.wrapping_add(1);
-        if n.is_multiple_of(4096) && std::time::Instant::now() > deadline {
-            return Err("not walked: over the time budget (a very large heap)");
+        // Checked before the first chunk too: a target can make every walk fail
+        // quickly, and the retries (starts, attempts, heaps) add up.
+        if n.is_multiple_of(CHUNKS_PER_CLOCK) && std::time::Instant::now() > deadline {
+            return Err(OVER_BUDGET);
         }
+        n = n.wrapping_add(1);
         let Some(field) = w.at(p + 8) else {
             return Err("chunk header unreadable");
         };
@@ -382,6 +390,7 @@ fn walk_main<M: Memory>(
             match walk(mem, first, end, deadline) {
                 Ok(c) if c.top.is_some() => return Ok(c),
                 Ok(_) => why = "main heap ends in a fencepost",
+                Err(OVER_BUDGET) => return Err(OVER_BUDGET.to_owned()),
                 Err(e) => why = e,
             }
         }
@@ -398,6 +407,9 @@ fn walk_thread<M: Memory>(
 ) -> Result<(u64, Chunks, u64), String> {
     let mut why = String::from("no chunk chain");
     for _ in 0..ATTEMPTS {
+        if std::time::Instant::now() > deadline {
+            return Err(OVER_BUDGET.to_owned());
+        }
         let mut info = [0u8; 32];
         mem.read(h, &mut info)
             .map_err(|e| format!("heap_info unreadable: {e}"))?;
@@ -425,6 +437,7 @@ fn walk_thread<M: Memory>(
                     return Ok((ar_ptr, c, end));
                 }
                 Ok(_) => {}
+                Err(OVER_BUDGET) => return Err(OVER_BUDGET.to_owned()),
                 Err(e) => why = e.to_owned(),
             }
         }
@@ -434,7 +447,16 @@ fn walk_thread<M: Memory>(
 
 /// Walks every heap the sites name.
 pub fn walk_heaps<M: Memory>(mem: &M, sites: &HeapSites) -> HeapWalk {
-    let deadline = std::time::Instant::now() + WALK_BUDGET;
+    walk_heaps_until(mem, sites, std::time::Instant::now() + WALK_BUDGET)
+}
+
+/// [`walk_heaps`] within `deadline`: past it, the heaps left are reported as not walked
+/// without a read.
+fn walk_heaps_until<M: Memory>(
+    mem: &M,
+    sites: &HeapSites,
+    deadline: std::time::Instant,
+) -> HeapWalk {
     let mut out = HeapWalk::default();
     if let Some((start, end)) = sites.main {
         match walk_main(mem, start, end, deadline) {
@@ -733,6 +755,52 @@ mod tests {
             walk(&m, base, base + len, later).map(|c| c.in_use_chunks),
             Ok(n as u64 - 1)
         );
+    }
+
+    /// Past the budget nothing more is read: every walk looks at the clock before its
+    /// first chunk, and the retries stop. Before, a walk that failed within 4096 chunks
+    /// never looked, and each heap's starts and attempts were all tried (crafted heaps
+    /// stretched a 3 s trace to 21.8 s).
+    #[test]
+    fn no_reads_past_the_budget() {
+        struct Counting<'a>(&'a Laid, std::cell::Cell<u64>);
+        impl Memory for Counting<'_> {
+            fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+                self.1.set(self.1.get() + 1);
+                self.0.read(addr, buf)
+            }
+            fn resident(&self, start: u64, end: u64) -> std::io::Result<Vec<bool>> {
+                self.0.resident(start, end)
+            }
+        }
+        let base = 0x5555_0000_0000;
+        let len = 0x1_0000;
+        let mut m = Laid::new(base, len);
+        lay_chunks(&mut m, base, &[(0x100, true), (len - 0x100, false)]);
+        let counting = Counting(&m, std::cell::Cell::new(0));
+        let sites = HeapSites {
+            main: Some((base, base + len)),
+            thread_heaps: (0..64).map(|i| 0x7f00_0000_0000 + (i << 26)).collect(),
+        };
+        let past = std::time::Instant::now() - std::time::Duration::from_secs(1);
+        let w = walk_heaps_until(&counting, &sites, past);
+        assert_eq!(counting.1.get(), 0, "reads past the deadline");
+        assert!(w.arenas.is_empty());
+        assert!(
+            w.unwalkable.iter().all(|u| u.reason == OVER_BUDGET),
+            "{:?}",
+            w.unwalkable
+        );
+        // With time left, the same main heap is walked.
+        let w = walk_heaps_until(
+            &counting,
+            &HeapSites {
+                main: Some((base, base + len)),
+                thread_heaps: vec![],
+            },
+            std::time::Instant::now() + std::time::Duration::from_secs(60),
+        );
+        assert_eq!(w.arenas.len(), 1, "{:?}", w.unwalkable);
     }
 
     /// The arena limit comes from the environment, else from the CPU count.
