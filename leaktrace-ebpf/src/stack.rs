@@ -311,6 +311,10 @@ pub struct UnwindState {
     /// replaced. See [`restore_return`].
     ri: u64,
     ri_slot: u64,
+    /// Nonzero once `ri` was read for this walk: only a walk that needs it pays for it.
+    ri_loaded: u64,
+    /// The stack slot `ip` was read from (0: `ip` is not a return address read by the walk).
+    ip_slot: u64,
 }
 
 /// Entries of the per-CPU object cache.
@@ -396,8 +400,20 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let (w, st) = unsafe { (&mut *w, &mut *st) };
     let truncated = u64::from(STACK_TRUNCATED);
     // A return address points after its call; the call's own row is the one before.
-    let pc = if w.exact != 0 { w.ip } else { w.ip - 1 };
-    let Some((kind, cfa_off, rbp)) = find_row(pc, w) else {
+    let mut pc = if w.exact != 0 { w.ip } else { w.ip - 1 };
+    let mut row = find_row(pc, w);
+    if row.is_none() && w.exact == 0 && w.ip_slot != 0 {
+        // Perhaps a return probe's trampoline (ours or another tool's): the address
+        // it replaced is in the thread's list of pending returns.
+        let slot = w.ip_slot;
+        let orig = restore_return(w, slot, w.ip);
+        if orig != w.ip {
+            w.ip = orig;
+            pc = orig - 1;
+            row = find_row(pc, w);
+        }
+    }
+    let Some((kind, cfa_off, rbp)) = row else {
         // Not code we know: junk, or an object mapped after the tables were loaded.
         count(counter::UNWIND_UNKNOWN_PC);
         w.flags |= truncated;
@@ -464,7 +480,9 @@ extern "C" fn cfi_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         w.flags |= truncated;
         return 1;
     };
-    let ra = restore_return(w, cfa - 8, ra);
+    // A return probe's trampoline is put back only where the walk would stop (below):
+    // every walk pays nothing for it until then.
+    w.ip_slot = cfa - 8;
     if kind == UNWIND_GAP && !exact {
         let Some(b) = stack_word(w.bp) else {
             w.flags |= truncated;
@@ -510,17 +528,29 @@ fn begin_walk(
     w.h2 = h2;
     w.ri = 0;
     w.ri_slot = 0;
-    let c = CONFIG.load();
-    if c.flags & CONFIG_RETURN_FIXUP != 0 {
-        // SAFETY: the current task is valid while the program runs; probe reads of
-        // kernel memory cannot fault.
-        let task = unsafe { bpf_get_current_task() };
-        let utask = kernel_word(task + u64::from(c.returns.utask));
-        if utask != 0 {
-            set_return_instance(w, kernel_word(utask + u64::from(c.returns.instances)));
-        }
-    }
+    w.ri_loaded = 0;
+    w.ip_slot = 0;
     Some(w)
+}
+
+/// Reads the thread's newest pending return probe into the walk, once per walk.
+#[inline(always)]
+fn load_return_instances(w: &mut UnwindState) {
+    if w.ri_loaded != 0 {
+        return;
+    }
+    w.ri_loaded = 1;
+    let c = CONFIG.load();
+    if c.flags & CONFIG_RETURN_FIXUP == 0 {
+        return;
+    }
+    // SAFETY: the current task is valid while the program runs; probe reads of kernel
+    // memory cannot fault.
+    let task = unsafe { bpf_get_current_task() };
+    let utask = kernel_word(task + u64::from(c.returns.utask));
+    if utask != 0 {
+        set_return_instance(w, kernel_word(utask + u64::from(c.returns.instances)));
+    }
 }
 
 /// The 8-byte kernel word at `addr`, 0 when unreadable.
@@ -544,9 +574,10 @@ fn set_return_instance(w: &mut UnwindState, ri: u64) {
     }
 }
 
-/// Return instances skipped per frame: those of frames below where the walk began
-/// (the call a return probe is handling), and a tail call's second instance on the slot.
-const RETURN_SKIPS: usize = 4;
+/// Return instances skipped per lookup: those of frames below the slot (the call a
+/// return probe is handling, frames the walk passed without needing theirs), and a
+/// tail call's second instance on a slot.
+const RETURN_SKIPS: usize = 8;
 
 /// The return address in stack slot `slot`, read as `ra`, as the program wrote it. A
 /// return probe on a call (ours, or another tool's on the same library: the kernel
@@ -556,6 +587,7 @@ const RETURN_SKIPS: usize = 4;
 /// their slots.
 #[inline(always)]
 fn restore_return(w: &mut UnwindState, slot: u64, ra: u64) -> u64 {
+    load_return_instances(w);
     for _ in 0..RETURN_SKIPS {
         if w.ri == 0 || w.ri_slot >= slot {
             break;
