@@ -549,12 +549,11 @@ fn root_static_binary_is_traced_without_heap_probes() {
         matches!(v["kind"].as_str(), Some("no-growth" | "inconclusive")),
         "{v:#}"
     );
+    let summary = v["summary"].as_str().unwrap();
+    assert!(summary.contains("The heap was not traced"), "{v:#}");
     assert!(
-        v["summary"]
-            .as_str()
-            .unwrap()
-            .contains("The heap was not traced"),
-        "{v:#}"
+        !summary.contains("  "),
+        "one space between words: {summary}"
     );
     let metrics: Vec<&str> = v["evidence"]
         .as_array()

@@ -650,7 +650,9 @@ fn untraced_heap_verdict(
         return Verdict::new(VerdictKind::NoGrowth, summary, evidence, suspects, vec![]);
     }
     let summary = format!(
-        "Inconclusive: anonymous RSS grew {} over {span:.1} s and is still growing, with the brk heap and anonymous mappings {}.          The heap was not traced (no allocator leaktrace recognizes), so whether this is live data or freed memory the allocator keeps can't be told;          the stacks below are those of the brk and mapping calls.",
+        "Inconclusive: anonymous RSS grew {} over {span:.1} s and is still growing, with the brk heap and anonymous mappings {}. \
+         The heap was not traced (no allocator leaktrace recognizes), so whether this is live data or freed memory the allocator keeps can't be told; \
+         the stacks below are those of the brk and mapping calls.",
         signed_bytes(rss_net),
         signed_bytes(mapped_net)
     );
@@ -1116,6 +1118,22 @@ fn retained_remedies(f: &Facts<'_>) -> Vec<Remedy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a traced heap, growth is named, not classified, and no live-heap figure is
+    /// shown; the sentences read as one paragraph (a line continuation once left ten spaces).
+    #[test]
+    fn untraced_heap_names_growth_only() {
+        let growing = untraced_heap_verdict(Vec::new(), Vec::new(), 10.0, 8e6, true, 7e6);
+        assert_eq!(growing.kind, VerdictKind::Inconclusive);
+        let still = untraced_heap_verdict(Vec::new(), Vec::new(), 10.0, 0.0, false, 0.0);
+        assert_eq!(still.kind, VerdictKind::NoGrowth);
+        for v in [&growing, &still] {
+            assert!(v.summary.contains("The heap was not traced"), "{}", v.summary);
+            assert!(!v.summary.contains("  "), "{}", v.summary);
+            let metrics: Vec<&str> = v.evidence.iter().map(|e| e.metric).collect();
+            assert_eq!(metrics, ["anon_mapped_growth_bytes"]);
+        }
+    }
     use crate::{accounting::ledger::AnonSplit, heap::glibc::ArenaStats, process::procfs::Rss};
 
     const MIB: u64 = 1 << 20;
