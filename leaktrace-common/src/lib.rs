@@ -375,6 +375,8 @@ pub const ENABLE_SYSCALLS: u32 = 2;
 /// `ENABLED` bit: the free-like probes run (they stay on between sampled mode's
 /// windows, while [`ENABLE_HEAP`] is off).
 pub const ENABLE_FREES: u32 = 4;
+/// Every program on: the heap probes, the frees and the syscall tracepoints.
+pub const ENABLE_ALL: u32 = ENABLE_HEAP | ENABLE_SYSCALLS | ENABLE_FREES;
 
 /// Number of exponential draws in [`maps::EXP_DRAWS`].
 pub const EXP_DRAWS: u32 = 4096;

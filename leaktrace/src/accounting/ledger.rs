@@ -399,12 +399,7 @@ impl Ledger {
             // A block from before attach (or one whose allocation was missed): from now on
             // it is known, without a stack.
             self.counters.realloc_unknown += 1;
-            let block = Block {
-                size: ev.size,
-                stack_id: ev.stack_id,
-                ts_ns: ev.ts_ns,
-                duty_ppm: self.duty_ppm,
-            };
+            let block = self.block_of(ev);
             if let Some(old) = self.live.insert(ev.addr, block) {
                 self.sub_heap(old);
             }
@@ -416,12 +411,7 @@ impl Ledger {
         }
         self.activity.allocs += 1;
         self.activity.alloc_bytes += ev.size;
-        let block = Block {
-            size: ev.size,
-            stack_id: ev.stack_id,
-            ts_ns: ev.ts_ns,
-            duty_ppm: self.duty_ppm,
-        };
+        let block = self.block_of(ev);
         if let Some(old) = self.live.insert(ev.addr, block) {
             self.counters.alloc_over_live += 1;
             self.sub_heap(old);
@@ -465,6 +455,16 @@ impl Ledger {
         }
         self.sub_heap(b);
         Some(b)
+    }
+
+    /// The live block an allocation event makes, weighed by the current duty.
+    fn block_of(&self, ev: &Event) -> Block {
+        Block {
+            size: ev.size,
+            stack_id: ev.stack_id,
+            ts_ns: ev.ts_ns,
+            duty_ppm: self.duty_ppm,
+        }
     }
 
     fn sub_heap(&mut self, b: Block) {

@@ -1128,7 +1128,11 @@ mod tests {
         let still = untraced_heap_verdict(Vec::new(), Vec::new(), 10.0, 0.0, false, 0.0);
         assert_eq!(still.kind, VerdictKind::NoGrowth);
         for v in [&growing, &still] {
-            assert!(v.summary.contains("The heap was not traced"), "{}", v.summary);
+            assert!(
+                v.summary.contains("The heap was not traced"),
+                "{}",
+                v.summary
+            );
             assert!(!v.summary.contains("  "), "{}", v.summary);
             let metrics: Vec<&str> = v.evidence.iter().map(|e| e.metric).collect();
             assert_eq!(metrics, ["anon_mapped_growth_bytes"]);

@@ -322,12 +322,7 @@ impl Session<'_> {
                 }
             }
         }
-        load::enable(
-            ebpf,
-            leaktrace_common::ENABLE_HEAP
-                | leaktrace_common::ENABLE_FREES
-                | leaktrace_common::ENABLE_SYSCALLS,
-        )?;
+        load::enable(ebpf, leaktrace_common::ENABLE_ALL)?;
         self.started = go(self.config, self.pid, self.attached.probes.len(), blocked)?;
         if self.config.duty_budget_pct.is_some()
             && self.attached.multi.is_none()
@@ -746,12 +741,7 @@ impl Session<'_> {
             // The window is timed from when its probes are in place.
             d.open(tokio::time::Instant::now());
             self.ledger.set_duty(d.duty());
-            load::enable(
-                ebpf,
-                leaktrace_common::ENABLE_HEAP
-                    | leaktrace_common::ENABLE_FREES
-                    | leaktrace_common::ENABLE_SYSCALLS,
-            )?;
+            load::enable(ebpf, leaktrace_common::ENABLE_ALL)?;
             log::debug!(
                 "duty cycle: window {} attached in {:.2} ms",
                 d.window,
