@@ -215,7 +215,7 @@ pub fn attach(
     // The kernel's BTF says whether it has them (loading the programs for nothing costs
     // two verifier runs, seconds under emulation).
     let has_multi =
-        super::btf::Btf::from_sys().is_ok_and(|b| b.has_struct("bpf_uprobe_multi_link"));
+        super::btf::Btf::kernel().is_some_and(|b| b.has_struct("bpf_uprobe_multi_link"));
     let multi = match has_multi.then(|| MultiPrograms::load(ebpf)) {
         Some(Ok(m)) => Some(m),
         Some(Err(e)) => {

@@ -25,6 +25,13 @@ impl Btf {
         Self::parse(&std::fs::read("/sys/kernel/btf/vmlinux")?)
     }
 
+    /// The running kernel's BTF, read and parsed once per process (several megabytes:
+    /// the loader, the attach and the Python setup each ask it something).
+    pub fn kernel() -> Option<&'static Self> {
+        static KERNEL: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
+        KERNEL.get_or_init(|| Self::from_sys().ok()).as_ref()
+    }
+
     /// Parses raw BTF (little-endian).
     pub fn parse(data: &[u8]) -> io::Result<Self> {
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("BTF: {what}"));

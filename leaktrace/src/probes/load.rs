@@ -113,7 +113,7 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
 /// (see [`ReturnOffsets`]), from its BTF; `None` when any member is missing, and stack
 /// walks then end at a hijacked return.
 pub fn return_offsets() -> Option<ReturnOffsets> {
-    let btf = super::btf::Btf::from_sys().ok()?;
+    let btf = super::btf::Btf::kernel()?;
     let small = |root: &str, member: &str| {
         btf.member_offset(root, &[member])
             .and_then(|o| u16::try_from(o).ok())

@@ -580,9 +580,7 @@ impl Worker {
             return;
         };
         let fsbase = *self.py.fsbase.get_or_insert_with(|| {
-            Btf::from_sys()
-                .ok()
-                .and_then(|b| b.member_offset("task_struct", &["thread", "fsbase"]))
+            Btf::kernel().and_then(|b| b.member_offset("task_struct", &["thread", "fsbase"]))
         });
         let PyState::Pending(interp, ..) = &self.py.state else {
             return;
