@@ -740,7 +740,7 @@ mod tests {
         assert!(!in_series("6.12.95+deb12-amd64", "6.1"));
         assert!(in_series("6.12.95+deb12-amd64", "6.12"));
         assert!(in_series("5.10.0-32-amd64", "5.10"));
-        let mut r = vec!["6.1.0-9-amd64", "6.1.0-50-amd64", "6.1.0-47-amd64"];
+        let mut r = ["6.1.0-9-amd64", "6.1.0-50-amd64", "6.1.0-47-amd64"];
         r.sort_by_key(|r| version_key(r));
         assert_eq!(r.last(), Some(&"6.1.0-50-amd64"));
     }

@@ -80,6 +80,8 @@ struct Session<'a> {
     heap_not_traced: Option<String>,
     /// Why and when the heap probes were detached by the overhead budget.
     heap_detached: Option<HeapDetached>,
+    /// The probes being detached once the run ended.
+    detaching: Option<attach::Detaching>,
     /// Latest overhead measurement.
     overhead: Option<Overhead>,
     /// Sampled mode's duty cycle, when the heap probes are attached only for windows.
@@ -175,6 +177,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         sites,
         heap_not_traced,
         heap_detached: None,
+        detaching: None,
         overhead: None,
         duty: None,
         unwinder: unwinder_kind,
@@ -187,6 +190,9 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
     };
     let outcome = rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked));
     s.worker.stop();
+    if let Some(d) = s.detaching.take() {
+        d.wait();
+    }
     outcome
 }
 
@@ -438,10 +444,14 @@ impl Session<'_> {
         };
         // Whatever is still in the ring buffer belongs in the final report: the programs
         // stop first, so a target that keeps allocating cannot keep the drain going.
+        let ending = Instant::now();
         if let Err(e) = load::enable(ebpf, 0) {
             log::warn!("failed to stop the programs before the last drain: {e}");
         }
+        // Nothing from here on needs the probes: they come out while the rest is done.
+        self.detaching = Some(attach::start_detach(ebpf, &mut self.attached));
         while self.drain(m.ring.get_mut()) {}
+        let drained = ending.elapsed();
         if !self.target_exited {
             self.sample_rss();
         }
@@ -477,6 +487,7 @@ impl Session<'_> {
                 break snap;
             }
         };
+        let snapped = ending.elapsed();
         if self.config.dry_run {
             let o = self.overhead.clone().unwrap_or_default();
             let text = match self.config.format {
@@ -504,6 +515,12 @@ impl Session<'_> {
             }
         };
         self.out.write(&text)?;
+        log::info!(
+            "final report: drained in {:.0} ms, worker's snapshot by {:.0} ms, written by {:.0} ms",
+            drained.as_secs_f64() * 1e3,
+            snapped.as_secs_f64() * 1e3,
+            ending.elapsed().as_secs_f64() * 1e3
+        );
         Ok(Outcome {
             report,
             interrupted,
