@@ -145,6 +145,14 @@ fn setup(kernels: bool) -> Result<()> {
     {
         missing.push("busybox-static");
     }
+    // A real PostgreSQL, whose clusters the server tests create with initdb.
+    let has_postgres = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.path().join("bin/initdb").exists())
+    });
+    if !has_postgres {
+        missing.push("postgresql");
+    }
     missing.extend(roots::missing_packages());
     if kernels {
         missing.extend(kernels::missing_packages());

@@ -299,11 +299,28 @@ pub struct HeapSites {
 /// Finds the candidate heaps in a memory map. `brk` is the current break if
 /// known (else the `[heap]` mapping's end is used).
 pub fn find_sites(maps: &[MapEntry], start_brk: Option<u64>, brk: Option<u64>) -> HeapSites {
-    let main = maps.iter().find(|m| m.path == "[heap]").map(|m| {
+    // The brk heap may be several mappings end to end: a forked child (a PostgreSQL
+    // backend) that grows the heap it inherited gets a new mapping the kernel cannot
+    // merge with the old one, and the chunks run on across the seam.
+    let first = maps.iter().position(|m| m.path == "[heap]");
+    let main = first.map(|i| {
+        let m = &maps[i];
+        let last_end = maps[i + 1..]
+            .iter()
+            .scan(m.end, |end, n| {
+                (n.path == "[heap]" && n.start == *end).then(|| {
+                    *end = n.end;
+                    n.end
+                })
+            })
+            .last()
+            .unwrap_or(m.end);
         let start = start_brk
             .filter(|&s| s >= m.start && s < m.end)
             .unwrap_or(m.start);
-        let end = brk.filter(|&b| b > start && b <= m.end).unwrap_or(m.end);
+        let end = brk
+            .filter(|&b| b > start && b <= last_end)
+            .unwrap_or(last_end);
         (start, end)
     });
     let thread_heaps = maps
@@ -601,6 +618,36 @@ mod tests {
             prev_in_use = in_use;
             p += size;
         }
+    }
+
+    fn heap_map(start: u64, end: u64) -> MapEntry {
+        MapEntry {
+            start,
+            end,
+            perms: *b"rw-p",
+            offset: 0,
+            inode: 0,
+            path: "[heap]".into(),
+        }
+    }
+
+    /// A PostgreSQL backend's brk heap is two mappings end to end (the part inherited
+    /// from the postmaster, and the growth since the fork): the heap is both. The walk
+    /// stopped at the first one's end ("chunk runs past the heap end").
+    #[test]
+    fn main_heap_spans_adjacent_heap_mappings() {
+        let maps = [
+            heap_map(0x1000_0000, 0x100b_9000),
+            heap_map(0x100b_9000, 0x1015_a000),
+            heap_map(0x1100_0000, 0x1100_1000),
+        ];
+        let s = find_sites(&maps, Some(0x1000_0000), Some(0x1015_a000));
+        assert_eq!(s.main, Some((0x1000_0000, 0x1015_a000)));
+        // brk below the end of the mappings bounds the heap; one past it is ignored.
+        let s = find_sites(&maps, Some(0x1000_0000), Some(0x1010_0000));
+        assert_eq!(s.main, Some((0x1000_0000, 0x1010_0000)));
+        let s = find_sites(&maps, Some(0x1000_0000), Some(0x1100_1000));
+        assert_eq!(s.main, Some((0x1000_0000, 0x1015_a000)));
     }
 
     /// Main heap: used, a free 64 KiB hole (half resident), used, top of 40 KiB.

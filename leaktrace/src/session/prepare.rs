@@ -64,9 +64,11 @@ pub fn prepare(config: &Config) -> Result<Prepared, Error> {
             let brk = if launched {
                 None
             } else {
+                // The end of the brk heap, which may be several mappings end to end.
                 procfs::read_maps(pid)
                     .ok()
-                    .and_then(|m| m.iter().find(|e| e.path == "[heap]").map(|e| e.end))
+                    .and_then(|m| crate::heap::glibc::find_sites(&m, start_brk, None).main)
+                    .map(|(_, end)| end)
                     .or(start_brk)
             };
             Ok(Prepared {

@@ -1,0 +1,205 @@
+//! leaktrace against real servers from Debian's packages (`cargo xtask setup` installs
+//! them): what a user points it at in production.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
+
+use leaktrace_tests::{Tracer, check_shape, require_root, temp_path};
+
+/// A throwaway PostgreSQL cluster owned by the `postgres` user, in a directory of its
+/// own, on a port of its own; stopped and removed on drop.
+struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("bin"))
+                    .find(|b| b.join("initdb").exists())
+            })
+            .expect("PostgreSQL is required (cargo xtask setup installs Debian's postgresql)");
+        let dir = temp_path("pg");
+        std::fs::create_dir_all(&dir).unwrap();
+        let chown = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let c = Self { dir, bin, port };
+        let initdb = c
+            .as_postgres(&c.bin.join("initdb"))
+            .args(["-A", "trust", "-D"])
+            .arg(c.dir.join("data"))
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(initdb.status.success(), "initdb: {initdb:?}");
+        let start = c
+            .as_postgres(&c.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(c.dir.join("data"))
+            .arg("-o")
+            .arg(format!("-p {} -k {}", c.port, c.dir.display()))
+            .arg("-l")
+            .arg(c.dir.join("log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            start.success(),
+            "pg_ctl start: {}",
+            std::fs::read_to_string(c.dir.join("log")).unwrap_or_default()
+        );
+        c
+    }
+
+    fn as_postgres(&self, program: &std::path::Path) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    }
+
+    /// A psql session; its backend's pid comes first.
+    fn session(&self) -> Session {
+        let mut child = self
+            .as_postgres(&self.bin.join("psql"))
+            .args(["-X", "-At", "-d", "postgres", "-h"])
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut s = Session {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+            backend: 0,
+        };
+        s.backend = s.query("select pg_backend_pid();").parse().unwrap();
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self
+            .as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    backend: u32,
+}
+
+impl Session {
+    /// Runs one statement that returns one row of one column.
+    fn query(&mut self, sql: &str) -> String {
+        writeln!(self.stdin, "{sql}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The brk heap as /proc/PID/maps shows it: its mappings, end to end from the first.
+fn heap_mappings(pid: u32) -> Vec<(u64, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for l in maps.lines().filter(|l| l.ends_with("[heap]")) {
+        let range = l.split_whitespace().next().unwrap();
+        let (s, e) = range.split_once('-').unwrap();
+        let (s, e) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+        );
+        if out.last().is_none_or(|&(_, end)| end == s) {
+            out.push((s, e));
+        }
+    }
+    out
+}
+
+/// A PostgreSQL backend's brk heap is two mappings: the part inherited from the
+/// postmaster and what it grew since the fork (the kernel cannot merge them). The glibc
+/// heap walk stopped at the first one's end and reported the heap as "changed too fast
+/// to walk", on every backend. It walks the whole heap now, chunk by chunk to its end.
+#[test]
+fn root_postgres_backend_heap_is_walked_across_its_mappings() {
+    require_root();
+    let cluster = Cluster::start();
+    let mut session = cluster.session();
+    // Work that allocates: a sort and a few catalog lookups.
+    assert_eq!(
+        session.query(
+            "select count(*) from (select g from generate_series(1, 50000) g order by g desc) s;"
+        ),
+        "50000"
+    );
+    let pid = session.backend;
+    let heap = heap_mappings(pid);
+    assert!(
+        heap.len() >= 2,
+        "a backend's heap is more than one mapping: {heap:x?}"
+    );
+    let start_brk: u64 = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(47 - 3)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let end = heap.last().unwrap().1;
+    let r = Tracer::start(&["--pid", &pid.to_string(), "--duration", "1"]).wait_report(0);
+    check_shape(&r);
+    let g = &r["allocator"]["glibc_heaps"];
+    assert_eq!(g["unwalkable"], serde_json::json!([]), "{g:#}");
+    let main = g["arenas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "main")
+        .unwrap_or_else(|| panic!("no main arena: {g:#}"));
+    // The walk covered the heap from its start to the break, across the seam.
+    assert_eq!(
+        main["extent_bytes"].as_u64(),
+        Some(end - start_brk),
+        "{main:#}"
+    );
+    assert!(main["in_use_chunks"].as_u64().unwrap() > 1000, "{main:#}");
+    let text = r["verdict"].to_string();
+    assert!(!text.contains("changed too fast"), "{text}");
+    drop(session);
+}
