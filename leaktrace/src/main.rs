@@ -135,6 +135,12 @@ struct Opts {
     #[arg(long)]
     no_heap_walk: bool,
 
+    /// A directory of debug files (a /usr/lib/debug-style tree: .build-id/xx/….debug,
+    /// or files named by .gnu_debuglink), searched before the target's and ours;
+    /// repeatable. The report lists objects whose frames had no names.
+    #[arg(long, value_name = "DIR", value_parser = parse_dir)]
+    debug_dir: Vec<PathBuf>,
+
     /// More log output on stderr (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -188,6 +194,15 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 
 /// Largest ring buffer, KiB (1 GiB: its size in bytes must fit the kernel's u32).
 const MAX_RING_KIB: u32 = 1 << 20;
+
+fn parse_dir(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_dir() {
+        Ok(p)
+    } else {
+        Err(format!("{s} is not a directory"))
+    }
+}
 
 fn parse_ring_kib(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
@@ -268,6 +283,7 @@ fn config(opts: Opts) -> Config {
             .filter(|_| opts.sample_rate.is_none() || opts.no_duty_cycle),
         min_age: opts.min_age,
         walk_heaps: !opts.no_heap_walk,
+        debug_dirs: opts.debug_dir,
         python_stacks: !opts.no_python,
         bare_probes: opts.bare_probes,
         fp_stacks: opts.unwind == UnwindArg::Fp,

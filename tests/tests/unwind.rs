@@ -367,3 +367,91 @@ fn root_debian_python_stacks_reach_main_or_thread_start() {
         );
     }
 }
+
+/// A stripped program: its frames are `??`, and the report lists it once with its
+/// build id; with its debug file in a `--debug-dir` tree (`.build-id/xx/rest.debug`,
+/// as distributions install them) the same frames are named.
+#[test]
+fn root_stripped_program_is_listed_and_named_from_a_debug_dir() {
+    require_root();
+    let dir = leaktrace_tests::temp_path("debug-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("heap_ops");
+    std::fs::copy(fixture_path("heap_ops"), &exe).unwrap();
+    let debug = dir.join("heap_ops.debug");
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("binutils");
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(std::process::Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&exe)
+        .arg(&debug));
+    run(std::process::Command::new("strip")
+        .arg("--strip-all")
+        .arg(&exe));
+    let notes = run(std::process::Command::new("readelf").arg("-n").arg(&exe));
+    let build_id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("the fixture has a build id")
+        .to_owned();
+    let tree = dir.join("tree/.build-id").join(&build_id[..2]);
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::rename(&debug, tree.join(format!("{}.debug", &build_id[2..]))).unwrap();
+    let exe_name = exe.to_str().unwrap().to_owned();
+
+    let leak_frames = |r: &Value| -> Vec<Value> {
+        // The stack of leak_malloc's five 100-byte blocks: 500 bytes.
+        let s = heap_stacks(r)
+            .iter()
+            .find(|s| s["live_bytes"] == 500)
+            .unwrap_or_else(|| panic!("no 500-byte stack: {:#}", r["heap"]));
+        s["frames"].as_array().unwrap().clone()
+    };
+    let in_exe = |frames: &[Value]| -> Vec<Value> {
+        frames
+            .iter()
+            .filter(|f| f["module"] == exe_name.as_str())
+            .cloned()
+            .collect()
+    };
+
+    let mut fx = Fixture::spawn_program(&exe, &["basic"], &[]);
+    let r = trace_fixture(&mut fx, &[]);
+    let frames = leak_frames(&r);
+    let ours = in_exe(&frames);
+    assert!(
+        !ours.is_empty() && ours.iter().all(|f| f["function"].is_null()),
+        "stripped: no names in the program: {frames:#?}"
+    );
+    let unnamed = r["stacks"]["unnamed_objects"].as_array().unwrap();
+    let listed = unnamed
+        .iter()
+        .find(|u| u["object"] == exe_name.as_str())
+        .unwrap_or_else(|| panic!("the stripped program is listed: {unnamed:#?}"));
+    assert_eq!(listed["build_id"], build_id.as_str());
+    assert_eq!(listed["named_addresses"], 0, "{listed}");
+    assert!(
+        listed["unnamed_addresses"].as_u64().unwrap() >= 2,
+        "{listed}"
+    );
+    drop(fx);
+
+    let tree_arg = dir.join("tree").to_str().unwrap().to_owned();
+    let mut fx = Fixture::spawn_program(&exe, &["basic"], &[]);
+    let r = trace_fixture(&mut fx, &["--debug-dir", &tree_arg]);
+    let frames = leak_frames(&r);
+    let ours = in_exe(&frames);
+    let names: Vec<&str> = ours.iter().filter_map(|f| f["function"].as_str()).collect();
+    assert_eq!(names.len(), ours.len(), "every frame named: {frames:#?}");
+    assert_eq!(names[..2], ["leak_malloc", "main"], "{frames:#?}");
+    let unnamed = r["stacks"]["unnamed_objects"].as_array().unwrap();
+    assert!(
+        !unnamed.iter().any(|u| u["object"] == exe_name.as_str()),
+        "named from the debug dir: {unnamed:#?}"
+    );
+    drop(fx);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,6 +28,38 @@ pub fn load_bias(data: &[u8], start: u64, offset: u64, executable: bool) -> Opti
     )
 }
 
+/// Link-time addresses of file offsets of the ELF file at `path`, through its
+/// loadable segments (`None` for an offset no segment maps from the file). Reads the
+/// headers only. A separate debug file has the same addresses but no file contents
+/// behind its code segments: its own offsets say nothing.
+pub fn file_offsets_to_addresses(
+    path: &std::path::Path,
+    offsets: &[u64],
+) -> Option<Vec<Option<u64>>> {
+    let f = std::fs::File::open(path).ok()?;
+    let cache = object::ReadCache::new(f);
+    let file = object::File::parse(&cache).ok()?;
+    let loads: Vec<(u64, u64, u64)> = file
+        .segments()
+        .map(|s| {
+            let (o, n) = s.file_range();
+            (o, n, s.address())
+        })
+        .filter(|&(_, n, _)| n > 0)
+        .collect();
+    Some(
+        offsets
+            .iter()
+            .map(|&off| {
+                loads
+                    .iter()
+                    .find(|&&(o, n, _)| o <= off && off - o < n)
+                    .map(|&(o, _, a)| a + (off - o))
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,34 @@ pub fn mapped_file(pid: u32, start: u64, end: u64) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
 }
 
+/// The path the process was started as: `execve`'s filename, which the kernel leaves
+/// on the new stack and names in the auxiliary vector (`AT_EXECFN`). It names the
+/// program as the user knows it where `/proc/PID/exe` resolves links (redis-server is
+/// a link to redis-check-rdb). Read from the target's memory: bounded to `PATH_MAX`
+/// and taken up to the first NUL, or `None`.
+pub fn read_execfn(pid: u32) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    const AT_EXECFN: u64 = 31;
+    const PATH_MAX: usize = 4096;
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
+    let addr = auxv
+        .chunks_exact(16)
+        .map(|p| {
+            let w = |i: usize| u64::from_ne_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+            (w(0), w(8))
+        })
+        .take_while(|&(k, _)| k != 0)
+        .find(|&(k, _)| k == AT_EXECFN)?
+        .1;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = vec![0u8; PATH_MAX];
+    // The string sits near the top of the stack: a read may stop at its end.
+    let n = mem.read_at(&mut buf, addr).ok()?;
+    let s = &buf[..n];
+    let end = s.iter().position(|&b| b == 0)?;
+    (end > 0).then(|| String::from_utf8_lossy(&s[..end]).into_owned())
+}
+
 /// A file's identity (device, inode), following links: the same object mapped
 /// twice, or opened through different paths, has one.
 pub fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {

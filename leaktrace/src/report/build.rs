@@ -78,6 +78,8 @@ pub struct Inputs<'a> {
     pub unwinder: Unwinder,
     /// The unwind tables loaded, with CFI.
     pub unwind: Option<&'a UnwindStats>,
+    /// Objects in which some stack addresses had no symbol.
+    pub unnamed: &'a [crate::symbolize::native::Unnamed],
 }
 
 /// Builds a report.
@@ -255,6 +257,7 @@ fn stack_info(i: &Inputs<'_>) -> StackInfo {
         } else {
             Vec::new()
         },
+        unnamed_objects: i.unnamed.to_vec(),
     }
 }
 

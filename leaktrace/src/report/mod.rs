@@ -191,6 +191,9 @@ pub struct StackInfo {
     /// live heap bytes, in percent, whose complete stack fits in a copy of 8, 16, 32
     /// and 64 KiB (`[KiB, percent]` pairs). From the span of each CFI-unwound stack.
     pub copy_would_fit: Vec<(u64, f64)>,
+    /// Objects in which some of the stacks' addresses had no symbol (frames shown
+    /// as `??`), with what finds their debug information.
+    pub unnamed_objects: Vec<crate::symbolize::native::Unnamed>,
 }
 
 /// The target's CPython interpreter.
@@ -463,6 +466,14 @@ mod tests {
                     ..Default::default()
                 }),
                 copy_would_fit: vec![(8, 60.0), (16, 87.97), (32, 87.97), (64, 87.97)],
+                unnamed_objects: vec![crate::symbolize::native::Unnamed {
+                    object: "/usr/bin/redis-check-rdb".into(),
+                    run_as: Some("/usr/bin/redis-server".into()),
+                    build_id: Some("a50d6825e71f1473372299161f75fe50e80452de".into()),
+                    package: Some("redis-tools".into()),
+                    unnamed_addresses: 5,
+                    named_addresses: 75,
+                }],
             },
             timeline: vec![],
         }

@@ -81,6 +81,41 @@ fn frame_line(f: &Frame) -> String {
     s
 }
 
+/// The objects behind `??` frames, once each, and how to get their symbols.
+fn render_unnamed(o: &mut String, unnamed: &[crate::symbolize::native::Unnamed]) {
+    if unnamed.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nFrames shown as ?? lie in objects without symbols for them:"
+    );
+    for u in unnamed {
+        let all = u.unnamed_addresses + u.named_addresses;
+        let what = if u.named_addresses == 0 {
+            format!("no symbols (all {all} addresses)")
+        } else {
+            format!("{} of {all} addresses unnamed", u.unnamed_addresses)
+        };
+        let id = u
+            .build_id
+            .as_deref()
+            .map_or(String::from("no build id"), |b| format!("build id {b}"));
+        let pkg = u.package.as_deref().map_or(String::new(), |p| {
+            format!("; from Debian's {p}, debug symbols in {p}-dbgsym")
+        });
+        let run_as = u
+            .run_as
+            .as_deref()
+            .map_or(String::new(), |r| format!(" (run as {r})"));
+        let _ = writeln!(o, "  {}{run_as}: {what}; {id}{pkg}", u.object);
+    }
+    let _ = writeln!(
+        o,
+        "  Debug files are read from /usr/lib/debug (by build id, or .gnu_debuglink), the target's own /usr/lib/debug and --debug-dir DIR: install the -dbgsym packages (Debian's debian-debug archive), or fetch by build id with `debuginfod-find debuginfo BUILD_ID`."
+    );
+}
+
 fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bool, max: usize) {
     if frames.is_empty() {
         let why = match stack_id {
@@ -553,6 +588,7 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
             write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
         }
     }
+    render_unnamed(&mut o, &r.stacks.unnamed_objects);
     render_allocator(&mut o, &r.allocator);
     if let Some(d) = &r.heap_detached {
         let _ = writeln!(

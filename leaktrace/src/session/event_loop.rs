@@ -159,6 +159,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         announce: config.announce,
         // An allocator leaktrace does not recognize has no heap it can walk.
         walk_heaps: config.walk_heaps && heap_not_traced.is_none(),
+        debug_dirs: config.debug_dirs.clone(),
     };
     let (reply_tx, replies) = tokio::sync::mpsc::unbounded_channel();
     let worker = worker::Handle::start(setup, reply_tx)
@@ -881,6 +882,7 @@ impl Session<'_> {
             thread_names: &snap.thread_names,
             unwinder: self.unwinder,
             unwind: snap.unwind.as_ref(),
+            unnamed: &snap.unnamed,
         })
     }
 }

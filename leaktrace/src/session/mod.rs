@@ -75,6 +75,8 @@ pub struct Config {
     pub min_age: Option<Duration>,
     /// Walk glibc's heaps through /proc/PID/mem for each report.
     pub walk_heaps: bool,
+    /// Directories searched for debug information before the target's and ours.
+    pub debug_dirs: Vec<std::path::PathBuf>,
     /// Walk CPython frames when the target is a Python interpreter.
     pub python_stacks: bool,
     /// Benchmark only: attach every probe as usual, but let the programs do
@@ -119,6 +121,7 @@ impl Default for Config {
             max_overhead_pct: None,
             min_age: None,
             walk_heaps: true,
+            debug_dirs: Vec::new(),
             uprobe_sessions: true,
             python_stacks: true,
             bare_probes: false,

@@ -30,7 +30,7 @@ use crate::{
     report::PythonInfo,
     symbolize::{
         Frame, Stack,
-        native::Symbols,
+        native::{Symbols, Unnamed},
         python::{self, Interpreter, PySymbols, PyTarget},
     },
     unwind::{BpfTables, UnwindStats, Unwinder},
@@ -63,6 +63,8 @@ pub struct Setup {
     pub announce: bool,
     /// Walk glibc's heaps for reports.
     pub walk_heaps: bool,
+    /// Directories searched for debug information first.
+    pub debug_dirs: Vec<PathBuf>,
 }
 
 /// What the event loop asks for.
@@ -154,6 +156,8 @@ pub struct Snapshot {
     pub memory: MemoryMap,
     /// The latest walk of pymalloc's arenas, if the target is CPython.
     pub pymalloc: Option<PymallocWalk>,
+    /// Objects in which some of the stacks' addresses had no symbol.
+    pub unnamed: Vec<Unnamed>,
 }
 
 /// The event loop's end of the worker.
@@ -373,7 +377,8 @@ impl Worker {
 
     fn symbols(&mut self) -> &mut Symbols {
         let pid = self.setup.pid;
-        self.symbols.get_or_insert_with(|| Symbols::new(pid))
+        let dirs = &self.setup.debug_dirs;
+        self.symbols.get_or_insert_with(|| Symbols::new(pid, dirs))
     }
 
     /// Loads the unwind tables of the code mapped at attach (a launched command's
@@ -665,6 +670,11 @@ impl Worker {
             unwind: self.setup.unwind.as_ref().map(|(u, _)| u.stats.clone()),
             memory: self.memory.clone(),
             pymalloc: self.pymalloc.clone(),
+            unnamed: self
+                .symbols
+                .as_ref()
+                .map(Symbols::unnamed)
+                .unwrap_or_default(),
         }
     }
 

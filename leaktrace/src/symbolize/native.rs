@@ -6,7 +6,7 @@
 //! files outlive it). Results are cached per address; new stacks are resolved
 //! in batches as they appear, while the target is alive.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use blazesym::symbolize::{
     CodeInfo, Input, Symbolized, Symbolizer,
@@ -14,6 +14,7 @@ use blazesym::symbolize::{
 };
 use leaktrace_common::{STACK_CFI, STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
 use rustc_hash::FxHashMap;
+use serde::Serialize;
 
 use crate::{
     process::procfs::{self, MapEntry},
@@ -29,6 +30,47 @@ pub struct Symbols {
     exec_maps: Vec<MapEntry>,
     symbolizer: Symbolizer,
     cache: FxHashMap<Key, Vec<Frame>>,
+    /// The executable's file as mapped, and the name frames in it are shown with
+    /// (the path the program was started as), when the two differ.
+    program: Option<(String, String)>,
+    /// Per object (as mapped): addresses looked up with and without a symbol.
+    names: FxHashMap<String, ObjectNames>,
+    package_lookups: usize,
+    debug_dirs: Vec<PathBuf>,
+    /// Per object (as mapped): its debug file found by build id, if any.
+    debug_files: FxHashMap<String, Option<PathBuf>>,
+}
+
+/// Objects whose package is looked up in the dpkg database (one scan each).
+const MAX_PACKAGE_LOOKUPS: usize = 8;
+
+#[derive(Debug, Default)]
+struct ObjectNames {
+    named: u64,
+    unnamed: u64,
+    /// Read at the first unnamed address, while the file is surely reachable.
+    build_id: Option<String>,
+    package: Option<String>,
+}
+
+/// An object in which addresses of the target's stacks had no symbol (a stripped
+/// file, or static functions missing from its symbol table), with what finds its
+/// debug information.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unnamed {
+    /// The file, as the target maps it.
+    pub object: String,
+    /// The path the program was started as, when this is its executable under
+    /// another name (frames in it are shown with that name).
+    pub run_as: Option<String>,
+    /// Its GNU build id, hex: the key of debuginfod and of `/usr/lib/debug/.build-id`.
+    pub build_id: Option<String>,
+    /// The Debian package that installed it, from the target's own dpkg database.
+    pub package: Option<String>,
+    /// Addresses looked up in it without a symbol.
+    pub unnamed_addresses: u64,
+    /// Addresses looked up in it with one.
+    pub named_addresses: u64,
 }
 
 impl std::fmt::Debug for Symbols {
@@ -41,8 +83,17 @@ impl std::fmt::Debug for Symbols {
 }
 
 impl Symbols {
-    /// A symbolizer for `pid`, with an initial snapshot of its mappings.
-    pub fn new(pid: u32) -> Self {
+    /// A symbolizer for `pid`, with an initial snapshot of its mappings. Debug
+    /// information is looked for beside each object, in `debug_dirs`, in the target's
+    /// own `/usr/lib/debug` (a container's), then in ours (by build id and by
+    /// `.gnu_debuglink`).
+    pub fn new(pid: u32, debug_dirs: &[PathBuf]) -> Self {
+        let mut dirs: Vec<PathBuf> = debug_dirs.to_vec();
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        if std::fs::read_link(&root).is_ok_and(|r| r != Path::new("/")) {
+            dirs.push(root.join("usr/lib/debug"));
+        }
+        dirs.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
         let mut s = Self {
             pid,
             exec_maps: Vec::new(),
@@ -50,11 +101,52 @@ impl Symbols {
                 .enable_code_info(true)
                 .enable_inlined_fns(true)
                 .enable_demangling(true)
+                .set_debug_dirs(Some(&dirs))
                 .build(),
+            debug_dirs: dirs,
+            debug_files: FxHashMap::default(),
             cache: FxHashMap::default(),
+            program: None,
+            names: FxHashMap::default(),
+            package_lookups: 0,
         };
         s.refresh_maps();
         s
+    }
+
+    /// The objects in which some addresses had no symbol, most unnamed first.
+    pub fn unnamed(&self) -> Vec<Unnamed> {
+        let mut v: Vec<Unnamed> = self
+            .names
+            .iter()
+            .filter(|(_, n)| n.unnamed > 0)
+            .map(|(object, n)| Unnamed {
+                object: object.clone(),
+                run_as: self
+                    .program
+                    .as_ref()
+                    .filter(|(file, _)| file == object)
+                    .map(|(_, name)| name.clone()),
+                build_id: n.build_id.clone(),
+                package: n.package.clone(),
+                unnamed_addresses: n.unnamed,
+                named_addresses: n.named,
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            b.unnamed_addresses
+                .cmp(&a.unnamed_addresses)
+                .then_with(|| a.object.cmp(&b.object))
+        });
+        v
+    }
+
+    /// The name frames in `object` are shown with.
+    fn shown(&self, object: &str) -> String {
+        match &self.program {
+            Some((file, name)) if file == object => name.clone(),
+            _ => object.to_owned(),
+        }
     }
 
     /// Re-reads the target's mappings; keeps the old snapshot if it is gone.
@@ -73,6 +165,7 @@ impl Symbols {
                 }
                 self.exec_maps.extend(fresh);
                 self.exec_maps.sort_by_key(|m| m.start);
+                self.program = program_name(self.pid);
                 log::debug!(
                     "mappings snapshot of pid {}: {} executable mappings",
                     self.pid,
@@ -184,8 +277,33 @@ impl Symbols {
             } else {
                 PathBuf::from(&module)
             };
-            let src = Source::Elf(Elf::new(path));
-            let results = self.symbolizer.symbolize(&src, Input::FileOffset(&offsets));
+            // A debug file found by build id is symbolized in place of the object
+            // (blazesym looks in the debug directories only for a .gnu_debuglink).
+            let debug = self
+                .debug_files
+                .entry(module.clone())
+                .or_insert_with(|| debug_file_by_build_id(&path, &self.debug_dirs))
+                .clone();
+            let results = match &debug {
+                Some(d) => {
+                    // Its code segments have no file contents: addresses, not offsets.
+                    let addrs: Vec<u64> =
+                        crate::process::elf::file_offsets_to_addresses(&path, &offsets)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .chain(std::iter::repeat(None))
+                            .take(offsets.len())
+                            .map(|a| a.unwrap_or(u64::MAX))
+                            .collect();
+                    self.symbolizer
+                        .symbolize(&Source::Elf(Elf::new(d)), Input::VirtOffset(&addrs))
+                }
+                None => self
+                    .symbolizer
+                    .symbolize(&Source::Elf(Elf::new(&path)), Input::FileOffset(&offsets)),
+            };
+            let shown = self.shown(&module);
+            let names = self.names.entry(module.clone()).or_default();
             for (i, (key, _)) in items.iter().enumerate() {
                 let frames = match results.as_ref().ok().and_then(|r| r.get(i)) {
                     Some(Symbolized::Sym(sym)) => {
@@ -196,7 +314,7 @@ impl Symbols {
                                 function: Some(name.to_owned()),
                                 file: code.map(|c| c.to_path().display().to_string()),
                                 line: code.and_then(|c| c.line),
-                                module: Some(module.clone()),
+                                module: Some(shown.clone()),
                                 kind: FrameKind::Native,
                                 address: format!("{:#x}", key.0),
                                 inlined,
@@ -205,14 +323,122 @@ impl Symbols {
                             frames.push(named(&f.name, f.code_info.as_ref(), true));
                         }
                         frames.push(named(&sym.name, sym.code_info.as_deref(), false));
+                        names.named += 1;
                         frames
                     }
-                    _ => vec![unknown(key.0, Some(module.clone()))],
+                    _ => {
+                        if names.unnamed == 0 {
+                            names.build_id = build_id(&path);
+                            // A scan of the dpkg database each: for a few objects only.
+                            if self.package_lookups < MAX_PACKAGE_LOOKUPS {
+                                self.package_lookups += 1;
+                                names.package = dpkg_package(self.pid, &module);
+                            }
+                        }
+                        names.unnamed += 1;
+                        vec![unknown(key.0, Some(shown.clone()))]
+                    }
                 };
                 self.cache.insert(*key, frames);
             }
         }
     }
+}
+
+/// The executable's file as mapped and the path it was started as, when they name
+/// different files by name but the same by inode (a link: /usr/bin/redis-server to
+/// redis-check-rdb). A script started by name (`./app.py`) is a different file from
+/// its interpreter, and keeps the interpreter's name.
+fn program_name(pid: u32) -> Option<(String, String)> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = exe.to_string_lossy().into_owned();
+    let execfn = procfs::read_execfn(pid)?;
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_owned();
+    if base(&exe) == base(&execfn) {
+        return None;
+    }
+    // Resolved as the target resolved it: from its root, or its working directory
+    // (which may have changed since: then no rename).
+    let as_run = if execfn.starts_with('/') {
+        PathBuf::from(format!("/proc/{pid}/root{execfn}"))
+    } else {
+        PathBuf::from(format!("/proc/{pid}/cwd/{execfn}"))
+    };
+    let same = procfs::file_identity(&as_run).is_some_and(|id| {
+        procfs::file_identity(Path::new(&format!("/proc/{pid}/exe"))) == Some(id)
+    });
+    if !same {
+        return None;
+    }
+    Some((
+        exe,
+        if execfn.starts_with('/') {
+            execfn
+        } else {
+            base(&execfn)
+        },
+    ))
+}
+
+/// `DIR/.build-id/xx/rest.debug` for the object's build id, in the first debug
+/// directory that has it: where distributions install debug files, and where
+/// `debuginfod-find` output can be put.
+fn debug_file_by_build_id(object: &Path, dirs: &[PathBuf]) -> Option<PathBuf> {
+    let id = build_id(object)?;
+    // Shorter ids are bogus (and the path needs two characters for the directory).
+    if id.len() < 16 {
+        return None;
+    }
+    dirs.iter()
+        .map(|d| {
+            d.join(".build-id")
+                .join(&id[..2])
+                .join(format!("{}.debug", &id[2..]))
+        })
+        .find(|p| p.is_file())
+}
+
+/// The GNU build id of an ELF file, hex.
+fn build_id(path: &Path) -> Option<String> {
+    let id = blazesym::helper::read_elf_build_id(path).ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The Debian package that installed `object`, from the dpkg database in the target's
+/// root (a container's own). Bounded: at most 20 000 lists of at most 8 MiB each.
+fn dpkg_package(pid: u32, object: &str) -> Option<String> {
+    const MAX_LISTS: usize = 20_000;
+    const MAX_LIST_BYTES: u64 = 8 << 20;
+    // Debian's merged /usr: dpkg may list the file under /lib or /bin.
+    let unmerged = object.strip_prefix("/usr").filter(|p| {
+        ["/lib", "/bin", "/sbin"]
+            .iter()
+            .any(|d| p.starts_with(&format!("{d}/")))
+    });
+    // A chrooted target's files are named from our root in its maps.
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).ok()?;
+    let object = match root.to_str() {
+        Some(r) if r != "/" => object.strip_prefix(r).unwrap_or(object),
+        _ => object,
+    };
+    let info = PathBuf::from(format!("/proc/{pid}/root/var/lib/dpkg/info"));
+    for entry in std::fs::read_dir(info).ok()?.take(MAX_LISTS).flatten() {
+        let name = entry.file_name();
+        let Some(pkg) = name.to_str().and_then(|n| n.strip_suffix(".list")) else {
+            continue;
+        };
+        if entry.metadata().is_ok_and(|m| m.len() > MAX_LIST_BYTES) {
+            continue;
+        }
+        let Ok(list) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if list.lines().any(|l| l == object || Some(l) == unmerged) {
+            // `libc6:amd64` → `libc6`.
+            return Some(pkg.split(':').next().unwrap_or(pkg).to_owned());
+        }
+    }
+    None
 }
 
 fn unknown(addr: u64, module: Option<String>) -> Frame {
