@@ -203,3 +203,73 @@ fn root_postgres_backend_heap_is_walked_across_its_mappings() {
     assert!(!text.contains("changed too fast"), "{text}");
     drop(session);
 }
+
+/// Debian's redis (on jemalloc): `/usr/bin/redis-server` is a link to `redis-check-rdb`,
+/// and the frames said "in redis-check-rdb", a program the user never ran. They name
+/// redis-server now, and objects with unnamed frames are listed once, with the file's
+/// real name, its build id and its package.
+#[test]
+fn root_redis_frames_name_the_program_as_started() {
+    require_root();
+    let server = std::path::Path::new("/usr/bin/redis-server");
+    assert!(
+        server.exists(),
+        "redis is required (cargo xtask setup installs Debian's redis-server)"
+    );
+    let port = (30_000 + std::process::id() % 20_000).to_string();
+    let mut redis = Command::new(server)
+        .args(["--port", &port, "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(redis.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("Ready to accept connections") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "redis exited");
+    }
+    let pid = redis.id().to_string();
+    let mut tracer = Tracer::start(&["--pid", &pid, "--duration", "3", "--top", "5"]);
+    let bench = Command::new("redis-benchmark")
+        .args([
+            "-p", &port, "-t", "set", "-n", "20000", "-r", "100000", "-d", "64", "-q",
+        ])
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "{bench:?}");
+    let r = tracer.wait_report(0);
+    let _ = redis.kill();
+    let _ = redis.wait();
+    check_shape(&r);
+    let modules: Vec<&str> = r["heap"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["frames"].as_array().unwrap())
+        .filter_map(|f| f["module"].as_str())
+        .collect();
+    assert!(
+        modules.contains(&"/usr/bin/redis-server"),
+        "frames in redis-server: {modules:?}"
+    );
+    assert!(
+        !modules.iter().any(|m| m.ends_with("redis-check-rdb")),
+        "{modules:?}"
+    );
+    // Named in redis's own code: the stacks of the keys just set run through its reader.
+    let functions: Vec<&str> = r["heap"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["frames"].as_array().unwrap())
+        .filter_map(|f| f["function"].as_str())
+        .collect();
+    assert!(functions.contains(&"readQueryFromClient"), "{functions:?}");
+    for u in r["stacks"]["unnamed_objects"].as_array().unwrap() {
+        if u["object"] == "/usr/bin/redis-check-rdb" {
+            assert_eq!(u["run_as"], "/usr/bin/redis-server", "{u}");
+            assert_eq!(u["package"], "redis-tools", "{u}");
+            assert_eq!(u["build_id"].as_str().map(str::len), Some(40), "{u}");
+        }
+    }
+}

@@ -153,6 +153,13 @@ fn setup(kernels: bool) -> Result<()> {
     if !has_postgres {
         missing.push("postgresql");
     }
+    // Debian's redis (on jemalloc, run by a link to another name) and its benchmark.
+    if !Path::new("/usr/bin/redis-server").exists() {
+        missing.push("redis-server");
+    }
+    if !Path::new("/usr/bin/redis-benchmark").exists() {
+        missing.push("redis-tools");
+    }
     missing.extend(roots::missing_packages());
     if kernels {
         missing.extend(kernels::missing_packages());
