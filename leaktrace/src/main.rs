@@ -49,6 +49,11 @@ struct Opts {
     #[arg(long, value_name = "N", default_value_t = Config::default().max_frames)]
     max_frames: usize,
 
+    /// Print Python stacks whole: by default the interpreter's own frames between
+    /// Python frames are folded into one line each (JSON always has every frame).
+    #[arg(long)]
+    full_stacks: bool,
+
     /// Report format.
     #[arg(short, long, value_enum, default_value_t = FormatArg::Text)]
     format: FormatArg,
@@ -264,6 +269,7 @@ fn config(opts: Opts) -> Config {
         interval: opts.interval,
         top: opts.top,
         max_frames: opts.max_frames,
+        full_stacks: opts.full_stacks,
         format: match opts.format {
             FormatArg::Text => Format::Text,
             FormatArg::Json => Format::Json,

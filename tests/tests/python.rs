@@ -371,3 +371,111 @@ fn root_python_314_in_container() {
     let _ = std::fs::remove_dir_all(&dir);
     check_in_root("python3.14 in a container", &r, "/usr/lib/x86_64-linux-gnu");
 }
+
+/// The text of a traced run of fixture `script` on `python` with `args`: leaktrace
+/// ends after `--duration 3` (the scenario takes well under a second).
+fn traced_text(python: &Path, script: &str, args: &[&str]) -> String {
+    let mut fx = Fixture::spawn_program(python, &[script_path(script).to_str().unwrap()], &[]);
+    let out = leaktrace_tests::temp_path("report.txt");
+    let mut child = std::process::Command::new(leaktrace_tests::leaktrace_bin())
+        .args(["--pid", &fx.pid.to_string(), "--duration", "3", "-o"])
+        .arg(&out)
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("leaktrace: tracing pid") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
+            "leaktrace ended before attaching"
+        );
+    }
+    fx.run_scenario();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    text
+}
+
+/// The frame lines of the first stack of the heap table.
+fn first_heap_stack(text: &str) -> Vec<&str> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("Top ") || !l.contains("by outstanding heap bytes"))
+        .skip(2)
+        .take_while(|l| l.starts_with("      "))
+        .collect()
+}
+
+/// A leak 24 Python frames deep inside json's C encoder, on pyenv's Python 3.9: the
+/// text showed 15 interpreter frames, one Python frame and "… 196 more frames", never
+/// the function that keeps the data. Now the interpreter's frames between Python frames
+/// fold into one line each, a recursion's frame is one line with its count, and the
+/// default 16 lines reach `main`; `--full-stacks` prints every frame.
+#[test]
+fn root_python_stacks_fold_the_interpreter() {
+    require_root();
+    let python = pyenv(9).expect("pyenv 3.9 is missing (expected under $PYENV_ROOT/versions)");
+    let leak = script_line("py_deep.py", "# the leak");
+    let rec = script_line("py_deep.py", "# recursion");
+    let main = script_line("py_deep.py", "level(23)");
+    let entry = script_line("py_deep.py", "# entry");
+    let text = traced_text(&python, "py_deep.py", &[]);
+    let stack = first_heap_stack(&text);
+    let python_lines: Vec<String> = stack
+        .iter()
+        .filter(|l| l.contains("[python]") && l.contains("py_deep.py"))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    assert_eq!(
+        python_lines,
+        [
+            format!("level (py_deep.py:{leak})  [python]"),
+            format!("level (py_deep.py:{rec})  [python]  ×23"),
+            format!("main (py_deep.py:{main})  [python]"),
+            format!("<module> (py_deep.py:{entry})  [python]"),
+        ],
+        "{text}"
+    );
+    assert!(
+        stack
+            .iter()
+            .any(|l| l.trim().starts_with("dumps (__init__.py:")),
+        "json's frames: {stack:#?}"
+    );
+    assert!(
+        stack
+            .iter()
+            .any(|l| l.trim().starts_with("⋮") && l.contains("interpreter frame")),
+        "{stack:#?}"
+    );
+    assert!(
+        !stack.iter().any(|l| l.contains("_PyEval_EvalFrameDefault")),
+        "{stack:#?}"
+    );
+    assert!(
+        !stack.iter().any(|l| l.contains("more frames")),
+        "{stack:#?}"
+    );
+
+    // The default view folded the call machinery (_PyObject_MakeTpCall between json's
+    // encoder and its Python caller); the full view prints it, and is cut at 16 frames.
+    assert!(
+        !stack.iter().any(|l| l.contains("_PyObject_MakeTpCall")),
+        "{stack:#?}"
+    );
+    let full = traced_text(&python, "py_deep.py", &["--full-stacks"]);
+    let stack = first_heap_stack(&full);
+    assert!(
+        stack.iter().any(|l| l.contains("_PyObject_MakeTpCall")),
+        "{stack:#?}"
+    );
+    assert_eq!(stack.len(), 17, "{stack:#?}");
+    assert!(!stack.iter().any(|l| l.contains('⋮')), "{stack:#?}");
+    assert!(
+        stack.last().is_some_and(|l| l.contains("more frames")),
+        "{stack:#?}"
+    );
+}

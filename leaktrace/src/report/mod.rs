@@ -9,7 +9,7 @@ mod text;
 use serde::Serialize;
 
 pub use build::{Inputs, build};
-pub use text::{render_dry_run, render_text};
+pub use text::{Frames, render_dry_run, render_text};
 
 pub use crate::probes::{
     attach::{ProbeInfo, ReturnProbe},
@@ -482,7 +482,13 @@ mod tests {
     /// The text report renders totals, stacks innermost first, and a loud loss line.
     #[test]
     fn renders_text_report() {
-        let got = render_text(&sample(), 16);
+        let got = render_text(
+            &sample(),
+            Frames {
+                max: 16,
+                fold_python: true,
+            },
+        );
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
             std::fs::write(
                 concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/report.txt"),

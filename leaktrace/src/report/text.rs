@@ -116,7 +116,66 @@ fn render_unnamed(o: &mut String, unnamed: &[crate::symbolize::native::Unnamed])
     );
 }
 
-fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bool, max: usize) {
+/// How stacks are printed in text reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frames {
+    /// Frames shown per stack (Python frames, where a stack has them and is folded).
+    pub max: usize,
+    /// Python stacks with the interpreter's own frames folded between Python frames.
+    pub fold_python: bool,
+}
+
+/// A line of a printed stack.
+enum Line<'a> {
+    Frame(&'a Frame),
+    /// A run of the interpreter's (and the C library's) own frames, folded.
+    Folded(usize),
+}
+
+/// Whether a native frame is the interpreter's own or the C library's: the machinery
+/// between two Python frames (the eval loop, calls, vectorcall), folded in a Python
+/// stack. Frames of extension modules and other libraries are kept: they are code
+/// the user's program chose to run.
+fn interpreter_frame(f: &Frame) -> bool {
+    let Some(m) = f.module.as_deref() else {
+        return true;
+    };
+    let base = m.rsplit('/').next().unwrap_or(m);
+    base.starts_with("python")
+        || base.starts_with("libpython")
+        || base.starts_with("libc.so")
+        || base.starts_with("ld-linux")
+}
+
+/// A Python stack folded: the allocating native frame (with the frames inlined into
+/// it), then each Python frame, with the native frames between them folded but for
+/// those of extension modules and other libraries.
+fn fold_python(frames: &[Frame]) -> Vec<Line<'_>> {
+    let mut lines = Vec::new();
+    let first = frames
+        .iter()
+        .position(|f| !f.inlined)
+        .map_or(frames.len(), |i| i + 1);
+    lines.extend(frames[..first].iter().map(Line::Frame));
+    let mut folded = 0;
+    for f in &frames[first..] {
+        if f.kind == FrameKind::Native && interpreter_frame(f) {
+            folded += 1;
+            continue;
+        }
+        if folded > 0 {
+            lines.push(Line::Folded(folded));
+            folded = 0;
+        }
+        lines.push(Line::Frame(f));
+    }
+    if folded > 0 {
+        lines.push(Line::Folded(folded));
+    }
+    lines
+}
+
+fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bool, shown: Frames) {
     if frames.is_empty() {
         let why = match stack_id {
             leaktrace_common::STACK_NONE => "stacks are off".to_owned(),
@@ -124,6 +183,81 @@ fn write_frames(out: &mut String, stack_id: i64, frames: &[Frame], truncated: bo
             _ => "not symbolized".to_owned(),
         };
         let _ = writeln!(out, "      (no stack: {why})");
+        return;
+    }
+    let max = shown.max;
+    if shown.fold_python && frames.iter().any(|f| f.kind == FrameKind::Python) {
+        // The limit counts frames printed; a folded run is one line, not counted, and
+        // a recursion's repeated frame is one line with its count.
+        let lines = fold_python(frames);
+        let (mut printed, mut rest, mut rest_python) = (0, 0, 0);
+        let mut i = 0;
+        while i < lines.len() {
+            match lines[i] {
+                Line::Frame(f) => {
+                    let same = |l: &Line<'_>| matches!(l, Line::Frame(g) if g.kind == FrameKind::Python && g.function == f.function && g.file == f.file && g.line == f.line);
+                    // A recursion: the same Python frame again and again, with the
+                    // interpreter's frames between (folded, they go with the count).
+                    let (mut repeats, mut end) = (1, i + 1);
+                    if f.kind == FrameKind::Python {
+                        let mut j = i + 1;
+                        while j < lines.len() {
+                            if same(&lines[j]) {
+                                repeats += 1;
+                                end = j + 1;
+                            } else if !matches!(lines[j], Line::Folded(_)) {
+                                break;
+                            }
+                            j += 1;
+                        }
+                    }
+                    let skipped: usize = lines[i + 1..end]
+                        .iter()
+                        .map(|l| match l {
+                            Line::Folded(n) => *n,
+                            Line::Frame(_) => 1,
+                        })
+                        .sum();
+                    if printed < max {
+                        printed += 1;
+                        let times = if repeats > 1 {
+                            format!("  ×{repeats}")
+                        } else {
+                            String::new()
+                        };
+                        let _ = writeln!(out, "      {}{times}", frame_line(f));
+                    } else {
+                        rest += 1 + skipped;
+                        if f.kind == FrameKind::Python {
+                            rest_python += repeats;
+                        }
+                    }
+                    i = end;
+                }
+                Line::Folded(n) => {
+                    if printed < max {
+                        let what = match (i + 1 == lines.len() && !truncated, n) {
+                            (true, 1) => "1 native frame to the stack's start".to_owned(),
+                            (true, _) => format!("{n} native frames to the stack's start"),
+                            (false, 1) => "1 interpreter frame".to_owned(),
+                            (false, _) => format!("{n} interpreter frames"),
+                        };
+                        let _ = writeln!(out, "        ⋮ {what}");
+                    } else {
+                        rest += n;
+                    }
+                    i += 1;
+                }
+            }
+        }
+        if rest > 0 {
+            let _ = writeln!(
+                out,
+                "      … {rest} more frames, {rest_python} of them Python (--max-frames shows more)"
+            );
+        } else if truncated {
+            out.push_str("      … (stack truncated)\n");
+        }
         return;
     }
     for f in frames.iter().take(max) {
@@ -161,7 +295,7 @@ fn wrap(out: &mut String, text: &str, indent: &str) {
     wrap_hanging(out, text, indent, indent);
 }
 
-fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
+fn render_verdict(o: &mut String, v: &Verdict, shown: Frames) {
     let also: Vec<String> = v
         .secondary
         .iter()
@@ -218,7 +352,7 @@ fn render_verdict(o: &mut String, v: &Verdict, max_frames: usize) {
                 s.oldest_age_s,
                 s.steadiness * 100.0
             );
-            write_frames(o, s.stack_id, &s.frames, s.truncated, max_frames);
+            write_frames(o, s.stack_id, &s.frames, s.truncated, shown);
         }
     }
     if !v.remedies.is_empty() {
@@ -347,7 +481,7 @@ fn render_allocator(o: &mut String, a: &Allocator) {
 }
 
 /// Renders a report as text.
-pub fn render_text(r: &Report, max_frames: usize) -> String {
+pub fn render_text(r: &Report, shown: Frames) -> String {
     let mut o = String::new();
     let title = if r.final_report {
         "final report"
@@ -516,7 +650,7 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
         }
     }
     o.push('\n');
-    render_verdict(&mut o, &r.verdict, max_frames);
+    render_verdict(&mut o, &r.verdict, shown);
     o.push('\n');
     let memory = crate::analysis::memory::render(&r.memory);
     if !memory.is_empty() {
@@ -567,7 +701,7 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
                     s.oldest_age_s
                 );
             }
-            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
+            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, shown);
         }
     }
     if !r.mappings.stacks.is_empty() {
@@ -585,7 +719,7 @@ pub fn render_text(r: &Report, max_frames: usize) -> String {
                 bytes(s.mapped_bytes),
                 s.oldest_age_s
             );
-            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, max_frames);
+            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, shown);
         }
     }
     render_unnamed(&mut o, &r.stacks.unnamed_objects);

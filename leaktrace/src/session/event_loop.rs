@@ -416,7 +416,7 @@ impl Session<'_> {
                     if let Some((Then::IntervalReport, snap)) = self.on_reply(reply, &mut m) {
                         let r = self.report(&snap, &m, false, None);
                         self.out.write(&match self.config.format {
-                            Format::Text => report::render_text(&r, self.config.max_frames),
+                            Format::Text => report::render_text(&r, self.config.frames()),
                             // JSON Lines: one document per line, the final one last.
                             Format::Json => serde_json::to_string(&r).expect("report serializes") + "\n",
                         })?;
@@ -507,7 +507,7 @@ impl Session<'_> {
         }
         let report = self.report(&snap, &m, true, Some(reason));
         let text = match self.config.format {
-            Format::Text => report::render_text(&report, self.config.max_frames),
+            Format::Text => report::render_text(&report, self.config.frames()),
             Format::Json if self.config.interval.is_some() => {
                 serde_json::to_string(&report).expect("report serializes") + "\n"
             }

@@ -48,6 +48,9 @@ pub struct Config {
     pub top: usize,
     /// Frames shown per stack in text reports.
     pub max_frames: usize,
+    /// Print Python stacks whole, the interpreter's frames between Python frames
+    /// included (they are folded by default; JSON always has every frame).
+    pub full_stacks: bool,
     /// Output format.
     pub format: Format,
     /// Write reports here instead of stdout.
@@ -100,6 +103,16 @@ pub struct Config {
 /// The duty cycle's default cost budget, percent of the target's own CPU time.
 pub const DEFAULT_DUTY_BUDGET_PCT: f64 = 1.0;
 
+impl Config {
+    /// How text reports print stacks.
+    pub fn frames(&self) -> crate::report::Frames {
+        crate::report::Frames {
+            max: self.max_frames,
+            fold_python: !self.full_stacks,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -108,6 +121,7 @@ impl Default for Config {
             interval: None,
             top: 10,
             max_frames: 16,
+            full_stacks: false,
             format: Format::Text,
             output: None,
             ring_bytes: DEFAULT_RING_BYTES,
