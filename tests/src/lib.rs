@@ -5,7 +5,7 @@
 //! `cargo xtask test`. `cargo test -- --skip root_` runs the rest unprivileged.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead, BufReader, Write as _},
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::mpsc,
@@ -214,6 +214,20 @@ pub struct Tracer {
     stderr: mpsc::Receiver<String>,
     /// Stderr lines seen so far.
     pub stderr_lines: Vec<String>,
+}
+
+/// Reads leaktrace's stderr up to its attach line (a line saying attaching is under
+/// way may come first); panics if it ends before.
+#[track_caller]
+pub fn read_until_attached(stderr: &mut impl BufRead) {
+    let mut line = String::new();
+    while !line.starts_with("leaktrace: tracing pid") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "leaktrace ended before attaching"
+        );
+    }
 }
 
 /// A unique temporary file path.

@@ -269,9 +269,7 @@ fn root_duration_holds_under_a_flood() {
         .spawn()
         .expect("start leaktrace");
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.starts_with("leaktrace: tracing pid"), "{line}");
+    leaktrace_tests::read_until_attached(&mut stderr);
     let attached = std::time::Instant::now();
     fx.run_scenario();
     let status = child.wait().unwrap();
@@ -310,9 +308,7 @@ fn root_text_reports_at_each_interval() {
         .spawn()
         .expect("start leaktrace");
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.starts_with("leaktrace: tracing pid"), "{line}");
+    leaktrace_tests::read_until_attached(&mut stderr);
     fx.run_scenario();
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let text = std::fs::read_to_string(&out).unwrap();

@@ -385,14 +385,7 @@ fn traced_text(python: &Path, script: &str, args: &[&str]) -> String {
         .spawn()
         .unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.starts_with("leaktrace: tracing pid") {
-        line.clear();
-        assert!(
-            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
-            "leaktrace ended before attaching"
-        );
-    }
+    leaktrace_tests::read_until_attached(&mut stderr);
     fx.run_scenario();
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let text = std::fs::read_to_string(&out).unwrap();

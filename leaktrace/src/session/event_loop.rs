@@ -82,6 +82,8 @@ struct Session<'a> {
     heap_detached: Option<HeapDetached>,
     /// The probes being detached once the run ended.
     detaching: Option<attach::Detaching>,
+    /// Tells the user attaching is under way, if it takes a while.
+    attaching: Option<super::notice::Notice>,
     /// Latest overhead measurement.
     overhead: Option<Overhead>,
     /// Sampled mode's duty cycle, when the heap probes are attached only for windows.
@@ -107,7 +109,12 @@ fn take_map<T>(
 }
 
 /// Runs the prepared session to its end.
-pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> {
+pub fn run(
+    config: &Config,
+    p: Prepared,
+    out: Output,
+    attaching: super::notice::Notice,
+) -> Result<Outcome, Error> {
     let Prepared {
         pid,
         objects,
@@ -179,6 +186,7 @@ pub fn run(config: &Config, p: Prepared, out: Output) -> Result<Outcome, Error> 
         heap_not_traced,
         heap_detached: None,
         detaching: None,
+        attaching: Some(attaching),
         overhead: None,
         duty: None,
         unwinder: unwinder_kind,
@@ -330,6 +338,8 @@ impl Session<'_> {
             }
         }
         load::enable(ebpf, leaktrace_common::ENABLE_ALL)?;
+        // Said before the attach line, if attaching took long enough to be mentioned.
+        drop(self.attaching.take());
         self.started = go(self.config, self.pid, self.attached.probes.len(), blocked)?;
         if self.config.duty_budget_pct.is_some()
             && self.attached.multi.is_none()
@@ -446,6 +456,11 @@ impl Session<'_> {
         // Whatever is still in the ring buffer belongs in the final report: the programs
         // stop first, so a target that keeps allocating cannot keep the drain going.
         let ending = Instant::now();
+        let _finishing = super::notice::Notice::after(
+            self.config.announce,
+            super::notice::AFTER,
+            "leaktrace: making the final report: the last events, the heap walk, naming the stacks…".into(),
+        );
         if let Err(e) = load::enable(ebpf, 0) {
             log::warn!("failed to stop the programs before the last drain: {e}");
         }

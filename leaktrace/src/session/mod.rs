@@ -5,6 +5,7 @@
 
 mod duty;
 mod event_loop;
+mod notice;
 mod output;
 pub mod prepare;
 pub mod stop;
@@ -164,11 +165,16 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         Some(p) => output::Output::file(p)?,
         None => output::Output::stdout(),
     };
+    let attaching = notice::Notice::after(
+        config.announce,
+        notice::AFTER,
+        "leaktrace: attaching: loading the BPF programs, reading the target's unwind tables, symbols and interpreter…".into(),
+    );
     let prepared = prepare::prepare(config)?;
     // Asked to stop while attaching: nothing was traced yet (the probes go with
     // `prepared`, a launched command with its pipe).
     if let Some(sig) = stop::requested() {
         return Err(Error::Stopped { signal: sig });
     }
-    event_loop::run(config, prepared, out)
+    event_loop::run(config, prepared, out, attaching)
 }
