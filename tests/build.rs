@@ -10,6 +10,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("no_alloc", "no_alloc.c", &["-nostdlib", "-static"]),
     ("libbump_alloc.so", "bump_alloc.c", &["-shared", "-fPIC"]),
     ("verdicts", "verdicts.c", &["-pthread"]),
+    ("prefork", "prefork.c", &[]),
 ];
 
 fn main() {

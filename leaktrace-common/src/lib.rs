@@ -23,6 +23,9 @@ pub const DEFAULT_INFLIGHT_CAPACITY: u32 = 65_536;
 pub mod maps {
     /// Ring buffer carrying [`crate::Event`] records.
     pub const EVENTS: &str = "EVENTS";
+    /// Hash map: pid (u32) → 1 for each descendant followed besides
+    /// [`crate::Config::tgid`] ([`crate::CONFIG_FOLLOW_FORKS`]).
+    pub const TARGETS: &str = "TARGETS";
     /// Per-CPU array of u64 loss and activity counters, indexed by [`crate::counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Hash map: stack id (i64) → [`crate::StackTrace`].
@@ -360,6 +363,11 @@ pub const CONFIG_FREE_MARK: u32 = 32;
 /// [`Config::flags`]: [`Config::returns`] is filled in: stack walks put back the return
 /// addresses return probes replaced.
 pub const CONFIG_RETURN_FIXUP: u32 = 64;
+/// [`Config::flags`]: trace the processes in [`maps::TARGETS`] besides [`Config::tgid`],
+/// and add those they fork.
+pub const CONFIG_FOLLOW_FORKS: u32 = 128;
+/// Capacity of [`maps::TARGETS`].
+pub const MAX_TARGETS: u32 = 4096;
 
 /// Default capacity of [`maps::UNWIND_ROWS`] (8 bytes each).
 pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
@@ -595,8 +603,16 @@ pub mod kind {
     /// `madvise(addr, size, aux)` with MADV_DONTNEED or MADV_FREE succeeded.
     pub const MADVISE: u32 = 15;
     /// The process exec'd a new program (`sched:sched_process_exec`): every block and
-    /// mapping of the old one is gone.
+    /// mapping of the old one is gone. A followed descendant that execs is no longer
+    /// traced (its program is another one).
     pub const EXEC: u32 = 16;
+    /// A traced process forked a new process (`task:task_newtask` without
+    /// `CLONE_THREAD`, [`crate::CONFIG_FOLLOW_FORKS`] only): `addr` is the child's pid,
+    /// already in [`crate::maps::TARGETS`]; sent before the child runs.
+    pub const FORK: u32 = 17;
+    /// A followed descendant exited (its thread group leader, `sched:sched_process_exit`),
+    /// and left [`crate::maps::TARGETS`]. `aux` is the exit code as `wait` reports it.
+    pub const EXIT: u32 = 18;
 }
 
 /// One record in the ring buffer. Meaning of the fields per [`kind`].
@@ -623,8 +639,13 @@ pub struct Event {
     pub func: u32,
     /// Bit set of `EVENT_*` flags.
     pub flags: u32,
+    /// Process (thread group) of the caller: the traced process, or with
+    /// [`CONFIG_FOLLOW_FORKS`] one of its descendants. Set by `emit`.
+    pub tgid: u32,
+    /// Padding.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Event>() == 64);
+const _: () = assert!(size_of::<Event>() == 72);
 
 /// [`Event::flags`]: the syscall was made from inside a probed allocator call.
 pub const EVENT_IN_ALLOCATOR: u32 = 1;
@@ -792,6 +813,9 @@ pub mod counter {
         /// Return addresses a return probe had replaced with its trampoline, put back
         /// by a stack walk from the kernel's list of the thread's pending returns.
         RETURNS_RESTORED = "returns_restored",
+        /// Processes forked by a followed process that did not fit in
+        /// [`crate::maps::TARGETS`]: not followed.
+        FORKS_NOT_FOLLOWED = "forks_not_followed",
     }
 
     /// Whether a nonzero value of this counter means data was lost.
@@ -804,6 +828,7 @@ pub mod counter {
                 | STACK_MAP_FULL
                 | STACK_COLLISION
                 | STACK_ERROR
+                | FORKS_NOT_FOLLOWED
                 | STALE_ENTRY
                 | SYSCALL_WITHOUT_ENTRY
                 | SAMPLED_FULL

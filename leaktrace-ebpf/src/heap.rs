@@ -399,6 +399,7 @@ fn emit_alloc(
         stack_id: entry.stack_id,
         func,
         flags,
+        ..Event::default()
     });
     0
 }
@@ -452,6 +453,7 @@ fn free_like(ctx: &ProbeContext, func: AllocFn) -> u32 {
         stack_id: leaktrace_common::STACK_NONE,
         func: func as u32,
         flags: 0,
+        ..Event::default()
     });
     0
 }

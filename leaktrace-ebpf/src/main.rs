@@ -26,8 +26,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use leaktrace_common::{
-    AllocEntry, Config, DEFAULT_INFLIGHT_CAPACITY, DEFAULT_RING_BYTES, DEFAULT_STACK_CAPACITY,
-    Event, StackTrace, SyscallEntry, counter,
+    AllocEntry, CONFIG_FOLLOW_FORKS, Config, DEFAULT_INFLIGHT_CAPACITY, DEFAULT_RING_BYTES,
+    DEFAULT_STACK_CAPACITY, Event, MAX_TARGETS, StackTrace, SyscallEntry, counter,
 };
 
 /// Load-time configuration (read-only data, set by the loader).
@@ -49,6 +49,19 @@ static CONFIG: Global<Config> = Global::new(Config {
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+#[map]
+static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Whether process `tgid` is traced: the target, or a followed descendant.
+#[inline(always)]
+fn is_target(tgid: u32) -> bool {
+    let c = CONFIG.load();
+    tgid == c.tgid
+        || (c.flags & CONFIG_FOLLOW_FORKS != 0
+            // SAFETY: a plain lookup; the value is not kept.
+            && unsafe { TARGETS.get(&tgid) }.is_some())
+}
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -173,7 +186,7 @@ fn hit(func: u32) {
 fn traced_thread(what: u32) -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if tgid != CONFIG.load().tgid {
+    if !is_target(tgid) {
         return None;
     }
     // Userspace flips this once all probes are attached: an entry probe without its
@@ -194,7 +207,10 @@ fn traced_thread(what: u32) -> Option<u32> {
 fn emit(ev: Event) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
-            slot.write(ev);
+            slot.write(Event {
+                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                ..ev
+            });
             let waiting = EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);
             let flag = if waiting >= u64::from(CONFIG.load().wakeup_bytes) {
                 aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP

@@ -17,8 +17,8 @@ use aya_ebpf::{
     EbpfContext as _, bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext,
 };
 use leaktrace_common::{
-    CONFIG_FREE_MARK, CONFIG_STOP_ON_EXEC_MAP, ENABLE_SYSCALLS, EVENT_IN_ALLOCATOR, Event,
-    STACK_IN_ALLOCATOR, STACK_NONE, SyscallEntry, counter, kind, nr,
+    CONFIG_FOLLOW_FORKS, CONFIG_FREE_MARK, CONFIG_STOP_ON_EXEC_MAP, ENABLE_SYSCALLS,
+    EVENT_IN_ALLOCATOR, Event, STACK_IN_ALLOCATOR, STACK_NONE, SyscallEntry, counter, kind, nr,
 };
 
 use aya_ebpf::helpers::{
@@ -28,7 +28,8 @@ use aya_ebpf::helpers::{
 use aya_ebpf::helpers::bpf_send_signal_thread;
 
 use crate::{
-    ALLOC_INFLIGHT, CONFIG, FREE_MARK, SYSCALL_INFLIGHT, count, emit, now, stack, traced_thread,
+    ALLOC_INFLIGHT, CONFIG, FREE_MARK, SYSCALL_INFLIGHT, TARGETS, count, emit, is_target, now,
+    stack, traced_thread,
 };
 
 const MADV_DONTNEED: u64 = 4;
@@ -164,6 +165,7 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
         stack_id: e.stack_id,
         func: nr,
         flags: e.flags,
+        ..Event::default()
     });
     // A launched command's main thread mapped a file's code: hold it (leaktrace is
     // its tracer and resumes it) until that code's unwind tables are loaded.
@@ -211,6 +213,80 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     };
     emit(Event {
         kind: kind::EXEC,
+        tid,
+        ts_ns: now(),
+        stack_id: STACK_NONE,
+        ..Event::default()
+    });
+    // A followed descendant that runs another program is no longer followed.
+    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid != CONFIG.load().tgid {
+        let _ = TARGETS.remove(&tgid);
+    }
+    0
+}
+
+/// `CLONE_THREAD`: the new task is a thread of its creator's process.
+const CLONE_THREAD: u64 = 0x10000;
+
+/// `task:task_newtask`, with [`CONFIG_FOLLOW_FORKS`]: a traced process made a new
+/// process; it joins [`TARGETS`] before it first runs. (Fields: `pid` at 8,
+/// `clone_flags` at 32, the same on Linux 5.10 to 6.18.)
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    if CONFIG.load().flags & CONFIG_FOLLOW_FORKS == 0 {
+        return 0;
+    }
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    if !is_target((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    // SAFETY: offsets within the tracepoint's record (format above).
+    let (Ok(child), Ok(flags)) = (unsafe { ctx.read_at::<i32>(8) }, unsafe {
+        ctx.read_at::<u64>(32)
+    }) else {
+        return 0;
+    };
+    if flags & CLONE_THREAD != 0 || child <= 0 {
+        return 0;
+    }
+    if TARGETS
+        .insert(&(child as u32), &1, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(counter::FORKS_NOT_FOLLOWED);
+        return 0;
+    }
+    emit(Event {
+        kind: kind::FORK,
+        tid: pid_tgid as u32,
+        ts_ns: now(),
+        addr: child as u64,
+        stack_id: STACK_NONE,
+        ..Event::default()
+    });
+    0
+}
+
+/// `sched:sched_process_exit`, with [`CONFIG_FOLLOW_FORKS`]: a followed descendant's
+/// leader thread exits; the process leaves [`TARGETS`].
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    if CONFIG.load().flags & CONFIG_FOLLOW_FORKS == 0 {
+        return 0;
+    }
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    if tid != tgid || tgid == CONFIG.load().tgid {
+        return 0;
+    }
+    // SAFETY: a plain lookup; the value is not kept.
+    if unsafe { TARGETS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let _ = TARGETS.remove(&tgid);
+    emit(Event {
+        kind: kind::EXIT,
         tid,
         ts_ns: now(),
         stack_id: STACK_NONE,

@@ -49,6 +49,13 @@ struct Opts {
     #[arg(long, value_name = "N", default_value_t = Config::default().max_frames)]
     max_frames: usize,
 
+    /// Trace the target's descendants too: those alive now that run its program and
+    /// those it forks while traced (pre-fork servers: PostgreSQL, nginx, gunicorn),
+    /// each with its own section and the totals. A descendant that execs another
+    /// program, or exits, is noted and no longer followed.
+    #[arg(long, conflicts_with_all = ["dry_run", "sample_rate"])]
+    follow_forks: bool,
+
     /// Print Python stacks whole: by default the interpreter's own frames between
     /// Python frames are folded into one line each (JSON always has every frame).
     #[arg(long)]
@@ -270,6 +277,7 @@ fn config(opts: Opts) -> Config {
         top: opts.top,
         max_frames: opts.max_frames,
         full_stacks: opts.full_stacks,
+        follow_forks: opts.follow_forks,
         format: match opts.format {
             FormatArg::Text => Format::Text,
             FormatArg::Json => Format::Json,

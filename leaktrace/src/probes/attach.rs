@@ -207,6 +207,7 @@ pub fn attach(
     dry_run: bool,
     sessions: bool,
     duty_cycle: bool,
+    follow_forks: bool,
 ) -> Result<Attached, Error> {
     let mut links = Vec::new();
     // The heap probes go through uprobe_multi links where the kernel has them (Linux
@@ -377,6 +378,21 @@ pub fn attach(
             .map_err(attach_err(format!("tracepoint sched:{name}")))?;
         tracepoints.push((name.to_owned(), link));
     }
+    // The family's forks and exits (`--follow-forks`).
+    for (category, name) in [("task", "task_newtask"), ("sched", "sched_process_exit")]
+        .into_iter()
+        .filter(|_| follow_forks && !dry_run)
+    {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(Error::Missing("a fork-following tracepoint program"))?;
+        let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.into()))?;
+        tp.load().map_err(attach_err(name.into()))?;
+        let link = tp
+            .attach(category, name)
+            .map_err(attach_err(format!("tracepoint {category}:{name}")))?;
+        tracepoints.push((name.to_owned(), link));
+    }
     let mut session_links = session_links;
     session_links.extend(multi_links);
     Ok(Attached {
@@ -503,7 +519,7 @@ fn attach_one(
 /// (~40–55 ms each on Linux 6.18 with the target busy, one after another), a uprobe
 /// for one more: when `Ebpf` was dropped, thirteen tracepoints and the heap's links
 /// held leaktrace's exit for about a second after the report.
-pub fn start_detach(ebpf: &mut Ebpf, attached: &mut Attached) -> Detaching {
+pub fn start_detach(ebpf: &mut Ebpf, attached: &mut Attached, more: Vec<HeapLinks>) -> Detaching {
     let mut closers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
     for (name, link) in std::mem::take(&mut attached.tracepoints) {
         match ebpf
@@ -516,7 +532,7 @@ pub fn start_detach(ebpf: &mut Ebpf, attached: &mut Attached) -> Detaching {
             None => log::warn!("failed to detach {name}: no such program"),
         }
     }
-    if let Some(links) = attached.heap_links.take() {
+    for links in attached.heap_links.take().into_iter().chain(more) {
         for (name, link) in links.uprobes {
             match ebpf
                 .program_mut(name)

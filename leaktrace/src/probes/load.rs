@@ -30,6 +30,8 @@ pub struct Modes {
     /// Stop a launched command's main thread after it maps code, so its unwind
     /// tables are loaded before it runs that code.
     pub stop_on_exec_map: bool,
+    /// Follow the target's descendants ([`leaktrace_common::CONFIG_FOLLOW_FORKS`]).
+    pub follow_forks: bool,
 }
 
 /// Sizes and settings the BPF object is loaded with.
@@ -68,7 +70,8 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
             | flag(
                 m.stop_on_exec_map,
                 leaktrace_common::CONFIG_STOP_ON_EXEC_MAP,
-            ),
+            )
+            | flag(m.follow_forks, leaktrace_common::CONFIG_FOLLOW_FORKS),
         // A quarter of the ring: the consumer is woken long before it could fill,
         // and otherwise drains every few milliseconds.
         wakeup_bytes: o.ring_bytes / 4,

@@ -148,6 +148,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
     } = Losses::tally(i.kernel_counters, &i.ledger.counters);
 
     Report {
+        follow: None,
         pid: i.pid,
         duration_s: (i.duration_s * 1000.0).round() / 1000.0,
         rss_bytes: i.rss.rss_bytes,

@@ -319,6 +319,77 @@ pub struct Report {
     pub stacks: StackInfo,
     /// Totals sampled every 250 ms (thinned to at most 2048 points).
     pub timeline: Vec<Point>,
+    /// The target's descendants, with `--follow-forks` (null otherwise).
+    pub follow: Option<Followed>,
+}
+
+/// The followed descendants (`--follow-forks`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Followed {
+    /// Each followed process, in pid order.
+    pub processes: Vec<FollowedProcess>,
+    /// Descendants found at attach that run another program: not followed.
+    pub not_followed: Vec<NotFollowed>,
+    /// The target and its followed descendants together.
+    pub totals: FamilyTotals,
+}
+
+/// One followed descendant: its own books, verdict and stacks.
+#[derive(Clone, Debug, Serialize)]
+pub struct FollowedProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its parent.
+    pub parent: u32,
+    /// Its command line, as first seen.
+    pub command: String,
+    /// Whether it was forked while traced (false: found at attach).
+    pub forked_while_traced: bool,
+    /// Seconds after the start of tracing when it was first followed.
+    pub since_s: f64,
+    /// Seconds it was followed.
+    pub followed_s: f64,
+    /// How it stopped being followed ("exited", "exec'd another program (…)"), or null.
+    pub ended: Option<String>,
+    /// Why its heap probes could not be attached, or null.
+    pub attach_error: Option<String>,
+    /// Its RSS, last read while it lived.
+    pub rss: Rss,
+    /// Its heap since it was followed (stacks by outstanding bytes).
+    pub heap: Heap,
+    /// Its address-space activity.
+    pub mappings: Mappings,
+    /// Its calls and syscalls.
+    pub activity: Activity,
+    /// Its own verdict, from its own RSS and heap over the time it was followed.
+    pub verdict: Verdict,
+}
+
+/// A descendant found at attach that was not followed.
+#[derive(Clone, Debug, Serialize)]
+pub struct NotFollowed {
+    /// Its pid.
+    pub pid: u32,
+    /// The program it runs (another than the target's).
+    pub program: String,
+}
+
+/// The family's figures summed.
+#[derive(Clone, Debug, Serialize)]
+pub struct FamilyTotals {
+    /// The target and every process followed.
+    pub processes: usize,
+    /// Of which still alive (the ones that exited or exec'd are not).
+    pub alive: usize,
+    /// Outstanding heap bytes allocated while traced, in the processes alive.
+    pub live_bytes: u64,
+    /// Outstanding blocks, likewise.
+    pub live_allocations: u64,
+    /// RSS summed over the live ones (pages shared between a parent and its forked
+    /// children are counted in each).
+    pub rss_bytes: u64,
+    /// Anonymous RSS summed likewise.
+    pub anon_rss_bytes: u64,
 }
 
 #[cfg(test)]
@@ -360,7 +431,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        Report {
+        let mut r = Report {
             pid: 4242,
             duration_s: 5.0,
             rss_bytes: 10 << 20,
@@ -476,7 +547,47 @@ mod tests {
                 }],
             },
             timeline: vec![],
-        }
+            follow: None,
+        };
+        // One worker forked while traced, one that exited, one not followed.
+        let worker = |pid: u32, ended: Option<&str>| FollowedProcess {
+            pid,
+            parent: 4242,
+            command: "server: worker".into(),
+            forked_while_traced: pid != 4243,
+            since_s: if pid == 4243 { 0.0 } else { 1.5 },
+            followed_s: 3.5,
+            ended: ended.map(Into::into),
+            attach_error: None,
+            rss: Rss {
+                rss_bytes: 4 << 20,
+                anon_bytes: 1 << 20,
+                ..Rss::default()
+            },
+            heap: Heap {
+                stacks: r.heap.stacks[..1].to_vec(),
+                ..r.heap.clone()
+            },
+            mappings: r.mappings.clone(),
+            activity: r.activity,
+            verdict: r.verdict.clone(),
+        };
+        r.follow = Some(Followed {
+            processes: vec![worker(4243, None), worker(4250, Some("exited"))],
+            not_followed: vec![NotFollowed {
+                pid: 4244,
+                program: "/usr/bin/logger".into(),
+            }],
+            totals: FamilyTotals {
+                processes: 3,
+                alive: 2,
+                live_bytes: 2 * r.heap.live_bytes,
+                live_allocations: 2 * r.heap.live_allocations,
+                rss_bytes: r.rss.rss_bytes + (4 << 20),
+                anon_rss_bytes: r.rss.anon_bytes + (1 << 20),
+            },
+        });
+        r
     }
 
     /// The text report renders totals, stacks innermost first, and a loud loss line.

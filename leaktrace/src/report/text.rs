@@ -81,6 +81,56 @@ fn frame_line(f: &Frame) -> String {
     s
 }
 
+fn render_heap_stacks(o: &mut String, heap: &Heap, shown: Frames) {
+    if heap.not_traced.is_some() {
+        o.push_str("No heap stacks: the heap was not traced.\n");
+    } else if heap.stacks.is_empty() {
+        o.push_str("No outstanding heap allocations since attach.\n");
+    } else {
+        let _ = writeln!(
+            o,
+            "Top {} stacks by outstanding heap bytes:",
+            heap.stacks.len()
+        );
+        for (n, s) in heap.stacks.iter().enumerate() {
+            let growth = s.growth.map_or(String::new(), |g| {
+                let rate = rate(g.bytes_per_s);
+                let down = (1.0 - g.steadiness) * 100.0;
+                if down < 0.5 {
+                    format!(", {rate} over {} samples, never shrank", g.points)
+                } else {
+                    format!(
+                        ", {rate} over {} samples, shrank in {down:.0}% of steps",
+                        g.points
+                    )
+                }
+            });
+            if heap.sample_rate_bytes == 0 {
+                let _ = writeln!(
+                    o,
+                    "  #{} {} in {} blocks, oldest {:.1} s{growth}",
+                    n + 1,
+                    bytes(s.live_bytes),
+                    s.live_allocations,
+                    s.oldest_age_s
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "  #{} ~{} ± {} in ~{} blocks ({} sampled), oldest {:.1} s{growth}",
+                    n + 1,
+                    bytes(s.live_bytes),
+                    bytes(s.live_bytes_error95),
+                    s.live_allocations,
+                    s.samples,
+                    s.oldest_age_s
+                );
+            }
+            write_frames(o, s.stack_id, &s.frames, s.truncated, shown);
+        }
+    }
+}
+
 /// The objects behind `??` frames, once each, and how to get their symbols.
 fn render_unnamed(o: &mut String, unnamed: &[crate::symbolize::native::Unnamed]) {
     if unnamed.is_empty() {
@@ -657,53 +707,7 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
         o.push_str(&memory);
         o.push('\n');
     }
-    if r.heap.not_traced.is_some() {
-        o.push_str("No heap stacks: the heap was not traced.\n");
-    } else if r.heap.stacks.is_empty() {
-        o.push_str("No outstanding heap allocations since attach.\n");
-    } else {
-        let _ = writeln!(
-            o,
-            "Top {} stacks by outstanding heap bytes:",
-            r.heap.stacks.len()
-        );
-        for (n, s) in r.heap.stacks.iter().enumerate() {
-            let growth = s.growth.map_or(String::new(), |g| {
-                let rate = rate(g.bytes_per_s);
-                let down = (1.0 - g.steadiness) * 100.0;
-                if down < 0.5 {
-                    format!(", {rate} over {} samples, never shrank", g.points)
-                } else {
-                    format!(
-                        ", {rate} over {} samples, shrank in {down:.0}% of steps",
-                        g.points
-                    )
-                }
-            });
-            if r.heap.sample_rate_bytes == 0 {
-                let _ = writeln!(
-                    o,
-                    "  #{} {} in {} blocks, oldest {:.1} s{growth}",
-                    n + 1,
-                    bytes(s.live_bytes),
-                    s.live_allocations,
-                    s.oldest_age_s
-                );
-            } else {
-                let _ = writeln!(
-                    o,
-                    "  #{} ~{} ± {} in ~{} blocks ({} sampled), oldest {:.1} s{growth}",
-                    n + 1,
-                    bytes(s.live_bytes),
-                    bytes(s.live_bytes_error95),
-                    s.live_allocations,
-                    s.samples,
-                    s.oldest_age_s
-                );
-            }
-            write_frames(&mut o, s.stack_id, &s.frames, s.truncated, shown);
-        }
-    }
+    render_heap_stacks(&mut o, &r.heap, shown);
     if !r.mappings.stacks.is_empty() {
         o.push('\n');
         let _ = writeln!(
@@ -797,5 +801,82 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
         c.get("nested_call").unwrap_or(&0),
         c.get("stack_truncated").unwrap_or(&0)
     );
+    if let Some(f) = &r.follow {
+        render_followed(&mut o, r.pid, f, shown);
+    }
     o
+}
+
+/// `--follow-forks`: a section per followed descendant, then the family's totals.
+fn render_followed(o: &mut String, root: u32, f: &Followed, shown: Frames) {
+    for p in &f.processes {
+        let how = if p.forked_while_traced {
+            format!("forked by {} at {:.1} s", p.parent, p.since_s)
+        } else {
+            format!("child of {}, found at attach", p.parent)
+        };
+        let _ = writeln!(
+            o,
+            "\n=== pid {} ({how}): {} — followed {:.1} s{} ===",
+            p.pid,
+            p.command,
+            p.followed_s,
+            p.ended
+                .as_deref()
+                .map_or(String::new(), |e| format!(", then {e}"))
+        );
+        let _ = writeln!(
+            o,
+            "RSS {} (anon {}){}",
+            bytes(p.rss.rss_bytes),
+            bytes(p.rss.anon_bytes),
+            if p.ended.is_some() {
+                ", as last read"
+            } else {
+                ""
+            }
+        );
+        if let Some(e) = &p.attach_error {
+            let _ = writeln!(o, "Heap not traced: {e}.");
+        } else {
+            let _ = writeln!(
+                o,
+                "Live heap allocated since followed: {} in {} blocks",
+                bytes(p.heap.live_bytes),
+                p.heap.live_allocations
+            );
+        }
+        let a = &p.activity;
+        let _ = writeln!(
+            o,
+            "Activity: {} allocations ({}), {} frees, {} mmap, {} munmap, {} brk",
+            a.allocs,
+            bytes(a.alloc_bytes),
+            a.frees,
+            a.mmaps,
+            a.munmaps,
+            a.brks
+        );
+        render_verdict(o, &p.verdict, shown);
+        o.push('\n');
+        render_heap_stacks(o, &p.heap, shown);
+    }
+    for n in &f.not_followed {
+        let _ = writeln!(
+            o,
+            "\nNot followed: pid {}, a descendant running another program ({}).",
+            n.pid, n.program
+        );
+    }
+    let t = &f.totals;
+    let _ = writeln!(
+        o,
+        "\nFamily of pid {root}: {} processes ({} alive); live heap allocated while traced {} in {} blocks; RSS {} (anon {}) summed over the live ones, pages shared between a parent and its forked children counted in each.",
+        t.processes,
+        t.alive,
+        bytes(t.live_bytes),
+        t.live_allocations,
+        bytes(t.rss_bytes),
+        bytes(t.anon_rss_bytes)
+    );
 }

@@ -84,6 +84,10 @@ struct Session<'a> {
     detaching: Option<attach::Detaching>,
     /// Tells the user attaching is under way, if it takes a while.
     attaching: Option<super::notice::Notice>,
+    /// The followed descendants (`--follow-forks`).
+    family: Option<super::follow::Family>,
+    /// The kernel's set of followed pids.
+    targets: Option<BpfHashMap<MapData, u32, u32>>,
     /// Latest overhead measurement.
     overhead: Option<Overhead>,
     /// Sampled mode's duty cycle, when the heap probes are attached only for windows.
@@ -168,6 +172,16 @@ pub fn run(
         walk_heaps: config.walk_heaps && heap_not_traced.is_none(),
         debug_dirs: config.debug_dirs.clone(),
     };
+    let targets = if config.follow_forks {
+        Some(take_map(
+            &mut ebpf,
+            maps::TARGETS,
+            "TARGETS map",
+            BpfHashMap::try_from,
+        )?)
+    } else {
+        None
+    };
     let (reply_tx, replies) = tokio::sync::mpsc::unbounded_channel();
     let worker = worker::Handle::start(setup, reply_tx)
         .map_err(|e| Error::Worker(format!("cannot start it: {e}")))?;
@@ -187,6 +201,8 @@ pub fn run(
         heap_detached: None,
         detaching: None,
         attaching: Some(attaching),
+        family: config.follow_forks.then(super::follow::Family::default),
+        targets,
         overhead: None,
         duty: None,
         unwinder: unwinder_kind,
@@ -337,6 +353,9 @@ impl Session<'_> {
                 }
             }
         }
+        if self.config.follow_forks && !self.config.dry_run {
+            self.follow_existing(ebpf)?;
+        }
         load::enable(ebpf, leaktrace_common::ENABLE_ALL)?;
         // Said before the attach line, if attaching took long enough to be mentioned.
         drop(self.attaching.take());
@@ -387,9 +406,11 @@ impl Session<'_> {
                     let mut guard = guard.map_err(Error::Runtime)?;
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
+                    self.follow_pending(ebpf, true);
                 }
                 _ = drain_tick.tick() => {
                     self.drain(m.ring.get_mut());
+                    self.follow_pending(ebpf, true);
                     if let Some(c) = &mut m.copies {
                         while let Some(item) = c.next() {
                             std::hint::black_box(item.len());
@@ -399,6 +420,7 @@ impl Session<'_> {
                 _ = tick.tick() => {
                     self.sample_rss();
                     self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss, self.threads);
+                    self.sample_followers();
                     self.worker.send(Job::Resolve);
                 }
                 _ = budget_tick.tick() => {
@@ -465,8 +487,19 @@ impl Session<'_> {
             log::warn!("failed to stop the programs before the last drain: {e}");
         }
         // Nothing from here on needs the probes: they come out while the rest is done.
-        self.detaching = Some(attach::start_detach(ebpf, &mut self.attached));
+        let followers_links: Vec<_> = self
+            .family
+            .iter_mut()
+            .flat_map(|f| f.followers.values_mut())
+            .filter_map(|f| f.links.take())
+            .collect();
+        self.detaching = Some(attach::start_detach(
+            ebpf,
+            &mut self.attached,
+            followers_links,
+        ));
         while self.drain(m.ring.get_mut()) {}
+        self.follow_pending(ebpf, false);
         let drained = ending.elapsed();
         if !self.target_exited {
             self.sample_rss();
@@ -477,6 +510,7 @@ impl Session<'_> {
             self.rss,
             self.threads,
         );
+        self.sample_followers();
         self.ask_snapshot(Then::FinalReport);
         // The whole run's figures, unless the budget stopped the heap probes: then
         // the window that tripped it is the one to show.
@@ -641,10 +675,13 @@ impl Session<'_> {
             // SAFETY: the buffer holds at least one Event, a Pod written by our BPF program;
             // read_unaligned copes with any alignment.
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            self.ledger.apply(&ev);
             if ev.stack_id >= 0 && self.known_stacks.insert(ev.stack_id) {
                 new_stacks.push(ev.stack_id);
             }
+            if self.family.is_some() && self.route(&ev) {
+                continue;
+            }
+            self.ledger.apply(&ev);
             if ev.kind == leaktrace_common::kind::MMAP && ev.aux & PROT_EXEC != 0 {
                 exec_mapped = true;
             }
@@ -666,6 +703,167 @@ impl Session<'_> {
             self.worker.send(Job::NewStacks(new_stacks));
         }
         more
+    }
+
+    /// With `--follow-forks`: takes a fork, a descendant's exit or exec, or a
+    /// descendant's event to its books. Returns whether the event was taken (the
+    /// target's own events but its forks go to the target's books).
+    fn route(&mut self, ev: &Event) -> bool {
+        use super::follow::Pending;
+        use leaktrace_common::kind;
+        let at_s = self.started.elapsed().as_secs_f64();
+        let Some(fam) = self.family.as_mut() else {
+            return false;
+        };
+        if ev.kind == kind::FORK {
+            fam.pending.push(Pending::Fork {
+                child: ev.addr as u32,
+                parent: ev.tgid,
+                at_s,
+            });
+            return true;
+        }
+        if ev.tgid == self.pid {
+            return false;
+        }
+        match ev.kind {
+            kind::EXIT => fam.pending.push(Pending::Ended {
+                pid: ev.tgid,
+                at_s,
+                why: "exited".into(),
+            }),
+            kind::EXEC => {
+                let program = std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
+                    .map(|p| format!(" ({})", p.display()))
+                    .unwrap_or_default();
+                fam.pending.push(Pending::Ended {
+                    pid: ev.tgid,
+                    at_s,
+                    why: format!("exec'd another program{program}; no longer followed"),
+                });
+            }
+            _ => match fam.followers.get_mut(&ev.tgid) {
+                Some(f) => f.ledger.apply(ev),
+                // Sent between a fork and its FORK event's turn: cannot happen (the
+                // fork's event is reserved before the child runs); counted if it does.
+                None => self.ledger.counters.bad_events += 1,
+            },
+        }
+        true
+    }
+
+    /// Applies what [`Session::route`] learned: attaches the heap probes to new
+    /// children (unless `attach` is off: the run is ending), detaches those of
+    /// descendants that exited or exec'd.
+    fn follow_pending(&mut self, ebpf: &mut Ebpf, attach: bool) {
+        use super::follow::Pending;
+        let Some(fam) = self.family.as_mut() else {
+            return;
+        };
+        for p in std::mem::take(&mut fam.pending) {
+            match p {
+                Pending::Fork {
+                    child,
+                    parent,
+                    at_s,
+                } => {
+                    self.follow(ebpf, child, parent, at_s, true, attach);
+                }
+                Pending::Ended { pid, at_s, why } => {
+                    let fam = self.family.as_mut().expect("following");
+                    if let Some(f) = fam.followers.get_mut(&pid) {
+                        f.end = Some((at_s, why));
+                        if let Some(links) = f.links.take() {
+                            attach::detach_heap(ebpf, links);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts following `pid`: its books, and its heap probes if `attach`.
+    fn follow(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        parent: u32,
+        at_s: f64,
+        forked: bool,
+        attach: bool,
+    ) {
+        let mut f = super::follow::Follower::new(pid, parent, at_s, forked);
+        if attach {
+            match attach::reattach_heap(
+                ebpf,
+                pid,
+                &self.sites,
+                self.attached.session_program.as_ref(),
+                self.attached.multi.as_ref(),
+                true,
+            ) {
+                Ok(l) => f.links = Some(l),
+                Err(e) => {
+                    let why = crate::error::chain(&e);
+                    log::warn!("pid {pid}: its heap probes could not be attached: {why}");
+                    f.attach_error = Some(why);
+                }
+            }
+        } else {
+            f.attach_error = Some("forked as tracing ended".into());
+        }
+        if self.config.announce && attach {
+            #[expect(clippy::print_stderr, reason = "a progress line for the user")]
+            {
+                eprintln!(
+                    "leaktrace: following pid {pid} ({} {parent}): {}",
+                    if forked { "forked by" } else { "child of" },
+                    f.command
+                );
+            }
+        }
+        if let Some(fam) = self.family.as_mut() {
+            fam.followers.insert(pid, f);
+        }
+    }
+
+    /// At attach: follows the target's descendants alive now that run its program
+    /// (in TARGETS before the probes are enabled); notes the others.
+    fn follow_existing(&mut self, ebpf: &mut Ebpf) -> Result<(), Error> {
+        let Some(targets) = self.targets.as_mut() else {
+            return Ok(());
+        };
+        let mut follow = Vec::new();
+        for (pid, parent) in
+            super::follow::descendants(self.pid, leaktrace_common::MAX_TARGETS as usize)
+        {
+            if super::follow::same_program(self.pid, pid) {
+                targets
+                    .insert(pid, 1, 0)
+                    .map_err(|e| Error::Worker(format!("cannot follow pid {pid}: {e}")))?;
+                follow.push((pid, parent));
+            } else if let Some(fam) = self.family.as_mut() {
+                let program = std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| super::follow::command_line(pid));
+                fam.not_followed.push((pid, program));
+            }
+        }
+        for (pid, parent) in follow {
+            self.follow(ebpf, pid, parent, 0.0, false, true);
+        }
+        Ok(())
+    }
+
+    /// Samples each followed process's RSS and books.
+    fn sample_followers(&mut self) {
+        let t = self.started.elapsed().as_secs_f64();
+        if let Some(fam) = self.family.as_mut() {
+            for (&pid, f) in fam.followers.iter_mut().filter(|(_, f)| f.end.is_none()) {
+                f.sample_rss(pid);
+                f.timeline.sample(t, &f.ledger, f.rss, f.threads);
+            }
+        }
     }
 
     /// Sampled mode's duty cycle: a window ends (the probes' cost while attached is
@@ -868,7 +1066,7 @@ impl Session<'_> {
             python: snap.python.is_some(),
             pymalloc: snap.pymalloc.as_ref(),
         });
-        report::build(&report::Inputs {
+        let mut r = report::build(&report::Inputs {
             pid: self.pid,
             ledger: &self.ledger,
             stacks: &self.stacks,
@@ -898,7 +1096,117 @@ impl Session<'_> {
             unwinder: self.unwinder,
             unwind: snap.unwind.as_ref(),
             unnamed: &snap.unnamed,
-        })
+        });
+        if let Some(fam) = &self.family {
+            r.follow = Some(self.followed(fam, &r, snap, &kernel, now_ns, final_report));
+        }
+        r
+    }
+
+    /// The followed descendants' sections: each built like the target's report from
+    /// its own books (no heap walk: the target's stands for the family's allocator).
+    fn followed(
+        &self,
+        fam: &super::follow::Family,
+        own: &Report,
+        snap: &Snapshot,
+        kernel: &[u64],
+        now_ns: u64,
+        final_report: bool,
+    ) -> report::Followed {
+        let now_s = self.started.elapsed().as_secs_f64();
+        let no_names = rustc_hash::FxHashMap::default();
+        let processes: Vec<report::FollowedProcess> = fam
+            .followers
+            .iter()
+            .map(|(&pid, f)| {
+                let until = f.end.as_ref().map_or(now_s, |(t, _)| *t);
+                let verdict = verdict::decide(&Facts {
+                    points: f.timeline.points(),
+                    candidates: verdict::candidates(&f.ledger, &f.timeline, &self.stacks, now_ns),
+                    walk: None,
+                    arena_limit: None,
+                    mmap_threshold_raised_to: f.ledger.mmap_threshold_raised_to(),
+                    malloc_env: snap.malloc_env.clone(),
+                    heap_detached: false,
+                    heap_untraced: self.heap_not_traced.is_some() || f.attach_error.is_some(),
+                    lost_total: 0,
+                    python: snap.python.is_some(),
+                    pymalloc: None,
+                });
+                let r = report::build(&report::Inputs {
+                    pid,
+                    ledger: &f.ledger,
+                    stacks: &self.stacks,
+                    kernel_counters: kernel,
+                    rss: f.rss,
+                    duration_s: until - f.since_s,
+                    now_ns,
+                    top: self.config.top,
+                    final_report,
+                    end_reason: None,
+                    target_exited: f.end.is_some(),
+                    probes: &[],
+                    overhead: None,
+                    heap_detached: None,
+                    duty: None,
+                    heap_not_traced: self.heap_not_traced.clone(),
+                    timeline: &f.timeline,
+                    verdict,
+                    memory: crate::analysis::memory::MemoryMap::default(),
+                    min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
+                    walk: None,
+                    pymalloc: None,
+                    arena_limit: None,
+                    malloc_env: Vec::new(),
+                    python: None,
+                    thread_names: &no_names,
+                    unwinder: self.unwinder,
+                    unwind: None,
+                    unnamed: &[],
+                });
+                report::FollowedProcess {
+                    pid,
+                    parent: f.parent,
+                    command: f.command.clone(),
+                    forked_while_traced: f.forked_while_traced,
+                    since_s: f.since_s,
+                    followed_s: until - f.since_s,
+                    ended: f.end.as_ref().map(|(_, why)| why.clone()),
+                    attach_error: f.attach_error.clone(),
+                    rss: f.rss,
+                    heap: r.heap,
+                    mappings: r.mappings,
+                    activity: r.activity,
+                    verdict: r.verdict,
+                }
+            })
+            .collect();
+        let alive: Vec<&report::FollowedProcess> =
+            processes.iter().filter(|p| p.ended.is_none()).collect();
+        let totals = report::FamilyTotals {
+            processes: 1 + processes.len(),
+            alive: usize::from(!self.target_exited) + alive.len(),
+            // What exited or exec'd holds nothing any more.
+            live_bytes: own.heap.live_bytes + alive.iter().map(|p| p.heap.live_bytes).sum::<u64>(),
+            live_allocations: own.heap.live_allocations
+                + alive.iter().map(|p| p.heap.live_allocations).sum::<u64>(),
+            rss_bytes: own.rss.rss_bytes + alive.iter().map(|p| p.rss.rss_bytes).sum::<u64>(),
+            anon_rss_bytes: own.rss.anon_bytes
+                + alive.iter().map(|p| p.rss.anon_bytes).sum::<u64>(),
+        };
+        report::Followed {
+            processes,
+            not_followed: fam
+                .not_followed
+                .iter()
+                .map(|(pid, program)| report::NotFollowed {
+                    pid: *pid,
+                    program: program.clone(),
+                })
+                .collect(),
+            totals,
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod duty;
 mod event_loop;
+pub mod follow;
 mod notice;
 mod output;
 pub mod prepare;
@@ -52,6 +53,9 @@ pub struct Config {
     /// Print Python stacks whole, the interpreter's frames between Python frames
     /// included (they are folded by default; JSON always has every frame).
     pub full_stacks: bool,
+    /// Trace the target's descendants too, those alive and those it forks later,
+    /// each with its own books and report section.
+    pub follow_forks: bool,
     /// Output format.
     pub format: Format,
     /// Write reports here instead of stdout.
@@ -123,6 +127,7 @@ impl Default for Config {
             top: 10,
             max_frames: 16,
             full_stacks: false,
+            follow_forks: false,
             format: Format::Text,
             output: None,
             ring_bytes: DEFAULT_RING_BYTES,

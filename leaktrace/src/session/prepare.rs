@@ -205,6 +205,7 @@ fn load_and_attach(
             copy_stacks: config.copy_stacks,
             free_mark: !walk_sees_allocators,
             stop_on_exec_map: matches!(config.target, Target::Command(_)) && cfi_enabled(config),
+            follow_forks: config.follow_forks,
         },
         ring_bytes: config.ring_bytes,
         stack_capacity: config.stack_capacity,
@@ -228,6 +229,7 @@ fn load_and_attach(
         config.dry_run,
         sessions,
         config.duty_budget_pct.is_some(),
+        config.follow_forks,
     )?;
     Ok((search.sites, heap_not_traced, unwinder, ebpf, attached))
 }
