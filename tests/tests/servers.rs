@@ -273,3 +273,79 @@ fn root_redis_frames_name_the_program_as_started() {
         }
     }
 }
+
+/// `--follow-forks` on the postmaster: its background processes are followed from
+/// attach, a backend forked for a new connection is followed from its fork (its
+/// queries' allocations in its own section, not the postmaster's), and its exit when
+/// the connection closes is noted.
+#[test]
+fn root_postgres_backends_are_followed_from_the_postmaster() {
+    require_root();
+    let cluster = Cluster::start();
+    let postmaster: u32 = std::fs::read_to_string(cluster.dir.join("data/postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let at_attach = leaktrace_tests::children(postmaster);
+    assert!(!at_attach.is_empty(), "the postmaster has children");
+    let mut tracer = Tracer::start(&[
+        "--pid",
+        &postmaster.to_string(),
+        "--follow-forks",
+        "--duration",
+        "6",
+    ]);
+    let mut session = cluster.session();
+    let backend = session.backend;
+    tracer.wait_stderr(&format!("following pid {backend} (forked by {postmaster})"));
+    assert_eq!(
+        session.query("select count(*) from (select g, md5(g::text) from generate_series(1, 20000) g order by 2) s;"),
+        "20000"
+    );
+    drop(session);
+    // The backend exits when its client goes.
+    while std::path::Path::new(&format!("/proc/{backend}")).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = tracer.wait_report(0);
+    check_shape(&r);
+    let f = &r["follow"];
+    let procs = f["processes"].as_array().unwrap();
+    for pid in &at_attach {
+        let p = procs
+            .iter()
+            .find(|p| p["pid"] == *pid)
+            .unwrap_or_else(|| panic!("background process {pid} followed: {f:#}"));
+        assert_eq!(p["forked_while_traced"], false, "{p}");
+        assert!(
+            p["command"].as_str().unwrap().starts_with("postgres: "),
+            "{p}"
+        );
+    }
+    let b = procs
+        .iter()
+        .find(|p| p["pid"] == backend)
+        .unwrap_or_else(|| panic!("the backend is followed: {f:#}"));
+    assert_eq!(b["forked_while_traced"], true);
+    assert_eq!(b["parent"], postmaster);
+    assert_eq!(b["ended"], "exited", "{b}");
+    // A sort of 20000 rows: thousands of its own allocations (when its entry probes
+    // were attached before its return probes, one call in between left an entry in
+    // flight, and every later call looked nested in it: 0 allocations, all its frees).
+    assert!(
+        b["activity"]["allocs"].as_u64().unwrap() >= 1000,
+        "its query's allocations are its own: {}",
+        b["activity"]
+    );
+    assert_eq!(r["lost_total"], 0, "{:#}", r["lost"]);
+    assert_eq!(f["not_followed"], serde_json::json!([]), "{f:#}");
+    assert_eq!(
+        f["totals"]["processes"].as_u64(),
+        Some(1 + procs.len() as u64)
+    );
+    drop(cluster);
+}

@@ -131,7 +131,10 @@ impl MultiPrograms {
         for (path, idx) in by_object {
             let offsets: Vec<u64> = idx.iter().map(|&i| sites[i].offset).collect();
             let cookies: Vec<u64> = idx.iter().map(|&i| sites[i].func as u64).collect();
-            links.push(self.enter.attach(path, &offsets, &cookies, pid)?);
+            // The returns first: a process already running (a child followed as it
+            // forks) may call between the two attaches, and a return without its
+            // entry is only counted, while an entry without its return stays in
+            // flight and makes the thread's later calls look nested in it.
             let returns: Vec<usize> = idx
                 .iter()
                 .copied()
@@ -142,6 +145,7 @@ impl MultiPrograms {
                 let cookies: Vec<u64> = returns.iter().map(|&i| sites[i].func as u64).collect();
                 links.push(self.exit.attach(path, &offsets, &cookies, pid)?);
             }
+            links.push(self.enter.attach(path, &offsets, &cookies, pid)?);
         }
         Ok(links)
     }

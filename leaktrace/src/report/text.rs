@@ -809,7 +809,18 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
 
 /// `--follow-forks`: a section per followed descendant, then the family's totals.
 fn render_followed(o: &mut String, root: u32, f: &Followed, shown: Frames) {
-    for p in &f.processes {
+    // Processes that did nothing worth a section (no heap or address-space activity
+    // and no growth) get one line each, after the others.
+    let quiet = |p: &FollowedProcess| {
+        let a = &p.activity;
+        a.allocs + a.frees + a.mmaps + a.munmaps + a.mremaps + a.brks == 0
+            && matches!(
+                p.verdict.kind,
+                crate::analysis::verdict::VerdictKind::NoGrowth
+                    | crate::analysis::verdict::VerdictKind::Inconclusive
+            )
+    };
+    for p in f.processes.iter().filter(|p| !quiet(p)) {
         let how = if p.forked_while_traced {
             format!("forked by {} at {:.1} s", p.parent, p.since_s)
         } else {
@@ -860,6 +871,38 @@ fn render_followed(o: &mut String, root: u32, f: &Followed, shown: Frames) {
         render_verdict(o, &p.verdict, shown);
         o.push('\n');
         render_heap_stacks(o, &p.heap, shown);
+    }
+    let quiet: Vec<&FollowedProcess> = f.processes.iter().filter(|p| quiet(p)).collect();
+    if !quiet.is_empty() {
+        let _ = writeln!(o, "\nFollowed, without heap or mapping activity:");
+        for p in quiet {
+            let state = match (&p.ended, &p.attach_error) {
+                (Some(e), Some(why)) => format!("{e}; {why}"),
+                (Some(e), None) => e.clone(),
+                (None, _) => format!(
+                    "RSS {} (anon {}), {}",
+                    bytes(p.rss.rss_bytes),
+                    bytes(p.rss.anon_bytes),
+                    p.verdict.kind.as_str().to_uppercase()
+                ),
+            };
+            let _ = writeln!(
+                o,
+                "  pid {} ({} {}): {} — {state}",
+                p.pid,
+                if p.forked_while_traced {
+                    "forked by"
+                } else {
+                    "child of"
+                },
+                p.parent,
+                if p.command.is_empty() {
+                    "?"
+                } else {
+                    &p.command
+                }
+            );
+        }
     }
     for n in &f.not_followed {
         let _ = writeln!(

@@ -716,6 +716,11 @@ impl Session<'_> {
             return false;
         };
         if ev.kind == kind::FORK {
+            // Its books now: its own events may follow in this very drain.
+            let child = ev.addr as u32;
+            fam.followers
+                .entry(child)
+                .or_insert_with(|| super::follow::Follower::new(child, ev.tgid, at_s, true));
             fam.pending.push(Pending::Fork {
                 child: ev.addr as u32,
                 parent: ev.tgid,
@@ -782,7 +787,8 @@ impl Session<'_> {
         }
     }
 
-    /// Starts following `pid`: its books, and its heap probes if `attach`.
+    /// Starts following `pid`: its books (unless made already), and its heap probes
+    /// if `attach`.
     fn follow(
         &mut self,
         ebpf: &mut Ebpf,
@@ -792,7 +798,14 @@ impl Session<'_> {
         forked: bool,
         attach: bool,
     ) {
-        let mut f = super::follow::Follower::new(pid, parent, at_s, forked);
+        // Its books may exist already: made when its fork was read.
+        let Some(fam) = self.family.as_mut() else {
+            return;
+        };
+        let mut f = fam
+            .followers
+            .remove(&pid)
+            .unwrap_or_else(|| super::follow::Follower::new(pid, parent, at_s, forked));
         if attach {
             match attach::reattach_heap(
                 ebpf,
@@ -803,6 +816,10 @@ impl Session<'_> {
                 true,
             ) {
                 Ok(l) => f.links = Some(l),
+                // Short-lived: gone before its fork was heard of (its exit follows).
+                Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    f.attach_error = Some("it exited before its probes could be attached".into());
+                }
                 Err(e) => {
                     let why = crate::error::chain(&e);
                     log::warn!("pid {pid}: its heap probes could not be attached: {why}");
@@ -812,7 +829,7 @@ impl Session<'_> {
         } else {
             f.attach_error = Some("forked as tracing ended".into());
         }
-        if self.config.announce && attach {
+        if self.config.announce && f.links.is_some() {
             #[expect(clippy::print_stderr, reason = "a progress line for the user")]
             {
                 eprintln!(
