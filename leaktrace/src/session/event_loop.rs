@@ -735,6 +735,7 @@ impl Session<'_> {
             kind::EXIT => fam.pending.push(Pending::Ended {
                 pid: ev.tgid,
                 at_s,
+                ts_ns: ev.ts_ns,
                 why: "exited".into(),
             }),
             kind::EXEC => {
@@ -744,6 +745,7 @@ impl Session<'_> {
                 fam.pending.push(Pending::Ended {
                     pid: ev.tgid,
                     at_s,
+                    ts_ns: ev.ts_ns,
                     why: format!("exec'd another program{program}; no longer followed"),
                 });
             }
@@ -774,10 +776,18 @@ impl Session<'_> {
                 } => {
                     self.follow(ebpf, child, parent, at_s, true, attach);
                 }
-                Pending::Ended { pid, at_s, why } => {
+                Pending::Ended {
+                    pid,
+                    at_s,
+                    ts_ns,
+                    why,
+                } => {
                     let fam = self.family.as_mut().expect("following");
                     if let Some(f) = fam.followers.get_mut(&pid) {
+                        // Its last sample: the books as it left them.
+                        f.timeline.sample(at_s, &f.ledger, f.rss, f.threads);
                         f.end = Some((at_s, why));
+                        f.end_ns = Some(ts_ns);
                         if let Some(links) = f.links.take() {
                             attach::detach_heap(ebpf, links);
                         }
@@ -1138,6 +1148,8 @@ impl Session<'_> {
             .iter()
             .map(|(&pid, f)| {
                 let until = f.end.as_ref().map_or(now_s, |(t, _)| *t);
+                // A process that ended is reported as it was then.
+                let now_ns = f.end_ns.unwrap_or(now_ns);
                 let verdict = verdict::decide(&Facts {
                     points: f.timeline.points(),
                     candidates: verdict::candidates(&f.ledger, &f.timeline, &self.stacks, now_ns),

@@ -41,8 +41,11 @@ pub struct Follower {
     pub rss: Rss,
     /// Its last thread count.
     pub threads: u64,
-    /// How it stopped being followed (exited, exec'd another program), and when.
+    /// How it stopped being followed (exited, exec'd another program), and when
+    /// (seconds after the start of tracing).
     pub end: Option<(f64, String)>,
+    /// When it stopped, on the events' clock (ages of its blocks stop there).
+    pub end_ns: Option<u64>,
     /// Its heap probes while attached.
     pub links: Option<HeapLinks>,
     /// Why its heap probes could not be attached.
@@ -68,6 +71,7 @@ impl Follower {
             rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
             threads: 0,
             end: None,
+            end_ns: None,
             links: None,
             attach_error: None,
         }
@@ -103,6 +107,8 @@ pub enum Pending {
         pid: u32,
         /// Seconds after the start of tracing.
         at_s: f64,
+        /// When, on the events' clock.
+        ts_ns: u64,
         /// What happened.
         why: String,
     },
