@@ -912,7 +912,8 @@ mod contract_tests {
         assert_eq!(NAMES[UNSAMPLED as usize], "unsampled");
         assert_eq!(NAMES[EXEC_MAP_STOPS as usize], "exec_map_stops");
         assert_eq!(NAMES[RETURNS_RESTORED as usize], "returns_restored");
-        assert_eq!(RETURNS_RESTORED, COUNT - 1);
+        assert_eq!(NAMES[FORKS_NOT_FOLLOWED as usize], "forks_not_followed");
+        assert_eq!(FORKS_NOT_FOLLOWED, COUNT - 1);
     }
 
     #[test]

@@ -472,3 +472,36 @@ fn root_python_stacks_fold_the_interpreter() {
         "{stack:#?}"
     );
 }
+
+/// SIGINT 0.3 s after leaktrace started on a Python process (while it attaches) was
+/// lost: leaktrace ran on until the target exited (35 s, or 97 minutes). It stops
+/// within a second now, with exit status 130 and one line saying nothing was traced.
+#[test]
+fn root_python_sigint_while_attaching_stops_at_once() {
+    require_root();
+    let mut fx = Fixture::spawn_program(
+        Path::new("/usr/bin/python3.11"),
+        &[script_path("py_deep.py").to_str().unwrap()],
+        &[],
+    );
+    let mut child = std::process::Command::new(leaktrace_tests::leaktrace_bin())
+        .args(["--pid", &fx.pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let signalled = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        took <= 1.0,
+        "stopped {took:.2} s after SIGINT; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("tracing pid"), "{stderr}");
+    assert!(fx.alive(), "the target is untouched");
+}

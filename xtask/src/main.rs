@@ -160,6 +160,13 @@ fn setup(kernels: bool) -> Result<()> {
     if !Path::new("/usr/bin/redis-benchmark").exists() {
         missing.push("redis-tools");
     }
+    // memcached (a stripped binary that fills 1 MiB slab pages) and its load generator.
+    if !Path::new("/usr/bin/memcached").exists() {
+        missing.push("memcached");
+    }
+    if !Path::new("/usr/bin/memcslap").exists() {
+        missing.push("libmemcached-tools");
+    }
     missing.extend(roots::missing_packages());
     if kernels {
         missing.extend(kernels::missing_packages());

@@ -17,6 +17,7 @@ use crate::{
         load::BPF_OBJECT,
         uprobe_session::{SessionError, SessionLink, SessionProgram},
     },
+    session::stop,
 };
 
 /// The syscall tracepoints, each attached at its enter and exit.
@@ -223,6 +224,7 @@ pub fn attach(
     // two verifier runs, seconds under emulation).
     let has_multi =
         super::btf::Btf::kernel().is_some_and(|b| b.has_struct("bpf_uprobe_multi_link"));
+    stop::check()?;
     let multi = match has_multi.then(|| MultiPrograms::load(ebpf)) {
         Some(Ok(m)) => Some(m),
         Some(Err(e)) => {
@@ -237,6 +239,7 @@ pub fn attach(
             None
         }
     };
+    stop::check()?;
     // Before aya's own probes, so a failure leaves nothing half attached.
     let (session_prog, session_links, in_session) = match sessions
         .then(|| attach_sessions(ebpf, pid, sites))
@@ -285,6 +288,7 @@ pub fn attach(
     };
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
     let uprobe = |ebpf: &mut Ebpf, name: &'static str| -> Result<(), Error> {
+        stop::check()?;
         let p: &mut UProbe = ebpf
             .program_mut(name)
             .ok_or(Error::Missing(name))?
@@ -363,6 +367,7 @@ pub fn attach(
                 .program_mut(&name)
                 .ok_or(Error::Missing("a syscall tracepoint program"))?;
             let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.clone()))?;
+            stop::check()?;
             tp.load().map_err(attach_err(name.clone()))?;
             let link = tp
                 .attach("syscalls", &name)
@@ -376,6 +381,7 @@ pub fn attach(
             .program_mut(name)
             .ok_or(Error::Missing("the exec tracepoint program"))?;
         let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.into()))?;
+        stop::check()?;
         tp.load().map_err(attach_err(name.into()))?;
         let link = tp
             .attach("sched", name)
@@ -391,6 +397,7 @@ pub fn attach(
             .program_mut(name)
             .ok_or(Error::Missing("a fork-following tracepoint program"))?;
         let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.into()))?;
+        stop::check()?;
         tp.load().map_err(attach_err(name.into()))?;
         let link = tp
             .attach(category, name)

@@ -101,6 +101,7 @@ pub fn calibrate(ebpf: &mut Ebpf) -> Result<TrapCosts, Error> {
             what: PROGRAM.into(),
             source,
         })?;
+    crate::session::stop::check()?;
     if p.fd().is_err() {
         p.load().map_err(|source| Error::Attach {
             what: PROGRAM.into(),
@@ -122,9 +123,11 @@ pub fn calibrate(ebpf: &mut Ebpf) -> Result<TrapCosts, Error> {
     let link = attach(p, emulated_at)?;
     let emulated = per_call_ns(calibration_emulated, N_FAST, ROUNDS);
     p.detach(link).ok();
+    crate::session::stop::check()?;
     let link = attach(p, stepped_at)?;
     let stepped = per_call_ns(calibration_stepped, N_SLOW, ROUNDS);
     p.detach(link).ok();
+    crate::session::stop::check()?;
     Ok(TrapCosts {
         emulated_us: ((emulated - bare_emulated) / 1e3).max(0.0),
         single_stepped_us: ((stepped - bare_stepped) / 1e3).max(0.0),
@@ -152,6 +155,7 @@ fn calibrate_return(
             what: name.into(),
             source,
         })?;
+    crate::session::stop::check()?;
     if p.fd().is_err() {
         p.load().map_err(|source| Error::Attach {
             what: name.into(),
@@ -166,6 +170,7 @@ fn calibrate_return(
         })?;
     let both = per_call_ns(calibration_emulated, 10_000, 5);
     p.detach(link).ok();
+    crate::session::stop::check()?;
     // alloc_exit returns at once for a process that is not the target.
     Ok(((both - entry_only_ns) / 1e3).max(0.0))
 }

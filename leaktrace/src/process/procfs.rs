@@ -76,6 +76,31 @@ pub fn mapped_file(pid: u32, start: u64, end: u64) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
 }
 
+/// Opens `path` only if it is a regular file, without blocking on a FIFO or device
+/// a hostile root may have put there (or swapped in after a check).
+pub fn open_regular(path: &std::path::Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+/// Up to `max` bytes of the regular file at `path` (see [`open_regular`]).
+pub fn read_regular(path: &std::path::Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    open_regular(path)?.take(max).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 /// The path the process was started as: `execve`'s filename, which the kernel leaves
 /// on the new stack and names in the auxiliary vector (`AT_EXECFN`). It names the
 /// program as the user knows it where `/proc/PID/exe` resolves links (redis-server is

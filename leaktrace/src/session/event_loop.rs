@@ -215,9 +215,21 @@ pub fn run(
     };
     let outcome = rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked));
     s.worker.stop();
-    if let Some(d) = s.detaching.take() {
-        d.wait();
-    }
+    // Ended early (a signal while starting, an error): the probes come out all at once
+    // here too, not one by one as `ebpf` is dropped.
+    let detaching = match s.detaching.take() {
+        Some(d) => d,
+        None => {
+            let followers: Vec<_> = s
+                .family
+                .iter_mut()
+                .flat_map(|f| f.followers.values_mut())
+                .filter_map(|f| f.links.take())
+                .collect();
+            attach::start_detach(&mut ebpf, &mut s.attached, followers)
+        }
+    };
+    detaching.wait();
     outcome
 }
 
@@ -275,7 +287,10 @@ impl Session<'_> {
     ) -> Result<Outcome, Error> {
         let mut m = Maps::take(ebpf, self.config.copy_stacks)?;
         // What a trap costs on this machine, measured now (probes on functions of our own).
-        let traps = match crate::probes::calibrate::calibrate(ebpf) {
+        let shield = super::stop::Shield::new();
+        let calibrated = crate::probes::calibrate::calibrate(ebpf);
+        drop(shield);
+        let traps = match calibrated {
             Ok(t) => {
                 log::info!(
                     "trap costs here: {:.2} µs emulated, {:.2} µs single-stepped, {:.2} µs per return",
@@ -285,6 +300,7 @@ impl Session<'_> {
                 );
                 t
             }
+            Err(e @ Error::Stopped { .. }) => return Err(e),
             Err(e) => {
                 log::warn!(
                     "trap costs could not be measured here ({}); using the development VM's",

@@ -57,7 +57,10 @@ pub fn cfi_enabled(config: &Config) -> bool {
 /// Resolves the target, loads and attaches. A launched child is killed on failure.
 pub fn prepare(config: &Config) -> Result<Prepared, Error> {
     let (pid, objects, blocked) = resolve(config)?;
-    match load_and_attach(config, pid, objects.as_slice()) {
+    let shield = super::stop::Shield::new();
+    let loaded = load_and_attach(config, pid, objects.as_slice());
+    drop(shield);
+    match loaded {
         Ok((sites, heap_not_traced, unwinder, ebpf, attached)) => {
             let launched = blocked.is_some();
             let start_brk = (!launched).then(|| procfs::read_start_brk(pid)).flatten();
@@ -196,6 +199,7 @@ fn load_and_attach(
         None => Capacity::default(),
     };
     stopped()?;
+    let t = std::time::Instant::now();
     let mut ebpf = load::load(&LoadOptions {
         pid,
         modes: Modes {
@@ -214,6 +218,10 @@ fn load_and_attach(
         sample_rate: config.sample_rate,
         unwind,
     })?;
+    log::debug!(
+        "BPF object loaded in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     stopped()?;
     // Sessions leave an unsampled call no record in flight: only the walk of a syscall it
     // makes can then tell that syscall is the allocator's.
@@ -222,6 +230,7 @@ fn load_and_attach(
         && config.sample_rate > 0
         && !config.dry_run
         && !config.bare_probes;
+    let t = std::time::Instant::now();
     let attached = attach::attach(
         &mut ebpf,
         pid,
@@ -231,5 +240,9 @@ fn load_and_attach(
         config.duty_budget_pct.is_some(),
         config.follow_forks,
     )?;
+    log::debug!(
+        "programs loaded and attached in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     Ok((search.sites, heap_not_traced, unwinder, ebpf, attached))
 }

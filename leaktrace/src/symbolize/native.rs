@@ -37,8 +37,11 @@ pub struct Symbols {
     names: FxHashMap<String, ObjectNames>,
     package_lookups: usize,
     debug_dirs: Vec<PathBuf>,
-    /// Per object (as mapped): its debug file found by build id, if any.
+    /// Per object (as mapped): its debug file found by build id, if any (a path
+    /// through one of `open_debug_files`).
     debug_files: FxHashMap<String, Option<PathBuf>>,
+    /// The debug files found, held open: blazesym opens them again by descriptor.
+    open_debug_files: Vec<std::fs::File>,
 }
 
 /// Objects whose package is looked up in the dpkg database (one scan each).
@@ -88,12 +91,17 @@ impl Symbols {
     /// own `/usr/lib/debug` (a container's), then in ours (by build id and by
     /// `.gnu_debuglink`).
     pub fn new(pid: u32, debug_dirs: &[PathBuf]) -> Self {
+        // blazesym opens what it finds in these itself: ours and the user's only.
         let mut dirs: Vec<PathBuf> = debug_dirs.to_vec();
+        dirs.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
+        // The target's own (a container's) is searched by build id, by us (see
+        // `debug_file_by_build_id`): its files are opened as regular files only.
+        let mut by_id = debug_dirs.to_vec();
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         if std::fs::read_link(&root).is_ok_and(|r| r != Path::new("/")) {
-            dirs.push(root.join("usr/lib/debug"));
+            by_id.push(root.join("usr/lib/debug"));
         }
-        dirs.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
+        by_id.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
         let mut s = Self {
             pid,
             exec_maps: Vec::new(),
@@ -103,8 +111,9 @@ impl Symbols {
                 .enable_demangling(true)
                 .set_debug_dirs(Some(&dirs))
                 .build(),
-            debug_dirs: dirs,
+            debug_dirs: by_id,
             debug_files: FxHashMap::default(),
+            open_debug_files: Vec::new(),
             cache: FxHashMap::default(),
             program: None,
             names: FxHashMap::default(),
@@ -279,11 +288,19 @@ impl Symbols {
             };
             // A debug file found by build id is symbolized in place of the object
             // (blazesym looks in the debug directories only for a .gnu_debuglink).
-            let debug = self
-                .debug_files
-                .entry(module.clone())
-                .or_insert_with(|| debug_file_by_build_id(&path, &self.debug_dirs))
-                .clone();
+            let debug = match self.debug_files.get(&module) {
+                Some(d) => d.clone(),
+                None => {
+                    let found = debug_file_by_build_id(&path, &self.debug_dirs).map(|f| {
+                        use std::os::fd::AsRawFd as _;
+                        let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+                        self.open_debug_files.push(f);
+                        p
+                    });
+                    self.debug_files.insert(module.clone(), found.clone());
+                    found
+                }
+            };
             let results = match &debug {
                 Some(d) => {
                     // Its code segments have no file contents: addresses, not offsets.
@@ -381,9 +398,9 @@ fn program_name(pid: u32) -> Option<(String, String)> {
 }
 
 /// `DIR/.build-id/xx/rest.debug` for the object's build id, in the first debug
-/// directory that has it: where distributions install debug files, and where
-/// `debuginfod-find` output can be put.
-fn debug_file_by_build_id(object: &Path, dirs: &[PathBuf]) -> Option<PathBuf> {
+/// directory that has it as a regular file, opened: where distributions install
+/// debug files, and where `debuginfod-find` output can be put.
+fn debug_file_by_build_id(object: &Path, dirs: &[PathBuf]) -> Option<std::fs::File> {
     let id = build_id(object)?;
     // Shorter ids are bogus (and the path needs two characters for the directory).
     if id.len() < 16 {
@@ -395,7 +412,7 @@ fn debug_file_by_build_id(object: &Path, dirs: &[PathBuf]) -> Option<PathBuf> {
                 .join(&id[..2])
                 .join(format!("{}.debug", &id[2..]))
         })
-        .find(|p| p.is_file())
+        .find_map(|p| procfs::open_regular(&p).ok())
 }
 
 /// The GNU build id of an ELF file, hex.
@@ -427,12 +444,11 @@ fn dpkg_package(pid: u32, object: &str) -> Option<String> {
         let Some(pkg) = name.to_str().and_then(|n| n.strip_suffix(".list")) else {
             continue;
         };
-        if entry.metadata().is_ok_and(|m| m.len() > MAX_LIST_BYTES) {
-            continue;
-        }
-        let Ok(list) = std::fs::read_to_string(entry.path()) else {
+        // The target's root is hostile: regular files only, bounded.
+        let Ok(list) = procfs::read_regular(&entry.path(), MAX_LIST_BYTES) else {
             continue;
         };
+        let list = String::from_utf8_lossy(&list);
         if list.lines().any(|l| l == object || Some(l) == unmerged) {
             // `libc6:amd64` → `libc6`.
             return Some(pkg.split(':').next().unwrap_or(pkg).to_owned());
