@@ -81,6 +81,8 @@ pub struct Attached {
     pub persistent: Option<Vec<SessionLink>>,
     /// The tracepoints' links, with the program each belongs to.
     pub tracepoints: Vec<(String, TracePointLinkId)>,
+    /// The tracepoints loaded but not attached yet: (category, program name).
+    pub tracepoints_wanted: Vec<(&'static str, String)>,
 }
 
 /// The heap's entry and return programs loaded for `uprobe_multi` links: one link per
@@ -359,50 +361,31 @@ pub fn attach(
             },
         });
     }
-    let mut tracepoints = Vec::new();
-    for phase in ["enter", "exit"] {
-        for sc in SYSCALLS.iter().filter(|_| !dry_run) {
-            let name = format!("sys_{phase}_{sc}");
-            let prog = ebpf
-                .program_mut(&name)
-                .ok_or(Error::Missing("a syscall tracepoint program"))?;
-            let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.clone()))?;
-            stop::check()?;
-            tp.load().map_err(attach_err(name.clone()))?;
-            let link = tp
-                .attach("syscalls", &name)
-                .map_err(attach_err(format!("tracepoint syscalls:{name}")))?;
-            tracepoints.push((name, link));
+    // The tracepoints' programs are loaded now (the verifier runs are the slow part);
+    // they are attached by [`attach_tracepoints`] just before tracing starts, so a stop
+    // while starting has none to take out (the kernel closes them one after another,
+    // ~50 ms each).
+    let mut wanted: Vec<(&'static str, String)> = Vec::new();
+    if !dry_run {
+        for phase in ["enter", "exit"] {
+            for sc in SYSCALLS {
+                wanted.push(("syscalls", format!("sys_{phase}_{sc}")));
+            }
+        }
+        wanted.push(("sched", "sched_process_exec".into()));
+        if follow_forks {
+            // The family's forks and exits (`--follow-forks`).
+            wanted.push(("task", "task_newtask".into()));
+            wanted.push(("sched", "sched_process_exit".into()));
         }
     }
-    if !dry_run {
-        let name = "sched_process_exec";
+    for (_, name) in &wanted {
         let prog = ebpf
             .program_mut(name)
-            .ok_or(Error::Missing("the exec tracepoint program"))?;
-        let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.into()))?;
+            .ok_or(Error::Missing("a tracepoint program"))?;
+        let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.clone()))?;
         stop::check()?;
-        tp.load().map_err(attach_err(name.into()))?;
-        let link = tp
-            .attach("sched", name)
-            .map_err(attach_err(format!("tracepoint sched:{name}")))?;
-        tracepoints.push((name.to_owned(), link));
-    }
-    // The family's forks and exits (`--follow-forks`).
-    for (category, name) in [("task", "task_newtask"), ("sched", "sched_process_exit")]
-        .into_iter()
-        .filter(|_| follow_forks && !dry_run)
-    {
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(Error::Missing("a fork-following tracepoint program"))?;
-        let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.into()))?;
-        stop::check()?;
-        tp.load().map_err(attach_err(name.into()))?;
-        let link = tp
-            .attach(category, name)
-            .map_err(attach_err(format!("tracepoint {category}:{name}")))?;
-        tracepoints.push((name.to_owned(), link));
+        tp.load().map_err(attach_err(name.clone()))?;
     }
     let mut session_links = session_links;
     session_links.extend(multi_links);
@@ -415,8 +398,26 @@ pub fn attach(
         session_program: session_prog,
         multi,
         persistent,
-        tracepoints,
+        tracepoints: Vec::new(),
+        tracepoints_wanted: wanted,
     })
+}
+
+/// Attaches the tracepoints [`attach`] loaded (idle until [`enable`]).
+///
+/// [`enable`]: super::load::enable
+pub fn attach_tracepoints(ebpf: &mut Ebpf, attached: &mut Attached) -> Result<(), Error> {
+    for (category, name) in std::mem::take(&mut attached.tracepoints_wanted) {
+        let prog = ebpf
+            .program_mut(&name)
+            .ok_or(Error::Missing("a tracepoint program"))?;
+        let tp: &mut TracePoint = prog.try_into().map_err(attach_err(name.clone()))?;
+        let link = tp
+            .attach(category, &name)
+            .map_err(attach_err(format!("tracepoint {category}:{name}")))?;
+        attached.tracepoints.push((name, link));
+    }
+    Ok(())
 }
 
 /// Attaches the heap probes at `sites` again (their programs are loaded already): the

@@ -86,6 +86,8 @@ struct Session<'a> {
     attaching: Option<super::notice::Notice>,
     /// The followed descendants (`--follow-forks`).
     family: Option<super::follow::Family>,
+    /// The trap costs measured while attaching.
+    calibrated: Option<Result<crate::probes::calibrate::TrapCosts, Error>>,
     /// The kernel's set of followed pids.
     targets: Option<BpfHashMap<MapData, u32, u32>>,
     /// Latest overhead measurement.
@@ -130,6 +132,7 @@ pub fn run(
         attached,
         start_brk,
         brk,
+        calibrated,
     } = p;
     // Open the exit notifier before releasing a launched child, so its exit can't be missed.
     let pidfd = open_pidfd(pid);
@@ -202,6 +205,7 @@ pub fn run(
         detaching: None,
         attaching: Some(attaching),
         family: config.follow_forks.then(super::follow::Family::default),
+        calibrated: Some(calibrated),
         targets,
         overhead: None,
         duty: None,
@@ -214,7 +218,11 @@ pub fn run(
         out,
     };
     let outcome = rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked));
-    s.worker.stop();
+    match &outcome {
+        Ok(_) => s.worker.stop(),
+        // A stop while starting: the worker may be reading the target's tables.
+        Err(_) => s.worker.abandon(),
+    }
     // Ended early (a signal while starting, an error): the probes come out all at once
     // here too, not one by one as `ebpf` is dropped.
     let detaching = match s.detaching.take() {
@@ -286,11 +294,13 @@ impl Session<'_> {
         blocked: Option<launch::Blocked>,
     ) -> Result<Outcome, Error> {
         let mut m = Maps::take(ebpf, self.config.copy_stacks)?;
-        // What a trap costs on this machine, measured now (probes on functions of our own).
-        let shield = super::stop::Shield::new();
-        let calibrated = crate::probes::calibrate::calibrate(ebpf);
-        drop(shield);
-        let traps = match calibrated {
+        // What a trap costs on this machine, measured while attaching (probes on
+        // functions of our own).
+        let traps = match self
+            .calibrated
+            .take()
+            .unwrap_or_else(|| Err(Error::Worker("trap costs were not measured".into())))
+        {
             Ok(t) => {
                 log::info!(
                     "trap costs here: {:.2} µs emulated, {:.2} µs single-stepped, {:.2} µs per return",
@@ -369,6 +379,7 @@ impl Session<'_> {
                 }
             }
         }
+        attach::attach_tracepoints(ebpf, &mut self.attached)?;
         if self.config.follow_forks && !self.config.dry_run {
             self.follow_existing(ebpf)?;
         }

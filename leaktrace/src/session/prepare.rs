@@ -43,6 +43,8 @@ pub struct Prepared {
     pub start_brk: Option<u64>,
     /// See `start_brk`.
     pub brk: Option<u64>,
+    /// What a trap costs on this machine, measured after attaching (or why not).
+    pub calibrated: Result<crate::probes::calibrate::TrapCosts, Error>,
 }
 
 /// Whether native stacks are unwound with CFI tables (the default).
@@ -57,11 +59,50 @@ pub fn cfi_enabled(config: &Config) -> bool {
 /// Resolves the target, loads and attaches. A launched child is killed on failure.
 pub fn prepare(config: &Config) -> Result<Prepared, Error> {
     let (pid, objects, blocked) = resolve(config)?;
-    let shield = super::stop::Shield::new();
-    let loaded = load_and_attach(config, pid, objects.as_slice());
-    drop(shield);
+    // Loading and attaching run on a thread of their own, with SIGINT and SIGTERM
+    // blocked there (a verifier run a signal interrupts is given up and loaded again).
+    // This thread waits and answers a signal at once: leaktrace exits, and the kernel
+    // ends a verifier run in progress and closes whatever was attached. One verifier
+    // run takes most of a second here, several on a loaded machine.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (cfg, objs) = (config.clone(), objects.clone());
+    std::thread::Builder::new()
+        .name("leaktrace-attach".into())
+        .spawn(move || {
+            let _shield = super::stop::Shield::new();
+            let r = load_and_attach(&cfg, pid, objs.as_slice()).map(|mut l| {
+                let traps = crate::probes::calibrate::calibrate(&mut l.3);
+                (l, traps)
+            });
+            let _ = tx.send(r);
+        })
+        .map_err(|e| Error::Worker(format!("cannot start the attach thread: {e}")))?;
+    let loaded = loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = super::stop::check() {
+                    // Never joined: the process exits with the attach thread in it.
+                    break Err(e);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(Error::Worker("the attach thread died".into()));
+            }
+        }
+    };
     match loaded {
-        Ok((sites, heap_not_traced, unwinder, ebpf, attached)) => {
+        Ok(((sites, heap_not_traced, unwinder, ebpf, attached), calibrated)) => {
+            // A stop asked during the calibration.
+            let calibrated = match calibrated {
+                Err(e @ Error::Stopped { .. }) => {
+                    if let Some(b) = blocked {
+                        launch::kill_blocked(b);
+                    }
+                    return Err(e);
+                }
+                c => c,
+            };
             let launched = blocked.is_some();
             let start_brk = (!launched).then(|| procfs::read_start_brk(pid)).flatten();
             let brk = if launched {
@@ -85,6 +126,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Error> {
                 attached,
                 start_brk,
                 brk,
+                calibrated,
             })
         }
         Err(e) => {

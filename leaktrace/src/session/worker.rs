@@ -181,6 +181,12 @@ impl Handle {
         let _ = self.jobs.send(job);
     }
 
+    /// Lets the worker go without waiting for it: leaktrace is ending early (a signal
+    /// while starting) and exits with the worker in whatever it was doing.
+    pub fn abandon(self) {
+        drop(self.jobs);
+    }
+
     /// Stops the worker once its queue is done, and waits for it.
     pub fn stop(self) {
         let Self { jobs, thread } = self;
