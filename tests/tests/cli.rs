@@ -9,6 +9,7 @@ use std::{
 
 use leaktrace_tests::{
     Fixture, Tracer, check_shape, fixture_path, leaktrace_bin, require_root, run_cli, stack_at,
+    stacks_at,
 };
 
 /// Launch mode attaches before the command runs: allocations made first thing in main are seen.
@@ -559,4 +560,50 @@ fn root_static_binary_is_traced_without_heap_probes() {
         .collect();
     assert!(!metrics.contains(&"live_heap_growth_bytes"), "{metrics:?}");
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
+/// `--pid` on a process that leaks and then execs another program: the old image's
+/// blocks were reported as live in the new one. The books restart at the exec, the
+/// new program is traced from there, and the report says when and into what.
+#[test]
+fn root_exec_in_pid_mode_restarts_the_books() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["exec"]);
+    let pid = fx.pid;
+    let tracer = Tracer::start(&["--pid", &pid.to_string()]);
+    fx.send("go");
+    fx.expect_line("exec");
+    while std::fs::read_link(format!("/proc/{pid}/exe")).map_or(true, |p| !p.ends_with("sleep")) {
+        std::thread::yield_now();
+    }
+    // The exec's event is in the ring by now; the final drain reads it.
+    let r = tracer.finish();
+    check_shape(&r);
+    let execs = r["execs"].as_array().unwrap();
+    assert_eq!(execs.len(), 1, "{execs:?}");
+    assert!(
+        execs[0]["program"].as_str().unwrap().ends_with("sleep"),
+        "{execs:?}"
+    );
+    assert_eq!(r["activity"]["execs"], 1);
+    assert_eq!(
+        stacks_at(&r, "heap", "leak_malloc").len(),
+        0,
+        "the old image's blocks are gone: {:#}",
+        r["heap"]
+    );
+    // What is live is the new program's: sleep's own start-up (its locale, its
+    // arguments), traced since the exec.
+    for s in r["heap"]["stacks"].as_array().unwrap() {
+        let modules: Vec<&str> = s["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["module"].as_str())
+            .collect();
+        assert!(
+            !modules.iter().any(|m| m.ends_with("heap_ops")),
+            "a stack of the old image: {s:#}"
+        );
+    }
 }

@@ -149,6 +149,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
 
     Report {
         follow: None,
+        execs: Vec::new(),
         pid: i.pid,
         duration_s: (i.duration_s * 1000.0).round() / 1000.0,
         rss_bytes: i.rss.rss_bytes,

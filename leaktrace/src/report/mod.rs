@@ -321,6 +321,19 @@ pub struct Report {
     pub timeline: Vec<Point>,
     /// The target's descendants, with `--follow-forks` (null otherwise).
     pub follow: Option<Followed>,
+    /// Each exec of the target while traced (a launched command's own start is not
+    /// one): its books, mappings and samples restarted there; the report is the new
+    /// program's.
+    pub execs: Vec<ExecNote>,
+}
+
+/// An exec of the traced process.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExecNote {
+    /// Seconds after the start of tracing.
+    pub at_s: f64,
+    /// The program it runs since.
+    pub program: String,
 }
 
 /// The followed descendants (`--follow-forks`).
@@ -548,6 +561,7 @@ mod tests {
             },
             timeline: vec![],
             follow: None,
+            execs: Vec::new(),
         };
         // One worker forked while traced, one that exited, one not followed.
         let worker = |pid: u32, ended: Option<&str>| FollowedProcess {

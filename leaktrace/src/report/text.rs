@@ -636,6 +636,13 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
         a.mremaps,
         a.brks
     );
+    for e in &r.execs {
+        let _ = writeln!(
+            o,
+            "Exec'd {} at {:.1} s: the books restart there (the old program's blocks and mappings went with it); what follows is the new program's.",
+            e.program, e.at_s
+        );
+    }
     {
         let st = &r.stacks;
         let tables = st.tables.as_ref().map_or(String::new(), |t| {

@@ -86,6 +86,8 @@ struct Session<'a> {
     attaching: Option<super::notice::Notice>,
     /// The followed descendants (`--follow-forks`).
     family: Option<super::follow::Family>,
+    /// The target's execs while traced (its books restarted at each).
+    execs: Vec<report::ExecNote>,
     /// The trap costs measured while attaching.
     calibrated: Option<Result<crate::probes::calibrate::TrapCosts, Error>>,
     /// The kernel's set of followed pids.
@@ -206,6 +208,7 @@ pub fn run(
         attaching: Some(attaching),
         family: config.follow_forks.then(super::follow::Family::default),
         calibrated: Some(calibrated),
+        execs: Vec::new(),
         targets,
         overhead: None,
         duty: None,
@@ -720,6 +723,18 @@ impl Session<'_> {
                 }
                 self.worker.send(Job::Exec);
                 exec_mapped = false;
+                // The old program's samples go with its books. A launched command's
+                // first exec is the launch itself.
+                self.timeline = Timeline::default();
+                if !(self.launched && self.ledger.activity.execs == 1) {
+                    let program = std::fs::read_link(format!("/proc/{}/exe", self.pid))
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| "?".into());
+                    self.execs.push(report::ExecNote {
+                        at_s: self.started.elapsed().as_secs_f64(),
+                        program,
+                    });
+                }
             }
         }
         if exec_mapped {
@@ -1151,6 +1166,7 @@ impl Session<'_> {
             unwind: snap.unwind.as_ref(),
             unnamed: &snap.unnamed,
         });
+        r.execs = self.execs.clone();
         if let Some(fam) = &self.family {
             r.follow = Some(self.followed(fam, &r, snap, &kernel, now_ns, final_report));
         }
