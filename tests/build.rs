@@ -11,6 +11,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("libbump_alloc.so", "bump_alloc.c", &["-shared", "-fPIC"]),
     ("verdicts", "verdicts.c", &["-pthread"]),
     ("prefork", "prefork.c", &[]),
+    ("hostile", "hostile.c", &[]),
 ];
 
 fn main() {

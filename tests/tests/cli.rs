@@ -607,3 +607,19 @@ fn root_exec_in_pid_mode_restarts_the_books() {
         );
     }
 }
+
+/// A target that maps /dev/zero executable: its "file" mapping reads forever. Python
+/// discovery read it whole and leaktrace never attached (nor stopped for SIGTERM).
+/// Objects are read as regular files only now, bounded; the device is skipped.
+#[test]
+fn root_device_mapped_executable_is_skipped() {
+    require_root();
+    let mut fx = Fixture::spawn("hostile", &["devzero"]);
+    let r = leaktrace_tests::trace_fixture(&mut fx, &[]);
+    let s = stack_at(&r, "heap", "leak_after");
+    assert_eq!(
+        (s["live_bytes"].as_u64(), s["live_allocations"].as_u64()),
+        (Some(500), Some(5)),
+        "{s:#}"
+    );
+}

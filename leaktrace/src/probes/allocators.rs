@@ -10,7 +10,6 @@
 
 use std::{
     collections::BTreeSet,
-    fs,
     path::{Path, PathBuf},
 };
 
@@ -90,10 +89,11 @@ pub enum ObjectError {
 
 /// Finds allocator definitions in one ELF object.
 pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, ObjectError> {
-    let data = fs::read(host_path).map_err(|source| ObjectError::Read {
-        path: host_path.to_owned(),
-        source,
-    })?;
+    let data =
+        crate::process::procfs::read_object(host_path).map_err(|source| ObjectError::Read {
+            path: host_path.to_owned(),
+            source,
+        })?;
     let file = object::File::parse(&*data).map_err(|source| ObjectError::Parse {
         path: host_path.to_owned(),
         source,

@@ -77,9 +77,8 @@ pub fn resolve_program(program: &OsStr) -> Result<PathBuf, Error> {
 pub fn effective_elf(path: &Path) -> Result<PathBuf, Error> {
     let mut cur = path.to_path_buf();
     for _ in 0..4 {
-        let head = fs::read(&cur)
-            .map(|d| d.into_iter().take(256).collect::<Vec<u8>>())
-            .map_err(|source| Error::Read {
+        let head =
+            crate::process::procfs::read_regular(&cur, 256).map_err(|source| Error::Read {
                 path: cur.clone(),
                 source,
             })?;
@@ -107,7 +106,7 @@ pub fn effective_elf(path: &Path) -> Result<PathBuf, Error> {
 /// executable itself. A static executable is its own only object.
 pub fn objects_for(elf: &Path) -> Vec<PathBuf> {
     let mut out = vec![elf.to_path_buf()];
-    let data = fs::read(elf).unwrap_or_default();
+    let data = crate::process::procfs::read_object(elf).unwrap_or_default();
     let dynamic = object::File::parse(&*data).is_ok_and(|f| {
         use object::{Object as _, ObjectSection as _};
         f.section_by_name(".interp").is_some_and(|s| s.size() > 0)

@@ -101,6 +101,30 @@ pub fn read_regular(path: &std::path::Path, max: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The largest object file leaktrace reads (a statically linked server can be
+/// hundreds of MiB; anything past this is not a program's code).
+pub const MAX_OBJECT_BYTES: u64 = 2 << 30;
+
+/// An object file the target maps (through its `map_files` entry), read whole: a
+/// regular file only, at most [`MAX_OBJECT_BYTES`]. Read, not mapped: the target may
+/// truncate its file while leaktrace parses it, which a mapping answers with SIGBUS;
+/// a read just ends short. A device mapped executable (`/dev/zero`) is refused, where
+/// reading it never ended.
+pub fn read_object(path: &std::path::Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let f = open_regular(path)?;
+    let len = f.metadata()?.len();
+    if len > MAX_OBJECT_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{len} bytes, more than the {MAX_OBJECT_BYTES} leaktrace reads"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(len).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 /// The path the process was started as: `execve`'s filename, which the kernel leaves
 /// on the new stack and names in the auxiliary vector (`AT_EXECFN`). It names the
 /// program as the user knows it where `/proc/PID/exe` resolves links (redis-server is

@@ -170,6 +170,8 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         Some(p) => output::Output::file(p)?,
         None => output::Output::stdout(),
     };
+    // A kernel leaktrace cannot run on is said in one line, before anything else.
+    crate::probes::load::check_kernel()?;
     let attaching = notice::Notice::after(
         config.announce,
         notice::AFTER,

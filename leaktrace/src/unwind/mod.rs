@@ -354,10 +354,9 @@ impl Unwinder {
     }
 }
 
-/// A read-only view of a file (objects can be hundreds of MiB: libLLVM is 190 MiB).
-fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
-    let f = std::fs::File::open(path)?;
-    // SAFETY: a private read-only mapping; the target's object files are not written
-    // while it runs (a replaced file gets a new inode, the old one stays intact).
-    unsafe { memmap2::Mmap::map(&f) }
+/// An object file's bytes (objects can be hundreds of MiB: libLLVM is 190 MiB). Read,
+/// not mapped: the target can truncate its file under a mapping (SIGBUS); see
+/// [`crate::process::procfs::read_object`].
+fn map_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    crate::process::procfs::read_object(path)
 }

@@ -323,7 +323,7 @@ pub enum FileError {
 
 /// Reads one object and returns its table and how long building took.
 pub fn build_file(path: &Path) -> Result<(Table, Duration), FileError> {
-    let data = std::fs::read(path).map_err(|source| FileError::Read {
+    let data = crate::process::procfs::read_object(path).map_err(|source| FileError::Read {
         path: path.to_owned(),
         source,
     })?;

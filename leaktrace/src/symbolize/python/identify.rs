@@ -73,7 +73,7 @@ pub fn find(objects: &[(String, PathBuf)]) -> Option<Interpreter> {
 
 /// Whether the object at `host` (mapped as `target`) is a CPython interpreter.
 pub fn identify(target: &str, host: &Path) -> Option<Interpreter> {
-    let data = std::fs::read(host).ok()?;
+    let data = crate::process::procfs::read_object(host).ok()?;
     identify_bytes(target, host, &data)
 }
 

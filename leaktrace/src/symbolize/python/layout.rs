@@ -147,7 +147,7 @@ impl FileBytes {
 
 /// Reads what [`configure`] needs from the interpreter's file (once per interpreter).
 pub fn load(interp: &Interpreter, maps: &[MapEntry]) -> Result<Loaded, Unavailable> {
-    let data = std::fs::read(&interp.host)
+    let data = crate::process::procfs::read_object(&interp.host)
         .map_err(|e| format!("failed to read {}: {e}", interp.host.display()))?;
     let bias = maps
         .iter()
