@@ -484,7 +484,7 @@ fn root_python_sigint_while_attaching_stops_at_once() {
         &[script_path("py_deep.py").to_str().unwrap()],
         &[],
     );
-    let mut child = std::process::Command::new(leaktrace_tests::leaktrace_bin())
+    let child = std::process::Command::new(leaktrace_tests::leaktrace_bin())
         .args(["--pid", &fx.pid.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

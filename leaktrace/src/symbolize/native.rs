@@ -40,7 +40,8 @@ pub struct Symbols {
     /// Per object (as mapped): its debug file found by build id, if any (a path
     /// through one of `open_debug_files`).
     debug_files: FxHashMap<String, Option<PathBuf>>,
-    /// The debug files found, held open: blazesym opens them again by descriptor.
+    /// Files opened for blazesym (debug files found, objects of a target that is
+    /// gone), held open: blazesym opens them again by descriptor.
     open_debug_files: Vec<std::fs::File>,
 }
 
@@ -281,10 +282,28 @@ impl Symbols {
             let offsets: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
             // After the target exits (or unmaps the object) its map_files entry is gone;
             // the file is usually still at the same path in our namespace.
+            // Opened by us as a regular file (a FIFO planted at that path would block
+            // blazesym's open forever) and handed over by descriptor.
             let path = if host.exists() {
                 host
             } else {
-                PathBuf::from(&module)
+                match procfs::open_regular(Path::new(&module)) {
+                    Ok(f) => {
+                        use std::os::fd::AsRawFd as _;
+                        let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+                        self.open_debug_files.push(f);
+                        p
+                    }
+                    Err(_) => {
+                        // Nothing to read it from: its frames stay unnamed.
+                        let names = self.names.entry(module.clone()).or_default();
+                        for (key, _) in &items {
+                            names.unnamed += 1;
+                            self.cache.insert(*key, vec![unknown(key.0, Some(module.clone()))]);
+                        }
+                        continue;
+                    }
+                }
             };
             // A debug file found by build id is symbolized in place of the object
             // (blazesym looks in the debug directories only for a .gnu_debuglink).
