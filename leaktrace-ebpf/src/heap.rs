@@ -23,8 +23,8 @@ use leaktrace_common::{
 };
 
 use crate::{
-    ALLOC_INFLIGHT, CONFIG, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit, hit,
-    now,
+    ALLOC_INFLIGHT, CONFIG, Caller, EXP_DRAWS, LAST_RETURN, SAMPLE_COUNTDOWN, SAMPLED, count, emit,
+    hit, now,
     stack::{self, Regs},
     traced_thread, window_generation,
 };
@@ -103,9 +103,10 @@ fn sampled(tid: u32, size: u64) -> bool {
 /// runs only if this returns true; an unsampled call then leaves no entry behind.
 #[inline(always)]
 fn alloc_enter(ctx: &ProbeContext, func: AllocFn, size: u64, aux: u64, session: bool) -> bool {
-    let Some(tid) = traced_thread(ENABLE_HEAP) else {
+    let Some(me) = traced_thread(ENABLE_HEAP) else {
         return false;
     };
+    let tid = me.tid;
     hit(func as u32);
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return false;
@@ -251,9 +252,10 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 /// The return of an allocator call, from the user registers at its return.
 #[inline(always)]
 fn exit(ctx: *mut core::ffi::c_void) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_HEAP) else {
+    let Some(me) = traced_thread(ENABLE_HEAP) else {
         return 0;
     };
+    let tid = me.tid;
     // Bare probes (benchmark): the trap, and nothing else.
     if CONFIG.load().flags & CONFIG_COUNT_ONLY != 0 {
         return 0;
@@ -305,19 +307,21 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
         // The old block is gone; if it was sampled (the delete finds it), userspace must hear of it.
         if SAMPLED.remove(&entry.aux).is_ok() {
             if unsampled {
-                emit(Event {
-                    kind: kind::FREE,
-                    tid,
-                    ts_ns: now(),
-                    addr: entry.aux,
-                    func: AllocFn::Free as u32,
-                    stack_id: STACK_NONE,
-                    ..Event::default()
-                });
+                emit(
+                    me,
+                    Event {
+                        kind: kind::FREE,
+                        ts_ns: now(),
+                        addr: entry.aux,
+                        func: AllocFn::Free as u32,
+                        stack_id: STACK_NONE,
+                        ..Event::default()
+                    },
+                );
             }
         } else if !unsampled {
             // Userspace never saw the old block: report the new one as a plain allocation.
-            return emit_alloc(tid, &entry, func, ret, 0, sampling, 0);
+            return emit_alloc(me, &entry, func, ret, 0, sampling, 0);
         }
     }
     // An address handed out while a sampled block is still recorded there: that block
@@ -328,16 +332,18 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
         && !(is_realloc && ret == entry.aux)
         && SAMPLED.remove(&ret).is_ok()
     {
-        emit(Event {
-            kind: kind::FREE,
-            tid,
-            ts_ns: now(),
-            addr: ret,
-            func: AllocFn::Free as u32,
-            stack_id: STACK_NONE,
-            flags: EVENT_REUSED,
-            ..Event::default()
-        });
+        emit(
+            me,
+            Event {
+                kind: kind::FREE,
+                ts_ns: now(),
+                addr: ret,
+                func: AllocFn::Free as u32,
+                stack_id: STACK_NONE,
+                flags: EVENT_REUSED,
+                ..Event::default()
+            },
+        );
     }
     if unsampled {
         return 0;
@@ -355,7 +361,7 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
         }
     }
     emit_alloc(
-        tid,
+        me,
         &entry,
         func,
         ret,
@@ -367,7 +373,7 @@ fn exit(ctx: *mut core::ffi::c_void) -> u32 {
 
 #[inline(always)]
 fn emit_alloc(
-    tid: u32,
+    me: Caller,
     entry: &AllocEntry,
     func: u32,
     ret: u64,
@@ -388,28 +394,31 @@ fn emit_alloc(
     if sampling && addr != 0 && SAMPLED.insert(&addr, &1u8, 0).is_err() {
         count(counter::SAMPLED_FULL);
     }
-    emit(Event {
-        kind: kind::ALLOC,
-        tid,
-        ts_ns: now(),
-        addr,
-        size: entry.size,
-        aux: old,
-        aux2: entry.ts_ns,
-        stack_id: entry.stack_id,
-        func,
-        flags,
-        ..Event::default()
-    });
+    emit(
+        me,
+        Event {
+            kind: kind::ALLOC,
+            ts_ns: now(),
+            addr,
+            size: entry.size,
+            aux: old,
+            aux2: entry.ts_ns,
+            stack_id: entry.stack_id,
+            func,
+            flags,
+            ..Event::default()
+        },
+    );
     0
 }
 
 /// A call that frees its first argument.
 #[inline(always)]
 fn free_like(ctx: &ProbeContext, func: AllocFn) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_FREES) else {
+    let Some(me) = traced_thread(ENABLE_FREES) else {
         return 0;
     };
+    let tid = me.tid;
     let ptr = arg(ctx, 0);
     if ptr == 0 {
         return 0;
@@ -442,18 +451,20 @@ fn free_like(ctx: &ProbeContext, func: AllocFn) -> u32 {
     if CONFIG.load().sample_bytes != 0 && SAMPLED.remove(&ptr).is_err() {
         return 0;
     }
-    emit(Event {
-        kind: kind::FREE,
-        tid,
-        ts_ns: now(),
-        addr: ptr,
-        size: 0,
-        aux: 0,
-        aux2: 0,
-        stack_id: leaktrace_common::STACK_NONE,
-        func: func as u32,
-        flags: 0,
-        ..Event::default()
-    });
+    emit(
+        me,
+        Event {
+            kind: kind::FREE,
+            ts_ns: now(),
+            addr: ptr,
+            size: 0,
+            aux: 0,
+            aux2: 0,
+            stack_id: leaktrace_common::STACK_NONE,
+            func: func as u32,
+            flags: 0,
+            ..Event::default()
+        },
+    );
     0
 }

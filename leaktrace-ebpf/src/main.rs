@@ -180,13 +180,30 @@ fn hit(func: u32) {
     }
 }
 
-/// The caller's thread id, if it belongs to the traced process and the `what`
-/// bit of `ENABLED` is set.
+/// The thread a program runs for: its id and its process's, read once per run.
+#[derive(Clone, Copy)]
+struct Caller {
+    tid: u32,
+    tgid: u32,
+}
+
+impl Caller {
+    #[inline(always)]
+    fn current() -> Self {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        Self {
+            tid: pid_tgid as u32,
+            tgid: (pid_tgid >> 32) as u32,
+        }
+    }
+}
+
+/// The caller, if it belongs to a traced process and the `what` bit of `ENABLED` is
+/// set.
 #[inline(always)]
-fn traced_thread(what: u32) -> Option<u32> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !is_target(tgid) {
+fn traced_thread(what: u32) -> Option<Caller> {
+    let me = Caller::current();
+    if !is_target(me.tgid) {
         return None;
     }
     // Userspace flips this once all probes are attached: an entry probe without its
@@ -196,19 +213,20 @@ fn traced_thread(what: u32) -> Option<u32> {
     if ENABLED.get(0).copied().unwrap_or(0) & what == 0 {
         return None;
     }
-    Some(pid_tgid as u32)
+    Some(me)
 }
 
-/// Sends one event, counting a full ring buffer as a loss.
+/// Sends one event of `who`'s, counting a full ring buffer as a loss.
 ///
 /// The consumer is woken only when enough data waits (it drains on a timer
 /// otherwise): a wakeup per event doubled the cost of a traced malloc+free.
 #[inline(always)]
-fn emit(ev: Event) {
+fn emit(who: Caller, ev: Event) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(Event {
-                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                tid: who.tid,
+                tgid: who.tgid,
                 ..ev
             });
             let waiting = EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);

@@ -28,8 +28,8 @@ use aya_ebpf::helpers::{
 use aya_ebpf::helpers::bpf_send_signal_thread;
 
 use crate::{
-    ALLOC_INFLIGHT, CONFIG, FREE_MARK, SYSCALL_INFLIGHT, TARGETS, count, emit, is_target, now,
-    stack, traced_thread,
+    ALLOC_INFLIGHT, CONFIG, Caller, FREE_MARK, SYSCALL_INFLIGHT, TARGETS, count, emit, is_target,
+    now, stack, traced_thread,
 };
 
 const MADV_DONTNEED: u64 = 4;
@@ -64,9 +64,10 @@ fn field(ctx: &TracePointContext, i: usize) -> u64 {
 
 #[inline(always)]
 fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else {
+    let Some(me) = traced_thread(ENABLE_SYSCALLS) else {
         return 0;
     };
+    let tid = me.tid;
     let mut args = [0u64; 5];
     // Reading past the format's last field makes the kernel refuse to attach (EACCES).
     for (i, a) in args.iter_mut().enumerate().take(nargs) {
@@ -124,9 +125,10 @@ fn sys_enter(ctx: &TracePointContext, nr: u32, nargs: usize, want_stack: bool) -
 
 #[inline(always)]
 fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else {
+    let Some(me) = traced_thread(ENABLE_SYSCALLS) else {
         return 0;
     };
+    let tid = me.tid;
     // SAFETY: a lookup returns a pointer valid for this program run; we copy it out.
     let Some(e) = (unsafe { SYSCALL_INFLIGHT.get(tid) }).copied() else {
         // madvise with other advice is not recorded at entry.
@@ -154,19 +156,21 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
         nr::MPROTECT => (kind::MPROTECT, a[0], a[1], a[2], 0),
         _ => (kind::MADVISE, a[0], a[1], a[2], 0),
     };
-    emit(Event {
-        kind: k,
-        tid,
-        ts_ns: now(),
-        addr,
-        size,
-        aux,
-        aux2,
-        stack_id: e.stack_id,
-        func: nr,
-        flags: e.flags,
-        ..Event::default()
-    });
+    emit(
+        me,
+        Event {
+            kind: k,
+            ts_ns: now(),
+            addr,
+            size,
+            aux,
+            aux2,
+            stack_id: e.stack_id,
+            func: nr,
+            flags: e.flags,
+            ..Event::default()
+        },
+    );
     // A launched command's main thread mapped a file's code: hold it (leaktrace is
     // its tracer and resumes it) until that code's unwind tables are loaded.
     if nr == nr::MMAP
@@ -208,20 +212,21 @@ macro_rules! syscall_probes {
 /// runs.
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
-    let Some(tid) = traced_thread(ENABLE_SYSCALLS) else {
+    let Some(me) = traced_thread(ENABLE_SYSCALLS) else {
         return 0;
     };
-    emit(Event {
-        kind: kind::EXEC,
-        tid,
-        ts_ns: now(),
-        stack_id: STACK_NONE,
-        ..Event::default()
-    });
+    emit(
+        me,
+        Event {
+            kind: kind::EXEC,
+            ts_ns: now(),
+            stack_id: STACK_NONE,
+            ..Event::default()
+        },
+    );
     // A followed descendant that runs another program is no longer followed.
-    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid != CONFIG.load().tgid {
-        let _ = TARGETS.remove(&tgid);
+    if me.tgid != CONFIG.load().tgid {
+        let _ = TARGETS.remove(&me.tgid);
     }
     0
 }
@@ -237,8 +242,8 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if CONFIG.load().flags & CONFIG_FOLLOW_FORKS == 0 {
         return 0;
     }
-    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    if !is_target((pid_tgid >> 32) as u32) {
+    let me = Caller::current();
+    if !is_target(me.tgid) {
         return 0;
     }
     // SAFETY: offsets within the tracepoint's record (format above).
@@ -257,14 +262,16 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         count(counter::FORKS_NOT_FOLLOWED);
         return 0;
     }
-    emit(Event {
-        kind: kind::FORK,
-        tid: pid_tgid as u32,
-        ts_ns: now(),
-        addr: child as u64,
-        stack_id: STACK_NONE,
-        ..Event::default()
-    });
+    emit(
+        me,
+        Event {
+            kind: kind::FORK,
+            ts_ns: now(),
+            addr: child as u64,
+            stack_id: STACK_NONE,
+            ..Event::default()
+        },
+    );
     0
 }
 
@@ -275,23 +282,24 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if CONFIG.load().flags & CONFIG_FOLLOW_FORKS == 0 {
         return 0;
     }
-    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    if tid != tgid || tgid == CONFIG.load().tgid {
+    let me = Caller::current();
+    if me.tid != me.tgid || me.tgid == CONFIG.load().tgid {
         return 0;
     }
     // SAFETY: a plain lookup; the value is not kept.
-    if unsafe { TARGETS.get(&tgid) }.is_none() {
+    if unsafe { TARGETS.get(&me.tgid) }.is_none() {
         return 0;
     }
-    let _ = TARGETS.remove(&tgid);
-    emit(Event {
-        kind: kind::EXIT,
-        tid,
-        ts_ns: now(),
-        stack_id: STACK_NONE,
-        ..Event::default()
-    });
+    let _ = TARGETS.remove(&me.tgid);
+    emit(
+        me,
+        Event {
+            kind: kind::EXIT,
+            ts_ns: now(),
+            stack_id: STACK_NONE,
+            ..Event::default()
+        },
+    );
     0
 }
 
