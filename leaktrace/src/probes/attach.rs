@@ -532,7 +532,7 @@ fn attach_one(
 /// for one more: when `Ebpf` was dropped, thirteen tracepoints and the heap's links
 /// held leaktrace's exit for about a second after the report.
 pub fn start_detach(ebpf: &mut Ebpf, attached: &mut Attached, more: Vec<HeapLinks>) -> Detaching {
-    let mut closers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    let mut closers: Vec<Closer> = Vec::new();
     for (name, link) in std::mem::take(&mut attached.tracepoints) {
         match ebpf
             .program_mut(&name)
@@ -545,35 +545,12 @@ pub fn start_detach(ebpf: &mut Ebpf, attached: &mut Attached, more: Vec<HeapLink
         }
     }
     for links in attached.heap_links.take().into_iter().chain(more) {
-        for (name, link) in links.uprobes {
-            match ebpf
-                .program_mut(name)
-                .and_then(|p| <&mut UProbe>::try_from(p).ok())
-                .map(|p| p.take_link(link))
-            {
-                Some(Ok(l)) => closers.push(Box::new(move || drop(l))),
-                Some(Err(e)) => log::warn!("failed to detach {name}: {e}"),
-                None => log::warn!("failed to detach {name}: no such program"),
-            }
-        }
-        for l in links.sessions {
-            closers.push(Box::new(move || drop(l)));
-        }
+        heap_closers(ebpf, links, &mut closers);
     }
     for l in attached.persistent.take().into_iter().flatten() {
         closers.push(Box::new(move || drop(l)));
     }
-    let threads = closers
-        .into_iter()
-        .filter_map(|close| {
-            std::thread::Builder::new()
-                .name("leaktrace-detach".into())
-                .spawn(close)
-                // The closure went with the failed spawn: its link was closed here.
-                .inspect_err(|e| log::warn!("failed to detach a probe on a thread of its own: {e}"))
-                .ok()
-        })
-        .collect();
+    let threads = close_on_threads(closers);
     Detaching {
         threads,
         started: std::time::Instant::now(),
@@ -607,36 +584,45 @@ impl Detaching {
 /// so closing ~30 one after another held the event loop for seconds and left the
 /// later breakpoints in place meanwhile.
 pub fn detach_heap(ebpf: &mut Ebpf, links: HeapLinks) {
-    let mut owned = Vec::with_capacity(links.uprobes.len());
+    let mut closers = Vec::new();
+    heap_closers(ebpf, links, &mut closers);
+    // Not joined: the event loop goes on while they close.
+    drop(close_on_threads(closers));
+}
+
+/// Something that closes one link when called.
+type Closer = Box<dyn FnOnce() + Send>;
+
+/// Takes the heap probes' links out of their programs, each into a [`Closer`].
+fn heap_closers(ebpf: &mut Ebpf, links: HeapLinks, closers: &mut Vec<Closer>) {
     for (name, link) in links.uprobes {
         match ebpf
             .program_mut(name)
             .and_then(|p| <&mut UProbe>::try_from(p).ok())
             .map(|p| p.take_link(link))
         {
-            Some(Ok(l)) => owned.push(l),
+            Some(Ok(l)) => closers.push(Box::new(move || drop(l))),
             Some(Err(e)) => log::warn!("failed to detach {name}: {e}"),
             None => log::warn!("failed to detach {name}: no such program"),
         }
     }
-    for l in owned {
-        if let Err(e) = std::thread::Builder::new()
-            .name("leaktrace-detach".into())
-            .spawn(move || {
-                let t = std::time::Instant::now();
-                drop(l);
-                log::debug!(
-                    "heap probe detached in {:.1} ms",
-                    t.elapsed().as_secs_f64() * 1e3
-                );
-            })
-        {
-            log::warn!("failed to detach a heap probe on a thread of its own: {e}");
-        }
+    for l in links.sessions {
+        closers.push(Box::new(move || drop(l)));
     }
-    for s in links.sessions {
-        let _ = std::thread::Builder::new()
-            .name("leaktrace-detach".into())
-            .spawn(move || drop(s));
-    }
+}
+
+/// Runs each closer on a thread of its own: links closed together wait for their
+/// grace periods together.
+fn close_on_threads(closers: Vec<Closer>) -> Vec<std::thread::JoinHandle<()>> {
+    closers
+        .into_iter()
+        .filter_map(|close| {
+            std::thread::Builder::new()
+                .name("leaktrace-detach".into())
+                .spawn(close)
+                // The closure went with the failed spawn: its link was closed here.
+                .inspect_err(|e| log::warn!("failed to detach a probe on a thread of its own: {e}"))
+                .ok()
+        })
+        .collect()
 }
