@@ -230,6 +230,28 @@ pub fn read_until_attached(stderr: &mut impl BufRead) {
     }
 }
 
+/// Runs `leaktrace --pid FIXTURE ARGS -o TMP` through the fixture's scenario and
+/// returns what it wrote (text unless ARGS say otherwise). ARGS must end the run (a
+/// `--duration`); it must end with status 0.
+#[track_caller]
+pub fn trace_to_file(fx: &mut Fixture, args: &[&str]) -> String {
+    let out = temp_path("report");
+    let mut child = Command::new(leaktrace_bin())
+        .args(["--pid", &fx.pid.to_string(), "-o"])
+        .arg(&out)
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leaktrace");
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    read_until_attached(&mut stderr);
+    fx.run_scenario();
+    assert_eq!(child.wait().expect("wait for leaktrace").code(), Some(0));
+    let text = std::fs::read_to_string(&out).expect("report file");
+    let _ = std::fs::remove_file(&out);
+    text
+}
+
 /// The children of process `pid` now (every thread's), from /proc.
 pub fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();

@@ -293,27 +293,7 @@ fn root_duration_holds_under_a_flood() {
 fn root_text_reports_at_each_interval() {
     require_root();
     let mut fx = Fixture::spawn("heap_ops", &["basic"]);
-    let out = leaktrace_tests::temp_path("report.txt");
-    let mut child = Command::new(leaktrace_bin())
-        .args([
-            "--pid",
-            &fx.pid.to_string(),
-            "--interval",
-            "0.3",
-            "--duration",
-            "1.2",
-            "-o",
-        ])
-        .arg(&out)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start leaktrace");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    leaktrace_tests::read_until_attached(&mut stderr);
-    fx.run_scenario();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    let text = std::fs::read_to_string(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
+    let text = leaktrace_tests::trace_to_file(&mut fx, &["--interval", "0.3", "--duration", "1.2"]);
     let periodic = text.matches("=== leaktrace report: pid").count();
     assert!(periodic >= 1, "{text}");
     assert_eq!(

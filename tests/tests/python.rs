@@ -376,21 +376,8 @@ fn root_python_314_in_container() {
 /// ends after `--duration 3` (the scenario takes well under a second).
 fn traced_text(python: &Path, script: &str, args: &[&str]) -> String {
     let mut fx = Fixture::spawn_program(python, &[script_path(script).to_str().unwrap()], &[]);
-    let out = leaktrace_tests::temp_path("report.txt");
-    let mut child = std::process::Command::new(leaktrace_tests::leaktrace_bin())
-        .args(["--pid", &fx.pid.to_string(), "--duration", "3", "-o"])
-        .arg(&out)
-        .args(args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    leaktrace_tests::read_until_attached(&mut stderr);
-    fx.run_scenario();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    let text = std::fs::read_to_string(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    text
+    let args: Vec<&str> = ["--duration", "3"].iter().chain(args).copied().collect();
+    leaktrace_tests::trace_to_file(&mut fx, &args)
 }
 
 /// The frame lines of the first stack of the heap table.

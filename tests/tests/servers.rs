@@ -35,7 +35,10 @@ impl Cluster {
             .status()
             .unwrap();
         assert!(chown.success());
-        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        // Ports 20000–29999, one per cluster of this run (the tests run side by side).
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (20_000 + (std::process::id() * 4 + n) % 10_000) as u16;
         let c = Self { dir, bin, port };
         let initdb = c
             .as_postgres(&c.bin.join("initdb"))
@@ -204,6 +207,43 @@ fn root_postgres_backend_heap_is_walked_across_its_mappings() {
     drop(session);
 }
 
+/// Debian's redis-server in the foreground on a port of its own (from `base` up),
+/// nothing saved; ready once it says so; killed on drop.
+struct Redis {
+    child: Child,
+    port: String,
+}
+
+impl Redis {
+    fn start(base: u32) -> Self {
+        let server = std::path::Path::new("/usr/bin/redis-server");
+        assert!(
+            server.exists(),
+            "redis is required (cargo xtask setup installs Debian's redis-server)"
+        );
+        let port = (base + std::process::id() % 10_000).to_string();
+        let mut child = Command::new(server)
+            .args(["--port", &port, "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("Ready to accept connections") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "redis exited");
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Debian's redis (on jemalloc): `/usr/bin/redis-server` is a link to `redis-check-rdb`,
 /// and the frames said "in redis-check-rdb", a program the user never ran. They name
 /// redis-server now, and objects with unnamed frames are listed once, with the file's
@@ -211,24 +251,9 @@ fn root_postgres_backend_heap_is_walked_across_its_mappings() {
 #[test]
 fn root_redis_frames_name_the_program_as_started() {
     require_root();
-    let server = std::path::Path::new("/usr/bin/redis-server");
-    assert!(
-        server.exists(),
-        "redis is required (cargo xtask setup installs Debian's redis-server)"
-    );
-    let port = (30_000 + std::process::id() % 20_000).to_string();
-    let mut redis = Command::new(server)
-        .args(["--port", &port, "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(redis.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("Ready to accept connections") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "redis exited");
-    }
-    let pid = redis.id().to_string();
+    let redis = Redis::start(30_000);
+    let port = redis.port.clone();
+    let pid = redis.child.id().to_string();
     let mut tracer = Tracer::start(&["--pid", &pid, "--duration", "3", "--top", "5"]);
     let bench = Command::new("redis-benchmark")
         .args([
@@ -238,8 +263,7 @@ fn root_redis_frames_name_the_program_as_started() {
         .unwrap();
     assert!(bench.status.success(), "{bench:?}");
     let r = tracer.wait_report(0);
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
     check_shape(&r);
     let modules: Vec<&str> = r["heap"]["stacks"]
         .as_array()
@@ -376,24 +400,13 @@ fn redis_set_rps(port: &str) -> f64 {
 #[test]
 fn root_redis_cost_is_the_measured_one() {
     require_root();
-    let port = (40_000 + std::process::id() % 20_000).to_string();
-    let mut redis = Command::new("/usr/bin/redis-server")
-        .args(["--port", &port, "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(redis.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("Ready to accept connections") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "redis exited");
-    }
+    let redis = Redis::start(40_000);
+    let port = redis.port.clone();
     let untraced = redis_set_rps(&port);
-    let mut tracer = Tracer::start(&["--pid", &redis.id().to_string(), "--duration", "5"]);
+    let mut tracer = Tracer::start(&["--pid", &redis.child.id().to_string(), "--duration", "5"]);
     let traced = redis_set_rps(&port);
     let r = tracer.wait_report(0);
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
     let measured = (untraced / traced - 1.0) * 100.0;
     let o = &r["overhead"];
     let reported = o["projected_pct"].as_f64().unwrap();

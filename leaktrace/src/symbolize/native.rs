@@ -299,7 +299,8 @@ impl Symbols {
                         let names = self.names.entry(module.clone()).or_default();
                         for (key, _) in &items {
                             names.unnamed += 1;
-                            self.cache.insert(*key, vec![unknown(key.0, Some(module.clone()))]);
+                            self.cache
+                                .insert(*key, vec![unknown(key.0, Some(module.clone()))]);
                         }
                         continue;
                     }
