@@ -100,6 +100,11 @@ fn root_follow_forks_gives_each_worker_its_books() {
         "{ended}"
     );
 
+    // Nothing lost, in any process's books or the kernel's.
+    for p in procs {
+        assert_eq!(p["lost"], serde_json::json!({}), "{p:#}");
+    }
+    assert_eq!(r["lost_total"], 0, "{:#}", r["lost"]);
     let t = &f["totals"];
     assert_eq!(t["processes"], 5, "{t}");
     assert_eq!(t["alive"], 3, "{t}");

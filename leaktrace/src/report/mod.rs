@@ -376,6 +376,9 @@ pub struct FollowedProcess {
     pub activity: Activity,
     /// Its own verdict, from its own RSS and heap over the time it was followed.
     pub verdict: Verdict,
+    /// What its books lost (events that could not be applied), by cause; also in
+    /// the report's `lost`, which counts the whole family.
+    pub lost: std::collections::BTreeMap<String, u64>,
 }
 
 /// A descendant found at attach that was not followed.
@@ -585,6 +588,7 @@ mod tests {
             mappings: r.mappings.clone(),
             activity: r.activity,
             verdict: r.verdict.clone(),
+            lost: Default::default(),
         };
         r.follow = Some(Followed {
             processes: vec![worker(4243, None), worker(4250, Some("exited"))],

@@ -875,6 +875,14 @@ fn render_followed(o: &mut String, root: u32, f: &Followed, shown: Frames) {
             a.munmaps,
             a.brks
         );
+        if !p.lost.is_empty() {
+            let what: Vec<String> = p.lost.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            let _ = writeln!(
+                o,
+                "Losses in its books: {} (counted in the report's losses)",
+                what.join(", ")
+            );
+        }
         render_verdict(o, &p.verdict, shown);
         o.push('\n');
         render_heap_stacks(o, &p.heap, shown);

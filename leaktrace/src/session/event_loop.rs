@@ -1168,7 +1168,13 @@ impl Session<'_> {
         });
         r.execs = self.execs.clone();
         if let Some(fam) = &self.family {
-            r.follow = Some(self.followed(fam, &r, snap, &kernel, now_ns, final_report));
+            let f = self.followed(fam, &r, snap, &kernel, now_ns, final_report);
+            // Every loss is the report's: the followed processes' books' too.
+            for (name, v) in f.processes.iter().flat_map(|p| &p.lost) {
+                *r.lost.entry(name.clone()).or_default() += v;
+                r.lost_total += v;
+            }
+            r.follow = Some(f);
         }
         r
     }
@@ -1251,6 +1257,13 @@ impl Session<'_> {
                     mappings: r.mappings,
                     activity: r.activity,
                     verdict: r.verdict,
+                    // Its books' own losses (the kernel's are the family's, counted once
+                    // in the report).
+                    lost: crate::accounting::losses::Losses::tally(&[], &f.ledger.counters)
+                        .lost
+                        .into_iter()
+                        .filter(|&(_, v)| v > 0)
+                        .collect(),
                 }
             })
             .collect();
