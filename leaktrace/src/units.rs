@@ -43,9 +43,22 @@ pub fn rate(bytes_per_s: f64) -> String {
     format!("{}/s", signed_bytes(bytes_per_s))
 }
 
+/// `s` with control characters as `?`: text a target chose (its command line, a
+/// path) printed on a terminal must not carry escape sequences.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_strips_escapes() {
+        assert_eq!(printable("a\x1b[2Jb\u{9b}c\td"), "a?[2Jb?c?d");
+    }
 
     #[test]
     fn formats_sizes_and_rates() {

@@ -150,7 +150,7 @@ pub fn read_execfn(pid: u32) -> Option<String> {
     let n = mem.read_at(&mut buf, addr).ok()?;
     let s = &buf[..n];
     let end = s.iter().position(|&b| b == 0)?;
-    (end > 0).then(|| String::from_utf8_lossy(&s[..end]).into_owned())
+    (end > 0).then(|| crate::units::printable(&String::from_utf8_lossy(&s[..end])))
 }
 
 /// A file's identity (device, inode), following links: the same object mapped

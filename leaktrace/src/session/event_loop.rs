@@ -728,7 +728,7 @@ impl Session<'_> {
                 self.timeline = Timeline::default();
                 if !(self.launched && self.ledger.activity.execs == 1) {
                     let program = std::fs::read_link(format!("/proc/{}/exe", self.pid))
-                        .map(|p| p.display().to_string())
+                        .map(|p| crate::units::printable(&p.display().to_string()))
                         .unwrap_or_else(|_| "?".into());
                     self.execs.push(report::ExecNote {
                         at_s: self.started.elapsed().as_secs_f64(),
@@ -782,7 +782,7 @@ impl Session<'_> {
             }),
             kind::EXEC => {
                 let program = std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
-                    .map(|p| format!(" ({})", p.display()))
+                    .map(|p| format!(" ({})", crate::units::printable(&p.display().to_string())))
                     .unwrap_or_default();
                 fam.pending.push(Pending::Ended {
                     pid: ev.tgid,
@@ -913,7 +913,7 @@ impl Session<'_> {
                 follow.push((pid, parent));
             } else if let Some(fam) = self.family.as_mut() {
                 let program = std::fs::read_link(format!("/proc/{pid}/exe"))
-                    .map(|p| p.display().to_string())
+                    .map(|p| crate::units::printable(&p.display().to_string()))
                     .unwrap_or_else(|_| super::follow::command_line(pid));
                 fam.not_followed.push((pid, program));
             }

@@ -143,7 +143,7 @@ pub fn command_line(pid: u32) -> String {
             .map(|c| format!("[{}]", c.trim()))
             .unwrap_or_default();
     }
-    s
+    crate::units::printable(&s)
 }
 
 /// The descendants of `root` alive now, parents before children, each with its
