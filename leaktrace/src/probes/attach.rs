@@ -456,23 +456,33 @@ pub fn reattach_heap(
     if let Some(m) = multi {
         let multi_err =
             |e: SessionError| Error::Worker(format!("uprobe_multi: {}", crate::error::chain(&e)));
-        sessions.extend(
-            m.attach(pid, sites, &in_session, false, true)
-                .map_err(multi_err)?,
-        );
+        // The frees first: a process already running (a child followed as it forks)
+        // may allocate and free between the attaches, and a free of a block never seen
+        // is only counted, while a block whose free was missed stays live in the books
+        // until its address comes back (`alloc_over_live`, a loss).
         if with_frees {
             sessions.extend(
                 m.attach(pid, sites, &in_session, true, true)
                     .map_err(multi_err)?,
             );
         }
+        sessions.extend(
+            m.attach(pid, sites, &in_session, false, true)
+                .map_err(multi_err)?,
+        );
         return Ok(HeapLinks {
             uprobes: Vec::new(),
             sessions,
         });
     }
     let mut uprobes = Vec::new();
-    for (i, site) in sites.iter().enumerate() {
+    // The frees first, as above.
+    let frees_first = sites
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.func.frees())
+        .chain(sites.iter().enumerate().filter(|(_, s)| !s.func.frees()));
+    for (i, site) in frees_first {
         if in_session.contains(&i) {
             continue;
         }
