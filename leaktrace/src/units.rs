@@ -51,6 +51,12 @@ pub fn printable(s: &str) -> String {
         .collect()
 }
 
+/// For `skip_serializing_if`: a zero count is left out of the JSON.
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde passes fields by reference
+pub fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,8 @@ pub struct Tracer {
     stderr: mpsc::Receiver<String>,
     /// Stderr lines seen so far.
     pub stderr_lines: Vec<String>,
+    /// Reaped by `wait4` (its pid may belong to another process now).
+    reaped: bool,
 }
 
 /// Reads leaktrace's stderr up to its attach line (a line saying attaching is under
@@ -311,6 +313,7 @@ impl Tracer {
             out,
             stderr: rx,
             stderr_lines: Vec::new(),
+            reaped: false,
         };
         t.wait_attached();
         t
@@ -378,6 +381,34 @@ impl Tracer {
         self.wait_report(0)
     }
 
+    /// Like [`Tracer::finish`], with leaktrace's peak resident memory in bytes
+    /// (`ru_maxrss` from `wait4`).
+    #[track_caller]
+    pub fn finish_with_peak_rss(mut self) -> (Value, u64) {
+        let pid = self.child.id() as i32;
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut status = 0;
+        // SAFETY: zeroed rusage is a valid out-parameter.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for our own child; both out-pointers are valid.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+        self.reaped = true;
+        let rest: Vec<String> = self.stderr.try_iter().collect();
+        self.stderr_lines.extend(rest);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "leaktrace wait status {status:#x}; stderr: {:?}",
+            self.stderr_lines
+        );
+        let text = std::fs::read_to_string(&self.out).expect("report file");
+        let _ = std::fs::remove_file(&self.out);
+        let report = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("report is not JSON ({e}): {text}"));
+        (report, usage.ru_maxrss as u64 * 1024)
+    }
+
     /// Waits for leaktrace to exit with `code` on its own and returns the report.
     #[track_caller]
     pub fn wait_report(&mut self, code: i32) -> Value {
@@ -405,6 +436,9 @@ impl Tracer {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -225,6 +225,10 @@ pub struct ArenaStats {
     pub top_resident_bytes: u64,
     /// Resident bytes `malloc_trim(0)` would release from this arena.
     pub trimmable_bytes: u64,
+    /// Bytes of its heaps whose residency was not read (past the pagemap scan limit
+    /// of a kernel older than 6.7; counted as not resident). Absent when 0.
+    #[serde(skip_serializing_if = "crate::units::is_zero")]
+    pub residency_unread_bytes: u64,
     /// In-use chunks sitting right above a large free chunk, largest held first: the
     /// heap cannot shrink past them, so the free memory below stays (but for an
     /// explicit `malloc_trim`).
@@ -340,21 +344,14 @@ fn hex(a: u64) -> String {
 /// Accumulates one walked heap into its arena's figures.
 fn add_heap<M: Memory>(mem: &M, a: &mut ArenaStats, start: u64, end: u64, c: &Chunks, main: bool) {
     let (ps, pe) = (page_down(start), page_up(end));
-    let resident = mem.resident(ps, pe).unwrap_or_default();
-    let present = |s: u64, e: u64| -> u64 {
-        if e <= s || resident.is_empty() {
-            return 0;
-        }
-        let (i, j) = (((s - ps) / PAGE) as usize, ((e - ps) / PAGE) as usize);
-        resident[i.min(resident.len())..j.min(resident.len())]
-            .iter()
-            .filter(|&&r| r)
-            .count() as u64
-            * PAGE
-    };
+    // Runs of resident pages: as large as what is resident, whatever extent the
+    // target gives its heap.
+    let resident = mem.residency(ps, pe).unwrap_or_default();
+    let present = |s: u64, e: u64| resident.bytes(s, e);
     a.heaps.push(hex(start));
     a.extent_bytes += end - start;
     a.resident_bytes += present(ps, pe);
+    a.residency_unread_bytes += resident.unread_bytes;
     a.in_use_bytes += c.in_use_bytes;
     a.in_use_chunks += c.in_use_chunks;
     for &(p, size) in &c.free {

@@ -742,10 +742,9 @@ impl Worker {
         let mmapped: Vec<(u64, u64, u64)> = glibc::mmapped_chunks(&mem, &candidates)
             .into_iter()
             .map(|(s, e)| {
-                let resident = mem
-                    .resident(s, e)
-                    .map(|r| r.iter().filter(|&&p| p).count() as u64 * crate::units::PAGE)
-                    .unwrap_or(0);
+                // A mapping of any extent (a target can fake a chunk header on a
+                // terabyte of untouched address space): read as runs.
+                let resident = mem.residency(s, e).map(|r| r.total()).unwrap_or(0);
                 (s, e, resident)
             })
             .collect();
