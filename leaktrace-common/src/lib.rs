@@ -220,8 +220,29 @@ pub struct PyConfig {
     /// [`PY_TSTATE_LIST`]: address of the variable holding the first
     /// `PyInterpreterState*` (2.7's `interp_head`).
     pub interp_head: u64,
+    /// Code object → `co_name`, whose cached string hash (at offset 24 in 2.7's
+    /// `str` and 3.x's `str` alike; names are interned, so it is computed) tags each
+    /// frame: see [`PY_FRAME_TAG_SHIFT`]. 0: frames are not tagged.
+    pub code_name: u32,
+    /// Padding.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<PyConfig>() == 88);
+const _: () = assert!(size_of::<PyConfig>() == 96);
+
+/// A frame's [`PyFrame::instr`] carries a 15-bit tag of its code object's name in
+/// bits 48..63 (an instruction is a 32-bit offset on ≤3.10 and a user address below
+/// 2^47 on 3.11+): a code object freed and another allocated at its address (with
+/// another name) makes another stack in BPF, and userspace checks the tag against
+/// the code object it reads before trusting its name.
+pub const PY_FRAME_TAG_SHIFT: u32 = 48;
+/// Mask of the tag once shifted down.
+pub const PY_FRAME_TAG_MASK: u64 = 0x7fff;
+
+/// The 15-bit tag of a name's string hash, as BPF and userspace compute it.
+#[inline(always)]
+pub fn py_name_tag(hash: u64) -> u64 {
+    (hash ^ (hash >> 15) ^ (hash >> 30) ^ (hash >> 45) ^ (hash >> 60)) & PY_FRAME_TAG_MASK
+}
 
 /// [`PyConfig::tstate_lookup`]: the thread's pthread TSD slot holds its
 /// `PyThreadState*` (`fsbase + tss_slot_offset`; CPython 3.7+, `autoTSSkey`).

@@ -19,8 +19,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use leaktrace_common::{
-    MAX_PY_FRAMES, MAX_PY_THREADS, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE, PY_TSTATE_LIST,
-    PyConfig, STACK_NONE, STACK_TRUNCATED, counter,
+    MAX_PY_FRAMES, MAX_PY_THREADS, PY_EDGE_IS_ENTRY, PY_EDGE_SHIM, PY_FRAME_EDGE,
+    PY_FRAME_TAG_MASK, PY_FRAME_TAG_SHIFT, PY_TSTATE_LIST, PyConfig, STACK_NONE, STACK_TRUNCATED,
+    counter, py_name_tag,
 };
 
 use crate::{
@@ -126,6 +127,19 @@ extern "C" fn step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
     if cfg.edge_kind == PY_EDGE_IS_ENTRY && edge_byte != 0 {
         instr |= PY_FRAME_EDGE;
+    }
+    if cfg.code_name != 0 {
+        // The name's cached hash tags the frame: another code object at this address
+        // later (freed, reused) makes another stack, and userspace can tell them apart.
+        let read = |a: u64| {
+            // SAFETY: reading user memory through the helper cannot fault the kernel.
+            unsafe { bpf_probe_read_user(a as *const u64) }.ok()
+        };
+        let hash = read(code + u64::from(cfg.code_name & 0xfff))
+            .and_then(|name| read(name + 24))
+            .unwrap_or(0);
+        instr = (instr & !(PY_FRAME_TAG_MASK << PY_FRAME_TAG_SHIFT))
+            | (py_name_tag(hash) << PY_FRAME_TAG_SHIFT);
     }
     let slot = &mut st.frames[n & (MAX_PY_FRAMES - 1)];
     slot.code = code;

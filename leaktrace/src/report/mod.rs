@@ -209,6 +209,11 @@ pub struct PythonInfo {
     pub unavailable: Option<String>,
     /// How small objects show up.
     pub note: String,
+    /// Python frames left unnamed because their code object had been freed and
+    /// another (with another name) made at its address before it was read. Absent
+    /// when 0.
+    #[serde(skip_serializing_if = "crate::units::is_zero")]
+    pub frames_replaced: u64,
 }
 
 /// Heap section.

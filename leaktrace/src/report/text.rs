@@ -696,6 +696,13 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
                     "CPython {} ({}): Python frames on. {}",
                     p.version, p.object, p.note
                 );
+                if p.frames_replaced > 0 {
+                    let _ = writeln!(
+                        o,
+                        "{} Python frames are unnamed: their code object was freed, and another made at its address, before leaktrace read it.",
+                        p.frames_replaced
+                    );
+                }
             }
             Some(why) => {
                 let _ = writeln!(

@@ -790,6 +790,7 @@ impl Worker {
             frames,
             unavailable,
             note,
+            frames_replaced: self.py.symbols.replaced,
         })
     }
 }

@@ -216,6 +216,8 @@ pub fn configure<M: Memory>(
             configure_3x(mem, interp, &loaded, minor, &mut c, &mut t)?;
         }
     }
+    // Frames are tagged with their code object's name (see PY_FRAME_TAG_SHIFT).
+    c.code_name = u32::try_from(t.code.name).unwrap_or(0);
     t.config = c;
     Ok(t)
 }

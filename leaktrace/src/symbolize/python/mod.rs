@@ -19,7 +19,9 @@ pub mod lines;
 
 pub use identify::{Interpreter, version_from_name};
 pub use layout::{Loaded, configure, load};
-use leaktrace_common::{PY_FRAME_EDGE, PyConfig, PyFrame};
+use leaktrace_common::{
+    PY_FRAME_EDGE, PY_FRAME_TAG_MASK, PY_FRAME_TAG_SHIFT, PyConfig, PyFrame, py_name_tag,
+};
 use lines::{linetable310_line, lnotab_line, location_line};
 use rustc_hash::FxHashMap;
 
@@ -119,41 +121,94 @@ struct Code {
     filename: String,
     qualname: String,
     firstlineno: u32,
-    linetable: Vec<u8>,
+    /// Address of its line table's `bytes` object.
+    linetable_at: u64,
+    /// Tag of its name's hash ([`py_name_tag`]).
+    tag: u64,
 }
 
-/// Resolves Python frames, caching code objects by address.
+/// Most bytes of line tables kept: past it, a code object's table is read for each
+/// frame that needs it and not kept (a target can give thousands of functions one
+/// 1 MiB table each; tables shared by several code objects are kept once).
+const TABLES_BUDGET: usize = 32 << 20;
+
+/// Resolves Python frames, caching code objects by address and name tag.
 #[derive(Debug, Default)]
 pub struct PySymbols {
-    cache: FxHashMap<u64, Option<Code>>,
+    /// By (address, tag recorded in BPF): a code object freed and another made at
+    /// its address has another tag, and is read afresh.
+    cache: FxHashMap<(u64, u64), Option<Code>>,
+    /// Frames whose code object had been replaced by another (another name's tag)
+    /// when userspace read it: left unnamed rather than named after the newcomer.
+    pub replaced: u64,
+    /// Line tables by the address and length of their `bytes` object (read again
+    /// each time: a freed table's address may hold another table since).
+    tables: FxHashMap<(u64, u64), std::rc::Rc<[u8]>>,
+    /// Bytes in `tables`.
+    table_bytes: usize,
+    /// Line tables read but not kept (over [`TABLES_BUDGET`]).
+    pub tables_not_kept: u64,
 }
 
 impl PySymbols {
+    /// The line table at `at`: kept, or read and kept while the budget lasts.
+    fn table<M: Memory>(&mut self, mem: &M, t: &PyTarget, at: u64) -> Option<std::rc::Rc<[u8]>> {
+        let key = (at, read_u64(mem, at + 16)?);
+        if let Some(v) = self.tables.get(&key) {
+            return Some(v.clone());
+        }
+        let v: std::rc::Rc<[u8]> = read_bytes(mem, at, t.text)?.into();
+        if self.table_bytes + v.len() <= TABLES_BUDGET {
+            self.table_bytes += v.len();
+            self.tables.insert(key, v.clone());
+        } else {
+            self.tables_not_kept += 1;
+        }
+        Some(v)
+    }
+
     /// A Python frame as a report frame (`kind: "python"`).
     pub fn frame<M: Memory>(&mut self, mem: &M, t: &PyTarget, f: PyFrame) -> Frame {
-        let instr = f.instr & !PY_FRAME_EDGE;
-        let code = self
-            .cache
-            .entry(f.code)
-            .or_insert_with(|| read_code(mem, t, f.code))
-            .clone();
+        let raw = f.instr & !PY_FRAME_EDGE;
+        let tag = (raw >> PY_FRAME_TAG_SHIFT) & PY_FRAME_TAG_MASK;
+        let instr = raw & ((1 << PY_FRAME_TAG_SHIFT) - 1);
+        let tagged = t.config.code_name != 0;
+        let code = match self.cache.get(&(f.code, tag)) {
+            Some(c) => c.clone(),
+            None => {
+                let c = read_code(mem, t, f.code);
+                // The tag BPF recorded must be that of the code object read now.
+                let c = match c {
+                    Some(c) if tagged && c.tag != tag => {
+                        self.replaced += 1;
+                        None
+                    }
+                    c => c,
+                };
+                self.cache.insert((f.code, tag), c.clone());
+                c
+            }
+        };
         match code {
             Some(c) => {
+                let table = self
+                    .table(mem, t, c.linetable_at)
+                    .unwrap_or_else(|| [].into());
                 let line = match t.version {
                     (2, _) | (3, ..=9) => lnotab_line(
-                        &c.linetable,
+                        &table,
                         c.firstlineno,
                         (instr as u32 as i32).max(0) as u64,
                         t.version >= (3, 6),
                     ),
                     (3, 10) => linetable310_line(
-                        &c.linetable,
+                        &table,
                         c.firstlineno,
                         2 * (instr as u32 as i32).max(0) as u64,
                     ),
                     _ => {
                         let units = instr.saturating_sub(f.code + t.code.basicsize) / 2;
-                        location_line(&c.linetable, c.firstlineno, units)
+                        location_line(&table, c.firstlineno, units)
                     }
                 };
                 Frame {
@@ -186,11 +241,15 @@ fn read_code<M: Memory>(mem: &M, t: &PyTarget, code: u64) -> Option<Code> {
     }
     let l = &t.code;
     let name_ptr = read_u64(mem, code + l.qualname.unwrap_or(l.name))?;
+    let tag = read_u64(mem, code + l.name)
+        .and_then(|n| read_u64(mem, n + 24))
+        .map_or(py_name_tag(0), py_name_tag);
     Some(Code {
+        tag,
         filename: read_text(mem, read_u64(mem, code + l.filename)?, t.text)?,
         qualname: read_text(mem, name_ptr, t.text)?,
         firstlineno: read_u32(mem, code + l.firstlineno)?,
-        linetable: read_bytes(mem, read_u64(mem, code + l.linetable)?, t.text)?,
+        linetable_at: read_u64(mem, code + l.linetable)?,
     })
 }
 
