@@ -12,6 +12,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("verdicts", "verdicts.c", &["-pthread"]),
     ("prefork", "prefork.c", &[]),
     ("hostile", "hostile.c", &[]),
+    ("launch_once", "launch_once.c", &[]),
 ];
 
 fn main() {
@@ -33,6 +34,14 @@ fn main() {
             });
         assert!(status.success(), "failed to build fixture {name}");
     }
+    // A dynamically linked musl program (its loader ignores LD_TRACE_LOADED_OBJECTS).
+    let status = Command::new("musl-gcc")
+        .args(["-O0", "-g", "-Wall", "-o"])
+        .arg(out.join("launch_once_musl"))
+        .arg(src.join("launch_once.c"))
+        .status()
+        .unwrap_or_else(|e| panic!("failed to run musl-gcc: {e} (run `cargo xtask setup`)"));
+    assert!(status.success(), "failed to build fixture launch_once_musl");
     build_unwind_fixtures(&cc, &src, &out);
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
 }

@@ -624,3 +624,45 @@ fn root_huge_fake_chunk_costs_no_memory() {
     let s = stack_at(&r, "heap", "leak_after");
     assert_eq!(s["live_bytes"].as_u64(), Some(500), "{s:#}");
 }
+
+/// Launch mode found the command's libraries by running it with
+/// LD_TRACE_LOADED_OBJECTS=1, as ldd does: glibc's loader then only lists them, but
+/// musl's ignores the variable and ran the program, untraced, before its traced run
+/// (side effects twice; a server would have hung leaktrace there). The libraries are
+/// read from the files now. The fixture counts its runs in $LAUNCH_ONCE_FILE; on
+/// both libcs it runs once and its one malloc(1000) and free are traced (musl's malloc
+/// and free are thunks to local functions, probed where they land).
+#[test]
+fn root_launched_command_runs_once() {
+    require_root();
+    for fixture in ["launch_once", "launch_once_musl"] {
+        let runs = leaktrace_tests::temp_path("runs");
+        let out = leaktrace_tests::temp_path("report.json");
+        let status = std::process::Command::new(leaktrace_tests::leaktrace_bin())
+            .args(["--format", "json", "-o"])
+            .arg(&out)
+            .arg("--")
+            .arg(leaktrace_tests::fixture_path(fixture))
+            .env("LAUNCH_ONCE_FILE", &runs)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run leaktrace");
+        assert!(status.success(), "{fixture}: {status}");
+        let text = std::fs::read_to_string(&runs).unwrap_or_default();
+        let _ = std::fs::remove_file(&runs);
+        assert_eq!(text.lines().count(), 1, "{fixture} ran: {text:?}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&out);
+        let a = &r["activity"];
+        assert_eq!(
+            (
+                a["allocs"].as_u64(),
+                a["alloc_bytes"].as_u64(),
+                a["frees"].as_u64()
+            ),
+            (Some(1), Some(1000), Some(1)),
+            "{fixture}: {a}"
+        );
+    }
+}

@@ -145,6 +145,11 @@ fn setup(kernels: bool) -> Result<()> {
     {
         missing.push("busybox-static");
     }
+    // musl's compiler: a launched musl program (whose loader would run it for
+    // LD_TRACE_LOADED_OBJECTS) must run once.
+    if !works(Command::new("musl-gcc").arg("--version")) {
+        missing.push("musl-tools");
+    }
     // A real PostgreSQL, whose clusters the server tests create with initdb.
     let has_postgres = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|d| {
         d.filter_map(Result::ok)

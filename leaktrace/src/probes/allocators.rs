@@ -14,7 +14,7 @@ use std::{
 };
 
 use leaktrace_common::AllocFn;
-use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 
 use crate::probes::placement::{self, Placement};
 
@@ -122,37 +122,75 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
         .iter()
         .filter(|f| allocator_here || !matches!(f, AllocFn::OperatorNew | AllocFn::OperatorDelete))
         .flat_map(|&f| f.symbols().iter().map(move |&n| (f, n)));
+    // Where the probed names' code is: a thunk landing inside one is probed there.
+    let wanted_names: Vec<&str> = AllocFn::ALL
+        .iter()
+        .flat_map(|f| f.symbols().iter().copied())
+        .collect();
+    let named_ranges: Vec<(u64, u64)> = syms
+        .iter()
+        .filter(|s| {
+            s.is_definition()
+                && s.kind() == SymbolKind::Text
+                && s.name().is_ok_and(|n| wanted_names.contains(&n))
+        })
+        .map(|s| (s.address(), s.address() + s.size().max(1)))
+        .collect();
+    let plt: Vec<(u64, u64)> = file
+        .sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect();
+    let file_offset = |addr: u64| {
+        segments
+            .iter()
+            .find(|&&(va, size, _)| addr >= va && addr < va + size)
+            .map(|&(vaddr, _, foff)| addr - vaddr + foff)
+    };
     for (func, name) in wanted {
         let Some(sym) = syms.iter().find(|s| {
             s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == name)
         }) else {
             continue;
         };
-        let addr = sym.address();
-        let Some(&(vaddr, _, foff)) = segments
-            .iter()
-            .find(|&&(va, size, _)| addr >= va && addr < va + size)
-        else {
+        let mut addr = sym.address();
+        let Some(mut entry_offset) = file_offset(addr) else {
             continue;
         };
-        let entry_offset = addr - vaddr + foff;
+        // The whole function when its size is known (the placement checks it for
+        // branches back into the prefix it skips), else its first bytes.
+        let mut size = sym.size();
+        let mut whole = size > 0 && size <= MAX_FUNCTION_BYTES;
+        let mut len = if whole { sym.size() } else { 64 };
+        let code_at = |off: u64, len: u64| {
+            let start = usize::try_from(off).unwrap_or(usize::MAX);
+            data.get(start..start.saturating_add(len as usize).min(data.len()))
+                .unwrap_or(&[])
+        };
+        // A thunk that jumps to another function is probed where it lands: not at
+        // all when it lands in the PLT (jemalloc's `operator delete` is `jmp
+        // free@plt`: free's probe sees the call) or in a function probed under its
+        // own name; at the landing site when that code has no name of ours (musl's
+        // `malloc` is `jmp __libc_malloc_impl`, a local function).
+        if placement::is_thunk(code_at(entry_offset, len)) {
+            let landing = placement::thunk_target(code_at(entry_offset, len), addr);
+            let Some(landing) = landing.filter(|&t| {
+                !plt.iter().any(|&(s, e)| s <= t && t < e)
+                    && !named_ranges.iter().any(|&(s, e)| s <= t && t < e)
+            }) else {
+                continue;
+            };
+            let Some(off) = file_offset(landing) else {
+                continue;
+            };
+            // The landing function's size is unknown: its first bytes are placed.
+            (addr, entry_offset, size, whole, len) = (landing, off, 0, false, 64);
+        }
         // An alias of a function already probed (glibc's aligned_alloc is memalign's code).
         if !seen_offsets.insert(entry_offset) {
             continue;
         }
-        // The whole function when its size is known (the placement checks it for
-        // branches back into the prefix it skips), else its first bytes.
-        let whole = sym.size() > 0 && sym.size() <= MAX_FUNCTION_BYTES;
-        let len = if whole { sym.size() } else { 64 };
-        let start = usize::try_from(entry_offset).unwrap_or(usize::MAX);
-        let code = data
-            .get(start..start.saturating_add(len as usize).min(data.len()))
-            .unwrap_or(&[]);
-        // A thunk that jumps to another function (jemalloc's `operator delete` is `jmp
-        // free@plt`) is probed where it lands; probing both would see one call twice.
-        if placement::is_thunk(code) {
-            continue;
-        }
+        let code = code_at(entry_offset, len);
         let placement = placement::place(
             code,
             whole,
@@ -168,7 +206,7 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
             host_path: host_path.to_owned(),
             offset: entry_offset + placement.offset,
             entry_offset,
-            symbol: (addr, sym.size()),
+            symbol: (addr, size),
             placement,
         });
     }

@@ -66,6 +66,22 @@ pub fn is_thunk(code: &[u8]) -> bool {
     false
 }
 
+/// Where a thunk at `ip` jumps (a direct `jmp`, after an optional `endbr64`); `None`
+/// for an indirect one.
+pub fn thunk_target(code: &[u8], ip: u64) -> Option<u64> {
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    for i in decoder.iter().take(2) {
+        match i.mnemonic() {
+            Mnemonic::Endbr64 => continue,
+            Mnemonic::Jmp if matches!(i.op0_kind(), OpKind::NearBranch64) => {
+                return Some(i.near_branch64());
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
 /// The probe stays at the entry (for probes that read more than the argument).
 pub fn at_entry(code: &[u8], why: &str) -> Placement {
     Placement {

@@ -14,7 +14,6 @@ use std::{
         unix::ffi::OsStrExt as _,
     },
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use crate::error::Error;
@@ -101,40 +100,10 @@ pub fn effective_elf(path: &Path) -> Result<PathBuf, Error> {
     Ok(cur)
 }
 
-/// The objects the dynamic linker will load for `elf`, found the way `ldd`
-/// does (`LD_TRACE_LOADED_OBJECTS=1` runs only the dynamic linker), plus the
-/// executable itself. A static executable is its own only object.
+/// The objects the dynamic linker will load for `elf`, the executable first, found
+/// by reading files ([`super::ldso`]): the command is not run before it is traced.
 pub fn objects_for(elf: &Path) -> Vec<PathBuf> {
-    let mut out = vec![elf.to_path_buf()];
-    let data = crate::process::procfs::read_object(elf).unwrap_or_default();
-    let dynamic = object::File::parse(&*data).is_ok_and(|f| {
-        use object::{Object as _, ObjectSection as _};
-        f.section_by_name(".interp").is_some_and(|s| s.size() > 0)
-    });
-    if !dynamic {
-        return out;
-    }
-    let Ok(outp) = Command::new(elf)
-        .env("LD_TRACE_LOADED_OBJECTS", "1")
-        .output()
-    else {
-        return out;
-    };
-    for line in String::from_utf8_lossy(&outp.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim(),
-            None => line.trim(),
-        };
-        let path = path.split(" (").next().unwrap_or("").trim();
-        if path.starts_with('/') {
-            let p = PathBuf::from(path);
-            if !out.contains(&p) {
-                out.push(p);
-            }
-        }
-    }
-    out
+    super::ldso::objects_for(elf, &super::ldso::Search::from_system())
 }
 
 /// Forks a child that will `execve(program, args)` once released.

@@ -4,6 +4,7 @@
 
 pub mod elf;
 pub mod launch;
+pub mod ldso;
 pub mod memory;
 pub mod procfs;
 pub mod target;
