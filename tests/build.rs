@@ -13,6 +13,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("prefork", "prefork.c", &[]),
     ("hostile", "hostile.c", &[]),
     ("launch_once", "launch_once.c", &[]),
+    ("sigurg", "sigurg.c", &[]),
 ];
 
 fn main() {

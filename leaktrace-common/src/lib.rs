@@ -328,8 +328,31 @@ pub struct Config {
     /// Where the kernel keeps the return addresses its return probes replaced, for
     /// [`CONFIG_RETURN_FIXUP`].
     pub returns: ReturnOffsets,
+    /// Where the kernel keeps a thread's signal handlers and mask, for
+    /// [`CONFIG_STOP_ON_EXEC_MAP`].
+    pub signals: SignalOffsets,
 }
-const _: () = assert!(size_of::<Config>() == 32);
+const _: () = assert!(size_of::<Config>() == 40);
+
+/// Byte offsets and sizes, from the running kernel's BTF, of what tells whether a
+/// SIGURG would be noticed by the thread it is sent to: `task_struct.sighand`,
+/// `sighand_struct.action` (an array of `struct k_sigaction`, whose first word is the
+/// handler) and `task_struct.blocked`. A launched command is held with SIGURG only
+/// when its handler is the default (ignore) or SIG_IGN and it is not blocked: should
+/// leaktrace die during the hold, the kernel delivers the signal, and it must do
+/// nothing the target can see. All zero: unknown, and the command is never held.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignalOffsets {
+    /// `task_struct.sighand`.
+    pub sighand: u16,
+    /// `sighand_struct.action`.
+    pub action: u16,
+    /// `sizeof(struct k_sigaction)`.
+    pub k_sigaction: u16,
+    /// `task_struct.blocked`.
+    pub blocked: u16,
+}
 
 /// Byte offsets, from the running kernel's BTF, of what a stack walk reads to undo
 /// return probes. A return probe (a uretprobe, ours or anyone's on the same file)
@@ -831,6 +854,11 @@ pub mod counter {
         /// Stops of a launched command's main thread after it mapped code (see
         /// [`crate::CONFIG_STOP_ON_EXEC_MAP`]).
         EXEC_MAP_STOPS = "exec_map_stops",
+        /// Code mappings of a launched command not held for their unwind tables: its
+        /// SIGURG handler is set or the signal blocked (a stop signal it could see,
+        /// should leaktrace die during the hold). Stacks through that code may be cut
+        /// until the tables are loaded, a few milliseconds later.
+        EXEC_MAP_NOT_HELD = "exec_map_not_held",
         /// Return addresses a return probe had replaced with its trampoline, put back
         /// by a stack walk from the kernel's list of the thread's pending returns.
         RETURNS_RESTORED = "returns_restored",

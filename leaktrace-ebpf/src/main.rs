@@ -45,6 +45,12 @@ static CONFIG: Global<Config> = Global::new(Config {
         next: 0,
         _pad: [0; 3],
     },
+    signals: leaktrace_common::SignalOffsets {
+        sighand: 0,
+        action: 0,
+        k_sigaction: 0,
+        blocked: 0,
+    },
 });
 
 #[map]

@@ -22,7 +22,8 @@ use leaktrace_common::{
 };
 
 use aya_ebpf::helpers::{
-    bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_task_pt_regs,
 };
 
 use aya_ebpf::helpers::bpf_send_signal_thread;
@@ -179,12 +180,42 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
         && CONFIG.load().flags & CONFIG_STOP_ON_EXEC_MAP != 0
         && tid == CONFIG.load().tgid
     {
+        if !sigurg_unseen() {
+            count(counter::EXEC_MAP_NOT_HELD);
         // SAFETY: signals the current thread; the helper has no memory arguments.
-        if unsafe { bpf_send_signal_thread(SIGURG) } == 0 {
+        } else if unsafe { bpf_send_signal_thread(SIGURG) } == 0 {
             count(counter::EXEC_MAP_STOPS);
         }
     }
     0
+}
+
+/// Whether a SIGURG delivered to the current thread would go unseen: its handler is
+/// the default (ignore) or SIG_IGN, and it is not blocked (a blocked one would stay
+/// pending). leaktrace drops the signal when it resumes the thread; only if leaktrace
+/// dies during the hold does the kernel deliver it.
+#[inline(always)]
+fn sigurg_unseen() -> bool {
+    let o = CONFIG.load().signals;
+    if o.sighand == 0 || o.k_sigaction == 0 {
+        return false;
+    }
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let read = |a: u64| {
+        // SAFETY: reading kernel memory through the helper cannot fault the kernel.
+        unsafe { bpf_probe_read_kernel(a as *const u64) }.ok()
+    };
+    let Some(sighand) = read(task + u64::from(o.sighand)) else {
+        return false;
+    };
+    let slot = u64::from(o.action) + (u64::from(SIGURG) - 1) * u64::from(o.k_sigaction);
+    let (Some(handler), Some(blocked)) = (read(sighand + slot), read(task + u64::from(o.blocked)))
+    else {
+        return false;
+    };
+    // SIG_DFL is 0, SIG_IGN 1.
+    handler <= 1 && blocked & (1 << (SIGURG - 1)) == 0
 }
 
 const PROT_EXEC: u64 = 4;

@@ -666,3 +666,70 @@ fn root_launched_command_runs_once() {
         );
     }
 }
+
+/// A launched command is held (stopped with SIGURG, which leaktrace then drops) after
+/// it maps code, until that code's unwind tables are loaded. If leaktrace died during
+/// a hold, the kernel delivered the SIGURG (2 of 6 runs in the review): a program that
+/// handles SIGURG (Go's runtime; out-of-band socket data) saw a signal nobody sent.
+/// leaktrace now holds a thread only while its SIGURG would go unseen (default or
+/// ignored handler, not blocked), read from the kernel when the code is mapped. The
+/// fixture installs a handler, then loads libraries in a loop: their mappings are not
+/// held (counted), and with leaktrace killed mid-loop it sees no SIGURG.
+#[test]
+fn root_launched_command_with_a_sigurg_handler_never_sees_one() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::process::{Command, Stdio};
+    require_root();
+    // Killed while the program loads libraries.
+    let killed_out = leaktrace_tests::temp_path("killed.json");
+    let mut lt = Command::new(leaktrace_tests::leaktrace_bin())
+        .args(["--format", "json", "-o"])
+        .arg(&killed_out)
+        .arg("--")
+        .arg(leaktrace_tests::fixture_path("sigurg"))
+        .arg("0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start leaktrace");
+    let mut stdin = lt.stdin.take().unwrap();
+    let mut stdout = BufReader::new(lt.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "looping");
+    // Some loads into the loop (each held, before the fix, for its tables' loading).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    lt.kill().unwrap();
+    lt.wait().unwrap();
+    writeln!(stdin, "stop").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "urg 0", "the program saw a SIGURG");
+
+    // To its end: the library loads are counted as not held, the start-up ones held.
+    let out = leaktrace_tests::temp_path("report.json");
+    let o = Command::new(leaktrace_tests::leaktrace_bin())
+        .args(["--format", "json", "-o"])
+        .arg(&out)
+        .arg("--")
+        .arg(leaktrace_tests::fixture_path("sigurg"))
+        .arg("30")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("run leaktrace");
+    assert!(o.status.success(), "{:?}", o.status);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("urg 0"), "{text}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let (held, not_held) = (
+        leaktrace_tests::counter(&r, "exec_map_stops"),
+        leaktrace_tests::counter(&r, "exec_map_not_held"),
+    );
+    println!("held {held}, not held {not_held}");
+    assert!(held >= 1, "the start-up mappings (no handler yet) are held");
+    assert_eq!(not_held, 30, "each dlopen maps code once");
+}

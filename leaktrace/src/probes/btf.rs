@@ -115,6 +115,12 @@ impl Btf {
         self.struct_id(name).is_some()
     }
 
+    /// Size in bytes of struct `name`.
+    pub fn struct_size(&self, name: &str) -> Option<u64> {
+        let id = self.struct_id(name)?;
+        self.types.get(id as usize - 1).map(|t| u64::from(t.2))
+    }
+
     /// Byte offset of `path` (member names, e.g. `["thread", "fsbase"]`) inside struct `root`.
     pub fn member_offset(&self, root: &str, path: &[&str]) -> Option<u64> {
         let mut id = self.struct_id(root)?;
@@ -149,6 +155,16 @@ mod tests {
     use super::*;
 
     /// The running kernel's `task_struct.thread.fsbase` is found, inside task_struct.
+    /// The running kernel's signal layout: handlers and mask are found, and a
+    /// `k_sigaction` is x86-64's `struct sigaction` (handler, flags, restorer, mask).
+    #[test]
+    fn finds_signal_offsets_in_kernel_btf() {
+        let o = crate::probes::load::signal_offsets();
+        assert_ne!(o.sighand, 0, "{o:?}");
+        assert_ne!(o.blocked, 0, "{o:?}");
+        assert_eq!(o.k_sigaction, 32, "{o:?}");
+    }
+
     #[test]
     fn finds_fsbase_in_kernel_btf() {
         let Ok(btf) = Btf::from_sys() else {

@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, MapData},
 };
 use leaktrace_common::{
-    CONFIG_CAPTURE_STACKS, CONFIG_GLOBAL, Config as BpfConfig, ReturnOffsets, maps,
+    CONFIG_CAPTURE_STACKS, CONFIG_GLOBAL, Config as BpfConfig, ReturnOffsets, SignalOffsets, maps,
 };
 
 use crate::{error::Error, unwind::Capacity};
@@ -77,6 +77,11 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
         wakeup_bytes: o.ring_bytes / 4,
         sample_bytes: o.sample_rate,
         returns: ReturnOffsets::default(),
+        signals: if m.stop_on_exec_map {
+            signal_offsets()
+        } else {
+            SignalOffsets::default()
+        },
     };
     if let Some(r) = return_offsets() {
         bpf_config.returns = r;
@@ -129,6 +134,28 @@ pub fn return_offsets() -> Option<ReturnOffsets> {
         next: small("return_instance", "next")?,
         _pad: [0; 3],
     })
+}
+
+/// Where the running kernel keeps a thread's signal handlers and mask (see
+/// [`SignalOffsets`]), from its BTF; all zero when any is missing (a launched command
+/// is then never held with a signal).
+pub fn signal_offsets() -> SignalOffsets {
+    let find = || {
+        let btf = super::btf::Btf::kernel()?;
+        let small = |root: &str, member: &str| {
+            btf.member_offset(root, &[member])
+                .and_then(|o| u16::try_from(o).ok())
+        };
+        Some(SignalOffsets {
+            sighand: small("task_struct", "sighand")?,
+            action: small("sighand_struct", "action")?,
+            k_sigaction: btf
+                .struct_size("k_sigaction")
+                .and_then(|s| u16::try_from(s).ok())?,
+            blocked: small("task_struct", "blocked")?,
+        })
+    };
+    find().unwrap_or_default()
 }
 
 /// Refuses, before anything is loaded, a kernel without `bpf_loop` (Linux 5.17), which
