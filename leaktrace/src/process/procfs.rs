@@ -202,7 +202,7 @@ pub fn parse_status(text: &str) -> Status {
                 .next()
                 .and_then(|n| n.parse::<u64>().ok())
                 .unwrap_or(0)
-                * 1024
+                .saturating_mul(1024)
         };
         match k {
             "State" => st.state = v.chars().next().unwrap_or('?'),
@@ -470,6 +470,14 @@ Anonymous:           508 kB
     }
 
     /// Status fields used for validation and RSS are read in bytes.
+    /// Found by the fuzzer (fuzz/regressions/proc_text): a kB figure near u64::MAX
+    /// overflowed when turned into bytes (a panic in debug builds).
+    #[test]
+    fn status_figures_saturate() {
+        let st = parse_status("VmRSS:\t18446744073709551615 kB\nRssShmem: 44444444000000000 kB\n");
+        assert_eq!((st.rss.rss_bytes, st.rss.shmem_bytes), (u64::MAX, u64::MAX));
+    }
+
     #[test]
     fn parses_status() {
         let st = parse_status(

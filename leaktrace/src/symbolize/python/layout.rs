@@ -53,11 +53,12 @@ fn members<M: Memory>(mem: &M, type_addr: u64) -> FxHashMap<String, u64> {
         return out;
     };
     for i in 0..64 {
-        let m = table + i * 40;
+        let m = table.wrapping_add(i * 40);
         let Some(name) = read_u64(mem, m).filter(|&n| n != 0) else {
             break;
         };
-        let (Some(name), Some(off)) = (read_cstr(mem, name), read_u64(mem, m + 16)) else {
+        let (Some(name), Some(off)) = (read_cstr(mem, name), read_u64(mem, m.wrapping_add(16)))
+        else {
             break;
         };
         out.insert(name, off);
@@ -292,11 +293,11 @@ fn configure_27<M: Memory>(
         let Some(head) = read_u64(mem, var).filter(|&h| h != 0) else {
             continue;
         };
-        let Some(first) = read_u64(mem, head + u64::from(INTERP_TSTATE_HEAD)) else {
+        let Some(first) = read_u64(mem, head.wrapping_add(u64::from(INTERP_TSTATE_HEAD))) else {
             continue;
         };
         // Every thread state points back to its interpreter.
-        if first != 0 && read_u64(mem, first + TSTATE_INTERP) == Some(head) {
+        if first != 0 && read_u64(mem, first.wrapping_add(TSTATE_INTERP)) == Some(head) {
             found = Some((var, head, first));
             break;
         }
@@ -311,13 +312,13 @@ fn configure_27<M: Memory>(
         if ts == 0 {
             break;
         }
-        let id = read_u64(mem, ts + u64::from(TSTATE_THREAD_ID)).unwrap_or(0);
+        let id = read_u64(mem, ts.wrapping_add(u64::from(TSTATE_THREAD_ID))).unwrap_or(0);
         if !mapped(id) {
             return Err(format!(
                 "PyThreadState.thread_id at +{TSTATE_THREAD_ID} holds {id:#x}, not a pthread_t: unknown 2.7 layout"
             ));
         }
-        ts = read_u64(mem, ts + u64::from(TSTATE_NEXT)).unwrap_or(0);
+        ts = read_u64(mem, ts.wrapping_add(u64::from(TSTATE_NEXT))).unwrap_or(0);
     }
     c.tstate_lookup = PY_TSTATE_LIST;
     c.interp_head = var;

@@ -50,8 +50,9 @@ pub fn location_line(t: &[u8], first: u32, off: u64) -> Option<u32> {
         let (mut v, mut shift) = (0u64, 0);
         while let Some(&b) = t.get(*i) {
             *i += 1;
-            v |= u64::from(b & 63) << shift;
-            shift += 6;
+            // A hostile table's endless continuation bytes add nothing past 64 bits.
+            v |= u64::from(b & 63).checked_shl(shift).unwrap_or(0);
+            shift = shift.saturating_add(6);
             if b & 64 == 0 {
                 break;
             }
@@ -73,19 +74,19 @@ pub fn location_line(t: &[u8], first: u32, off: u64) -> Option<u32> {
         let here = match code {
             15 => None,
             14 => {
-                line += signed(varint(&mut i));
+                line = line.saturating_add(signed(varint(&mut i)));
                 varint(&mut i);
                 varint(&mut i);
                 varint(&mut i);
                 Some(line)
             }
             13 => {
-                line += signed(varint(&mut i));
+                line = line.saturating_add(signed(varint(&mut i)));
                 Some(line)
             }
             10..=12 => {
-                line += i64::from(code) - 10;
-                i += 2;
+                line = line.saturating_add(i64::from(code) - 10);
+                i = i.saturating_add(2);
                 Some(line)
             }
             _ => {
@@ -93,10 +94,10 @@ pub fn location_line(t: &[u8], first: u32, off: u64) -> Option<u32> {
                 Some(line)
             }
         };
-        if off >= addr && off < addr + len {
+        if off >= addr && off < addr.saturating_add(len) {
             return here.and_then(|l| u32::try_from(l).ok());
         }
-        addr += len;
+        addr = addr.saturating_add(len);
     }
     None
 }
@@ -104,6 +105,21 @@ pub fn location_line(t: &[u8], first: u32, off: u64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer (fuzz/regressions/python_code): a varint of endless
+    /// continuation bytes shifted past 64 bits and panicked (debug builds), and
+    /// huge deltas overflowed the line. Now they saturate, and no line is made up.
+    #[test]
+    fn hostile_location_tables_end() {
+        let mut t = vec![0xf0u8]; // code 14, then varints
+        t.extend(std::iter::repeat_n(0x7f, 40)); // continuation forever, then ends
+        t.extend([0x3f, 0, 0, 0]);
+        assert_eq!(location_line(&t, 1, 0), None);
+        let huge = [
+            0xe8u8, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x3e,
+        ];
+        assert_eq!(location_line(&huge, u32::MAX, 0), None);
+    }
 
     /// Line tables of each format, against lines CPython itself reports (the
     /// tables are from `compile()` of small functions; see the comments).

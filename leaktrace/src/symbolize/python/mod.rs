@@ -75,6 +75,42 @@ impl PyTarget {
     }
 }
 
+impl PyTarget {
+    /// A target with a code object layout of `version` and `&PyCode_Type` at
+    /// `code_type`, for the fuzzer (`fuzz/`): it reads code objects, names and line
+    /// tables from memory it controls, as a hostile target would lay them out.
+    #[doc(hidden)]
+    pub fn for_fuzzing(version: (u32, u32), code_type: u64) -> Self {
+        let modern = version >= (3, 11);
+        Self {
+            version,
+            object: String::new(),
+            config: PyConfig {
+                code_name: 56,
+                ..PyConfig::default()
+            },
+            code: CodeLayout {
+                basicsize: if modern { 200 } else { 0 },
+                filename: 48,
+                name: 56,
+                qualname: modern.then_some(64),
+                firstlineno: 72,
+                linetable: 80,
+            },
+            code_type,
+            text: if version.0 == 2 {
+                TextLayout::Bytes27
+            } else {
+                TextLayout::Unicode {
+                    ascii_data: if version.1 >= 12 { 40 } else { 48 },
+                    compact_extra: if version.1 >= 12 { 16 } else { 24 },
+                }
+            },
+            eval_ranges: Vec::new(),
+        }
+    }
+}
+
 fn parse_address(s: &str) -> Option<u64> {
     u64::from_str_radix(s.strip_prefix("0x")?, 16).ok()
 }
@@ -153,7 +189,7 @@ pub struct PySymbols {
 impl PySymbols {
     /// The line table at `at`: kept, or read and kept while the budget lasts.
     fn table<M: Memory>(&mut self, mem: &M, t: &PyTarget, at: u64) -> Option<std::rc::Rc<[u8]>> {
-        let key = (at, read_u64(mem, at + 16)?);
+        let key = (at, read_u64(mem, at.wrapping_add(16))?);
         if let Some(v) = self.tables.get(&key) {
             return Some(v.clone());
         }
@@ -207,7 +243,8 @@ impl PySymbols {
                         2 * (instr as u32 as i32).max(0) as u64,
                     ),
                     _ => {
-                        let units = instr.saturating_sub(f.code + t.code.basicsize) / 2;
+                        let units =
+                            instr.saturating_sub(f.code.saturating_add(t.code.basicsize)) / 2;
                         location_line(&table, c.firstlineno, units)
                     }
                 };
@@ -236,33 +273,33 @@ impl PySymbols {
 
 fn read_code<M: Memory>(mem: &M, t: &PyTarget, code: u64) -> Option<Code> {
     // A freed and reused address is not a code object any more.
-    if read_u64(mem, code + 8)? != t.code_type {
+    if read_u64(mem, code.wrapping_add(8))? != t.code_type {
         return None;
     }
     let l = &t.code;
-    let name_ptr = read_u64(mem, code + l.qualname.unwrap_or(l.name))?;
-    let tag = read_u64(mem, code + l.name)
-        .and_then(|n| read_u64(mem, n + 24))
+    let name_ptr = read_u64(mem, code.wrapping_add(l.qualname.unwrap_or(l.name)))?;
+    let tag = read_u64(mem, code.wrapping_add(l.name))
+        .and_then(|n| read_u64(mem, n.wrapping_add(24)))
         .map_or(py_name_tag(0), py_name_tag);
     Some(Code {
         tag,
-        filename: read_text(mem, read_u64(mem, code + l.filename)?, t.text)?,
+        filename: read_text(mem, read_u64(mem, code.wrapping_add(l.filename))?, t.text)?,
         qualname: read_text(mem, name_ptr, t.text)?,
-        firstlineno: read_u32(mem, code + l.firstlineno)?,
-        linetable_at: read_u64(mem, code + l.linetable)?,
+        firstlineno: read_u32(mem, code.wrapping_add(l.firstlineno))?,
+        linetable_at: read_u64(mem, code.wrapping_add(l.linetable))?,
     })
 }
 
 /// A string object's text: 2.x `str`, or 3.x `str` in its PEP 393 compact forms.
 fn read_text<M: Memory>(mem: &M, s: u64, layout: TextLayout) -> Option<String> {
-    let len = read_u64(mem, s + 16)? as usize;
+    let len = read_u64(mem, s.wrapping_add(16))? as usize;
     if len > 4096 {
         return None;
     }
     let (ascii_data, compact_extra) = match layout {
         TextLayout::Bytes27 => {
             let mut b = vec![0u8; len];
-            mem.read(s + 36, &mut b).ok()?;
+            mem.read(s.wrapping_add(36), &mut b).ok()?;
             return Some(String::from_utf8_lossy(&b).into_owned());
         }
         TextLayout::Unicode {
@@ -270,7 +307,7 @@ fn read_text<M: Memory>(mem: &M, s: u64, layout: TextLayout) -> Option<String> {
             compact_extra,
         } => (ascii_data, compact_extra),
     };
-    let state = read_u32(mem, s + 32)?;
+    let state = read_u32(mem, s.wrapping_add(32))?;
     let (kind, compact, ascii) = (
         (state >> 2) & 7,
         (state >> 5) & 1 == 1,
@@ -280,9 +317,9 @@ fn read_text<M: Memory>(mem: &M, s: u64, layout: TextLayout) -> Option<String> {
         return None;
     }
     let data = if ascii {
-        s + ascii_data
+        s.wrapping_add(ascii_data)
     } else {
-        s + ascii_data + compact_extra
+        s.wrapping_add(ascii_data + compact_extra)
     };
     let width = match kind {
         1 => 1,
@@ -307,7 +344,7 @@ fn read_text<M: Memory>(mem: &M, s: u64, layout: TextLayout) -> Option<String> {
 
 /// A `bytes` (2.x `str`) object's contents: the line table.
 fn read_bytes<M: Memory>(mem: &M, b: u64, layout: TextLayout) -> Option<Vec<u8>> {
-    let len = read_u64(mem, b + 16)? as usize;
+    let len = read_u64(mem, b.wrapping_add(16))? as usize;
     if len > 1 << 20 {
         return None;
     }
@@ -316,7 +353,7 @@ fn read_bytes<M: Memory>(mem: &M, b: u64, layout: TextLayout) -> Option<Vec<u8>>
         TextLayout::Unicode { .. } => 32,
     };
     let mut v = vec![0u8; len];
-    mem.read(b + data, &mut v).ok()?;
+    mem.read(b.wrapping_add(data), &mut v).ok()?;
     Some(v)
 }
 
