@@ -12,9 +12,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod fuzz;
 mod kernels;
 mod roots;
 mod servers;
+mod soak;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -42,6 +44,25 @@ enum Task {
     },
     /// Set up, build, and trace the demo program as it leaks.
     Demo,
+    /// Set up, then fuzz every parser of target-controlled data (cargo-fuzz, nightly):
+    /// the regression inputs first, then SECS seconds per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        /// One target only (proc_text, elf_objects, heap_walk, python_code).
+        target: Option<String>,
+    },
+    /// Set up, build in release mode, and attach leaktrace for MINUTES to a process
+    /// allocating at a high rate, recording leaktrace's memory and CPU.
+    Soak {
+        /// Minutes to run.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// Allocating threads in the target.
+        #[arg(long, default_value_t = 1)]
+        threads: u32,
+    },
     /// Set up, build in release mode, and run the benchmarks.
     Bench {
         /// Small workloads, to check the harness works (used by the tests).
@@ -64,6 +85,18 @@ fn main() -> ExitCode {
         }
         Task::Kernels { series } => setup(true).and_then(|()| kernel_tier(&series)),
         Task::Demo => setup(false).and_then(|()| demo()),
+        Task::Soak { minutes, threads } => setup(false).and_then(|()| {
+            run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+            soak::run(
+                &workspace(),
+                &workspace().join("target/release/leaktrace"),
+                minutes,
+                threads,
+            )
+        }),
+        Task::Fuzz { secs, target } => {
+            setup(false).and_then(|()| fuzz::run_targets(&workspace(), secs, target.as_deref()))
+        }
         Task::Bench { quick, servers } => setup(false).and_then(|()| bench(quick, servers)),
     };
     match r {
@@ -208,6 +241,16 @@ fn setup(kernels: bool) -> Result<()> {
         ]))?;
     }
     ensure_bpf_linker()?;
+    // cargo-fuzz, for the fuzzing tier (its targets build with the nightly).
+    if !works(Command::new("cargo").args(["fuzz", "--version"])) {
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            "0.13.2",
+            "--locked",
+        ]))?;
+    }
     roots::setup()?;
     if kernels {
         kernels::setup()?;
@@ -305,6 +348,8 @@ fn test(args: &[String], tier: bool) -> Result<()> {
         );
     }
     if args.is_empty() {
+        // The fuzzing tier, briefly: the inputs that once failed, then 15 s per target.
+        fuzz::run_targets(&workspace(), 15, None)?;
         // A quick run of the benchmark harness, so it never rots (numbers not asserted).
         run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
         bench::run(

@@ -120,7 +120,7 @@ pub fn dynamic_of(data: &[u8]) -> Option<Dynamic> {
 
 /// The library directories `/etc/ld.so.cache` maps names to (glibc 2.32+'s format,
 /// also found after an old-format section): name → path, x86-64 libc6 entries only.
-fn read_cache(data: &[u8]) -> Vec<(String, PathBuf)> {
+pub fn read_cache(data: &[u8]) -> Vec<(String, PathBuf)> {
     const MAGIC: &[u8] = b"glibc-ld.so.cache1.1";
     const HEADER: usize = 48;
     const ENTRY: usize = 24;

@@ -15,7 +15,7 @@
 //! attach (dlopen) are added when the ledger sees an executable mapping appear.
 
 mod bpf;
-mod table;
+pub mod table;
 pub use table::fde_ranges;
 
 pub use bpf::{BpfTables, Capacity, TableSink, UnwindError, prefixes};

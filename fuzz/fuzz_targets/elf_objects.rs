@@ -1,0 +1,26 @@
+//! Files a target maps or launches (its executable, its libraries, a planted file):
+//! the dynamic section and ld.so.cache readers, the load-bias computation and the
+//! unwind-table builder (.eh_frame, CIEs, FDEs, CFI programs) never panic or run
+//! away, whatever the bytes.
+#![no_main]
+
+use leaktrace::{
+    process::{elf, ldso},
+    unwind::table,
+};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = ldso::dynamic_of(data);
+    let _ = ldso::read_cache(data);
+    for (start, offset) in [(0x5555_0000_0000, 0), (0x7f00_0000_1000, 0x1000)] {
+        let _ = elf::load_bias(data, start, offset, true);
+        let _ = elf::load_bias(data, start, offset, false);
+    }
+    if let Ok(t) = table::build(data) {
+        let _ = t.lookup(t.base());
+        let _ = t.lookup(t.base().wrapping_add(0x1234));
+        let _ = t.pages();
+    }
+    let _ = table::fde_ranges(data);
+});
