@@ -609,3 +609,28 @@ fn root_python_shared_huge_line_table_is_kept_once() {
     );
     assert!(peak < 400 << 20, "leaktrace's peak RSS {peak} bytes");
 }
+
+/// Names are the target's to choose: a function whose name and file carry terminal
+/// escapes, a bell and line breaks (`code.replace`) is named in the text report with
+/// '?' in their place (before, they reached the terminal: a cleared screen, a forged
+/// report line). JSON keeps the name as it is, escaped by the encoder.
+#[test]
+fn root_python_names_cannot_drive_the_terminal() {
+    require_root();
+    let script = script_path("py_hostile.py");
+    let mut fx = Fixture::spawn_program(
+        Path::new(DEBIAN_311),
+        &[script.to_str().unwrap(), "names", "3"],
+        &[],
+    );
+    let text = leaktrace_tests::trace_to_file(&mut fx, &["--duration", "2", "--full-stacks"]);
+    assert!(
+        text.contains("evil?[2J?]0;title??FAKE REPORT LINE?"),
+        "the function is named, with '?' for its control characters: {text}"
+    );
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "a control character reached the text: {text:?}"
+    );
+    assert!(!text.lines().any(|l| l.starts_with("FAKE")), "{text}");
+}

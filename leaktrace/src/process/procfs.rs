@@ -380,7 +380,8 @@ pub fn thread_names(pid: u32) -> rustc_hash::FxHashMap<u32, String> {
         if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok())
             && let Ok(comm) = std::fs::read_to_string(e.path().join("comm"))
         {
-            m.insert(tid, comm.trim().to_owned());
+            // A thread names itself (prctl): no control characters reach a report.
+            m.insert(tid, crate::units::printable(comm.trim()));
         }
     }
     m

@@ -7,7 +7,7 @@ use crate::{
     heap::glibc::ArenaKind,
     report::*,
     symbolize::{Frame, FrameKind},
-    units::{bytes, rate},
+    units::{bytes, printable, rate},
 };
 
 /// Renders a dry run: call rates and the projected cost of tracing them.
@@ -53,12 +53,15 @@ pub fn render_dry_run(pid: u32, duration_s: f64, o: &Overhead, reason: &str) -> 
     s
 }
 
+/// A frame as one line. Names, files and modules come from the target (its memory,
+/// its files' symbols, its paths): control characters are printed as '?', so no
+/// escape sequence or line break of theirs reaches the terminal.
 fn frame_line(f: &Frame) -> String {
     let func = f.function.as_deref().unwrap_or("??");
-    let mut s = func.to_string();
+    let mut s = printable(func);
     if let (Some(file), Some(line)) = (&f.file, f.line) {
         let short = file.rsplit('/').next().unwrap_or(file);
-        let _ = write!(s, " ({short}:{line})");
+        let _ = write!(s, " ({}:{line})", printable(short));
     }
     if f.inlined {
         s.push_str(" [inlined]");
@@ -74,7 +77,7 @@ fn frame_line(f: &Frame) -> String {
         .module
         .as_deref()
         .map_or("?", |m| m.rsplit('/').next().unwrap_or(m));
-    let _ = write!(s, "  in {module}");
+    let _ = write!(s, "  in {}", printable(module));
     if f.function.is_none() {
         let _ = write!(s, " @ {}", f.address);
     }
@@ -158,7 +161,7 @@ fn render_unnamed(o: &mut String, unnamed: &[crate::symbolize::native::Unnamed])
             .run_as
             .as_deref()
             .map_or(String::new(), |r| format!(" (run as {r})"));
-        let _ = writeln!(o, "  {}{run_as}: {what}; {id}{pkg}", u.object);
+        let _ = writeln!(o, "  {}{run_as}: {what}; {id}{pkg}", printable(&u.object));
     }
     let _ = writeln!(
         o,
@@ -525,7 +528,7 @@ fn render_allocator(o: &mut String, a: &Allocator) {
         let _ = writeln!(
             o,
             "  malloc settings in the environment: {}",
-            a.environment.join(" ")
+            printable(&a.environment.join(" "))
         );
     }
 }
@@ -694,7 +697,9 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
                 let _ = writeln!(
                     o,
                     "CPython {} ({}): Python frames on. {}",
-                    p.version, p.object, p.note
+                    p.version,
+                    printable(&p.object),
+                    p.note
                 );
                 if p.frames_replaced > 0 {
                     let _ = writeln!(
@@ -708,7 +713,9 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
                 let _ = writeln!(
                     o,
                     "CPython {} ({}): no Python frames: {why}. {}",
-                    p.version, p.object, p.note
+                    p.version,
+                    printable(&p.object),
+                    p.note
                 );
             }
         }

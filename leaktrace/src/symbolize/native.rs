@@ -41,9 +41,17 @@ pub struct Symbols {
     /// through one of `open_debug_files`).
     debug_files: FxHashMap<String, Option<PathBuf>>,
     /// Files opened for blazesym (debug files found, objects of a target that is
-    /// gone), held open: blazesym opens them again by descriptor.
+    /// gone, copies in memory), held open: blazesym opens them again by descriptor.
     open_debug_files: Vec<std::fs::File>,
+    /// Objects the target could truncate, copied into memory, by (device, inode).
+    copies: FxHashMap<(u64, u64), Option<PathBuf>>,
+    /// Bytes copied so far.
+    copied_bytes: u64,
 }
+
+/// Most bytes of objects copied into memory (see [`Symbols::untruncatable`]); past it,
+/// a writable object is not symbolized.
+const MAX_COPIED_BYTES: u64 = 1 << 30;
 
 /// Objects whose package is looked up in the dpkg database (one scan each).
 const MAX_PACKAGE_LOOKUPS: usize = 8;
@@ -115,6 +123,8 @@ impl Symbols {
             debug_dirs: by_id,
             debug_files: FxHashMap::default(),
             open_debug_files: Vec::new(),
+            copies: FxHashMap::default(),
+            copied_bytes: 0,
             cache: FxHashMap::default(),
             program: None,
             names: FxHashMap::default(),
@@ -306,6 +316,15 @@ impl Symbols {
                     }
                 }
             };
+            let Some(path) = self.untruncatable(&path) else {
+                let names = self.names.entry(module.clone()).or_default();
+                for (key, _) in &items {
+                    names.unnamed += 1;
+                    self.cache
+                        .insert(*key, vec![unknown(key.0, Some(module.clone()))]);
+                }
+                continue;
+            };
             // A debug file found by build id is symbolized in place of the object
             // (blazesym looks in the debug directories only for a .gnu_debuglink).
             let debug = match self.debug_files.get(&module) {
@@ -380,6 +399,63 @@ impl Symbols {
             }
         }
     }
+}
+
+impl Symbols {
+    /// A path to `path`'s contents that nobody but root can truncate: blazesym maps
+    /// the file it reads, and a mapped file cut short under it kills the reader with
+    /// SIGBUS. A file owned by root and writable by no one else is used in place;
+    /// any other (the target's own build, a copy it made) is copied once into
+    /// memory (a memfd, at most [`MAX_COPIED_BYTES`] in all). `None`: unreadable, or
+    /// over the budget.
+    fn untruncatable(&mut self, path: &Path) -> Option<PathBuf> {
+        use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+        let f = procfs::open_regular(path).ok()?;
+        let meta = f.metadata().ok()?;
+        if meta.uid() == 0 && meta.mode() & 0o022 == 0 {
+            return Some(path.to_path_buf());
+        }
+        let key = (meta.dev(), meta.ino());
+        if let Some(p) = self.copies.get(&key) {
+            return p.clone();
+        }
+        let copy = (self.copied_bytes + meta.len() <= MAX_COPIED_BYTES)
+            .then(|| copy_to_memory(f, meta.len()))
+            .flatten();
+        let p = copy.map(|c| {
+            self.copied_bytes += meta.len();
+            let p = PathBuf::from(format!("/proc/self/fd/{}", c.as_raw_fd()));
+            self.open_debug_files.push(c);
+            p
+        });
+        if p.is_none() {
+            log::warn!(
+                "{} is writable by a user other than root and could not be copied (over {} MiB of copies?): its frames stay unnamed",
+                path.display(),
+                MAX_COPIED_BYTES >> 20
+            );
+        }
+        self.copies.insert(key, p.clone());
+        p
+    }
+}
+
+/// `len` bytes of `f` (at most [`procfs::MAX_OBJECT_BYTES`]) in a memfd of ours.
+fn copy_to_memory(f: std::fs::File, len: u64) -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd as _;
+    if len > procfs::MAX_OBJECT_BYTES {
+        return None;
+    }
+    // SAFETY: a NUL-terminated name and flags; the descriptor returned is ours.
+    let fd = unsafe { libc::memfd_create(c"leaktrace-object".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor just created and owned by nothing else.
+    let mut out = unsafe { std::fs::File::from_raw_fd(fd) };
+    use std::io::Read as _;
+    std::io::copy(&mut f.take(len), &mut out).ok()?;
+    Some(out)
 }
 
 /// The executable's file as mapped and the path it was started as, when they name
@@ -486,5 +562,34 @@ fn unknown(addr: u64, module: Option<String>) -> Frame {
         kind: FrameKind::Native,
         address: format!("{addr:#x}"),
         inlined: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// blazesym maps the files it reads: one the target can truncate is copied into
+    /// memory first, and the copy keeps its contents when the original is cut to
+    /// nothing (a mapped file cut short kills its reader with SIGBUS). A file only
+    /// root can write is read in place.
+    #[test]
+    fn writable_objects_are_read_from_a_copy() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut s = Symbols::new(std::process::id(), &[]);
+        let p = std::env::temp_dir().join(format!("leaktrace-copy-{}", std::process::id()));
+        std::fs::write(&p, vec![7u8; 10000]).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let copy = s.untruncatable(&p).expect("a copy");
+        assert_ne!(copy, p);
+        // The same file again: the same copy, not a second one.
+        assert_eq!(s.untruncatable(&p).as_ref(), Some(&copy));
+        std::fs::File::options().write(true).open(&p).unwrap().set_len(0).unwrap();
+        let read = std::fs::read(&copy).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!((read.len(), read[9999]), (10000, 7));
+        assert_eq!(s.copied_bytes, 10000);
+        let root_only = Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(s.untruncatable(root_only).as_deref(), Some(root_only));
     }
 }
