@@ -14,6 +14,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("hostile", "hostile.c", &[]),
     ("launch_once", "launch_once.c", &[]),
     ("sigurg", "sigurg.c", &[]),
+    ("reload", "reload.c", &[]),
 ];
 
 fn main() {
@@ -43,6 +44,22 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("failed to run musl-gcc: {e} (run `cargo xtask setup`)"));
     assert!(status.success(), "failed to build fixture launch_once_musl");
+    // One plugin source, two libraries: the same code under two names.
+    for (lib, name) in [
+        ("libreload_a.so", "leak_in_a"),
+        ("libreload_b.so", "leak_in_b"),
+    ] {
+        let status = Command::new(&cc)
+            .args(["-O1", "-g", "-shared", "-fPIC", "-Wall"])
+            .arg(format!("-DNAME={name}"))
+            .arg(format!("-Wl,-soname,{lib}"))
+            .arg("-o")
+            .arg(out.join(lib))
+            .arg(src.join("reload_lib.c"))
+            .status()
+            .unwrap_or_else(|e| panic!("failed to run {cc} for {lib}: {e}"));
+        assert!(status.success(), "failed to build fixture {lib}");
+    }
     build_unwind_fixtures(&cc, &src, &out);
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
 }

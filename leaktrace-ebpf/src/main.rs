@@ -99,6 +99,18 @@ static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(leaktrace_common::
 #[map]
 static ENABLED: Array<u32> = Array::with_max_entries(2, 0);
 
+/// Where a traced process has mapped a file's code, (tgid, start) → 1: a code
+/// mapping made again at one of these addresses (a library unloaded and another, or
+/// the same, loaded where it was) bumps [`CODE_GENERATION`].
+#[map]
+static CODE_STARTS: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(8192, 0);
+
+/// Bumped when code is mapped where other code was: part of every native stack's
+/// id from then on, so the same addresses in the new code make new stacks (named
+/// after the new code) instead of adding to the old code's.
+#[map]
+static CODE_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 static LAST_RETURN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 

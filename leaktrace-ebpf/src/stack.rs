@@ -688,6 +688,12 @@ fn store(st: &mut StackTrace, py: i64, n: usize, flags: u32, mut h1: u64, mut h2
     // Same frames read differently (a syscall's, a truncated walk) are another stack.
     h1 = mix(h1, u64::from(flags), M1);
     h2 = mix(h2, u64::from(flags), M2);
+    // Same addresses in code mapped where other code was are another stack.
+    let generation = crate::CODE_GENERATION.get(0).copied().unwrap_or(0);
+    if generation != 0 {
+        h1 = mix(h1, generation, M1);
+        h2 = mix(h2, generation, M2);
+    }
     let id = (h1 & (i64::MAX as u64)) as i64;
     st.len = n as u32;
     st.flags = flags;

@@ -29,8 +29,8 @@ use aya_ebpf::helpers::{
 use aya_ebpf::helpers::bpf_send_signal_thread;
 
 use crate::{
-    ALLOC_INFLIGHT, CONFIG, Caller, FREE_MARK, SYSCALL_INFLIGHT, TARGETS, count, emit, is_target,
-    now, stack, traced_thread,
+    ALLOC_INFLIGHT, CODE_GENERATION, CODE_STARTS, CONFIG, Caller, FREE_MARK, SYSCALL_INFLIGHT,
+    TARGETS, count, emit, is_target, now, stack, traced_thread,
 };
 
 const MADV_DONTNEED: u64 = 4;
@@ -172,6 +172,21 @@ fn sys_exit(ctx: &TracePointContext, nr: u32) -> u32 {
             ..Event::default()
         },
     );
+    // A file's code mapped where code was mapped before: the same addresses are other
+    // code now, and stacks through them get new ids.
+    if nr == nr::MMAP && a[2] & PROT_EXEC != 0 && (a[4] as i64) >= 0 {
+        let key = [u64::from(me.tgid), ret];
+        // SAFETY: a lookup returns a pointer valid for this program run.
+        if unsafe { CODE_STARTS.get(&key) }.is_some() {
+            if let Some(g) = CODE_GENERATION.get_ptr_mut(0) {
+                // SAFETY: the map's one slot. Not atomic: two CPUs bumping at once may
+                // both write the same value, which still differs from the old one.
+                unsafe { *g = (*g).wrapping_add(1) };
+            }
+        } else {
+            let _ = CODE_STARTS.insert(&key, &1, 0);
+        }
+    }
     // A launched command's main thread mapped a file's code: hold it (leaktrace is
     // its tracer and resumes it) until that code's unwind tables are loaded.
     if nr == nr::MMAP

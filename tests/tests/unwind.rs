@@ -455,3 +455,62 @@ fn root_stripped_program_is_listed_and_named_from_a_debug_dir() {
     drop(fx);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plugin unloaded and another loaded where it was (the kernel reuses the address
+/// range): the same addresses are other code now. Before, the second plugin's leak
+/// was added to the first one's stack and named after it: BPF deduplicated the stacks
+/// by address, and the symbolizer cached names by address. Code mapped where code was
+/// now bumps a generation that is part of every stack's id, stacks recorded before
+/// the new mapping are named before it replaces the old, and the old names go.
+#[test]
+fn root_plugin_reloaded_at_one_address_keeps_both_names() {
+    use std::io::BufRead as _;
+    require_root();
+    // Launched: each library is held until its unwind tables are in, so the stacks
+    // through it are whole (with --pid, calls right after dlopen can beat the tables).
+    let (a, b) = (
+        fixture_path("libreload_a.so"),
+        fixture_path("libreload_b.so"),
+    );
+    let prog = fixture_path("reload");
+    let mut tracer = leaktrace_tests::Tracer::start_with(
+        &[
+            "--",
+            prog.to_str().unwrap(),
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+        std::process::Stdio::piped(),
+    );
+    let mut stdin = tracer.stdin();
+    let mut out = tracer.stdout();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ready"), "{line}");
+    writeln!(stdin, "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let w: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        (w.first().copied(), w.get(1), w.get(2).is_some()),
+        (Some("entries"), w.get(2), true),
+        "the second library is mapped where the first was: {line}"
+    );
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    drop(stdin);
+    let r = tracer.wait_report(0);
+    let live = |f: &str| -> u64 {
+        leaktrace_tests::stacks_at(&r, "heap", f)
+            .iter()
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (live("leak_in_a"), live("leak_in_b")),
+        (10 * 1000, 10 * 2000),
+        "{:#}",
+        r["heap"]["stacks"]
+    );
+}

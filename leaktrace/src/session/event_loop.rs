@@ -661,7 +661,10 @@ impl Session<'_> {
         self.child.exec_stops_seen += before - ours;
         match stop {
             launch::ChildStop::MappedCode => {
-                // It stays stopped until its new code's tables are loaded.
+                // It stays stopped until its new code's tables are loaded. What it did
+                // before goes to the worker first: stacks recorded before this mapping
+                // are named from the mappings as they were.
+                self.drain(m.ring.get_mut());
                 self.child.waiting = true;
                 self.worker.send(Job::SyncUnwind(Then::Resume));
             }
@@ -713,6 +716,13 @@ impl Session<'_> {
             }
             self.ledger.apply(&ev);
             if ev.kind == leaktrace_common::kind::MMAP && ev.aux & PROT_EXEC != 0 {
+                // Stacks seen before this mapping are named from the mappings as they
+                // were (code mapped where other code was replaces it): the worker
+                // gets them first.
+                if !new_stacks.is_empty() {
+                    self.worker
+                        .send(Job::NewStacks(std::mem::take(&mut new_stacks)));
+                }
                 exec_mapped = true;
             }
             if ev.kind == leaktrace_common::kind::EXEC {

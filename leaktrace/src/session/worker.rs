@@ -335,6 +335,11 @@ impl Worker {
         match job {
             Job::NewStacks(ids) => self.fetch(&ids),
             Job::CodeMapped => {
+                // Stacks recorded before the new code was mapped are named from the
+                // mappings as they were, before the new code can replace them.
+                if !self.fetched.is_empty() {
+                    self.resolve();
+                }
                 self.symbols().refresh_maps();
                 self.sync_unwind();
                 if matches!(self.py.state, PyState::Absent) {
@@ -342,6 +347,12 @@ impl Worker {
                 }
             }
             Job::SyncUnwind(then) => {
+                // Held: the code just mapped is there to be seen (it may be gone, or
+                // replaced, by the time its stacks are named).
+                if !self.fetched.is_empty() {
+                    self.resolve();
+                }
+                self.symbols().refresh_maps();
                 self.sync_unwind();
                 if matches!(self.py.state, PyState::Absent) {
                     self.find_python();

@@ -178,9 +178,22 @@ impl Symbols {
                     .filter(|m| m.is_exec() && m.is_file())
                     .collect();
                 // Keep mappings that went away (dlclose) for stacks recorded earlier.
+                // One that other code replaced (a library loaded where another was)
+                // goes, and so do the names looked up in it: the same addresses name
+                // the new code now (BPF gives its stacks new ids).
                 for old in std::mem::take(&mut self.exec_maps) {
+                    let same = |f: &MapEntry| {
+                        f.start == old.start
+                            && f.end == old.end
+                            && f.offset == old.offset
+                            && f.path == old.path
+                            && f.inode == old.inode
+                    };
                     if !fresh.iter().any(|f| f.start < old.end && old.start < f.end) {
                         self.exec_maps.push(old);
+                    } else if !fresh.iter().any(same) {
+                        log::debug!("code at {:#x} replaced: {} is gone", old.start, old.path);
+                        self.cache.retain(|k, _| k.0 < old.start || k.0 >= old.end);
                     }
                 }
                 self.exec_maps.extend(fresh);
@@ -273,7 +286,8 @@ impl Symbols {
 
     fn symbolize(&mut self, wanted: &[Key]) {
         // Group by object: (host path, module name) → [(key, file offset)].
-        let mut by_obj: FxHashMap<(PathBuf, String), Vec<(Key, u64)>> = FxHashMap::default();
+        // (host path, module name, inode as mapped) → [(key, file offset)].
+        let mut by_obj: FxHashMap<(PathBuf, String, u64), Vec<(Key, u64)>> = FxHashMap::default();
         for &(addr, is_ret) in wanted {
             let Some(m) = self.mapping(addr) else {
                 self.cache.insert((addr, is_ret), vec![unknown(addr, None)]);
@@ -284,27 +298,36 @@ impl Symbols {
             let off = lookup - m.start + m.offset;
             let host = procfs::mapped_file(self.pid, m.start, m.end);
             by_obj
-                .entry((host, m.path.clone()))
+                .entry((host, m.path.clone(), m.inode))
                 .or_default()
                 .push(((addr, is_ret), off));
         }
-        for ((host, module), items) in by_obj {
+        for ((host, module, inode), items) in by_obj {
             let offsets: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
             // After the target exits (or unmaps the object) its map_files entry is gone;
             // the file is usually still at the same path in our namespace.
             // Opened by us as a regular file (a FIFO planted at that path would block
             // blazesym's open forever) and handed over by descriptor.
-            let path = if host.exists() {
+            // The range may hold other code now (a library loaded where this one was):
+            // then the path is used only if it is still the file that was mapped.
+            // (When the range is gone, the path is taken as it is: an overlayfs path's
+            // inode is not the one the mapping shows.)
+            let host_inode = procfs::file_identity(&host).map(|(_, i)| i);
+            let path = if host_inode == Some(inode) {
                 host
             } else {
-                match procfs::open_regular(Path::new(&module)) {
-                    Ok(f) => {
+                let replaced = host_inode.is_some();
+                match procfs::open_regular(Path::new(&module)).ok().filter(|f| {
+                    use std::os::unix::fs::MetadataExt as _;
+                    !replaced || f.metadata().is_ok_and(|m| m.ino() == inode)
+                }) {
+                    Some(f) => {
                         use std::os::fd::AsRawFd as _;
                         let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
                         self.open_debug_files.push(f);
                         p
                     }
-                    Err(_) => {
+                    None => {
                         // Nothing to read it from: its frames stay unnamed.
                         let names = self.names.entry(module.clone()).or_default();
                         for (key, _) in &items {
@@ -584,7 +607,12 @@ mod tests {
         assert_ne!(copy, p);
         // The same file again: the same copy, not a second one.
         assert_eq!(s.untruncatable(&p).as_ref(), Some(&copy));
-        std::fs::File::options().write(true).open(&p).unwrap().set_len(0).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
         let read = std::fs::read(&copy).unwrap();
         std::fs::remove_file(&p).unwrap();
         assert_eq!((read.len(), read[9999]), (10000, 7));
