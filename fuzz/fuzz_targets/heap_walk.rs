@@ -4,43 +4,13 @@
 //! the region holds.
 #![no_main]
 
-use std::io;
-
 use leaktrace::{
     heap::{glibc, pymalloc},
-    process::Memory,
+    process::memory::Laid,
 };
 use libfuzzer_sys::fuzz_target;
 
 const PAGE: u64 = 4096;
-
-/// The fuzzer's bytes at `base`, padded to whole pages, every page resident.
-struct Laid {
-    base: u64,
-    bytes: Vec<u8>,
-}
-
-impl Memory for Laid {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        let o = addr
-            .checked_sub(self.base)
-            .ok_or(io::ErrorKind::InvalidInput)? as usize;
-        let src = self
-            .bytes
-            .get(o..o.saturating_add(buf.len()))
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
-        let len = self.bytes.len() as u64;
-        Ok((start..end)
-            .step_by(PAGE as usize)
-            .map(|p| p >= self.base && p < self.base + len)
-            .collect())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     for base in [0x5555_0000_0000u64, 0x7f00_0000_0000] {

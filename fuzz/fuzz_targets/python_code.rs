@@ -3,38 +3,12 @@
 //! every name it returns is bounded.
 #![no_main]
 
-use std::io;
-
 use leaktrace::{
-    process::Memory,
+    process::memory::Laid,
     symbolize::python::{PySymbols, PyTarget, lines},
 };
 use leaktrace_common::PyFrame;
 use libfuzzer_sys::fuzz_target;
-
-/// The fuzzer's bytes at `base`.
-struct Laid {
-    base: u64,
-    bytes: Vec<u8>,
-}
-
-impl Memory for Laid {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        let o = addr
-            .checked_sub(self.base)
-            .ok_or(io::ErrorKind::InvalidInput)? as usize;
-        let src = self
-            .bytes
-            .get(o..o.saturating_add(buf.len()))
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
-        Ok(vec![true; ((end - start) / 4096) as usize])
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 16 {
@@ -49,10 +23,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = lines::location_line(&data[16..], first, off);
     // Code objects at the start of the bytes; pointers inside them lead anywhere.
     let base = 0x7f00_1000_0000u64;
-    let m = Laid {
-        base,
-        bytes: data.to_vec(),
-    };
+    let len = (data.len() as u64).next_multiple_of(4096);
+    let mut m = Laid::new(base, len);
+    m.bytes[..data.len()].copy_from_slice(data);
     let code_type = word(8); // the object's own ob_type slot when the data says so
     for version in [(2, 7), (3, 9), (3, 10), (3, 11), (3, 12), (3, 14)] {
         let t = PyTarget::for_fuzzing(version, code_type);

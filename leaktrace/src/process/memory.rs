@@ -266,8 +266,7 @@ mod scan {
 }
 
 /// Memory laid out in a buffer, as an allocator would lay it out: the walkers'
-/// unit tests read it through [`Memory`].
-#[cfg(test)]
+/// unit tests and the fuzzer (`fuzz/`) read it through [`Memory`].
 pub struct Laid {
     /// Address of the first byte.
     pub base: u64,
@@ -277,7 +276,6 @@ pub struct Laid {
     pub resident: Vec<bool>,
 }
 
-#[cfg(test)]
 impl Laid {
     /// `len` zero bytes at `base`, every page resident.
     pub fn new(base: u64, len: u64) -> Self {
@@ -301,24 +299,30 @@ impl Laid {
     }
 }
 
-#[cfg(test)]
 impl Memory for Laid {
     fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        let o = addr
-            .checked_sub(self.base)
-            .ok_or(io::ErrorKind::InvalidInput)? as usize;
+        // Any address may be asked for: outside the buffer is unreadable, as in a process.
+        let o = usize::try_from(
+            addr.checked_sub(self.base)
+                .ok_or(io::ErrorKind::InvalidInput)?,
+        )
+        .map_err(|_| io::ErrorKind::InvalidInput)?;
         let src = self
             .bytes
-            .get(o..o + buf.len())
+            .get(o..o.saturating_add(buf.len()))
+            .filter(|s| s.len() == buf.len())
             .ok_or(io::ErrorKind::UnexpectedEof)?;
         buf.copy_from_slice(src);
         Ok(())
     }
 
     fn resident(&self, start: u64, end: u64) -> io::Result<Vec<bool>> {
-        let page = |a: u64| ((a - self.base) / PAGE) as usize;
+        let page = |a: u64| a.checked_sub(self.base).map(|o| (o / PAGE) as usize);
+        let (Some(s), Some(e)) = (page(start), page(end)) else {
+            return Err(io::ErrorKind::InvalidInput.into());
+        };
         self.resident
-            .get(page(start)..page(end))
+            .get(s..e)
             .map(<[bool]>::to_vec)
             .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
     }

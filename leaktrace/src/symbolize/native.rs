@@ -329,23 +329,13 @@ impl Symbols {
                     }
                     None => {
                         // Nothing to read it from: its frames stay unnamed.
-                        let names = self.names.entry(module.clone()).or_default();
-                        for (key, _) in &items {
-                            names.unnamed += 1;
-                            self.cache
-                                .insert(*key, vec![unknown(key.0, Some(module.clone()))]);
-                        }
+                        self.leave_unnamed(&module, &items);
                         continue;
                     }
                 }
             };
             let Some(path) = self.untruncatable(&path) else {
-                let names = self.names.entry(module.clone()).or_default();
-                for (key, _) in &items {
-                    names.unnamed += 1;
-                    self.cache
-                        .insert(*key, vec![unknown(key.0, Some(module.clone()))]);
-                }
+                self.leave_unnamed(&module, &items);
                 continue;
             };
             // A debug file found by build id is symbolized in place of the object
@@ -425,6 +415,16 @@ impl Symbols {
 }
 
 impl Symbols {
+    /// Frames of `module` that stay unnamed: nothing to read its symbols from.
+    fn leave_unnamed(&mut self, module: &str, items: &[(Key, u64)]) {
+        let names = self.names.entry(module.to_owned()).or_default();
+        for (key, _) in items {
+            names.unnamed += 1;
+            self.cache
+                .insert(*key, vec![unknown(key.0, Some(module.to_owned()))]);
+        }
+    }
+
     /// A path to `path`'s contents that nobody but root can truncate: blazesym maps
     /// the file it reads, and a mapped file cut short under it kills the reader with
     /// SIGBUS. A file owned by root and writable by no one else is used in place;
