@@ -14,16 +14,10 @@ const PAGE: u64 = 4096;
 
 fuzz_target!(|data: &[u8]| {
     for base in [0x5555_0000_0000u64, 0x7f00_0000_0000] {
-        let mut bytes = data.to_vec();
-        bytes.resize(
-            bytes
-                .len()
-                .next_multiple_of(PAGE as usize)
-                .max(PAGE as usize),
-            0,
-        );
-        let len = bytes.len() as u64;
-        let m = Laid { base, bytes };
+        // The fuzzer's bytes at `base`, padded to whole pages, every page resident.
+        let len = (data.len() as u64).next_multiple_of(PAGE).max(PAGE);
+        let mut m = Laid::new(base, len);
+        m.bytes[..data.len()].copy_from_slice(data);
         let sites = glibc::HeapSites {
             main: Some((base, base + len)),
             thread_heaps: vec![base],
