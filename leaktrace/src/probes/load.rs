@@ -117,15 +117,18 @@ pub fn load(o: &LoadOptions) -> Result<Ebpf, Error> {
     Ok(ebpf)
 }
 
+/// Offset of `root.member` in the kernel's BTF, when it fits the u16 BPF is given.
+fn small_offset(btf: &super::btf::Btf, root: &str, member: &str) -> Option<u16> {
+    btf.member_offset(root, &[member])
+        .and_then(|o| u16::try_from(o).ok())
+}
+
 /// Where the running kernel keeps the return addresses its return probes replaced
 /// (see [`ReturnOffsets`]), from its BTF; `None` when any member is missing, and stack
 /// walks then end at a hijacked return.
 pub fn return_offsets() -> Option<ReturnOffsets> {
     let btf = super::btf::Btf::kernel()?;
-    let small = |root: &str, member: &str| {
-        btf.member_offset(root, &[member])
-            .and_then(|o| u16::try_from(o).ok())
-    };
+    let small = |root: &str, member: &str| small_offset(&btf, root, member);
     Some(ReturnOffsets {
         utask: small("task_struct", "utask")?,
         instances: small("uprobe_task", "return_instances")?,
@@ -142,10 +145,7 @@ pub fn return_offsets() -> Option<ReturnOffsets> {
 pub fn signal_offsets() -> SignalOffsets {
     let find = || {
         let btf = super::btf::Btf::kernel()?;
-        let small = |root: &str, member: &str| {
-            btf.member_offset(root, &[member])
-                .and_then(|o| u16::try_from(o).ok())
-        };
+        let small = |root: &str, member: &str| small_offset(&btf, root, member);
         Some(SignalOffsets {
             sighand: small("task_struct", "sighand")?,
             action: small("sighand_struct", "action")?,

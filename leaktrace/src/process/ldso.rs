@@ -229,6 +229,14 @@ fn expand(entry: &str, origin: &Path) -> String {
     s
 }
 
+/// The directories of a `DT_RPATH`/`DT_RUNPATH` value, expanded for an object at `origin`.
+fn path_list(list: &str, origin: &Path) -> Vec<String> {
+    list.split(':')
+        .filter(|s| !s.is_empty())
+        .map(|d| expand(d, origin))
+        .collect()
+}
+
 /// Whether `p` is a regular x86-64 ELF file (the loader skips others), and its
 /// dynamic section.
 fn candidate(p: &Path) -> Option<Dynamic> {
@@ -311,24 +319,14 @@ pub fn objects_for(elf: &Path, search: &Search) -> Vec<PathBuf> {
                 let mut at = Some(by);
                 while let Some(i) = at {
                     if let Some(r) = &found[i].dynamic.rpath {
-                        let o = origin_of(i);
-                        dirs.extend(
-                            r.split(':')
-                                .filter(|s| !s.is_empty())
-                                .map(|d| expand(d, &o)),
-                        );
+                        dirs.extend(path_list(r, &origin_of(i)));
                     }
                     at = found[i].loader;
                 }
             }
             dirs.extend(search.library_path.iter().cloned());
             if let Some(r) = &found[by].dynamic.runpath {
-                let o = origin_of(by);
-                dirs.extend(
-                    r.split(':')
-                        .filter(|s| !s.is_empty())
-                        .map(|d| expand(d, &o)),
-                );
+                dirs.extend(path_list(r, &origin_of(by)));
             }
         }
         let hit = if name.contains('/') {
