@@ -7,8 +7,9 @@
 //! mappings). Anonymous pages are glibc's heaps (the `[heap]` mapping and the arena
 //! heaps: in use or free by the walk, `heap-unwalked` where the walk did not reach),
 //! `thread-stacks` (the mapping holding a thread's stack pointer, and `[stack]`),
-//! chunks malloc mapped on their own (`heap-mmapped`), pymalloc's arenas, or
-//! `other-anon`. The parts sum to smaps' resident bytes (`rss_bytes`); `vmrss_bytes` is
+//! chunks malloc mapped on their own (`heap-mmapped`), pymalloc's arenas, a Go
+//! program's heap arenas (`go-heap`, by address), or `other-anon`. When another
+//! allocator serves malloc, the brk heap is that allocator's and is not walked. The parts sum to smaps' resident bytes (`rss_bytes`); `vmrss_bytes` is
 //! the kernel's batched counter beside it (top's RES).
 
 use serde::Serialize;
@@ -31,6 +32,8 @@ pub enum PartKind {
     PymallocInUse,
     /// pymalloc arenas' free pages and blocks, resident.
     PymallocFree,
+    /// A Go program's heap arenas (anonymous mappings where Go's runtime places them).
+    GoHeap,
     /// Thread stacks.
     ThreadStacks,
     /// Other anonymous memory (private mappings, written file pages, JIT code…).
@@ -52,6 +55,7 @@ impl PartKind {
             Self::HeapMmapped => "heap-mmapped",
             Self::PymallocInUse => "pymalloc-in-use",
             Self::PymallocFree => "pymalloc-free",
+            Self::GoHeap => "go-heap",
             Self::ThreadStacks => "thread-stacks",
             Self::OtherAnon => "other-anon",
             Self::File => "file",
@@ -113,6 +117,17 @@ pub struct State<'a> {
     pub pymalloc: &'a [(u64, u64, u64)],
     /// Each thread's stack pointer: (tid, sp).
     pub stack_pointers: &'a [(u32, u64)],
+    /// The allocator serving malloc, when it is not glibc's.
+    pub heap_owner: Option<&'a str>,
+    /// The target is a Go program.
+    pub go: bool,
+}
+
+/// Whether an address is where Go's runtime places its heap arenas on x86-64: it
+/// reserves from the hints `i << 40 | 0xc0 << 32` (i = 0..0x7f) upwards, so arenas
+/// sit in the upper quarter of each terabyte below the usual mmap area.
+pub fn in_go_arena_space(addr: u64) -> bool {
+    addr < 0x7f00_0000_0000 && addr & ((1 << 40) - 1) >= 0xc0 << 32
 }
 
 /// Parts listed one by one before the rest of their kind is summed in one line.
@@ -159,7 +174,8 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
     let mut files: std::collections::BTreeMap<String, u64> = Default::default();
     let mut shmem: std::collections::BTreeMap<String, u64> = Default::default();
     let mut stacks: Vec<(String, u64)> = Vec::new();
-    let (mut heap_vmas, mut rest_anon, mut written_file) = (0u64, 0u64, 0u64);
+    let (mut heap_vmas, mut rest_anon, mut written_file, mut go) = (0u64, 0u64, 0u64, 0u64);
+    let mut go_mappings = 0usize;
     for e in s.smaps {
         let m = &e.map;
         let shared = e.rss.saturating_sub(e.anonymous);
@@ -195,6 +211,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         } else if m.is_file() {
             // Private file pages written since (data, relocations): anonymous now.
             written_file += e.anonymous;
+        } else if s.go && in_go_arena_space(m.start) {
+            go += e.anonymous;
+            go_mappings += 1;
         } else {
             rest_anon += e.anonymous;
         }
@@ -234,7 +253,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         &mut parts,
         PartKind::HeapUnwalked,
         vec![(
-            if s.glibc.is_some() {
+            if let Some(owner) = s.heap_owner {
+                format!("brk heap: {owner}'s (malloc is {owner}), not walked")
+            } else if s.glibc.is_some() {
                 "glibc heap pages the walk did not reach".into()
             } else {
                 "brk heap and arena pages, not walked".into()
@@ -283,12 +304,32 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         vec![(format!("{} arenas", s.pymalloc.len()), py_free)],
         "",
     );
+    push_kind(
+        &mut parts,
+        PartKind::GoHeap,
+        vec![(
+            format!(
+                "{go_mappings} mapping{} in Go's arena space (the Go runtime's heap: its own state is not read)",
+                if go_mappings == 1 { "" } else { "s" }
+            ),
+            go,
+        )],
+        "",
+    );
     push_kind(&mut parts, PartKind::ThreadStacks, stacks, "threads");
     push_kind(
         &mut parts,
         PartKind::OtherAnon,
         vec![
-            ("anonymous mappings".into(), left),
+            (
+                match s.heap_owner {
+                    Some(owner) if owner != "other" => {
+                        format!("anonymous mappings ({owner}'s among them: its own state is not read)")
+                    }
+                    _ => "anonymous mappings".into(),
+                },
+                left,
+            ),
             ("file pages written since mapped".into(), written_file),
         ],
         "",

@@ -1,4 +1,5 @@
-//! Finding the allocator functions a process actually has mapped.
+//! Finding the allocator functions a process actually has mapped, and naming the
+//! allocators they belong to.
 //!
 //! Every ELF object mapped executable into the target is read (through
 //! `/proc/PID/root`, so processes in other mount namespaces work), and each
@@ -7,6 +8,12 @@
 //! binds is both simpler and right: an interposed allocator (jemalloc,
 //! tcmalloc) and the C library's own are each probed, and only the one called
 //! fires. Aliases (the same code under two names) are probed once.
+//!
+//! Besides the standard names, each allocator family's own API is probed where an
+//! object defines it ([`FAMILY_FUNCTIONS`]): a Rust program statically linked with
+//! jemalloc calls `_rjem_mallocx` and `_rjem_sdallocx`, one with mimalloc
+//! `mi_malloc_aligned` and `mi_free`, never `malloc`. The executable's full symbol
+//! table is read for them, as such programs export nothing.
 
 use std::{
     collections::BTreeSet,
@@ -15,11 +22,163 @@ use std::{
 
 use leaktrace_common::AllocFn;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+use serde::Serialize;
 
 use crate::probes::placement::{self, Placement};
 
 /// Functions longer than this are not decoded whole (their probe stays at the entry).
 const MAX_FUNCTION_BYTES: u64 = 256 << 10;
+
+/// jemalloc's API under a prefix (`je_` for builds such as redis's bundled one,
+/// `_rjem_` for the Rust crates'); unprefixed, its names are the standard ones.
+macro_rules! jemalloc_api {
+    ($p:literal) => {
+        [
+            (AllocFn::Malloc, concat!($p, "malloc")),
+            (AllocFn::Calloc, concat!($p, "calloc")),
+            (AllocFn::Realloc, concat!($p, "realloc")),
+            (AllocFn::Free, concat!($p, "free")),
+            (AllocFn::PosixMemalign, concat!($p, "posix_memalign")),
+            (AllocFn::AlignedAlloc, concat!($p, "aligned_alloc")),
+            (AllocFn::Memalign, concat!($p, "memalign")),
+            (AllocFn::Valloc, concat!($p, "valloc")),
+            (AllocFn::Mallocx, concat!($p, "mallocx")),
+            (AllocFn::Rallocx, concat!($p, "rallocx")),
+            (AllocFn::SizedFree, concat!($p, "sdallocx")),
+            (AllocFn::SizedFree, concat!($p, "dallocx")),
+        ]
+    };
+}
+
+const JE: [(AllocFn, &str); 12] = jemalloc_api!("je_");
+const RJEM: [(AllocFn, &str); 12] = jemalloc_api!("_rjem_");
+
+/// tcmalloc's own names (gperftools and Google's tcmalloc): the standard names are
+/// aliases of these in its shared library, but a program linking it statically may
+/// call them directly.
+const TCMALLOC: [(AllocFn, &str); 27] = [
+    (AllocFn::Malloc, "tc_malloc"),
+    (AllocFn::Malloc, "tc_malloc_skip_new_handler"),
+    (AllocFn::Calloc, "tc_calloc"),
+    (AllocFn::Realloc, "tc_realloc"),
+    (AllocFn::Free, "tc_free"),
+    (AllocFn::Free, "tc_cfree"),
+    (AllocFn::SizedFree, "tc_free_sized"),
+    (AllocFn::Memalign, "tc_memalign"),
+    (AllocFn::PosixMemalign, "tc_posix_memalign"),
+    (AllocFn::Valloc, "tc_valloc"),
+    (AllocFn::Pvalloc, "tc_pvalloc"),
+    (AllocFn::OperatorNew, "tc_new"),
+    (AllocFn::OperatorNew, "tc_newarray"),
+    (AllocFn::OperatorNew, "tc_new_nothrow"),
+    (AllocFn::OperatorNew, "tc_newarray_nothrow"),
+    (AllocFn::OperatorNew, "tc_new_aligned"),
+    (AllocFn::OperatorNew, "tc_newarray_aligned"),
+    (AllocFn::OperatorNew, "tc_new_aligned_nothrow"),
+    (AllocFn::OperatorNew, "tc_newarray_aligned_nothrow"),
+    (AllocFn::OperatorDelete, "tc_delete"),
+    (AllocFn::OperatorDelete, "tc_deletearray"),
+    (AllocFn::OperatorDelete, "tc_delete_nothrow"),
+    (AllocFn::OperatorDelete, "tc_deletearray_nothrow"),
+    (AllocFn::OperatorDelete, "tc_delete_sized"),
+    (AllocFn::OperatorDelete, "tc_deletearray_sized"),
+    (AllocFn::OperatorDelete, "tc_delete_aligned"),
+    (AllocFn::OperatorDelete, "tc_deletearray_aligned"),
+];
+
+/// mimalloc's API. Its shared library's standard names are aliases of these or jump
+/// to them through its own PLT; Rust's `mimalloc` crate calls `mi_malloc_aligned`,
+/// `mi_zalloc_aligned`, `mi_realloc_aligned` and `mi_free`. The aligned forms take the
+/// size first (probed as [`AllocFn::Mallocx`] and [`AllocFn::Rallocx`]: size in the
+/// first or second argument, the alignment after it).
+const MIMALLOC: [(AllocFn, &str); 27] = [
+    (AllocFn::Malloc, "mi_malloc"),
+    (AllocFn::Malloc, "mi_zalloc"),
+    (AllocFn::Calloc, "mi_calloc"),
+    (AllocFn::Calloc, "mi_mallocn"),
+    (AllocFn::Realloc, "mi_realloc"),
+    (AllocFn::Reallocarray, "mi_reallocn"),
+    (AllocFn::Reallocarray, "mi_reallocarray"),
+    (AllocFn::Free, "mi_free"),
+    (AllocFn::SizedFree, "mi_free_size"),
+    (AllocFn::SizedFree, "mi_free_aligned"),
+    (AllocFn::SizedFree, "mi_free_size_aligned"),
+    (AllocFn::PosixMemalign, "mi_posix_memalign"),
+    (AllocFn::AlignedAlloc, "mi_aligned_alloc"),
+    (AllocFn::Memalign, "mi_memalign"),
+    (AllocFn::Valloc, "mi_valloc"),
+    (AllocFn::Pvalloc, "mi_pvalloc"),
+    (AllocFn::Mallocx, "mi_malloc_aligned"),
+    (AllocFn::Mallocx, "mi_zalloc_aligned"),
+    (AllocFn::Rallocx, "mi_realloc_aligned"),
+    (AllocFn::OperatorNew, "mi_new"),
+    (AllocFn::OperatorNew, "mi_new_aligned"),
+    (AllocFn::OperatorNew, "mi_new_nothrow"),
+    (AllocFn::OperatorNew, "mi_new_aligned_nothrow"),
+    (AllocFn::Calloc, "mi_new_n"),
+    (AllocFn::Realloc, "mi_new_realloc"),
+    (AllocFn::Reallocarray, "mi_new_reallocn"),
+    (AllocFn::Rallocx, "mi_rezalloc"),
+];
+
+/// Every allocator family's own functions, beyond the standard names.
+pub const FAMILY_FUNCTIONS: [&[(AllocFn, &str)]; 4] = [&JE, &RJEM, &TCMALLOC, &MIMALLOC];
+
+/// The allocators leaktrace tells apart by their symbols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocator {
+    /// glibc's ptmalloc.
+    Glibc,
+    /// musl's mallocng (or oldmalloc).
+    Musl,
+    /// jemalloc.
+    Jemalloc,
+    /// gperftools' or Google's tcmalloc.
+    Tcmalloc,
+    /// Microsoft's mimalloc.
+    Mimalloc,
+    /// Go's runtime: its heap is its own, with no malloc to probe.
+    Go,
+    /// Some other object defining `malloc` (a custom or debugging allocator).
+    Other,
+}
+
+impl Allocator {
+    /// Its name, as in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Glibc => "glibc",
+            Self::Musl => "musl",
+            Self::Jemalloc => "jemalloc",
+            Self::Tcmalloc => "tcmalloc",
+            Self::Mimalloc => "mimalloc",
+            Self::Go => "go",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// An allocator found in one object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Found {
+    /// Which allocator.
+    pub allocator: Allocator,
+    /// Its version, where the object says (jemalloc's and glibc's version strings,
+    /// gperftools', mimalloc's `mi_version`, Go's build info).
+    pub version: Option<String>,
+    /// The object, as the target names it.
+    pub object: String,
+    /// The prefix of its API (`_rjem_`, `je_`, `mi_`, `tc_`), empty for the standard names.
+    pub prefix: String,
+    /// Whether this object exports `malloc` itself (so it can serve the program's
+    /// `malloc` calls: an interposer, the C library, or a static executable's).
+    pub defines_malloc: bool,
+    /// Whether it serves the program's `malloc` (set by [`Search::resolve_serving`]).
+    pub serves_malloc: bool,
+    /// Probe sites placed in this object.
+    pub probes: usize,
+}
 
 /// The argument registers a function's probe reads (System V x86-64: rdi, rsi, rdx).
 fn argument_registers(func: AllocFn) -> &'static [iced_x86::Register] {
@@ -87,8 +246,17 @@ pub enum ObjectError {
     },
 }
 
+/// What one object holds: its probe sites and the allocator it is, if any.
+#[derive(Debug, Default)]
+pub struct InObject {
+    /// Probe sites.
+    pub sites: Vec<ProbeSite>,
+    /// The allocator (or Go runtime) the object is, if it is one.
+    pub found: Option<Found>,
+}
+
 /// Finds allocator definitions in one ELF object.
-pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, ObjectError> {
+pub fn find_in_object(object: &str, host_path: &Path) -> Result<InObject, ObjectError> {
     let data =
         crate::process::procfs::read_object(host_path).map_err(|source| ObjectError::Read {
             path: host_path.to_owned(),
@@ -98,37 +266,42 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
         path: host_path.to_owned(),
         source,
     })?;
-    // Dynamic symbols are what the dynamic linker binds; a static binary has only .symtab.
-    let mut syms: Vec<_> = file.dynamic_symbols().collect();
-    if syms.is_empty() {
-        syms = file.symbols().collect();
-    }
+    // Dynamic symbols are what the dynamic linker binds; a static binary has only
+    // .symtab. The families' own names are looked for in both: an executable linking
+    // an allocator statically calls it without exporting it.
+    let dynamic: Vec<_> = file.dynamic_symbols().collect();
+    let table: Vec<_> = file.symbols().collect();
+    let syms = if dynamic.is_empty() { &table } else { &dynamic };
+    let every = || dynamic.iter().chain(table.iter());
     let segments: Vec<(u64, u64, u64)> = file
         .segments()
         .map(|s| (s.address(), s.size(), s.file_range().0))
         .collect();
     let mut sites = Vec::new();
     let mut seen_offsets = BTreeSet::new();
-    let defines = |name: &str| {
-        syms.iter().any(|s| {
-            s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == name)
-        })
+    let is_def = |s: &object::Symbol<'_, '_>, name: &str| {
+        s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == name)
     };
+    let defines = |name: &str| syms.iter().any(|s| is_def(s, name));
     // C++'s operators matter where the allocator defines them (jemalloc, tcmalloc and
     // mimalloc inline their fast path there); libstdc++'s call malloc, whose probe
     // sees those calls already.
     let allocator_here = defines("malloc");
-    let wanted = AllocFn::ALL
+    let standard = AllocFn::ALL
         .iter()
         .filter(|f| allocator_here || !matches!(f, AllocFn::OperatorNew | AllocFn::OperatorDelete))
-        .flat_map(|&f| f.symbols().iter().map(move |&n| (f, n)));
+        .flat_map(|&f| f.symbols().iter().map(move |&n| (f, n, false)));
+    let family = FAMILY_FUNCTIONS
+        .iter()
+        .flat_map(|f| f.iter().map(|&(f, n)| (f, n, true)));
+    let wanted = standard.chain(family);
     // Where the probed names' code is: a thunk landing inside one is probed there.
     let wanted_names: Vec<&str> = AllocFn::ALL
         .iter()
         .flat_map(|f| f.symbols().iter().copied())
+        .chain(FAMILY_FUNCTIONS.iter().flat_map(|f| f.iter().map(|&(_, n)| n)))
         .collect();
-    let named_ranges: Vec<(u64, u64)> = syms
-        .iter()
+    let named_ranges: Vec<(u64, u64)> = every()
         .filter(|s| {
             s.is_definition()
                 && s.kind() == SymbolKind::Text
@@ -147,10 +320,13 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
             .find(|&&(va, size, _)| addr >= va && addr < va + size)
             .map(|&(vaddr, _, foff)| addr - vaddr + foff)
     };
-    for (func, name) in wanted {
-        let Some(sym) = syms.iter().find(|s| {
-            s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == name)
-        }) else {
+    for (func, name, in_family) in wanted {
+        let found = if in_family {
+            every().find(|s| is_def(s, name))
+        } else {
+            syms.iter().find(|s| is_def(s, name))
+        };
+        let Some(sym) = found else {
             continue;
         };
         let mut addr = sym.address();
@@ -210,7 +386,134 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<Vec<ProbeSite>, 
             placement,
         });
     }
-    Ok(sites)
+    let found = identify(object, &file, &data, |name| every().any(|s| is_def(s, name))).map(
+        |(allocator, prefix, version)| Found {
+            allocator,
+            version,
+            object: object.to_owned(),
+            prefix: prefix.to_owned(),
+            defines_malloc: allocator_here,
+            serves_malloc: false,
+            probes: sites.len(),
+        },
+    );
+    Ok(InObject { sites, found })
+}
+
+/// Which allocator an object is, by the symbols only it defines; with its API's
+/// prefix and its version where the object says.
+fn identify(
+    object: &str,
+    file: &object::File<'_>,
+    data: &[u8],
+    defines: impl Fn(&str) -> bool,
+) -> Option<(Allocator, &'static str, Option<String>)> {
+    if let Some(info) = file.section_by_name(".go.buildinfo") {
+        let version = info.data().ok().and_then(go_version);
+        return Some((Allocator::Go, "", version));
+    }
+    if defines("mi_malloc") {
+        let version = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .find(|s| s.name().is_ok_and(|n| n == "mi_version"))
+            .and_then(|s| file_bytes(file, data, s.address(), 5))
+            .and_then(|code| (code[0] == 0xb8).then(|| u32::from_le_bytes([code[1], code[2], code[3], code[4]])))
+            .filter(|&v| (100..10_000).contains(&v))
+            .map(|v| format!("{}.{}.{}", v / 100, v / 10 % 10, v % 10));
+        return Some((Allocator::Mimalloc, "mi_", version));
+    }
+    if defines("tc_malloc") {
+        let version = find_after(data, b"gperftools ", 16).map(|v| format!("gperftools {v}"));
+        return Some((Allocator::Tcmalloc, "tc_", version));
+    }
+    for prefix in ["", "je_", "_rjem_"] {
+        if defines(&format!("{prefix}mallocx")) {
+            return Some((Allocator::Jemalloc, prefix, jemalloc_version(data)));
+        }
+    }
+    let name = object.rsplit('/').next().unwrap_or(object);
+    if name.contains("musl") || defines("__libc_malloc_impl") {
+        return Some((Allocator::Musl, "", None));
+    }
+    if defines("__libc_malloc") && defines("malloc_trim") {
+        let version = find_after(data, b"stable release version ", 16)
+            .map(|v| v.trim_end_matches('.').to_owned());
+        return Some((Allocator::Glibc, "", version));
+    }
+    defines("malloc").then_some((Allocator::Other, "", None))
+}
+
+/// `len` bytes of the object at a virtual address, from its file.
+fn file_bytes<'d>(file: &object::File<'_>, data: &'d [u8], addr: u64, len: usize) -> Option<&'d [u8]> {
+    let seg = file
+        .segments()
+        .find(|s| addr >= s.address() && addr < s.address().saturating_add(s.size()))?;
+    let off = addr - seg.address() + seg.file_range().0;
+    let start = usize::try_from(off).ok()?;
+    data.get(start..start.checked_add(len)?)
+}
+
+/// The printable word (digits, dots, letters, `-`, `+`, `~`) after `marker`, at most `max` bytes.
+fn find_after(data: &[u8], marker: &[u8], max: usize) -> Option<String> {
+    let at = memchr::memmem::find(data, marker)? + marker.len();
+    let word: Vec<u8> = data[at..]
+        .iter()
+        .take(max)
+        .take_while(|b| b.is_ascii_alphanumeric() || b"._-+~".contains(b))
+        .copied()
+        .collect();
+    (!word.is_empty()).then(|| String::from_utf8_lossy(&word).into_owned())
+}
+
+/// jemalloc's version string, `MAJOR.MINOR.PATCH-N-gHASH`, found by its 40-digit hash.
+fn jemalloc_version(data: &[u8]) -> Option<String> {
+    let finder = memchr::memmem::Finder::new(b"-g");
+    for at in finder.find_iter(data) {
+        let hash = data.get(at + 2..at + 42)?;
+        if !hash.iter().all(u8::is_ascii_hexdigit) || data.get(at + 42) != Some(&0) {
+            continue;
+        }
+        // Back over `N`, `-` and the dotted version.
+        let start = data[..at]
+            .iter()
+            .rposition(|b| !(b.is_ascii_digit() || *b == b'.' || *b == b'-'))
+            .map_or(0, |p| p + 1);
+        let text = String::from_utf8_lossy(&data[start..at]).into_owned();
+        if text.matches('.').count() == 2 {
+            return Some(text.rsplit_once('-').map_or(text.clone(), |(v, _)| v.to_owned()));
+        }
+    }
+    None
+}
+
+/// The Go version in a `.go.buildinfo` section (Go 1.18's format: a 32-byte header
+/// whose flags say the strings follow inline, each after its varint length).
+fn go_version(info: &[u8]) -> Option<String> {
+    if !info.starts_with(b"\xff Go buildinf:") || info.len() < 33 {
+        return None;
+    }
+    if info[15] & 2 == 0 {
+        // Older binaries point at the string instead: not read.
+        return None;
+    }
+    let rest = &info[32..];
+    let (len, used) = varint(rest)?;
+    let s = rest.get(used..used.checked_add(usize::try_from(len).ok()?)?)?;
+    let s = std::str::from_utf8(s).ok()?;
+    (s.starts_with("go") && s.len() < 64).then(|| s.to_owned())
+}
+
+/// An unsigned LEB128 varint: its value and its length in bytes.
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
 }
 
 /// Result of searching a process's objects.
@@ -222,6 +525,32 @@ pub struct Search {
     pub searched: Vec<String>,
     /// Objects that could not be read, with why.
     pub unreadable: Vec<String>,
+    /// The allocators found, in the order of the objects searched.
+    pub allocators: Vec<Found>,
+}
+
+impl Search {
+    /// Marks the allocator that serves the program's `malloc`: the executable's own
+    /// when it defines one, else an interposer (a preloaded or linked allocator other
+    /// than the C library), else the C library. A family called by its own prefix
+    /// (`_rjem_mallocx`) serves its callers beside it, and is listed without this mark.
+    pub fn resolve_serving(&mut self) {
+        let libc = |f: &Found| matches!(f.allocator, Allocator::Glibc | Allocator::Musl);
+        let pick = self
+            .allocators
+            .iter()
+            .position(|f| f.defines_malloc && f.prefix.is_empty() && !libc(f))
+            .or_else(|| self.allocators.iter().position(|f| f.defines_malloc && !libc(f)))
+            .or_else(|| self.allocators.iter().position(|f| f.defines_malloc));
+        if let Some(i) = pick {
+            self.allocators[i].serves_malloc = true;
+        }
+    }
+
+    /// The allocator serving `malloc`, if one was found.
+    pub fn serving(&self) -> Option<&Found> {
+        self.allocators.iter().find(|f| f.serves_malloc)
+    }
 }
 
 /// Searches the given objects (target path, host path) for allocator functions.
@@ -234,10 +563,14 @@ pub fn search<'a>(objects: impl IntoIterator<Item = (&'a str, PathBuf)>) -> Sear
         }
         out.searched.push(object.to_owned());
         match find_in_object(object, &host) {
-            Ok(sites) => out.sites.extend(sites),
+            Ok(found) => {
+                out.sites.extend(found.sites);
+                out.allocators.extend(found.found);
+            }
             Err(e) => out.unreadable.push(format!("{e:#}")),
         }
     }
+    out.resolve_serving();
     out
 }
 
@@ -253,7 +586,13 @@ mod tests {
             .iter()
             .find(|m| m.is_exec() && m.path.contains("libc.so"))
             .expect("this test binary links libc dynamically");
-        let sites = find_in_object(&libc.path, Path::new(&libc.path)).expect("readable libc");
+        let found = find_in_object(&libc.path, Path::new(&libc.path)).expect("readable libc");
+        let sites = found.sites;
+        let libc_found = found.found.expect("libc is an allocator");
+        assert_eq!(libc_found.allocator, Allocator::Glibc);
+        assert!(libc_found.defines_malloc);
+        let version = libc_found.version.expect("glibc's version string");
+        assert!(version.starts_with("2."), "{version}");
         let names: Vec<_> = sites.iter().map(|s| s.func.symbol()).collect();
         for required in [
             "malloc",
@@ -281,7 +620,9 @@ mod tests {
             .iter()
             .find(|m| m.is_exec() && m.path.contains("libc.so"))
             .expect("libc");
-        let sites = find_in_object(&libc.path, Path::new(&libc.path)).expect("libc");
+        let sites = find_in_object(&libc.path, Path::new(&libc.path))
+            .expect("libc")
+            .sites;
         let free = sites
             .iter()
             .find(|s| s.func == leaktrace_common::AllocFn::Free)

@@ -46,6 +46,8 @@ pub struct Inputs<'a> {
     pub target_exited: bool,
     /// Probes attached.
     pub probes: &'a [ProbeInfo],
+    /// The allocators found (and a Go runtime), the one serving `malloc` marked.
+    pub allocators: &'a [crate::probes::allocators::Found],
     /// Latest overhead measurement.
     pub overhead: Option<Overhead>,
     /// Heap probes detached by the budget.
@@ -203,6 +205,8 @@ pub fn build(i: &Inputs<'_>) -> Report {
         heap_detached: i.heap_detached.clone(),
         verdict: i.verdict.clone(),
         allocator: Allocator {
+            found: i.allocators.to_vec(),
+            notes: allocator_notes(i.allocators),
             glibc_heaps: i.walk.map(|w| glibc_heaps(i, w)),
             arena_limit: i.arena_limit.clone(),
             environment: i.malloc_env.clone(),
@@ -347,4 +351,45 @@ fn pinned_by(i: &Inputs<'_>, a: &crate::heap::glibc::ArenaStats) -> Vec<PinnedBy
 /// 95% half-width from a variance.
 fn error95(variance: f64) -> u64 {
     (1.96 * variance.max(0.0).sqrt()).round() as u64
+}
+
+/// What the report must say about the allocators found: what is traced and what is
+/// not read.
+fn allocator_notes(found: &[crate::probes::allocators::Found]) -> Vec<String> {
+    use crate::probes::allocators::Allocator;
+    let mut notes = Vec::new();
+    let serving = found.iter().find(|f| f.serves_malloc);
+    for f in found {
+        let name = f.allocator.as_str();
+        match f.allocator {
+            Allocator::Go => notes.push(format!(
+                "{} program: the Go runtime's heap is its own, with no malloc to probe, so Go allocations are not traced; \
+                 what is traced is C code's malloc (cgo and the C libraries{}), the mappings, brk and RSS. \
+                 Go's heap arenas are counted by address under \"where RSS goes\" (go-heap); the runtime's own statistics are not read.",
+                f.version.as_deref().unwrap_or("A Go"),
+                serving.map_or(String::new(), |s| format!(", through {}", s.allocator.as_str()))
+            )),
+            Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc | Allocator::Musl | Allocator::Other
+                if f.serves_malloc =>
+            {
+                notes.push(format!(
+                    "malloc is {name}'s{}: glibc's heaps are not walked, and {name}'s own state (what it keeps free and resident) is not read, \
+                     so \"where RSS goes\" counts its memory as brk heap and anonymous mappings",
+                    f.version.as_ref().map_or(String::new(), |v| format!(" ({v})"))
+                ));
+            }
+            Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc if !f.prefix.is_empty() => {
+                if f.probes > 0 && !f.serves_malloc {
+                    notes.push(format!(
+                        "{name} linked into {} is called through its own API ({}malloc…), beside {}'s malloc: both are traced; its own state is not read",
+                        f.object,
+                        f.prefix,
+                        serving.map_or("the C library", |s| s.allocator.as_str())
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    notes
 }

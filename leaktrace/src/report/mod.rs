@@ -123,6 +123,11 @@ pub struct PinnedBy {
 /// The allocator as seen from outside: glibc's heaps walked through /proc/PID/mem.
 #[derive(Clone, Debug, Serialize)]
 pub struct Allocator {
+    /// The allocators found in the target's objects (and a Go runtime): which object,
+    /// which version, whether it serves `malloc`, how many probes it got.
+    pub found: Vec<crate::probes::allocators::Found>,
+    /// What is traced and what is not read, given those allocators.
+    pub notes: Vec<String>,
     /// Arenas walked (main first), with totals; null when the target has no glibc heap to walk or has exited.
     pub glibc_heaps: Option<GlibcHeaps>,
     /// glibc's arena limit for the target.

@@ -427,6 +427,45 @@ fn render_verdict(o: &mut String, v: &Verdict, shown: Frames) {
     }
 }
 
+/// One line naming the allocators found, then what is traced and what is not.
+fn render_allocators(o: &mut String, a: &Allocator) {
+    if a.found.is_empty() {
+        return;
+    }
+    let items: Vec<String> = a
+        .found
+        .iter()
+        .map(|f| {
+            let object = printable(f.object.rsplit('/').next().unwrap_or(&f.object));
+            let mut x = f.allocator.as_str().to_owned();
+            if let Some(v) = &f.version {
+                x.push(' ');
+                x.push_str(&printable(v));
+            }
+            x.push_str(&format!(" ({object}"));
+            if !f.prefix.is_empty() && f.allocator != crate::probes::allocators::Allocator::Go {
+                x.push_str(&format!(", {}* API", f.prefix));
+            }
+            x.push(')');
+            if f.serves_malloc {
+                x.push_str(" serves malloc");
+            }
+            if f.allocator != crate::probes::allocators::Allocator::Go {
+                x.push_str(&format!(
+                    ", {} probe{}",
+                    f.probes,
+                    if f.probes == 1 { "" } else { "s" }
+                ));
+            }
+            x
+        })
+        .collect();
+    let _ = writeln!(o, "Allocators: {}.", items.join("; "));
+    for n in &a.notes {
+        wrap(o, &printable(n), "  ");
+    }
+}
+
 fn render_allocator(o: &mut String, a: &Allocator) {
     if let Some(p) = a.pymalloc.as_ref().filter(|p| p.arena_count > 0) {
         let _ = writeln!(
@@ -639,6 +678,7 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
         a.mremaps,
         a.brks
     );
+    render_allocators(&mut o, &r.allocator);
     for e in &r.execs {
         let _ = writeln!(
             o,

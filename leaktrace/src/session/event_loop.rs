@@ -21,7 +21,7 @@ use crate::{
     analysis::verdict::{self, Facts},
     error::Error,
     probes::{
-        allocators::ProbeSite,
+        allocators::{Allocator, ProbeSite},
         attach::{self, Attached},
         load::{self, monotonic_ns},
         meter::{self, HeapDetached, Meter, Overhead},
@@ -76,6 +76,8 @@ struct Session<'a> {
     threads: u64,
     attached: Attached,
     sites: Vec<ProbeSite>,
+    /// The allocators found, the one serving `malloc` marked.
+    allocators: Vec<crate::probes::allocators::Found>,
     /// Why the heap is not traced at all (no allocator recognized).
     heap_not_traced: Option<String>,
     /// Why and when the heap probes were detached by the overhead budget.
@@ -128,6 +130,7 @@ pub fn run(
         objects,
         blocked,
         sites,
+        allocators,
         heap_not_traced,
         unwinder,
         mut ebpf,
@@ -173,8 +176,16 @@ pub fn run(
         python_stacks: config.python_stacks,
         unwind,
         announce: config.announce,
-        // An allocator leaktrace does not recognize has no heap it can walk.
-        walk_heaps: config.walk_heaps && heap_not_traced.is_none(),
+        // An allocator leaktrace does not recognize has no heap it can walk, nor has
+        // glibc when another allocator serves malloc.
+        walk_heaps: config.walk_heaps
+            && heap_not_traced.is_none()
+            && !allocators.iter().any(|f| f.serves_malloc && f.allocator != Allocator::Glibc),
+        heap_owner: allocators
+            .iter()
+            .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)
+            .map(|f| f.allocator),
+        go: allocators.iter().any(|f| f.allocator == Allocator::Go),
         debug_dirs: config.debug_dirs.clone(),
     };
     let targets = if config.follow_forks {
@@ -202,6 +213,7 @@ pub fn run(
         threads: 0,
         attached,
         sites,
+        allocators,
         heap_not_traced,
         heap_detached: None,
         detaching: None,
@@ -1158,6 +1170,7 @@ impl Session<'_> {
             end_reason: reason,
             target_exited: self.target_exited,
             probes: &self.attached.probes,
+            allocators: &self.allocators,
             overhead: self.overhead.clone(),
             heap_detached: self.heap_detached.clone(),
             duty: self.duty_report(),
@@ -1235,6 +1248,7 @@ impl Session<'_> {
                     end_reason: None,
                     target_exited: f.end.is_some(),
                     probes: &[],
+                    allocators: &self.allocators,
                     overhead: None,
                     heap_detached: None,
                     duty: None,

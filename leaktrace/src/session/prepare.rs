@@ -30,6 +30,8 @@ pub struct Prepared {
     pub blocked: Option<launch::Blocked>,
     /// The allocator functions found.
     pub sites: Vec<ProbeSite>,
+    /// The allocators they belong to (and a Go runtime), the one serving `malloc` marked.
+    pub allocators: Vec<allocators::Found>,
     /// Why the heap is not traced (no allocator recognized), if it is not.
     pub heap_not_traced: Option<String>,
     /// The CFI unwinder with its tables built, when stacks are unwound with CFI.
@@ -71,7 +73,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Error> {
         .spawn(move || {
             let _shield = super::stop::Shield::new();
             let r = load_and_attach(&cfg, pid, objs.as_slice()).map(|mut l| {
-                let traps = crate::probes::calibrate::calibrate(&mut l.3);
+                let traps = crate::probes::calibrate::calibrate(&mut l.4);
                 (l, traps)
             });
             let _ = tx.send(r);
@@ -92,7 +94,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Error> {
         }
     };
     match loaded {
-        Ok(((sites, heap_not_traced, unwinder, ebpf, attached), calibrated)) => {
+        Ok(((sites, found, heap_not_traced, unwinder, ebpf, attached), calibrated)) => {
             // A stop asked during the calibration.
             let calibrated = match calibrated {
                 Err(e @ Error::Stopped { .. }) => {
@@ -120,6 +122,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Error> {
                 objects,
                 blocked,
                 sites,
+                allocators: found,
                 heap_not_traced,
                 unwinder,
                 ebpf,
@@ -175,6 +178,7 @@ fn load_and_attach(
 ) -> Result<
     (
         Vec<ProbeSite>,
+        Vec<allocators::Found>,
         Option<String>,
         Option<Unwinder>,
         Ebpf,
@@ -214,10 +218,19 @@ fn load_and_attach(
         }
         // A static binary or an allocator leaktrace does not know: its mappings, brk
         // and RSS are still worth tracing.
-        let why = e.to_string();
+        let mut why = e.to_string();
+        if let Some(go) = search.allocators.iter().find(|f| f.allocator == allocators::Allocator::Go) {
+            why.push_str(&format!(
+                " ({} program: its heap is the Go runtime's own, which has no malloc to probe)",
+                go.version.as_deref().unwrap_or("a Go")
+            ));
+        }
         eprintln!("leaktrace: {why}; tracing its mappings, brk and RSS only");
         heap_not_traced = Some(why);
         search.sites.clear();
+        for f in &mut search.allocators {
+            f.probes = 0;
+        }
     }
 
     // Unwind tables of the code mapped now (or about to be, for a launched command)
@@ -286,5 +299,13 @@ fn load_and_attach(
         "programs loaded and attached in {:.0} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
-    Ok((search.sites, heap_not_traced, unwinder, ebpf, attached))
+    // Each allocator's probe count is what was placed for it in its object.
+    Ok((
+        search.sites,
+        search.allocators,
+        heap_not_traced,
+        unwinder,
+        ebpf,
+        attached,
+    ))
 }

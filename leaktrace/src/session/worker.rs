@@ -25,7 +25,7 @@ use crate::{
         glibc::{self, ArenaLimit, HeapWalk},
         pymalloc::{self, PymallocWalk},
     },
-    probes::btf::Btf,
+    probes::{allocators::Allocator, btf::Btf},
     process::{Memory as _, ProcMemory, procfs},
     report::PythonInfo,
     symbolize::{
@@ -63,6 +63,11 @@ pub struct Setup {
     pub announce: bool,
     /// Walk glibc's heaps for reports.
     pub walk_heaps: bool,
+    /// The allocator serving `malloc` when it is not glibc's: the brk heap and the
+    /// anonymous mappings are then its, which leaktrace does not walk.
+    pub heap_owner: Option<Allocator>,
+    /// The target is a Go program: its heap arenas are classified by address.
+    pub go: bool,
     /// Directories searched for debug information first.
     pub debug_dirs: Vec<PathBuf>,
 }
@@ -750,7 +755,13 @@ impl Worker {
             .flat_map(|w| &w.spans)
             .map(|&(start, _, in_use, free)| (start, in_use, free))
             .collect();
-        let mmapped: Vec<(u64, u64, u64)> = glibc::mmapped_chunks(&mem, &candidates)
+        // Another allocator's mappings are not glibc's chunks, whatever their first words say.
+        let glibc_candidates = if self.setup.heap_owner.is_some() {
+            &[][..]
+        } else {
+            &candidates[..]
+        };
+        let mmapped: Vec<(u64, u64, u64)> = glibc::mmapped_chunks(&mem, glibc_candidates)
             .into_iter()
             .map(|(s, e)| {
                 // A mapping of any extent (a target can fake a chunk header on a
@@ -767,6 +778,8 @@ impl Worker {
             mmapped: &mmapped,
             pymalloc: &py_spans,
             stack_pointers: &stack_pointers,
+            heap_owner: self.setup.heap_owner.map(Allocator::as_str),
+            go: self.setup.go,
         });
     }
 
