@@ -458,6 +458,40 @@ mod tests {
         assert_eq!(m.unexplained_bytes, 0);
     }
 
+    /// A Go program on another allocator: its arenas' pages (at 0xc000000000 and in the
+    /// next terabyte's hint) are Go's heap, the ordinary mmap area's are not; the brk
+    /// heap is named after the allocator serving malloc.
+    #[test]
+    fn go_arenas_by_address_and_the_heap_owner() {
+        const M: u64 = 1 << 20;
+        let smaps = [
+            vma(0x5600_0000_0000, 0x5600_0010_0000, "rw-p", "[heap]", M, M),
+            vma(0xc0_0000_0000, 0xc0_0400_0000, "rw-p", "", 7 * M, 7 * M),
+            vma(0x1c0_0000_0000, 0x1c0_0040_0000, "rw-p", "", 2 * M, 2 * M),
+            vma(0x7f20_0000_0000, 0x7f20_0040_0000, "rw-p", "", 3 * M, 3 * M),
+        ];
+        let m = compose(&State {
+            smaps: &smaps,
+            heap_owner: Some("jemalloc"),
+            go: true,
+            ..State::default()
+        });
+        assert_eq!(m.total(PartKind::GoHeap), 9 * M);
+        assert_eq!(m.total(PartKind::OtherAnon), 3 * M);
+        assert_eq!(m.total(PartKind::HeapUnwalked), M);
+        let unwalked = m.parts.iter().find(|p| p.kind == PartKind::HeapUnwalked).unwrap();
+        assert!(unwalked.detail.contains("jemalloc's"), "{}", unwalked.detail);
+        assert_eq!(m.unexplained_bytes, 0);
+        // Not a Go program: the same mappings are other anonymous memory.
+        let m = compose(&State {
+            smaps: &smaps,
+            ..State::default()
+        });
+        assert_eq!(m.total(PartKind::GoHeap), 0);
+        assert_eq!(m.total(PartKind::OtherAnon), 12 * M);
+        assert!(!in_go_arena_space(0x7f20_0000_0000) && !in_go_arena_space(0x5600_0000_0000));
+    }
+
     /// A process with a fragmented arena, a thread, an mmapped chunk, pymalloc arenas,
     /// code and a memfd: every byte lands in its kind and the parts sum to RSS.
     #[test]
@@ -530,6 +564,7 @@ mod tests {
             mmapped: &[(0x7f20_0000_0000, 0x7f20_0020_0000, 2 * M)],
             pymalloc: &[(0x7f20_0020_0000, M, 0), (0x7f20_0030_0000, M / 2, M / 2)],
             stack_pointers: &[(4242, 0x7f10_0070_0000)],
+            ..State::default()
         });
         let total = |k| m.total(k);
         assert_eq!(total(PartKind::HeapInUse), 12 * M);

@@ -363,6 +363,19 @@ const GLIBC_INTERNAL: &[&str] = &[
     "__madvise",
 ];
 
+/// Rust's allocation plumbing between a program's function and its allocator: the
+/// global allocator's impl, the compiler's shims, `alloc::alloc` and the raw vector.
+fn rust_allocation(n: &str) -> bool {
+    n.starts_with("__rustc::__rust_")
+        || n.starts_with("__rust_alloc")
+        || n.starts_with("__rust_realloc")
+        || n.starts_with("__rdl_")
+        || n.starts_with("alloc::alloc::")
+        || n.starts_with("alloc::raw_vec::")
+        || n.starts_with("<alloc::alloc::Global as core::alloc::Allocator>::")
+        || n.contains(" as core::alloc::global::GlobalAlloc>::")
+}
+
 /// The first named frame outside the allocator, for summaries.
 pub fn suspect_name(frames: &[Frame]) -> String {
     const ALLOCATOR: &[&str] = &[
@@ -397,6 +410,10 @@ pub fn suspect_name(frames: &[Frame]) -> String {
             || n.starts_with("operator new")
             || n.starts_with("_Znw")
             || n.starts_with("_Zna")
+            || crate::probes::allocators::FAMILY_FUNCTIONS
+                .iter()
+                .any(|f| f.iter().any(|&(_, name)| name == n))
+            || rust_allocation(n)
     };
     // In a Python process, the innermost Python function is the one to name.
     if let Some(f) = frames
@@ -1125,6 +1142,36 @@ fn retained_remedies(f: &Facts<'_>) -> Vec<Remedy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Rust program's leak is named after its own function, not the allocation
+    /// plumbing between it and the allocator (names as blazesym demangles them).
+    #[test]
+    fn suspects_skip_rust_allocation_plumbing() {
+        let frame = |n: &str| Frame {
+            function: Some(n.to_owned()),
+            file: None,
+            line: None,
+            module: None,
+            kind: crate::symbolize::stacks::FrameKind::Native,
+            address: "0x0".into(),
+            inlined: false,
+        };
+        let frames: Vec<Frame> = [
+            "_rjem_mallocx",
+            "<tikv_jemallocator::Jemalloc as core::alloc::global::GlobalAlloc>::alloc",
+            "__rustc::__rust_alloc",
+            "alloc::alloc::alloc",
+            "alloc::raw_vec::RawVecInner<A>::try_allocate_in",
+            "server::cache::insert",
+            "main",
+        ]
+        .iter()
+        .map(|n| frame(n))
+        .collect();
+        assert_eq!(suspect_name(&frames), "server::cache::insert");
+        let mi = [frame("mi_malloc_aligned"), frame("leak_here")];
+        assert_eq!(suspect_name(&mi), "leak_here");
+    }
 
     /// Without a traced heap, growth is named, not classified, and no live-heap figure is
     /// shown; the sentences read as one paragraph (a line continuation once left ten spaces).

@@ -523,6 +523,16 @@ mod tests {
                 remedies: vec![],
             },
             allocator: Allocator {
+                found: vec![crate::probes::allocators::Found {
+                    allocator: crate::probes::allocators::Allocator::Glibc,
+                    version: Some("2.36".into()),
+                    object: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+                    prefix: String::new(),
+                    defines_malloc: true,
+                    serves_malloc: true,
+                    probes: 9,
+                }],
+                notes: Vec::new(),
                 glibc_heaps: Some(GlibcHeaps {
                     in_use_bytes: 900 << 10,
                     free_bytes: 5 << 20,

@@ -1,0 +1,104 @@
+//! The scenarios of the Rust allocator fixtures (`alloc_rjem`, `alloc_mimalloc`), each
+//! built with another global allocator linked statically: exact expected outstanding
+//! allocations per function (see tests/tests/allocators.rs). The handshake is the C
+//! fixtures': print "ready <pid>", wait for a line on stdin, run, print "done", wait
+//! for stdin to close. Nothing here allocates outside the scenario's functions: stdin
+//! is read unbuffered, into a stack buffer.
+
+use std::{
+    alloc::{Layout, alloc, alloc_zeroed, dealloc, realloc},
+    hint::black_box,
+    io::{Read as _, Write as _},
+};
+
+/// Five blocks of 100 bytes (the allocator's plain malloc).
+#[inline(never)]
+fn leak_small() {
+    for _ in 0..5 {
+        // SAFETY: a non-zero size.
+        black_box(unsafe { alloc(Layout::from_size_align(100, 1).unwrap()) });
+    }
+}
+
+/// One block of 1000 bytes aligned to 64 (jemalloc's mallocx, mimalloc's aligned malloc).
+#[inline(never)]
+fn leak_aligned() {
+    // SAFETY: a non-zero size.
+    black_box(unsafe { alloc(Layout::from_size_align(1000, 64).unwrap()) });
+}
+
+/// Three zeroed blocks of 300 bytes (calloc, or a zeroing aligned malloc).
+#[inline(never)]
+fn leak_zeroed() {
+    for _ in 0..3 {
+        // SAFETY: a non-zero size.
+        black_box(unsafe { alloc_zeroed(Layout::from_size_align(300, 8).unwrap()) });
+    }
+}
+
+/// A block grown from 80 to 8000 bytes, and one shrunk from 4000 to 40.
+#[inline(never)]
+fn leak_reallocated() {
+    let l = Layout::from_size_align(80, 8).unwrap();
+    // SAFETY: sizes are non-zero, the pointers come from the calls before.
+    unsafe {
+        let p = alloc(l);
+        black_box(realloc(p, l, 8000));
+        let l = Layout::from_size_align(4000, 8).unwrap();
+        let q = alloc(l);
+        black_box(realloc(q, l, 40));
+    }
+}
+
+/// A page-aligned block of three pages.
+#[inline(never)]
+fn leak_page_aligned() {
+    // SAFETY: a non-zero size.
+    black_box(unsafe { alloc(Layout::from_size_align(3 * 4096, 4096).unwrap()) });
+}
+
+/// Allocates and frees (sized frees), reallocating some: nothing outstanding.
+#[inline(never)]
+fn churn() {
+    for i in 0..1000usize {
+        let l = Layout::from_size_align(16 + i, if i % 2 == 0 { 8 } else { 64 }).unwrap();
+        // SAFETY: non-zero sizes; each block is freed with the layout it has.
+        unsafe {
+            let p = black_box(alloc(l));
+            if i % 10 == 0 {
+                let q = realloc(p, l, 2 * l.size());
+                dealloc(q, Layout::from_size_align(2 * l.size(), l.align()).unwrap());
+            } else {
+                dealloc(p, l);
+            }
+        }
+    }
+}
+
+fn wait_line(stdin: &mut std::fs::File) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(stdin.read(&mut buf), Ok(n) if n > 0)
+}
+
+/// Runs the handshake around the scenario.
+pub fn main_with(name: &str) {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: fd 0 is open for the process's life; the File is never dropped.
+    let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready {}", std::process::id());
+    let _ = out.flush();
+    if !wait_line(&mut stdin) {
+        std::process::exit(3);
+    }
+    leak_small();
+    leak_aligned();
+    leak_zeroed();
+    leak_reallocated();
+    leak_page_aligned();
+    churn();
+    let _ = writeln!(out, "done {name}");
+    let _ = out.flush();
+    while wait_line(&mut stdin) {}
+}
+
