@@ -62,11 +62,24 @@ const CASES: &[Expect] = &[
 
 #[track_caller]
 fn check(scenario: &str) -> serde_json::Value {
+    check_on(scenario, &[], &[])
+}
+
+/// [`check`] with the fixture's environment extended (a preloaded allocator), and
+/// stacks the allocator leaves besides the case's (mimalloc's `realloc(p, 0)` returns
+/// a block instead of freeing).
+#[track_caller]
+fn check_on(
+    scenario: &str,
+    env: &[(&str, &str)],
+    more: &[(&'static str, u64, u64)],
+) -> serde_json::Value {
     require_root();
     let e = CASES.iter().find(|c| c.scenario == scenario).expect("case");
-    let (mut fx, r) = trace_scenario("heap_ops", &[scenario], &[]);
+    let (mut fx, r) = trace_scenario_with_env("heap_ops", &[scenario], env, &[]);
     assert_eq!(r["pid"], fx.pid);
-    for &(func, bytes, blocks) in e.stacks {
+    let expected: Vec<(&str, u64, u64)> = e.stacks.iter().chain(more).copied().collect();
+    for &(func, bytes, blocks) in &expected {
         let s = stack_at(&r, "heap", func);
         assert_eq!(
             (s["live_bytes"].as_u64(), s["live_allocations"].as_u64()),
@@ -84,8 +97,8 @@ fn check(scenario: &str) -> serde_json::Value {
             functions(s)
         );
     }
-    let total: u64 = e.stacks.iter().map(|s| s.1).sum();
-    let blocks: u64 = e.stacks.iter().map(|s| s.2).sum();
+    let total: u64 = expected.iter().map(|s| s.1).sum();
+    let blocks: u64 = expected.iter().map(|s| s.2).sum();
     assert_eq!(
         r["heap"]["live_bytes"].as_u64(),
         Some(total),
@@ -96,7 +109,7 @@ fn check(scenario: &str) -> serde_json::Value {
         Some(blocks),
         "{scenario}"
     );
-    for func in e.absent {
+    for func in e.absent.iter().filter(|f| !more.iter().any(|m| m.0 == **f)) {
         assert!(
             stacks_at(&r, "heap", func).is_empty(),
             "{scenario}: {func} freed everything it allocated"
@@ -578,6 +591,74 @@ fn root_interposed_allocator() {
     assert_eq!(stack_at(&r, "heap", "leak_calloc")["live_bytes"], 900);
     assert!(leaktrace_tests::stacks_at(&r, "heap", "churn").is_empty());
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
+}
+
+/// The allocators a program may be preloaded with (Debian's packages, installed by
+/// `cargo xtask setup`): (library, name in the report, version it reports, its
+/// probes that must be placed, stacks it leaves besides the case's).
+const PRELOADED: &[(&str, &str, &str, &[&str], &[(&str, u64, u64)])] = &[
+    (
+        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        "jemalloc",
+        "5.3.0",
+        &["malloc", "free", "mallocx", "sdallocx", "posix_memalign", "_Znwm"],
+        &[],
+    ),
+    (
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        "tcmalloc",
+        "gperftools 2.10",
+        &["malloc", "free", "calloc", "realloc", "posix_memalign", "_Znwm"],
+        &[],
+    ),
+    (
+        "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+        "mimalloc",
+        "2.0.9",
+        // Its posix_memalign jumps to mi_posix_memalign through its own PLT: probed there.
+        &["malloc", "free", "calloc", "realloc", "mi_posix_memalign", "mi_malloc_aligned"],
+        &[("realloc_zero", 0, 1)],
+    ),
+];
+
+/// Each preloaded allocator: the report names it, with its version, as the one serving
+/// malloc; its probes are placed; every scenario's bytes per stack are exact; glibc's
+/// heaps, which it leaves unused, are not walked.
+#[test]
+fn root_preloaded_allocators_exact() {
+    require_root();
+    for &(lib, name, version, probes, extra) in PRELOADED {
+        assert!(
+            std::path::Path::new(lib).exists(),
+            "{lib} is missing (cargo xtask setup installs it)"
+        );
+        for scenario in ["basic", "realloc", "aligned"] {
+            let more: &[(&'static str, u64, u64)] = if scenario == "realloc" { extra } else { &[] };
+            let r = check_on(scenario, &[("LD_PRELOAD", lib)], more);
+            let found = r["allocator"]["found"].as_array().expect("found");
+            let serving: Vec<_> = found.iter().filter(|f| f["serves_malloc"] == true).collect();
+            assert_eq!(serving.len(), 1, "{name}: {found:#?}");
+            assert_eq!(serving[0]["allocator"], name, "{found:#?}");
+            assert_eq!(serving[0]["version"], version, "{found:#?}");
+            assert!(
+                found.iter().any(|f| f["allocator"] == "glibc" && f["serves_malloc"] == false),
+                "{found:#?}"
+            );
+            let placed: Vec<&str> = r["probes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["object"].as_str().unwrap().contains(name))
+                .map(|p| p["function"].as_str().unwrap())
+                .collect();
+            for p in probes {
+                assert!(placed.contains(p), "{name}: no probe on {p}: {placed:?}");
+            }
+            assert!(r["allocator"]["glibc_heaps"].is_null(), "{name}: glibc's heaps are not {name}'s");
+            let notes = r["allocator"]["notes"].to_string();
+            assert!(notes.contains(&format!("malloc is {name}'s")), "{notes}");
+        }
+    }
 }
 
 /// Growth per stack: a steady leak shows its rate; a cache that filled and held shows none.

@@ -172,6 +172,17 @@ fn setup(kernels: bool) -> Result<()> {
     if !Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2").exists() {
         missing.push("libjemalloc2");
     }
+    // The other allocators a program is preloaded with.
+    if !Path::new("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4").exists() {
+        missing.push("libtcmalloc-minimal4");
+    }
+    if !Path::new("/usr/lib/x86_64-linux-gnu/libmimalloc.so.2").exists() {
+        missing.push("libmimalloc2.0");
+    }
+    // A real Go program (dynamically linked, its heap the Go runtime's own).
+    if !Path::new("/usr/bin/prometheus").exists() {
+        missing.push("prometheus");
+    }
     // A real static binary (glibc linked in, stripped): traced without heap probes.
     if !works(Command::new("dpkg").args(["-s", "busybox-static"]))
         && !missing.contains(&"busybox-static")

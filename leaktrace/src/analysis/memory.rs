@@ -200,6 +200,11 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         let range = (m.start, m.end);
         if m.path == "[heap]" || s.heap_ranges.iter().any(|&h| overlaps(h, range)) {
             heap_vmas += e.anonymous;
+        } else if s.go && m.path.is_empty() && in_go_arena_space(m.start) {
+            // Before the stacks: goroutine stacks are allocated in Go's heap, and a
+            // thread running one has its stack pointer there.
+            go += e.anonymous;
+            go_mappings += 1;
         } else if m.path == "[stack]" {
             stacks.push(("main thread ([stack])".into(), e.anonymous));
         } else if let Some(&(tid, _)) = s
@@ -211,9 +216,6 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         } else if m.is_file() {
             // Private file pages written since (data, relocations): anonymous now.
             written_file += e.anonymous;
-        } else if s.go && in_go_arena_space(m.start) {
-            go += e.anonymous;
-            go_mappings += 1;
         } else {
             rest_anon += e.anonymous;
         }

@@ -400,8 +400,9 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<InObject, Object
     Ok(InObject { sites, found })
 }
 
-/// Which allocator an object is, by the symbols only it defines; with its API's
-/// prefix and its version where the object says.
+/// Which allocator an object is, by the symbols only it defines (any of its family's
+/// entry points: a statically linked allocator keeps only those its program calls);
+/// with its API's prefix and its version where the object says.
 fn identify(
     object: &str,
     file: &object::File<'_>,
@@ -412,7 +413,8 @@ fn identify(
         let version = info.data().ok().and_then(go_version);
         return Some((Allocator::Go, "", version));
     }
-    if defines("mi_malloc") {
+    let any = |names: &[&str]| names.iter().any(|n| defines(n));
+    if any(&["mi_malloc", "mi_free", "mi_malloc_aligned", "mi_zalloc_aligned"]) {
         let version = file
             .symbols()
             .chain(file.dynamic_symbols())
@@ -423,12 +425,19 @@ fn identify(
             .map(|v| format!("{}.{}.{}", v / 100, v / 10 % 10, v % 10));
         return Some((Allocator::Mimalloc, "mi_", version));
     }
-    if defines("tc_malloc") {
+    if any(&["tc_malloc", "tc_free", "tc_new", "tc_delete"]) {
         let version = find_after(data, b"gperftools ", 16).map(|v| format!("gperftools {v}"));
         return Some((Allocator::Tcmalloc, "tc_", version));
     }
-    for prefix in ["", "je_", "_rjem_"] {
-        if defines(&format!("{prefix}mallocx")) {
+    // Unprefixed, only jemalloc's extensions tell it; prefixed, any entry point does.
+    if any(&["mallocx", "sdallocx", "malloc_stats_print"]) {
+        return Some((Allocator::Jemalloc, "", jemalloc_version(data)));
+    }
+    for prefix in ["je_", "_rjem_"] {
+        if ["malloc", "mallocx", "sdallocx", "free", "calloc"]
+            .iter()
+            .any(|n| defines(&format!("{prefix}{n}")))
+        {
             return Some((Allocator::Jemalloc, prefix, jemalloc_version(data)));
         }
     }

@@ -102,8 +102,66 @@ pub fn effective_elf(path: &Path) -> Result<PathBuf, Error> {
 
 /// The objects the dynamic linker will load for `elf`, the executable first, found
 /// by reading files ([`super::ldso`]): the command is not run before it is traced.
-pub fn objects_for(elf: &Path) -> Vec<PathBuf> {
-    super::ldso::objects_for(elf, &super::ldso::Search::from_system())
+/// `env` holds the variables the command sets for itself (through `env NAME=VALUE`)
+/// and whether it clears the rest.
+pub fn objects_for(elf: &Path, env: &EnvChange) -> Vec<PathBuf> {
+    let search = super::ldso::Search::from_env(|k| {
+        env.set
+            .iter()
+            .rev()
+            .find(|(n, _)| n.as_bytes() == k.as_bytes())
+            .map(|(_, v)| v.clone())
+            .or_else(|| (!env.clear).then(|| std::env::var_os(k)).flatten())
+    });
+    super::ldso::objects_for(elf, &search)
+}
+
+/// What a command run through `env` changes in its environment.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EnvChange {
+    /// `NAME=VALUE` assignments, in order.
+    pub set: Vec<(OsString, OsString)>,
+    /// `env -i`: the inherited environment is dropped.
+    pub clear: bool,
+}
+
+/// A command run through `env` (`env [-i] [-u NAME] [NAME=VALUE]... PROGRAM ARGS`):
+/// the program env will exec, and what env changes in its environment (an
+/// `LD_PRELOAD` there decides which allocator the program runs on). `None` when the
+/// command is not `env`, or uses options whose effect is not followed here (`-C`,
+/// `-S`), or names no program.
+pub fn through_env(path: &Path, argv: &[OsString]) -> Option<(PathBuf, EnvChange)> {
+    if path.file_name() != Some(OsStr::new("env")) {
+        return None;
+    }
+    let mut change = EnvChange::default();
+    let mut args = argv.iter().skip(1);
+    let mut options = true;
+    while let Some(a) = args.next() {
+        let b = a.as_bytes();
+        if options && b.first() == Some(&b'-') {
+            match b {
+                b"--" => options = false,
+                b"-" | b"-i" | b"--ignore-environment" => change.clear = true,
+                b"-0" | b"--null" => {}
+                b"-u" | b"--unset" => {
+                    args.next()?;
+                }
+                _ if b.starts_with(b"-u") || b.starts_with(b"--unset=") => {}
+                _ => return None,
+            }
+            continue;
+        }
+        if let Some(eq) = b.iter().position(|&c| c == b'=') {
+            change.set.push((
+                OsStr::from_bytes(&b[..eq]).to_owned(),
+                OsStr::from_bytes(&b[eq + 1..]).to_owned(),
+            ));
+            continue;
+        }
+        return resolve_program(a).ok().map(|p| (p, change));
+    }
+    None
 }
 
 /// Forks a child that will `execve(program, args)` once released.
@@ -342,4 +400,47 @@ pub fn detach(pid: u32) {
             std::ptr::null_mut::<libc::c_void>(),
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `env` with assignments and the options it follows: the program it execs and
+    /// the environment changes; options whose effect is not followed give up.
+    #[test]
+    fn commands_through_env() {
+        let argv = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        let env = Path::new("/usr/bin/env");
+        let (p, c) = through_env(
+            env,
+            &argv(&["env", "-u", "X", "LD_PRELOAD=/lib/libjemalloc.so.2", "A=1=2", "sh", "-c", "true"]),
+        )
+        .expect("env runs sh");
+        assert!(p.ends_with("sh"), "{p:?}");
+        assert_eq!(
+            c,
+            EnvChange {
+                set: vec![
+                    ("LD_PRELOAD".into(), "/lib/libjemalloc.so.2".into()),
+                    ("A".into(), "1=2".into())
+                ],
+                clear: false
+            }
+        );
+        assert!(through_env(env, &argv(&["env", "-i", "--", "sh"])).unwrap().1.clear);
+        assert_eq!(through_env(env, &argv(&["env", "-C", "/tmp", "sh"])), None);
+        assert_eq!(through_env(env, &argv(&["env", "A=1"])), None);
+        assert_eq!(through_env(Path::new("/bin/sh"), &argv(&["sh", "A=1", "ls"])), None);
+        // The preload it sets is among the objects the program will map.
+        let sh = resolve_program(OsStr::new("sh")).unwrap();
+        let objs = objects_for(
+            &effective_elf(&sh).unwrap(),
+            &EnvChange {
+                set: vec![("LD_PRELOAD".into(), "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into())],
+                clear: false,
+            },
+        );
+        assert!(objs.iter().any(|o| o.ends_with("libjemalloc.so.2")), "{objs:?}");
+    }
 }

@@ -174,6 +174,12 @@ impl Search {
     /// From leaktrace's own environment (the launched command inherits it) and the
     /// system's files.
     pub fn from_system() -> Self {
+        Self::from_env(|k| std::env::var_os(k))
+    }
+
+    /// From the environment the program will run with (`var` reads one variable) and
+    /// the system's files.
+    pub fn from_env(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Self {
         let split = |v: Option<std::ffi::OsString>, seps: &[char]| -> Vec<String> {
             v.map(|v| {
                 v.to_string_lossy()
@@ -184,7 +190,7 @@ impl Search {
             })
             .unwrap_or_default()
         };
-        let mut preload = split(std::env::var_os("LD_PRELOAD"), &[' ', ':']);
+        let mut preload = split(var("LD_PRELOAD"), &[' ', ':']);
         if let Ok(text) = procfs::read_regular(Path::new("/etc/ld.so.preload"), 64 << 10) {
             preload.extend(
                 String::from_utf8_lossy(&text)
@@ -198,7 +204,7 @@ impl Search {
             .unwrap_or_default();
         Self {
             preload,
-            library_path: split(std::env::var_os("LD_LIBRARY_PATH"), &[':', ';']),
+            library_path: split(var("LD_LIBRARY_PATH"), &[':', ';']),
             cache,
         }
     }

@@ -159,8 +159,11 @@ fn resolve(config: &Config) -> Result<Resolved, Error> {
                 why: "empty command".into(),
             })?;
             let path = launch::resolve_program(program)?;
-            let elf = launch::effective_elf(&path)?;
-            let objs: Vec<(String, PathBuf)> = launch::objects_for(&elf)
+            // `env LD_PRELOAD=… PROGRAM`: what runs, and on which allocator, is the
+            // program's; env itself only execs it.
+            let (runs, env) = launch::through_env(&path, argv).unwrap_or((path.clone(), Default::default()));
+            let elf = launch::effective_elf(&runs)?;
+            let objs: Vec<(String, PathBuf)> = launch::objects_for(&elf, &env)
                 .into_iter()
                 .map(|p| (p.display().to_string(), p))
                 .collect();

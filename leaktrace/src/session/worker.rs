@@ -655,7 +655,7 @@ impl Worker {
             return;
         };
         let t = Instant::now();
-        let sites = glibc::find_sites(&maps, procfs::read_start_brk(pid), brk);
+        let sites = self.heap_sites(&maps, brk);
         let w = glibc::walk_heaps(&mem, &sites);
         log::debug!(
             "walked glibc heaps in {:.1} ms",
@@ -664,6 +664,19 @@ impl Worker {
         if !w.arenas.is_empty() || !w.unwalkable.is_empty() {
             self.walk = Some(w);
         }
+    }
+
+    /// glibc's candidate heaps. Go's first heap arena reservation is 64 MiB at a
+    /// 64 MiB-aligned address, like a glibc arena heap: in a Go program, mappings in
+    /// Go's arena space are not glibc's.
+    fn heap_sites(&self, maps: &[procfs::MapEntry], brk: Option<u64>) -> glibc::HeapSites {
+        let mut sites = glibc::find_sites(maps, procfs::read_start_brk(self.setup.pid), brk);
+        if self.setup.go {
+            sites
+                .thread_heaps
+                .retain(|&h| !memory::in_go_arena_space(h));
+        }
+        sites
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -712,7 +725,7 @@ impl Worker {
             return;
         };
         let maps: Vec<procfs::MapEntry> = smaps.iter().map(|e| e.map.clone()).collect();
-        let sites = glibc::find_sites(&maps, procfs::read_start_brk(pid), brk);
+        let sites = self.heap_sites(&maps, brk);
         let heap_ranges: Vec<(u64, u64)> = maps
             .iter()
             .filter(|m| sites.thread_heaps.contains(&m.start))

@@ -81,7 +81,7 @@ fn wait_line(stdin: &mut std::fs::File) -> bool {
 }
 
 /// Runs the handshake around the scenario.
-pub fn main_with(name: &str) {
+pub fn run() {
     use std::os::fd::FromRawFd as _;
     // SAFETY: fd 0 is open for the process's life; the File is never dropped.
     let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
@@ -97,7 +97,7 @@ pub fn main_with(name: &str) {
     leak_reallocated();
     leak_page_aligned();
     churn();
-    let _ = writeln!(out, "done {name}");
+    let _ = writeln!(out, "done");
     let _ = out.flush();
     while wait_line(&mut stdin) {}
 }

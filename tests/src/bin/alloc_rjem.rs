@@ -8,5 +8,5 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 mod scenarios;
 
 fn main() {
-    scenarios::main_with("jemalloc");
+    scenarios::run();
 }

@@ -1,0 +1,183 @@
+//! Allocators other than glibc's: Rust programs linking jemalloc or mimalloc
+//! statically, and a Go program (Debian's prometheus). (Preloaded jemalloc, tcmalloc
+//! and mimalloc run the C scenarios in heap.rs.)
+
+use std::io::{BufRead as _, BufReader};
+
+use leaktrace_tests::{Fixture, Tracer, check_shape, functions, require_root, temp_path, trace_fixture};
+
+/// What the Rust fixtures leave outstanding, per function (see
+/// tests/src/alloc_fixtures/scenarios.rs): (function, bytes, blocks).
+const RUST_LEAKS: &[(&str, u64, u64)] = &[
+    ("leak_small", 500, 5),
+    ("leak_aligned", 1000, 1),
+    ("leak_zeroed", 900, 3),
+    // Grown 80 → 8000 and shrunk 4000 → 40: two stacks.
+    ("leak_reallocated", 8040, 2),
+    ("leak_page_aligned", 3 * 4096, 1),
+];
+
+/// Live bytes and blocks of the heap stacks through a Rust function (named with its
+/// module path, `alloc_rjem::scenarios::leak_small`).
+fn through(r: &serde_json::Value, function: &str) -> (u64, u64) {
+    let suffix = format!("::{function}");
+    r["heap"]["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| functions(s).iter().any(|f| f.ends_with(&suffix)))
+        .fold((0, 0), |(b, n), s| {
+            (
+                b + s["live_bytes"].as_u64().unwrap(),
+                n + s["live_allocations"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// Rust programs with jemalloc (tikv-jemallocator: `_rjem_malloc`, `_rjem_mallocx`,
+/// `_rjem_sdallocx`…) or mimalloc (`mi_malloc_aligned`, `mi_free`…) linked into the
+/// executable, which exports none of them: the family's functions are found in its
+/// symbol table and probed, the bytes per function are exact, churn with sized frees
+/// leaves nothing, and the report names the allocator beside glibc's malloc.
+#[test]
+fn root_rust_static_allocators_exact() {
+    require_root();
+    for (bin, name, prefix, probes) in [
+        (
+            env!("CARGO_BIN_EXE_alloc_rjem"),
+            "jemalloc",
+            "_rjem_",
+            &["_rjem_malloc", "_rjem_mallocx", "_rjem_sdallocx", "_rjem_calloc", "_rjem_realloc"][..],
+        ),
+        (
+            env!("CARGO_BIN_EXE_alloc_mimalloc"),
+            "mimalloc",
+            "mi_",
+            &["mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned", "mi_free"][..],
+        ),
+    ] {
+        let mut fx = Fixture::spawn_program(std::path::Path::new(bin), &[], &[]);
+        let r = trace_fixture(&mut fx, &[]);
+        let placed: Vec<&str> = r["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["object"] == bin)
+            .map(|p| p["function"].as_str().unwrap())
+            .collect();
+        for p in probes {
+            assert!(placed.contains(p), "{name}: no probe on {p}: {placed:?}");
+        }
+        for &(function, bytes, blocks) in RUST_LEAKS {
+            assert_eq!(through(&r, function), (bytes, blocks), "{name}: {function}");
+        }
+        assert_eq!(through(&r, "churn"), (0, 0), "{name}: churn frees everything");
+        let total: u64 = RUST_LEAKS.iter().map(|l| l.1).sum();
+        assert_eq!(r["heap"]["live_bytes"], total, "{name}: nothing else outstanding");
+        assert_eq!(r["lost_total"], 0, "{name}: {}", r["lost"]);
+        let found = r["allocator"]["found"].as_array().unwrap();
+        let it = found
+            .iter()
+            .find(|f| f["allocator"] == name)
+            .unwrap_or_else(|| panic!("{name} not named: {found:#?}"));
+        assert_eq!(it["object"], bin);
+        assert_eq!(it["prefix"], prefix);
+        assert_eq!(it["serves_malloc"], false, "the C library still serves malloc");
+        assert!(
+            found.iter().any(|f| f["allocator"] == "glibc" && f["serves_malloc"] == true),
+            "{found:#?}"
+        );
+        // glibc serves the C code's malloc: its heap is still walked.
+        assert!(!r["allocator"]["glibc_heaps"].is_null());
+        assert!(fx.alive());
+    }
+}
+
+/// Resident anonymous bytes of the mappings in Go's arena space, from smaps.
+fn go_arena_resident(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let (mut total, mut in_arena) = (0, false);
+    for line in smaps.lines() {
+        if let Some((range, rest)) = line.split_once(' ')
+            && let Some((start, _)) = range.split_once('-')
+            && let Ok(start) = u64::from_str_radix(start, 16)
+            && rest.split_whitespace().count() >= 4
+        {
+            in_arena = leaktrace::analysis::memory::in_go_arena_space(start)
+                && rest.split_whitespace().nth(4).is_none();
+        } else if in_arena && let Some(kb) = line.strip_prefix("Anonymous:") {
+            total += kb.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() << 10;
+        }
+    }
+    total
+}
+
+/// Debian's prometheus, a Go program: the report says Go's heap is not traced and
+/// what is, names the Go version, and counts Go's arenas under where RSS goes, as
+/// smaps counts them beside it.
+#[test]
+fn root_go_program_says_what_is_traced() {
+    require_root();
+    let prometheus = std::path::Path::new("/usr/bin/prometheus");
+    assert!(prometheus.exists(), "prometheus is missing (cargo xtask setup installs it)");
+    let dir = temp_path("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(&config, "global:\n  scrape_interval: 1h\n").unwrap();
+    let mut child = std::process::Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start prometheus");
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("Server is ready to receive web requests") {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "prometheus exited before ready");
+    }
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+    let pid = child.id();
+    let mut t = Tracer::start(&["--pid", &pid.to_string(), "-d", "2"]);
+    t.wait_stderr("leaktrace: tracing pid");
+    let r = t.finish();
+    let resident = go_arena_resident(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    check_shape(&r);
+    let found = r["allocator"]["found"].as_array().unwrap();
+    let go = found
+        .iter()
+        .find(|f| f["allocator"] == "go")
+        .unwrap_or_else(|| panic!("Go not detected: {found:#?}"));
+    let version = go["version"].as_str().expect("Go version from .go.buildinfo");
+    assert!(version.starts_with("go1."), "{version}");
+    assert_eq!(go["object"], "/usr/bin/prometheus");
+    let notes = r["allocator"]["notes"].to_string();
+    assert!(
+        notes.contains("Go runtime's heap is its own") && notes.contains("not traced"),
+        "{notes}"
+    );
+    let go_heap: u64 = r["memory"]["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["kind"] == "go-heap")
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(go_heap > 1 << 20, "Go's heap is counted: {:#}", r["memory"]);
+    assert!(
+        go_heap.abs_diff(resident) <= 512 << 10,
+        "go-heap {go_heap} B vs smaps {resident} B"
+    );
+    // No glibc heap is made of Go's arenas.
+    for a in r["allocator"]["glibc_heaps"]["arenas"].as_array().unwrap() {
+        for h in a["heaps"].as_array().unwrap() {
+            let h = u64::from_str_radix(h.as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+            assert!(!leaktrace::analysis::memory::in_go_arena_space(h), "{a:#}");
+        }
+    }
+}
