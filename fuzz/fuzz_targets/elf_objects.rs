@@ -1,10 +1,12 @@
 //! Files a target maps or launches (its executable, its libraries, a planted file):
-//! the dynamic section and ld.so.cache readers, the load-bias computation and the
-//! unwind-table builder (.eh_frame, CIEs, FDEs, CFI programs) never panic or run
-//! away, whatever the bytes.
+//! the dynamic section and ld.so.cache readers, the load-bias computation, the
+//! allocator search (symbols, thunks, probe placement, version strings, Go build
+//! info) and the unwind-table builder (.eh_frame, CIEs, FDEs, CFI programs) never
+//! panic or run away, whatever the bytes.
 #![no_main]
 
 use leaktrace::{
+    probes::allocators,
     process::{elf, ldso},
     unwind::table,
 };
@@ -13,6 +15,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let _ = ldso::dynamic_of(data);
     let _ = ldso::read_cache(data);
+    let _ = allocators::find_in_bytes("fuzzed", std::path::Path::new("fuzzed"), data);
     for (start, offset) in [(0x5555_0000_0000, 0), (0x7f00_0000_1000, 0x1000)] {
         let _ = elf::load_bias(data, start, offset, true);
         let _ = elf::load_bias(data, start, offset, false);

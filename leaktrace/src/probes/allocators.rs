@@ -262,10 +262,20 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<InObject, Object
             path: host_path.to_owned(),
             source,
         })?;
-    let file = object::File::parse(&*data).map_err(|source| ObjectError::Parse {
+    find_in_bytes(object, host_path, &data).map_err(|source| ObjectError::Parse {
         path: host_path.to_owned(),
         source,
-    })?;
+    })
+}
+
+/// [`find_in_object`] on the object's bytes, read already (the target's files are
+/// hostile input: this is fuzzed).
+pub fn find_in_bytes(
+    object: &str,
+    host_path: &Path,
+    data: &[u8],
+) -> Result<InObject, object::Error> {
+    let file = object::File::parse(data)?;
     // Dynamic symbols are what the dynamic linker binds; a static binary has only
     // .symtab. The families' own names are looked for in both: an executable linking
     // an allocator statically calls it without exporting it.
@@ -307,18 +317,18 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<InObject, Object
                 && s.kind() == SymbolKind::Text
                 && s.name().is_ok_and(|n| wanted_names.contains(&n))
         })
-        .map(|s| (s.address(), s.address() + s.size().max(1)))
+        .map(|s| (s.address(), s.address().saturating_add(s.size().max(1))))
         .collect();
     let plt: Vec<(u64, u64)> = file
         .sections()
         .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
-        .map(|s| (s.address(), s.address() + s.size()))
+        .map(|s| (s.address(), s.address().saturating_add(s.size())))
         .collect();
     let file_offset = |addr: u64| {
         segments
             .iter()
-            .find(|&&(va, size, _)| addr >= va && addr < va + size)
-            .map(|&(vaddr, _, foff)| addr - vaddr + foff)
+            .find(|&&(va, size, _)| addr >= va && addr < va.saturating_add(size))
+            .and_then(|&(vaddr, _, foff)| (addr - vaddr).checked_add(foff))
     };
     for (func, name, in_family) in wanted {
         let found = if in_family {
@@ -380,7 +390,7 @@ pub fn find_in_object(object: &str, host_path: &Path) -> Result<InObject, Object
             name,
             object: object.to_owned(),
             host_path: host_path.to_owned(),
-            offset: entry_offset + placement.offset,
+            offset: entry_offset.saturating_add(placement.offset),
             entry_offset,
             symbol: (addr, size),
             placement,
@@ -458,7 +468,7 @@ fn file_bytes<'d>(file: &object::File<'_>, data: &'d [u8], addr: u64, len: usize
     let seg = file
         .segments()
         .find(|s| addr >= s.address() && addr < s.address().saturating_add(s.size()))?;
-    let off = addr - seg.address() + seg.file_range().0;
+    let off = (addr - seg.address()).checked_add(seg.file_range().0)?;
     let start = usize::try_from(off).ok()?;
     data.get(start..start.checked_add(len)?)
 }

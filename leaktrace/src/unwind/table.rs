@@ -155,7 +155,11 @@ pub fn fde_ranges(data: &[u8]) -> Result<Vec<(u64, u64)>, TableError> {
             && let Ok(fde) = partial.parse(EhFrame::cie_from_offset)
             && fde.len() > 0
         {
-            out.push((fde.initial_address(), fde.initial_address() + fde.len()));
+            // A hostile FDE's range may run past the address space: cut at its end.
+            out.push((
+                fde.initial_address(),
+                fde.initial_address().saturating_add(fde.len()),
+            ));
         }
     }
     Ok(out)
