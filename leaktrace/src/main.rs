@@ -257,8 +257,7 @@ fn parse_size(s: &str) -> Result<u32, String> {
     let v = num
         .parse::<u64>()
         .map_err(|_| format!("'{s}' is not a size (use e.g. 524288, 512K or 2M)"))?
-        .checked_mul(mul)
-        .unwrap_or(u64::MAX);
+        .saturating_mul(mul);
     if v == 0 || v > u64::from(u32::MAX) {
         return Err(format!("'{s}' must be between 1 byte and 4 GiB"));
     }

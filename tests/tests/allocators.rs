@@ -4,7 +4,9 @@
 
 use std::io::{BufRead as _, BufReader};
 
-use leaktrace_tests::{Fixture, Tracer, check_shape, functions, require_root, temp_path, trace_fixture};
+use leaktrace_tests::{
+    Fixture, Tracer, check_shape, functions, require_root, temp_path, trace_fixture,
+};
 
 /// What the Rust fixtures leave outstanding, per function (see
 /// tests/src/alloc_fixtures/scenarios.rs): (function, bytes, blocks).
@@ -47,13 +49,24 @@ fn root_rust_static_allocators_exact() {
             env!("CARGO_BIN_EXE_alloc_rjem"),
             "jemalloc",
             "_rjem_",
-            &["_rjem_malloc", "_rjem_mallocx", "_rjem_sdallocx", "_rjem_calloc", "_rjem_realloc"][..],
+            &[
+                "_rjem_malloc",
+                "_rjem_mallocx",
+                "_rjem_sdallocx",
+                "_rjem_calloc",
+                "_rjem_realloc",
+            ][..],
         ),
         (
             env!("CARGO_BIN_EXE_alloc_mimalloc"),
             "mimalloc",
             "mi_",
-            &["mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned", "mi_free"][..],
+            &[
+                "mi_malloc_aligned",
+                "mi_zalloc_aligned",
+                "mi_realloc_aligned",
+                "mi_free",
+            ][..],
         ),
     ] {
         let mut fx = Fixture::spawn_program(std::path::Path::new(bin), &[], &[]);
@@ -71,9 +84,16 @@ fn root_rust_static_allocators_exact() {
         for &(function, bytes, blocks) in RUST_LEAKS {
             assert_eq!(through(&r, function), (bytes, blocks), "{name}: {function}");
         }
-        assert_eq!(through(&r, "churn"), (0, 0), "{name}: churn frees everything");
+        assert_eq!(
+            through(&r, "churn"),
+            (0, 0),
+            "{name}: churn frees everything"
+        );
         let total: u64 = RUST_LEAKS.iter().map(|l| l.1).sum();
-        assert_eq!(r["heap"]["live_bytes"], total, "{name}: nothing else outstanding");
+        assert_eq!(
+            r["heap"]["live_bytes"], total,
+            "{name}: nothing else outstanding"
+        );
         assert_eq!(r["lost_total"], 0, "{name}: {}", r["lost"]);
         let found = r["allocator"]["found"].as_array().unwrap();
         let it = found
@@ -82,9 +102,14 @@ fn root_rust_static_allocators_exact() {
             .unwrap_or_else(|| panic!("{name} not named: {found:#?}"));
         assert_eq!(it["object"], bin);
         assert_eq!(it["prefix"], prefix);
-        assert_eq!(it["serves_malloc"], false, "the C library still serves malloc");
+        assert_eq!(
+            it["serves_malloc"], false,
+            "the C library still serves malloc"
+        );
         assert!(
-            found.iter().any(|f| f["allocator"] == "glibc" && f["serves_malloc"] == true),
+            found
+                .iter()
+                .any(|f| f["allocator"] == "glibc" && f["serves_malloc"] == true),
             "{found:#?}"
         );
         // glibc serves the C code's malloc: its heap is still walked.
@@ -106,7 +131,13 @@ fn go_arena_resident(pid: u32) -> u64 {
             in_arena = leaktrace::analysis::memory::in_go_arena_space(start)
                 && rest.split_whitespace().nth(4).is_none();
         } else if in_arena && let Some(kb) = line.strip_prefix("Anonymous:") {
-            total += kb.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() << 10;
+            total += kb
+                .trim()
+                .trim_end_matches(" kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+                << 10;
         }
     }
     total
@@ -119,14 +150,20 @@ fn go_arena_resident(pid: u32) -> u64 {
 fn root_go_program_says_what_is_traced() {
     require_root();
     let prometheus = std::path::Path::new("/usr/bin/prometheus");
-    assert!(prometheus.exists(), "prometheus is missing (cargo xtask setup installs it)");
+    assert!(
+        prometheus.exists(),
+        "prometheus is missing (cargo xtask setup installs it)"
+    );
     let dir = temp_path("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");
     std::fs::write(&config, "global:\n  scrape_interval: 1h\n").unwrap();
     let mut child = std::process::Command::new(prometheus)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg("--web.listen-address=127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -135,7 +172,10 @@ fn root_go_program_says_what_is_traced() {
     let mut line = String::new();
     while !line.contains("Server is ready to receive web requests") {
         line.clear();
-        assert!(log.read_line(&mut line).unwrap() > 0, "prometheus exited before ready");
+        assert!(
+            log.read_line(&mut line).unwrap() > 0,
+            "prometheus exited before ready"
+        );
     }
     // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
@@ -153,7 +193,9 @@ fn root_go_program_says_what_is_traced() {
         .iter()
         .find(|f| f["allocator"] == "go")
         .unwrap_or_else(|| panic!("Go not detected: {found:#?}"));
-    let version = go["version"].as_str().expect("Go version from .go.buildinfo");
+    let version = go["version"]
+        .as_str()
+        .expect("Go version from .go.buildinfo");
     assert!(version.starts_with("go1."), "{version}");
     assert_eq!(go["object"], "/usr/bin/prometheus");
     let notes = r["allocator"]["notes"].to_string();

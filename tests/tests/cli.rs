@@ -78,7 +78,8 @@ fn root_sigkill_removes_probes() {
         .find(|m| m.is_exec() && m.path.contains("libc.so"))
         .expect("libc mapped");
     let sites = leaktrace::probes::allocators::find_in_object(&libc.path, Path::new(&libc.path))
-        .expect("libc symbols");
+        .expect("libc symbols")
+        .sites;
     let malloc = sites
         .iter()
         .find(|s| s.func.symbol() == "malloc")

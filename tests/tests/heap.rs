@@ -593,32 +593,64 @@ fn root_interposed_allocator() {
     assert_eq!(r["lost_total"], 0, "{}", r["lost"]);
 }
 
-/// The allocators a program may be preloaded with (Debian's packages, installed by
-/// `cargo xtask setup`): (library, name in the report, version it reports, its
-/// probes that must be placed, stacks it leaves besides the case's).
-const PRELOADED: &[(&str, &str, &str, &[&str], &[(&str, u64, u64)])] = &[
-    (
-        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-        "jemalloc",
-        "5.3.0",
-        &["malloc", "free", "mallocx", "sdallocx", "posix_memalign", "_Znwm"],
-        &[],
-    ),
-    (
-        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-        "tcmalloc",
-        "gperftools 2.10",
-        &["malloc", "free", "calloc", "realloc", "posix_memalign", "_Znwm"],
-        &[],
-    ),
-    (
-        "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
-        "mimalloc",
-        "2.0.9",
+/// An allocator a program may be preloaded with (Debian's packages, installed by
+/// `cargo xtask setup`).
+struct Preloaded {
+    lib: &'static str,
+    /// Its name in the report, and the version it reports.
+    name: &'static str,
+    version: &'static str,
+    /// Probes that must be placed in it.
+    probes: &'static [&'static str],
+    /// Stacks it leaves in the realloc scenario besides the case's.
+    extra: &'static [(&'static str, u64, u64)],
+}
+
+const PRELOADED: &[Preloaded] = &[
+    Preloaded {
+        lib: "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        name: "jemalloc",
+        version: "5.3.0",
+        probes: &[
+            "malloc",
+            "free",
+            "mallocx",
+            "sdallocx",
+            "posix_memalign",
+            "_Znwm",
+        ],
+        extra: &[],
+    },
+    Preloaded {
+        lib: "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        name: "tcmalloc",
+        version: "gperftools 2.10",
+        probes: &[
+            "malloc",
+            "free",
+            "calloc",
+            "realloc",
+            "posix_memalign",
+            "_Znwm",
+        ],
+        extra: &[],
+    },
+    Preloaded {
+        lib: "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+        name: "mimalloc",
+        version: "2.0.9",
         // Its posix_memalign jumps to mi_posix_memalign through its own PLT: probed there.
-        &["malloc", "free", "calloc", "realloc", "mi_posix_memalign", "mi_malloc_aligned"],
-        &[("realloc_zero", 0, 1)],
-    ),
+        probes: &[
+            "malloc",
+            "free",
+            "calloc",
+            "realloc",
+            "mi_posix_memalign",
+            "mi_malloc_aligned",
+        ],
+        // realloc(p, 0) returns a block instead of freeing.
+        extra: &[("realloc_zero", 0, 1)],
+    },
 ];
 
 /// Each preloaded allocator: the report names it, with its version, as the one serving
@@ -627,7 +659,14 @@ const PRELOADED: &[(&str, &str, &str, &[&str], &[(&str, u64, u64)])] = &[
 #[test]
 fn root_preloaded_allocators_exact() {
     require_root();
-    for &(lib, name, version, probes, extra) in PRELOADED {
+    for &Preloaded {
+        lib,
+        name,
+        version,
+        probes,
+        extra,
+    } in PRELOADED
+    {
         assert!(
             std::path::Path::new(lib).exists(),
             "{lib} is missing (cargo xtask setup installs it)"
@@ -636,12 +675,17 @@ fn root_preloaded_allocators_exact() {
             let more: &[(&'static str, u64, u64)] = if scenario == "realloc" { extra } else { &[] };
             let r = check_on(scenario, &[("LD_PRELOAD", lib)], more);
             let found = r["allocator"]["found"].as_array().expect("found");
-            let serving: Vec<_> = found.iter().filter(|f| f["serves_malloc"] == true).collect();
+            let serving: Vec<_> = found
+                .iter()
+                .filter(|f| f["serves_malloc"] == true)
+                .collect();
             assert_eq!(serving.len(), 1, "{name}: {found:#?}");
             assert_eq!(serving[0]["allocator"], name, "{found:#?}");
             assert_eq!(serving[0]["version"], version, "{found:#?}");
             assert!(
-                found.iter().any(|f| f["allocator"] == "glibc" && f["serves_malloc"] == false),
+                found
+                    .iter()
+                    .any(|f| f["allocator"] == "glibc" && f["serves_malloc"] == false),
                 "{found:#?}"
             );
             let placed: Vec<&str> = r["probes"]
@@ -654,7 +698,10 @@ fn root_preloaded_allocators_exact() {
             for p in probes {
                 assert!(placed.contains(p), "{name}: no probe on {p}: {placed:?}");
             }
-            assert!(r["allocator"]["glibc_heaps"].is_null(), "{name}: glibc's heaps are not {name}'s");
+            assert!(
+                r["allocator"]["glibc_heaps"].is_null(),
+                "{name}: glibc's heaps are not {name}'s"
+            );
             let notes = r["allocator"]["notes"].to_string();
             assert!(notes.contains(&format!("malloc is {name}'s")), "{notes}");
         }

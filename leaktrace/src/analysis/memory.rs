@@ -326,7 +326,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
             (
                 match s.heap_owner {
                     Some(owner) if owner != "other" => {
-                        format!("anonymous mappings ({owner}'s among them: its own state is not read)")
+                        format!(
+                            "anonymous mappings ({owner}'s among them: its own state is not read)"
+                        )
                     }
                     _ => "anonymous mappings".into(),
                 },
@@ -481,8 +483,16 @@ mod tests {
         assert_eq!(m.total(PartKind::GoHeap), 9 * M);
         assert_eq!(m.total(PartKind::OtherAnon), 3 * M);
         assert_eq!(m.total(PartKind::HeapUnwalked), M);
-        let unwalked = m.parts.iter().find(|p| p.kind == PartKind::HeapUnwalked).unwrap();
-        assert!(unwalked.detail.contains("jemalloc's"), "{}", unwalked.detail);
+        let unwalked = m
+            .parts
+            .iter()
+            .find(|p| p.kind == PartKind::HeapUnwalked)
+            .unwrap();
+        assert!(
+            unwalked.detail.contains("jemalloc's"),
+            "{}",
+            unwalked.detail
+        );
         assert_eq!(m.unexplained_bytes, 0);
         // Not a Go program: the same mappings are other anonymous memory.
         let m = compose(&State {

@@ -309,7 +309,11 @@ pub fn find_in_bytes(
     let wanted_names: Vec<&str> = AllocFn::ALL
         .iter()
         .flat_map(|f| f.symbols().iter().copied())
-        .chain(FAMILY_FUNCTIONS.iter().flat_map(|f| f.iter().map(|&(_, n)| n)))
+        .chain(
+            FAMILY_FUNCTIONS
+                .iter()
+                .flat_map(|f| f.iter().map(|&(_, n)| n)),
+        )
         .collect();
     let named_ranges: Vec<(u64, u64)> = every()
         .filter(|s| {
@@ -396,7 +400,7 @@ pub fn find_in_bytes(
             placement,
         });
     }
-    let found = identify(object, &file, &data, |name| every().any(|s| is_def(s, name))).map(
+    let found = identify(object, &file, data, |name| every().any(|s| is_def(s, name))).map(
         |(allocator, prefix, version)| Found {
             allocator,
             version,
@@ -424,13 +428,20 @@ fn identify(
         return Some((Allocator::Go, "", version));
     }
     let any = |names: &[&str]| names.iter().any(|n| defines(n));
-    if any(&["mi_malloc", "mi_free", "mi_malloc_aligned", "mi_zalloc_aligned"]) {
+    if any(&[
+        "mi_malloc",
+        "mi_free",
+        "mi_malloc_aligned",
+        "mi_zalloc_aligned",
+    ]) {
         let version = file
             .symbols()
             .chain(file.dynamic_symbols())
             .find(|s| s.name().is_ok_and(|n| n == "mi_version"))
             .and_then(|s| file_bytes(file, data, s.address(), 5))
-            .and_then(|code| (code[0] == 0xb8).then(|| u32::from_le_bytes([code[1], code[2], code[3], code[4]])))
+            .and_then(|code| {
+                (code[0] == 0xb8).then(|| u32::from_le_bytes([code[1], code[2], code[3], code[4]]))
+            })
             .filter(|&v| (100..10_000).contains(&v))
             .map(|v| format!("{}.{}.{}", v / 100, v / 10 % 10, v % 10));
         return Some((Allocator::Mimalloc, "mi_", version));
@@ -464,7 +475,12 @@ fn identify(
 }
 
 /// `len` bytes of the object at a virtual address, from its file.
-fn file_bytes<'d>(file: &object::File<'_>, data: &'d [u8], addr: u64, len: usize) -> Option<&'d [u8]> {
+fn file_bytes<'d>(
+    file: &object::File<'_>,
+    data: &'d [u8],
+    addr: u64,
+    len: usize,
+) -> Option<&'d [u8]> {
     let seg = file
         .segments()
         .find(|s| addr >= s.address() && addr < s.address().saturating_add(s.size()))?;
@@ -500,7 +516,10 @@ fn jemalloc_version(data: &[u8]) -> Option<String> {
             .map_or(0, |p| p + 1);
         let text = String::from_utf8_lossy(&data[start..at]).into_owned();
         if text.matches('.').count() == 2 {
-            return Some(text.rsplit_once('-').map_or(text.clone(), |(v, _)| v.to_owned()));
+            return Some(
+                text.rsplit_once('-')
+                    .map_or(text.clone(), |(v, _)| v.to_owned()),
+            );
         }
     }
     None
@@ -559,7 +578,11 @@ impl Search {
             .allocators
             .iter()
             .position(|f| f.defines_malloc && f.prefix.is_empty() && !libc(f))
-            .or_else(|| self.allocators.iter().position(|f| f.defines_malloc && !libc(f)))
+            .or_else(|| {
+                self.allocators
+                    .iter()
+                    .position(|f| f.defines_malloc && !libc(f))
+            })
             .or_else(|| self.allocators.iter().position(|f| f.defines_malloc));
         if let Some(i) = pick {
             self.allocators[i].serves_malloc = true;

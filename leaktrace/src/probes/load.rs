@@ -128,7 +128,7 @@ fn small_offset(btf: &super::btf::Btf, root: &str, member: &str) -> Option<u16> 
 /// walks then end at a hijacked return.
 pub fn return_offsets() -> Option<ReturnOffsets> {
     let btf = super::btf::Btf::kernel()?;
-    let small = |root: &str, member: &str| small_offset(&btf, root, member);
+    let small = |root: &str, member: &str| small_offset(btf, root, member);
     Some(ReturnOffsets {
         utask: small("task_struct", "utask")?,
         instances: small("uprobe_task", "return_instances")?,
@@ -145,7 +145,7 @@ pub fn return_offsets() -> Option<ReturnOffsets> {
 pub fn signal_offsets() -> SignalOffsets {
     let find = || {
         let btf = super::btf::Btf::kernel()?;
-        let small = |root: &str, member: &str| small_offset(&btf, root, member);
+        let small = |root: &str, member: &str| small_offset(btf, root, member);
         Some(SignalOffsets {
             sighand: small("task_struct", "sighand")?,
             action: small("sighand_struct", "action")?,

@@ -414,7 +414,16 @@ mod tests {
         let env = Path::new("/usr/bin/env");
         let (p, c) = through_env(
             env,
-            &argv(&["env", "-u", "X", "LD_PRELOAD=/lib/libjemalloc.so.2", "A=1=2", "sh", "-c", "true"]),
+            &argv(&[
+                "env",
+                "-u",
+                "X",
+                "LD_PRELOAD=/lib/libjemalloc.so.2",
+                "A=1=2",
+                "sh",
+                "-c",
+                "true",
+            ]),
         )
         .expect("env runs sh");
         assert!(p.ends_with("sh"), "{p:?}");
@@ -428,19 +437,33 @@ mod tests {
                 clear: false
             }
         );
-        assert!(through_env(env, &argv(&["env", "-i", "--", "sh"])).unwrap().1.clear);
+        assert!(
+            through_env(env, &argv(&["env", "-i", "--", "sh"]))
+                .unwrap()
+                .1
+                .clear
+        );
         assert_eq!(through_env(env, &argv(&["env", "-C", "/tmp", "sh"])), None);
         assert_eq!(through_env(env, &argv(&["env", "A=1"])), None);
-        assert_eq!(through_env(Path::new("/bin/sh"), &argv(&["sh", "A=1", "ls"])), None);
+        assert_eq!(
+            through_env(Path::new("/bin/sh"), &argv(&["sh", "A=1", "ls"])),
+            None
+        );
         // The preload it sets is among the objects the program will map.
         let sh = resolve_program(OsStr::new("sh")).unwrap();
         let objs = objects_for(
             &effective_elf(&sh).unwrap(),
             &EnvChange {
-                set: vec![("LD_PRELOAD".into(), "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into())],
+                set: vec![(
+                    "LD_PRELOAD".into(),
+                    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into(),
+                )],
                 clear: false,
             },
         );
-        assert!(objs.iter().any(|o| o.ends_with("libjemalloc.so.2")), "{objs:?}");
+        assert!(
+            objs.iter().any(|o| o.ends_with("libjemalloc.so.2")),
+            "{objs:?}"
+        );
     }
 }

@@ -378,8 +378,8 @@ fn allocator_notes(found: &[crate::probes::allocators::Found]) -> Vec<String> {
                     f.version.as_ref().map_or(String::new(), |v| format!(" ({v})"))
                 ));
             }
-            Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc if !f.prefix.is_empty() => {
-                if f.probes > 0 && !f.serves_malloc {
+            Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc if !f.prefix.is_empty()
+                && f.probes > 0 && !f.serves_malloc => {
                     notes.push(format!(
                         "{name} linked into {} is called through its own API ({}malloc…), beside {}'s malloc: both are traced; its own state is not read",
                         f.object,
@@ -387,7 +387,6 @@ fn allocator_notes(found: &[crate::probes::allocators::Found]) -> Vec<String> {
                         serving.map_or("the C library", |s| s.allocator.as_str())
                     ));
                 }
-            }
             _ => {}
         }
     }

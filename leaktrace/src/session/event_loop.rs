@@ -180,7 +180,9 @@ pub fn run(
         // glibc when another allocator serves malloc.
         walk_heaps: config.walk_heaps
             && heap_not_traced.is_none()
-            && !allocators.iter().any(|f| f.serves_malloc && f.allocator != Allocator::Glibc),
+            && !allocators
+                .iter()
+                .any(|f| f.serves_malloc && f.allocator != Allocator::Glibc),
         heap_owner: allocators
             .iter()
             .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)
@@ -1134,6 +1136,13 @@ impl Session<'_> {
         }
     }
 
+    /// The allocator serving malloc, when it is not glibc's.
+    fn other_allocator(&self) -> Option<&crate::probes::allocators::Found> {
+        self.allocators
+            .iter()
+            .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)
+    }
+
     /// The verdict, then the report, from the books and the worker's snapshot.
     fn report(
         &self,
@@ -1156,6 +1165,7 @@ impl Session<'_> {
             lost_total: Losses::tally(&kernel, &self.ledger.counters).total,
             python: snap.python.is_some(),
             pymalloc: snap.pymalloc.as_ref(),
+            allocator: self.other_allocator(),
         });
         let mut r = report::build(&report::Inputs {
             pid: self.pid,
@@ -1234,6 +1244,7 @@ impl Session<'_> {
                     lost_total: 0,
                     python: snap.python.is_some(),
                     pymalloc: None,
+                    allocator: self.other_allocator(),
                 });
                 let r = report::build(&report::Inputs {
                     pid,

@@ -161,7 +161,8 @@ fn resolve(config: &Config) -> Result<Resolved, Error> {
             let path = launch::resolve_program(program)?;
             // `env LD_PRELOAD=… PROGRAM`: what runs, and on which allocator, is the
             // program's; env itself only execs it.
-            let (runs, env) = launch::through_env(&path, argv).unwrap_or((path.clone(), Default::default()));
+            let (runs, env) =
+                launch::through_env(&path, argv).unwrap_or((path.clone(), Default::default()));
             let elf = launch::effective_elf(&runs)?;
             let objs: Vec<(String, PathBuf)> = launch::objects_for(&elf, &env)
                 .into_iter()
@@ -173,22 +174,23 @@ fn resolve(config: &Config) -> Result<Resolved, Error> {
     })
 }
 
+/// What loading and attaching made: the probe sites, the allocators found, why the
+/// heap is not traced (if not), the unwinder, the programs and the probes.
+type Loaded = (
+    Vec<ProbeSite>,
+    Vec<allocators::Found>,
+    Option<String>,
+    Option<Unwinder>,
+    Ebpf,
+    Attached,
+);
+
 /// Finds the allocator, sizes and loads the programs, attaches them.
 fn load_and_attach(
     config: &Config,
     pid: u32,
     objects: &[(String, PathBuf)],
-) -> Result<
-    (
-        Vec<ProbeSite>,
-        Vec<allocators::Found>,
-        Option<String>,
-        Option<Unwinder>,
-        Ebpf,
-        Attached,
-    ),
-    Error,
-> {
+) -> Result<Loaded, Error> {
     // Ctrl-C between the steps ends here (each step is well under a second).
     let stopped = || match super::stop::requested() {
         Some(signal) => Err(Error::Stopped { signal }),
@@ -222,7 +224,11 @@ fn load_and_attach(
         // A static binary or an allocator leaktrace does not know: its mappings, brk
         // and RSS are still worth tracing.
         let mut why = e.to_string();
-        if let Some(go) = search.allocators.iter().find(|f| f.allocator == allocators::Allocator::Go) {
+        if let Some(go) = search
+            .allocators
+            .iter()
+            .find(|f| f.allocator == allocators::Allocator::Go)
+        {
             why.push_str(&format!(
                 " ({} program: its heap is the Go runtime's own, which has no malloc to probe)",
                 go.version.as_deref().unwrap_or("a Go")

@@ -101,4 +101,3 @@ pub fn run() {
     let _ = out.flush();
     while wait_line(&mut stdin) {}
 }
-
