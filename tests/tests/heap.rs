@@ -698,9 +698,12 @@ fn root_preloaded_allocators_exact() {
             for p in probes {
                 assert!(placed.contains(p), "{name}: no probe on {p}: {placed:?}");
             }
+            // glibc's heaps hold only what glibc allocated itself: none of the scenario's
+            // blocks (tcmalloc's brk heap does not chain as glibc's: unwalkable).
+            let glibc = &r["allocator"]["glibc_heaps"];
             assert!(
-                r["allocator"]["glibc_heaps"].is_null(),
-                "{name}: glibc's heaps are not {name}'s"
+                glibc["in_use_bytes"].as_u64().unwrap_or(0) < 64 << 10,
+                "{name}: {glibc:#}"
             );
             let notes = r["allocator"]["notes"].to_string();
             assert!(notes.contains(&format!("malloc is {name}'s")), "{notes}");

@@ -9,7 +9,8 @@
 //! `thread-stacks` (the mapping holding a thread's stack pointer, and `[stack]`),
 //! chunks malloc mapped on their own (`heap-mmapped`), pymalloc's arenas, a Go
 //! program's heap arenas (`go-heap`, by address), or `other-anon`. When another
-//! allocator serves malloc, the brk heap is that allocator's and is not walked. The parts sum to smaps' resident bytes (`rss_bytes`); `vmrss_bytes` is
+//! allocator serves malloc, the brk heap pages glibc's walk does not reach are named
+//! after it (tcmalloc grows its heap with brk). The parts sum to smaps' resident bytes (`rss_bytes`); `vmrss_bytes` is
 //! the kernel's batched counter beside it (top's RES).
 
 use serde::Serialize;
@@ -256,7 +257,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         PartKind::HeapUnwalked,
         vec![(
             if let Some(owner) = s.heap_owner {
-                format!("brk heap: {owner}'s (malloc is {owner}), not walked")
+                format!(
+                    "heap pages glibc's walk did not reach (malloc is {owner}'s: its own, where it uses brk)"
+                )
             } else if s.glibc.is_some() {
                 "glibc heap pages the walk did not reach".into()
             } else {
@@ -489,7 +492,7 @@ mod tests {
             .find(|p| p.kind == PartKind::HeapUnwalked)
             .unwrap();
         assert!(
-            unwalked.detail.contains("jemalloc's"),
+            unwalked.detail.contains("malloc is jemalloc's"),
             "{}",
             unwalked.detail
         );

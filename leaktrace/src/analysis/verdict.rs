@@ -463,7 +463,7 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     let py_held = f.pymalloc.map_or(0, |w| w.free_resident_bytes);
     let kept = f
         .allocator
-        .filter(|_| f.walk.is_none() && !f.heap_untraced)
+        .filter(|_| !f.heap_untraced)
         .and_then(|a| kept_since_attach(f.points).map(|k| (a, k)));
     let other_held = kept.map_or(0, |(_, k)| k.held);
     let held = glibc_held + py_held + other_held;
@@ -549,41 +549,67 @@ struct Kept {
     rss: u64,
     /// Live heap growth.
     live: i64,
-    /// What it holds resident for freed blocks, estimated: the RSS growth the live
-    /// heap does not explain, capped by what it took.
+    /// What it holds resident for freed blocks, estimated: the RSS growth that neither
+    /// the live heap nor the mappings made outside the allocator explain.
     held: u64,
+    /// The part of `held` it did not map while traced: committed from address space it
+    /// reserved before attach (mimalloc reserves 1 GiB arenas; jemalloc reuses retained
+    /// extents), or blocks allocated before attach and touched since.
+    committed: u64,
 }
 
-/// [`Kept`] from the samples, if the allocator took memory the live heap does not hold.
+/// [`Kept`] from the samples, if RSS grew beyond the live heap and either the
+/// allocator's mappings since attach explain half of that (it holds at most what it
+/// took), or mappings made outside the allocator (counted at their size: an upper bound
+/// of what of them is resident) do not (it committed address space it had before).
 fn kept_since_attach(pts: &[Point]) -> Option<Kept> {
     if pts.len() < MIN_POINTS {
         return None;
     }
     let rss = net(&series(pts, |p| p.rss.anon_bytes));
     let live = net(&series(pts, |p| p.live_bytes));
-    let took = net(&series(pts, Point::allocator_bytes)) - live;
-    let held = (rss - live.max(0.0)).min(took);
+    let other = net(&series(pts, |p| p.split.other_anon_bytes));
+    let took = (net(&series(pts, Point::allocator_bytes)) - live).max(0.0);
+    let grew = rss - live.max(0.0);
+    let held = if took >= 0.5 * grew {
+        grew.min(took)
+    } else if other < 0.5 * grew {
+        grew
+    } else {
+        return None;
+    };
     (held > 0.0).then(|| Kept {
         took: took as u64,
         rss: rss.max(0.0) as u64,
         live: live as i64,
         held: held as u64,
+        committed: (held - took).max(0.0) as u64,
     })
 }
 
 fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> String {
     let name = a.allocator.as_str();
+    let committed = if k.committed * 4 >= k.held {
+        format!(
+            " {} of it lies in address space it had before attach: committed from what it reserved (mimalloc \
+             reserves 1 GiB arenas, jemalloc reuses retained extents) — or blocks allocated before attach were touched \
+             since, which leaktrace cannot tell apart without reading {name}'s state.",
+            bytes(k.committed)
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{name}{} keeps about {} of freed memory resident ({share:.0}% of anonymous RSS): while traced it took {} from the \
-         system beyond its live blocks, anonymous RSS grew {} and the live heap {}. Measured since attach: {name}'s own \
-         state, which would also show what it kept before, is not read.",
+        "{name}{} keeps about {} of freed memory resident ({share:.0}% of anonymous RSS): while traced anonymous RSS grew {}, \
+         the live heap {}, and {name} took {} from the system beyond its live blocks.{committed} Measured since attach: \
+         {name}'s own state, which would also show what it kept before, is not read.",
         a.version
             .as_ref()
             .map_or(String::new(), |v| format!(" {v}")),
         bytes(k.held),
-        bytes(k.took),
         bytes(k.rss),
         signed_bytes(k.live as f64),
+        bytes(k.took),
     )
 }
 
@@ -605,12 +631,14 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
         why: why.clone(),
     };
     match a.allocator {
-        Allocator::Jemalloc => vec![remedy(
-            "MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0 (jemalloc returns freed pages only \
+        // A prefixed jemalloc reads its settings from the prefixed variable
+        // (tikv-jemallocator's `_RJEM_MALLOC_CONF`).
+        Allocator::Jemalloc => vec![remedy(format!(
+            "{}MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0 (jemalloc returns freed pages only \
              dirty_decay_ms after freeing them — 10 s by default — and only when a thread next calls it: a background \
-             thread returns them from an idle process too)"
-                .into(),
-        )],
+             thread returns them from an idle process too)",
+            a.prefix.to_ascii_uppercase()
+        ))],
         Allocator::Tcmalloc => vec![remedy(
             "TCMALLOC_RELEASE_RATE=10, or TCMALLOC_AGGRESSIVE_DECOMMIT=true (gperftools returns free spans to the system \
              gradually, at rate 1 by default); in code, MallocExtension::instance()->ReleaseFreeMemory()"
@@ -1002,7 +1030,6 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
         // Another allocator's remedies are its own; glibc's apply to glibc.
         let other = f
             .allocator
-            .filter(|_| f.walk.is_none())
             .and_then(|a| kept_since_attach(pts).map(|k| (a, k)));
         let remedies = match other {
             Some((a, k)) => kept_remedies(a, &k),
@@ -1020,7 +1047,8 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
                 )
             },
         );
-        let walk = f.walk.map_or(String::new(), |w| {
+        // glibc's part, when glibc holds any (not a brk heap that is another allocator's).
+        let walk = f.walk.filter(|w| !w.arenas.is_empty()).map_or(String::new(), |w| {
             let thread_arenas = w.arenas.iter().filter(|a| a.kind == ArenaKind::Thread).count();
             format!(
                 " glibc holds {} of free memory resident across {} arena{} ({} thread arena{}{}); malloc_trim(0) would return {}.",
@@ -1580,6 +1608,25 @@ mod tests {
             serves_malloc: true,
             probes: 22,
         };
+        // The same growth committed from address space reserved before attach (no
+        // mapping while traced): still the allocator's, said with the other reading.
+        let reserved = points(|i| {
+            let up = i.min(10) * 96 * MIB / 10;
+            (MIB + up, if i >= 10 { MIB } else { up }, 0, 0)
+        });
+        let a = found(Allocator::Mimalloc, "2.2.4");
+        let v = decide(&Facts {
+            points: &reserved,
+            allocator: Some(&a),
+            ..Facts::default()
+        });
+        assert_eq!(v.kind, VerdictKind::Fragmentation, "{}", v.summary);
+        assert!(
+            v.summary
+                .contains("95.0 MiB of it lies in address space it had before attach"),
+            "{}",
+            v.summary
+        );
         for (a, remedy) in [
             (
                 found(Allocator::Jemalloc, "5.3.0"),

@@ -372,10 +372,23 @@ fn allocator_notes(found: &[crate::probes::allocators::Found]) -> Vec<String> {
             Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc | Allocator::Musl | Allocator::Other
                 if f.serves_malloc =>
             {
+                let who = if f.allocator == Allocator::Other {
+                    let object = f.object.rsplit('/').next().unwrap_or(&f.object);
+                    format!("{object}'s (an allocator leaktrace does not know)")
+                } else {
+                    format!(
+                        "{name}'s{}",
+                        f.version.as_ref().map_or(String::new(), |v| format!(" ({v})"))
+                    )
+                };
+                let glibc = if found.iter().any(|g| g.allocator == Allocator::Glibc) {
+                    "; glibc's heaps, still walked, hold only what glibc allocated itself"
+                } else {
+                    ""
+                };
                 notes.push(format!(
-                    "malloc is {name}'s{}: glibc's heaps are not walked, and {name}'s own state (what it keeps free and resident) is not read, \
-                     so \"where RSS goes\" counts its memory as brk heap and anonymous mappings",
-                    f.version.as_ref().map_or(String::new(), |v| format!(" ({v})"))
+                    "malloc is {who}: its own state (what it keeps free and resident) is not read, so \"where RSS goes\" counts its memory \
+                     as anonymous mappings (and heap pages, where it uses brk), and what it keeps is measured from the mappings it makes while traced{glibc}"
                 ));
             }
             Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc if !f.prefix.is_empty()

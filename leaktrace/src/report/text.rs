@@ -432,8 +432,10 @@ fn render_allocators(o: &mut String, a: &Allocator) {
     if a.found.is_empty() {
         return;
     }
-    let items: Vec<String> = a
-        .found
+    // The one serving malloc first.
+    let mut found: Vec<_> = a.found.iter().collect();
+    found.sort_by_key(|f| !f.serves_malloc);
+    let items: Vec<String> = found
         .iter()
         .map(|f| {
             let object = printable(f.object.rsplit('/').next().unwrap_or(&f.object));

@@ -176,13 +176,12 @@ pub fn run(
         python_stacks: config.python_stacks,
         unwind,
         announce: config.announce,
-        // An allocator leaktrace does not recognize has no heap it can walk, nor has
-        // glibc when another allocator serves malloc.
-        walk_heaps: config.walk_heaps
-            && heap_not_traced.is_none()
-            && !allocators
-                .iter()
-                .any(|f| f.serves_malloc && f.allocator != Allocator::Glibc),
+        // An allocator leaktrace does not recognize has no heap it can walk. When
+        // another allocator serves malloc, glibc's heaps still hold what glibc allocated
+        // itself (jemalloc and mimalloc leave the brk heap to it); a brk heap that is
+        // the other allocator's (tcmalloc's) does not chain as glibc's and is reported
+        // unwalkable.
+        walk_heaps: config.walk_heaps && heap_not_traced.is_none(),
         heap_owner: allocators
             .iter()
             .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)
@@ -1136,11 +1135,23 @@ impl Session<'_> {
         }
     }
 
-    /// The allocator serving malloc, when it is not glibc's.
+    /// The allocator whose memory the verdict measures besides glibc's: the one serving
+    /// malloc when it is not glibc's, else one called through its own prefixed API (a
+    /// Rust program's jemalloc or mimalloc), whose probes were placed.
     fn other_allocator(&self) -> Option<&crate::probes::allocators::Found> {
+        let other = |f: &&crate::probes::allocators::Found| {
+            !matches!(f.allocator, Allocator::Glibc | Allocator::Go)
+        };
         self.allocators
             .iter()
-            .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)
+            .filter(other)
+            .find(|f| f.serves_malloc)
+            .or_else(|| {
+                self.allocators
+                    .iter()
+                    .filter(other)
+                    .find(|f| !f.prefix.is_empty() && f.probes > 0)
+            })
     }
 
     /// The verdict, then the report, from the books and the worker's snapshot.

@@ -1,9 +1,12 @@
 //! The scenarios of the Rust allocator fixtures (`alloc_rjem`, `alloc_mimalloc`), each
-//! built with another global allocator linked statically: exact expected outstanding
-//! allocations per function (see tests/tests/allocators.rs). The handshake is the C
-//! fixtures': print "ready <pid>", wait for a line on stdin, run, print "done", wait
-//! for stdin to close. Nothing here allocates outside the scenario's functions: stdin
-//! is read unbuffered, into a stack buffer.
+//! built with another global allocator linked statically (see tests/tests/allocators.rs):
+//! - `exact` (the default): exact expected outstanding allocations per function;
+//! - `fragment`: four threads each fill 24 MiB in 16 KiB blocks and free all but every
+//!   256th, then wait: the allocator holds freed memory the live heap does not explain.
+//!
+//! The handshake is the C fixtures': print "ready <pid>", wait for a line on stdin, run,
+//! print "done", wait for stdin to close. Nothing here allocates outside the scenario's
+//! functions: stdin is read unbuffered, into a stack buffer.
 
 use std::{
     alloc::{Layout, alloc, alloc_zeroed, dealloc, realloc},
@@ -75,6 +78,51 @@ fn churn() {
     }
 }
 
+/// One thread's part of `fragment`: 24 MiB in 16 KiB blocks, all but every 256th freed.
+#[inline(never)]
+fn fill_and_free() -> Vec<usize> {
+    let l = Layout::from_size_align(16 << 10, 8).unwrap();
+    let blocks: Vec<*mut u8> = (0..1536)
+        .map(|_| {
+            // SAFETY: a non-zero size; the block is written within its length.
+            unsafe {
+                let p = alloc(l);
+                std::ptr::write_bytes(p, 5, l.size());
+                p
+            }
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for (i, p) in blocks.into_iter().enumerate() {
+        if i % 256 == 255 {
+            kept.push(p as usize);
+        } else {
+            // SAFETY: allocated above with this layout.
+            unsafe { dealloc(p, l) };
+        }
+    }
+    kept
+}
+
+/// `fragment`: four threads fill and free, then stay (their caches with them).
+fn fragment() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..4 {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let kept = fill_and_free();
+            tx.send(()).unwrap();
+            black_box(&kept);
+            std::thread::park();
+        });
+    }
+    for _ in 0..4 {
+        rx.recv().unwrap();
+    }
+    // Time for the trace to see the held memory as held, not as a fill in progress.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+}
+
 fn wait_line(stdin: &mut std::fs::File) -> bool {
     let mut buf = [0u8; 64];
     matches!(stdin.read(&mut buf), Ok(n) if n > 0)
@@ -91,12 +139,16 @@ pub fn run() {
     if !wait_line(&mut stdin) {
         std::process::exit(3);
     }
-    leak_small();
-    leak_aligned();
-    leak_zeroed();
-    leak_reallocated();
-    leak_page_aligned();
-    churn();
+    if std::env::args().nth(1).as_deref() == Some("fragment") {
+        fragment();
+    } else {
+        leak_small();
+        leak_aligned();
+        leak_zeroed();
+        leak_reallocated();
+        leak_page_aligned();
+        churn();
+    }
     let _ = writeln!(out, "done");
     let _ = out.flush();
     while wait_line(&mut stdin) {}
