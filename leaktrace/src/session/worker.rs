@@ -725,7 +725,21 @@ impl Worker {
             return;
         };
         let maps: Vec<procfs::MapEntry> = smaps.iter().map(|e| e.map.clone()).collect();
-        let sites = self.heap_sites(&maps, brk);
+        let mut sites = self.heap_sites(&maps, brk);
+        if self.setup.heap_owner.is_some() {
+            // Beside another allocator, a 64 MiB-aligned mapping is glibc's arena heap
+            // only if the walk found one there (mimalloc's and tcmalloc's own mappings
+            // are aligned alike); the rest is that allocator's anonymous memory.
+            let walked: Vec<String> = self
+                .walk
+                .iter()
+                .flat_map(|w| &w.arenas)
+                .flat_map(|a| a.heaps.iter().cloned())
+                .collect();
+            sites
+                .thread_heaps
+                .retain(|h| walked.contains(&format!("{h:#x}")));
+        }
         let heap_ranges: Vec<(u64, u64)> = maps
             .iter()
             .filter(|m| sites.thread_heaps.contains(&m.start))
