@@ -301,8 +301,14 @@ pub fn find_in_bytes(
         .iter()
         .filter(|f| allocator_here || !matches!(f, AllocFn::OperatorNew | AllocFn::OperatorDelete))
         .flat_map(|&f| f.symbols().iter().map(move |&n| (f, n, false)));
+    // CPython 3.13+ bundles mimalloc (local `mi_malloc`, `mi_free`… in libpython) as
+    // its object allocator for free-threaded builds and PYTHONMALLOC=mimalloc: that is
+    // pymalloc's role, which leaktrace does not probe (one trap per object), and it is
+    // not the process's malloc.
+    let cpython = every().any(|s| is_def(s, "Py_Initialize") || is_def(s, "Py_BytesMain"));
     let family = FAMILY_FUNCTIONS
         .iter()
+        .filter(|_| !cpython)
         .flat_map(|f| f.iter().map(|&(f, n)| (f, n, true)));
     let wanted = standard.chain(family);
     // Where the probed names' code is: a thunk landing inside one is probed there.
@@ -400,17 +406,18 @@ pub fn find_in_bytes(
             placement,
         });
     }
-    let found = identify(object, &file, data, |name| every().any(|s| is_def(s, name))).map(
-        |(allocator, prefix, version)| Found {
-            allocator,
-            version,
-            object: object.to_owned(),
-            prefix: prefix.to_owned(),
-            defines_malloc: allocator_here,
-            serves_malloc: false,
-            probes: sites.len(),
-        },
-    );
+    let found = identify(object, &file, data, |name| {
+        every().any(|s| is_def(s, name)) && (!cpython || name == "malloc")
+    })
+    .map(|(allocator, prefix, version)| Found {
+        allocator,
+        version,
+        object: object.to_owned(),
+        prefix: prefix.to_owned(),
+        defines_malloc: allocator_here,
+        serves_malloc: false,
+        probes: sites.len(),
+    });
     Ok(InObject { sites, found })
 }
 
@@ -678,5 +685,28 @@ mod tests {
             free.placement
         );
         assert_eq!(free.offset, free.entry_offset + free.placement.offset);
+    }
+
+    /// CPython 3.13's libpython bundles mimalloc as its object allocator (local
+    /// `mi_malloc`, `mi_free`…): not probed, and libpython is not an allocator.
+    #[test]
+    fn cpython_bundled_mimalloc_is_not_the_process_allocator() {
+        // pyenv's 3.13 is part of the machine's setup (field-2026.md).
+        let lib = std::fs::read_dir("/root/.pyenv/versions")
+            .expect("pyenv's versions")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("lib/libpython3.13.so.1.0"))
+            .find(|p| p.exists())
+            .expect("pyenv's 3.13 is required");
+        let lib = lib.as_path();
+        let data = std::fs::read(lib).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        assert!(
+            file.symbols().any(|s| s.name() == Ok("mi_malloc")),
+            "this libpython bundles mimalloc"
+        );
+        let found = find_in_bytes("libpython3.13.so.1.0", lib, &data).unwrap();
+        assert!(found.sites.is_empty(), "{:?}", found.sites);
+        assert_eq!(found.found, None);
     }
 }
