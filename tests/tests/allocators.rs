@@ -170,6 +170,14 @@ fn root_go_program_says_what_is_traced() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");
     std::fs::write(&config, "global:\n  scrape_interval: 1h\n").unwrap();
+    /// Kills the server however the test ends.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = std::process::Command::new(prometheus)
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
@@ -179,8 +187,9 @@ fn root_go_program_says_what_is_traced() {
         .arg("--web.listen-address=127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Server)
         .expect("start prometheus");
-    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut log = BufReader::new(child.0.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("Server is ready to receive web requests") {
         line.clear();
@@ -191,13 +200,12 @@ fn root_go_program_says_what_is_traced() {
     }
     // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
-    let pid = child.id();
+    let pid = child.0.id();
     let mut t = Tracer::start(&["--pid", &pid.to_string(), "-d", "2"]);
     t.wait_stderr("leaktrace: tracing pid");
     let r = t.finish();
     let resident = go_arena_resident(pid);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     check_shape(&r);
     let found = r["allocator"]["found"].as_array().unwrap();

@@ -439,7 +439,11 @@ fn render_allocators(o: &mut String, a: &Allocator) {
         .iter()
         .map(|f| {
             let object = printable(f.object.rsplit('/').next().unwrap_or(&f.object));
-            let mut x = f.allocator.as_str().to_owned();
+            let mut x = if f.allocator == crate::probes::allocators::Allocator::Go {
+                "Go runtime".to_owned()
+            } else {
+                f.allocator.as_str().to_owned()
+            };
             if let Some(v) = &f.version {
                 x.push(' ');
                 x.push_str(&printable(v));
