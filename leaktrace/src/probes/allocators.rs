@@ -16,7 +16,7 @@
 //! table is read for them, as such programs export nothing.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
 };
 
@@ -279,20 +279,46 @@ pub fn find_in_bytes(
     // Dynamic symbols are what the dynamic linker binds; a static binary has only
     // .symtab. The families' own names are looked for in both: an executable linking
     // an allocator statically calls it without exporting it.
-    let dynamic: Vec<_> = file.dynamic_symbols().collect();
-    let table: Vec<_> = file.symbols().collect();
-    let syms = if dynamic.is_empty() { &table } else { &dynamic };
-    let every = || dynamic.iter().chain(table.iter());
+    //
+    // One pass over each table: the functions each defines, by name, in table order
+    // (about 90 names are looked up; a C++ binary has hundreds of thousands of symbols).
+    fn functions<'d>(
+        syms: impl Iterator<Item = object::Symbol<'d, 'd>>,
+    ) -> HashMap<&'d str, Vec<(u64, u64)>> {
+        let mut by_name: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        for s in syms {
+            if s.is_definition()
+                && s.kind() == SymbolKind::Text
+                && let Ok(n) = s.name()
+            {
+                by_name.entry(n).or_default().push((s.address(), s.size()));
+            }
+        }
+        by_name
+    }
+    let dynamic = functions(file.dynamic_symbols());
+    let table = functions(file.symbols());
+    let exported = if file.dynamic_symbols().next().is_none() {
+        &table
+    } else {
+        &dynamic
+    };
+    // Definitions under a name anywhere, the dynamic table's first.
+    let every = |name: &str| {
+        dynamic
+            .get(name)
+            .into_iter()
+            .chain(table.get(name))
+            .flatten()
+            .copied()
+    };
     let segments: Vec<(u64, u64, u64)> = file
         .segments()
         .map(|s| (s.address(), s.size(), s.file_range().0))
         .collect();
     let mut sites = Vec::new();
     let mut seen_offsets = BTreeSet::new();
-    let is_def = |s: &object::Symbol<'_, '_>, name: &str| {
-        s.is_definition() && s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n == name)
-    };
-    let defines = |name: &str| syms.iter().any(|s| is_def(s, name));
+    let defines = |name: &str| exported.contains_key(name);
     // C++'s operators matter where the allocator defines them (jemalloc, tcmalloc and
     // mimalloc inline their fast path there); libstdc++'s call malloc, whose probe
     // sees those calls already.
@@ -305,7 +331,7 @@ pub fn find_in_bytes(
     // its object allocator for free-threaded builds and PYTHONMALLOC=mimalloc: that is
     // pymalloc's role, which leaktrace does not probe (one trap per object), and it is
     // not the process's malloc.
-    let cpython = every().any(|s| is_def(s, "Py_Initialize") || is_def(s, "Py_BytesMain"));
+    let cpython = every("Py_Initialize").next().is_some() || every("Py_BytesMain").next().is_some();
     let family = FAMILY_FUNCTIONS
         .iter()
         .filter(|_| !cpython)
@@ -321,43 +347,34 @@ pub fn find_in_bytes(
                 .flat_map(|f| f.iter().map(|&(_, n)| n)),
         )
         .collect();
-    let named_ranges: Vec<(u64, u64)> = every()
-        .filter(|s| {
-            s.is_definition()
-                && s.kind() == SymbolKind::Text
-                && s.name().is_ok_and(|n| wanted_names.contains(&n))
-        })
-        .map(|s| (s.address(), s.address().saturating_add(s.size().max(1))))
+    let named_ranges: Vec<(u64, u64)> = wanted_names
+        .iter()
+        .flat_map(|&n| every(n))
+        .map(|(a, size)| (a, a.saturating_add(size.max(1))))
         .collect();
     let plt: Vec<(u64, u64)> = file
         .sections()
         .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
         .map(|s| (s.address(), s.address().saturating_add(s.size())))
         .collect();
-    let file_offset = |addr: u64| {
-        segments
-            .iter()
-            .find(|&&(va, size, _)| addr >= va && addr < va.saturating_add(size))
-            .and_then(|&(vaddr, _, foff)| (addr - vaddr).checked_add(foff))
-    };
+    let file_offset = |addr: u64| file_offset(&segments, addr);
     for (func, name, in_family) in wanted {
         let found = if in_family {
-            every().find(|s| is_def(s, name))
+            every(name).next()
         } else {
-            syms.iter().find(|s| is_def(s, name))
+            exported.get(name).and_then(|v| v.first().copied())
         };
-        let Some(sym) = found else {
+        let Some((mut addr, sym_size)) = found else {
             continue;
         };
-        let mut addr = sym.address();
         let Some(mut entry_offset) = file_offset(addr) else {
             continue;
         };
         // The whole function when its size is known (the placement checks it for
         // branches back into the prefix it skips), else its first bytes.
-        let mut size = sym.size();
+        let mut size = sym_size;
         let mut whole = size > 0 && size <= MAX_FUNCTION_BYTES;
-        let mut len = if whole { sym.size() } else { 64 };
+        let mut len = if whole { sym_size } else { 64 };
         let code_at = |off: u64, len: u64| {
             let start = usize::try_from(off).unwrap_or(usize::MAX);
             data.get(start..start.saturating_add(len as usize).min(data.len()))
@@ -406,9 +423,16 @@ pub fn find_in_bytes(
             placement,
         });
     }
-    let found = identify(object, &file, data, |name| {
-        every().any(|s| is_def(s, name)) && (!cpython || name == "malloc")
-    })
+    let found = identify(
+        object,
+        &file,
+        data,
+        |name| every(name).next().is_some() && (!cpython || name == "malloc"),
+        |addr, len| {
+            let start = usize::try_from(file_offset(addr)?).ok()?;
+            data.get(start..start.checked_add(len)?)
+        },
+    )
     .map(|(allocator, prefix, version)| Found {
         allocator,
         version,
@@ -424,11 +448,12 @@ pub fn find_in_bytes(
 /// Which allocator an object is, by the symbols only it defines (any of its family's
 /// entry points: a statically linked allocator keeps only those its program calls);
 /// with its API's prefix and its version where the object says.
-fn identify(
+fn identify<'d>(
     object: &str,
     file: &object::File<'_>,
     data: &[u8],
     defines: impl Fn(&str) -> bool,
+    bytes_at: impl Fn(u64, usize) -> Option<&'d [u8]>,
 ) -> Option<(Allocator, &'static str, Option<String>)> {
     if let Some(info) = file.section_by_name(".go.buildinfo") {
         let version = info.data().ok().and_then(go_version);
@@ -445,7 +470,7 @@ fn identify(
             .symbols()
             .chain(file.dynamic_symbols())
             .find(|s| s.name().is_ok_and(|n| n == "mi_version"))
-            .and_then(|s| file_bytes(file, data, s.address(), 5))
+            .and_then(|s| bytes_at(s.address(), 5))
             .and_then(|code| {
                 (code[0] == 0xb8).then(|| u32::from_le_bytes([code[1], code[2], code[3], code[4]]))
             })
@@ -481,19 +506,13 @@ fn identify(
     defines("malloc").then_some((Allocator::Other, "", None))
 }
 
-/// `len` bytes of the object at a virtual address, from its file.
-fn file_bytes<'d>(
-    file: &object::File<'_>,
-    data: &'d [u8],
-    addr: u64,
-    len: usize,
-) -> Option<&'d [u8]> {
-    let seg = file
-        .segments()
-        .find(|s| addr >= s.address() && addr < s.address().saturating_add(s.size()))?;
-    let off = (addr - seg.address()).checked_add(seg.file_range().0)?;
-    let start = usize::try_from(off).ok()?;
-    data.get(start..start.checked_add(len)?)
+/// The file offset of a virtual address, from the object's segments (address, size,
+/// file offset).
+fn file_offset(segments: &[(u64, u64, u64)], addr: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|&&(va, size, _)| addr >= va && addr < va.saturating_add(size))
+        .and_then(|&(vaddr, _, foff)| (addr - vaddr).checked_add(foff))
 }
 
 /// The printable word (digits, dots, letters, `-`, `+`, `~`) after `marker`, at most `max` bytes.
