@@ -4,4 +4,5 @@
 //! other allocators get a module beside them.
 
 pub mod glibc;
+pub mod jemalloc;
 pub mod pymalloc;
