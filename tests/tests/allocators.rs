@@ -288,3 +288,91 @@ fn root_rust_static_allocators_fragmenting() {
         );
     }
 }
+
+/// jemalloc's own state, read from its arenas through the layout in the fixture's
+/// debug information, before any growth while traced: the fixture fragments, then
+/// leaktrace attaches. Its pages must be jemalloc's own counts (`mallctl`'s
+/// `stats.arenas.<all>.{pactive,pdirty,pmuzzy}`, printed by the fixture after the
+/// trace) exactly, the dirty pages the fixture's RssAnon growth, and the verdict
+/// fragmentation, with jemalloc's remedy for the bytes it keeps.
+#[test]
+fn root_jemalloc_state_read_before_growth() {
+    require_root();
+    let mut fx = Fixture::spawn_program(
+        std::path::Path::new(env!("CARGO_BIN_EXE_alloc_rjem")),
+        &["fragment"],
+        &[],
+    );
+    let before = rss_anon(fx.pid);
+    fx.run_scenario();
+    let grew = rss_anon(fx.pid) - before;
+    let pid = fx.pid.to_string();
+    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
+    let r = tracer.wait_report(0);
+    check_shape(&r);
+    fx.send("counts");
+    let counts = fx.read_line();
+    let pages: Vec<u64> = counts
+        .split_whitespace()
+        .skip(1)
+        .step_by(2)
+        .map(|n| n.parse().expect("a count"))
+        .collect();
+    let state = &r["allocator"]["state"];
+    let j = &state["jemalloc"][0];
+    eprintln!("mallctl: {counts}; leaktrace: {j:#}");
+    assert_eq!(state["jemalloc"].as_array().unwrap().len(), 1, "{state:#}");
+    assert!(
+        j["object"].as_str().unwrap().ends_with("/alloc_rjem"),
+        "{j:#}"
+    );
+    assert_eq!(j["page_bytes"], 4096);
+    for (field, want) in ["active_bytes", "dirty_bytes", "muzzy_bytes"]
+        .iter()
+        .zip(&pages)
+    {
+        assert_eq!(j[field].as_u64().unwrap(), want * 4096, "{field}: {counts}");
+    }
+    // 1530 of 1536 blocks of 16 KiB per thread, each in a 20 KiB extent (jemalloc
+    // offsets large blocks within an extra page), written: about 119.5 MiB.
+    let kept = (j["dirty_bytes"].as_u64().unwrap() + j["muzzy_bytes"].as_u64().unwrap()) as f64
+        / (1 << 20) as f64;
+    eprintln!("jemalloc keeps {kept:.1} MiB; RssAnon grew {grew:.1} MiB");
+    assert!(
+        kept >= 0.9 * grew - 2.0 && kept <= grew + 1.0,
+        "{kept:.1} vs {grew:.1}"
+    );
+    let v = &r["verdict"];
+    assert_eq!(v["kind"], "fragmentation", "{v:#}");
+    let top = &v["remedies"][0];
+    assert!(
+        top["action"]
+            .as_str()
+            .unwrap()
+            .starts_with("_RJEM_MALLOC_CONF=background_thread:true"),
+        "{top:#}"
+    );
+    assert_eq!(
+        top["expected_bytes"].as_u64().unwrap(),
+        j["dirty_bytes"].as_u64().unwrap() + j["muzzy_bytes"].as_u64().unwrap()
+    );
+    // Where RSS goes: jemalloc's freed pages, capped by the anonymous memory there is.
+    let parts = r["memory"]["parts"].as_array().unwrap();
+    let free: u64 = parts
+        .iter()
+        .filter(|p| p["kind"] == "allocator-free")
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        free as f64 >= 0.95 * kept * (1 << 20) as f64,
+        "allocator-free {free}: {parts:#?}"
+    );
+    assert!(
+        r["allocator"]["notes"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("its own state is read from its arenas"),
+        "{:#}",
+        r["allocator"]["notes"]
+    );
+}

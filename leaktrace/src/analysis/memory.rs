@@ -33,6 +33,12 @@ pub enum PartKind {
     PymallocInUse,
     /// pymalloc arenas' free pages and blocks, resident.
     PymallocFree,
+    /// Pages another allocator counts as holding allocations (jemalloc's active
+    /// pages), read from its own state.
+    AllocatorInUse,
+    /// Freed pages another allocator keeps resident (jemalloc's dirty and muzzy
+    /// pages), read from its own state.
+    AllocatorFree,
     /// A Go program's heap arenas (anonymous mappings where Go's runtime places them).
     GoHeap,
     /// Thread stacks.
@@ -56,6 +62,8 @@ impl PartKind {
             Self::HeapMmapped => "heap-mmapped",
             Self::PymallocInUse => "pymalloc-in-use",
             Self::PymallocFree => "pymalloc-free",
+            Self::AllocatorInUse => "allocator-in-use",
+            Self::AllocatorFree => "allocator-free",
             Self::GoHeap => "go-heap",
             Self::ThreadStacks => "thread-stacks",
             Self::OtherAnon => "other-anon",
@@ -122,6 +130,8 @@ pub struct State<'a> {
     pub heap_owner: Option<&'a str>,
     /// The target is a Go program.
     pub go: bool,
+    /// jemalloc's own state, where read.
+    pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
 }
 
 /// Whether an address is where Go's runtime places its heap arenas on x86-64: it
@@ -309,6 +319,49 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         vec![(format!("{} arenas", s.pymalloc.len()), py_free)],
         "",
     );
+    // jemalloc's counts are of pages it handed out or freed, not of resident ones:
+    // freed pages were touched, so they are claimed first; active pages never touched
+    // are not resident, so what is left caps them.
+    let mut free_items = Vec::new();
+    let mut active_items = Vec::new();
+    for j in s.jemalloc {
+        let arenas = format!(
+            "{} arena{}",
+            j.arenas.len(),
+            if j.arenas.len() == 1 { "" } else { "s" }
+        );
+        free_items.push((
+            format!(
+                "jemalloc ({}): freed pages it keeps, {} dirty, {} muzzy, {arenas}",
+                j.object,
+                bytes(j.dirty_bytes),
+                bytes(j.muzzy_bytes)
+            ),
+            j.kept_bytes(),
+        ));
+        active_items.push((
+            format!("jemalloc ({}): active pages, {arenas}", j.object),
+            j.active_bytes,
+        ));
+    }
+    for (_, b) in &mut free_items {
+        *b = take(*b);
+    }
+    for (_, b) in &mut active_items {
+        *b = take(*b);
+    }
+    push_kind(
+        &mut parts,
+        PartKind::AllocatorInUse,
+        active_items,
+        "allocators",
+    );
+    push_kind(
+        &mut parts,
+        PartKind::AllocatorFree,
+        free_items,
+        "allocators",
+    );
     push_kind(
         &mut parts,
         PartKind::GoHeap,
@@ -328,6 +381,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         vec![
             (
                 match s.heap_owner {
+                    Some("jemalloc") if !s.jemalloc.is_empty() => {
+                        "anonymous mappings (jemalloc's metadata among them)".into()
+                    }
                     Some(owner) if owner != "other" => {
                         format!(
                             "anonymous mappings ({owner}'s among them: its own state is not read)"

@@ -268,6 +268,9 @@ pub struct Facts<'a> {
     /// mimalloc…): its own state is not read, so what it keeps is measured from the
     /// mappings it made while traced.
     pub allocator: Option<&'a crate::probes::allocators::Found>,
+    /// jemalloc's own state, where its layout is known: what it keeps is then read,
+    /// not measured from growth.
+    pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
 }
 
 /// Stacks the verdict may name: every heap and mapping stack with a history.
@@ -461,11 +464,8 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     let anon = f.points.last().map_or(0, |p| p.rss.anon_bytes);
     let glibc_held = f.walk.map_or(0, |w| w.free_resident_bytes);
     let py_held = f.pymalloc.map_or(0, |w| w.free_resident_bytes);
-    let kept = f
-        .allocator
-        .filter(|_| !f.heap_untraced)
-        .and_then(|a| kept_since_attach(f.points).map(|k| (a, k)));
-    let other_held = kept.map_or(0, |(_, k)| k.held);
+    let kept = other_kept(f).filter(|_| !f.heap_untraced);
+    let other_held = kept.as_ref().map_or(0, |(_, k)| k.held);
     let held = glibc_held + py_held + other_held;
     if held < HELD_MIN_BYTES || (held as f64) < HELD_MIN_SHARE * anon as f64 {
         return v;
@@ -481,9 +481,9 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
             continue;
         }
         if which == 2 {
-            let (a, k) = kept.expect("kept");
-            findings.push(kept_finding(a, &k, share(b)));
-            remedies.extend(kept_remedies(a, &k));
+            let (a, k) = kept.as_ref().expect("kept");
+            findings.push(kept_finding(a, k, share(b)));
+            remedies.extend(kept_remedies(a, k));
         } else if which == 1 {
             let w = f.pymalloc.expect("pymalloc held");
             findings.push(pymalloc_finding(w, share(b)));
@@ -539,9 +539,30 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     }
 }
 
-/// What an allocator whose state is not read kept while traced: the anonymous RSS
-/// growth its mappings explain and the live heap does not.
-#[derive(Clone, Copy, Debug)]
+/// What the allocator that is not glibc keeps: read from its own state where
+/// leaktrace reads it (jemalloc's arenas), else measured since attach.
+fn other_kept<'f>(f: &Facts<'f>) -> Option<(&'f crate::probes::allocators::Found, Kept)> {
+    let a = f.allocator?;
+    if let Some(j) = f.jemalloc.iter().find(|j| j.object == a.object) {
+        let held = j.kept_bytes();
+        return (held > 0).then(|| {
+            (
+                a,
+                Kept {
+                    held,
+                    read: Some(j.clone()),
+                    ..Kept::default()
+                },
+            )
+        });
+    }
+    kept_since_attach(f.points).map(|k| (a, k))
+}
+
+/// What an allocator keeps: read from its state, or, where its state is not read,
+/// measured while traced: the anonymous RSS growth its mappings explain and the live
+/// heap does not.
+#[derive(Clone, Debug, Default)]
 struct Kept {
     /// Address space it took beyond its live blocks (mappings and brk, since attach).
     took: u64,
@@ -556,6 +577,8 @@ struct Kept {
     /// reserved before attach (mimalloc reserves 1 GiB arenas; jemalloc reuses retained
     /// extents), or blocks allocated before attach and touched since.
     committed: u64,
+    /// jemalloc's arenas, when `held` was read from them (the other fields are then 0).
+    read: Option<crate::heap::jemalloc::JemallocState>,
 }
 
 /// [`Kept`] from the samples, if RSS grew beyond the live heap and either the
@@ -584,11 +607,31 @@ fn kept_since_attach(pts: &[Point]) -> Option<Kept> {
         live: live as i64,
         held: held as u64,
         committed: (held - took).max(0.0) as u64,
+        read: None,
     })
 }
 
 fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> String {
     let name = a.allocator.as_str();
+    let version = a
+        .version
+        .as_ref()
+        .map_or(String::new(), |v| format!(" {v}"));
+    if let Some(j) = &k.read {
+        return format!(
+            "{name}{version} keeps {} of freed pages resident ({share:.0}% of anonymous RSS), as its own arenas count \
+             them: {} dirty (freed, returned only after dirty_decay_ms and when a thread next calls it), {} muzzy (given \
+             back lazily, resident until the kernel needs the memory); {} of pages are active. Read from {} \
+             arena{} in {}: what it kept before attach counts too.",
+            bytes(k.held),
+            bytes(j.dirty_bytes),
+            bytes(j.muzzy_bytes),
+            bytes(j.active_bytes),
+            j.arenas.len(),
+            if j.arenas.len() == 1 { "" } else { "s" },
+            j.object
+        );
+    }
     let committed = if k.committed * 4 >= k.held {
         format!(
             " {} of it lies in address space it had before attach: committed from what it reserved (mimalloc \
@@ -616,10 +659,18 @@ fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> S
 /// Each allocator's own settings for returning freed memory sooner.
 fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> {
     use crate::probes::allocators::Allocator;
-    let mut why = format!(
-        "{} of freed memory kept resident, measured since attach",
-        bytes(k.held)
-    );
+    let mut why = if k.read.is_some() {
+        format!(
+            "{} of dirty and muzzy pages, read from {}'s arenas",
+            bytes(k.held),
+            a.allocator.as_str()
+        )
+    } else {
+        format!(
+            "{} of freed memory kept resident, measured since attach",
+            bytes(k.held)
+        )
+    };
     if a.allocator == Allocator::Tcmalloc {
         // Measured: gperftools 2.10 returned 20 of the 38 MiB the fixture freed; the
         // rest stayed in its thread and central caches.
@@ -1028,11 +1079,9 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
     }
     if share(retained_net) >= 0.5 {
         // Another allocator's remedies are its own; glibc's apply to glibc.
-        let other = f
-            .allocator
-            .and_then(|a| kept_since_attach(pts).map(|k| (a, k)));
-        let remedies = match other {
-            Some((a, k)) => kept_remedies(a, &k),
+        let other = other_kept(f);
+        let remedies = match &other {
+            Some((a, k)) => kept_remedies(a, k),
             None => retained_remedies(f),
         };
         let keeper = other.map_or_else(

@@ -20,9 +20,15 @@
 //! These counters are kept whether or not jemalloc was built with statistics. They
 //! are read without stopping the target: a count may be one operation old.
 
+use std::{io::Read as _, path::PathBuf};
+
 use serde::Serialize;
 
-use crate::process::{dwarf, memory::Memory};
+use crate::process::{
+    dwarf, elf,
+    memory::Memory,
+    procfs::{self, MapEntry},
+};
 
 /// Arenas read at most (jemalloc's `MALLOCX_ARENA_LIMIT` is 4095).
 const MAX_ARENAS: u64 = 4096;
@@ -77,6 +83,47 @@ impl Layout {
             ecaches: [[o(2), o(3)], [o(4), o(5)], [o(6), o(7)]],
         })
     }
+}
+
+/// Finds jemalloc's layout in `object` as the target maps it (from its own symbols
+/// and DWARF, else from the debug file installed for its build id), and its load bias.
+pub fn locate(
+    pid: u32,
+    maps: &[MapEntry],
+    object: &str,
+    prefix: &str,
+    debug_dirs: &[PathBuf],
+) -> Result<(Layout, u64), String> {
+    let first = maps
+        .iter()
+        .filter(|m| m.path == object)
+        .min_by_key(|m| m.start)
+        .ok_or_else(|| format!("{object} is no longer mapped"))?;
+    let host = PathBuf::from(format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        first.start, first.end
+    ));
+    let data = procfs::read_object(&host).map_err(|e| format!("reading {object}: {e}"))?;
+    let bias = elf::load_bias(&data, first.start, first.offset, first.is_exec())
+        .ok_or_else(|| format!("{object}: no loadable segment maps its first mapping"))?;
+    let why = match Layout::find(&data, &data, prefix) {
+        Ok(l) => return Ok((l, bias)),
+        Err(why) => why,
+    };
+    drop(data);
+    let dirs = crate::symbolize::native::build_id_dirs(pid, debug_dirs);
+    let Some(f) = crate::symbolize::native::debug_file_by_build_id(&host, &dirs) else {
+        return Err(format!(
+            "{why}, and no debug file for its build id is installed (on Debian: the package's -dbgsym)"
+        ));
+    };
+    let mut debug = Vec::new();
+    f.take(procfs::MAX_OBJECT_BYTES)
+        .read_to_end(&mut debug)
+        .map_err(|e| format!("reading its debug file: {e}"))?;
+    Layout::find(&debug, &debug, prefix)
+        .map(|l| (l, bias))
+        .map_err(|e| format!("its debug file: {e}"))
 }
 
 /// The link-time address and size of `{prefix}{name}` (or the unprefixed name).

@@ -139,7 +139,9 @@ fn read_unit(
             Some(AttributeValue::Data8(v)) => Some(v),
             _ => None,
         };
-        let size = e.attr_value(constants::DW_AT_byte_size).and_then(|v| v.udata_value());
+        let size = e
+            .attr_value(constants::DW_AT_byte_size)
+            .and_then(|v| v.udata_value());
         let declaration = matches!(
             e.attr_value(constants::DW_AT_declaration),
             Some(AttributeValue::Flag(true))
@@ -201,12 +203,16 @@ fn resolve_in(nodes: &FxHashMap<usize, Node>, ty: &str, path: &str) -> Option<Me
     let mut size = nodes[&at].size?;
     for name in path.split('.') {
         let outer = &nodes[&at];
-        if outer.tag != constants::DW_TAG_structure_type && outer.tag != constants::DW_TAG_union_type {
+        if outer.tag != constants::DW_TAG_structure_type
+            && outer.tag != constants::DW_TAG_union_type
+        {
             return None;
         }
-        let m = outer.children.iter().map(|c| &nodes[c]).find(|c| {
-            c.tag == constants::DW_TAG_member && c.name.as_deref() == Some(name)
-        })?;
+        let m = outer
+            .children
+            .iter()
+            .map(|c| &nodes[c])
+            .find(|c| c.tag == constants::DW_TAG_member && c.name.as_deref() == Some(name))?;
         // A union's members have no location: they start where it does.
         offset = offset.checked_add(m.location.unwrap_or(0))?;
         at = strip(nodes, m.ty?)?;

@@ -68,6 +68,8 @@ pub struct Inputs<'a> {
     pub walk: Option<&'a HeapWalk>,
     /// pymalloc's arenas, walked at the end.
     pub pymalloc: Option<&'a crate::heap::pymalloc::PymallocWalk>,
+    /// Other allocators' own state (jemalloc's arenas), where read.
+    pub other: Option<&'a crate::heap::OtherState>,
     /// glibc's arena limit.
     pub arena_limit: Option<ArenaLimit>,
     /// malloc settings in the target's environment.
@@ -206,12 +208,13 @@ pub fn build(i: &Inputs<'_>) -> Report {
         verdict: i.verdict.clone(),
         allocator: Allocator {
             found: i.allocators.to_vec(),
-            notes: allocator_notes(i.allocators),
+            notes: allocator_notes(i.allocators, i.other),
             glibc_heaps: i.walk.map(|w| glibc_heaps(i, w)),
             arena_limit: i.arena_limit.clone(),
             environment: i.malloc_env.clone(),
             mmap_threshold_raised_to: i.ledger.mmap_threshold_raised_to(),
             pymalloc: i.pymalloc.cloned(),
+            state: i.other.cloned().unwrap_or_default(),
         },
         python: i.python.clone(),
         stacks: stack_info(i),
@@ -355,8 +358,14 @@ fn error95(variance: f64) -> u64 {
 
 /// What the report must say about the allocators found: what is traced and what is
 /// not read.
-fn allocator_notes(found: &[crate::probes::allocators::Found]) -> Vec<String> {
+fn allocator_notes(
+    found: &[crate::probes::allocators::Found],
+    state: Option<&crate::heap::OtherState>,
+) -> Vec<String> {
     use crate::probes::allocators::Allocator;
+    let read = |f: &crate::probes::allocators::Found| {
+        state.is_some_and(|s| s.jemalloc.iter().any(|j| j.object == f.object))
+    };
     let mut notes = Vec::new();
     let serving = found.iter().find(|f| f.serves_malloc);
     for f in found {
@@ -386,18 +395,26 @@ fn allocator_notes(found: &[crate::probes::allocators::Found]) -> Vec<String> {
                 } else {
                     ""
                 };
-                notes.push(format!(
-                    "malloc is {who}: its own state (what it keeps free and resident) is not read, so \"where RSS goes\" counts its memory \
-                     as anonymous mappings (and heap pages, where it uses brk), and what it keeps is measured from the mappings it makes while traced{glibc}"
-                ));
+                notes.push(if read(f) {
+                    format!(
+                        "malloc is {who}: its own state is read from its arenas, so \"where RSS goes\" counts its active pages and the \
+                         freed pages it keeps (allocator-in-use, allocator-free){glibc}"
+                    )
+                } else {
+                    format!(
+                        "malloc is {who}: its own state (what it keeps free and resident) is not read, so \"where RSS goes\" counts its memory \
+                         as anonymous mappings (and heap pages, where it uses brk), and what it keeps is measured from the mappings it makes while traced{glibc}"
+                    )
+                });
             }
             Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc if !f.prefix.is_empty()
                 && f.probes > 0 && !f.serves_malloc => {
                     notes.push(format!(
-                        "{name} linked into {} is called through its own API ({}malloc…), beside {}'s malloc: both are traced; its own state is not read",
+                        "{name} linked into {} is called through its own API ({}malloc…), beside {}'s malloc: both are traced; its own state is {}",
                         f.object,
                         f.prefix,
-                        serving.map_or("the C library", |s| s.allocator.as_str())
+                        serving.map_or("the C library", |s| s.allocator.as_str()),
+                        if read(f) { "read from its arenas" } else { "not read" }
                     ));
                 }
             _ => {}

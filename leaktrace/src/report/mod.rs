@@ -139,6 +139,9 @@ pub struct Allocator {
     /// CPython's small-object arenas walked from outside; null when the target is not
     /// CPython (or its version's layout is unknown).
     pub pymalloc: Option<PymallocWalk>,
+    /// Other allocators' own state, read from outside where their layout is known
+    /// (jemalloc's arenas), and why not for the others.
+    pub state: crate::heap::OtherState,
 }
 
 /// The walk's totals and arenas.
@@ -533,6 +536,7 @@ mod tests {
                     probes: 9,
                 }],
                 notes: Vec::new(),
+                state: crate::heap::OtherState::default(),
                 glibc_heaps: Some(GlibcHeaps {
                     in_use_bytes: 900 << 10,
                     free_bytes: 5 << 20,

@@ -473,6 +473,28 @@ fn render_allocators(o: &mut String, a: &Allocator) {
 }
 
 fn render_allocator(o: &mut String, a: &Allocator) {
+    for j in &a.state.jemalloc {
+        let _ = writeln!(
+            o,
+            "\njemalloc ({}), read from its arenas: {} arena{}; {} active, {} dirty and {} muzzy (freed, resident), \
+             {} retained (address space kept for reuse, not resident){}",
+            j.object,
+            j.arenas.len(),
+            if j.arenas.len() == 1 { "" } else { "s" },
+            bytes(j.active_bytes),
+            bytes(j.dirty_bytes),
+            bytes(j.muzzy_bytes),
+            bytes(j.retained_bytes),
+            if j.unreadable_arenas > 0 {
+                format!("; {} arena(s) did not read back", j.unreadable_arenas)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for n in &a.state.not_read {
+        wrap(o, &printable(n), "  ");
+    }
     if let Some(p) = a.pymalloc.as_ref().filter(|p| p.arena_count > 0) {
         let _ = writeln!(
             o,

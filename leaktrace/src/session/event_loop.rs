@@ -187,6 +187,7 @@ pub fn run(
             .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)
             .map(|f| f.allocator),
         go: allocators.iter().any(|f| f.allocator == Allocator::Go),
+        allocators: allocators.clone(),
         debug_dirs: config.debug_dirs.clone(),
     };
     let targets = if config.follow_forks {
@@ -1177,6 +1178,7 @@ impl Session<'_> {
             python: snap.python.is_some(),
             pymalloc: snap.pymalloc.as_ref(),
             allocator: self.other_allocator(),
+            jemalloc: &snap.other.jemalloc,
         });
         let mut r = report::build(&report::Inputs {
             pid: self.pid,
@@ -1202,6 +1204,7 @@ impl Session<'_> {
             min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
             walk: snap.walk.as_ref(),
             pymalloc: snap.pymalloc.as_ref(),
+            other: Some(&snap.other),
             arena_limit: snap.arena_limit.clone(),
             malloc_env: snap.malloc_env.clone(),
             python: snap.python.clone(),
@@ -1256,6 +1259,7 @@ impl Session<'_> {
                     python: snap.python.is_some(),
                     pymalloc: None,
                     allocator: self.other_allocator(),
+                    jemalloc: &[],
                 });
                 let r = report::build(&report::Inputs {
                     pid,
@@ -1281,6 +1285,7 @@ impl Session<'_> {
                     min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
                     walk: None,
                     pymalloc: None,
+                    other: None,
                     arena_limit: None,
                     malloc_env: Vec::new(),
                     python: None,

@@ -22,10 +22,15 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     analysis::memory::{self, MemoryMap},
     heap::{
+        OtherState,
         glibc::{self, ArenaLimit, HeapWalk},
+        jemalloc,
         pymalloc::{self, PymallocWalk},
     },
-    probes::{allocators::Allocator, btf::Btf},
+    probes::{
+        allocators::{Allocator, Found},
+        btf::Btf,
+    },
     process::{Memory as _, ProcMemory, procfs},
     report::PythonInfo,
     symbolize::{
@@ -68,6 +73,9 @@ pub struct Setup {
     pub heap_owner: Option<Allocator>,
     /// The target is a Go program: its heap arenas are classified by address.
     pub go: bool,
+    /// The allocators found: those whose state leaktrace reads are read with each
+    /// reading of where RSS goes.
+    pub allocators: Vec<Found>,
     /// Directories searched for debug information first.
     pub debug_dirs: Vec<PathBuf>,
 }
@@ -161,6 +169,8 @@ pub struct Snapshot {
     pub memory: MemoryMap,
     /// The latest walk of pymalloc's arenas, if the target is CPython.
     pub pymalloc: Option<PymallocWalk>,
+    /// Other allocators' own state (the latest reading).
+    pub other: OtherState,
     /// Objects in which some of the stacks' addresses had no symbol.
     pub unnamed: Vec<Unnamed>,
 }
@@ -271,6 +281,10 @@ struct Worker {
     memory: MemoryMap,
     /// The latest walk of pymalloc's arenas (made with the reading of where RSS goes).
     pymalloc: Option<PymallocWalk>,
+    /// jemalloc's layout and load bias per object (and where it is mapped), or why not.
+    jemalloc_layouts: FxHashMap<(String, u64), Result<(jemalloc::Layout, u64), String>>,
+    /// Other allocators' state, read with where RSS goes.
+    other: OtherState,
 }
 
 impl Worker {
@@ -294,6 +308,8 @@ impl Worker {
             walk: None,
             memory: MemoryMap::default(),
             pymalloc: None,
+            jemalloc_layouts: FxHashMap::default(),
+            other: OtherState::default(),
         }
     }
 
@@ -705,6 +721,7 @@ impl Worker {
             unwind: self.setup.unwind.as_ref().map(|(u, _)| u.stats.clone()),
             memory: self.memory.clone(),
             pymalloc: self.pymalloc.clone(),
+            other: self.other.clone(),
             unnamed: self
                 .symbols
                 .as_ref()
@@ -726,7 +743,7 @@ impl Worker {
         };
         let maps: Vec<procfs::MapEntry> = smaps.iter().map(|e| e.map.clone()).collect();
         let mut sites = self.heap_sites(&maps, brk);
-        if self.setup.heap_owner.is_some() {
+        if self.beside_other_allocator() {
             // Beside another allocator, a 64 MiB-aligned mapping is glibc's arena heap
             // only if the walk found one there (mimalloc's and tcmalloc's own mappings
             // are aligned alike); the rest is that allocator's anonymous memory.
@@ -797,6 +814,7 @@ impl Worker {
                 (s, e, resident)
             })
             .collect();
+        self.read_other_allocators(&maps, &mem);
         self.memory = memory::compose(&memory::State {
             smaps: &smaps,
             vmrss_bytes: status.rss.rss_bytes,
@@ -807,7 +825,74 @@ impl Worker {
             stack_pointers: &stack_pointers,
             heap_owner: self.setup.heap_owner.map(Allocator::as_str),
             go: self.setup.go,
+            jemalloc: &self.other.jemalloc,
         });
+    }
+
+    /// Whether another allocator than glibc's is traced (serving malloc, or called
+    /// through its own API): its mappings may look like glibc's.
+    fn beside_other_allocator(&self) -> bool {
+        self.setup.heap_owner.is_some()
+            || self.setup.allocators.iter().any(|f| {
+                f.probes > 0
+                    && matches!(
+                        f.allocator,
+                        Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc
+                    )
+            })
+    }
+
+    /// Reads the state of the allocators whose layout is known (jemalloc's, from its
+    /// debug information), and says why not for the others.
+    fn read_other_allocators(&mut self, maps: &[procfs::MapEntry], mem: &ProcMemory) {
+        let mut other = OtherState::default();
+        for f in &self.setup.allocators {
+            match f.allocator {
+                Allocator::Jemalloc => {}
+                Allocator::Tcmalloc | Allocator::Mimalloc => {
+                    other.not_read.push(format!(
+                        "{}'s own state ({}) is not read: leaktrace knows no layout of it yet",
+                        f.allocator.as_str(),
+                        f.object
+                    ));
+                    continue;
+                }
+                _ => continue,
+            }
+            let start = maps
+                .iter()
+                .filter(|m| m.path == f.object)
+                .map(|m| m.start)
+                .min()
+                .unwrap_or(0);
+            let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
+            let found = self
+                .jemalloc_layouts
+                .entry((f.object.clone(), start))
+                .or_insert_with(|| {
+                    let t = Instant::now();
+                    let r = jemalloc::locate(pid, maps, &f.object, &f.prefix, dirs);
+                    log::debug!(
+                        "jemalloc layout in {} in {:.1} ms: {}",
+                        f.object,
+                        t.elapsed().as_secs_f64() * 1e3,
+                        r.as_ref().map_or_else(Clone::clone, |_| "found".into())
+                    );
+                    r
+                });
+            let read = match found {
+                Ok((layout, bias)) => jemalloc::read(mem, layout, *bias, &f.object),
+                Err(why) => Err(why.clone()),
+            };
+            match read {
+                Ok(s) => other.jemalloc.push(s),
+                Err(why) => other.not_read.push(format!(
+                    "jemalloc's own state ({}) is not read: {why}",
+                    f.object
+                )),
+            }
+        }
+        self.other = other;
     }
 
     /// What the report says about the interpreter.

@@ -105,12 +105,7 @@ impl Symbols {
         dirs.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
         // The target's own (a container's) is searched by build id, by us (see
         // `debug_file_by_build_id`): its files are opened as regular files only.
-        let mut by_id = debug_dirs.to_vec();
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
-        if std::fs::read_link(&root).is_ok_and(|r| r != Path::new("/")) {
-            by_id.push(root.join("usr/lib/debug"));
-        }
-        by_id.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
+        let by_id = build_id_dirs(pid, debug_dirs);
         let mut s = Self {
             pid,
             exec_maps: Vec::new(),
@@ -516,10 +511,22 @@ fn program_name(pid: u32) -> Option<(String, String)> {
     ))
 }
 
+/// Where debug files are looked for by build id: the user's directories, the
+/// target's own `/usr/lib/debug` (a container's), then ours.
+pub(crate) fn build_id_dirs(pid: u32, debug_dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut by_id = debug_dirs.to_vec();
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    if std::fs::read_link(&root).is_ok_and(|r| r != Path::new("/")) {
+        by_id.push(root.join("usr/lib/debug"));
+    }
+    by_id.extend(["/usr/lib/debug", "/lib/debug"].map(PathBuf::from));
+    by_id
+}
+
 /// `DIR/.build-id/xx/rest.debug` for the object's build id, in the first debug
 /// directory that has it as a regular file, opened: where distributions install
 /// debug files, and where `debuginfod-find` output can be put.
-fn debug_file_by_build_id(object: &Path, dirs: &[PathBuf]) -> Option<std::fs::File> {
+pub(crate) fn debug_file_by_build_id(object: &Path, dirs: &[PathBuf]) -> Option<std::fs::File> {
     let id = build_id(object)?;
     // Shorter ids are bogus (and the path needs two characters for the directory).
     if id.len() < 16 {

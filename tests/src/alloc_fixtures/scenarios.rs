@@ -5,7 +5,8 @@
 //!   256th, then wait: the allocator holds freed memory the live heap does not explain.
 //!
 //! The handshake is the C fixtures': print "ready <pid>", wait for a line on stdin, run,
-//! print "done", wait for stdin to close. Nothing here allocates outside the scenario's
+//! print "done", wait for stdin to close; each later line asks for the allocator's own
+//! counts, printed as one line where the fixture has them (jemalloc's `mallctl`). Nothing here allocates outside the scenario's
 //! functions: stdin is read unbuffered, into a stack buffer.
 
 use std::{
@@ -128,8 +129,8 @@ fn wait_line(stdin: &mut std::fs::File) -> bool {
     matches!(stdin.read(&mut buf), Ok(n) if n > 0)
 }
 
-/// Runs the handshake around the scenario.
-pub fn run() {
+/// Runs the handshake around the scenario; `counts` prints the allocator's own counts.
+pub fn run(counts: fn() -> String) {
     use std::os::fd::FromRawFd as _;
     // SAFETY: fd 0 is open for the process's life; the File is never dropped.
     let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
@@ -151,5 +152,8 @@ pub fn run() {
     }
     let _ = writeln!(out, "done");
     let _ = out.flush();
-    while wait_line(&mut stdin) {}
+    while wait_line(&mut stdin) {
+        let _ = writeln!(out, "{}", counts());
+        let _ = out.flush();
+    }
 }

@@ -8,5 +8,5 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod scenarios;
 
 fn main() {
-    scenarios::run();
+    scenarios::run(|| "no counts".into());
 }
