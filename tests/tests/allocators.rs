@@ -294,20 +294,61 @@ fn root_rust_static_allocators_fragmenting() {
 /// leaktrace attaches. Its pages must be jemalloc's own counts (`mallctl`'s
 /// `stats.arenas.<all>.{pactive,pdirty,pmuzzy}`, printed by the fixture after the
 /// trace) exactly, the dirty pages the fixture's RssAnon growth, and the verdict
-/// fragmentation, with jemalloc's remedy for the bytes it keeps.
+/// fragmentation, with jemalloc's remedy for the bytes it keeps. Twice: the fixture as
+/// built, and a copy without its debug information (what a release build keeps: the
+/// symbols) whose debug file is found by build id in a --debug-dir (where a
+/// distribution's -dbgsym package puts it).
 #[test]
 fn root_jemalloc_state_read_before_growth() {
     require_root();
-    let mut fx = Fixture::spawn_program(
-        std::path::Path::new(env!("CARGO_BIN_EXE_alloc_rjem")),
-        &["fragment"],
-        &[],
-    );
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_alloc_rjem"));
+    check_jemalloc_state(&built, &[]);
+
+    let dir = temp_path("debug-dir");
+    let id = build_id(&built);
+    let by_id = dir.join(".build-id").join(&id[..2]);
+    std::fs::create_dir_all(&by_id).expect("debug dir");
+    let stripped = dir.join("alloc_rjem");
+    let run = |cmd: &mut std::process::Command| {
+        let st = cmd.status().expect("binutils");
+        assert!(st.success(), "{cmd:?}");
+    };
+    run(std::process::Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&built)
+        .arg(by_id.join(format!("{}.debug", &id[2..]))));
+    run(std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&built));
+    let dir_arg = dir.to_str().unwrap().to_owned();
+    check_jemalloc_state(&stripped, &["--debug-dir", &dir_arg]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An ELF file's GNU build id, hex, as readelf prints it.
+fn build_id(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("readelf")
+        .arg("-n")
+        .arg(path)
+        .output()
+        .expect("readelf");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
+        .expect("a build id")
+}
+
+fn check_jemalloc_state(program: &std::path::Path, tracer_args: &[&str]) {
+    let mut fx = Fixture::spawn_program(program, &["fragment"], &[]);
     let before = rss_anon(fx.pid);
     fx.run_scenario();
     let grew = rss_anon(fx.pid) - before;
     let pid = fx.pid.to_string();
-    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
+    let mut args = vec!["--pid", &pid, "-d", "2"];
+    args.extend_from_slice(tracer_args);
+    let mut tracer = Tracer::start(&args);
     let r = tracer.wait_report(0);
     check_shape(&r);
     fx.send("counts");
@@ -320,7 +361,7 @@ fn root_jemalloc_state_read_before_growth() {
         .collect();
     let state = &r["allocator"]["state"];
     let j = &state["jemalloc"][0];
-    eprintln!("mallctl: {counts}; leaktrace: {j:#}");
+    eprintln!("{}: mallctl: {counts}; leaktrace: {j:#}", program.display());
     assert_eq!(state["jemalloc"].as_array().unwrap().len(), 1, "{state:#}");
     assert!(
         j["object"].as_str().unwrap().ends_with("/alloc_rjem"),

@@ -114,7 +114,9 @@ pub fn locate(
     let dirs = crate::symbolize::native::build_id_dirs(pid, debug_dirs);
     let Some(f) = crate::symbolize::native::debug_file_by_build_id(&host, &dirs) else {
         return Err(format!(
-            "{why}, and no debug file for its build id is installed (on Debian: the package's -dbgsym)"
+            "{why}, and no debug file for its build id is installed{}",
+            crate::symbolize::native::dpkg_package(pid, object)
+                .map_or(String::new(), |p| format!(" ({p}-dbgsym on Debian)"))
         ));
     };
     let mut debug = Vec::new();

@@ -13,7 +13,18 @@ pub struct OtherState {
     /// jemalloc's arenas, per object that holds a jemalloc.
     pub jemalloc: Vec<jemalloc::JemallocState>,
     /// Allocators found whose state is not read, and why.
-    pub not_read: Vec<String>,
+    pub not_read: Vec<NotRead>,
+}
+
+/// An allocator whose own state is not read.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NotRead {
+    /// Which allocator (`jemalloc`, `tcmalloc`, `mimalloc`).
+    pub allocator: String,
+    /// The object holding it, as the target names it.
+    pub object: String,
+    /// Why not.
+    pub why: String,
 }
 
 impl OtherState {

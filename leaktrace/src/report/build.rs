@@ -366,6 +366,12 @@ fn allocator_notes(
     let read = |f: &crate::probes::allocators::Found| {
         state.is_some_and(|s| s.jemalloc.iter().any(|j| j.object == f.object))
     };
+    // Why an allocator's state is not read, where leaktrace tried.
+    let why_not = |f: &crate::probes::allocators::Found| {
+        state
+            .and_then(|s| s.not_read.iter().find(|n| n.object == f.object))
+            .map_or(String::new(), |n| format!(" ({})", n.why))
+    };
     let mut notes = Vec::new();
     let serving = found.iter().find(|f| f.serves_malloc);
     for f in found {
@@ -402,8 +408,9 @@ fn allocator_notes(
                     )
                 } else {
                     format!(
-                        "malloc is {who}: its own state (what it keeps free and resident) is not read, so \"where RSS goes\" counts its memory \
-                         as anonymous mappings (and heap pages, where it uses brk), and what it keeps is measured from the mappings it makes while traced{glibc}"
+                        "malloc is {who}: its own state (what it keeps free and resident) is not read{}, so \"where RSS goes\" counts its memory \
+                         as anonymous mappings (and heap pages, where it uses brk), and what it keeps is measured from the mappings it makes while traced{glibc}",
+                        why_not(f)
                     )
                 });
             }
@@ -414,7 +421,7 @@ fn allocator_notes(
                         f.object,
                         f.prefix,
                         serving.map_or("the C library", |s| s.allocator.as_str()),
-                        if read(f) { "read from its arenas" } else { "not read" }
+                        if read(f) { "read from its arenas".to_owned() } else { format!("not read{}", why_not(f)) }
                     ));
                 }
             _ => {}

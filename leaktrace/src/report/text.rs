@@ -492,9 +492,6 @@ fn render_allocator(o: &mut String, a: &Allocator) {
             }
         );
     }
-    for n in &a.state.not_read {
-        wrap(o, &printable(n), "  ");
-    }
     if let Some(p) = a.pymalloc.as_ref().filter(|p| p.arena_count > 0) {
         let _ = writeln!(
             o,

@@ -22,7 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     analysis::memory::{self, MemoryMap},
     heap::{
-        OtherState,
+        NotRead, OtherState,
         glibc::{self, ArenaLimit, HeapWalk},
         jemalloc,
         pymalloc::{self, PymallocWalk},
@@ -850,11 +850,11 @@ impl Worker {
             match f.allocator {
                 Allocator::Jemalloc => {}
                 Allocator::Tcmalloc | Allocator::Mimalloc => {
-                    other.not_read.push(format!(
-                        "{}'s own state ({}) is not read: leaktrace knows no layout of it yet",
-                        f.allocator.as_str(),
-                        f.object
-                    ));
+                    other.not_read.push(NotRead {
+                        allocator: f.allocator.as_str().into(),
+                        object: f.object.clone(),
+                        why: "leaktrace has no reader for its state yet".into(),
+                    });
                     continue;
                 }
                 _ => continue,
@@ -886,10 +886,11 @@ impl Worker {
             };
             match read {
                 Ok(s) => other.jemalloc.push(s),
-                Err(why) => other.not_read.push(format!(
-                    "jemalloc's own state ({}) is not read: {why}",
-                    f.object
-                )),
+                Err(why) => other.not_read.push(NotRead {
+                    allocator: f.allocator.as_str().into(),
+                    object: f.object.clone(),
+                    why,
+                }),
             }
         }
         self.other = other;

@@ -549,7 +549,7 @@ fn build_id(path: &Path) -> Option<String> {
 
 /// The Debian package that installed `object`, from the dpkg database in the target's
 /// root (a container's own). Bounded: at most 20 000 lists of at most 8 MiB each.
-fn dpkg_package(pid: u32, object: &str) -> Option<String> {
+pub(crate) fn dpkg_package(pid: u32, object: &str) -> Option<String> {
     const MAX_LISTS: usize = 20_000;
     const MAX_LIST_BYTES: u64 = 8 << 20;
     // Debian's merged /usr: dpkg may list the file under /lib or /bin.
