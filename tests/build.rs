@@ -61,6 +61,18 @@ fn main() {
         assert!(status.success(), "failed to build fixture {lib}");
     }
     build_unwind_fixtures(&cc, &src, &out);
+    // The Go program, built as `go build` builds by default: with its symbols and
+    // debug information. Go's caches go under OUT_DIR.
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(out.join("go_heap"))
+        .arg(src.join("go_heap.go"))
+        .env("GOCACHE", out.join("go-cache"))
+        .env("GOPATH", out.join("go-path"))
+        .env("CGO_ENABLED", "0")
+        .status()
+        .unwrap_or_else(|e| panic!("failed to run go: {e} (run `cargo xtask setup`)"));
+    assert!(status.success(), "failed to build fixture go_heap");
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
 }
 

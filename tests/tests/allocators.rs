@@ -417,3 +417,63 @@ fn check_jemalloc_state(program: &std::path::Path, tracer_args: &[&str]) {
         r["allocator"]["notes"]
     );
 }
+
+/// A Go program built with its symbols and debug information (tests/fixtures/go_heap.go):
+/// the runtime's heap statistics, read from outside, must be what the program's own
+/// `runtime.ReadMemStats` says after the trace: its spans exactly, its live bytes up
+/// to what the per-P caches it flushes first account; and "where RSS goes" splits
+/// Go's arena space with them.
+#[test]
+fn root_go_runtime_statistics_read() {
+    require_root();
+    let mut fx = Fixture::spawn("go_heap", &[]);
+    fx.run_scenario();
+    let pid = fx.pid.to_string();
+    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
+    let r = tracer.wait_report(0);
+    check_shape(&r);
+    fx.send("counts");
+    let counts = fx.read_line();
+    let own: std::collections::HashMap<&str, u64> = counts
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .map(|kv| (kv[0], kv[1].parse().expect("a count")))
+        .collect();
+    let h = &r["allocator"]["state"]["go"];
+    eprintln!("ReadMemStats: {counts}; leaktrace: {h:#}");
+    assert!(h["object"].as_str().unwrap().ends_with("/go_heap"), "{h:#}");
+    let field = |k: &str| h[k].as_u64().unwrap_or_else(|| panic!("{k}: {h:#}"));
+    assert_eq!(field("in_use_bytes"), own["HeapInuse"]);
+    // ReadMemStats first flushes each P's cached spans, which moves HeapAlloc by what
+    // those spans account (a few size classes' spans); read from outside, nothing is
+    // flushed.
+    assert!(
+        field("alloc_bytes").abs_diff(own["HeapAlloc"]) < 64 << 10,
+        "{h:#} vs {counts}"
+    );
+    assert_eq!(field("released_bytes"), own["HeapReleased"]);
+    assert_eq!(field("free_bytes"), own["HeapIdle"] - own["HeapReleased"]);
+    // 4096 blocks of 10 KiB are kept: 40 MiB live, give or take the runtime's own.
+    assert!(
+        (40 << 20..42 << 20).contains(&field("alloc_bytes")),
+        "{h:#}"
+    );
+    let parts = r["memory"]["parts"].as_array().unwrap();
+    let go_in_use = parts
+        .iter()
+        .find(|p| {
+            p["kind"] == "allocator-in-use"
+                && p["detail"].as_str().unwrap().starts_with("Go runtime")
+        })
+        .unwrap_or_else(|| panic!("{parts:#?}"));
+    assert!(
+        go_in_use["bytes"].as_u64().unwrap() >= 40 << 20,
+        "{go_in_use:#}"
+    );
+    let notes = r["allocator"]["notes"][0].as_str().unwrap();
+    assert!(
+        notes.contains("The runtime's own heap statistics are read from outside"),
+        "{notes}"
+    );
+}

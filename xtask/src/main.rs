@@ -183,6 +183,11 @@ fn setup(kernels: bool) -> Result<()> {
     if !Path::new("/usr/bin/prometheus").exists() {
         missing.push("prometheus");
     }
+    // Go's toolchain, for the Go fixture built with its symbols and debug information
+    // (whose runtime statistics leaktrace reads from outside).
+    if !Path::new("/usr/bin/go").exists() {
+        missing.push("golang-go");
+    }
     // A real static binary (glibc linked in, stripped): traced without heap probes.
     if !works(Command::new("dpkg").args(["-s", "busybox-static"]))
         && !missing.contains(&"busybox-static")

@@ -132,6 +132,8 @@ pub struct State<'a> {
     pub go: bool,
     /// jemalloc's own state, where read.
     pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
+    /// The Go runtime's heap statistics, where read.
+    pub go_heap: Option<&'a crate::heap::go::GoHeap>,
 }
 
 /// Whether an address is where Go's runtime places its heap arenas on x86-64: it
@@ -350,6 +352,31 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
     for (_, b) in &mut active_items {
         *b = take(*b);
     }
+    // The Go runtime's own counts split its arena space: spans in use and goroutine
+    // stacks, then free spans it has not returned; released spans are not resident.
+    let mut go_left = go;
+    if let Some(h) = s.go_heap {
+        let mut claim = |b: u64| {
+            let t = b.min(go_left);
+            go_left -= t;
+            t
+        };
+        active_items.push((
+            format!(
+                "Go runtime: heap spans in use ({} of live and unswept objects) and goroutine stacks ({})",
+                bytes(h.alloc_bytes),
+                bytes(h.stacks_bytes)
+            ),
+            claim(h.in_use_bytes + h.stacks_bytes),
+        ));
+        free_items.push((
+            format!(
+                "Go runtime: free spans not yet returned to the system ({} more returned, not resident)",
+                bytes(h.released_bytes)
+            ),
+            claim(h.free_bytes),
+        ));
+    }
     push_kind(
         &mut parts,
         PartKind::AllocatorInUse,
@@ -366,11 +393,18 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         &mut parts,
         PartKind::GoHeap,
         vec![(
-            format!(
-                "{go_mappings} mapping{} in Go's arena space (the Go runtime's heap: its own state is not read)",
-                if go_mappings == 1 { "" } else { "s" }
-            ),
-            go,
+            if s.go_heap.is_some() {
+                format!(
+                    "the rest of {go_mappings} mapping{} in Go's arena space (the runtime's metadata, pages its counts do not cover)",
+                    if go_mappings == 1 { "" } else { "s" }
+                )
+            } else {
+                format!(
+                    "{go_mappings} mapping{} in Go's arena space (the Go runtime's heap: its own state is not read)",
+                    if go_mappings == 1 { "" } else { "s" }
+                )
+            },
+            go_left,
         )],
         "",
     );

@@ -20,15 +20,9 @@
 //! These counters are kept whether or not jemalloc was built with statistics. They
 //! are read without stopping the target: a count may be one operation old.
 
-use std::{io::Read as _, path::PathBuf};
-
 use serde::Serialize;
 
-use crate::process::{
-    dwarf, elf,
-    memory::Memory,
-    procfs::{self, MapEntry},
-};
+use crate::process::{dwarf, elf, memory::Memory};
 
 /// Arenas read at most (jemalloc's `MALLOCX_ARENA_LIMIT` is 4095).
 const MAX_ARENAS: u64 = 4096;
@@ -69,7 +63,7 @@ impl Layout {
             }
         }
         let q: Vec<(&str, &str)> = queries.iter().map(|(t, p)| (*t, p.as_str())).collect();
-        let m = dwarf::resolve(debug, &q)?;
+        let m = dwarf::resolve(debug, &q, dwarf::Language::C)?;
         if m[0].size != 4 || m[1..].iter().any(|m| m.size != 8) {
             return Err("its counters are not the sizes jemalloc 5.3 has".into());
         }
@@ -85,65 +79,10 @@ impl Layout {
     }
 }
 
-/// Finds jemalloc's layout in `object` as the target maps it (from its own symbols
-/// and DWARF, else from the debug file installed for its build id), and its load bias.
-pub fn locate(
-    pid: u32,
-    maps: &[MapEntry],
-    object: &str,
-    prefix: &str,
-    debug_dirs: &[PathBuf],
-) -> Result<(Layout, u64), String> {
-    let first = maps
-        .iter()
-        .filter(|m| m.path == object)
-        .min_by_key(|m| m.start)
-        .ok_or_else(|| format!("{object} is no longer mapped"))?;
-    let host = PathBuf::from(format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        first.start, first.end
-    ));
-    let data = procfs::read_object(&host).map_err(|e| format!("reading {object}: {e}"))?;
-    let bias = elf::load_bias(&data, first.start, first.offset, first.is_exec())
-        .ok_or_else(|| format!("{object}: no loadable segment maps its first mapping"))?;
-    let why = match Layout::find(&data, &data, prefix) {
-        Ok(l) => return Ok((l, bias)),
-        Err(why) => why,
-    };
-    drop(data);
-    let dirs = crate::symbolize::native::build_id_dirs(pid, debug_dirs);
-    let Some(f) = crate::symbolize::native::debug_file_by_build_id(&host, &dirs) else {
-        return Err(format!(
-            "{why}, and no debug file for its build id is installed{}",
-            crate::symbolize::native::dpkg_package(pid, object)
-                .map_or(String::new(), |p| format!(" ({p}-dbgsym on Debian)"))
-        ));
-    };
-    let mut debug = Vec::new();
-    f.take(procfs::MAX_OBJECT_BYTES)
-        .read_to_end(&mut debug)
-        .map_err(|e| format!("reading its debug file: {e}"))?;
-    Layout::find(&debug, &debug, prefix)
-        .map(|l| (l, bias))
-        .map_err(|e| format!("its debug file: {e}"))
-}
-
-/// The link-time address and size of `{prefix}{name}` (or the unprefixed name).
+/// The link-time address and size of `{prefix}{name}`, else of the unprefixed name.
 fn symbol(data: &[u8], prefix: &str, name: &str) -> Result<(u64, u64), String> {
-    use object::{Object as _, ObjectSymbol as _};
-    let file = object::File::parse(data).map_err(|e| e.to_string())?;
-    let wanted = [format!("{prefix}{name}"), name.to_owned()];
-    let mut fallback = None;
-    for s in file.symbols().chain(file.dynamic_symbols()) {
-        let Ok(n) = s.name() else { continue };
-        if wanted[0] == n {
-            return Ok((s.address(), s.size()));
-        }
-        if wanted[1] == n {
-            fallback = Some((s.address(), s.size()));
-        }
-    }
-    fallback.ok_or_else(|| format!("no symbol {} (stripped)", wanted[0]))
+    elf::data_symbol(data, &[&format!("{prefix}{name}"), name])
+        .ok_or_else(|| format!("no symbol {prefix}{name} (stripped)"))
 }
 
 /// One arena's pages, in bytes.

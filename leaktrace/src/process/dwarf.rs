@@ -35,9 +35,22 @@ struct Node {
     children: Vec<usize>,
 }
 
-/// Resolves each `(struct, "member.member…")` in the first C unit that defines all
-/// the structs named, or says why not.
-pub fn resolve(data: &[u8], queries: &[(&str, &str)]) -> Result<Vec<Member>, String> {
+/// The language of the units a struct is looked for in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Language {
+    /// C (jemalloc, mimalloc…).
+    C,
+    /// Go (the Go runtime's own types, named `runtime.mstats`…).
+    Go,
+}
+
+/// Resolves each `(struct, "member.member…")` in the first unit of `language` that
+/// defines all the structs named, or says why not. An empty path is the struct itself.
+pub fn resolve(
+    data: &[u8],
+    queries: &[(&str, &str)],
+    language: Language,
+) -> Result<Vec<Member>, String> {
     let file = object::File::parse(data).map_err(|e| format!("not an object file: {e}"))?;
     let endian = if file.is_little_endian() {
         RunTimeEndian::Little
@@ -61,7 +74,7 @@ pub fn resolve(data: &[u8], queries: &[(&str, &str)]) -> Result<Vec<Member>, Str
         let Ok(unit) = dwarf.unit(header) else {
             continue;
         };
-        let Ok(nodes) = read_unit(&dwarf, &unit) else {
+        let Ok(nodes) = read_unit(&dwarf, &unit, language) else {
             continue;
         };
         if nodes.is_empty() {
@@ -85,10 +98,11 @@ pub fn resolve(data: &[u8], queries: &[(&str, &str)]) -> Result<Vec<Member>, Str
     })
 }
 
-/// A C unit's entries, by offset; empty for a unit in another language.
+/// A unit's entries, by offset; empty for a unit in another language.
 fn read_unit(
     dwarf: &gimli::Dwarf<EndianSlice<'_, RunTimeEndian>>,
     unit: &gimli::Unit<EndianSlice<'_, RunTimeEndian>>,
+    language: Language,
 ) -> gimli::Result<FxHashMap<usize, Node>> {
     let mut nodes = FxHashMap::default();
     let mut cursor = unit.entries();
@@ -97,17 +111,21 @@ fn read_unit(
     while let Some(e) = cursor.next_dfs()? {
         if first {
             first = false;
-            let c = matches!(
-                e.attr_value(constants::DW_AT_language),
-                Some(AttributeValue::Language(
-                    constants::DW_LANG_C
+            let wanted = match (e.attr_value(constants::DW_AT_language), language) {
+                (
+                    Some(AttributeValue::Language(
+                        constants::DW_LANG_C
                         | constants::DW_LANG_C89
                         | constants::DW_LANG_C99
                         | constants::DW_LANG_C11
-                        | constants::DW_LANG_C17
-                ))
-            );
-            if !c {
+                        | constants::DW_LANG_C17,
+                    )),
+                    Language::C,
+                ) => true,
+                (Some(AttributeValue::Language(constants::DW_LANG_Go)), Language::Go) => true,
+                _ => false,
+            };
+            if !wanted {
                 return Ok(nodes);
             }
         }
@@ -126,8 +144,10 @@ fn read_unit(
             .attr_value(constants::DW_AT_name)
             .and_then(|v| dwarf.attr_string(unit, v).ok())
             .map(|s| String::from_utf8_lossy(s.slice()).into_owned());
+        // Go's linker refers to types by their offset in .debug_info.
         let ty = match e.attr_value(constants::DW_AT_type) {
             Some(AttributeValue::UnitRef(UnitOffset(o))) => Some(o),
+            Some(AttributeValue::DebugInfoRef(o)) => o.to_unit_offset(&unit.header).map(|u| u.0),
             _ => None,
         };
         let location = match e.attr_value(constants::DW_AT_data_member_location) {
@@ -201,7 +221,7 @@ fn resolve_in(nodes: &FxHashMap<usize, Node>, ty: &str, path: &str) -> Option<Me
     let mut at = struct_named(nodes, ty)?;
     let mut offset = 0u64;
     let mut size = nodes[&at].size?;
-    for name in path.split('.') {
+    for name in path.split('.').filter(|n| !n.is_empty()) {
         let outer = &nodes[&at];
         if outer.tag != constants::DW_TAG_structure_type
             && outer.tag != constants::DW_TAG_union_type
@@ -241,13 +261,13 @@ mod tests {
     #[test]
     fn a_rust_object_has_no_c_structs() {
         let exe = std::fs::read("/proc/self/exe").expect("own binary");
-        let r = resolve(&exe, &[("arena_s", "ind")]);
+        let r = resolve(&exe, &[("arena_s", "ind")], Language::C);
         assert!(r.is_err(), "{r:?}");
     }
 
     #[test]
     fn garbage_is_refused() {
-        assert!(resolve(b"\x7fELF nonsense", &[("a", "b")]).is_err());
-        assert!(resolve(&[], &[("a", "b")]).is_err());
+        assert!(resolve(b"\x7fELF nonsense", &[("a", "b")], Language::C).is_err());
+        assert!(resolve(&[], &[("a", "b")], Language::Go).is_err());
     }
 }

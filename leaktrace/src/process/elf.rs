@@ -28,6 +28,23 @@ pub fn load_bias(data: &[u8], start: u64, offset: u64, executable: bool) -> Opti
     )
 }
 
+/// The link-time address and size of the first of `names` the object's symbol tables
+/// (`.symtab`, then `.dynsym`) define.
+pub fn data_symbol(data: &[u8], names: &[&str]) -> Option<(u64, u64)> {
+    use object::ObjectSymbol as _;
+    let file = object::File::parse(data).ok()?;
+    let mut found: Vec<Option<(u64, u64)>> = vec![None; names.len()];
+    for s in file.symbols().chain(file.dynamic_symbols()) {
+        let Ok(n) = s.name() else { continue };
+        if let Some(i) = names.iter().position(|w| *w == n)
+            && s.is_definition()
+        {
+            found[i].get_or_insert((s.address(), s.size()));
+        }
+    }
+    found.into_iter().flatten().next()
+}
+
 /// Link-time addresses of file offsets of the ELF file at `path`, through its
 /// loadable segments (`None` for an offset no segment maps from the file). Reads the
 /// headers only. A separate debug file has the same addresses but no file contents

@@ -380,9 +380,18 @@ fn allocator_notes(
             Allocator::Go => notes.push(format!(
                 "{} program: the Go runtime's heap is its own, with no malloc to probe, so Go allocations are not traced; \
                  what is traced is C code's malloc (cgo and the C libraries{}), the mappings, brk and RSS. \
-                 Go's heap arenas are counted by address under \"where RSS goes\" (go-heap); the runtime's own statistics are not read.",
+                 {}",
                 f.version.as_deref().unwrap_or("A Go"),
-                serving.map_or(String::new(), |s| format!(", through {}", s.allocator.as_str()))
+                serving.map_or(String::new(), |s| format!(", through {}", s.allocator.as_str())),
+                if state.is_some_and(|s| s.go.is_some()) {
+                    "The runtime's own heap statistics are read from outside (HeapInuse, HeapIdle, HeapReleased, stacks): \
+                     \"where RSS goes\" splits Go's arena space with them.".to_owned()
+                } else {
+                    format!(
+                        "Go's heap arenas are counted by address under \"where RSS goes\" (go-heap); the runtime's own statistics are not read{}.",
+                        why_not(f)
+                    )
+                }
             )),
             Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc | Allocator::Musl | Allocator::Other
                 if f.serves_malloc =>

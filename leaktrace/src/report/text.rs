@@ -473,6 +473,20 @@ fn render_allocators(o: &mut String, a: &Allocator) {
 }
 
 fn render_allocator(o: &mut String, a: &Allocator) {
+    if let Some(h) = &a.state.go {
+        let _ = writeln!(
+            o,
+            "\nGo runtime ({}), its heap statistics read from outside: {} in spans in use ({} of live and unswept objects, \
+             {} of free slots in them), {} of free spans resident, {} returned to the system; goroutine stacks {}",
+            h.object,
+            bytes(h.in_use_bytes),
+            bytes(h.alloc_bytes),
+            bytes(h.in_use_bytes.saturating_sub(h.alloc_bytes)),
+            bytes(h.free_bytes),
+            bytes(h.released_bytes),
+            bytes(h.stacks_bytes)
+        );
+    }
     for j in &a.state.jemalloc {
         let _ = writeln!(
             o,

@@ -24,7 +24,7 @@ use crate::{
     heap::{
         NotRead, OtherState,
         glibc::{self, ArenaLimit, HeapWalk},
-        jemalloc,
+        go, jemalloc,
         pymalloc::{self, PymallocWalk},
     },
     probes::{
@@ -285,6 +285,8 @@ struct Worker {
     jemalloc_layouts: FxHashMap<(String, u64), Result<(jemalloc::Layout, u64), String>>,
     /// Other allocators' state, read with where RSS goes.
     other: OtherState,
+    /// The Go runtime's statistics' layout and the program's load bias, or why not.
+    go_layout: Option<(u64, Result<(go::Layout, u64), String>)>,
 }
 
 impl Worker {
@@ -310,6 +312,7 @@ impl Worker {
             pymalloc: None,
             jemalloc_layouts: FxHashMap::default(),
             other: OtherState::default(),
+            go_layout: None,
         }
     }
 
@@ -826,6 +829,7 @@ impl Worker {
             heap_owner: self.setup.heap_owner.map(Allocator::as_str),
             go: self.setup.go,
             jemalloc: &self.other.jemalloc,
+            go_heap: self.other.go.as_ref(),
         });
     }
 
@@ -849,6 +853,42 @@ impl Worker {
         for f in &self.setup.allocators {
             match f.allocator {
                 Allocator::Jemalloc => {}
+                Allocator::Go => {
+                    let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
+                    let start = maps
+                        .iter()
+                        .filter(|m| m.path == f.object)
+                        .map(|m| m.start)
+                        .min()
+                        .unwrap_or(0);
+                    if self.go_layout.as_ref().is_some_and(|(at, _)| *at != start) {
+                        self.go_layout = None;
+                    }
+                    let (_, found) = self.go_layout.get_or_insert_with(|| {
+                        let t = Instant::now();
+                        let r = crate::heap::locate(pid, maps, &f.object, dirs, go::Layout::find);
+                        log::debug!(
+                            "Go runtime layout in {} in {:.1} ms: {}",
+                            f.object,
+                            t.elapsed().as_secs_f64() * 1e3,
+                            r.as_ref().map_or_else(Clone::clone, |_| "found".into())
+                        );
+                        (start, r)
+                    });
+                    match found
+                        .as_ref()
+                        .map_err(Clone::clone)
+                        .and_then(|(layout, bias)| go::read(mem, layout, *bias, &f.object))
+                    {
+                        Ok(h) => other.go = Some(h),
+                        Err(why) => other.not_read.push(NotRead {
+                            allocator: f.allocator.as_str().into(),
+                            object: f.object.clone(),
+                            why,
+                        }),
+                    }
+                    continue;
+                }
                 Allocator::Tcmalloc | Allocator::Mimalloc => {
                     other.not_read.push(NotRead {
                         allocator: f.allocator.as_str().into(),
@@ -871,7 +911,9 @@ impl Worker {
                 .entry((f.object.clone(), start))
                 .or_insert_with(|| {
                     let t = Instant::now();
-                    let r = jemalloc::locate(pid, maps, &f.object, &f.prefix, dirs);
+                    let r = crate::heap::locate(pid, maps, &f.object, dirs, |d| {
+                        jemalloc::Layout::find(d, d, &f.prefix)
+                    });
                     log::debug!(
                         "jemalloc layout in {} in {:.1} ms: {}",
                         f.object,
