@@ -111,20 +111,22 @@ fn read_unit(
     while let Some(e) = cursor.next_dfs()? {
         if first {
             first = false;
-            let wanted = match (e.attr_value(constants::DW_AT_language), language) {
+            let wanted = matches!(
+                (e.attr_value(constants::DW_AT_language), language),
                 (
                     Some(AttributeValue::Language(
                         constants::DW_LANG_C
-                        | constants::DW_LANG_C89
-                        | constants::DW_LANG_C99
-                        | constants::DW_LANG_C11
-                        | constants::DW_LANG_C17,
+                            | constants::DW_LANG_C89
+                            | constants::DW_LANG_C99
+                            | constants::DW_LANG_C11
+                            | constants::DW_LANG_C17,
                     )),
                     Language::C,
-                ) => true,
-                (Some(AttributeValue::Language(constants::DW_LANG_Go)), Language::Go) => true,
-                _ => false,
-            };
+                ) | (
+                    Some(AttributeValue::Language(constants::DW_LANG_Go)),
+                    Language::Go
+                )
+            );
             if !wanted {
                 return Ok(nodes);
             }

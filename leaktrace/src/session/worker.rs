@@ -264,6 +264,9 @@ struct Python {
     absent_tries: u32,
 }
 
+/// An allocator's layout found in an object, with the object's load bias, or why not.
+type Located<L> = Result<(L, u64), String>;
+
 struct Worker {
     setup: Setup,
     replies: UnboundedSender<Reply>,
@@ -282,11 +285,11 @@ struct Worker {
     /// The latest walk of pymalloc's arenas (made with the reading of where RSS goes).
     pymalloc: Option<PymallocWalk>,
     /// jemalloc's layout and load bias per object (and where it is mapped), or why not.
-    jemalloc_layouts: FxHashMap<(String, u64), Result<(jemalloc::Layout, u64), String>>,
+    jemalloc_layouts: FxHashMap<(String, u64), Located<jemalloc::Layout>>,
     /// Other allocators' state, read with where RSS goes.
     other: OtherState,
     /// The Go runtime's statistics' layout and the program's load bias, or why not.
-    go_layout: Option<(u64, Result<(go::Layout, u64), String>)>,
+    go_layout: Option<(u64, Located<go::Layout>)>,
 }
 
 impl Worker {
