@@ -1,13 +1,15 @@
 //! Files a target maps or launches (its executable, its libraries, a planted file):
 //! the dynamic section and ld.so.cache readers, the load-bias computation, the
 //! allocator search (symbols, thunks, probe placement, version strings, Go build
-//! info) and the unwind-table builder (.eh_frame, CIEs, FDEs, CFI programs) never
-//! panic or run away, whatever the bytes.
+//! info), the unwind-table builder (.eh_frame, CIEs, FDEs, CFI programs) and the
+//! struct layouts read from DWARF (jemalloc's arenas, the Go runtime's statistics)
+//! never panic or run away, whatever the bytes.
 #![no_main]
 
 use leaktrace::{
+    heap::{go, jemalloc},
     probes::allocators,
-    process::{elf, ldso},
+    process::{dwarf, elf, ldso},
     unwind::table,
 };
 use libfuzzer_sys::fuzz_target;
@@ -26,4 +28,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = t.pages();
     }
     let _ = table::fde_ranges(data);
+    let _ = jemalloc::Layout::find(data, data, "_rjem_");
+    let _ = go::Layout::find(data);
+    let _ = dwarf::resolve(data, &[("s", "a.b"), ("t", "")], dwarf::Language::C);
+    let _ = elf::data_symbol(data, &["je_arenas", "runtime.memstats"]);
 });
