@@ -634,3 +634,87 @@ fn root_python_names_cannot_drive_the_terminal() {
     );
     assert!(!text.lines().any(|l| l.starts_with("FAKE")), "{text}");
 }
+
+/// The heap census on `interpreter` (run as `cmd`): py_census.py makes 30000 Order and
+/// 10000 Session objects before leaktrace attaches and 20000 more Orders while traced.
+/// The census at the end must count each class within 5%, and rank Order as the type
+/// that grew, by about 20000 objects, with Session unchanged.
+fn check_census(name: &str, cmd: std::process::Command) {
+    let mut fx = Fixture::spawn_command(cmd);
+    let r = trace_fixture(&mut fx, &[]);
+    let c = &r["census"];
+    assert_eq!(c["kind"], "python", "{name}: {c:#}");
+    let types = c["types"].as_array().unwrap();
+    let of = |n: &str| {
+        types
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap_or_else(|| panic!("{name}: no {n} in {c:#}"))
+    };
+    let near = |got: &Value, want: f64| {
+        let g = got.as_f64().unwrap_or(-1.0);
+        (g - want).abs() <= 0.05 * want
+    };
+    let (order, session) = (of("Order"), of("Session"));
+    eprintln!(
+        "{name}: Order {} (+{}), Session {} (+{}); {} objects, {} of {} bytes, {} ms",
+        order["count"],
+        order["count_change"],
+        session["count"],
+        session["count_change"],
+        c["objects"],
+        c["attributed_bytes"],
+        c["heap_in_use_bytes"],
+        c["walk_ms"]
+    );
+    assert!(near(&order["count"], 50000.0), "{name}: {order:#}");
+    assert!(near(&session["count"], 10000.0), "{name}: {session:#}");
+    assert!(near(&order["count_change"], 20000.0), "{name}: {order:#}");
+    assert!(
+        session["count_change"].as_i64().unwrap().abs() <= 500,
+        "{name}: {session:#}"
+    );
+    let growing = c["growing"].as_array().unwrap();
+    assert!(
+        growing.iter().take(3).any(|t| t["name"] == "Order"),
+        "{name}: Order among the fastest-growing types: {growing:#?}"
+    );
+    assert!(c["attributed_bytes"].as_u64().unwrap() <= c["heap_in_use_bytes"].as_u64().unwrap());
+}
+
+fn census_cmd(interpreter: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(interpreter);
+    cmd.arg(script_path("py_census.py"));
+    cmd
+}
+
+/// The census on every CPython leaktrace reads: Debian's 3.11, pyenv's 2.7 and 3.9 to
+/// 3.13, and sid's 3.14 (in its root, through chroot). Each must be installed.
+#[test]
+fn root_python_census_every_version() {
+    require_root();
+    check_census("python3.11 (Debian)", census_cmd(Path::new(DEBIAN_311)));
+    let root =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let p27 = root.join("versions/2.7.18/bin/python2.7");
+    assert!(p27.exists(), "pyenv 2.7.18 is missing ({})", p27.display());
+    check_census("python2.7", census_cmd(&p27));
+    for minor in [9, 10, 12, 13] {
+        let p = pyenv(minor).unwrap_or_else(|| {
+            panic!("pyenv 3.{minor} is missing (expected under $PYENV_ROOT/versions)")
+        });
+        check_census(&format!("python3.{minor}"), census_cmd(&p));
+    }
+    let sid = sid_root();
+    let inside = format!(
+        "/tmp/leaktrace-tests-{}-census/py_census.py",
+        std::process::id()
+    );
+    let host = sid.join(inside.trim_start_matches('/'));
+    std::fs::create_dir_all(host.parent().unwrap()).expect("script dir in the root");
+    std::fs::copy(script_path("py_census.py"), &host).expect("copy the fixture into the root");
+    let mut cmd = std::process::Command::new("chroot");
+    cmd.arg(&sid).arg("/usr/bin/python3.14").arg(&inside);
+    check_census("python3.14 (sid, chroot)", cmd);
+    let _ = std::fs::remove_dir_all(host.parent().unwrap());
+}

@@ -10,6 +10,7 @@ use crate::process::{
     procfs::{self, MapEntry},
 };
 
+pub mod census;
 pub mod glibc;
 pub mod go;
 pub mod jemalloc;

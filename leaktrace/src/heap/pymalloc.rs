@@ -113,6 +113,8 @@ struct Pool {
     block_bytes: u64,
     in_use: u64,
     capacity: u64,
+    /// Blocks carved so far (up to `nextoffset`).
+    carved: u64,
 }
 
 /// Checks a pool header read at `addr`; `None` if it is not one.
@@ -141,6 +143,7 @@ fn parse(raw: &[u8; POOL_OVERHEAD as usize], addr: u64, l: &Layout) -> Option<Po
         block_bytes: size,
         in_use: count,
         capacity,
+        carved: carved.min(capacity),
     })
 }
 
@@ -276,6 +279,9 @@ pub struct PymallocWalk {
     pub arenas: Vec<PyArena>,
     /// Why the walk stopped early, if it did.
     pub incomplete: Option<String>,
+    /// Pools that changed between their header's reading and the census's (skipped).
+    #[serde(skip)]
+    pub census_torn_pools: u64,
     /// Each arena: (first pool, end, resident in use, resident free).
     #[serde(skip)]
     pub spans: Vec<(u64, u64, u64, u64)>,
@@ -317,7 +323,72 @@ fn classes_of(v: &[u64], l: &Layout) -> Vec<SizeClass> {
 
 /// Walks the arenas in `regions` (anonymous read-write mappings, page-aligned).
 pub fn walk<M: Memory>(mem: &M, l: &Layout, regions: &[(u64, u64)]) -> PymallocWalk {
-    walk_until(mem, l, regions, std::time::Instant::now() + WALK_BUDGET)
+    walk_until(
+        mem,
+        l,
+        regions,
+        std::time::Instant::now() + WALK_BUDGET,
+        None,
+    )
+}
+
+/// Walks the arenas like [`walk`], and hands each live block of every pool holding
+/// any to `census` (read a pool at a time), within `budget`.
+pub fn walk_with_census<M: Memory>(
+    mem: &M,
+    l: &Layout,
+    regions: &[(u64, u64)],
+    budget: std::time::Duration,
+    census: &mut dyn FnMut(u64, &[u8]),
+) -> PymallocWalk {
+    walk_until(
+        mem,
+        l,
+        regions,
+        std::time::Instant::now() + budget,
+        Some(census),
+    )
+}
+
+/// The live blocks of the pool read into `raw` (at `addr`): its header checked again
+/// (the pool may have changed since), its free list followed inside the buffer.
+/// Calls `each(block address, block bytes)` for every carved block not on the free
+/// list; `false` if the header no longer reads as a pool's.
+fn live_blocks(raw: &[u8], addr: u64, l: &Layout, each: &mut dyn FnMut(u64, &[u8])) -> bool {
+    let Some(header) = raw.get(..POOL_OVERHEAD as usize) else {
+        return false;
+    };
+    let Some(p) = parse(header.try_into().expect("48 bytes"), addr, l) else {
+        return false;
+    };
+    let next = u64::from(u32::from_le_bytes(raw[40..44].try_into().expect("4")));
+    let carved = ((next - POOL_OVERHEAD) / p.block_bytes) as usize;
+    let mut free = vec![false; carved];
+    let mut at = u64::from_le_bytes(raw[8..16].try_into().expect("8"));
+    // A free list longer than the pool's blocks loops: it ends there.
+    for _ in 0..carved {
+        let Some(i) = at
+            .checked_sub(addr + POOL_OVERHEAD)
+            .filter(|o| o.is_multiple_of(p.block_bytes))
+            .map(|o| (o / p.block_bytes) as usize)
+            .filter(|&i| i < carved && !free[i])
+        else {
+            break;
+        };
+        free[i] = true;
+        let o = POOL_OVERHEAD as usize + i * p.block_bytes as usize;
+        let Some(next) = raw.get(o..o + 8) else {
+            break;
+        };
+        at = u64::from_le_bytes(next.try_into().expect("8"));
+    }
+    for (i, _) in free.iter().enumerate().filter(|(_, f)| !**f) {
+        let o = POOL_OVERHEAD as usize + i * p.block_bytes as usize;
+        if let Some(b) = raw.get(o..o + p.block_bytes as usize) {
+            each(addr + o as u64, b);
+        }
+    }
+    true
 }
 
 fn walk_until<M: Memory>(
@@ -325,7 +396,16 @@ fn walk_until<M: Memory>(
     l: &Layout,
     regions: &[(u64, u64)],
     deadline: std::time::Instant,
+    mut census: Option<&mut dyn FnMut(u64, &[u8])>,
 ) -> PymallocWalk {
+    let mut pool_buf = vec![
+        0u8;
+        if census.is_some() {
+            l.pool_bytes as usize
+        } else {
+            0
+        }
+    ];
     let mut out = PymallocWalk {
         layout: Some(*l),
         ..PymallocWalk::default()
@@ -367,6 +447,23 @@ fn walk_until<M: Memory>(
                         })
                     })
                     .flatten();
+                // The census reads the pool up to its last carved block: pages past it
+                // were never written and may not be resident.
+                if let (Some(p), Some(each)) = (header, census.as_mut())
+                    && p.in_use > 0
+                {
+                    let carved = (POOL_OVERHEAD + p.carved * p.block_bytes).min(l.pool_bytes);
+                    let n = carved.div_ceil(PAGE) as usize;
+                    // Up to the first page not resident (never written past there).
+                    let n = pages[..n.min(pages.len())]
+                        .iter()
+                        .take_while(|&&r| r)
+                        .count();
+                    let buf = &mut pool_buf[..n * PAGE as usize];
+                    if mem.read(pool, buf).is_err() || !live_blocks(buf, pool, l, &mut **each) {
+                        out.census_torn_pools += 1;
+                    }
+                }
                 match (header, current) {
                     (Some(p), Some((idx, _))) if p.arena_index == idx => {}
                     (Some(p), _) => {
@@ -652,6 +749,7 @@ mod tests {
             &l,
             &[(base, base + l.arena_bytes)],
             std::time::Instant::now(),
+            None,
         );
         assert!(w.incomplete.is_some());
         assert_eq!(w.arena_count, 0);

@@ -70,6 +70,8 @@ pub struct Inputs<'a> {
     pub pymalloc: Option<&'a crate::heap::pymalloc::PymallocWalk>,
     /// Other allocators' own state (jemalloc's arenas), where read.
     pub other: Option<&'a crate::heap::OtherState>,
+    /// The live heap by type.
+    pub census: Option<&'a crate::heap::census::Census>,
     /// glibc's arena limit.
     pub arena_limit: Option<ArenaLimit>,
     /// malloc settings in the target's environment.
@@ -216,6 +218,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             pymalloc: i.pymalloc.cloned(),
             state: i.other.cloned().unwrap_or_default(),
         },
+        census: i.census.cloned(),
         python: i.python.clone(),
         stacks: stack_info(i),
         timeline: i.timeline.points().to_vec(),

@@ -326,6 +326,9 @@ pub struct Report {
     pub verdict: Verdict,
     /// The allocator as seen from outside.
     pub allocator: Allocator,
+    /// The live heap by type, read from outside (CPython): null when the target is not
+    /// CPython, or its version's object layout is not known.
+    pub census: Option<crate::heap::census::Census>,
     /// The CPython interpreter, when the target is one.
     pub python: Option<PythonInfo>,
     /// How stacks were unwound.

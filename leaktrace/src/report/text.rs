@@ -472,6 +472,72 @@ fn render_allocators(o: &mut String, a: &Allocator) {
     }
 }
 
+/// Types shown in the text table.
+const CENSUS_ROWS: usize = 12;
+
+fn render_census(o: &mut String, c: &crate::heap::census::Census) {
+    let _ = writeln!(
+        o,
+        "\nLive heap by type (Python objects in pymalloc's blocks, read from outside at {:.1} s): {} objects, {} — {:.0}% of {} in live blocks{}; {:.0} ms{}",
+        c.at_s,
+        c.objects,
+        bytes(c.attributed_bytes),
+        c.coverage() * 100.0,
+        bytes(c.heap_in_use_bytes),
+        " (the rest: buffers that are not objects, like lists' items and dicts' keys)",
+        c.walk_ms,
+        c.incomplete
+            .as_ref()
+            .map_or(String::new(), |w| format!("; incomplete: {w}"))
+    );
+    if c.types.is_empty() {
+        return;
+    }
+    let changes = c.types.iter().any(|t| t.count_change.is_some());
+    let _ = writeln!(
+        o,
+        "  {:<32} {:>10} {:>10}{}",
+        "type",
+        "objects",
+        "bytes",
+        if changes { "   since attach" } else { "" }
+    );
+    for t in c.types.iter().take(CENSUS_ROWS) {
+        let change = match (t.count_change, t.bytes_change) {
+            (Some(n), Some(b)) => format!(
+                "   {n:+} ({}){}",
+                crate::units::signed_bytes(b as f64),
+                if n > 0 && b > 0 && c.growing.iter().take(3).any(|g| g.name == t.name) {
+                    "  ← growing"
+                } else {
+                    ""
+                }
+            ),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<32} {:>10} {:>10}{change}",
+            printable(&t.name),
+            t.count,
+            bytes(t.bytes)
+        );
+    }
+    if let Some(g) = c
+        .growing
+        .first()
+        .filter(|g| !c.types.iter().take(CENSUS_ROWS).any(|t| t.name == g.name))
+    {
+        let _ = writeln!(
+            o,
+            "  growing most: {} ({:+} objects, {})",
+            printable(&g.name),
+            g.count_change.unwrap_or(0),
+            crate::units::signed_bytes(g.bytes_change.unwrap_or(0) as f64)
+        );
+    }
+}
+
 fn render_allocator(o: &mut String, a: &Allocator) {
     if let Some(h) = &a.state.go {
         let _ = writeln!(
@@ -828,6 +894,9 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
     }
     render_unnamed(&mut o, &r.stacks.unnamed_objects);
     render_allocator(&mut o, &r.allocator);
+    if let Some(c) = &r.census {
+        render_census(&mut o, c);
+    }
     if let Some(d) = &r.heap_detached {
         let _ = writeln!(
             o,

@@ -23,6 +23,7 @@ use crate::{
     analysis::memory::{self, MemoryMap},
     heap::{
         NotRead, OtherState,
+        census::{self, Census},
         glibc::{self, ArenaLimit, HeapWalk},
         go, jemalloc,
         pymalloc::{self, PymallocWalk},
@@ -171,6 +172,8 @@ pub struct Snapshot {
     pub pymalloc: Option<PymallocWalk>,
     /// Other allocators' own state (the latest reading).
     pub other: OtherState,
+    /// The live heap by type (the latest census, ranked against the one at attach).
+    pub census: Option<Census>,
     /// Objects in which some of the stacks' addresses had no symbol.
     pub unnamed: Vec<Unnamed>,
 }
@@ -288,6 +291,13 @@ struct Worker {
     jemalloc_layouts: FxHashMap<(String, u64), Located<jemalloc::Layout>>,
     /// Other allocators' state, read with where RSS goes.
     other: OtherState,
+    /// Where Python objects start in their blocks, for the census (found once), or why not.
+    census_layout: Option<Result<census::Layout, String>>,
+    /// The census taken at attach (or when the interpreter was first found) and the latest.
+    census_first: Option<Census>,
+    census_last: Option<Census>,
+    /// When the worker started (attach).
+    started: Instant,
     /// The Go runtime's statistics' layout and the program's load bias, or why not.
     go_layout: Option<(u64, Located<go::Layout>)>,
 }
@@ -316,6 +326,10 @@ impl Worker {
             jemalloc_layouts: FxHashMap::default(),
             other: OtherState::default(),
             go_layout: None,
+            census_layout: None,
+            census_first: None,
+            census_last: None,
+            started: Instant::now(),
         }
     }
 
@@ -326,6 +340,9 @@ impl Worker {
     fn run(mut self, jobs: &mpsc::Receiver<Job>) {
         self.load_attach_tables();
         self.find_python();
+        // What the heap holds at attach, before the trace starts: what grows is
+        // measured from here.
+        self.census_now();
         self.reply(Reply::Ready);
         loop {
             let job = if self.python_pending() {
@@ -728,6 +745,10 @@ impl Worker {
             memory: self.memory.clone(),
             pymalloc: self.pymalloc.clone(),
             other: self.other.clone(),
+            census: self.census_last.clone().map(|mut c| {
+                c.rank(self.census_first.as_ref().filter(|f| f.at_s < c.at_s));
+                c
+            }),
             unnamed: self
                 .symbols
                 .as_ref()
@@ -791,7 +812,14 @@ impl Worker {
             .and_then(|i| pymalloc::Layout::for_version(i.version.0, i.version.1));
         if let Some(layout) = layout {
             let t = Instant::now();
-            let w = pymalloc::walk(&mem, &layout, &candidates);
+            let w = match self.census_layout(&maps) {
+                Some(cl) => {
+                    let (w, c) = self.census_walk(&mem, &layout, cl, &candidates);
+                    self.record_census(c);
+                    w
+                }
+                None => pymalloc::walk(&mem, &layout, &candidates),
+            };
             log::debug!(
                 "walked {} pymalloc arenas in {:.1} ms",
                 w.arena_count,
@@ -939,6 +967,105 @@ impl Worker {
             }
         }
         self.other = other;
+    }
+
+    /// Where Python objects start, from the interpreter's version and `PyType_Type`'s
+    /// address in the target (found once).
+    fn census_layout(&mut self, maps: &[procfs::MapEntry]) -> Option<census::Layout> {
+        let interp = self.py.state.interpreter()?;
+        if self.census_layout.is_none() {
+            let (major, minor) = interp.version;
+            let found = (|| {
+                let at = interp
+                    .symbols
+                    .type_type
+                    .ok_or("the interpreter exports no PyType_Type")?;
+                let data = procfs::read_object(&interp.host)
+                    .map_err(|e| format!("reading {}: {e}", interp.object))?;
+                let bias = maps
+                    .iter()
+                    .find(|m| m.path == interp.object)
+                    .and_then(|m| {
+                        crate::process::elf::load_bias(&data, m.start, m.offset, m.is_exec())
+                    })
+                    .ok_or_else(|| format!("{} is not mapped where its ELF says", interp.object))?;
+                census::Layout::for_version(major, minor, at.wrapping_add(bias))
+                    .ok_or_else(|| format!("CPython {major}.{minor}'s object layout is not known"))
+            })();
+            if let Err(why) = &found {
+                log::info!("no heap census: {why}");
+            }
+            self.census_layout = Some(found);
+        }
+        self.census_layout.clone()?.ok()
+    }
+
+    /// Walks pymalloc's arenas with a census of their live blocks by type.
+    fn census_walk(
+        &self,
+        mem: &ProcMemory,
+        layout: &pymalloc::Layout,
+        cl: census::Layout,
+        regions: &[(u64, u64)],
+    ) -> (PymallocWalk, Census) {
+        let t = Instant::now();
+        let mut c = census::PyCensus::new(mem, cl);
+        let w = pymalloc::walk_with_census(mem, layout, regions, census::BUDGET, &mut |a, b| {
+            c.block(a, b)
+        });
+        let incomplete = w.incomplete.clone().or_else(|| {
+            (w.census_torn_pools > 0).then(|| {
+                format!(
+                    "{} pool(s) changed while read and were skipped",
+                    w.census_torn_pools
+                )
+            })
+        });
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let census = c.finish(ms, self.started.elapsed().as_secs_f64(), incomplete);
+        log::debug!(
+            "census: {} objects, {} of {} bytes attributed, in {ms:.1} ms",
+            census.objects,
+            census.attributed_bytes,
+            census.heap_in_use_bytes
+        );
+        (w, census)
+    }
+
+    fn record_census(&mut self, c: Census) {
+        if self.census_first.is_none() {
+            self.census_first = Some(c.clone());
+        }
+        self.census_last = Some(c);
+    }
+
+    /// A census now, if the target is CPython: the one at attach.
+    fn census_now(&mut self) {
+        let pid = self.setup.pid;
+        if self.py.state.interpreter().is_none() || self.census_first.is_some() {
+            return;
+        }
+        let (Ok(maps), Ok(mem)) = (procfs::read_maps(pid), ProcMemory::open(pid)) else {
+            return;
+        };
+        let Some(cl) = self.census_layout(&maps) else {
+            return;
+        };
+        let Some(layout) = self
+            .py
+            .state
+            .interpreter()
+            .and_then(|i| pymalloc::Layout::for_version(i.version.0, i.version.1))
+        else {
+            return;
+        };
+        let regions: Vec<(u64, u64)> = maps
+            .iter()
+            .filter(|m| m.path.is_empty() && &m.perms[..2] == b"rw")
+            .map(|m| (m.start, m.end))
+            .collect();
+        let (_, c) = self.census_walk(&mem, &layout, cl, &regions);
+        self.record_census(c);
     }
 
     /// What the report says about the interpreter.

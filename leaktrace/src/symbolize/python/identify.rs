@@ -27,6 +27,8 @@ pub struct Symbols {
     pub frame_type: Option<u64>,
     /// `_Py_NoneStruct`.
     pub none: Option<u64>,
+    /// `PyType_Type`: the type of types, which the heap census checks types against.
+    pub type_type: Option<u64>,
     /// 2.x: the `interp_head` variable (static: `.symtab` only).
     pub interp_head: Option<u64>,
     /// `PyInterpreterState_Head()`, which returns `interp_head` (for stripped 2.x).
@@ -138,6 +140,7 @@ fn identify_bytes(target: &str, host: &Path, data: &[u8]) -> Option<Interpreter>
             code_type,
             frame_type: addr("PyFrame_Type"),
             none: addr("_Py_NoneStruct"),
+            type_type: addr("PyType_Type"),
             interp_head: addr("interp_head"),
             interp_head_fn,
             gilstate_fn: addr("PyGILState_GetThisThreadState"),

@@ -1,0 +1,473 @@
+//! What the live heap holds, by type, read from outside: every live pymalloc block
+//! is read for the object header it may start with, and counted under its type when
+//! its type pointer leads to a real type object. Allocations made before attach count
+//! as much as the others: this answers "1.2 GB in 3.1 M `OrderRecord` objects" without
+//! waiting for new growth.
+//!
+//! Where an object starts in its block depends on the version and on its type:
+//!
+//! ```text
+//!   [pre-header 16: managed dict/values or weakref]  3.11+ (MANAGED_DICT, 3.12+: or MANAGED_WEAKREF)
+//!   [PyGC_Head: 16 bytes (3.8+), 24 (3.0–3.7), 32 (2.7)]  types with Py_TPFLAGS_HAVE_GC
+//!   ob_refcnt, ob_type, …
+//! ```
+//!
+//! A block is counted under a type only if the header at the offset that type
+//! implies has a plausible reference count and points to that type, and the type
+//! checks out: its own type is `type` (or a metaclass whose type is `type`), its name
+//! reads as text, and its basic size fits the block. A raw buffer (a list's items, a
+//! dict's keys) fails these and is not attributed: the coverage says how much is.
+//! The target keeps running: a block changed while read costs that block only.
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::process::Memory;
+
+/// `tp_name`, `tp_basicsize` and `tp_flags` in `PyTypeObject` (64-bit, 2.7 to 3.14).
+const TP_NAME: usize = 24;
+const TP_BASICSIZE: usize = 32;
+const TP_FLAGS: usize = 168;
+/// `Py_TPFLAGS_HAVE_GC`.
+const HAVE_GC: u64 = 1 << 14;
+/// Type objects remembered at most (a hostile heap cannot grow the cache past this).
+const MAX_TYPES: usize = 200_000;
+/// Reference counts above this are not an object's (3.12+ immortal objects have
+/// 2^32 − 1 or more, up to 2^32 + 2^31).
+const MAX_REFCNT: u64 = 1 << 40;
+/// Longest type name read.
+const MAX_NAME: usize = 128;
+/// Types listed in a report.
+pub const TYPES_SHOWN: usize = 40;
+/// Time one census may take (it reads every live pymalloc pool).
+pub const BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Where objects start in their blocks, for one CPython version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// `&PyType_Type` in the target.
+    pub type_type: u64,
+    /// `sizeof(PyGC_Head)`.
+    pub gc_head: u64,
+    /// Type flags that put a 16-byte pre-header before the GC head (0: none).
+    pub preheader_flags: u64,
+}
+
+impl Layout {
+    /// The layout of CPython `major.minor`, with `PyType_Type` at `type_type`.
+    pub fn for_version(major: u32, minor: u32, type_type: u64) -> Option<Self> {
+        let (gc_head, preheader_flags) = match (major, minor) {
+            // `union { struct {next, prev, refs}; long double dummy; }`: 32 bytes.
+            (2, 7) => (32, 0),
+            // `double dummy`: 24 bytes.
+            (3, 0..=7) => (24, 0),
+            (3, 8..=10) => (16, 0),
+            // Py_TPFLAGS_MANAGED_DICT.
+            (3, 11) => (16, 1 << 4),
+            // Py_TPFLAGS_PREHEADER: MANAGED_DICT | MANAGED_WEAKREF.
+            (3, 12..=14) => (16, (1 << 4) | (1 << 3)),
+            _ => return None,
+        };
+        Some(Self {
+            type_type,
+            gc_head,
+            preheader_flags,
+        })
+    }
+
+    /// Where an object of a type with `flags` starts in its block.
+    fn offset(&self, flags: u64) -> u64 {
+        let gc = if flags & HAVE_GC != 0 {
+            self.gc_head
+        } else {
+            0
+        };
+        let pre = if flags & self.preheader_flags != 0 {
+            16
+        } else {
+            0
+        };
+        gc + pre
+    }
+
+    /// The offsets an object may start at, smallest first.
+    fn offsets(&self) -> Vec<u64> {
+        let mut v = vec![0, self.gc_head];
+        if self.preheader_flags != 0 {
+            v.push(self.gc_head + 16);
+        }
+        v
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TypeInfo {
+    name: String,
+    basicsize: u64,
+    offset: u64,
+}
+
+/// Objects of one type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TypeCount {
+    /// `tp_name`: the class name for a class, the module-qualified name for some
+    /// built-in types.
+    pub name: String,
+    /// Objects counted.
+    pub count: u64,
+    /// Bytes of their blocks.
+    pub bytes: u64,
+    /// Count and bytes moved since the census at attach (null in that census, or when
+    /// the type was absent from it: then all of it is new).
+    pub count_change: Option<i64>,
+    /// See `count_change`.
+    pub bytes_change: Option<i64>,
+}
+
+/// A census of the live heap by type.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Census {
+    /// "python".
+    pub kind: &'static str,
+    /// Types, most bytes first ([`TYPES_SHOWN`] of them).
+    pub types: Vec<TypeCount>,
+    /// Types whose objects grew since the census at attach, most bytes first.
+    pub growing: Vec<TypeCount>,
+    /// Objects counted (all types).
+    pub objects: u64,
+    /// Bytes in blocks attributed to a type.
+    pub attributed_bytes: u64,
+    /// Bytes in live blocks read (pymalloc's; larger objects live in malloc's heap and
+    /// are not counted here).
+    pub heap_in_use_bytes: u64,
+    /// The census's time, reading included.
+    pub walk_ms: f64,
+    /// Seconds since attach when it was taken.
+    pub at_s: f64,
+    /// Why it is not complete, if it is not (time budget, pools changed while read).
+    pub incomplete: Option<String>,
+    /// Every type's count and bytes, for comparing censuses (not in the JSON).
+    #[serde(skip)]
+    pub all: FxHashMap<String, (u64, u64)>,
+}
+
+impl Census {
+    /// The share of the live blocks read that is attributed to a type.
+    pub fn coverage(&self) -> f64 {
+        self.attributed_bytes as f64 / self.heap_in_use_bytes.max(1) as f64
+    }
+
+    /// Fills `types` (largest first) and, against `before`, the changes and `growing`.
+    pub fn rank(&mut self, before: Option<&Census>) {
+        let change = |name: &str, c: u64, b: u64| {
+            before.map(|f| {
+                let (c0, b0) = f.all.get(name).copied().unwrap_or((0, 0));
+                (c as i64 - c0 as i64, b as i64 - b0 as i64)
+            })
+        };
+        let mut all: Vec<TypeCount> = self
+            .all
+            .iter()
+            .map(|(n, &(c, b))| {
+                let ch = change(n, c, b);
+                TypeCount {
+                    name: n.clone(),
+                    count: c,
+                    bytes: b,
+                    count_change: ch.map(|x| x.0),
+                    bytes_change: ch.map(|x| x.1),
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.name.cmp(&b.name)));
+        let mut growing: Vec<TypeCount> = all
+            .iter()
+            .filter(|t| {
+                t.count_change.is_some_and(|c| c > 0) && t.bytes_change.is_some_and(|b| b > 0)
+            })
+            .cloned()
+            .collect();
+        growing.sort_by(|a, b| {
+            b.bytes_change
+                .cmp(&a.bytes_change)
+                .then(a.name.cmp(&b.name))
+        });
+        growing.truncate(TYPES_SHOWN);
+        all.truncate(TYPES_SHOWN);
+        self.types = all;
+        self.growing = growing;
+    }
+}
+
+/// Counts blocks by type as the pymalloc walk hands them over.
+pub struct PyCensus<'m> {
+    mem: &'m dyn Memory,
+    layout: Layout,
+    offsets: Vec<u64>,
+    types: FxHashMap<u64, Option<TypeInfo>>,
+    /// Metatypes found (their own type is `type`).
+    metas: FxHashMap<u64, bool>,
+    counts: FxHashMap<u64, (u64, u64)>,
+    in_use: u64,
+}
+
+impl<'m> PyCensus<'m> {
+    /// A census reading type objects through `mem`.
+    pub fn new(mem: &'m dyn Memory, layout: Layout) -> Self {
+        Self {
+            mem,
+            layout,
+            offsets: layout.offsets(),
+            types: FxHashMap::default(),
+            metas: FxHashMap::default(),
+            counts: FxHashMap::default(),
+            in_use: 0,
+        }
+    }
+
+    fn word(raw: &[u8], o: usize) -> Option<u64> {
+        Some(u64::from_le_bytes(raw.get(o..o + 8)?.try_into().ok()?))
+    }
+
+    /// Counts one live block (its address and bytes).
+    pub fn block(&mut self, _addr: u64, raw: &[u8]) {
+        let size = raw.len() as u64;
+        self.in_use += size;
+        for i in 0..self.offsets.len() {
+            let o = self.offsets[i];
+            let (Some(refcnt), Some(ty)) =
+                (Self::word(raw, o as usize), Self::word(raw, o as usize + 8))
+            else {
+                break;
+            };
+            if refcnt == 0 || refcnt > MAX_REFCNT {
+                continue;
+            }
+            match self.type_info(ty) {
+                Some(t) if t.offset == o && t.basicsize <= size - o => {
+                    let e = self.counts.entry(ty).or_default();
+                    e.0 += 1;
+                    e.1 += size;
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether `meta` is `type` or a metaclass (its own type is `type`).
+    fn is_metatype(&mut self, meta: u64) -> bool {
+        if meta == self.layout.type_type {
+            return true;
+        }
+        if let Some(&m) = self.metas.get(&meta) {
+            return m;
+        }
+        let mut w = [0u8; 8];
+        let ok = meta.is_multiple_of(8)
+            && self.mem.read(meta.wrapping_add(8), &mut w).is_ok()
+            && u64::from_le_bytes(w) == self.layout.type_type;
+        if self.metas.len() < MAX_TYPES {
+            self.metas.insert(meta, ok);
+        }
+        ok
+    }
+
+    fn type_info(&mut self, t: u64) -> Option<&TypeInfo> {
+        if !self.types.contains_key(&t) {
+            let info = self.read_type(t);
+            if self.types.len() >= MAX_TYPES {
+                return None;
+            }
+            self.types.insert(t, info);
+        }
+        self.types.get(&t).and_then(Option::as_ref)
+    }
+
+    fn read_type(&mut self, t: u64) -> Option<TypeInfo> {
+        if t == 0 || !t.is_multiple_of(8) {
+            return None;
+        }
+        let mut raw = [0u8; TP_FLAGS + 8];
+        self.mem.read(t, &mut raw).ok()?;
+        let meta = Self::word(&raw, 8)?;
+        if !self.is_metatype(meta) {
+            return None;
+        }
+        let name_at = Self::word(&raw, TP_NAME)?;
+        let mut name = [0u8; MAX_NAME];
+        // A name near the end of a mapping: read what there is, 16 bytes at a time.
+        let mut got = 0;
+        while got < MAX_NAME
+            && self
+                .mem
+                .read(name_at.wrapping_add(got as u64), &mut name[got..got + 16])
+                .is_ok()
+        {
+            if name[got..got + 16].contains(&0) {
+                got += 16;
+                break;
+            }
+            got += 16;
+        }
+        let len = name[..got].iter().position(|&b| b == 0)?;
+        let name = std::str::from_utf8(&name[..len]).ok()?;
+        if name.is_empty() || name.chars().any(|c| c.is_control()) {
+            return None;
+        }
+        let flags = Self::word(&raw, TP_FLAGS)?;
+        Some(TypeInfo {
+            name: name.to_owned(),
+            basicsize: Self::word(&raw, TP_BASICSIZE)?,
+            offset: self.layout.offset(flags),
+        })
+    }
+
+    /// The census: counts merged by type name.
+    pub fn finish(self, walk_ms: f64, at_s: f64, incomplete: Option<String>) -> Census {
+        let mut all: FxHashMap<String, (u64, u64)> = FxHashMap::default();
+        let (mut objects, mut attributed) = (0, 0);
+        for (t, (c, b)) in &self.counts {
+            if let Some(Some(info)) = self.types.get(t) {
+                let e = all.entry(info.name.clone()).or_default();
+                e.0 += c;
+                e.1 += b;
+                objects += c;
+                attributed += b;
+            }
+        }
+        Census {
+            kind: "python",
+            objects,
+            attributed_bytes: attributed,
+            heap_in_use_bytes: self.in_use,
+            walk_ms,
+            at_s,
+            incomplete,
+            all,
+            ..Census::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::memory::Laid;
+
+    const TYPE_TYPE: u64 = 0x1000;
+
+    /// A type object at `at` named `name` (its name stored at `at + 0x200`).
+    fn lay_type(m: &mut Laid, at: u64, meta: u64, name: &str, basicsize: u64, flags: u64) {
+        m.put(at, 1);
+        m.put(at + 8, meta);
+        m.put(at + TP_NAME as u64, at + 0x200);
+        m.put(at + TP_BASICSIZE as u64, basicsize);
+        m.put(at + TP_FLAGS as u64, flags);
+        let mut b = name.as_bytes().to_vec();
+        b.resize(b.len().div_ceil(8) * 8 + 8, 0);
+        for (i, w) in b.chunks_exact(8).enumerate() {
+            m.put(
+                at + 0x200 + 8 * i as u64,
+                u64::from_le_bytes(w.try_into().unwrap()),
+            );
+        }
+    }
+
+    fn block(words: &[u64], size: usize) -> Vec<u8> {
+        let mut v: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        v.resize(size, 0);
+        v
+    }
+
+    #[test]
+    fn objects_are_counted_at_their_types_offsets() {
+        let mut m = Laid::new(0, 0x10000);
+        lay_type(&mut m, TYPE_TYPE, TYPE_TYPE, "type", 900, 0);
+        // A class with a managed dict (GC, pre-header), a GC type, a plain one, and
+        // a class whose metaclass is ABCMeta.
+        lay_type(&mut m, 0x2000, TYPE_TYPE, "Order", 32, HAVE_GC | (1 << 4));
+        lay_type(&mut m, 0x3000, TYPE_TYPE, "list", 40, HAVE_GC);
+        lay_type(&mut m, 0x4000, TYPE_TYPE, "int", 24, 0);
+        lay_type(&mut m, 0x5000, TYPE_TYPE, "ABCMeta", 900, 0);
+        lay_type(&mut m, 0x6000, 0x5000, "Session", 16, 0);
+        let l = Layout::for_version(3, 12, TYPE_TYPE).unwrap();
+        let mut c = PyCensus::new(&m, l);
+        // Order: pre-header (2 words), GC head (2 words), then the object.
+        c.block(0, &block(&[0, 0, 0, 0, 1, 0x2000], 64));
+        c.block(0, &block(&[0, 0, 0, 0, 3, 0x2000], 64));
+        c.block(0, &block(&[0, 0, 1, 0x3000, 0], 64));
+        c.block(0, &block(&[7, 0x4000, 5], 32));
+        c.block(0, &block(&[1, 0x6000], 16));
+        // A list's items: pointers, and one of them to a type: not an object.
+        c.block(0, &block(&[0x7f00_0000_0000, 0x4000], 16));
+        // A header pointing to a type at the wrong offset (GC type at 0): not counted.
+        c.block(0, &block(&[1, 0x3000, 0, 0], 48));
+        // A refcount of 0 and a type that is no type.
+        c.block(0, &block(&[0, 0x4000], 32));
+        c.block(0, &block(&[1, 0x7000], 32));
+        // A basic size larger than the block.
+        c.block(0, &block(&[1, 0x2000], 16));
+        let mut census = c.finish(1.0, 0.0, None);
+        census.rank(None);
+        let got: Vec<(&str, u64, u64)> = census
+            .types
+            .iter()
+            .map(|t| (t.name.as_str(), t.count, t.bytes))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("Order", 2, 128),
+                ("list", 1, 64),
+                ("int", 1, 32),
+                ("Session", 1, 16)
+            ]
+        );
+        assert_eq!(census.objects, 5);
+        assert_eq!(census.attributed_bytes, 240);
+        assert_eq!(census.heap_in_use_bytes, 240 + 16 + 48 + 32 + 32 + 16);
+    }
+
+    #[test]
+    fn growth_is_ranked_against_the_first_census() {
+        let census = |v: &[(&str, u64, u64)]| Census {
+            all: v.iter().map(|&(n, c, b)| (n.to_owned(), (c, b))).collect(),
+            ..Census::default()
+        };
+        let first = census(&[("dict", 100, 10_000), ("Order", 10, 640)]);
+        let mut last = census(&[
+            ("dict", 90, 9_000),
+            ("Order", 1010, 64_640),
+            ("Session", 5, 80),
+        ]);
+        last.rank(Some(&first));
+        let g: Vec<(&str, Option<i64>, Option<i64>)> = last
+            .growing
+            .iter()
+            .map(|t| (t.name.as_str(), t.count_change, t.bytes_change))
+            .collect();
+        assert_eq!(
+            g,
+            vec![
+                ("Order", Some(1000), Some(64_000)),
+                ("Session", Some(5), Some(80))
+            ]
+        );
+        assert_eq!(last.types[0].name, "Order");
+        assert_eq!(last.types[1].count_change, Some(-10));
+    }
+
+    #[test]
+    fn versions() {
+        let off = |maj, min, flags| Layout::for_version(maj, min, 0).unwrap().offset(flags);
+        assert_eq!(off(2, 7, HAVE_GC), 32);
+        assert_eq!(off(3, 7, HAVE_GC), 24);
+        assert_eq!(off(3, 10, HAVE_GC | (1 << 4)), 16);
+        assert_eq!(off(3, 11, HAVE_GC | (1 << 4)), 32);
+        assert_eq!(off(3, 11, HAVE_GC | (1 << 3)), 16);
+        assert_eq!(off(3, 13, HAVE_GC | (1 << 3)), 32);
+        assert_eq!(off(3, 13, 0), 0);
+        assert!(Layout::for_version(3, 15, 0).is_none());
+    }
+}
