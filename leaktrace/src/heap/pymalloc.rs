@@ -332,6 +332,9 @@ pub fn walk<M: Memory>(mem: &M, l: &Layout, regions: &[(u64, u64)]) -> PymallocW
     )
 }
 
+/// What a census is handed: each live block's address and bytes.
+pub type BlockVisitor<'a> = dyn FnMut(u64, &[u8]) + 'a;
+
 /// Walks the arenas like [`walk`], and hands each live block of every pool holding
 /// any to `census` (read a pool at a time), within `budget`.
 pub fn walk_with_census<M: Memory>(
@@ -339,7 +342,7 @@ pub fn walk_with_census<M: Memory>(
     l: &Layout,
     regions: &[(u64, u64)],
     budget: std::time::Duration,
-    census: &mut dyn FnMut(u64, &[u8]),
+    census: &mut BlockVisitor<'_>,
 ) -> PymallocWalk {
     walk_until(
         mem,
@@ -354,7 +357,7 @@ pub fn walk_with_census<M: Memory>(
 /// (the pool may have changed since), its free list followed inside the buffer.
 /// Calls `each(block address, block bytes)` for every carved block not on the free
 /// list; `false` if the header no longer reads as a pool's.
-fn live_blocks(raw: &[u8], addr: u64, l: &Layout, each: &mut dyn FnMut(u64, &[u8])) -> bool {
+fn live_blocks(raw: &[u8], addr: u64, l: &Layout, each: &mut BlockVisitor<'_>) -> bool {
     let Some(header) = raw.get(..POOL_OVERHEAD as usize) else {
         return false;
     };
@@ -396,7 +399,7 @@ fn walk_until<M: Memory>(
     l: &Layout,
     regions: &[(u64, u64)],
     deadline: std::time::Instant,
-    mut census: Option<&mut dyn FnMut(u64, &[u8])>,
+    mut census: Option<&mut BlockVisitor<'_>>,
 ) -> PymallocWalk {
     let mut pool_buf = vec![
         0u8;

@@ -566,6 +566,36 @@ mod tests {
                 mmap_threshold_raised_to: None,
                 pymalloc: None,
             },
+            census: Some({
+                let mut c = crate::heap::census::Census {
+                    kind: "python",
+                    objects: 61_000,
+                    attributed_bytes: 4 << 20,
+                    heap_in_use_bytes: 5 << 20,
+                    walk_ms: 41.0,
+                    at_s: 5.0,
+                    all: [
+                        ("Order".to_owned(), (50_000, 3_200_000)),
+                        ("Session".to_owned(), (10_000, 480_000)),
+                        ("dict".to_owned(), (1_000, 512_000)),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    ..Default::default()
+                };
+                let first = crate::heap::census::Census {
+                    all: [
+                        ("Order".to_owned(), (30_000, 1_920_000)),
+                        ("Session".to_owned(), (10_000, 480_000)),
+                        ("dict".to_owned(), (1_100, 560_000)),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    ..Default::default()
+                };
+                c.rank(Some(&first));
+                c
+            }),
             python: None,
             stacks: StackInfo {
                 unwinder: Unwinder::Cfi,

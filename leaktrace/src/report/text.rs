@@ -478,13 +478,13 @@ const CENSUS_ROWS: usize = 12;
 fn render_census(o: &mut String, c: &crate::heap::census::Census) {
     let _ = writeln!(
         o,
-        "\nLive heap by type (Python objects in pymalloc's blocks, read from outside at {:.1} s): {} objects, {} — {:.0}% of {} in live blocks{}; {:.0} ms{}",
+        "\nLive heap by type (Python objects in pymalloc's blocks, read from outside at {:.1} s): {} objects, {} — {:.0}% of {} in live blocks \
+         (the rest: buffers that are not objects, like lists' items and dicts' keys); {:.0} ms{}",
         c.at_s,
         c.objects,
         bytes(c.attributed_bytes),
         c.coverage() * 100.0,
         bytes(c.heap_in_use_bytes),
-        " (the rest: buffers that are not objects, like lists' items and dicts' keys)",
         c.walk_ms,
         c.incomplete
             .as_ref()
