@@ -143,4 +143,5 @@ fn build_unwind_fixtures(cc: &str, src: &std::path::Path, out: &std::path::Path)
     );
     let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
     build(&cxx, "unwind_cpp", &nofp, &src.join("unwind_cpp.cpp"), &[]);
+    build(&cxx, "census_cpp", &fp, &src.join("census_cpp.cpp"), &[]);
 }

@@ -2,7 +2,7 @@
 
 use leaktrace_tests::{
     Fixture, Tracer, check_shape, counter, functions, lost, require_root, stack_at, stacks_at,
-    trace_scenario, trace_scenario_with_env,
+    trace_fixture, trace_scenario, trace_scenario_with_env,
 };
 
 /// What one heap_ops scenario must leave outstanding.
@@ -755,4 +755,40 @@ fn root_growth_rates_per_stack() {
             .windows(2)
             .all(|w| w[0]["t_s"].as_f64() <= w[1]["t_s"].as_f64())
     );
+}
+
+/// The C++ heap census: 3000 Order and 1000 Session objects (polymorphic, in namespace
+/// shop) made before leaktrace attaches, 2000 more Orders while traced, beside plain
+/// blocks. Each class is counted exactly by its vtable pointer, the Orders rank as the
+/// type that grew, and the plain blocks are not attributed.
+#[test]
+fn root_cxx_census_by_vtable() {
+    require_root();
+    let mut fx = Fixture::spawn("census_cpp", &[]);
+    let r = trace_fixture(&mut fx, &[]);
+    let c = &r["census"];
+    assert_eq!(c["kind"], "c++", "{c:#}");
+    let of = |n: &str| {
+        c["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap_or_else(|| panic!("no {n} in {c:#}"))
+            .clone()
+    };
+    let (order, session) = (of("shop::Order"), of("shop::Session"));
+    eprintln!(
+        "census: {order} {session}; {} of {} bytes",
+        c["attributed_bytes"], c["heap_in_use_bytes"]
+    );
+    assert_eq!(order["count"], 5000);
+    assert_eq!(order["count_change"], 2000);
+    assert_eq!(session["count"], 1000);
+    assert_eq!(session["count_change"], 0);
+    // new Order: 40 bytes in a 48-byte chunk; new Session: 208 bytes in a 224-byte one.
+    assert_eq!(order["bytes"], 5000 * 48);
+    assert_eq!(session["bytes"], 1000 * 224);
+    assert_eq!(c["objects"], 6000, "only the two classes' objects: {c:#}");
+    assert_eq!(c["growing"][0]["name"], "shop::Order");
 }

@@ -127,7 +127,7 @@ pub struct TypeCount {
 /// A census of the live heap by type.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Census {
-    /// "python".
+    /// "python" or "c++".
     pub kind: &'static str,
     /// Types, most bytes first ([`TYPES_SHOWN`] of them).
     pub types: Vec<TypeCount>,
@@ -323,6 +323,34 @@ impl<'m> PyCensus<'m> {
         })
     }
 
+    /// Counts one in-use malloc chunk (its user address, chunk size and first bytes):
+    /// an object larger than pymalloc's blocks.
+    pub fn chunk(&mut self, _user: u64, size: u64, head: &[u8]) {
+        self.in_use += size;
+        for i in 0..self.offsets.len() {
+            let o = self.offsets[i];
+            let (Some(refcnt), Some(ty)) = (
+                Self::word(head, o as usize),
+                Self::word(head, o as usize + 8),
+            ) else {
+                break;
+            };
+            if refcnt == 0 || refcnt > MAX_REFCNT {
+                continue;
+            }
+            match self.type_info(ty) {
+                // The chunk's usable bytes: its size less its header.
+                Some(t) if t.offset == o && t.basicsize <= size.saturating_sub(8 + o) => {
+                    let e = self.counts.entry(ty).or_default();
+                    e.0 += 1;
+                    e.1 += size;
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// The census: counts merged by type name.
     pub fn finish(self, walk_ms: f64, at_s: f64, incomplete: Option<String>) -> Census {
         let mut all: FxHashMap<String, (u64, u64)> = FxHashMap::default();
@@ -338,6 +366,121 @@ impl<'m> PyCensus<'m> {
         }
         Census {
             kind: "python",
+            objects,
+            attributed_bytes: attributed,
+            heap_in_use_bytes: self.in_use,
+            walk_ms,
+            at_s,
+            incomplete,
+            all,
+            ..Census::default()
+        }
+    }
+}
+
+/// C++ classes by the address their objects' vtable pointer holds: `vtable for X`
+/// (`_ZTV…`) plus 16 (the offset to top and the type info come first), in every
+/// loaded object. A polymorphic object's first word is that pointer.
+#[derive(Debug, Default)]
+pub struct Vtables {
+    by_vptr: FxHashMap<u64, u32>,
+    names: Vec<String>,
+}
+
+/// Classes remembered at most.
+const MAX_CLASSES: usize = 1_000_000;
+
+impl Vtables {
+    /// Adds the vtables an object's symbol tables define, at `bias`; how many.
+    pub fn add_object(&mut self, data: &[u8], bias: u64) -> usize {
+        use object::{Object as _, ObjectSymbol as _};
+        let Ok(file) = object::File::parse(data) else {
+            return 0;
+        };
+        let mut n = 0;
+        for s in file.symbols().chain(file.dynamic_symbols()) {
+            let Ok(name) = s.name() else { continue };
+            let Some(mangled) = name.strip_prefix("_ZTV") else {
+                continue;
+            };
+            // A vtable holds at least the offset to top, the type info and one function.
+            if !s.is_definition() || s.size() < 24 || self.by_vptr.len() >= MAX_CLASSES {
+                continue;
+            }
+            let vptr = s.address().wrapping_add(bias).wrapping_add(16);
+            if self.by_vptr.contains_key(&vptr) {
+                continue;
+            }
+            let class = cpp_demangle::Symbol::new(format!("_Z{mangled}"))
+                .ok()
+                .and_then(|sym| sym.demangle().ok())
+                .unwrap_or_else(|| mangled.to_owned());
+            self.by_vptr.insert(vptr, self.names.len() as u32);
+            self.names.push(class);
+            n += 1;
+        }
+        n
+    }
+
+    /// Classes known.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether no class is known.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Counts malloc's in-use chunks by the class their vtable pointer names.
+pub struct CxxCensus<'v> {
+    vtables: &'v Vtables,
+    counts: FxHashMap<u32, (u64, u64)>,
+    in_use: u64,
+}
+
+impl<'v> CxxCensus<'v> {
+    /// A census against `vtables`.
+    pub fn new(vtables: &'v Vtables) -> Self {
+        Self {
+            vtables,
+            counts: FxHashMap::default(),
+            in_use: 0,
+        }
+    }
+
+    /// Counts one in-use chunk (user address, chunk size, first bytes).
+    pub fn chunk(&mut self, _user: u64, size: u64, head: &[u8]) {
+        self.in_use += size;
+        let Some(vptr) = head
+            .get(..8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8")))
+        else {
+            return;
+        };
+        if let Some(&i) = self.vtables.by_vptr.get(&vptr) {
+            let e = self.counts.entry(i).or_default();
+            e.0 += 1;
+            e.1 += size;
+        }
+    }
+
+    /// The census, by class name.
+    pub fn finish(self, walk_ms: f64, at_s: f64, incomplete: Option<String>) -> Census {
+        let mut all: FxHashMap<String, (u64, u64)> = FxHashMap::default();
+        let (mut objects, mut attributed) = (0, 0);
+        for (&i, &(c, b)) in &self.counts {
+            let e = all
+                .entry(self.vtables.names[i as usize].clone())
+                .or_default();
+            e.0 += c;
+            e.1 += b;
+            objects += c;
+            attributed += b;
+        }
+        Census {
+            kind: "c++",
             objects,
             attributed_bytes: attributed,
             heap_in_use_bytes: self.in_use,

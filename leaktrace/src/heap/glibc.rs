@@ -83,6 +83,8 @@ impl<'a, M: Memory> Words<'a, M> {
 /// One heap's chunks, as walked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Chunks {
+    /// The first chunk (where the chain was found).
+    first: u64,
     in_use_bytes: u64,
     in_use_chunks: u64,
     /// Free chunks other than the top: (address, size).
@@ -112,7 +114,10 @@ fn walk<M: Memory>(
     deadline: std::time::Instant,
 ) -> Result<Chunks, &'static str> {
     let mut w = Words::new(mem, end);
-    let mut c = Chunks::default();
+    let mut c = Chunks {
+        first,
+        ..Chunks::default()
+    };
     let mut p = first;
     let mut prev: Option<(u64, u64)> = None;
     // The chunk classified just before `prev`, when it was free.
@@ -289,6 +294,77 @@ pub struct HeapWalk {
     pub trimmable_bytes: u64,
     /// Resident bytes of all heaps.
     pub resident_bytes: u64,
+    /// Each walked heap's chunk chain: (first chunk, heap end), for the census.
+    #[serde(skip)]
+    pub chains: Vec<(u64, u64)>,
+}
+
+/// Bytes of an in-use chunk's start handed to a census (an object's header, behind a
+/// GC head and a pre-header at most).
+pub const CHUNK_HEAD: usize = 64;
+
+/// Calls `each(user address, chunk size, first bytes)` for every in-use chunk of the
+/// walked chains, within `deadline`; `false` if a chain broke (the target changed it
+/// since the walk) or the time ran out.
+pub fn each_in_use<M: Memory>(
+    mem: &M,
+    chains: &[(u64, u64)],
+    deadline: std::time::Instant,
+    each: &mut dyn FnMut(u64, u64, &[u8]),
+) -> bool {
+    let mut complete = true;
+    let mut head = [0u8; CHUNK_HEAD];
+    for &(first, end) in chains {
+        let mut w = Words::new(mem, end);
+        let mut p = first;
+        let mut prev: Option<(u64, u64)> = None;
+        let mut n = 0u32;
+        loop {
+            if n.is_multiple_of(CHUNKS_PER_CLOCK) && std::time::Instant::now() > deadline {
+                return false;
+            }
+            n = n.wrapping_add(1);
+            let Some(field) = w.at(p + 8) else {
+                complete = false;
+                break;
+            };
+            if let Some((pa, ps)) = prev
+                && field & PREV_INUSE != 0
+            {
+                let words = ((ps.saturating_sub(16)) / 8).min(CHUNK_HEAD as u64 / 8) as usize;
+                let mut got = 0;
+                while got < words {
+                    let Some(v) = w.at(pa + 16 + 8 * got as u64) else {
+                        break;
+                    };
+                    head[got * 8..got * 8 + 8].copy_from_slice(&v.to_le_bytes());
+                    got += 1;
+                }
+                each(pa + 16, ps, &head[..got * 8]);
+                // Back to this chunk's header for the next step.
+                if w.at(p + 8).is_none() {
+                    complete = false;
+                    break;
+                }
+            }
+            let size = field & !7;
+            let Some(next) = p.checked_add(size).filter(|_| size >= 16 && size % 16 == 0) else {
+                // The fencepost's size 0 ends an abandoned heap; anything else broke.
+                complete &= size == 0;
+                break;
+            };
+            if next > end {
+                complete = false;
+                break;
+            }
+            if next == end || end - next < 16 {
+                break;
+            }
+            prev = Some((p, size));
+            p = next;
+        }
+    }
+    complete
 }
 
 /// Where the walker looks: the main heap's extent and the per-thread arena heaps.
@@ -482,6 +558,7 @@ fn walk_heaps_until<M: Memory>(
                 };
                 add_heap(mem, &mut a, start, end, &c, true);
                 out.arenas.push(a);
+                out.chains.push((c.first, end));
             }
             Err(reason) => out.unwalkable.push(Unwalkable {
                 heap: hex(start),
@@ -499,6 +576,7 @@ fn walk_heaps_until<M: Memory>(
                     ..ArenaStats::default()
                 });
                 add_heap(mem, a, h, end, &c, false);
+                out.chains.push((c.first, end));
             }
             Err(reason) if reason.starts_with("not a glibc") => {}
             Err(reason) => out.unwalkable.push(Unwalkable {

@@ -296,6 +296,8 @@ struct Worker {
     /// The census taken at attach (or when the interpreter was first found) and the latest.
     census_first: Option<Census>,
     census_last: Option<Census>,
+    /// C++ classes by vtable, read from the objects mapped at the first census.
+    vtables: Option<census::Vtables>,
     /// When the worker started (attach).
     started: Instant,
     /// The Go runtime's statistics' layout and the program's load bias, or why not.
@@ -329,6 +331,7 @@ impl Worker {
             census_layout: None,
             census_first: None,
             census_last: None,
+            vtables: None,
             started: Instant::now(),
         }
     }
@@ -827,6 +830,11 @@ impl Worker {
             );
             self.pymalloc = Some(w);
         }
+        if self.py.state.interpreter().is_none()
+            && let Some(c) = self.cxx_census(&maps, &mem)
+        {
+            self.record_census(c);
+        }
         let py_spans: Vec<(u64, u64, u64)> = self
             .pymalloc
             .iter()
@@ -1013,14 +1021,28 @@ impl Worker {
         let w = pymalloc::walk_with_census(mem, layout, regions, census::BUDGET, &mut |a, b| {
             c.block(a, b)
         });
-        let incomplete = w.incomplete.clone().or_else(|| {
-            (w.census_torn_pools > 0).then(|| {
-                format!(
-                    "{} pool(s) changed while read and were skipped",
-                    w.census_torn_pools
-                )
+        // Objects larger than pymalloc's blocks are malloc's chunks.
+        let chunks_complete = self.walk.as_ref().is_none_or(|g| {
+            glibc::each_in_use(mem, &g.chains, t + census::BUDGET, &mut |u, n, h| {
+                c.chunk(u, n, h)
             })
         });
+        let incomplete = w
+            .incomplete
+            .clone()
+            .or_else(|| {
+                (w.census_torn_pools > 0).then(|| {
+                    format!(
+                        "{} pool(s) changed while read and were skipped",
+                        w.census_torn_pools
+                    )
+                })
+            })
+            .or_else(|| {
+                (!chunks_complete).then(|| {
+                    "malloc's heaps changed while read or took over the time budget".to_owned()
+                })
+            });
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let census = c.finish(ms, self.started.elapsed().as_secs_f64(), incomplete);
         log::debug!(
@@ -1032,6 +1054,60 @@ impl Worker {
         (w, census)
     }
 
+    /// C++ objects in malloc's chunks, by the class their vtable pointer names (the
+    /// classes of the objects mapped when first called).
+    fn cxx_census(&mut self, maps: &[procfs::MapEntry], mem: &ProcMemory) -> Option<Census> {
+        let walk = self.walk.as_ref()?;
+        // A C++ program links its runtime (statically linked ones are not looked at).
+        let cxx = maps
+            .iter()
+            .any(|m| m.path.contains("/libstdc++.so") || m.path.contains("/libc++.so"));
+        if self.vtables.is_none() && !cxx {
+            self.vtables = Some(census::Vtables::default());
+        }
+        if self.vtables.is_none() {
+            let t = Instant::now();
+            let mut v = census::Vtables::default();
+            let mut seen: Vec<&str> = Vec::new();
+            for m in maps.iter().filter(|m| m.is_file() && m.offset == 0) {
+                if seen.contains(&m.path.as_str()) {
+                    continue;
+                }
+                seen.push(&m.path);
+                let host = procfs::mapped_file(self.setup.pid, m.start, m.end);
+                let Ok(data) = procfs::read_object(&host) else {
+                    continue;
+                };
+                if let Some(bias) =
+                    crate::process::elf::load_bias(&data, m.start, m.offset, m.is_exec())
+                {
+                    v.add_object(&data, bias);
+                }
+            }
+            log::debug!(
+                "{} C++ classes with vtables in {:.1} ms",
+                v.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            self.vtables = Some(v);
+        }
+        let v = self.vtables.as_ref().filter(|v| !v.is_empty())?;
+        let t = Instant::now();
+        let mut c = census::CxxCensus::new(v);
+        let complete = glibc::each_in_use(mem, &walk.chains, t + census::BUDGET, &mut |u, n, h| {
+            c.chunk(u, n, h)
+        });
+        Some(
+            c.finish(
+                t.elapsed().as_secs_f64() * 1e3,
+                self.started.elapsed().as_secs_f64(),
+                (!complete).then(|| {
+                    "malloc's heaps changed while read or took over the time budget".into()
+                }),
+            ),
+        )
+    }
+
     fn record_census(&mut self, c: Census) {
         if self.census_first.is_none() {
             self.census_first = Some(c.clone());
@@ -1039,15 +1115,22 @@ impl Worker {
         self.census_last = Some(c);
     }
 
-    /// A census now, if the target is CPython: the one at attach.
+    /// A census now: the one at attach.
     fn census_now(&mut self) {
         let pid = self.setup.pid;
-        if self.py.state.interpreter().is_none() || self.census_first.is_some() {
+        if self.census_first.is_some() {
             return;
         }
+        self.walk_heaps(None);
         let (Ok(maps), Ok(mem)) = (procfs::read_maps(pid), ProcMemory::open(pid)) else {
             return;
         };
+        if self.py.state.interpreter().is_none() {
+            if let Some(c) = self.cxx_census(&maps, &mem) {
+                self.record_census(c);
+            }
+            return;
+        }
         let Some(cl) = self.census_layout(&maps) else {
             return;
         };
