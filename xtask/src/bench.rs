@@ -566,6 +566,11 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             println!();
         }
     }
+    println!();
+    if let Err(e) = crate::census::run(workspace, leaktrace, quick) {
+        println!("heap census: failed: {e:#}");
+        failures.push("the heap census".into());
+    }
     // The real servers, then the summary of both tables against the figures.
     let (summaries, server_failures) = crate::servers::run(workspace, leaktrace, quick);
     failures.extend(server_failures);

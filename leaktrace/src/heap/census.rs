@@ -14,8 +14,9 @@
 //!
 //! A block is counted under a type only if the header at the offset that type
 //! implies has a plausible reference count and points to that type, and the type
-//! checks out: its own type is `type` (or a metaclass whose type is `type`), its name
-//! reads as text, and its basic size fits the block. A raw buffer (a list's items, a
+//! checks out: its own type is `type` (or a metaclass whose type is `type`) and its
+//! name reads as text. (Not its basic size: a compact `str` is smaller than
+//! `tp_basicsize`.) A raw buffer (a list's items, a
 //! dict's keys) fails these and is not attributed: the coverage says how much is.
 //! The target keeps running: a block changed while read costs that block only.
 
@@ -24,9 +25,8 @@ use serde::Serialize;
 
 use crate::process::Memory;
 
-/// `tp_name`, `tp_basicsize` and `tp_flags` in `PyTypeObject` (64-bit, 2.7 to 3.14).
+/// `tp_name` and `tp_flags` in `PyTypeObject` (64-bit, 2.7 to 3.14).
 const TP_NAME: usize = 24;
-const TP_BASICSIZE: usize = 32;
 const TP_FLAGS: usize = 168;
 /// `Py_TPFLAGS_HAVE_GC`.
 const HAVE_GC: u64 = 1 << 14;
@@ -103,7 +103,6 @@ impl Layout {
 #[derive(Clone, Debug)]
 struct TypeInfo {
     name: String,
-    basicsize: u64,
     offset: u64,
 }
 
@@ -244,7 +243,7 @@ impl<'m> PyCensus<'m> {
                 continue;
             }
             match self.type_info(ty) {
-                Some(t) if t.offset == o && t.basicsize <= size - o => {
+                Some(t) if t.offset == o => {
                     let e = self.counts.entry(ty).or_default();
                     e.0 += 1;
                     e.1 += size;
@@ -318,7 +317,6 @@ impl<'m> PyCensus<'m> {
         let flags = Self::word(&raw, TP_FLAGS)?;
         Some(TypeInfo {
             name: name.to_owned(),
-            basicsize: Self::word(&raw, TP_BASICSIZE)?,
             offset: self.layout.offset(flags),
         })
     }
@@ -340,7 +338,7 @@ impl<'m> PyCensus<'m> {
             }
             match self.type_info(ty) {
                 // The chunk's usable bytes: its size less its header.
-                Some(t) if t.offset == o && t.basicsize <= size.saturating_sub(8 + o) => {
+                Some(t) if t.offset == o => {
                     let e = self.counts.entry(ty).or_default();
                     e.0 += 1;
                     e.1 += size;
@@ -505,7 +503,7 @@ mod tests {
         m.put(at, 1);
         m.put(at + 8, meta);
         m.put(at + TP_NAME as u64, at + 0x200);
-        m.put(at + TP_BASICSIZE as u64, basicsize);
+        let _ = basicsize;
         m.put(at + TP_FLAGS as u64, flags);
         let mut b = name.as_bytes().to_vec();
         b.resize(b.len().div_ceil(8) * 8 + 8, 0);
@@ -549,8 +547,6 @@ mod tests {
         // A refcount of 0 and a type that is no type.
         c.block(0, &block(&[0, 0x4000], 32));
         c.block(0, &block(&[1, 0x7000], 32));
-        // A basic size larger than the block.
-        c.block(0, &block(&[1, 0x2000], 16));
         let mut census = c.finish(1.0, 0.0, None);
         census.rank(None);
         let got: Vec<(&str, u64, u64)> = census
@@ -569,7 +565,7 @@ mod tests {
         );
         assert_eq!(census.objects, 5);
         assert_eq!(census.attributed_bytes, 240);
-        assert_eq!(census.heap_in_use_bytes, 240 + 16 + 48 + 32 + 32 + 16);
+        assert_eq!(census.heap_in_use_bytes, 240 + 16 + 48 + 32 + 32);
     }
 
     #[test]
