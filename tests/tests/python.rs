@@ -680,6 +680,19 @@ fn check_census(name: &str, cmd: std::process::Command) {
         "{name}: Order among the fastest-growing types: {growing:#?}"
     );
     assert!(c["attributed_bytes"].as_u64().unwrap() <= c["heap_in_use_bytes"].as_u64().unwrap());
+    // The verdict's evidence names the type that grew.
+    let evidence = r["verdict"]["evidence"].as_array().unwrap();
+    let grown = evidence
+        .iter()
+        .find(|e| e["metric"] == "census_growing_bytes")
+        .unwrap_or_else(|| panic!("{name}: {evidence:#?}"));
+    assert!(
+        grown["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("the type that grew most: Order (+"),
+        "{name}: {grown:#}"
+    );
 }
 
 fn census_cmd(interpreter: &Path) -> std::process::Command {

@@ -271,6 +271,8 @@ pub struct Facts<'a> {
     /// jemalloc's own state, where its layout is known: what it keeps is then read,
     /// not measured from growth.
     pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
+    /// The live heap by type (the latest census, ranked against the one at attach).
+    pub census: Option<&'a crate::heap::census::Census>,
 }
 
 /// Stacks the verdict may name: every heap and mapping stack with a history.
@@ -457,8 +459,58 @@ pub const HELD_MIN_BYTES: u64 = 16 << 20;
 pub const HELD_MIN_SHARE: f64 = 0.25;
 
 /// Decides the verdict: from growth in the window (a leak must grow), then from the
-/// heap's state (fragmentation need not grow: it may predate attach).
+/// heap's state (fragmentation need not grow: it may predate attach); the census, if
+/// any, says what the heap holds and which type grew.
 pub fn decide(f: &Facts<'_>) -> Verdict {
+    let mut v = decide_from_state(f);
+    if let Some(c) = f.census {
+        census_evidence(&mut v, c);
+    }
+    v
+}
+
+/// What the census adds: the largest types as evidence, and the type that grew most
+/// since attach (named in a leak's summary: its objects may be older than the trace).
+fn census_evidence(v: &mut Verdict, c: &crate::heap::census::Census) {
+    if c.types.is_empty() {
+        return;
+    }
+    let top: Vec<String> = c
+        .types
+        .iter()
+        .take(3)
+        .map(|t| format!("{} in {} {}", bytes(t.bytes), t.count, t.name))
+        .collect();
+    v.evidence.push(Evidence {
+        metric: "census_attributed_bytes",
+        value: c.attributed_bytes as f64,
+        text: format!(
+            "live heap by type ({} objects read from outside, {:.0}% of live blocks): {}",
+            c.kind,
+            c.coverage() * 100.0,
+            top.join(", ")
+        ),
+    });
+    let Some(g) = c.growing.first() else { return };
+    let (n, b) = (g.count_change.unwrap_or(0), g.bytes_change.unwrap_or(0));
+    let grown = format!(
+        "{} ({n:+} objects, {} since attach, {} objects in all)",
+        g.name,
+        signed_bytes(b as f64),
+        g.count
+    );
+    v.evidence.push(Evidence {
+        metric: "census_growing_bytes",
+        value: b as f64,
+        text: format!("the type that grew most: {grown}"),
+    });
+    if v.kind == VerdictKind::Leak {
+        v.summary
+            .push_str(&format!(" The type that grew most: {grown}."));
+    }
+}
+
+fn decide_from_state(f: &Facts<'_>) -> Verdict {
     let mut v = decide_from_growth(f);
     v.trend = trend(f.points);
     let anon = f.points.last().map_or(0, |p| p.rss.anon_bytes);

@@ -25,9 +25,10 @@ use serde::Serialize;
 
 use crate::process::Memory;
 
-/// `tp_name` and `tp_flags` in `PyTypeObject` (64-bit, 2.7 to 3.14).
+/// `tp_name`, `tp_flags` and `tp_dictoffset` in `PyTypeObject` (64-bit, 2.7 to 3.14).
 const TP_NAME: usize = 24;
 const TP_FLAGS: usize = 168;
+const TP_DICTOFFSET: usize = 288;
 /// `Py_TPFLAGS_HAVE_GC`.
 const HAVE_GC: u64 = 1 << 14;
 /// Type objects remembered at most (a hostile heap cannot grow the cache past this).
@@ -104,6 +105,9 @@ impl Layout {
 struct TypeInfo {
     name: String,
     offset: u64,
+    /// Where its instances keep their `__dict__` pointer (0: none, or not at a fixed
+    /// offset from the start).
+    dictoffset: u64,
 }
 
 /// Objects of one type.
@@ -114,8 +118,10 @@ pub struct TypeCount {
     pub name: String,
     /// Objects counted.
     pub count: u64,
-    /// Bytes of their blocks.
+    /// Bytes of their blocks, and of their instance dicts (`dict_bytes`).
     pub bytes: u64,
+    /// Of `bytes`, the instances' `__dict__` objects (not their keys and values).
+    pub dict_bytes: u64,
     /// Count and bytes moved since the census at attach (null in that census, or when
     /// the type was absent from it: then all of it is new).
     pub count_change: Option<i64>,
@@ -148,6 +154,9 @@ pub struct Census {
     /// Every type's count and bytes, for comparing censuses (not in the JSON).
     #[serde(skip)]
     pub all: FxHashMap<String, (u64, u64)>,
+    /// Per type, the bytes of its instances' dicts included in its bytes.
+    #[serde(skip)]
+    pub dict_bytes: FxHashMap<String, u64>,
 }
 
 impl Census {
@@ -173,6 +182,7 @@ impl Census {
                     name: n.clone(),
                     count: c,
                     bytes: b,
+                    dict_bytes: self.dict_bytes.get(n).copied().unwrap_or(0),
                     count_change: ch.map(|x| x.0),
                     bytes_change: ch.map(|x| x.1),
                 }
@@ -206,7 +216,8 @@ pub struct PyCensus<'m> {
     types: FxHashMap<u64, Option<TypeInfo>>,
     /// Metatypes found (their own type is `type`).
     metas: FxHashMap<u64, bool>,
-    counts: FxHashMap<u64, (u64, u64)>,
+    /// By type object: objects, bytes, and how many have an instance dict.
+    counts: FxHashMap<u64, (u64, u64, u64)>,
     in_use: u64,
 }
 
@@ -244,9 +255,13 @@ impl<'m> PyCensus<'m> {
             }
             match self.type_info(ty) {
                 Some(t) if t.offset == o => {
+                    let d = t.dictoffset;
+                    let has_dict =
+                        d > 0 && Self::word(raw, (o + d) as usize).is_some_and(|p| p != 0);
                     let e = self.counts.entry(ty).or_default();
                     e.0 += 1;
                     e.1 += size;
+                    e.2 += u64::from(has_dict);
                     return;
                 }
                 _ => {}
@@ -287,7 +302,7 @@ impl<'m> PyCensus<'m> {
         if t == 0 || !t.is_multiple_of(8) {
             return None;
         }
-        let mut raw = [0u8; TP_FLAGS + 8];
+        let mut raw = [0u8; TP_DICTOFFSET + 8];
         self.mem.read(t, &mut raw).ok()?;
         let meta = Self::word(&raw, 8)?;
         if !self.is_metatype(meta) {
@@ -315,9 +330,12 @@ impl<'m> PyCensus<'m> {
             return None;
         }
         let flags = Self::word(&raw, TP_FLAGS)?;
+        // Negative: from the end of a variable-size object; large: not an offset.
+        let dictoffset = Self::word(&raw, TP_DICTOFFSET)?;
         Some(TypeInfo {
             name: name.to_owned(),
             offset: self.layout.offset(flags),
+            dictoffset: if dictoffset < 4096 { dictoffset } else { 0 },
         })
     }
 
@@ -337,11 +355,14 @@ impl<'m> PyCensus<'m> {
                 continue;
             }
             match self.type_info(ty) {
-                // The chunk's usable bytes: its size less its header.
                 Some(t) if t.offset == o => {
+                    let d = t.dictoffset;
+                    let has_dict =
+                        d > 0 && Self::word(head, (o + d) as usize).is_some_and(|p| p != 0);
                     let e = self.counts.entry(ty).or_default();
                     e.0 += 1;
                     e.1 += size;
+                    e.2 += u64::from(has_dict);
                     return;
                 }
                 _ => {}
@@ -349,20 +370,50 @@ impl<'m> PyCensus<'m> {
         }
     }
 
-    /// The census: counts merged by type name.
+    /// The census: counts merged by type name. Instance dicts (a class's `__dict__`
+    /// objects, 2.7 to 3.10 and 3.11+ classes without managed dicts) are counted with
+    /// their owners' class, at the size dict objects have here, not as `dict`.
     pub fn finish(self, walk_ms: f64, at_s: f64, incomplete: Option<String>) -> Census {
         let mut all: FxHashMap<String, (u64, u64)> = FxHashMap::default();
+        let mut dicts: FxHashMap<String, u64> = FxHashMap::default();
         let (mut objects, mut attributed) = (0, 0);
-        for (t, (c, b)) in &self.counts {
+        for (t, (c, b, d)) in &self.counts {
             if let Some(Some(info)) = self.types.get(t) {
                 let e = all.entry(info.name.clone()).or_default();
                 e.0 += c;
                 e.1 += b;
+                *dicts.entry(info.name.clone()).or_default() += d;
                 objects += c;
                 attributed += b;
             }
         }
+        // Every dict object has one size (PyDictObject's): the mean of those counted.
+        let owned: u64 = dicts
+            .iter()
+            .filter(|(n, _)| n.as_str() != "dict")
+            .map(|(_, d)| d)
+            .sum();
+        let mut dict_bytes = FxHashMap::default();
+        if let Some(&(n, b)) = all.get("dict")
+            && n > 0
+            && owned > 0
+        {
+            let each = b / n;
+            let owned = owned.min(n);
+            for (name, d) in dicts
+                .iter()
+                .filter(|(n, d)| n.as_str() != "dict" && **d > 0)
+            {
+                let e = all.get_mut(name).expect("counted");
+                e.1 += d * each;
+                dict_bytes.insert(name.clone(), d * each);
+            }
+            let e = all.get_mut("dict").expect("dict");
+            e.0 -= owned;
+            e.1 = e.1.saturating_sub(owned * each);
+        }
         Census {
+            dict_bytes,
             kind: "python",
             objects,
             attributed_bytes: attributed,
@@ -566,6 +617,34 @@ mod tests {
         assert_eq!(census.objects, 5);
         assert_eq!(census.attributed_bytes, 240);
         assert_eq!(census.heap_in_use_bytes, 240 + 16 + 48 + 32 + 32);
+    }
+
+    /// Instance dicts (2.7–3.10) are counted with their owners.
+    #[test]
+    fn instance_dicts_go_to_their_owners() {
+        let mut m = Laid::new(0, 0x10000);
+        lay_type(&mut m, TYPE_TYPE, TYPE_TYPE, "type", 900, 0);
+        lay_type(&mut m, 0x2000, TYPE_TYPE, "Order", 32, HAVE_GC);
+        m.put(0x2000 + TP_DICTOFFSET as u64, 16);
+        lay_type(&mut m, 0x3000, TYPE_TYPE, "dict", 48, HAVE_GC);
+        let l = Layout::for_version(3, 9, TYPE_TYPE).unwrap();
+        let mut c = PyCensus::new(&m, l);
+        // Two Orders with a dict, one without; three dicts of 64 bytes.
+        c.block(0, &block(&[0, 0, 1, 0x2000, 0x7f00_0000_1000], 48));
+        c.block(0, &block(&[0, 0, 1, 0x2000, 0x7f00_0000_2000], 48));
+        c.block(0, &block(&[0, 0, 1, 0x2000, 0], 48));
+        for _ in 0..3 {
+            c.block(0, &block(&[0, 0, 1, 0x3000], 64));
+        }
+        let mut census = c.finish(1.0, 0.0, None);
+        census.rank(None);
+        let got: Vec<(&str, u64, u64, u64)> = census
+            .types
+            .iter()
+            .map(|t| (t.name.as_str(), t.count, t.bytes, t.dict_bytes))
+            .collect();
+        assert_eq!(got, vec![("Order", 3, 144 + 128, 128), ("dict", 1, 64, 0)]);
+        assert_eq!(census.objects, 6);
     }
 
     #[test]

@@ -515,10 +515,15 @@ fn render_census(o: &mut String, c: &crate::heap::census::Census) {
             ),
             _ => String::new(),
         };
+        let name = if t.dict_bytes > 0 {
+            format!("{} (+ __dict__)", printable(&t.name))
+        } else {
+            printable(&t.name)
+        };
         let _ = writeln!(
             o,
             "  {:<32} {:>10} {:>10}{change}",
-            printable(&t.name),
+            name,
             t.count,
             bytes(t.bytes)
         );

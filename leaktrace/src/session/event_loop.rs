@@ -1179,6 +1179,7 @@ impl Session<'_> {
             pymalloc: snap.pymalloc.as_ref(),
             allocator: self.other_allocator(),
             jemalloc: &snap.other.jemalloc,
+            census: snap.census.as_ref(),
         });
         let mut r = report::build(&report::Inputs {
             pid: self.pid,
@@ -1261,6 +1262,7 @@ impl Session<'_> {
                     pymalloc: None,
                     allocator: self.other_allocator(),
                     jemalloc: &[],
+                    census: None,
                 });
                 let r = report::build(&report::Inputs {
                     pid,
