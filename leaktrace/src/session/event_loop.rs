@@ -182,6 +182,7 @@ pub fn run(
         // the other allocator's (tcmalloc's) does not chain as glibc's and is reported
         // unwalkable.
         walk_heaps: config.walk_heaps && heap_not_traced.is_none(),
+        census: config.census,
         heap_owner: allocators
             .iter()
             .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)

@@ -83,6 +83,8 @@ pub struct Config {
     pub min_age: Option<Duration>,
     /// Walk glibc's heaps through /proc/PID/mem for each report.
     pub walk_heaps: bool,
+    /// Take the census of the live heap by type (at attach and with each report).
+    pub census: bool,
     /// Directories searched for debug information before the target's and ours.
     pub debug_dirs: Vec<std::path::PathBuf>,
     /// Walk CPython frames when the target is a Python interpreter.
@@ -141,6 +143,7 @@ impl Default for Config {
             max_overhead_pct: None,
             min_age: None,
             walk_heaps: true,
+            census: true,
             debug_dirs: Vec::new(),
             uprobe_sessions: true,
             python_stacks: true,

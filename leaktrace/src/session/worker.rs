@@ -69,6 +69,8 @@ pub struct Setup {
     pub announce: bool,
     /// Walk glibc's heaps for reports.
     pub walk_heaps: bool,
+    /// Take the census of the live heap by type.
+    pub census: bool,
     /// The allocator serving `malloc` when it is not glibc's: the brk heap and the
     /// anonymous mappings are then its, which leaktrace does not walk.
     pub heap_owner: Option<Allocator>,
@@ -980,6 +982,9 @@ impl Worker {
     /// Where Python objects start, from the interpreter's version and `PyType_Type`'s
     /// address in the target (found once).
     fn census_layout(&mut self, maps: &[procfs::MapEntry]) -> Option<census::Layout> {
+        if !self.setup.census {
+            return None;
+        }
         let interp = self.py.state.interpreter()?;
         if self.census_layout.is_none() {
             let (major, minor) = interp.version;
@@ -1057,6 +1062,9 @@ impl Worker {
     /// C++ objects in malloc's chunks, by the class their vtable pointer names (the
     /// classes of the objects mapped when first called).
     fn cxx_census(&mut self, maps: &[procfs::MapEntry], mem: &ProcMemory) -> Option<Census> {
+        if !self.setup.census {
+            return None;
+        }
         let walk = self.walk.as_ref()?;
         // A C++ program links its runtime (statically linked ones are not looked at).
         let cxx = maps
@@ -1118,7 +1126,7 @@ impl Worker {
     /// A census now: the one at attach.
     fn census_now(&mut self) {
         let pid = self.setup.pid;
-        if self.census_first.is_some() {
+        if self.census_first.is_some() || !self.setup.census {
             return;
         }
         self.walk_heaps(None);
