@@ -31,6 +31,8 @@ const TP_FLAGS: usize = 168;
 const TP_DICTOFFSET: usize = 288;
 /// `Py_TPFLAGS_HAVE_GC`.
 const HAVE_GC: u64 = 1 << 14;
+/// `Py_TPFLAGS_MANAGED_DICT` (3.11+).
+const MANAGED_DICT: u64 = 1 << 4;
 /// Type objects remembered at most (a hostile heap cannot grow the cache past this).
 const MAX_TYPES: usize = 200_000;
 /// Reference counts above this are not an object's (3.12+ immortal objects have
@@ -108,6 +110,9 @@ struct TypeInfo {
     /// Where its instances keep their `__dict__` pointer (0: none, or not at a fixed
     /// offset from the start).
     dictoffset: u64,
+    /// 3.11+: its instances' dict pointer is in the pre-header (three words before the
+    /// object; 3.12 tags it with bit 0 when it holds inline values instead).
+    managed_dict: bool,
 }
 
 /// Objects of one type.
@@ -255,9 +260,7 @@ impl<'m> PyCensus<'m> {
             }
             match self.type_info(ty) {
                 Some(t) if t.offset == o => {
-                    let d = t.dictoffset;
-                    let has_dict =
-                        d > 0 && Self::word(raw, (o + d) as usize).is_some_and(|p| p != 0);
+                    let has_dict = Self::has_dict(t, raw, o);
                     let e = self.counts.entry(ty).or_default();
                     e.0 += 1;
                     e.1 += size;
@@ -267,6 +270,15 @@ impl<'m> PyCensus<'m> {
                 _ => {}
             }
         }
+    }
+
+    /// Whether the object at `o` in `raw` has an instance dict of its own.
+    fn has_dict(t: &TypeInfo, raw: &[u8], o: u64) -> bool {
+        if t.managed_dict {
+            return o >= 24
+                && Self::word(raw, (o - 24) as usize).is_some_and(|p| p != 0 && p & 1 == 0);
+        }
+        t.dictoffset > 0 && Self::word(raw, (o + t.dictoffset) as usize).is_some_and(|p| p != 0)
     }
 
     /// Whether `meta` is `type` or a metaclass (its own type is `type`).
@@ -336,6 +348,7 @@ impl<'m> PyCensus<'m> {
             name: name.to_owned(),
             offset: self.layout.offset(flags),
             dictoffset: if dictoffset < 4096 { dictoffset } else { 0 },
+            managed_dict: self.layout.preheader_flags & MANAGED_DICT & flags != 0,
         })
     }
 
@@ -356,9 +369,7 @@ impl<'m> PyCensus<'m> {
             }
             match self.type_info(ty) {
                 Some(t) if t.offset == o => {
-                    let d = t.dictoffset;
-                    let has_dict =
-                        d > 0 && Self::word(head, (o + d) as usize).is_some_and(|p| p != 0);
+                    let has_dict = Self::has_dict(t, head, o);
                     let e = self.counts.entry(ty).or_default();
                     e.0 += 1;
                     e.1 += size;
