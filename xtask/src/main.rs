@@ -72,6 +72,9 @@ enum Task {
         /// Only the real servers (redis, CPython, nginx): no engine figures, no microbenchmarks.
         #[arg(long)]
         servers: bool,
+        /// Only the heap census of a ~1 GiB CPython heap.
+        #[arg(long)]
+        census: bool,
     },
 }
 
@@ -98,7 +101,22 @@ fn main() -> ExitCode {
         Task::Fuzz { secs, target } => {
             setup(false).and_then(|()| fuzz::run_targets(&workspace(), secs, target.as_deref()))
         }
-        Task::Bench { quick, servers } => setup(false).and_then(|()| bench(quick, servers)),
+        Task::Bench {
+            quick,
+            servers,
+            census,
+        } => setup(false).and_then(|()| {
+            if census {
+                run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
+                census::run(
+                    &workspace(),
+                    &workspace().join("target/release/leaktrace"),
+                    quick,
+                )
+            } else {
+                bench(quick, servers)
+            }
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

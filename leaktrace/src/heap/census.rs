@@ -405,12 +405,12 @@ impl<'m> PyCensus<'m> {
             .map(|(_, d)| d)
             .sum();
         let mut dict_bytes = FxHashMap::default();
+        // More owners than dicts: pointers that were not what they seemed; nothing moves.
         if let Some(&(n, b)) = all.get("dict")
-            && n > 0
             && owned > 0
+            && owned <= n
         {
             let each = b / n;
-            let owned = owned.min(n);
             for (name, d) in dicts
                 .iter()
                 .filter(|(n, d)| n.as_str() != "dict" && **d > 0)
