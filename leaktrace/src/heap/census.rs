@@ -31,6 +31,8 @@ const TP_FLAGS: usize = 168;
 const TP_DICTOFFSET: usize = 288;
 /// `Py_TPFLAGS_HAVE_GC`.
 const HAVE_GC: u64 = 1 << 14;
+/// `Py_TPFLAGS_HEAPTYPE`: a class (its type object is a `PyHeapTypeObject`).
+const HEAPTYPE: u64 = 1 << 9;
 /// `Py_TPFLAGS_MANAGED_DICT` (3.11+).
 const MANAGED_DICT: u64 = 1 << 4;
 /// Type objects remembered at most (a hostile heap cannot grow the cache past this).
@@ -54,6 +56,10 @@ pub struct Layout {
     pub gc_head: u64,
     /// Type flags that put a 16-byte pre-header before the GC head (0: none).
     pub preheader_flags: u64,
+    /// `PyHeapTypeObject.ht_name`'s offset (`ht_qualname` is two words further), and
+    /// where a compact ASCII `str` keeps its characters: a class's qualified name
+    /// (3.9+; checked against `tp_name` before it is believed).
+    pub ht_name: Option<(u64, u64)>,
 }
 
 impl Layout {
@@ -71,10 +77,20 @@ impl Layout {
             (3, 12..=14) => (16, (1 << 4) | (1 << 3)),
             _ => return None,
         };
+        // sizeof(PyTypeObject) + PyAsyncMethods + PyNumberMethods (288) + mapping (24)
+        // + sequence (80) + buffer (16) methods: 408 + 24 + … in 3.9; am_send (3.10)
+        // adds 8, tp_watched (3.12) 8 more.
+        let ht_name = match (major, minor) {
+            (3, 9) => Some((840, 48)),
+            (3, 10..=11) => Some((848, 48)),
+            (3, 12..=14) => Some((856, 40)),
+            _ => None,
+        };
         Some(Self {
             type_type,
             gc_head,
             preheader_flags,
+            ht_name,
         })
     }
 
@@ -272,6 +288,31 @@ impl<'m> PyCensus<'m> {
         }
     }
 
+    /// A compact ASCII `str`'s text (`data`: where its characters start), if it is one.
+    fn ascii(&self, s: u64, data: u64) -> Option<String> {
+        let mut head = [0u8; 40];
+        self.mem.read(s, &mut head).ok()?;
+        let len = Self::word(&head, 16)?;
+        let state = u32::from_le_bytes(head[32..36].try_into().ok()?);
+        // compact (bit 5) and ascii (bit 6).
+        if state & 0x60 != 0x60 || len == 0 || len > MAX_NAME as u64 {
+            return None;
+        }
+        let mut text = vec![0u8; len as usize];
+        self.mem.read(s.checked_add(data)?, &mut text).ok()?;
+        String::from_utf8(text)
+            .ok()
+            .filter(|t| t.chars().all(|c| !c.is_control()))
+    }
+
+    /// A class's `__qualname__`, when its `ht_name` reads as its `tp_name`.
+    fn qualname(&self, t: u64, at: u64, data: u64, name: &str) -> Option<String> {
+        let mut w = [0u8; 24];
+        self.mem.read(t.checked_add(at)?, &mut w).ok()?;
+        (self.ascii(Self::word(&w, 0)?, data)? == name).then_some(())?;
+        self.ascii(Self::word(&w, 16)?, data)
+    }
+
     /// Whether the object at `o` in `raw` has an instance dict of its own.
     fn has_dict(t: &TypeInfo, raw: &[u8], o: u64) -> bool {
         if t.managed_dict {
@@ -342,10 +383,16 @@ impl<'m> PyCensus<'m> {
             return None;
         }
         let flags = Self::word(&raw, TP_FLAGS)?;
+        let name = match self.layout.ht_name {
+            Some((at, data)) if flags & HEAPTYPE != 0 => self
+                .qualname(t, at, data, name)
+                .unwrap_or_else(|| name.to_owned()),
+            _ => name.to_owned(),
+        };
         // Negative: from the end of a variable-size object; large: not an offset.
         let dictoffset = Self::word(&raw, TP_DICTOFFSET)?;
         Some(TypeInfo {
-            name: name.to_owned(),
+            name,
             offset: self.layout.offset(flags),
             dictoffset: if dictoffset < 4096 { dictoffset } else { 0 },
             managed_dict: self.layout.preheader_flags & MANAGED_DICT & flags != 0,
