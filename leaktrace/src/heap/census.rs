@@ -262,7 +262,17 @@ impl<'m> PyCensus<'m> {
 
     /// Counts one live block (its address and bytes).
     pub fn block(&mut self, _addr: u64, raw: &[u8]) {
-        let size = raw.len() as u64;
+        self.count(raw, raw.len() as u64);
+    }
+
+    /// Counts one in-use malloc chunk (its user address, chunk size and first bytes):
+    /// an object larger than pymalloc's blocks.
+    pub fn chunk(&mut self, _user: u64, size: u64, head: &[u8]) {
+        self.count(head, size);
+    }
+
+    /// Counts `size` bytes under the type of the object `raw` starts with, if any.
+    fn count(&mut self, raw: &[u8], size: u64) {
         self.in_use += size;
         for i in 0..self.offsets.len() {
             let o = self.offsets[i];
@@ -397,35 +407,6 @@ impl<'m> PyCensus<'m> {
             dictoffset: if dictoffset < 4096 { dictoffset } else { 0 },
             managed_dict: self.layout.preheader_flags & MANAGED_DICT & flags != 0,
         })
-    }
-
-    /// Counts one in-use malloc chunk (its user address, chunk size and first bytes):
-    /// an object larger than pymalloc's blocks.
-    pub fn chunk(&mut self, _user: u64, size: u64, head: &[u8]) {
-        self.in_use += size;
-        for i in 0..self.offsets.len() {
-            let o = self.offsets[i];
-            let (Some(refcnt), Some(ty)) = (
-                Self::word(head, o as usize),
-                Self::word(head, o as usize + 8),
-            ) else {
-                break;
-            };
-            if refcnt == 0 || refcnt > MAX_REFCNT {
-                continue;
-            }
-            match self.type_info(ty) {
-                Some(t) if t.offset == o => {
-                    let has_dict = Self::has_dict(t, head, o);
-                    let e = self.counts.entry(ty).or_default();
-                    e.0 += 1;
-                    e.1 += size;
-                    e.2 += u64::from(has_dict);
-                    return;
-                }
-                _ => {}
-            }
-        }
     }
 
     /// The census: counts merged by type name. Instance dicts (a class's `__dict__`

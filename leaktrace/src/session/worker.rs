@@ -269,6 +269,16 @@ struct Python {
     absent_tries: u32,
 }
 
+/// Where `object`'s first mapping starts (0: not mapped): a layout found in it holds
+/// while it stays there.
+fn first_mapping(maps: &[procfs::MapEntry], object: &str) -> u64 {
+    maps.iter()
+        .filter(|m| m.path == object)
+        .map(|m| m.start)
+        .min()
+        .unwrap_or(0)
+}
+
 /// An allocator's layout found in an object, with the object's load bias, or why not.
 type Located<L> = Result<(L, u64), String>;
 
@@ -896,12 +906,7 @@ impl Worker {
                 Allocator::Jemalloc => {}
                 Allocator::Go => {
                     let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
-                    let start = maps
-                        .iter()
-                        .filter(|m| m.path == f.object)
-                        .map(|m| m.start)
-                        .min()
-                        .unwrap_or(0);
+                    let start = first_mapping(maps, &f.object);
                     if self.go_layout.as_ref().is_some_and(|(at, _)| *at != start) {
                         self.go_layout = None;
                     }
@@ -940,12 +945,7 @@ impl Worker {
                 }
                 _ => continue,
             }
-            let start = maps
-                .iter()
-                .filter(|m| m.path == f.object)
-                .map(|m| m.start)
-                .min()
-                .unwrap_or(0);
+            let start = first_mapping(maps, &f.object);
             let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
             let found = self
                 .jemalloc_layouts
