@@ -138,6 +138,22 @@ fn check_report(name: &str, r: &Value) {
         "{name}: file names: {files:?}"
     );
     assert_eq!(r["lost_total"], 0, "{name}: {}", r["lost"]);
+    // The census reads the same heap by type: the interpreter's own str and code
+    // objects are there whatever the script does.
+    let census = &r["census"];
+    assert_eq!(census["kind"], "python", "{name}: {census:#}");
+    let count = |n: &str| {
+        census["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == n)
+            .map_or(0, |t| t["count"].as_u64().unwrap())
+    };
+    assert!(
+        count("str") >= 1000 && count("code") >= 100,
+        "{name}: census: {census:#}"
+    );
 }
 
 /// Debian's python3.11 (installed by `cargo xtask setup`).
