@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use gimli::{AttributeValue, DwTag, EndianSlice, RunTimeEndian, UnitOffset, constants};
-use object::{Object as _, ObjectSection as _};
+use object::Object as _;
 use rustc_hash::FxHashMap;
 
 /// A member found: its offset from the start of the outer struct, and its size.
@@ -21,6 +21,8 @@ pub struct Member {
 /// Chained types followed at most (typedef of const of volatile …): a hostile or
 /// broken file's cycle ends here.
 const MAX_CHAIN: usize = 16;
+/// A compressed debug section is decompressed up to this size.
+const MAX_SECTION_BYTES: u64 = 512 << 20;
 /// Entries read per unit at most.
 const MAX_UNIT_ENTRIES: usize = 2_000_000;
 
@@ -57,10 +59,28 @@ pub fn resolve(
     } else {
         RunTimeEndian::Big
     };
+    // Only what types and their names need; compressed sections up to a bound (a
+    // target's file can declare anything).
     let load = |id: gimli::SectionId| -> Result<Cow<'_, [u8]>, gimli::Error> {
+        use gimli::SectionId::{
+            DebugAbbrev, DebugAddr, DebugInfo, DebugLine, DebugLineStr, DebugStr, DebugStrOffsets,
+        };
+        // (A unit's line program header is read with the unit.)
+        if !matches!(
+            id,
+            DebugInfo
+                | DebugAbbrev
+                | DebugStr
+                | DebugStrOffsets
+                | DebugLine
+                | DebugLineStr
+                | DebugAddr
+        ) {
+            return Ok(Cow::Borrowed(&[]));
+        }
         Ok(file
             .section_by_name(id.name())
-            .and_then(|s| s.uncompressed_data().ok())
+            .and_then(|s| crate::process::elf::section_bytes(&s, MAX_SECTION_BYTES))
             .unwrap_or(Cow::Borrowed(&[])))
     };
     if file.section_by_name(".debug_info").is_none() {

@@ -28,6 +28,24 @@ pub fn load_bias(data: &[u8], start: u64, offset: u64, executable: bool) -> Opti
     )
 }
 
+/// A section's bytes: as they are, or decompressed where the section is
+/// zlib-compressed and says it holds at most `max` bytes (the decompressor fills only
+/// what was declared). zstd-compressed sections are refused: their decoder grows
+/// with the data, whatever the section declared. `None` for those, and for bytes
+/// the file does not have.
+pub fn section_bytes<'d>(
+    s: &object::Section<'d, '_>,
+    max: u64,
+) -> Option<std::borrow::Cow<'d, [u8]>> {
+    use object::{CompressionFormat, ObjectSection as _};
+    let c = s.compressed_data().ok()?;
+    match c.format {
+        CompressionFormat::None => Some(std::borrow::Cow::Borrowed(c.data)),
+        CompressionFormat::Zlib if c.uncompressed_size <= max => c.decompress().ok(),
+        _ => None,
+    }
+}
+
 /// The link-time address and size of the first of `names` the object's symbol tables
 /// (`.symtab`, then `.dynsym`) define.
 pub fn data_symbol(data: &[u8], names: &[&str]) -> Option<(u64, u64)> {

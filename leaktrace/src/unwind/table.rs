@@ -142,7 +142,8 @@ pub fn fde_ranges(data: &[u8]) -> Result<Vec<(u64, u64)>, TableError> {
     let section = file
         .section_by_name(".eh_frame")
         .ok_or(TableError::NoEhFrame)?;
-    let eh_data = section.uncompressed_data()?;
+    // .eh_frame is loaded code's own table: never compressed.
+    let eh_data = crate::process::elf::section_bytes(&section, 0).ok_or(TableError::NoEhFrame)?;
     let eh = EhFrame::new(&eh_data, LittleEndian);
     let mut bases = BaseAddresses::default().set_eh_frame(section.address());
     if let Some(text) = file.section_by_name(".text") {
@@ -171,7 +172,8 @@ pub fn build(data: &[u8]) -> Result<Table, TableError> {
     let section = file
         .section_by_name(".eh_frame")
         .ok_or(TableError::NoEhFrame)?;
-    let eh_data = section.uncompressed_data()?;
+    // .eh_frame is loaded code's own table: never compressed.
+    let eh_data = crate::process::elf::section_bytes(&section, 0).ok_or(TableError::NoEhFrame)?;
     let eh = EhFrame::new(&eh_data, LittleEndian);
     let mut bases = BaseAddresses::default().set_eh_frame(section.address());
     if let Some(text) = file.section_by_name(".text") {
