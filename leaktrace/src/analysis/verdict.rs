@@ -518,7 +518,9 @@ fn decide_from_state(f: &Facts<'_>) -> Verdict {
     let py_held = f.pymalloc.map_or(0, |w| w.free_resident_bytes);
     let kept = other_kept(f).filter(|_| !f.heap_untraced);
     let other_held = kept.as_ref().map_or(0, |(_, k)| k.held);
-    let held = glibc_held + py_held + other_held;
+    let held = glibc_held
+        .saturating_add(py_held)
+        .saturating_add(other_held);
     if held < HELD_MIN_BYTES || (held as f64) < HELD_MIN_SHARE * anon as f64 {
         return v;
     }
@@ -596,7 +598,10 @@ fn decide_from_state(f: &Facts<'_>) -> Verdict {
 fn other_kept<'f>(f: &Facts<'f>) -> Option<(&'f crate::probes::allocators::Found, Kept)> {
     let a = f.allocator?;
     if let Some(j) = f.jemalloc.iter().find(|j| j.object == a.object) {
-        let held = j.kept_bytes();
+        // Pages, not resident bytes: muzzy ones the kernel took back still count there,
+        // so what is held is capped by the anonymous memory there is.
+        let anon = f.points.last().map_or(u64::MAX, |p| p.rss.anon_bytes);
+        let held = j.kept_bytes().min(anon);
         return (held > 0).then(|| {
             (
                 a,

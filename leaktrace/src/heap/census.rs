@@ -31,6 +31,8 @@ const TP_FLAGS: usize = 168;
 const TP_DICTOFFSET: usize = 288;
 /// `Py_TPFLAGS_HAVE_GC`.
 const HAVE_GC: u64 = 1 << 14;
+/// `Py_TPFLAGS_TYPE_SUBCLASS`: a subclass of `type` (a metaclass).
+const TYPE_SUBCLASS: u64 = 1 << 31;
 /// `Py_TPFLAGS_HEAPTYPE`: a class (its type object is a `PyHeapTypeObject`).
 const HEAPTYPE: u64 = 1 << 9;
 /// `Py_TPFLAGS_MANAGED_DICT` (3.11+).
@@ -163,8 +165,9 @@ pub struct Census {
     pub objects: u64,
     /// Bytes in blocks attributed to a type.
     pub attributed_bytes: u64,
-    /// Bytes in live blocks read (pymalloc's; larger objects live in malloc's heap and
-    /// are not counted here).
+    /// Bytes in the live blocks and chunks read: pymalloc's blocks and malloc's in-use
+    /// chunks (Python), or malloc's in-use chunks (C++); not chunks malloc mapped on
+    /// their own.
     pub heap_in_use_bytes: u64,
     /// The census's time, reading included.
     pub walk_ms: f64,
@@ -172,6 +175,10 @@ pub struct Census {
     pub at_s: f64,
     /// Why it is not complete, if it is not (time budget, pools changed while read).
     pub incomplete: Option<String>,
+    /// Whole parts were not read (the time budget, a heap's chain broken): no change
+    /// is computed against it.
+    #[serde(skip)]
+    pub cut_short: bool,
     /// Every type's count and bytes, for comparing censuses (not in the JSON).
     #[serde(skip)]
     pub all: FxHashMap<String, (u64, u64)>,
@@ -186,8 +193,11 @@ impl Census {
         self.attributed_bytes as f64 / self.heap_in_use_bytes.max(1) as f64
     }
 
-    /// Fills `types` (largest first) and, against `before`, the changes and `growing`.
+    /// Fills `types` (largest first) and, against `before`, the changes and `growing`:
+    /// only when neither census was cut short and both are of one kind (a census cut
+    /// short would make every type it missed look grown).
     pub fn rank(&mut self, before: Option<&Census>) {
+        let before = before.filter(|b| b.kind == self.kind && !b.cut_short && !self.cut_short);
         let change = |name: &str, c: u64, b: u64| {
             before.map(|f| {
                 let (c0, b0) = f.all.get(name).copied().unwrap_or((0, 0));
@@ -340,10 +350,13 @@ impl<'m> PyCensus<'m> {
         if let Some(&m) = self.metas.get(&meta) {
             return m;
         }
-        let mut w = [0u8; 8];
+        // A metaclass is a class whose type is `type` and which subclasses `type`
+        // (Py_TPFLAGS_TYPE_SUBCLASS): any other class's type is `type` too.
+        let mut raw = [0u8; TP_FLAGS + 8];
         let ok = meta.is_multiple_of(8)
-            && self.mem.read(meta.wrapping_add(8), &mut w).is_ok()
-            && u64::from_le_bytes(w) == self.layout.type_type;
+            && self.mem.read(meta, &mut raw).is_ok()
+            && Self::word(&raw, 8) == Some(self.layout.type_type)
+            && Self::word(&raw, TP_FLAGS).is_some_and(|f| f & TYPE_SUBCLASS != 0);
         if self.metas.len() < MAX_TYPES {
             self.metas.insert(meta, ok);
         }
@@ -352,10 +365,11 @@ impl<'m> PyCensus<'m> {
 
     fn type_info(&mut self, t: u64) -> Option<&TypeInfo> {
         if !self.types.contains_key(&t) {
-            let info = self.read_type(t);
+            // Past the cap, an unknown pointer costs no read: it is no type.
             if self.types.len() >= MAX_TYPES {
                 return None;
             }
+            let info = self.read_type(t);
             self.types.insert(t, info);
         }
         self.types.get(&t).and_then(Option::as_ref)
@@ -473,6 +487,8 @@ impl<'m> PyCensus<'m> {
 pub struct Vtables {
     by_vptr: FxHashMap<u64, u32>,
     names: Vec<String>,
+    /// Not every mapped object was read (time budget).
+    pub partial: bool,
 }
 
 /// Classes remembered at most.
@@ -620,8 +636,10 @@ mod tests {
         lay_type(&mut m, 0x2000, TYPE_TYPE, "Order", 32, HAVE_GC | (1 << 4));
         lay_type(&mut m, 0x3000, TYPE_TYPE, "list", 40, HAVE_GC);
         lay_type(&mut m, 0x4000, TYPE_TYPE, "int", 24, 0);
-        lay_type(&mut m, 0x5000, TYPE_TYPE, "ABCMeta", 900, 0);
+        lay_type(&mut m, 0x5000, TYPE_TYPE, "ABCMeta", 900, TYPE_SUBCLASS);
         lay_type(&mut m, 0x6000, 0x5000, "Session", 16, 0);
+        // An object whose type's type is an ordinary class (not a metaclass).
+        lay_type(&mut m, 0x8000, 0x4000, "Fake", 16, 0);
         let l = Layout::for_version(3, 12, TYPE_TYPE).unwrap();
         let mut c = PyCensus::new(&m, l);
         // Order: pre-header (2 words), GC head (2 words), then the object.
@@ -637,6 +655,7 @@ mod tests {
         // A refcount of 0 and a type that is no type.
         c.block(0, &block(&[0, 0x4000], 32));
         c.block(0, &block(&[1, 0x7000], 32));
+        c.block(0, &block(&[1, 0x8000], 32));
         let mut census = c.finish(1.0, 0.0, None);
         census.rank(None);
         let got: Vec<(&str, u64, u64)> = census
@@ -655,7 +674,7 @@ mod tests {
         );
         assert_eq!(census.objects, 5);
         assert_eq!(census.attributed_bytes, 240);
-        assert_eq!(census.heap_in_use_bytes, 240 + 16 + 48 + 32 + 32);
+        assert_eq!(census.heap_in_use_bytes, 240 + 16 + 48 + 32 + 32 + 32);
     }
 
     /// Instance dicts (2.7–3.10) are counted with their owners.

@@ -63,7 +63,7 @@ impl Layout {
         if m[..5].iter().any(|f| f.size != 8) || m[7].size != 8 || m[6].size == 0 {
             return Err("its runtime's counters are not the sizes Go 1.19 has".into());
         }
-        if m[5].size != 3 * m[6].size {
+        if m[6].size.checked_mul(3) != Some(m[5].size) || m[7].offset >= m[6].size {
             return Err("its runtime keeps other than three generations of heap statistics".into());
         }
         Ok(Self {
@@ -75,7 +75,9 @@ impl Layout {
                 m[3].offset,
                 m[4].offset,
             ],
-            deltas: memstats + m[5].offset,
+            deltas: memstats
+                .checked_add(m[5].offset)
+                .ok_or("runtime.memstats's address overflows")?,
             delta_size: m[6].size,
             in_stacks: m[7].offset,
         })
@@ -112,12 +114,16 @@ pub fn read(mem: &impl Memory, layout: &Layout, bias: u64, object: &str) -> Resu
     let f: Vec<u64> = layout
         .fields
         .iter()
-        .map(|&o| word(layout.controller + o))
+        .map(|&o| word(layout.controller.wrapping_add(o)))
         .collect::<Result<_, _>>()?;
+    // Addresses wrap rather than panic: a wrapped one just fails to read.
     let mut stacks: i64 = 0;
-    for g in 0..3 {
-        stacks = stacks
-            .wrapping_add(word(layout.deltas + g * layout.delta_size + layout.in_stacks)? as i64);
+    for g in 0..3u64 {
+        let at = layout
+            .deltas
+            .wrapping_add(g.wrapping_mul(layout.delta_size))
+            .wrapping_add(layout.in_stacks);
+        stacks = stacks.wrapping_add(word(at)? as i64);
     }
     let alloc = f[3].wrapping_sub(f[4]);
     let h = GoHeap {

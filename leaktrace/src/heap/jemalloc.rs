@@ -1,4 +1,4 @@
-//! jemalloc 5.x's own accounting, read from outside: per arena, the pages holding
+//! jemalloc 5.3's own accounting, read from outside: per arena, the pages holding
 //! allocations (active), the freed pages it keeps resident (dirty), the ones it gave
 //! back lazily with `MADV_FREE` (muzzy: resident until the kernel needs them) and the
 //! address space it keeps for reuse (retained: not resident).
@@ -18,7 +18,9 @@
 //! ```
 //!
 //! These counters are kept whether or not jemalloc was built with statistics. They
-//! are read without stopping the target: a count may be one operation old.
+//! are read without stopping the target: a count may be one operation old. The
+//! paths are jemalloc 5.3's (`pa_shard`, `pac`, `ecache`); a version that names them
+//! otherwise is said not to be read.
 
 use serde::Serialize;
 
@@ -26,8 +28,8 @@ use crate::process::{dwarf, elf, memory::Memory};
 
 /// Arenas read at most (jemalloc's `MALLOCX_ARENA_LIMIT` is 4095).
 const MAX_ARENAS: u64 = 4096;
-/// Pages a counter may hold before it is taken as garbage (2^47 bytes of 4 KiB pages).
-const MAX_PAGES: u64 = 1 << 35;
+/// Bytes one arena's counter may hold before it is taken as garbage (128 TiB).
+const MAX_BYTES: u64 = 1 << 47;
 
 /// Where jemalloc's state lies in one object, once found.
 #[derive(Clone, Debug)]
@@ -176,7 +178,9 @@ pub fn read(
                     pages(layout.ecaches[1])?,
                     pages(layout.ecaches[2])?,
                 ];
-                c.iter().all(|&n| n <= MAX_PAGES).then_some(c)
+                // In bytes, each bounded: the sums over 4096 arenas stay far from overflow.
+                let b = c.map(|n| n.checked_mul(page).filter(|&b| b <= MAX_BYTES));
+                Some([b[0]?, b[1]?, b[2]?, b[3]?])
             })
             .flatten();
         let Some([active, dirty, muzzy, retained]) = counts else {
@@ -188,10 +192,10 @@ pub fn read(
         }
         let a = ArenaPages {
             arena: i as u32,
-            active_bytes: active * page,
-            dirty_bytes: dirty * page,
-            muzzy_bytes: muzzy * page,
-            retained_bytes: retained * page,
+            active_bytes: active,
+            dirty_bytes: dirty,
+            muzzy_bytes: muzzy,
+            retained_bytes: retained,
         };
         s.active_bytes += a.active_bytes;
         s.dirty_bytes += a.dirty_bytes;

@@ -282,6 +282,10 @@ pub struct PymallocWalk {
     /// Pools that changed between their header's reading and the census's (skipped).
     #[serde(skip)]
     pub census_torn_pools: u64,
+    /// Pools whose carved blocks lie partly in pages not resident (those blocks are
+    /// not counted).
+    #[serde(skip)]
+    pub census_partial_pools: u64,
     /// Each arena: (first pool, end, resident in use, resident free).
     #[serde(skip)]
     pub spans: Vec<(u64, u64, u64, u64)>,
@@ -456,12 +460,12 @@ fn walk_until<M: Memory>(
                     && p.in_use > 0
                 {
                     let carved = (POOL_OVERHEAD + p.carved * p.block_bytes).min(l.pool_bytes);
-                    let n = carved.div_ceil(PAGE) as usize;
-                    // Up to the first page not resident (never written past there).
-                    let n = pages[..n.min(pages.len())]
-                        .iter()
-                        .take_while(|&&r| r)
-                        .count();
+                    let want = (carved.div_ceil(PAGE) as usize).min(pages.len());
+                    // Up to the first page not resident: swapped out, or never written.
+                    let n = pages[..want].iter().take_while(|&&r| r).count();
+                    if n < want {
+                        out.census_partial_pools += 1;
+                    }
                     let buf = &mut pool_buf[..n * PAGE as usize];
                     if mem.read(pool, buf).is_err() || !live_blocks(buf, pool, l, &mut **each) {
                         out.census_torn_pools += 1;

@@ -179,6 +179,14 @@ fn read_unit(
             Some(AttributeValue::Data2(v)) => Some(v.into()),
             Some(AttributeValue::Data4(v)) => Some(v.into()),
             Some(AttributeValue::Data8(v)) => Some(v),
+            // DWARF 2's form: an expression adding the offset to the struct's address.
+            Some(AttributeValue::Exprloc(gimli::Expression(mut r))) => {
+                use gimli::Reader as _;
+                match r.read_u8() {
+                    Ok(op) if op == constants::DW_OP_plus_uconst.0 => r.read_uleb128().ok(),
+                    _ => None,
+                }
+            }
             _ => None,
         };
         let size = e
@@ -255,15 +263,21 @@ fn resolve_in(nodes: &FxHashMap<usize, Node>, ty: &str, path: &str) -> Option<Me
             .iter()
             .map(|c| &nodes[c])
             .find(|c| c.tag == constants::DW_TAG_member && c.name.as_deref() == Some(name))?;
-        // A union's members have no location: they start where it does.
-        offset = offset.checked_add(m.location.unwrap_or(0))?;
+        // A union's members have no location: they start where it does. A struct's
+        // member without one (or with one leaktrace cannot evaluate) is not found.
+        let at_member = if outer.tag == constants::DW_TAG_union_type {
+            m.location.unwrap_or(0)
+        } else {
+            m.location?
+        };
+        offset = offset.checked_add(at_member)?;
         at = strip(nodes, m.ty?)?;
         size = type_size(nodes, at)?;
     }
     Some(Member { offset, size })
 }
 
-/// A type's size: its own, or an array's elements times their count.
+/// A type's size: its own (`DW_AT_byte_size`), or a pointer's.
 fn type_size(nodes: &FxHashMap<usize, Node>, o: usize) -> Option<u64> {
     let n = nodes.get(&o)?;
     if let Some(s) = n.size {

@@ -326,8 +326,9 @@ pub struct Report {
     pub verdict: Verdict,
     /// The allocator as seen from outside.
     pub allocator: Allocator,
-    /// The live heap by type, read from outside (CPython): null when the target is not
-    /// CPython, or its version's object layout is not known.
+    /// The live heap by type, read from outside: Python objects in a CPython whose
+    /// object layout is known, C++ objects by vtable in a program mapping libstdc++ or
+    /// libc++; null otherwise (and with --no-census).
     pub census: Option<crate::heap::census::Census>,
     /// The CPython interpreter, when the target is one.
     pub python: Option<PythonInfo>,
@@ -584,6 +585,7 @@ mod tests {
                     ..Default::default()
                 };
                 let first = crate::heap::census::Census {
+                    kind: "python",
                     all: [
                         ("Order".to_owned(), (30_000, 1_920_000)),
                         ("Session".to_owned(), (10_000, 480_000)),

@@ -478,8 +478,13 @@ const CENSUS_ROWS: usize = 12;
 fn render_census(o: &mut String, c: &crate::heap::census::Census) {
     let _ = writeln!(
         o,
-        "\nLive heap by type (Python objects in pymalloc's blocks, read from outside at {:.1} s): {} objects, {} — {:.0}% of {} in live blocks \
+        "\nLive heap by type ({}, read from outside at {:.1} s): {} objects, {} — {:.0}% of {} in live blocks \
          (the rest: buffers that are not objects, like lists' items and dicts' keys); {:.0} ms{}",
+        if c.kind == "c++" {
+            "C++ objects in malloc's chunks, by vtable"
+        } else {
+            "Python objects in pymalloc's blocks and malloc's chunks"
+        },
         c.at_s,
         c.objects,
         bytes(c.attributed_bytes),

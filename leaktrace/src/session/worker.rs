@@ -269,6 +269,25 @@ struct Python {
     absent_tries: u32,
 }
 
+/// Anonymous read-write mappings outside the heaps and the threads' stacks: where
+/// pymalloc's arenas and chunks malloc mapped on their own lie.
+fn anon_regions(
+    maps: &[procfs::MapEntry],
+    heap_ranges: &[(u64, u64)],
+    stack_pointers: &[(u32, u64)],
+) -> Vec<(u64, u64)> {
+    maps.iter()
+        .filter(|m| m.path.is_empty() && &m.perms[..2] == b"rw")
+        .filter(|m| !heap_ranges.iter().any(|&(s, e)| s < m.end && m.start < e))
+        .filter(|m| {
+            !stack_pointers
+                .iter()
+                .any(|&(_, sp)| (m.start..m.end).contains(&sp))
+        })
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
 /// Where `object`'s first mapping starts (0: not mapped): a layout found in it holds
 /// while it stays there.
 fn first_mapping(maps: &[procfs::MapEntry], object: &str) -> u64 {
@@ -429,6 +448,15 @@ impl Worker {
                     self.py.raw.clear();
                     self.reply(Reply::Interpreter(None));
                 }
+                // So are its allocators' layouts and its heap's types: the census
+                // restarts with the new image, like the books.
+                self.census_layout = None;
+                self.census_first = None;
+                self.census_last = None;
+                self.vtables = None;
+                self.jemalloc_layouts.clear();
+                self.go_layout = None;
+                self.other = OtherState::default();
                 self.symbols().refresh_maps();
                 self.find_python();
             }
@@ -808,17 +836,7 @@ impl Worker {
         let stack_pointers = procfs::thread_stack_pointers(pid);
         // Anonymous read-write mappings outside the heaps and stacks may hold chunks
         // malloc mapped on its own.
-        let candidates: Vec<(u64, u64)> = maps
-            .iter()
-            .filter(|m| m.path.is_empty() && &m.perms[..2] == b"rw")
-            .filter(|m| !heap_ranges.iter().any(|&(s, e)| s < m.end && m.start < e))
-            .filter(|m| {
-                !stack_pointers
-                    .iter()
-                    .any(|&(_, sp)| (m.start..m.end).contains(&sp))
-            })
-            .map(|m| (m.start, m.end))
-            .collect();
+        let candidates = anon_regions(&maps, &heap_ranges, &stack_pointers);
         // CPython's small-object arenas live in the same kind of mappings.
         let layout = self
             .py
@@ -1047,9 +1065,18 @@ impl Worker {
                 (!chunks_complete).then(|| {
                     "malloc's heaps changed while read or took over the time budget".to_owned()
                 })
+            })
+            .or_else(|| {
+                (w.census_partial_pools > 0).then(|| {
+                    format!(
+                        "{} pool(s) partly not resident (swapped out?): their blocks there are not counted",
+                        w.census_partial_pools
+                    )
+                })
             });
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        let census = c.finish(ms, self.started.elapsed().as_secs_f64(), incomplete);
+        let mut census = c.finish(ms, self.started.elapsed().as_secs_f64(), incomplete);
+        census.cut_short = w.incomplete.is_some() || !chunks_complete;
         log::debug!(
             "census: {} objects, {} of {} bytes attributed, in {ms:.1} ms",
             census.objects,
@@ -1081,6 +1108,10 @@ impl Worker {
                 if seen.contains(&m.path.as_str()) {
                     continue;
                 }
+                if t.elapsed() > census::BUDGET {
+                    v.partial = true;
+                    break;
+                }
                 seen.push(&m.path);
                 let host = procfs::mapped_file(self.setup.pid, m.start, m.end);
                 let Ok(data) = procfs::read_object(&host) else {
@@ -1105,19 +1136,26 @@ impl Worker {
         let complete = glibc::each_in_use(mem, &walk.chains, t + census::BUDGET, &mut |u, n, h| {
             c.chunk(u, n, h)
         });
-        Some(
-            c.finish(
-                t.elapsed().as_secs_f64() * 1e3,
-                self.started.elapsed().as_secs_f64(),
-                (!complete).then(|| {
-                    "malloc's heaps changed while read or took over the time budget".into()
-                }),
-            ),
-        )
+        let incomplete = if !complete {
+            Some("malloc's heaps changed while read or took over the time budget".into())
+        } else if v.partial {
+            Some("classes read from some of the objects only (time budget)".into())
+        } else {
+            None
+        };
+        let mut census = c.finish(
+            t.elapsed().as_secs_f64() * 1e3,
+            self.started.elapsed().as_secs_f64(),
+            incomplete,
+        );
+        census.cut_short = !complete || v.partial;
+        Some(census)
     }
 
     fn record_census(&mut self, c: Census) {
-        if self.census_first.is_none() {
+        // The first of its kind: a C++ census taken before the interpreter was found
+        // is no baseline for Python's.
+        if self.census_first.as_ref().is_none_or(|f| f.kind != c.kind) {
             self.census_first = Some(c.clone());
         }
         self.census_last = Some(c);
@@ -1150,11 +1188,15 @@ impl Worker {
         else {
             return;
         };
-        let regions: Vec<(u64, u64)> = maps
+        // The regions later censuses walk (read_memory's): outside the heaps and stacks.
+        let sites = self.heap_sites(&maps, None);
+        let heap_ranges: Vec<(u64, u64)> = maps
             .iter()
-            .filter(|m| m.path.is_empty() && &m.perms[..2] == b"rw")
+            .filter(|m| sites.thread_heaps.contains(&m.start))
             .map(|m| (m.start, m.end))
+            .chain(sites.main)
             .collect();
+        let regions = anon_regions(&maps, &heap_ranges, &procfs::thread_stack_pointers(pid));
         let (_, c) = self.census_walk(&mem, &layout, cl, &regions);
         self.record_census(c);
     }
