@@ -269,6 +269,15 @@ struct Python {
     absent_tries: u32,
 }
 
+/// The heaps' address ranges: the brk heap and each arena heap's mapping.
+fn heap_ranges(maps: &[procfs::MapEntry], sites: &glibc::HeapSites) -> Vec<(u64, u64)> {
+    maps.iter()
+        .filter(|m| sites.thread_heaps.contains(&m.start))
+        .map(|m| (m.start, m.end))
+        .chain(sites.main)
+        .collect()
+}
+
 /// Anonymous read-write mappings outside the heaps and the threads' stacks: where
 /// pymalloc's arenas and chunks malloc mapped on their own lie.
 fn anon_regions(
@@ -827,12 +836,7 @@ impl Worker {
                 .thread_heaps
                 .retain(|h| walked.contains(&format!("{h:#x}")));
         }
-        let heap_ranges: Vec<(u64, u64)> = maps
-            .iter()
-            .filter(|m| sites.thread_heaps.contains(&m.start))
-            .map(|m| (m.start, m.end))
-            .chain(sites.main)
-            .collect();
+        let heap_ranges = heap_ranges(&maps, &sites);
         let stack_pointers = procfs::thread_stack_pointers(pid);
         // Anonymous read-write mappings outside the heaps and stacks may hold chunks
         // malloc mapped on its own.
@@ -1190,12 +1194,7 @@ impl Worker {
         };
         // The regions later censuses walk (read_memory's): outside the heaps and stacks.
         let sites = self.heap_sites(&maps, None);
-        let heap_ranges: Vec<(u64, u64)> = maps
-            .iter()
-            .filter(|m| sites.thread_heaps.contains(&m.start))
-            .map(|m| (m.start, m.end))
-            .chain(sites.main)
-            .collect();
+        let heap_ranges = heap_ranges(&maps, &sites);
         let regions = anon_regions(&maps, &heap_ranges, &procfs::thread_stack_pointers(pid));
         let (_, c) = self.census_walk(&mem, &layout, cl, &regions);
         self.record_census(c);
