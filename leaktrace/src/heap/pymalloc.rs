@@ -282,10 +282,6 @@ pub struct PymallocWalk {
     /// Pools that changed between their header's reading and the census's (skipped).
     #[serde(skip)]
     pub census_torn_pools: u64,
-    /// Pools whose carved blocks lie partly in pages not resident (those blocks are
-    /// not counted).
-    #[serde(skip)]
-    pub census_partial_pools: u64,
     /// Each arena: (first pool, end, resident in use, resident free).
     #[serde(skip)]
     pub spans: Vec<(u64, u64, u64, u64)>,
@@ -461,13 +457,19 @@ fn walk_until<M: Memory>(
                 {
                     let carved = (POOL_OVERHEAD + p.carved * p.block_bytes).min(l.pool_bytes);
                     let want = (carved.div_ceil(PAGE) as usize).min(pages.len());
-                    // Up to the first page not resident: swapped out, or never written.
-                    let n = pages[..want].iter().take_while(|&&r| r).count();
-                    if n < want {
-                        out.census_partial_pools += 1;
+                    let buf = &mut pool_buf[..want * PAGE as usize];
+                    // Resident pages only: a page not resident was never written (a
+                    // list's items past its length), or is swapped out, which the
+                    // census does not bring back in. Zeros there hold no object.
+                    let mut read = true;
+                    for (i, page) in buf.chunks_mut(PAGE as usize).enumerate() {
+                        if pages[i] {
+                            read &= mem.read(pool + i as u64 * PAGE, page).is_ok();
+                        } else {
+                            page.fill(0);
+                        }
                     }
-                    let buf = &mut pool_buf[..n * PAGE as usize];
-                    if mem.read(pool, buf).is_err() || !live_blocks(buf, pool, l, &mut **each) {
+                    if !read || !live_blocks(buf, pool, l, &mut **each) {
                         out.census_torn_pools += 1;
                     }
                 }

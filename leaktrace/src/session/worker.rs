@@ -1069,14 +1069,6 @@ impl Worker {
                 (!chunks_complete).then(|| {
                     "malloc's heaps changed while read or took over the time budget".to_owned()
                 })
-            })
-            .or_else(|| {
-                (w.census_partial_pools > 0).then(|| {
-                    format!(
-                        "{} pool(s) partly not resident (swapped out?): their blocks there are not counted",
-                        w.census_partial_pools
-                    )
-                })
             });
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let mut census = c.finish(ms, self.started.elapsed().as_secs_f64(), incomplete);
