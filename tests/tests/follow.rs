@@ -55,6 +55,9 @@ fn root_follow_forks_gives_each_worker_its_books() {
 
     fx.send("exec");
     let execer = pid_after(&fx.read_line(), "exec ");
+    // Followed before the tracer stops (else its fork is reported as "forked as
+    // tracing ended", which is right, but not this test's case).
+    tracer.wait_stderr(&format!("following pid {execer} "));
     // The exec is done when the process runs cat.
     while std::fs::read_link(format!("/proc/{execer}/exe")).map_or(true, |p| !p.ends_with("cat")) {
         std::thread::yield_now();
