@@ -150,10 +150,20 @@ fn check_report(name: &str, r: &Value) {
             .find(|t| t["name"] == n)
             .map_or(0, |t| t["count"].as_u64().unwrap())
     };
-    assert!(
-        count("str") >= 1000 && count("code") >= 100,
-        "{name}: census: {census:#}"
-    );
+    // Under emulation (the kernel tier's qemu without KVM) the census may stop at its
+    // time budget: it must say so and have read objects until then.
+    if census["incomplete"].is_null() {
+        assert!(
+            count("str") >= 1000 && count("code") >= 100,
+            "{name}: census: {census:#}"
+        );
+    } else {
+        assert!(
+            census["incomplete"].as_str().unwrap().contains("time budget")
+                && census["objects"].as_u64().unwrap() > 0,
+            "{name}: census: {census:#}"
+        );
+    }
 }
 
 /// Debian's python3.11 (installed by `cargo xtask setup`).
