@@ -2,12 +2,13 @@
 //! the dynamic section and ld.so.cache readers, the load-bias computation, the
 //! allocator search (symbols, thunks, probe placement, version strings, Go build
 //! info), the unwind-table builder (.eh_frame, CIEs, FDEs, CFI programs) and the
-//! struct layouts read from DWARF (jemalloc's arenas, the Go runtime's statistics)
+//! struct layouts read from DWARF (jemalloc's arenas, mimalloc's
+//! arenas and pages, the Go runtime's statistics)
 //! never panic or run away, whatever the bytes.
 #![no_main]
 
 use leaktrace::{
-    heap::{go, jemalloc},
+    heap::{go, jemalloc, mimalloc},
     probes::allocators,
     process::{dwarf, elf, ldso},
     unwind::table,
@@ -29,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = table::fde_ranges(data);
     let _ = jemalloc::Layout::find(data, data, "_rjem_");
+    let _ = mimalloc::Layout::find(data);
     let _ = go::Layout::find(data);
     let _ = dwarf::resolve(data, &[("s", "a.b"), ("t", "")], dwarf::Language::C);
     let _ = elf::data_symbol(data, &["je_arenas", "runtime.memstats"]);

@@ -278,9 +278,19 @@ fn root_rust_static_allocators_fragmenting() {
         assert!(action.contains(remedy), "{name}: {top:#}");
         // Four threads freed 4 × 23.9 MiB, which the allocator keeps (mimalloc commits
         // it in the 1 GiB arena it reserved before attach, with no mapping to see): what
-        // is said to be kept is the fixture's RssAnon growth, read beside the trace, less
-        // the live blocks and the threads' stacks.
-        let held = top["expected_bytes"].as_f64().unwrap() / (1 << 20) as f64;
+        // is said to be kept, read from the allocator's own state, is the fixture's
+        // RssAnon growth, read beside the trace, less the live blocks and the threads'
+        // stacks.
+        // mimalloc's own pages are read: it keeps freed blocks inside pages and free
+        // slices, of which purging (the remedy) returns the slices.
+        let m = &r["allocator"]["state"]["mimalloc"][0];
+        let held = if m.is_null() {
+            top["expected_bytes"].as_f64().unwrap()
+        } else {
+            assert_eq!(top["expected_bytes"], m["free_dirty_bytes"], "{m:#}");
+            (m["page_free_bytes"].as_u64().unwrap() + m["free_dirty_bytes"].as_u64().unwrap())
+                as f64
+        } / (1 << 20) as f64;
         eprintln!("{name}: said to keep {held:.1} MiB; RssAnon grew {grew:.1} MiB");
         assert!(
             held >= 50.0 && held <= grew + 1.0 && held >= 0.9 * grew - 2.0,
@@ -416,6 +426,91 @@ fn check_jemalloc_state(program: &std::path::Path, tracer_args: &[&str]) {
         "{:#}",
         r["allocator"]["notes"]
     );
+}
+
+/// mimalloc 3's own state (the mimalloc crate's, linked into a Rust program with its
+/// debug information), read from its arenas and pages before any growth while traced:
+/// the fixture fragments, then leaktrace attaches. Blocks in use, freed blocks inside
+/// pages and the page count must be mimalloc's own view of its pages
+/// (`mi_heap_visit_blocks`, summed by the fixture after the trace) exactly; the free
+/// slices it says are not purged must be what `mi_collect(true)` then returns
+/// (RssAnon's drop); and the verdict is fragmentation, with mimalloc 3's remedy for
+/// those bytes.
+#[test]
+fn root_mimalloc_state_read_before_growth() {
+    require_root();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_alloc_mimalloc"));
+    let mut fx = Fixture::spawn_program(bin, &["fragment"], &[]);
+    fx.run_scenario();
+    let pid = fx.pid.to_string();
+    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
+    let r = tracer.wait_report(0);
+    check_shape(&r);
+    fx.send("counts");
+    let counts = fx.read_line();
+    let own: Vec<u64> = counts
+        .split_whitespace()
+        .skip(1)
+        .step_by(2)
+        .map(|n| n.parse().expect("a count"))
+        .collect();
+    let state = &r["allocator"]["state"];
+    assert_eq!(state["mimalloc"].as_array().unwrap().len(), 1, "{state:#}");
+    let m = &state["mimalloc"][0];
+    eprintln!("mimalloc's own view: {counts}; leaktrace: {m:#}");
+    assert_eq!(m["object"], bin.to_str().unwrap());
+    assert_eq!(m["slice_bytes"], 65536);
+    for (field, want) in ["in_use_bytes", "page_free_bytes", "pages"]
+        .iter()
+        .zip(&own)
+    {
+        assert_eq!(m[field].as_u64().unwrap(), *want, "{field}: {counts}");
+    }
+    assert_eq!(m["unreadable_pages"], 0);
+    assert_eq!(m["unreadable_arenas"], 0);
+    // Four threads freed all but 6 of 1536 blocks of 16 KiB each: most pages emptied
+    // and went back to the arena as free slices, unpurged (the threads are parked).
+    let free_slices = m["free_dirty_bytes"].as_u64().unwrap();
+    assert!(free_slices > 40 << 20, "{m:#}");
+    fx.send("release");
+    let line = fx.read_line();
+    let words: Vec<&str> = line.split(' ').collect();
+    assert_eq!((words[0], words[3]), ("released", "mi_collect"), "{line}");
+    let returned = (words[1].parse::<u64>().unwrap() - words[2].parse::<u64>().unwrap()) * 1024;
+    eprintln!(
+        "leaktrace: {:.1} MiB of free slices not purged; mi_collect(true) returned {:.1} MiB",
+        free_slices as f64 / (1 << 20) as f64,
+        returned as f64 / (1 << 20) as f64
+    );
+    assert!(
+        returned as f64 >= 0.95 * free_slices as f64
+            && returned as f64 <= 1.05 * free_slices as f64 + (1 << 20) as f64,
+        "free slices {free_slices} vs returned {returned}"
+    );
+    let kept = m["page_free_bytes"].as_u64().unwrap() + free_slices;
+    let v = &r["verdict"];
+    assert_eq!(v["kind"], "fragmentation", "{v:#}");
+    let top = &v["remedies"][0];
+    assert!(
+        top["action"]
+            .as_str()
+            .unwrap()
+            .starts_with("MIMALLOC_PURGE_DELAY=0 (mimalloc 3"),
+        "{top:#}"
+    );
+    assert_eq!(top["expected_bytes"].as_u64().unwrap(), free_slices);
+    let parts = r["memory"]["parts"].as_array().unwrap();
+    let sum = |kind: &str| -> u64 {
+        parts
+            .iter()
+            .filter(|p| p["kind"] == kind)
+            .map(|p| p["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("allocator-free"), kept, "{parts:#?}");
+    assert_eq!(sum("allocator-in-use"), own[0], "{parts:#?}");
+    let notes = r["allocator"]["notes"].to_string();
+    assert!(notes.contains("its own state is read"), "{notes}");
 }
 
 /// A Go program built with its symbols and debug information (tests/fixtures/go_heap.go):

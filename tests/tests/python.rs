@@ -159,7 +159,10 @@ fn check_report(name: &str, r: &Value) {
         );
     } else {
         assert!(
-            census["incomplete"].as_str().unwrap().contains("time budget")
+            census["incomplete"]
+                .as_str()
+                .unwrap()
+                .contains("time budget")
                 && census["objects"].as_u64().unwrap() > 0,
             "{name}: census: {census:#}"
         );

@@ -132,6 +132,8 @@ pub struct State<'a> {
     pub go: bool,
     /// jemalloc's own state, where read.
     pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
+    /// mimalloc 3's own state, where read.
+    pub mimalloc: &'a [crate::heap::mimalloc::MimallocState],
     /// The Go runtime's heap statistics, where read.
     pub go_heap: Option<&'a crate::heap::go::GoHeap>,
 }
@@ -346,6 +348,28 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
             j.active_bytes,
         ));
     }
+    // mimalloc's: freed blocks inside its pages and free slices not purged (both
+    // written, so resident unless swapped), then blocks in use.
+    for m in s.mimalloc {
+        free_items.push((
+            format!(
+                "mimalloc ({}): freed blocks in its pages {}, free slices not purged {}",
+                m.object,
+                bytes(m.page_free_bytes),
+                bytes(m.free_dirty_bytes)
+            ),
+            m.kept_bytes(),
+        ));
+        active_items.push((
+            format!(
+                "mimalloc ({}): blocks in use in {} page{}",
+                m.object,
+                m.pages,
+                if m.pages == 1 { "" } else { "s" }
+            ),
+            m.in_use_bytes,
+        ));
+    }
     for (_, b) in &mut free_items {
         *b = take(*b);
     }
@@ -417,6 +441,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
                 match s.heap_owner {
                     Some("jemalloc") if !s.jemalloc.is_empty() => {
                         "anonymous mappings (jemalloc's metadata among them)".into()
+                    }
+                    Some("mimalloc") if !s.mimalloc.is_empty() => {
+                        "anonymous mappings (mimalloc's metadata and untouched page space among them)".into()
                     }
                     Some(owner) if owner != "other" => {
                         format!(

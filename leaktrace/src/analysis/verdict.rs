@@ -271,6 +271,8 @@ pub struct Facts<'a> {
     /// jemalloc's own state, where its layout is known: what it keeps is then read,
     /// not measured from growth.
     pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
+    /// mimalloc 3's own state, likewise.
+    pub mimalloc: &'a [crate::heap::mimalloc::MimallocState],
     /// The live heap by type (the latest census, ranked against the one at attach).
     pub census: Option<&'a crate::heap::census::Census>,
 }
@@ -594,26 +596,44 @@ fn decide_from_state(f: &Facts<'_>) -> Verdict {
 }
 
 /// What the allocator that is not glibc keeps: read from its own state where
-/// leaktrace reads it (jemalloc's arenas), else measured since attach.
+/// leaktrace reads it (jemalloc's arenas, mimalloc's pages), else measured since attach.
 fn other_kept<'f>(f: &Facts<'f>) -> Option<(&'f crate::probes::allocators::Found, Kept)> {
     let a = f.allocator?;
-    if let Some(j) = f.jemalloc.iter().find(|j| j.object == a.object) {
+    let read = f
+        .jemalloc
+        .iter()
+        .find(|j| j.object == a.object)
+        .map(|j| (j.kept_bytes(), ReadState::Jemalloc(j.clone())))
+        .or_else(|| {
+            f.mimalloc
+                .iter()
+                .find(|m| m.object == a.object)
+                .map(|m| (m.kept_bytes(), ReadState::Mimalloc(m.clone())))
+        });
+    if let Some((kept, state)) = read {
         // Pages, not resident bytes: muzzy ones the kernel took back still count there,
         // so what is held is capped by the anonymous memory there is.
         let anon = f.points.last().map_or(u64::MAX, |p| p.rss.anon_bytes);
-        let held = j.kept_bytes().min(anon);
+        let held = kept.min(anon);
         return (held > 0).then(|| {
             (
                 a,
                 Kept {
                     held,
-                    read: Some(j.clone()),
+                    read: Some(state),
                     ..Kept::default()
                 },
             )
         });
     }
     kept_since_attach(f.points).map(|k| (a, k))
+}
+
+/// An allocator's own state, read from outside.
+#[derive(Clone, Debug)]
+enum ReadState {
+    Jemalloc(crate::heap::jemalloc::JemallocState),
+    Mimalloc(crate::heap::mimalloc::MimallocState),
 }
 
 /// What an allocator keeps: read from its state, or, where its state is not read,
@@ -634,8 +654,9 @@ struct Kept {
     /// reserved before attach (mimalloc reserves 1 GiB arenas; jemalloc reuses retained
     /// extents), or blocks allocated before attach and touched since.
     committed: u64,
-    /// jemalloc's arenas, when `held` was read from them (the other fields are then 0).
-    read: Option<crate::heap::jemalloc::JemallocState>,
+    /// The allocator's own state, when `held` was read from it (the other fields are
+    /// then 0).
+    read: Option<ReadState>,
 }
 
 /// [`Kept`] from the samples, if RSS grew beyond the live heap and either the
@@ -674,7 +695,24 @@ fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> S
         .version
         .as_ref()
         .map_or(String::new(), |v| format!(" {v}"));
-    if let Some(j) = &k.read {
+    if let Some(ReadState::Mimalloc(m)) = &k.read {
+        return format!(
+            "{name}{version} keeps {} of freed memory resident ({share:.0}% of anonymous RSS), as its own pages and \
+             arenas count it: {} of freed blocks inside {} page{} that still hold {} in use (a page is returned only \
+             once all its blocks are free), and {} of free slices not purged yet (mimalloc purges them after its purge \
+             delay, when a thread next calls it). Read from {} arena{} in {}: what it kept before attach counts too.",
+            bytes(k.held),
+            bytes(m.page_free_bytes),
+            m.pages,
+            if m.pages == 1 { "" } else { "s" },
+            bytes(m.in_use_bytes),
+            bytes(m.free_dirty_bytes),
+            m.arenas.len(),
+            if m.arenas.len() == 1 { "" } else { "s" },
+            m.object
+        );
+    }
+    if let Some(ReadState::Jemalloc(j)) = &k.read {
         return format!(
             "{name}{version} keeps {} of freed pages resident ({share:.0}% of anonymous RSS), as its own arenas count \
              them: {} dirty (freed, returned only after dirty_decay_ms and when a thread next calls it), {} muzzy (given \
@@ -716,7 +754,15 @@ fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> S
 /// Each allocator's own settings for returning freed memory sooner.
 fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> {
     use crate::probes::allocators::Allocator;
-    let mut why = if k.read.is_some() {
+    let mut why = if let Some(ReadState::Mimalloc(m)) = &k.read {
+        format!(
+            "{} of freed memory kept, read from mimalloc's pages and arenas: of it, the {} of free slices not purged \
+             are returned by purging; the {} of freed blocks inside pages only as their pages empty",
+            bytes(k.held),
+            bytes(m.free_dirty_bytes),
+            bytes(m.page_free_bytes)
+        )
+    } else if k.read.is_some() {
         format!(
             "{} of dirty and muzzy pages, read from {}'s arenas",
             bytes(k.held),
@@ -752,6 +798,16 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
              gradually, at rate 1 by default); in code, MallocExtension::instance()->ReleaseFreeMemory()"
                 .into(),
         )],
+        // Read from its pages: purging returns the free slices, not the freed blocks
+        // inside pages that still hold one in use.
+        Allocator::Mimalloc if let Some(ReadState::Mimalloc(m)) = &k.read => vec![Remedy {
+            action: "MIMALLOC_PURGE_DELAY=0 (mimalloc 3 purges free slices purge_delay after they are freed — 1 s by \
+                     default — and only when a thread next calls it: threads that went idle keep them); in code, \
+                     mi_collect(true)"
+                .into(),
+            expected_bytes: m.free_dirty_bytes.min(k.held),
+            why,
+        }],
         Allocator::Mimalloc => {
             let v = a.version.as_deref().and_then(|v| {
                 let mut it = v.split('.').map(|n| n.parse::<u32>().ok());

@@ -14,6 +14,7 @@ pub mod census;
 pub mod glibc;
 pub mod go;
 pub mod jemalloc;
+pub mod mimalloc;
 pub mod pymalloc;
 
 /// Other allocators' own state, read from outside where their layout is known.
@@ -21,6 +22,8 @@ pub mod pymalloc;
 pub struct OtherState {
     /// jemalloc's arenas, per object that holds a jemalloc.
     pub jemalloc: Vec<jemalloc::JemallocState>,
+    /// mimalloc 3's arenas, per object that holds a mimalloc.
+    pub mimalloc: Vec<mimalloc::MimallocState>,
     /// The Go runtime's heap statistics, in a Go program.
     pub go: Option<go::GoHeap>,
     /// Allocators found whose state is not read, and why.
@@ -44,6 +47,11 @@ impl OtherState {
         self.jemalloc
             .iter()
             .map(jemalloc::JemallocState::kept_bytes)
+            .chain(
+                self.mimalloc
+                    .iter()
+                    .map(mimalloc::MimallocState::kept_bytes),
+            )
             .sum()
     }
 }

@@ -189,9 +189,19 @@ fn read_unit(
             }
             _ => None,
         };
-        let size = e
-            .attr_value(constants::DW_AT_byte_size)
-            .and_then(|v| v.udata_value());
+        let size = if e.tag == constants::DW_TAG_subrange_type {
+            // An array dimension: its element count, kept as the node's size.
+            e.attr_value(constants::DW_AT_count)
+                .and_then(|v| v.udata_value())
+                .or_else(|| {
+                    e.attr_value(constants::DW_AT_upper_bound)
+                        .and_then(|v| v.udata_value())
+                        .and_then(|u| u.checked_add(1))
+                })
+        } else {
+            e.attr_value(constants::DW_AT_byte_size)
+                .and_then(|v| v.udata_value())
+        };
         let declaration = matches!(
             e.attr_value(constants::DW_AT_declaration),
             Some(AttributeValue::Flag(true))
@@ -277,9 +287,29 @@ fn resolve_in(nodes: &FxHashMap<usize, Node>, ty: &str, path: &str) -> Option<Me
     Some(Member { offset, size })
 }
 
-/// A type's size: its own (`DW_AT_byte_size`), or a pointer's.
+/// A type's size: its own (`DW_AT_byte_size`), a pointer's, or an array's (its
+/// element's times each dimension's count).
 fn type_size(nodes: &FxHashMap<usize, Node>, o: usize) -> Option<u64> {
     let n = nodes.get(&o)?;
+    if n.tag == constants::DW_TAG_array_type {
+        if let Some(s) = n.size {
+            return Some(s);
+        }
+        let element = strip(nodes, n.ty?)?;
+        // An array of arrays is one array type with several dimensions: the element
+        // is never itself an array without a size, so this does not recurse further.
+        if nodes.get(&element)?.tag == constants::DW_TAG_array_type {
+            return None;
+        }
+        let mut size = type_size(nodes, element)?;
+        for c in &n.children {
+            let d = &nodes[c];
+            if d.tag == constants::DW_TAG_subrange_type {
+                size = size.checked_mul(d.size?)?;
+            }
+        }
+        return Some(size);
+    }
     if let Some(s) = n.size {
         return Some(s);
     }

@@ -367,7 +367,10 @@ fn allocator_notes(
 ) -> Vec<String> {
     use crate::probes::allocators::Allocator;
     let read = |f: &crate::probes::allocators::Found| {
-        state.is_some_and(|s| s.jemalloc.iter().any(|j| j.object == f.object))
+        state.is_some_and(|s| {
+            s.jemalloc.iter().any(|j| j.object == f.object)
+                || s.mimalloc.iter().any(|m| m.object == f.object)
+        })
     };
     // Why an allocator's state is not read, where leaktrace tried.
     let why_not = |f: &crate::probes::allocators::Found| {

@@ -582,6 +582,28 @@ fn render_allocator(o: &mut String, a: &Allocator) {
             }
         );
     }
+    for m in &a.state.mimalloc {
+        let _ = writeln!(
+            o,
+            "\nmimalloc ({}), read from its arenas and pages: {} arena{} reserving {} (mimalloc counts {} committed); \
+             {} page{}: {} in use, {} of freed blocks in them; {} of free slices not purged{}",
+            m.object,
+            m.arenas.len(),
+            if m.arenas.len() == 1 { "" } else { "s" },
+            bytes(m.reserved_bytes),
+            bytes(m.stat_committed_bytes),
+            m.pages,
+            if m.pages == 1 { "" } else { "s" },
+            bytes(m.in_use_bytes),
+            bytes(m.page_free_bytes),
+            bytes(m.free_dirty_bytes),
+            match (m.unreadable_arenas, m.unreadable_pages, &m.incomplete) {
+                (_, _, Some(why)) => format!("; the walk {why}"),
+                (0, 0, None) => String::new(),
+                (a, p, None) => format!("; {a} arena(s) and {p} page(s) did not read back"),
+            }
+        );
+    }
     if let Some(p) = a.pymalloc.as_ref().filter(|p| p.arena_count > 0) {
         let _ = writeln!(
             o,

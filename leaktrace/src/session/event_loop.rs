@@ -1180,6 +1180,7 @@ impl Session<'_> {
             pymalloc: snap.pymalloc.as_ref(),
             allocator: self.other_allocator(),
             jemalloc: &snap.other.jemalloc,
+            mimalloc: &snap.other.mimalloc,
             census: snap.census.as_ref(),
         });
         let mut r = report::build(&report::Inputs {
@@ -1263,6 +1264,7 @@ impl Session<'_> {
                     pymalloc: None,
                     allocator: self.other_allocator(),
                     jemalloc: &[],
+                    mimalloc: &[],
                     census: None,
                 });
                 let r = report::build(&report::Inputs {

@@ -25,7 +25,7 @@ use crate::{
         NotRead, OtherState,
         census::{self, Census},
         glibc::{self, ArenaLimit, HeapWalk},
-        go, jemalloc,
+        go, jemalloc, mimalloc,
         pymalloc::{self, PymallocWalk},
     },
     probes::{
@@ -329,6 +329,8 @@ struct Worker {
     pymalloc: Option<PymallocWalk>,
     /// jemalloc's layout and load bias per object (and where it is mapped), or why not.
     jemalloc_layouts: FxHashMap<(String, u64), Located<jemalloc::Layout>>,
+    /// mimalloc's, likewise.
+    mimalloc_layouts: FxHashMap<(String, u64), Located<mimalloc::Layout>>,
     /// Other allocators' state, read with where RSS goes.
     other: OtherState,
     /// Where Python objects start in their blocks, for the census (found once), or why not.
@@ -366,6 +368,7 @@ impl Worker {
             memory: MemoryMap::default(),
             pymalloc: None,
             jemalloc_layouts: FxHashMap::default(),
+            mimalloc_layouts: FxHashMap::default(),
             other: OtherState::default(),
             go_layout: None,
             census_layout: None,
@@ -464,6 +467,7 @@ impl Worker {
                 self.census_last = None;
                 self.vtables = None;
                 self.jemalloc_layouts.clear();
+                self.mimalloc_layouts.clear();
                 self.go_layout = None;
                 self.other = OtherState::default();
                 self.symbols().refresh_maps();
@@ -902,6 +906,7 @@ impl Worker {
             heap_owner: self.setup.heap_owner.map(Allocator::as_str),
             go: self.setup.go,
             jemalloc: &self.other.jemalloc,
+            mimalloc: &self.other.mimalloc,
             go_heap: self.other.go.as_ref(),
         });
     }
@@ -957,7 +962,44 @@ impl Worker {
                     }
                     continue;
                 }
-                Allocator::Tcmalloc | Allocator::Mimalloc => {
+                Allocator::Mimalloc => {
+                    let start = first_mapping(maps, &f.object);
+                    let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
+                    let found = self
+                        .mimalloc_layouts
+                        .entry((f.object.clone(), start))
+                        .or_insert_with(|| {
+                            let t = Instant::now();
+                            let r = crate::heap::locate(
+                                pid,
+                                maps,
+                                &f.object,
+                                dirs,
+                                mimalloc::Layout::find,
+                            );
+                            log::debug!(
+                                "mimalloc layout in {} in {:.1} ms: {}",
+                                f.object,
+                                t.elapsed().as_secs_f64() * 1e3,
+                                r.as_ref().map_or_else(Clone::clone, |_| "found".into())
+                            );
+                            r
+                        });
+                    let read = match found {
+                        Ok((layout, bias)) => mimalloc::read(mem, layout, *bias, &f.object),
+                        Err(why) => Err(why.clone()),
+                    };
+                    match read {
+                        Ok(s) => other.mimalloc.push(s),
+                        Err(why) => other.not_read.push(NotRead {
+                            allocator: f.allocator.as_str().into(),
+                            object: f.object.clone(),
+                            why,
+                        }),
+                    }
+                    continue;
+                }
+                Allocator::Tcmalloc => {
                     other.not_read.push(NotRead {
                         allocator: f.allocator.as_str().into(),
                         object: f.object.clone(),

@@ -125,12 +125,21 @@ fn fragment() {
 }
 
 fn wait_line(stdin: &mut std::fs::File) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(stdin.read(&mut buf), Ok(n) if n > 0)
+    read_line(stdin).is_some()
 }
 
-/// Runs the handshake around the scenario; `counts` prints the allocator's own counts.
-pub fn run(counts: fn() -> String) {
+/// The next line's first word, read unbuffered into a stack buffer (`None` at the end).
+fn read_line(stdin: &mut std::fs::File) -> Option<[u8; 64]> {
+    let mut buf = [0u8; 64];
+    match stdin.read(&mut buf) {
+        Ok(n) if n > 0 => Some(buf),
+        _ => None,
+    }
+}
+
+/// Runs the handshake around the scenario; `counts` answers each later line (its
+/// first word: `counts`, `release`) with the allocator's own counts.
+pub fn run(counts: fn(&str) -> String) {
     use std::os::fd::FromRawFd as _;
     // SAFETY: fd 0 is open for the process's life; the File is never dropped.
     let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
@@ -152,8 +161,10 @@ pub fn run(counts: fn() -> String) {
     }
     let _ = writeln!(out, "done");
     let _ = out.flush();
-    while wait_line(&mut stdin) {
-        let _ = writeln!(out, "{}", counts());
+    while let Some(line) = read_line(&mut stdin) {
+        let text = std::str::from_utf8(&line).unwrap_or("");
+        let word = text.split_whitespace().next().unwrap_or("");
+        let _ = writeln!(out, "{}", counts(word));
         let _ = out.flush();
     }
 }

@@ -9,7 +9,7 @@ mod scenarios;
 
 /// jemalloc's own page counts over all arenas, as `mallctl` gives them after an
 /// epoch refresh: `pactive N pdirty N pmuzzy N` (pages).
-fn counts() -> String {
+fn counts(_: &str) -> String {
     use std::ffi::c_void;
     let mallctl = |name: &std::ffi::CStr| -> usize {
         let mut v: usize = 0;
