@@ -3,12 +3,12 @@
 //! allocator search (symbols, thunks, probe placement, version strings, Go build
 //! info), the unwind-table builder (.eh_frame, CIEs, FDEs, CFI programs) and the
 //! struct layouts read from DWARF (jemalloc's arenas, mimalloc's
-//! arenas and pages, the Go runtime's statistics)
+//! arenas and pages, tcmalloc's page heap and caches, the Go runtime's statistics)
 //! never panic or run away, whatever the bytes.
 #![no_main]
 
 use leaktrace::{
-    heap::{go, jemalloc, mimalloc},
+    heap::{go, jemalloc, mimalloc, tcmalloc},
     probes::allocators,
     process::{dwarf, elf, ldso},
     unwind::table,
@@ -31,7 +31,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = table::fde_ranges(data);
     let _ = jemalloc::Layout::find(data, data, "_rjem_");
     let _ = mimalloc::Layout::find(data);
+    let _ = tcmalloc::Layout::find(data);
     let _ = go::Layout::find(data);
     let _ = dwarf::resolve(data, &[("s", "a.b"), ("t", "")], dwarf::Language::C);
+    let _ = dwarf::resolve(data, &[("const", "k"), ("C", "m_")], dwarf::Language::Cpp);
     let _ = elf::data_symbol(data, &["je_arenas", "runtime.memstats"]);
 });

@@ -513,6 +513,108 @@ fn root_mimalloc_state_read_before_growth() {
     assert!(notes.contains("its own state is read"), "{notes}");
 }
 
+/// gperftools 2.10's tcmalloc built with its debug information from Debian's source
+/// (`cargo xtask setup` builds it), preloaded: its state read from its page heap and
+/// caches must be its own figures (MallocExtension's numeric properties, printed by
+/// the fixture after the trace) exactly; the free spans it is said to keep what
+/// `ReleaseFreeMemory` then returns; the verdict fragmentation from before attach,
+/// with gperftools' remedy for those spans.
+#[test]
+fn root_tcmalloc_state_read_before_growth() {
+    require_root();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let lib = format!("{home}/.cache/leaktrace/gperftools-2.10/libtcmalloc_minimal.so");
+    assert!(
+        std::path::Path::new(&lib).exists(),
+        "{lib} is missing (cargo xtask setup builds it)"
+    );
+    let mut fx =
+        Fixture::spawn_with_env("verdicts", &["prefragmented", "5"], &[("LD_PRELOAD", &lib)]);
+    fx.run_scenario();
+    let pid = fx.pid.to_string();
+    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
+    let r = tracer.wait_report(0);
+    check_shape(&r);
+    fx.send("counts");
+    let counts = fx.read_line();
+    let own: std::collections::HashMap<&str, u64> = counts
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .map(|w| (w[0], w[1].parse().expect("a count")))
+        .collect();
+    let state = &r["allocator"]["state"];
+    assert_eq!(state["tcmalloc"].as_array().unwrap().len(), 1, "{state:#}");
+    let t = &state["tcmalloc"][0];
+    eprintln!("tcmalloc's own figures: {counts}; leaktrace: {t:#}");
+    assert_eq!(t["object"], lib.as_str());
+    for (field, theirs) in [
+        ("system_bytes", "heap"),
+        ("page_heap_free_bytes", "free"),
+        ("unmapped_bytes", "unmapped"),
+        ("central_cache_bytes", "central"),
+        ("transfer_cache_bytes", "transfer"),
+        ("thread_cache_bytes", "thread"),
+        ("in_use_bytes", "allocated"),
+    ] {
+        assert_eq!(t[field].as_u64().unwrap(), own[theirs], "{field}: {counts}");
+    }
+    // Four threads' 24 MiB each, all but survivors freed: most of it in free spans.
+    let spans = t["page_heap_free_bytes"].as_u64().unwrap();
+    assert!(spans > 40 << 20, "{t:#}");
+    fx.send("release");
+    let line = fx.read_line();
+    let words: Vec<&str> = line.split(' ').collect();
+    assert_eq!(
+        (words[0], words[3]),
+        ("released", "gperftools-release"),
+        "{line}"
+    );
+    let returned = (words[1].parse::<u64>().unwrap() - words[2].parse::<u64>().unwrap()) * 1024;
+    eprintln!(
+        "leaktrace: {:.1} MiB of free spans; ReleaseFreeMemory returned {:.1} MiB",
+        spans as f64 / (1 << 20) as f64,
+        returned as f64 / (1 << 20) as f64
+    );
+    assert!(
+        returned as f64 >= 0.85 * spans as f64
+            && returned as f64 <= 1.05 * spans as f64 + (1 << 20) as f64,
+        "free spans {spans} vs returned {returned}"
+    );
+    let v = &r["verdict"];
+    assert_eq!(v["kind"], "fragmentation", "{v:#}");
+    let top = &v["remedies"][0];
+    assert!(
+        top["action"]
+            .as_str()
+            .unwrap()
+            .starts_with("TCMALLOC_RELEASE_RATE=10"),
+        "{top:#}"
+    );
+    assert_eq!(top["expected_bytes"].as_u64().unwrap(), spans);
+    let parts = r["memory"]["parts"].as_array().unwrap();
+    let sum = |kind: &str| -> u64 {
+        parts
+            .iter()
+            .filter(|p| p["kind"] == kind)
+            .map(|p| p["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    let kept = spans
+        + t["thread_cache_bytes"].as_u64().unwrap()
+        + t["central_cache_bytes"].as_u64().unwrap()
+        + t["transfer_cache_bytes"].as_u64().unwrap();
+    assert_eq!(sum("allocator-free"), kept, "{parts:#?}");
+    assert_eq!(sum("allocator-in-use"), own["allocated"], "{parts:#?}");
+    assert_eq!(
+        sum("heap-unwalked"),
+        0,
+        "its brk heap is its own: {parts:#?}"
+    );
+    let notes = r["allocator"]["notes"].to_string();
+    assert!(notes.contains("its own state is read"), "{notes}");
+}
+
 /// A Go program built with its symbols and debug information (tests/fixtures/go_heap.go):
 /// the runtime's heap statistics, read from outside, must be what the program's own
 /// `runtime.ReadMemStats` says after the trace: its spans exactly, its live bytes up

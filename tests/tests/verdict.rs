@@ -548,6 +548,18 @@ fn root_verdicts_on_other_allocators() {
 
         let mut fx = Fixture::spawn_with_env("verdicts", &["arenas", "60"], &env);
         let r = trace_fixture(&mut fx, &[]);
+        // Debian's build is stripped, and its debug package is not installed: its
+        // state is said not to be read, naming the package that would let it be.
+        let not_read = &r["allocator"]["state"]["not_read"];
+        assert!(
+            not_read
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["allocator"] == name
+                    && n["why"].as_str().unwrap().contains("-dbgsym on Debian")),
+            "{name}: {not_read:#}"
+        );
         let (kind, v) = verdict_of(&r);
         print_verdict(&format!("{name} arenas"), v);
         assert_eq!(kind, "fragmentation", "{name}: {v:#}");

@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result, bail};
 mod bench;
 mod census;
 mod fuzz;
+mod gperftools;
 mod kernels;
 mod roots;
 mod servers;
@@ -241,6 +242,7 @@ fn setup(kernels: bool) -> Result<()> {
         missing.push("libmemcached-tools");
     }
     missing.extend(roots::missing_packages());
+    missing.extend(gperftools::missing_packages());
     if kernels {
         missing.extend(kernels::missing_packages());
     }
@@ -287,6 +289,7 @@ fn setup(kernels: bool) -> Result<()> {
         ]))?;
     }
     roots::setup()?;
+    gperftools::setup()?;
     if kernels {
         kernels::setup()?;
     }

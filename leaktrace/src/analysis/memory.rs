@@ -134,6 +134,8 @@ pub struct State<'a> {
     pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
     /// mimalloc 3's own state, where read.
     pub mimalloc: &'a [crate::heap::mimalloc::MimallocState],
+    /// gperftools' tcmalloc's own state, where read.
+    pub tcmalloc: &'a [crate::heap::tcmalloc::TcmallocState],
     /// The Go runtime's heap statistics, where read.
     pub go_heap: Option<&'a crate::heap::go::GoHeap>,
 }
@@ -266,6 +268,11 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
         "",
     );
     push_kind(&mut parts, PartKind::HeapFree, free_by_arena, "arenas");
+    let unwalked = heap_vmas - free_assigned - in_use;
+    // The allocator serving malloc, its state read, counts its brk heap (tcmalloc's) in
+    // its own figures: those pages are left for them to claim.
+    let owner_read = s.heap_owner.is_some()
+        && !(s.jemalloc.is_empty() && s.mimalloc.is_empty() && s.tcmalloc.is_empty());
     push_kind(
         &mut parts,
         PartKind::HeapUnwalked,
@@ -279,12 +286,12 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
             } else {
                 "brk heap and arena pages, not walked".into()
             },
-            heap_vmas - free_assigned - in_use,
+            if owner_read { 0 } else { unwalked },
         )],
         "",
     );
     // Claims on the other anonymous memory, capped by what is there.
-    let mut left = rest_anon;
+    let mut left = rest_anon + if owner_read { unwalked } else { 0 };
     let mut take = |b: u64| {
         let t = b.min(left);
         left -= t;
@@ -370,6 +377,24 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
             m.in_use_bytes,
         ));
     }
+    // tcmalloc's: free spans and the freed objects its caches hold, then what the
+    // application holds. Spans it returned (unmapped) are not resident.
+    for t in s.tcmalloc {
+        free_items.push((
+            format!(
+                "tcmalloc ({}): free spans {}, thread caches {}, central and transfer caches {}",
+                t.object,
+                bytes(t.page_heap_free_bytes),
+                bytes(t.thread_cache_bytes),
+                bytes(t.central_cache_bytes + t.transfer_cache_bytes)
+            ),
+            t.kept_bytes(),
+        ));
+        active_items.push((
+            format!("tcmalloc ({}): allocated, as it counts", t.object),
+            t.in_use_bytes,
+        ));
+    }
     for (_, b) in &mut free_items {
         *b = take(*b);
     }
@@ -441,6 +466,9 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
                 match s.heap_owner {
                     Some("jemalloc") if !s.jemalloc.is_empty() => {
                         "anonymous mappings (jemalloc's metadata among them)".into()
+                    }
+                    Some("tcmalloc") if !s.tcmalloc.is_empty() => {
+                        "anonymous mappings (tcmalloc's metadata among them)".into()
                     }
                     Some("mimalloc") if !s.mimalloc.is_empty() => {
                         "anonymous mappings (mimalloc's metadata and untouched page space among them)".into()

@@ -273,6 +273,8 @@ pub struct Facts<'a> {
     pub jemalloc: &'a [crate::heap::jemalloc::JemallocState],
     /// mimalloc 3's own state, likewise.
     pub mimalloc: &'a [crate::heap::mimalloc::MimallocState],
+    /// gperftools' tcmalloc's own state, likewise.
+    pub tcmalloc: &'a [crate::heap::tcmalloc::TcmallocState],
     /// The live heap by type (the latest census, ranked against the one at attach).
     pub census: Option<&'a crate::heap::census::Census>,
 }
@@ -609,6 +611,12 @@ fn other_kept<'f>(f: &Facts<'f>) -> Option<(&'f crate::probes::allocators::Found
                 .iter()
                 .find(|m| m.object == a.object)
                 .map(|m| (m.kept_bytes(), ReadState::Mimalloc(m.clone())))
+        })
+        .or_else(|| {
+            f.tcmalloc
+                .iter()
+                .find(|t| t.object == a.object)
+                .map(|t| (t.kept_bytes(), ReadState::Tcmalloc(t.clone())))
         });
     if let Some((kept, state)) = read {
         // Pages, not resident bytes: muzzy ones the kernel took back still count there,
@@ -634,6 +642,7 @@ fn other_kept<'f>(f: &Facts<'f>) -> Option<(&'f crate::probes::allocators::Found
 enum ReadState {
     Jemalloc(crate::heap::jemalloc::JemallocState),
     Mimalloc(crate::heap::mimalloc::MimallocState),
+    Tcmalloc(crate::heap::tcmalloc::TcmallocState),
 }
 
 /// What an allocator keeps: read from its state, or, where its state is not read,
@@ -695,6 +704,24 @@ fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> S
         .version
         .as_ref()
         .map_or(String::new(), |v| format!(" {v}"));
+    if let Some(ReadState::Tcmalloc(t)) = &k.read {
+        return format!(
+            "{name}{version} keeps {} of freed memory resident ({share:.0}% of anonymous RSS), as its own page heap and \
+             caches count it: {} of free spans in its page heap (returned to the system only gradually, at \
+             TCMALLOC_RELEASE_RATE), {} in {} thread cache{}, {} in its central and transfer caches; {} of its {} heap \
+             is in use, {} already returned. Read from {}: what it kept before attach counts too.",
+            bytes(k.held),
+            bytes(t.page_heap_free_bytes),
+            bytes(t.thread_cache_bytes),
+            t.thread_caches,
+            if t.thread_caches == 1 { "" } else { "s" },
+            bytes(t.central_cache_bytes + t.transfer_cache_bytes),
+            bytes(t.in_use_bytes),
+            bytes(t.system_bytes),
+            bytes(t.unmapped_bytes),
+            t.object
+        );
+    }
     if let Some(ReadState::Mimalloc(m)) = &k.read {
         return format!(
             "{name}{version} keeps {} of freed memory resident ({share:.0}% of anonymous RSS), as its own pages and \
@@ -754,7 +781,15 @@ fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> S
 /// Each allocator's own settings for returning freed memory sooner.
 fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> {
     use crate::probes::allocators::Allocator;
-    let mut why = if let Some(ReadState::Mimalloc(m)) = &k.read {
+    let mut why = if let Some(ReadState::Tcmalloc(t)) = &k.read {
+        format!(
+            "{} of freed memory kept, read from tcmalloc's page heap and caches: releasing returns the {} of free \
+             spans; the {} its thread, central and transfer caches hold stays until those caches shrink",
+            bytes(k.held),
+            bytes(t.page_heap_free_bytes),
+            bytes(t.thread_cache_bytes + t.central_cache_bytes + t.transfer_cache_bytes)
+        )
+    } else if let Some(ReadState::Mimalloc(m)) = &k.read {
         format!(
             "{} of freed memory kept, read from mimalloc's pages and arenas: of it, the {} of free slices not purged \
              are returned by purging; the {} of freed blocks inside pages only as their pages empty",
@@ -774,7 +809,7 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
             bytes(k.held)
         )
     };
-    if a.allocator == Allocator::Tcmalloc {
+    if a.allocator == Allocator::Tcmalloc && k.read.is_none() {
         // Measured: gperftools 2.10 returned 20 of the 38 MiB the fixture freed; the
         // rest stayed in its thread and central caches.
         why.push_str("; an upper bound: what sits in its per-thread and central caches is not released this way");
@@ -793,6 +828,14 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
              thread returns them from an idle process too)",
             a.prefix.to_ascii_uppercase()
         ))],
+        Allocator::Tcmalloc if let Some(ReadState::Tcmalloc(t)) = &k.read => vec![Remedy {
+            action: "TCMALLOC_RELEASE_RATE=10, or TCMALLOC_AGGRESSIVE_DECOMMIT=true (gperftools returns free spans to \
+                     the system gradually, at rate 1 by default); in code, \
+                     MallocExtension::instance()->ReleaseFreeMemory()"
+                .into(),
+            expected_bytes: t.page_heap_free_bytes.min(k.held),
+            why,
+        }],
         Allocator::Tcmalloc => vec![remedy(
             "TCMALLOC_RELEASE_RATE=10, or TCMALLOC_AGGRESSIVE_DECOMMIT=true (gperftools returns free spans to the system \
              gradually, at rate 1 by default); in code, MallocExtension::instance()->ReleaseFreeMemory()"

@@ -16,6 +16,7 @@ pub mod go;
 pub mod jemalloc;
 pub mod mimalloc;
 pub mod pymalloc;
+pub mod tcmalloc;
 
 /// Other allocators' own state, read from outside where their layout is known.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -24,6 +25,8 @@ pub struct OtherState {
     pub jemalloc: Vec<jemalloc::JemallocState>,
     /// mimalloc 3's arenas, per object that holds a mimalloc.
     pub mimalloc: Vec<mimalloc::MimallocState>,
+    /// gperftools' page heap and caches, per object that holds a tcmalloc.
+    pub tcmalloc: Vec<tcmalloc::TcmallocState>,
     /// The Go runtime's heap statistics, in a Go program.
     pub go: Option<go::GoHeap>,
     /// Allocators found whose state is not read, and why.
@@ -51,6 +54,11 @@ impl OtherState {
                 self.mimalloc
                     .iter()
                     .map(mimalloc::MimallocState::kept_bytes),
+            )
+            .chain(
+                self.tcmalloc
+                    .iter()
+                    .map(tcmalloc::TcmallocState::kept_bytes),
             )
             .sum()
     }

@@ -33,6 +33,8 @@ struct Node {
     ty: Option<usize>,
     location: Option<u64>,
     size: Option<u64>,
+    /// A constant's value (`DW_AT_const_value`).
+    value: Option<u64>,
     declaration: bool,
     children: Vec<usize>,
 }
@@ -44,10 +46,14 @@ pub enum Language {
     C,
     /// Go (the Go runtime's own types, named `runtime.mstats`…).
     Go,
+    /// C++ (gperftools' tcmalloc): classes by their unqualified name (`PageHeap`).
+    Cpp,
 }
 
 /// Resolves each `(struct, "member.member…")` in the first unit of `language` that
 /// defines all the structs named, or says why not. An empty path is the struct itself.
+/// `("const", NAME)` is the value of the constant NAME (a variable the compiler gave a
+/// value, such as C++'s `static const size_t kPageShift = 13`), as the offset.
 pub fn resolve(
     data: &[u8],
     queries: &[(&str, &str)],
@@ -109,7 +115,7 @@ pub fn resolve(
         }
         defined_somewhere |= queries
             .iter()
-            .all(|(ty, _)| struct_named(&nodes, ty).is_some());
+            .all(|(ty, _)| *ty == "const" || struct_named(&nodes, ty).is_some());
     }
     Err(if defined_somewhere {
         "its structs lack the members this version is read by".into()
@@ -145,6 +151,14 @@ fn read_unit(
                 ) | (
                     Some(AttributeValue::Language(constants::DW_LANG_Go)),
                     Language::Go
+                ) | (
+                    Some(AttributeValue::Language(
+                        constants::DW_LANG_C_plus_plus
+                            | constants::DW_LANG_C_plus_plus_03
+                            | constants::DW_LANG_C_plus_plus_11
+                            | constants::DW_LANG_C_plus_plus_14,
+                    )),
+                    Language::Cpp,
                 )
             );
             if !wanted {
@@ -202,6 +216,9 @@ fn read_unit(
             e.attr_value(constants::DW_AT_byte_size)
                 .and_then(|v| v.udata_value())
         };
+        let value = e
+            .attr_value(constants::DW_AT_const_value)
+            .and_then(|v| v.udata_value());
         let declaration = matches!(
             e.attr_value(constants::DW_AT_declaration),
             Some(AttributeValue::Flag(true))
@@ -214,6 +231,7 @@ fn read_unit(
                 ty,
                 location,
                 size,
+                value,
                 declaration,
                 children: Vec::new(),
             },
@@ -230,14 +248,19 @@ fn struct_named(nodes: &FxHashMap<usize, Node>, name: &str) -> Option<usize> {
         if n.name.as_deref() != Some(name) {
             continue;
         }
-        if n.tag == constants::DW_TAG_structure_type && !n.declaration && n.size.is_some() {
+        if is_struct(n.tag) && !n.declaration && n.size.is_some() {
             return Some(o);
         }
         if n.tag == constants::DW_TAG_typedef {
             typedef = n.ty.and_then(|t| strip(nodes, t));
         }
     }
-    typedef.filter(|&o| nodes[&o].tag == constants::DW_TAG_structure_type)
+    typedef.filter(|&o| is_struct(nodes[&o].tag))
+}
+
+/// A struct, or a C++ class.
+fn is_struct(tag: gimli::DwTag) -> bool {
+    tag == constants::DW_TAG_structure_type || tag == constants::DW_TAG_class_type
 }
 
 /// The type behind typedefs and qualifiers.
@@ -258,14 +281,19 @@ fn strip(nodes: &FxHashMap<usize, Node>, mut o: usize) -> Option<usize> {
 
 /// The member at `path` (dot-separated) of struct `ty`, in one unit's table.
 fn resolve_in(nodes: &FxHashMap<usize, Node>, ty: &str, path: &str) -> Option<Member> {
+    if ty == "const" {
+        return nodes
+            .values()
+            .find(|n| n.tag == constants::DW_TAG_variable && n.name.as_deref() == Some(path))
+            .and_then(|n| n.value)
+            .map(|offset| Member { offset, size: 0 });
+    }
     let mut at = struct_named(nodes, ty)?;
     let mut offset = 0u64;
     let mut size = nodes[&at].size?;
     for name in path.split('.').filter(|n| !n.is_empty()) {
         let outer = &nodes[&at];
-        if outer.tag != constants::DW_TAG_structure_type
-            && outer.tag != constants::DW_TAG_union_type
-        {
+        if !is_struct(outer.tag) && outer.tag != constants::DW_TAG_union_type {
             return None;
         }
         let m = outer

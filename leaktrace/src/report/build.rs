@@ -370,6 +370,7 @@ fn allocator_notes(
         state.is_some_and(|s| {
             s.jemalloc.iter().any(|j| j.object == f.object)
                 || s.mimalloc.iter().any(|m| m.object == f.object)
+                || s.tcmalloc.iter().any(|t| t.object == f.object)
         })
     };
     // Why an allocator's state is not read, where leaktrace tried.

@@ -582,6 +582,22 @@ fn render_allocator(o: &mut String, a: &Allocator) {
             }
         );
     }
+    for t in &a.state.tcmalloc {
+        let _ = writeln!(
+            o,
+            "\ntcmalloc ({}), read from its page heap and caches: heap {}, of it {} allocated, {} in free spans, {} in \
+             {} thread cache{}, {} in its central and transfer caches; {} returned to the system (not resident)",
+            t.object,
+            bytes(t.system_bytes),
+            bytes(t.in_use_bytes),
+            bytes(t.page_heap_free_bytes),
+            bytes(t.thread_cache_bytes),
+            t.thread_caches,
+            if t.thread_caches == 1 { "" } else { "s" },
+            bytes(t.central_cache_bytes + t.transfer_cache_bytes),
+            bytes(t.unmapped_bytes)
+        );
+    }
     for m in &a.state.mimalloc {
         let _ = writeln!(
             o,

@@ -1181,6 +1181,7 @@ impl Session<'_> {
             allocator: self.other_allocator(),
             jemalloc: &snap.other.jemalloc,
             mimalloc: &snap.other.mimalloc,
+            tcmalloc: &snap.other.tcmalloc,
             census: snap.census.as_ref(),
         });
         let mut r = report::build(&report::Inputs {
@@ -1265,6 +1266,7 @@ impl Session<'_> {
                     allocator: self.other_allocator(),
                     jemalloc: &[],
                     mimalloc: &[],
+                    tcmalloc: &[],
                     census: None,
                 });
                 let r = report::build(&report::Inputs {

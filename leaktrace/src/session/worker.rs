@@ -27,6 +27,7 @@ use crate::{
         glibc::{self, ArenaLimit, HeapWalk},
         go, jemalloc, mimalloc,
         pymalloc::{self, PymallocWalk},
+        tcmalloc,
     },
     probes::{
         allocators::{Allocator, Found},
@@ -327,10 +328,9 @@ struct Worker {
     memory: MemoryMap,
     /// The latest walk of pymalloc's arenas (made with the reading of where RSS goes).
     pymalloc: Option<PymallocWalk>,
-    /// jemalloc's layout and load bias per object (and where it is mapped), or why not.
-    jemalloc_layouts: FxHashMap<(String, u64), Located<jemalloc::Layout>>,
-    /// mimalloc's, likewise.
-    mimalloc_layouts: FxHashMap<(String, u64), Located<mimalloc::Layout>>,
+    /// Each allocator's layout and load bias, per object (and where it is mapped), or
+    /// why not: found once.
+    layouts: Layouts,
     /// Other allocators' state, read with where RSS goes.
     other: OtherState,
     /// Where Python objects start in their blocks, for the census (found once), or why not.
@@ -342,8 +342,41 @@ struct Worker {
     vtables: Option<census::Vtables>,
     /// When the worker started (attach).
     started: Instant,
-    /// The Go runtime's statistics' layout and the program's load bias, or why not.
-    go_layout: Option<(u64, Located<go::Layout>)>,
+}
+
+/// Allocators' layouts per (object, where it is mapped).
+#[derive(Default)]
+struct Layouts {
+    jemalloc: FxHashMap<(String, u64), Located<jemalloc::Layout>>,
+    mimalloc: FxHashMap<(String, u64), Located<mimalloc::Layout>>,
+    tcmalloc: FxHashMap<(String, u64), Located<tcmalloc::Layout>>,
+    go: FxHashMap<(String, u64), Located<go::Layout>>,
+}
+
+/// Reads an allocator's state in `object` with its layout, found the first time (in
+/// the object, else in its debug file) and kept in `cache`.
+fn read_located<L, S>(
+    cache: &mut FxHashMap<(String, u64), Located<L>>,
+    (pid, dirs, maps, object): (u32, &[std::path::PathBuf], &[procfs::MapEntry], &str),
+    find: impl Fn(&[u8]) -> Result<L, String>,
+    read: impl FnOnce(&L, u64) -> Result<S, String>,
+) -> Result<S, String> {
+    let start = first_mapping(maps, object);
+    let found = cache.entry((object.to_owned(), start)).or_insert_with(|| {
+        let t = Instant::now();
+        let r = crate::heap::locate(pid, maps, object, dirs, find);
+        log::debug!(
+            "{} layout in {object} in {:.1} ms: {}",
+            std::any::type_name::<L>(),
+            t.elapsed().as_secs_f64() * 1e3,
+            r.as_ref().map_or_else(Clone::clone, |_| "found".into())
+        );
+        r
+    });
+    match found {
+        Ok((layout, bias)) => read(layout, *bias),
+        Err(why) => Err(why.clone()),
+    }
 }
 
 impl Worker {
@@ -367,10 +400,8 @@ impl Worker {
             walk: None,
             memory: MemoryMap::default(),
             pymalloc: None,
-            jemalloc_layouts: FxHashMap::default(),
-            mimalloc_layouts: FxHashMap::default(),
+            layouts: Layouts::default(),
             other: OtherState::default(),
-            go_layout: None,
             census_layout: None,
             census_first: None,
             census_last: None,
@@ -466,9 +497,7 @@ impl Worker {
                 self.census_first = None;
                 self.census_last = None;
                 self.vtables = None;
-                self.jemalloc_layouts.clear();
-                self.mimalloc_layouts.clear();
-                self.go_layout = None;
+                self.layouts = Layouts::default();
                 self.other = OtherState::default();
                 self.symbols().refresh_maps();
                 self.find_python();
@@ -907,6 +936,7 @@ impl Worker {
             go: self.setup.go,
             jemalloc: &self.other.jemalloc,
             mimalloc: &self.other.mimalloc,
+            tcmalloc: &self.other.tcmalloc,
             go_heap: self.other.go.as_ref(),
         });
     }
@@ -924,120 +954,53 @@ impl Worker {
             })
     }
 
-    /// Reads the state of the allocators whose layout is known (jemalloc's, from its
-    /// debug information), and says why not for the others.
+    /// Reads the state of the allocators whose layout is known (jemalloc's, mimalloc's,
+    /// tcmalloc's and the Go runtime's, from their debug information), and says why not
+    /// for the others.
     fn read_other_allocators(&mut self, maps: &[procfs::MapEntry], mem: &ProcMemory) {
         let mut other = OtherState::default();
+        let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
         for f in &self.setup.allocators {
-            match f.allocator {
-                Allocator::Jemalloc => {}
-                Allocator::Go => {
-                    let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
-                    let start = first_mapping(maps, &f.object);
-                    if self.go_layout.as_ref().is_some_and(|(at, _)| *at != start) {
-                        self.go_layout = None;
-                    }
-                    let (_, found) = self.go_layout.get_or_insert_with(|| {
-                        let t = Instant::now();
-                        let r = crate::heap::locate(pid, maps, &f.object, dirs, go::Layout::find);
-                        log::debug!(
-                            "Go runtime layout in {} in {:.1} ms: {}",
-                            f.object,
-                            t.elapsed().as_secs_f64() * 1e3,
-                            r.as_ref().map_or_else(Clone::clone, |_| "found".into())
-                        );
-                        (start, r)
-                    });
-                    match found
-                        .as_ref()
-                        .map_err(Clone::clone)
-                        .and_then(|(layout, bias)| go::read(mem, layout, *bias, &f.object))
-                    {
-                        Ok(h) => other.go = Some(h),
-                        Err(why) => other.not_read.push(NotRead {
-                            allocator: f.allocator.as_str().into(),
-                            object: f.object.clone(),
-                            why,
-                        }),
-                    }
-                    continue;
+            let read = match f.allocator {
+                Allocator::Jemalloc => {
+                    let prefix = f.prefix.clone();
+                    read_located(
+                        &mut self.layouts.jemalloc,
+                        (pid, dirs, maps, &f.object),
+                        |d| jemalloc::Layout::find(d, d, &prefix),
+                        |l, bias| jemalloc::read(mem, l, bias, &f.object),
+                    )
+                    .map(|s| other.jemalloc.push(s))
                 }
-                Allocator::Mimalloc => {
-                    let start = first_mapping(maps, &f.object);
-                    let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
-                    let found = self
-                        .mimalloc_layouts
-                        .entry((f.object.clone(), start))
-                        .or_insert_with(|| {
-                            let t = Instant::now();
-                            let r = crate::heap::locate(
-                                pid,
-                                maps,
-                                &f.object,
-                                dirs,
-                                mimalloc::Layout::find,
-                            );
-                            log::debug!(
-                                "mimalloc layout in {} in {:.1} ms: {}",
-                                f.object,
-                                t.elapsed().as_secs_f64() * 1e3,
-                                r.as_ref().map_or_else(Clone::clone, |_| "found".into())
-                            );
-                            r
-                        });
-                    let read = match found {
-                        Ok((layout, bias)) => mimalloc::read(mem, layout, *bias, &f.object),
-                        Err(why) => Err(why.clone()),
-                    };
-                    match read {
-                        Ok(s) => other.mimalloc.push(s),
-                        Err(why) => other.not_read.push(NotRead {
-                            allocator: f.allocator.as_str().into(),
-                            object: f.object.clone(),
-                            why,
-                        }),
-                    }
-                    continue;
-                }
-                Allocator::Tcmalloc => {
-                    other.not_read.push(NotRead {
-                        allocator: f.allocator.as_str().into(),
-                        object: f.object.clone(),
-                        why: "leaktrace has no reader for its state yet".into(),
-                    });
-                    continue;
-                }
+                Allocator::Mimalloc => read_located(
+                    &mut self.layouts.mimalloc,
+                    (pid, dirs, maps, &f.object),
+                    mimalloc::Layout::find,
+                    |l, bias| mimalloc::read(mem, l, bias, &f.object),
+                )
+                .map(|s| other.mimalloc.push(s)),
+                Allocator::Tcmalloc => read_located(
+                    &mut self.layouts.tcmalloc,
+                    (pid, dirs, maps, &f.object),
+                    tcmalloc::Layout::find,
+                    |l, bias| tcmalloc::read(mem, l, bias, &f.object),
+                )
+                .map(|s| other.tcmalloc.push(s)),
+                Allocator::Go => read_located(
+                    &mut self.layouts.go,
+                    (pid, dirs, maps, &f.object),
+                    go::Layout::find,
+                    |l, bias| go::read(mem, l, bias, &f.object),
+                )
+                .map(|h| other.go = Some(h)),
                 _ => continue,
-            }
-            let start = first_mapping(maps, &f.object);
-            let (pid, dirs) = (self.setup.pid, &self.setup.debug_dirs);
-            let found = self
-                .jemalloc_layouts
-                .entry((f.object.clone(), start))
-                .or_insert_with(|| {
-                    let t = Instant::now();
-                    let r = crate::heap::locate(pid, maps, &f.object, dirs, |d| {
-                        jemalloc::Layout::find(d, d, &f.prefix)
-                    });
-                    log::debug!(
-                        "jemalloc layout in {} in {:.1} ms: {}",
-                        f.object,
-                        t.elapsed().as_secs_f64() * 1e3,
-                        r.as_ref().map_or_else(Clone::clone, |_| "found".into())
-                    );
-                    r
-                });
-            let read = match found {
-                Ok((layout, bias)) => jemalloc::read(mem, layout, *bias, &f.object),
-                Err(why) => Err(why.clone()),
             };
-            match read {
-                Ok(s) => other.jemalloc.push(s),
-                Err(why) => other.not_read.push(NotRead {
+            if let Err(why) = read {
+                other.not_read.push(NotRead {
                     allocator: f.allocator.as_str().into(),
                     object: f.object.clone(),
                     why,
-                }),
+                });
             }
         }
         self.other = other;

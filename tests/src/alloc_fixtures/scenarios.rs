@@ -128,12 +128,24 @@ fn wait_line(stdin: &mut std::fs::File) -> bool {
     read_line(stdin).is_some()
 }
 
-/// The next line's first word, read unbuffered into a stack buffer (`None` at the end).
+/// The next line (its first 64 bytes), read unbuffered a byte at a time into a stack
+/// buffer, up to its newline: a line written in pieces is still one line (`None` at
+/// the end).
 fn read_line(stdin: &mut std::fs::File) -> Option<[u8; 64]> {
     let mut buf = [0u8; 64];
-    match stdin.read(&mut buf) {
-        Ok(n) if n > 0 => Some(buf),
-        _ => None,
+    let mut n = 0;
+    let mut byte = [0u8; 1];
+    loop {
+        match stdin.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => return Some(buf),
+            Ok(1) => {
+                if n < buf.len() {
+                    buf[n] = byte[0];
+                    n += 1;
+                }
+            }
+            _ => return (n > 0).then_some(buf),
+        }
     }
 }
 
@@ -162,7 +174,9 @@ pub fn run(counts: fn(&str) -> String) {
     let _ = writeln!(out, "done");
     let _ = out.flush();
     while let Some(line) = read_line(&mut stdin) {
-        let text = std::str::from_utf8(&line).unwrap_or("");
+        let text = std::str::from_utf8(&line)
+            .unwrap_or("")
+            .trim_end_matches('\0');
         let word = text.split_whitespace().next().unwrap_or("");
         let _ = writeln!(out, "{}", counts(word));
         let _ = out.flush();
