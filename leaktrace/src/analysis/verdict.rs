@@ -1447,7 +1447,8 @@ fn walk_evidence(f: &Facts<'_>, rss_anon: u64) -> Vec<Evidence> {
             metric: "glibc_heaps_unwalkable",
             value: w.unwalkable.len() as f64,
             text: format!(
-                "{} heap(s) changed too fast to walk; their figures are missing",
+                "{} heap(s) could not be walked (changed while read, or not laid out as glibc's); their figures \
+                 are missing",
                 w.unwalkable.len()
             ),
         });

@@ -359,6 +359,16 @@ fn error95(variance: f64) -> u64 {
     (1.96 * variance.max(0.0).sqrt()).round() as u64
 }
 
+/// Where an allocator's own state is read from.
+fn state_source(a: crate::probes::allocators::Allocator) -> &'static str {
+    use crate::probes::allocators::Allocator;
+    match a {
+        Allocator::Mimalloc => "its arenas and pages",
+        Allocator::Tcmalloc => "its page heap and caches",
+        _ => "its arenas",
+    }
+}
+
 /// What the report must say about the allocators found: what is traced and what is
 /// not read.
 fn allocator_notes(
@@ -419,8 +429,9 @@ fn allocator_notes(
                 };
                 notes.push(if read(f) {
                     format!(
-                        "malloc is {who}: its own state is read from its arenas, so \"where RSS goes\" counts its active pages and the \
-                         freed pages it keeps (allocator-in-use, allocator-free){glibc}"
+                        "malloc is {who}: its own state is read from {}, so \"where RSS goes\" counts what it holds for the program \
+                         and the freed memory it keeps (allocator-in-use, allocator-free){glibc}",
+                        state_source(f.allocator)
                     )
                 } else {
                     format!(
@@ -437,7 +448,7 @@ fn allocator_notes(
                         f.object,
                         f.prefix,
                         serving.map_or("the C library", |s| s.allocator.as_str()),
-                        if read(f) { "read from its arenas".to_owned() } else { format!("not read{}", why_not(f)) }
+                        if read(f) { format!("read from {}", state_source(f.allocator)) } else { format!("not read{}", why_not(f)) }
                     ));
                 }
             _ => {}

@@ -800,6 +800,11 @@ impl Worker {
                 .thread_heaps
                 .retain(|&h| !memory::in_go_arena_space(h));
         }
+        // gperftools' tcmalloc, serving malloc, takes the brk heap for its own page heap
+        // (sbrk first): it is not glibc's, and tcmalloc's state says what it holds.
+        if self.setup.heap_owner == Some(Allocator::Tcmalloc) {
+            sites.main = None;
+        }
         sites
     }
 
