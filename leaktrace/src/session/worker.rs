@@ -977,6 +977,17 @@ impl Worker {
                     )
                     .map(|s| other.jemalloc.push(s))
                 }
+                // mimalloc 1 and 2 keep segments, laid out otherwise: not guessed at.
+                Allocator::Mimalloc
+                    if f.version
+                        .as_deref()
+                        .is_some_and(|v| v.starts_with("1.") || v.starts_with("2.")) =>
+                {
+                    Err(format!(
+                        "leaktrace reads mimalloc 3's arenas and pages; {} keeps segments, whose layout it does not read",
+                        f.version.as_deref().unwrap_or_default()
+                    ))
+                }
                 Allocator::Mimalloc => read_located(
                     &mut self.layouts.mimalloc,
                     (pid, dirs, maps, &f.object),
