@@ -548,16 +548,21 @@ fn root_verdicts_on_other_allocators() {
 
         let mut fx = Fixture::spawn_with_env("verdicts", &["arenas", "60"], &env);
         let r = trace_fixture(&mut fx, &[]);
-        // Debian's build is stripped, and its debug package is not installed: its
-        // state is said not to be read, naming the package that would let it be.
+        // Debian's builds are stripped, and their debug packages are not installed: the
+        // state is said not to be read, naming the package that would let it be (for
+        // mimalloc 2.0.9, a layout leaktrace does not read: segments).
+        let why = if name == "mimalloc" {
+            "2.0.9 keeps segments"
+        } else {
+            "-dbgsym on Debian"
+        };
         let not_read = &r["allocator"]["state"]["not_read"];
         assert!(
             not_read
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|n| n["allocator"] == name
-                    && n["why"].as_str().unwrap().contains("-dbgsym on Debian")),
+                .any(|n| n["allocator"] == name && n["why"].as_str().unwrap().contains(why)),
             "{name}: {not_read:#}"
         );
         let (kind, v) = verdict_of(&r);
