@@ -287,8 +287,8 @@ fn root_rust_static_allocators_fragmenting() {
         let held = if m.is_null() {
             top["expected_bytes"].as_f64().unwrap()
         } else {
-            assert_eq!(top["expected_bytes"], m["free_dirty_bytes"], "{m:#}");
-            (m["page_free_bytes"].as_u64().unwrap() + m["free_dirty_bytes"].as_u64().unwrap())
+            assert_eq!(top["expected_bytes"], m["purgeable_bytes"], "{m:#}");
+            (m["page_free_bytes"].as_u64().unwrap() + m["free_resident_bytes"].as_u64().unwrap())
                 as f64
         } / (1 << 20) as f64;
         eprintln!("{name}: said to keep {held:.1} MiB; RssAnon grew {grew:.1} MiB");
@@ -470,7 +470,8 @@ fn root_mimalloc_state_read_before_growth() {
     assert_eq!(m["unreadable_arenas"], 0);
     // Four threads freed all but 6 of 1536 blocks of 16 KiB each: most pages emptied
     // and went back to the arena as free slices, unpurged (the threads are parked).
-    let free_slices = m["free_dirty_bytes"].as_u64().unwrap();
+    let free_slices = m["free_resident_bytes"].as_u64().unwrap();
+    assert_eq!(m["purgeable_bytes"], free_slices, "not pinned: {m:#}");
     assert!(free_slices > 40 << 20, "{m:#}");
     fx.send("release");
     let line = fx.read_line();

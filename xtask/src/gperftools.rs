@@ -31,7 +31,8 @@ pub fn missing_packages() -> Vec<&'static str> {
     if library().exists() {
         return Vec::new();
     }
-    ["cmake", "curl"]
+    // cmake only recommends make, and recommends are not installed.
+    ["cmake", "curl", "make"]
         .into_iter()
         .filter(|t| which::which(t).is_err())
         .collect()

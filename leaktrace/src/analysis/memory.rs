@@ -271,8 +271,12 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
     let unwalked = heap_vmas - free_assigned - in_use;
     // The allocator serving malloc, its state read, counts its brk heap (tcmalloc's) in
     // its own figures: those pages are left for them to claim.
-    let owner_read = s.heap_owner.is_some()
-        && !(s.jemalloc.is_empty() && s.mimalloc.is_empty() && s.tcmalloc.is_empty());
+    let owner_read = match s.heap_owner {
+        Some("tcmalloc") => !s.tcmalloc.is_empty(),
+        Some("jemalloc") => !s.jemalloc.is_empty(),
+        Some("mimalloc") => !s.mimalloc.is_empty(),
+        _ => false,
+    };
     push_kind(
         &mut parts,
         PartKind::HeapUnwalked,
@@ -363,7 +367,7 @@ pub fn compose(s: &State<'_>) -> MemoryMap {
                 "mimalloc ({}): freed blocks in its pages {}, free slices not purged {}",
                 m.object,
                 bytes(m.page_free_bytes),
-                bytes(m.free_dirty_bytes)
+                bytes(m.free_resident_bytes)
             ),
             m.kept_bytes(),
         ));

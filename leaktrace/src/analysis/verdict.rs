@@ -733,7 +733,7 @@ fn kept_finding(a: &crate::probes::allocators::Found, k: &Kept, share: f64) -> S
             m.pages,
             if m.pages == 1 { "" } else { "s" },
             bytes(m.in_use_bytes),
-            bytes(m.free_dirty_bytes),
+            bytes(m.free_resident_bytes),
             m.arenas.len(),
             if m.arenas.len() == 1 { "" } else { "s" },
             m.object
@@ -794,7 +794,7 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
             "{} of freed memory kept, read from mimalloc's pages and arenas: of it, the {} of free slices not purged \
              are returned by purging; the {} of freed blocks inside pages only as their pages empty",
             bytes(k.held),
-            bytes(m.free_dirty_bytes),
+            bytes(m.free_resident_bytes),
             bytes(m.page_free_bytes)
         )
     } else if k.read.is_some() {
@@ -819,7 +819,7 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
         expected_bytes: k.held,
         why: why.clone(),
     };
-    match a.allocator {
+    let remedies = match a.allocator {
         // A prefixed jemalloc reads its settings from the prefixed variable
         // (tikv-jemallocator's `_RJEM_MALLOC_CONF`).
         Allocator::Jemalloc => vec![remedy(format!(
@@ -848,7 +848,7 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
                      default — and only when a thread next calls it: threads that went idle keep them); in code, \
                      mi_collect(true)"
                 .into(),
-            expected_bytes: m.free_dirty_bytes.min(k.held),
+            expected_bytes: m.purgeable_bytes.min(k.held),
             why,
         }],
         Allocator::Mimalloc => {
@@ -874,7 +874,13 @@ fn kept_remedies(a: &crate::probes::allocators::Found, k: &Kept) -> Vec<Remedy> 
             "{}'s own settings for returning freed memory (leaktrace does not know this allocator's)",
             a.allocator.as_str()
         ))],
-    }
+    };
+    // A remedy that would return nothing (all of it in caches or inside pages that
+    // still hold a block) is not one.
+    remedies
+        .into_iter()
+        .filter(|r| r.expected_bytes > 0)
+        .collect()
 }
 
 /// glibc's free memory, as a finding.

@@ -4,24 +4,27 @@
 //!
 //! mimalloc 3 keeps every arena of a sub-process in `subproc_main.arenas[]`. An arena
 //! starts with its own header and is cut into slices (64 KiB); its bitmaps say which
-//! slices are free, committed and dirty (possibly written), and which slice starts a
-//! page of the main heap. A page's header (`mi_page_t`) lies at its first slice and
-//! counts its blocks: `used` in use, `capacity` carved (written) so far, each of
-//! `block_size`. What is read (mimalloc 3.3's names):
+//! slices are free and committed, and which slice starts a page of the main heap. A
+//! page's header (`mi_page_t`, at its first slice or in the arena's page table) counts
+//! its blocks: `used` in use, `capacity` carved (written) so far, each of `block_size`.
+//! Free committed slices are counted by their resident pages (`/proc/PID/pagemap`): a
+//! purge by reset leaves them committed but gives their pages back. What is read
+//! (mimalloc 3.3's names):
 //!
 //! ```text
 //!   subproc_main.arenas[], .stats.{committed,reserved}.current
-//!   mi_arena_s.{arena_idx, slice_count, info_slices, pages_meta}
-//!   mi_arena_s.{slices_free, slices_committed, slices_dirty, pages_main.pages}
+//!   mi_arena_s.{arena_idx, slice_count, info_slices, pages_meta, memid.is_pinned}
+//!   mi_arena_s.{slices_free, slices_committed, pages_main.pages}
 //!         mi_bitmap_s / mi_bbitmap_s .{chunk_count, chunks}: 512 bits a chunk
-//!   mi_page_s.{used, capacity, block_size, memid.mem.arena.{arena, slice_index, slice_count}}
+//!   mi_page_s.{used, capacity, block_size, page_start,
+//!              memid.mem.arena.{arena, slice_index, slice_count}}
 //! ```
 //!
 //! The layout comes from the object's DWARF and `subproc_main` from its symbol table,
 //! never guessed: mimalloc 2 (segments, not arenas of pages) is said not to be read.
 //! Nothing stops the target: a page's count may be one operation old, and a page is
-//! believed only when its header names the arena and slice it was found at (which also
-//! confirms the slice size).
+//! believed only when its header names the arena and slice it was found at and its
+//! blocks start within its own slices (which fixes the slice size).
 
 use serde::Serialize;
 
@@ -68,7 +71,8 @@ struct ArenaFields {
     info_slices: u64,
     slices_free: u64,
     slices_committed: u64,
-    slices_dirty: u64,
+    /// `memid.is_pinned`: never purged.
+    pinned: u64,
     pages_meta: u64,
     pages: u64,
 }
@@ -82,6 +86,7 @@ struct PageFields {
     slice_index: u64,
     slice_count: u64,
     size: u64,
+    page_start: u64,
 }
 
 impl Layout {
@@ -100,7 +105,7 @@ impl Layout {
             (a, "info_slices"),
             (a, "slices_free"),
             (a, "slices_committed"),
-            (a, "slices_dirty"),
+            (a, "memid.is_pinned"),
             (a, "pages_meta"),
             (a, "pages_main.pages"),
             ("mi_bitmap_s", "chunk_count"),
@@ -115,12 +120,15 @@ impl Layout {
             (p, "memid.mem.arena.slice_index"),
             (p, "memid.mem.arena.slice_count"),
             (p, ""),
+            (p, "page_start"),
         ];
         let m = dwarf::resolve(data, &q, dwarf::Language::C)
             .map_err(|e| format!("{e} (mimalloc 3's arenas and pages)"))?;
         let sizes: Vec<u64> = m.iter().map(|m| m.size).collect();
-        let words = [0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 19, 20];
+        let words = [0, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 14, 19, 20, 24];
         if words.iter().any(|&i| sizes[i] != 8)
+            || sizes[9] != 1
+            || !(64..=1024).contains(&sizes[23])
             || !sizes[1].is_multiple_of(8)
             || sizes[16] != 64
             || sizes[17] != 2
@@ -131,7 +139,10 @@ impl Layout {
             return Err("its fields are not the sizes mimalloc 3.3 has".into());
         }
         // A page's fields are read from a copy of its header: each must lie inside it.
-        if (17..23).any(|i| m[i].offset.saturating_add(m[i].size) > sizes[23]) {
+        if (17..23)
+            .chain([24])
+            .any(|i| m[i].offset.saturating_add(m[i].size) > sizes[23])
+        {
             return Err("its page fields lie outside its page header".into());
         }
         let o = |i: usize| m[i].offset;
@@ -148,7 +159,7 @@ impl Layout {
                 info_slices: o(6),
                 slices_free: o(7),
                 slices_committed: o(8),
-                slices_dirty: o(9),
+                pinned: o(9),
                 pages_meta: o(10),
                 pages: o(11),
             },
@@ -163,6 +174,7 @@ impl Layout {
                 slice_index: o(21),
                 slice_count: o(22),
                 size: sizes[23],
+                page_start: o(24),
             },
         })
     }
@@ -185,11 +197,12 @@ pub struct MiArena {
     pub in_use_bytes: u64,
     /// Freed blocks inside pages, carved (written) and free: kept resident with the page.
     pub page_free_bytes: u64,
-    /// Free slices, committed and dirty (written, not purged yet): resident until
-    /// mimalloc purges them.
-    pub free_dirty_bytes: u64,
+    /// Free slices' resident pages: freed pages mimalloc has not purged yet.
+    pub free_resident_bytes: u64,
     /// Pages whose header did not read back as the page found there.
     pub unreadable_pages: u64,
+    /// Its memory is pinned (huge OS pages): mimalloc never purges it.
+    pub pinned: bool,
 }
 
 /// mimalloc's state: its arenas and their totals.
@@ -211,8 +224,10 @@ pub struct MimallocState {
     pub in_use_bytes: u64,
     /// Freed blocks inside pages.
     pub page_free_bytes: u64,
-    /// Free slices not purged yet.
-    pub free_dirty_bytes: u64,
+    /// Free slices' resident pages, not purged yet.
+    pub free_resident_bytes: u64,
+    /// Of those, what purging would return (in arenas that are not pinned).
+    pub purgeable_bytes: u64,
     /// mimalloc's own statistic of the sub-process (kept without `MI_STAT`): memory
     /// committed, in arenas and taken from the OS directly alike.
     pub stat_committed_bytes: u64,
@@ -230,7 +245,8 @@ impl MimallocState {
     /// Freed memory mimalloc keeps resident: free blocks in its pages and free slices
     /// it has not purged.
     pub fn kept_bytes(&self) -> u64 {
-        self.page_free_bytes + self.free_dirty_bytes
+        self.page_free_bytes
+            .saturating_add(self.free_resident_bytes)
     }
 }
 
@@ -289,7 +305,8 @@ pub fn read(
 ) -> Result<MimallocState, String> {
     let sub = layout.subproc.wrapping_add(bias);
     let stat = |o: u64| {
-        word(mem, sub + o)
+        sub.checked_add(o)
+            .and_then(|a| word(mem, a))
             .filter(|&b| b <= MAX_BYTES)
             .ok_or_else(|| "its statistics do not read as mimalloc's".to_owned())
     };
@@ -299,11 +316,13 @@ pub fn read(
         stat_reserved_bytes: stat(layout.reserved)?,
         ..MimallocState::default()
     };
-    let count = word(mem, sub + layout.arena_count)
+    let count = sub
+        .checked_add(layout.arena_count)
+        .and_then(|a| word(mem, a))
         .filter(|&n| n <= layout.arena_slots)
         .ok_or("its arena count does not read as mimalloc's")?;
     let mut slots = vec![0u8; (count * 8) as usize];
-    mem.read(sub + layout.arenas, &mut slots)
+    mem.read(sub.wrapping_add(layout.arenas), &mut slots)
         .map_err(|e| format!("reading its arenas: {e}"))?;
     let mut budget = MAX_PAGES;
     for (i, slot) in slots.chunks_exact(8).enumerate() {
@@ -318,7 +337,10 @@ pub fn read(
                 s.pages += a.pages;
                 s.in_use_bytes += a.in_use_bytes;
                 s.page_free_bytes += a.page_free_bytes;
-                s.free_dirty_bytes += a.free_dirty_bytes;
+                s.free_resident_bytes += a.free_resident_bytes;
+                if !a.pinned {
+                    s.purgeable_bytes += a.free_resident_bytes;
+                }
                 s.unreadable_pages += a.unreadable_pages;
                 s.arenas.push(a);
             }
@@ -331,6 +353,10 @@ pub fn read(
     }
     Ok(s)
 }
+
+/// Consecutive page headers that may fail to read back before an arena is given up
+/// (a garbage page bitmap costs this many reads, not one per bit).
+const MAX_MISSES: u32 = 64;
 
 /// One arena at `p`, index `index`. `slice` is the slice size, 0 until a page has
 /// confirmed one.
@@ -356,22 +382,21 @@ fn read_arena(
     };
     let free = map(f.slices_free, l.bbitmap)?;
     let committed = map(f.slices_committed, l.bitmap)?;
-    let dirty = map(f.slices_dirty, l.bitmap)?;
     let pages = map(f.pages, l.bitmap)?;
     let meta = at(f.pages_meta)?;
+    let mut pinned = [0u8; 1];
+    mem.read(p.checked_add(f.pinned)?, &mut pinned).ok()?;
     let mut a = MiArena {
         arena: index as u32,
+        pinned: pinned[0] != 0,
         ..MiArena::default()
     };
-    let both = |x: &[u64], y: &[u64]| -> Vec<u64> {
-        x.iter()
-            .zip(y.iter().chain(std::iter::repeat(&0)))
-            .map(|(a, b)| a & b)
-            .collect()
-    };
     let committed_slices = ones(&committed);
-    let free_dirty = ones(&both(&both(&free, &committed), &dirty));
-    let psize = usize::try_from(l.page.size).ok()?;
+    // The headers: in the arena's page table where the build separates them (checked
+    // against the page's own slice range, which fixes the slice size), else at the
+    // page's first slice.
+    let psize = l.page.size as usize;
+    let mut meta_buf = vec![0u8; psize];
     let mut buf = vec![0u8; psize];
     let u = |b: &[u8], o: u64, n: usize| -> u64 {
         let o = o as usize;
@@ -379,56 +404,63 @@ fn read_arena(
         w[..n].copy_from_slice(&b[o..o + n]);
         u64::from_le_bytes(w)
     };
-    for (j, w) in pages.iter().enumerate() {
+    // (shift, block size, used, capacity, slices) if `b` is the header of the page
+    // at slice `idx` with slices of `1 << shift`.
+    let check = |b: &[u8], idx: u64, shift: u32| -> Option<(u32, u64, u64, u64, u64)> {
+        let (bsize, used, cap, count) = (
+            u(b, l.page.block_size, 8),
+            u(b, l.page.used, 2),
+            u(b, l.page.capacity, 2),
+            u(b, l.page.slice_count, 4),
+        );
+        let first = p.checked_add(idx << shift)?;
+        let end = first.checked_add(count.min(slices) << shift)?;
+        let start = u(b, l.page.page_start, 8);
+        (u(b, l.page.arena, 8) == p
+            && u(b, l.page.slice_index, 4) == idx
+            && (first..end).contains(&start)
+            && bsize > 0
+            && bsize <= MAX_BYTES
+            && used <= cap)
+            .then_some((shift, bsize, used, cap, count))
+    };
+    let mut misses = 0u32;
+    'pages: for (j, w) in pages.iter().enumerate() {
         let mut bits = *w;
         while bits != 0 {
             let idx = j as u64 * 64 + u64::from(bits.trailing_zeros());
             bits &= bits - 1;
-            if *budget == 0 {
-                break;
+            if *budget == 0 || misses >= MAX_MISSES {
+                break 'pages;
             }
             *budget -= 1;
-            // The page's header: in the arena's separate page table where it has one
-            // (a small-block page may still keep it at its slice: block size 0 there).
-            let shifts: Vec<u32> = if *slice > 0 {
-                vec![slice.trailing_zeros()]
-            } else {
-                SLICE_SHIFTS.to_vec()
-            };
+            let from_meta = meta != 0
+                && meta
+                    .checked_add(idx * l.page.size)
+                    .is_some_and(|m| mem.read(m, &mut meta_buf).is_ok());
             let mut found = None;
-            for shift in shifts {
-                let mut candidates = Vec::with_capacity(2);
-                if meta != 0 {
-                    candidates.push(meta.checked_add(idx.checked_mul(l.page.size)?)?);
+            for shift in SLICE_SHIFTS {
+                if *slice > 0 && shift != slice.trailing_zeros() {
+                    continue;
                 }
-                candidates.push(p.checked_add(idx << shift)?);
-                for c in candidates {
-                    if mem.read(c, &mut buf).is_err() {
-                        continue;
-                    }
-                    let (bsize, used, cap) = (
-                        u(&buf, l.page.block_size, 8),
-                        u(&buf, l.page.used, 2),
-                        u(&buf, l.page.capacity, 2),
-                    );
-                    if u(&buf, l.page.arena, 8) == p
-                        && u(&buf, l.page.slice_index, 4) == idx
-                        && bsize > 0
-                        && bsize <= MAX_BYTES
-                        && used <= cap
-                    {
-                        found = Some((shift, bsize, used, cap, u(&buf, l.page.slice_count, 4)));
-                        break;
-                    }
+                if from_meta && let Some(f) = check(&meta_buf, idx, shift) {
+                    found = Some(f);
+                    break;
                 }
-                if found.is_some() {
+                let at_slice = p
+                    .checked_add(idx << shift)
+                    .is_some_and(|h| mem.read(h, &mut buf).is_ok());
+                if at_slice && let Some(f) = check(&buf, idx, shift) {
+                    found = Some(f);
                     break;
                 }
             }
             let Some((shift, bsize, used, cap, count)) = found else {
                 a.unreadable_pages += 1;
+                misses += 1;
                 continue;
             };
+            misses = 0;
             *slice = 1 << shift;
             a.pages += 1;
             a.page_bytes = a.page_bytes.saturating_add(count.min(slices) << shift);
@@ -440,9 +472,32 @@ fn read_arena(
         // No page confirmed a slice size: mimalloc 3's usual one.
         *slice = 1 << SLICE_SHIFTS[0];
     }
+    // Free slices still resident: freed pages mimalloc has not purged (a purge by
+    // reset leaves them committed, so residency, not the bitmaps, says).
+    let mut run: Option<u64> = None;
+    for idx in 0..=slices {
+        let bit = |v: &[u64]| {
+            v.get((idx / 64) as usize)
+                .is_some_and(|w| w >> (idx % 64) & 1 == 1)
+        };
+        let kept = idx < slices && bit(&free) && bit(&committed);
+        match (kept, run) {
+            (true, None) => run = Some(idx),
+            (false, Some(first)) => {
+                run = None;
+                let (s, e) = (
+                    p.saturating_add(first * *slice),
+                    p.saturating_add(idx * *slice),
+                );
+                if let Ok(r) = mem.residency(s, e) {
+                    a.free_resident_bytes += r.total();
+                }
+            }
+            _ => {}
+        }
+    }
     a.reserved_bytes = slices * *slice;
     a.committed_bytes = committed_slices * *slice;
-    a.free_dirty_bytes = free_dirty * *slice;
     (a.in_use_bytes <= MAX_BYTES && a.page_free_bytes <= MAX_BYTES).then_some(a)
 }
 
@@ -465,7 +520,7 @@ mod tests {
                 info_slices: 16,
                 slices_free: 24,
                 slices_committed: 32,
-                slices_dirty: 40,
+                pinned: 40,
                 pages_meta: 48,
                 pages: 56,
             },
@@ -479,7 +534,8 @@ mod tests {
                 arena: 16,
                 slice_index: 24,
                 slice_count: 28,
-                size: 32,
+                size: 64,
+                page_start: 32,
             },
         }
     }
@@ -487,7 +543,8 @@ mod tests {
     const ARENA: u64 = 0x10_0000;
 
     /// A sub-process with one arena of 4 slices: slice 0 its header, slice 1 a page of
-    /// 1 KiB blocks (3 used of 10 carved), slices 2 and 3 free, only 2 dirty.
+    /// 1 KiB blocks (3 used of 10 carved), slices 2 and 3 free and committed (resident:
+    /// all of this memory is).
     fn heap() -> Laid {
         let mut m = Laid::new(0, ARENA + 4 * 0x10000);
         m.put(0x1000, 1);
@@ -497,13 +554,11 @@ mod tests {
         for (at, ptr) in [(0, 0), (8, 4), (16, 1), (24, 0x2000), (32, 0x3000)] {
             m.put(ARENA + at, ptr);
         }
-        m.put(ARENA + 40, 0x4000);
         m.put(ARENA + 56, 0x5000);
         // Chunk counts, and the first word of each bitmap's first chunk.
         for (map, chunks, bits) in [
             (0x2000, 128, 0b1100),
             (0x3000, 64, 0b1111),
-            (0x4000, 64, 0b0111),
             (0x5000, 64, 0b0010),
         ] {
             m.put(map, 1);
@@ -515,6 +570,7 @@ mod tests {
         m.put(page + 16, ARENA);
         m.put32(page + 24, 1);
         m.put32(page + 28, 1);
+        m.put(page + 32, page + 0x100);
         m
     }
 
@@ -527,14 +583,20 @@ mod tests {
             (s.pages, s.in_use_bytes, s.page_free_bytes),
             (1, 3072, 7168)
         );
-        assert_eq!(s.free_dirty_bytes, 0x10000);
+        assert_eq!(s.free_resident_bytes, 0x20000);
+        assert_eq!(s.purgeable_bytes, 0x20000);
         assert_eq!(s.committed_bytes, 4 * 0x10000);
         assert_eq!(s.reserved_bytes, 4 * 0x10000);
         assert_eq!(
             (s.stat_committed_bytes, s.stat_reserved_bytes),
             (1 << 20, 1 << 30)
         );
-        assert_eq!(s.kept_bytes(), 7168 + 0x10000);
+        assert_eq!(s.kept_bytes(), 7168 + 0x20000);
+        // A pinned arena's free slices are never purged.
+        let mut m = heap();
+        m.put(ARENA + 40, 1);
+        let s = read(&m, &layout(), 0, "alloc").expect("read");
+        assert_eq!((s.free_resident_bytes, s.purgeable_bytes), (0x20000, 0));
     }
 
     /// The fuzz seed (fuzz/regressions/elf_objects/mimalloc-layout-seed.so: mimalloc 3's

@@ -111,10 +111,10 @@ impl Layout {
         let classes_max = sm[1].size / 4;
         if ph.iter().any(|m| m.size != 8)
             || sm[0].size != 8
-            || sm[1].size % 4 != 0
+            || !(1..=MAX_CLASSES).contains(&classes_max)
+            || !sm[1].size.is_multiple_of(4)
             || sm[2].size != sm[1].size
             || sm[3].size != 8 * classes_max
-            || !(1..=MAX_CLASSES).contains(&classes_max)
             || cf[0].size != 8
             || cf[1].size != 8
             || cf[2].size != 8
@@ -194,9 +194,14 @@ impl TcmallocState {
     /// Freed memory tcmalloc keeps resident: free spans and its caches.
     pub fn kept_bytes(&self) -> u64 {
         self.page_heap_free_bytes
-            + self.central_cache_bytes
-            + self.transfer_cache_bytes
-            + self.thread_cache_bytes
+            .saturating_add(self.caches_bytes())
+    }
+
+    /// Freed objects its thread, central and transfer caches hold.
+    pub fn caches_bytes(&self) -> u64 {
+        self.central_cache_bytes
+            .saturating_add(self.transfer_cache_bytes)
+            .saturating_add(self.thread_cache_bytes)
     }
 }
 
@@ -230,7 +235,9 @@ pub fn read(
     let at = |a: u64| a.wrapping_add(bias);
     let bad = |what: &str| format!("its {what} does not read as tcmalloc's");
     let stat = |i: usize| {
-        read_u64(mem, at(l.pageheap) + l.stats[i])
+        at(l.pageheap)
+            .checked_add(l.stats[i])
+            .and_then(|a| read_u64(mem, a))
             .filter(|&b| b <= MAX_BYTES)
             .ok_or_else(|| bad("page heap"))
     };
@@ -269,19 +276,30 @@ pub fn read(
         }
         // Spans of `pages` pages lose what does not divide into objects.
         let overhead = if cl == 0 || size == 0 {
-            0
+            Some(0)
         } else {
-            spans * ((pages * l.page_bytes) % size)
+            spans.checked_mul((pages * l.page_bytes) % size)
         };
-        central = central.saturating_add(size * objects + overhead);
-        transfer = transfer.saturating_add(size * slots * batch);
+        let figures = size
+            .checked_mul(objects)
+            .zip(overhead)
+            .and_then(|(o, v)| o.checked_add(v))
+            .and_then(|c| central.checked_add(c))
+            .zip(
+                size.checked_mul(slots * batch)
+                    .and_then(|t| transfer.checked_add(t)),
+            )
+            .filter(|&(c, t)| c <= MAX_BYTES && t <= MAX_BYTES);
+        (central, transfer) = figures.ok_or_else(|| bad("central cache"))?;
     }
     // The threads' caches: a list, bounded by its count and a cap.
     let count = read_u64(mem, at(l.thread_count)).map_or(0, |c| c & 0xffff_ffff);
     let mut p = read_u64(mem, at(l.thread_heaps)).unwrap_or(0);
     let (mut threads, mut thread_bytes) = (0u64, 0u64);
     while p != 0 && threads < count.min(MAX_THREADS) {
-        let size = read_u64(mem, p + l.tc_size)
+        let size = p
+            .checked_add(l.tc_size)
+            .and_then(|a| read_u64(mem, a))
             .map(|w| w & 0xffff_ffff)
             .ok_or_else(|| bad("thread cache list"))?;
         // `size_` is an int32: a negative one is garbage.
@@ -290,7 +308,10 @@ pub fn read(
         }
         thread_bytes += size;
         threads += 1;
-        p = read_u64(mem, p + l.tc_next).ok_or_else(|| bad("thread cache list"))?;
+        p = p
+            .checked_add(l.tc_next)
+            .and_then(|a| read_u64(mem, a))
+            .ok_or_else(|| bad("thread cache list"))?;
     }
     let held = free + unmapped + central + transfer + thread_bytes;
     Ok(TcmallocState {

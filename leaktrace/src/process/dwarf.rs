@@ -284,8 +284,11 @@ fn resolve_in(nodes: &FxHashMap<usize, Node>, ty: &str, path: &str) -> Option<Me
     if ty == "const" {
         return nodes
             .values()
-            .find(|n| n.tag == constants::DW_TAG_variable && n.name.as_deref() == Some(path))
-            .and_then(|n| n.value)
+            .find_map(|n| {
+                (n.tag == constants::DW_TAG_variable && n.name.as_deref() == Some(path))
+                    .then_some(n.value)
+                    .flatten()
+            })
             .map(|offset| Member { offset, size: 0 });
     }
     let mut at = struct_named(nodes, ty)?;
@@ -332,8 +335,10 @@ fn type_size(nodes: &FxHashMap<usize, Node>, o: usize) -> Option<u64> {
         let mut size = type_size(nodes, element)?;
         for c in &n.children {
             let d = &nodes[c];
+            // A flexible array member (`chunks[]`) has no count: size 0, its offset
+            // still found.
             if d.tag == constants::DW_TAG_subrange_type {
-                size = size.checked_mul(d.size?)?;
+                size = size.checked_mul(d.size.unwrap_or(0))?;
             }
         }
         return Some(size);

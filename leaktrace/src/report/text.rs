@@ -612,7 +612,7 @@ fn render_allocator(o: &mut String, a: &Allocator) {
             if m.pages == 1 { "" } else { "s" },
             bytes(m.in_use_bytes),
             bytes(m.page_free_bytes),
-            bytes(m.free_dirty_bytes),
+            bytes(m.free_resident_bytes),
             match (m.unreadable_arenas, m.unreadable_pages, &m.incomplete) {
                 (_, _, Some(why)) => format!("; the walk {why}"),
                 (0, 0, None) => String::new(),

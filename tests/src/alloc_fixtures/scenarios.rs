@@ -144,6 +144,7 @@ fn read_line(stdin: &mut std::fs::File) -> Option<[u8; 64]> {
                     n += 1;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             _ => return (n > 0).then_some(buf),
         }
     }
