@@ -2,16 +2,21 @@
 //! heap, and as a 64 MiB-aligned arena heap) and the pymalloc walk (3.8's and 3.11's
 //! layouts) end within their budget, never panic, and never count more bytes than
 //! the region holds; nor does the census of the same memory (Python objects in the
-//! pools and chunks, their types read from the same bytes; C++ objects by vtable).
+//! pools and chunks, their types read from the same bytes; C++ objects by vtable); nor
+//! do the readers of mimalloc's and tcmalloc's state (with the layouts of the seed
+//! objects, their statics at the fuzzed bytes), nor the reachability scan (blocks and
+//! roots taken from the same bytes).
 #![no_main]
 
 use leaktrace::{
-    heap::{census, glibc, pymalloc},
-    process::memory::Laid,
+    heap::{census, glibc, mimalloc, pymalloc, reach, tcmalloc},
+    process::{elf, memory::Laid},
 };
 use libfuzzer_sys::fuzz_target;
 
 const PAGE: u64 = 4096;
+const MIMALLOC_SEED: &[u8] = include_bytes!("../regressions/elf_objects/mimalloc-layout-seed.so");
+const TCMALLOC_SEED: &[u8] = include_bytes!("../regressions/elf_objects/tcmalloc-layout-seed.so");
 
 fuzz_target!(|data: &[u8]| {
     for base in [0x5555_0000_0000u64, 0x7f00_0000_0000] {
@@ -52,5 +57,44 @@ fuzz_target!(|data: &[u8]| {
         let _ = glibc::each_in_use(&m, &w.chains, deadline, &mut |u, n, h| cx.chunk(u, n, h));
         let _ = cx.finish(0.0, 0.0, None);
         let _ = glibc::mmapped_chunks(&m, &[(base, base + len)]);
+        // Allocator state: the seed's static at `base`.
+        if let (Ok(l), Some((at, _))) = (
+            mimalloc::Layout::find(MIMALLOC_SEED),
+            elf::data_symbol(MIMALLOC_SEED, &["subproc_main"]),
+        ) {
+            if let Ok(s) = mimalloc::read(&m, &l, base.wrapping_sub(at), "fuzzed") {
+                let _ = s.kept_bytes();
+            }
+        }
+        if let (Ok(l), Some((at, _))) = (
+            tcmalloc::Layout::find(TCMALLOC_SEED),
+            elf::data_symbol(TCMALLOC_SEED, &["_ZN8tcmalloc6Static9pageheap_E"]),
+        ) {
+            if let Ok(s) = tcmalloc::read(&m, &l, base.wrapping_sub(at), "fuzzed") {
+                let _ = s.kept_bytes();
+            }
+        }
+        // Reachability: blocks from the walk's chains and from the bytes themselves,
+        // the first page as a root.
+        let mut blocks = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        let _ = glibc::each_in_use(&m, &w.chains, deadline, &mut |u, n, _| blocks.push((u, n)));
+        for c in data.chunks_exact(16).take(4096) {
+            let a = u64::from_le_bytes(c[..8].try_into().expect("8"));
+            let n = u64::from_le_bytes(c[8..].try_into().expect("8"));
+            blocks.push((a, n));
+        }
+        let blocks = reach::Blocks::new(blocks);
+        let roots = [reach::Root {
+            name: "fuzzed".into(),
+            kind: reach::RootKind::Data,
+            source: reach::Source::Memory {
+                start: base,
+                end: base + PAGE,
+            },
+        }];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        let s = reach::scan(&m, &blocks, &roots, deadline, 64 << 20);
+        assert_eq!(s.via.len(), blocks.len());
     }
 });

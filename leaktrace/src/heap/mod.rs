@@ -16,6 +16,7 @@ pub mod go;
 pub mod jemalloc;
 pub mod mimalloc;
 pub mod pymalloc;
+pub mod reach;
 pub mod tcmalloc;
 
 /// Other allocators' own state, read from outside where their layout is known.
