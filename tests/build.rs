@@ -15,6 +15,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("launch_once", "launch_once.c", &[]),
     ("sigurg", "sigurg.c", &[]),
     ("reload", "reload.c", &[]),
+    ("reach", "reach.c", &[]),
 ];
 
 fn main() {

@@ -152,6 +152,11 @@ struct Opts {
     #[arg(long)]
     no_census: bool,
 
+    /// Do not scan for who keeps the heap alive at the end (two conservative scans
+    /// from the roots through glibc's in-use blocks, within 5 s each).
+    #[arg(long)]
+    no_reachability: bool,
+
     /// A directory of debug files (a /usr/lib/debug-style tree: .build-id/xx/….debug,
     /// or files named by .gnu_debuglink), searched before the target's and ours;
     /// repeatable. The report lists objects whose frames had no names.
@@ -302,6 +307,7 @@ fn config(opts: Opts) -> Config {
         min_age: opts.min_age,
         walk_heaps: !opts.no_heap_walk,
         census: !opts.no_census && !opts.no_heap_walk,
+        reachability: !opts.no_reachability && !opts.no_heap_walk,
         debug_dirs: opts.debug_dir,
         python_stacks: !opts.no_python,
         bare_probes: opts.bare_probes,

@@ -111,12 +111,14 @@ pub struct Root {
     pub name: String,
     /// What kind of root: where a pointer in it lives.
     pub kind: RootKind,
+    /// The loaded object whose data it is (its globals are named by its symbols).
+    pub object: Option<String>,
     /// Its words.
     pub source: Source,
 }
 
 /// Where a root's pointers live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RootKind {
     /// A loaded object's writable data: its globals.
@@ -294,6 +296,118 @@ pub fn scan(
     s.scan
 }
 
+/// What holds part of the heap: a root (a global by name where the object has a
+/// symbol for it), with the blocks and bytes reached through it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HeldBy {
+    /// `request_cache in reach`, `thread 4711's stack`, `anonymous mapping at 0x7f…`.
+    pub root: String,
+    /// Where the pointer lives.
+    pub kind: RootKind,
+    /// Blocks reached through it, directly or through other blocks.
+    pub blocks: u64,
+    /// Their bytes (usable sizes).
+    pub bytes: u64,
+}
+
+/// How the scans went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScanStats {
+    /// Bytes read by both passes: roots and blocks.
+    pub bytes_scanned: u64,
+    /// Time both passes took, ms.
+    pub ms: u64,
+    /// Passes made (a block is unreferenced only when both found it so).
+    pub passes: u32,
+    /// How long the target was stopped, ms: never (registers are not read).
+    pub stopped_ms: u64,
+    /// In-use blocks and roots of the last pass.
+    pub blocks: u64,
+    /// Roots scanned.
+    pub roots: u64,
+    /// Why a pass stopped short: then nothing is called unreferenced.
+    pub incomplete: Option<String>,
+}
+
+/// The reachability of the heap, from two scans.
+#[derive(Clone, Debug, Default)]
+pub struct Reachability {
+    /// Blocks unreferenced in both passes, unchanged (start, length), at most
+    /// [`MAX_LISTED`] of them.
+    pub unreferenced: Vec<(u64, u64)>,
+    /// All of them: blocks and bytes.
+    pub unreferenced_blocks: u64,
+    /// Their bytes.
+    pub unreferenced_bytes: u64,
+    /// The roots holding the most, largest first.
+    pub held_by: Vec<HeldBy>,
+    /// The scans.
+    pub scan: ScanStats,
+    /// Monotonic time the first pass started, ns (a block allocated since is not
+    /// confirmed).
+    pub first_pass_ns: u64,
+}
+
+/// Unreferenced blocks listed at most (the totals count them all).
+pub const MAX_LISTED: usize = 100_000;
+
+/// Blocks unreferenced in both scans, unchanged.
+pub fn confirmed(first: (&Blocks, &Scan), second: (&Blocks, &Scan)) -> Vec<(u64, u64)> {
+    let before: rustc_hash::FxHashSet<(u64, u64)> =
+        first.1.unreferenced().map(|i| first.0.get(i)).collect();
+    second
+        .1
+        .unreferenced()
+        .map(|i| second.0.get(i))
+        .filter(|b| before.contains(b))
+        .collect()
+}
+
+/// Reached blocks summed by holder: `name(root, word address)` names each holder (a
+/// global's symbol, a stack), the largest first.
+pub fn held_by(
+    blocks: &Blocks,
+    scan: &Scan,
+    roots: &[Root],
+    mut name: impl FnMut(&Root, u64) -> String,
+    top: usize,
+) -> Vec<HeldBy> {
+    let mut per_holder = vec![(0u64, 0u64); scan.holders.len()];
+    for (i, &v) in scan.via.iter().enumerate() {
+        if v != UNREACHED {
+            let e = &mut per_holder[v as usize];
+            e.0 += 1;
+            e.1 += blocks.get(i).1;
+        }
+    }
+    let mut named: rustc_hash::FxHashMap<(String, RootKind), (u64, u64)> = Default::default();
+    // Naming costs a symbol lookup: only holders that hold something, the largest
+    // first, until `top` names are found or the rest is small.
+    let mut order: Vec<usize> = (0..per_holder.len())
+        .filter(|&h| per_holder[h].0 > 0)
+        .collect();
+    order.sort_unstable_by_key(|&h| std::cmp::Reverse(per_holder[h].1));
+    for h in order.into_iter().take(top * 64) {
+        let (r, at) = scan.holders[h];
+        let root = &roots[r as usize];
+        let e = named.entry((name(root, at), root.kind)).or_default();
+        e.0 += per_holder[h].0;
+        e.1 += per_holder[h].1;
+    }
+    let mut out: Vec<HeldBy> = named
+        .into_iter()
+        .map(|((root, kind), (blocks, bytes))| HeldBy {
+            root,
+            kind,
+            blocks,
+            bytes,
+        })
+        .collect();
+    out.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.root.cmp(&b.root)));
+    out.truncate(top);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +434,7 @@ mod tests {
             Root {
                 name: "globals".into(),
                 kind: RootKind::Data,
+                object: None,
                 source: Source::Memory {
                     start: 0x1000,
                     end: 0x1100,
@@ -328,6 +443,7 @@ mod tests {
             Root {
                 name: "stack".into(),
                 kind: RootKind::Stack,
+                object: None,
                 source: Source::Memory {
                     start: 0x3000,
                     end: 0x3100,
@@ -336,6 +452,7 @@ mod tests {
             Root {
                 name: "registers".into(),
                 kind: RootKind::Registers,
+                object: None,
                 source: Source::Words(vec![7, 0x2400]),
             },
         ];
@@ -367,6 +484,7 @@ mod tests {
         let roots = vec![Root {
             name: "g".into(),
             kind: RootKind::Data,
+            object: None,
             source: Source::Memory {
                 start: 0x1000,
                 end: 0x1008,

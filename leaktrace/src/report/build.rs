@@ -72,6 +72,8 @@ pub struct Inputs<'a> {
     pub other: Option<&'a crate::heap::OtherState>,
     /// The live heap by type.
     pub census: Option<&'a crate::heap::census::Census>,
+    /// Who keeps the heap alive (the final report's).
+    pub reach: Option<&'a crate::heap::reach::Reachability>,
     /// glibc's arena limit.
     pub arena_limit: Option<ArenaLimit>,
     /// malloc settings in the target's environment.
@@ -219,9 +221,69 @@ pub fn build(i: &Inputs<'_>) -> Report {
             state: i.other.cloned().unwrap_or_default(),
         },
         census: i.census.cloned(),
+        reachability: i.reach.map(|r| reachability(i, r)),
         python: i.python.clone(),
         stacks: stack_info(i),
         timeline: i.timeline.points().to_vec(),
+    }
+}
+
+/// The scans' findings, unreferenced blocks grouped by the stack that allocated them
+/// (looked up in the ledger: a block allocated since attach, before the first scan),
+/// else by size.
+fn reachability(i: &Inputs<'_>, r: &crate::heap::reach::Reachability) -> Reachability {
+    let mut by_stack: rustc_hash::FxHashMap<i64, (u64, u64)> = Default::default();
+    let mut by_size: rustc_hash::FxHashMap<u64, (u64, u64)> = Default::default();
+    for &(addr, len) in &r.unreferenced {
+        match i.ledger.live().get(&addr) {
+            Some(b) if b.ts_ns < r.first_pass_ns => {
+                let e = by_stack.entry(b.stack_id).or_default();
+                e.0 += 1;
+                e.1 += b.size;
+            }
+            _ => {
+                let e = by_size.entry(len).or_default();
+                e.0 += 1;
+                e.1 += len;
+            }
+        }
+    }
+    let mut groups: Vec<UnreferencedGroup> = by_stack
+        .into_iter()
+        .map(|(id, (blocks, bytes))| UnreferencedGroup {
+            blocks,
+            bytes,
+            stack_id: Some(id),
+            frames: i.stacks.get(id).map_or_else(Vec::new, |s| s.frames.clone()),
+            size: None,
+        })
+        .chain(
+            by_size
+                .into_iter()
+                .map(|(size, (blocks, bytes))| UnreferencedGroup {
+                    blocks,
+                    bytes,
+                    stack_id: None,
+                    frames: Vec::new(),
+                    size: Some(size),
+                }),
+        )
+        .collect();
+    groups.sort_unstable_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then(a.stack_id.cmp(&b.stack_id))
+            .then(a.size.cmp(&b.size))
+    });
+    groups.truncate(i.top.max(1));
+    Reachability {
+        unreferenced: Unreferenced {
+            blocks: r.unreferenced_blocks,
+            bytes: r.unreferenced_bytes,
+            groups,
+        },
+        held_by: r.held_by.clone(),
+        scan: r.scan.clone(),
     }
 }
 

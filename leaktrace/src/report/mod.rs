@@ -65,6 +65,44 @@ pub struct MapStack {
     pub frames: Vec<Frame>,
 }
 
+/// Who keeps the heap alive, from two conservative scans of the target's memory.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reachability {
+    /// Blocks no pointer reaches, in both scans.
+    pub unreferenced: Unreferenced,
+    /// The roots holding the most of the rest.
+    pub held_by: Vec<crate::heap::reach::HeldBy>,
+    /// How the scans went.
+    pub scan: crate::heap::reach::ScanStats,
+}
+
+/// Blocks nothing points to.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Unreferenced {
+    /// How many, and their bytes (usable sizes).
+    pub blocks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Grouped by the stack that allocated them where that was seen (since attach),
+    /// else by size; largest first.
+    pub groups: Vec<UnreferencedGroup>,
+}
+
+/// Unreferenced blocks of one allocation stack, or of one size.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnreferencedGroup {
+    /// How many, and their bytes.
+    pub blocks: u64,
+    /// Their bytes (requested sizes where the allocation was seen, else usable).
+    pub bytes: u64,
+    /// The allocating stack (blocks allocated since attach), else null.
+    pub stack_id: Option<i64>,
+    /// Its frames (empty for blocks from before attach).
+    pub frames: Vec<Frame>,
+    /// The blocks' usable size, for blocks from before attach (grouped by it).
+    pub size: Option<u64>,
+}
+
 /// An arena reservation made by the allocator since attach.
 #[derive(Clone, Debug, Serialize)]
 pub struct ArenaInfo {
@@ -330,6 +368,9 @@ pub struct Report {
     /// object layout is known, C++ objects by vtable in a program mapping libstdc++ or
     /// libc++; null otherwise (and with --no-census).
     pub census: Option<crate::heap::census::Census>,
+    /// Who keeps the heap alive: what nothing points to, and the roots holding the
+    /// rest (the final report's, where glibc serves malloc; null otherwise).
+    pub reachability: Option<Reachability>,
     /// The CPython interpreter, when the target is one.
     pub python: Option<PythonInfo>,
     /// How stacks were unwound.
@@ -597,6 +638,45 @@ mod tests {
                 };
                 c.rank(Some(&first));
                 c
+            }),
+            reachability: Some(Reachability {
+                unreferenced: Unreferenced {
+                    blocks: 1012,
+                    bytes: 980_384,
+                    groups: vec![
+                        UnreferencedGroup {
+                            blocks: 1000,
+                            bytes: 980_000,
+                            stack_id: Some(3),
+                            frames: vec![frame("parse_header", "/src/server.c", 88, "/usr/bin/server", false)],
+                            size: None,
+                        },
+                        UnreferencedGroup { blocks: 12, bytes: 384, stack_id: None, frames: vec![], size: Some(32) },
+                    ],
+                },
+                held_by: vec![
+                    crate::heap::reach::HeldBy {
+                        root: "request_cache in server".into(),
+                        kind: crate::heap::reach::RootKind::Data,
+                        blocks: 2000,
+                        bytes: 991_232,
+                    },
+                    crate::heap::reach::HeldBy {
+                        root: "thread 4243's stack".into(),
+                        kind: crate::heap::reach::RootKind::Stack,
+                        blocks: 3,
+                        bytes: 4096,
+                    },
+                ],
+                scan: crate::heap::reach::ScanStats {
+                    bytes_scanned: 25 << 20,
+                    ms: 48,
+                    passes: 2,
+                    stopped_ms: 0,
+                    blocks: 5200,
+                    roots: 31,
+                    incomplete: None,
+                },
             }),
             python: None,
             stacks: StackInfo {

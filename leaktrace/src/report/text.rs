@@ -475,6 +475,75 @@ fn render_allocators(o: &mut String, a: &Allocator) {
 /// Types shown in the text table.
 const CENSUS_ROWS: usize = 12;
 
+/// "Who keeps it alive": what nothing points to, by allocating stack or size, and the
+/// roots holding the most of the rest.
+fn render_reachability(o: &mut String, a: &super::Reachability) {
+    let s = &a.scan;
+    let _ = writeln!(
+        o,
+        "\nWho keeps it alive ({} conservative scan{} from the roots through {} in-use blocks, {} read in {} ms; \
+         the target was not stopped):",
+        s.passes,
+        if s.passes == 1 { "" } else { "s" },
+        s.blocks,
+        bytes(s.bytes_scanned),
+        s.ms
+    );
+    if let Some(why) = &s.incomplete {
+        let _ = writeln!(
+            o,
+            "  the scan {why}: no block is called unreferenced (one may be referenced from what was not read)"
+        );
+    } else if a.unreferenced.blocks == 0 {
+        let _ = writeln!(o, "  every in-use block is referenced from somewhere");
+    } else {
+        let _ = writeln!(
+            o,
+            "  nothing points to {} in {} block{}: lost (no pointer to them is left in the process)",
+            bytes(a.unreferenced.bytes),
+            a.unreferenced.blocks,
+            if a.unreferenced.blocks == 1 { "" } else { "s" }
+        );
+        for g in &a.unreferenced.groups {
+            let what = if let Some(size) = g.size {
+                format!("of {} each, allocated before attach", bytes(size))
+            } else if g.frames.is_empty() {
+                format!("from stack #{}", g.stack_id.unwrap_or(0))
+            } else {
+                format!(
+                    "from {}",
+                    g.frames
+                        .iter()
+                        .take(2)
+                        .map(frame_line)
+                        .collect::<Vec<_>>()
+                        .join(" ← ")
+                )
+            };
+            let _ = writeln!(
+                o,
+                "    {:>8} in {:>6} block{} {what}",
+                bytes(g.bytes),
+                g.blocks,
+                if g.blocks == 1 { " " } else { "s" }
+            );
+        }
+    }
+    if !a.held_by.is_empty() {
+        let _ = writeln!(o, "  held by:");
+        for h in &a.held_by {
+            let _ = writeln!(
+                o,
+                "    {:>8} in {:>6} block{} by {}",
+                bytes(h.bytes),
+                h.blocks,
+                if h.blocks == 1 { " " } else { "s" },
+                printable(&h.root)
+            );
+        }
+    }
+}
+
 fn render_census(o: &mut String, c: &crate::heap::census::Census) {
     let _ = writeln!(
         o,
@@ -944,6 +1013,9 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
     render_allocator(&mut o, &r.allocator);
     if let Some(c) = &r.census {
         render_census(&mut o, c);
+    }
+    if let Some(a) = &r.reachability {
+        render_reachability(&mut o, a);
     }
     if let Some(d) = &r.heap_detached {
         let _ = writeln!(

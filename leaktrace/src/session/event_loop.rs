@@ -183,6 +183,7 @@ pub fn run(
         // unwalkable.
         walk_heaps: config.walk_heaps && heap_not_traced.is_none(),
         census: config.census,
+        reachability: config.reachability,
         heap_owner: allocators
             .iter()
             .find(|f| f.serves_malloc && f.allocator != Allocator::Glibc)
@@ -1210,6 +1211,7 @@ impl Session<'_> {
             pymalloc: snap.pymalloc.as_ref(),
             other: Some(&snap.other),
             census: snap.census.as_ref(),
+            reach: snap.reach.as_ref(),
             arena_limit: snap.arena_limit.clone(),
             malloc_env: snap.malloc_env.clone(),
             python: snap.python.clone(),
@@ -1295,6 +1297,7 @@ impl Session<'_> {
                     pymalloc: None,
                     other: None,
                     census: None,
+                    reach: None,
                     arena_limit: None,
                     malloc_env: Vec::new(),
                     python: None,

@@ -85,6 +85,8 @@ pub struct Config {
     pub walk_heaps: bool,
     /// Take the census of the live heap by type (at attach and with each report).
     pub census: bool,
+    /// Scan for who keeps the heap alive at the final report.
+    pub reachability: bool,
     /// Directories searched for debug information before the target's and ours.
     pub debug_dirs: Vec<std::path::PathBuf>,
     /// Walk CPython frames when the target is a Python interpreter.
@@ -144,6 +146,7 @@ impl Default for Config {
             min_age: None,
             walk_heaps: true,
             census: true,
+            reachability: true,
             debug_dirs: Vec::new(),
             uprobe_sessions: true,
             python_stacks: true,

@@ -27,7 +27,7 @@ use crate::{
         glibc::{self, ArenaLimit, HeapWalk},
         go, jemalloc, mimalloc,
         pymalloc::{self, PymallocWalk},
-        tcmalloc,
+        reach, tcmalloc,
     },
     probes::{
         allocators::{Allocator, Found},
@@ -72,6 +72,8 @@ pub struct Setup {
     pub walk_heaps: bool,
     /// Take the census of the live heap by type.
     pub census: bool,
+    /// Scan for who keeps the heap alive at the final report.
+    pub reachability: bool,
     /// The allocator serving `malloc` when it is not glibc's: the brk heap and the
     /// anonymous mappings are then its, which leaktrace does not walk.
     pub heap_owner: Option<Allocator>,
@@ -179,6 +181,8 @@ pub struct Snapshot {
     pub census: Option<Census>,
     /// Objects in which some of the stacks' addresses had no symbol.
     pub unnamed: Vec<Unnamed>,
+    /// Who keeps the heap alive (the final report's, where glibc's heap was walked).
+    pub reach: Option<reach::Reachability>,
 }
 
 /// The event loop's end of the worker.
@@ -277,6 +281,79 @@ fn heap_ranges(maps: &[procfs::MapEntry], sites: &glibc::HeapSites) -> Vec<(u64,
         .map(|m| (m.start, m.end))
         .chain(sites.main)
         .collect()
+}
+
+/// A reachability pass's time budget.
+const REACH_BUDGET: Duration = Duration::from_secs(5);
+/// Bytes a reachability pass reads at most.
+const REACH_MAX_BYTES: u64 = 16 << 30;
+/// Holders named in a report.
+const REACH_TOP: usize = 10;
+
+/// The roots of a reachability scan: every readable, writable mapping that is not one
+/// of glibc's heaps; a thread's stack from its stack pointer up (less the red zone
+/// below it), a loaded object's data and `.bss` (the anonymous mapping right after
+/// it) named after the object.
+fn reach_roots(
+    maps: &[procfs::MapEntry],
+    heap_ranges: &[(u64, u64)],
+    stack_pointers: &[(u32, u64)],
+    pid: u32,
+) -> Vec<reach::Root> {
+    let mut roots = Vec::new();
+    let mut prev: Option<&procfs::MapEntry> = None;
+    for m in maps {
+        let last = prev.replace(m);
+        if &m.perms[..2] != b"rw"
+            || m.path.starts_with("[v")
+            || heap_ranges.iter().any(|&(s, e)| s < m.end && m.start < e)
+        {
+            continue;
+        }
+        let memory = |start: u64| reach::Source::Memory { start, end: m.end };
+        if let Some(&(tid, sp)) = stack_pointers
+            .iter()
+            .find(|&&(_, sp)| (m.start..m.end).contains(&sp))
+        {
+            roots.push(reach::Root {
+                name: if tid == pid {
+                    "the main thread's stack".into()
+                } else {
+                    format!("thread {tid}'s stack")
+                },
+                kind: reach::RootKind::Stack,
+                object: None,
+                source: memory(sp.saturating_sub(128).max(m.start)),
+            });
+            continue;
+        }
+        let object = if m.path.starts_with('/') {
+            Some(m.path.clone())
+        } else {
+            last.filter(|l| m.path.is_empty() && l.end == m.start && l.path.starts_with('/'))
+                .map(|l| l.path.clone())
+        };
+        let (name, kind) = match &object {
+            Some(o) => (
+                format!("{} data", o.rsplit('/').next().unwrap_or(o)),
+                reach::RootKind::Data,
+            ),
+            None if m.path == "[stack]" => {
+                ("the main thread's stack".into(), reach::RootKind::Stack)
+            }
+            None => (
+                format!("anonymous mapping at {:#x}", m.start),
+                reach::RootKind::Mapping,
+            ),
+        };
+        roots.push(reach::Root {
+            name,
+            kind,
+            object,
+            source: memory(m.start),
+        });
+    }
+    roots
 }
 
 /// Anonymous read-write mappings outside the heaps and the threads' stacks: where
@@ -509,7 +586,11 @@ impl Worker {
                     self.walk_heaps(brk);
                     self.read_memory(brk);
                 }
-                let snap = self.snapshot();
+                let reach = (walk && then == Then::FinalReport && self.setup.reachability)
+                    .then(|| self.reachability(brk))
+                    .flatten();
+                let mut snap = self.snapshot();
+                snap.reach = reach;
                 self.reply(Reply::Snapshot(then, Box::new(snap)));
             }
             Job::Exiting { then, brk } => {
@@ -839,6 +920,7 @@ impl Worker {
                 c.rank(self.census_first.as_ref().filter(|f| f.at_s < c.at_s));
                 c
             }),
+            reach: None,
             unnamed: self
                 .symbols
                 .as_ref()
@@ -1020,6 +1102,114 @@ impl Worker {
             }
         }
         self.other = other;
+    }
+
+    /// Who keeps the heap alive: two conservative scans from the roots through glibc's
+    /// in-use blocks (the second confirms what the first found unreferenced), within
+    /// [`REACH_BUDGET`] each. Only where glibc serves malloc and its heap was walked.
+    fn reachability(&mut self, brk: Option<u64>) -> Option<reach::Reachability> {
+        if self.setup.heap_owner.is_some() {
+            return None;
+        }
+        let pid = self.setup.pid;
+        let t = Instant::now();
+        let first_pass_ns = crate::probes::load::monotonic_ns();
+        let mut passes = Vec::new();
+        let mut stats = reach::ScanStats::default();
+        let mut maps = Vec::new();
+        for _ in 0..2 {
+            self.walk_heaps(brk);
+            let w = self.walk.as_ref()?;
+            let (Ok(m), Ok(mem)) = (procfs::read_maps(pid), ProcMemory::open(pid)) else {
+                return None;
+            };
+            let deadline = Instant::now() + REACH_BUDGET;
+            let mut blocks = Vec::new();
+            let complete = glibc::each_in_use(&mem, &w.chains, deadline, &mut |u, n, _| {
+                // The user part: from the user address to the next chunk's size field.
+                blocks.push((u, n.saturating_sub(8)));
+            });
+            let blocks = reach::Blocks::new(blocks);
+            let sites = self.heap_sites(&m, brk);
+            let roots = reach_roots(
+                &m,
+                &heap_ranges(&m, &sites),
+                &procfs::thread_stack_pointers(pid),
+                pid,
+            );
+            let mut scan = reach::scan(&mem, &blocks, &roots, deadline, REACH_MAX_BYTES);
+            if !complete && scan.incomplete.is_none() {
+                scan.incomplete = Some("the heap changed while its blocks were listed".into());
+            }
+            stats.bytes_scanned += scan.bytes_scanned;
+            stats.passes += 1;
+            stats.blocks = blocks.len() as u64;
+            stats.roots = roots.len() as u64;
+            stats.incomplete = stats.incomplete.or(scan.incomplete.clone());
+            passes.push((blocks, scan, roots));
+            maps = m;
+        }
+        let [(b1, s1, _), (b2, s2, roots)] = <[_; 2]>::try_from(passes).ok()?;
+        let unreferenced = if stats.incomplete.is_none() {
+            reach::confirmed((&b1, &s1), (&b2, &s2))
+        } else {
+            Vec::new()
+        };
+        // Globals are named by their symbol in the object that holds them.
+        let mut objects: FxHashMap<String, Option<(Vec<u8>, u64)>> = FxHashMap::default();
+        let held_by = reach::held_by(
+            &b2,
+            &s2,
+            &roots,
+            |root, at| {
+                let Some(object) = root.object.as_deref() else {
+                    return root.name.clone();
+                };
+                let found = objects.entry(object.to_owned()).or_insert_with(|| {
+                    let first = maps
+                        .iter()
+                        .filter(|m| m.path == object)
+                        .min_by_key(|m| m.start)?;
+                    let host = std::path::PathBuf::from(format!(
+                        "/proc/{pid}/map_files/{:x}-{:x}",
+                        first.start, first.end
+                    ));
+                    let data = procfs::read_object(&host).ok()?;
+                    let bias = crate::process::elf::load_bias(
+                        &data,
+                        first.start,
+                        first.offset,
+                        first.is_exec(),
+                    )?;
+                    Some((data, bias))
+                });
+                let base = object.rsplit('/').next().unwrap_or(object);
+                found
+                    .as_ref()
+                    .and_then(|(data, bias)| {
+                        crate::process::elf::symbol_containing(data, at.wrapping_sub(*bias))
+                    })
+                    .map_or_else(|| root.name.clone(), |sym| format!("{sym} in {base}"))
+            },
+            REACH_TOP,
+        );
+        stats.ms = t.elapsed().as_millis() as u64;
+        log::debug!(
+            "reachability: {} blocks, {} roots, {} MiB read in {} ms, {} unreferenced",
+            stats.blocks,
+            stats.roots,
+            stats.bytes_scanned >> 20,
+            stats.ms,
+            unreferenced.len()
+        );
+        Some(reach::Reachability {
+            unreferenced_blocks: unreferenced.len() as u64,
+            unreferenced_bytes: unreferenced.iter().map(|b| b.1).sum(),
+            unreferenced: unreferenced.into_iter().take(reach::MAX_LISTED).collect(),
+            held_by,
+            scan: stats,
+            first_pass_ns,
+        })
     }
 
     /// Where Python objects start, from the interpreter's version and `PyType_Type`'s
