@@ -277,6 +277,19 @@ pub struct Facts<'a> {
     pub tcmalloc: &'a [crate::heap::tcmalloc::TcmallocState],
     /// The live heap by type (the latest census, ranked against the one at attach).
     pub census: Option<&'a crate::heap::census::Census>,
+    /// Who keeps the heap alive (the final report's scans).
+    pub reach: Option<&'a ReachFacts>,
+}
+
+/// What the reachability scans say, per allocating stack.
+#[derive(Clone, Debug, Default)]
+pub struct ReachFacts {
+    /// Unreferenced blocks allocated since attach, per stack: (blocks, bytes).
+    pub unreferenced_by_stack: rustc_hash::FxHashMap<i64, (u64, u64)>,
+    /// The roots holding the most of the heap.
+    pub held_by: Vec<crate::heap::reach::HeldBy>,
+    /// The scans read everything (else nothing is called unreferenced).
+    pub complete: bool,
 }
 
 /// Stacks the verdict may name: every heap and mapping stack with a history.
@@ -470,7 +483,67 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     if let Some(c) = f.census {
         census_evidence(&mut v, c);
     }
+    if let Some(r) = f.reach {
+        reach_evidence(&mut v, r);
+    }
     v
+}
+
+/// What the reachability scans add to a leak: whether its blocks are lost (nothing
+/// points to them) or held, and by which root.
+fn reach_evidence(v: &mut Verdict, r: &ReachFacts) {
+    if v.kind != VerdictKind::Leak || !r.complete {
+        return;
+    }
+    let Some(s) = v.suspects.iter().find(|s| s.section == Section::Heap) else {
+        return;
+    };
+    let lost = r
+        .unreferenced_by_stack
+        .get(&s.stack_id)
+        .copied()
+        .unwrap_or_default();
+    let place = s
+        .frames
+        .first()
+        .and_then(|f| f.function.clone())
+        .unwrap_or_else(|| format!("stack #{}", s.stack_id));
+    let sentence = if lost.0 > 0 {
+        v.evidence.push(Evidence {
+            metric: "unreferenced_bytes",
+            value: lost.1 as f64,
+            text: format!(
+                "nothing points to {} in {} blocks from {place}: no pointer to them is left in the process",
+                bytes(lost.1),
+                lost.0
+            ),
+        });
+        format!(
+            " Nothing points to {} in {} of its blocks from {place}: lost.",
+            bytes(lost.1),
+            lost.0
+        )
+    } else if let Some(h) = r.held_by.first() {
+        v.evidence.push(Evidence {
+            metric: "held_by_bytes",
+            value: h.bytes as f64,
+            text: format!(
+                "its blocks are still referenced; the root holding the most of the heap: {} ({} blocks, {})",
+                h.root,
+                h.blocks,
+                bytes(h.bytes)
+            ),
+        });
+        format!(
+            " Its blocks are still referenced: the root holding the most of the heap is {} ({} blocks, {}).",
+            h.root,
+            h.blocks,
+            bytes(h.bytes)
+        )
+    } else {
+        return;
+    };
+    v.summary.push_str(&sentence);
 }
 
 /// What the census adds: the largest types as evidence, and the type that grew most

@@ -40,6 +40,8 @@ const MINSIZE: u64 = 32;
 const PREV_INUSE: u64 = 1;
 /// Bytes read from the target at a time.
 const WINDOW: usize = 64 << 10;
+/// What [`Words`] reads where chunks are sparse (a page).
+const SPARSE_WINDOW: usize = 4096;
 /// Attempts per heap before it is reported as changing too fast to walk.
 const ATTEMPTS: usize = 3;
 
@@ -65,7 +67,12 @@ impl<'a, M: Memory> Words<'a, M> {
 
     fn at(&mut self, addr: u64) -> Option<u64> {
         if addr < self.base || addr + 8 > self.base + self.len as u64 {
-            let len = (self.limit.saturating_sub(addr) as usize).min(WINDOW);
+            // Chunks larger than the window are read header by header: a jump past
+            // twice the last window (or back) reads a page, not a whole window.
+            let sparse =
+                self.len > 0 && (addr < self.base || addr - self.base >= 2 * self.len as u64);
+            let window = if sparse { SPARSE_WINDOW } else { WINDOW };
+            let len = (self.limit.saturating_sub(addr) as usize).min(window);
             if len < 8 {
                 return None;
             }

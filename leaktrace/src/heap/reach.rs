@@ -80,6 +80,11 @@ impl Blocks {
         (self.addr[i], u64::from(self.len[i]))
     }
 
+    /// Whether a block starts at `a`.
+    pub fn contains(&self, a: u64) -> bool {
+        self.addr.binary_search(&a).is_ok()
+    }
+
     /// The block `p` points into.
     fn find(&self, p: u64) -> Option<usize> {
         if p < self.lo || p >= self.hi {
@@ -408,6 +413,62 @@ pub fn held_by(
     out
 }
 
+/// A glibc tcache's chunk size (`tcache_perthread_struct`: 64 counts of 2 bytes, 64
+/// entries; glibc 2.30+), header included.
+pub const TCACHE_CHUNK: u64 = 0x290;
+/// Freed chunks followed per tcache bin at most (glibc's `tcache_count` tunable caps
+/// it at 65535; 7 by default).
+const TCACHE_MAX_CHAIN: u16 = 1024;
+
+/// The freed chunks glibc's per-thread caches hold: to the heap walk they look in use
+/// (a chunk parked in a tcache keeps its in-use bit), but they are free. Each
+/// candidate (the user address of an in-use chunk of [`TCACHE_CHUNK`] bytes) is
+/// believed to be a thread's `tcache_perthread_struct` only when its counts and
+/// entries agree (a bin with entries has a count, and none without); each bin's list
+/// is followed through its blocks (`is_block`), its links demangled as glibc 2.32+
+/// stores them (`next ^ (address >> 12)`, safe-linking), else taken as they are.
+pub fn tcache_cached(
+    mem: &impl Memory,
+    candidates: &[u64],
+    is_block: impl Fn(u64) -> bool,
+) -> rustc_hash::FxHashSet<u64> {
+    let mut cached = rustc_hash::FxHashSet::default();
+    let mut raw = [0u8; 640];
+    for &t in candidates {
+        if mem.read(t, &mut raw).is_err() {
+            continue;
+        }
+        let count = |i: usize| u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]);
+        let entry = |i: usize| {
+            let o = 128 + 8 * i;
+            u64::from_le_bytes(raw[o..o + 8].try_into().expect("8 bytes"))
+        };
+        let agree = (0..64).all(|i| (count(i) == 0) == (entry(i) == 0));
+        if !agree || (0..64).all(|i| count(i) == 0) {
+            continue;
+        }
+        for i in 0..64 {
+            let mut e = entry(i);
+            let mut n = 0;
+            while e != 0 && n < count(i).min(TCACHE_MAX_CHAIN) && is_block(e) && cached.insert(e) {
+                n += 1;
+                let mut w = [0u8; 8];
+                if mem.read(e, &mut w).is_err() {
+                    break;
+                }
+                let stored = u64::from_le_bytes(w);
+                let demangled = stored ^ (e >> 12);
+                e = if demangled == 0 || is_block(demangled) {
+                    demangled
+                } else {
+                    stored
+                };
+            }
+        }
+    }
+    cached
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +525,28 @@ mod tests {
         assert_eq!(s.via[1], s.via[0]);
         assert_eq!(s.holders[s.via[3] as usize], (1, 0x3008));
         assert_eq!(s.holders[s.via[4] as usize], (2, 0));
+    }
+
+    /// A tcache with two bins: bin 0 holds two chunks linked with safe-linking, bin 3
+    /// one; a candidate whose counts and entries disagree is not a tcache.
+    #[test]
+    fn tcache_chunks_are_free() {
+        let mut m = Laid::new(0, 0x10000);
+        let t = 0x1000;
+        m.bytes[t as usize] = 2;
+        m.bytes[t as usize + 6] = 1;
+        m.put(t + 128, 0x3010);
+        m.put(t + 128 + 24, 0x5010);
+        // 0x3010 → 0x4010, stored mangled.
+        m.put(0x3010, 0x4010 ^ (0x3010 >> 12));
+        m.put(0x4010, 0 ^ (0x4010 >> 12));
+        let blocks = |a: u64| [0x3010, 0x4010, 0x5010].contains(&a);
+        let c = tcache_cached(&m, &[t], blocks);
+        assert_eq!(c.len(), 3, "{c:?}");
+        // Counts without entries: not a tcache.
+        let mut m2 = Laid::new(0, 0x10000);
+        m2.bytes[t as usize] = 2;
+        assert!(tcache_cached(&m2, &[t], blocks).is_empty());
     }
 
     #[test]

@@ -95,6 +95,25 @@ pub fn file_offsets_to_addresses(
     )
 }
 
+/// The data symbol (an object or a TLS variable, by its link-time range) holding the
+/// link-time address `addr`, demangled where it is C++ or Rust.
+pub fn symbol_containing(data: &[u8], addr: u64) -> Option<String> {
+    use object::{Object as _, ObjectSymbol as _};
+    let file = object::File::parse(data).ok()?;
+    let found = file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.kind() == object::SymbolKind::Data && s.is_definition())
+        .find(|s| s.address() <= addr && addr - s.address() < s.size().max(1))?;
+    let name = found.name().ok()?;
+    Some(
+        cpp_demangle::Symbol::new(name)
+            .ok()
+            .and_then(|s| s.demangle().ok())
+            .unwrap_or_else(|| name.to_owned()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,23 +174,4 @@ mod tests {
         let b = load_bias(&data, first.start, first.offset, first.is_exec()).expect("a segment");
         assert_eq!(b.wrapping_add(link), runtime);
     }
-}
-
-/// The data symbol (an object or a TLS variable, by its link-time range) holding the
-/// link-time address `addr`, demangled where it is C++ or Rust.
-pub fn symbol_containing(data: &[u8], addr: u64) -> Option<String> {
-    use object::{Object as _, ObjectSymbol as _};
-    let file = object::File::parse(data).ok()?;
-    let found = file
-        .symbols()
-        .chain(file.dynamic_symbols())
-        .filter(|s| s.kind() == object::SymbolKind::Data && s.is_definition())
-        .find(|s| s.address() <= addr && addr - s.address() < s.size().max(1))?;
-    let name = found.name().ok()?;
-    Some(
-        cpp_demangle::Symbol::new(name)
-            .ok()
-            .and_then(|s| s.demangle().ok())
-            .unwrap_or_else(|| name.to_owned()),
-    )
 }

@@ -280,6 +280,7 @@ fn reachability(i: &Inputs<'_>, r: &crate::heap::reach::Reachability) -> Reachab
         unreferenced: Unreferenced {
             blocks: r.unreferenced_blocks,
             bytes: r.unreferenced_bytes,
+            listed: r.unreferenced.len() as u64,
             groups,
         },
         held_by: r.held_by.clone(),

@@ -83,6 +83,8 @@ pub struct Unreferenced {
     pub blocks: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// How many of them were listed and grouped (at most 100,000, by address).
+    pub listed: u64,
     /// Grouped by the stack that allocated them where that was seen (since attach),
     /// else by size; largest first.
     pub groups: Vec<UnreferencedGroup>,
@@ -643,6 +645,7 @@ mod tests {
                 unreferenced: Unreferenced {
                     blocks: 1012,
                     bytes: 980_384,
+                    listed: 1012,
                     groups: vec![
                         UnreferencedGroup {
                             blocks: 1000,

@@ -504,9 +504,16 @@ fn render_reachability(o: &mut String, a: &super::Reachability) {
             a.unreferenced.blocks,
             if a.unreferenced.blocks == 1 { "" } else { "s" }
         );
+        if a.unreferenced.listed < a.unreferenced.blocks {
+            let _ = writeln!(
+                o,
+                "    (grouped: the first {} by address)",
+                a.unreferenced.listed
+            );
+        }
         for g in &a.unreferenced.groups {
             let what = if let Some(size) = g.size {
-                format!("of {} each, allocated before attach", bytes(size))
+                format!("of {} each, not seen allocated while traced", bytes(size))
             } else if g.frames.is_empty() {
                 format!("from stack #{}", g.stack_id.unwrap_or(0))
             } else {

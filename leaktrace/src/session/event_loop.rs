@@ -1167,6 +1167,27 @@ impl Session<'_> {
     ) -> Report {
         let kernel = m.kernel_counters();
         let now_ns = monotonic_ns();
+        // Unreferenced blocks allocated since attach (before the first scan), per stack.
+        let reach_facts = snap.reach.as_ref().map(|r| {
+            let mut by_stack: rustc_hash::FxHashMap<i64, (u64, u64)> = Default::default();
+            for &(addr, _) in &r.unreferenced {
+                if let Some(b) = self
+                    .ledger
+                    .live()
+                    .get(&addr)
+                    .filter(|b| b.ts_ns < r.first_pass_ns)
+                {
+                    let e = by_stack.entry(b.stack_id).or_default();
+                    e.0 += 1;
+                    e.1 += b.size;
+                }
+            }
+            verdict::ReachFacts {
+                unreferenced_by_stack: by_stack,
+                held_by: r.held_by.clone(),
+                complete: r.scan.incomplete.is_none(),
+            }
+        });
         let verdict = verdict::decide(&Facts {
             points: self.timeline.points(),
             candidates: verdict::candidates(&self.ledger, &self.timeline, &self.stacks, now_ns),
@@ -1184,6 +1205,7 @@ impl Session<'_> {
             mimalloc: &snap.other.mimalloc,
             tcmalloc: &snap.other.tcmalloc,
             census: snap.census.as_ref(),
+            reach: reach_facts.as_ref(),
         });
         let mut r = report::build(&report::Inputs {
             pid: self.pid,
@@ -1270,6 +1292,7 @@ impl Session<'_> {
                     mimalloc: &[],
                     tcmalloc: &[],
                     census: None,
+                    reach: None,
                 });
                 let r = report::build(&report::Inputs {
                     pid,

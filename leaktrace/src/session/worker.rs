@@ -1118,18 +1118,36 @@ impl Worker {
         let mut stats = reach::ScanStats::default();
         let mut maps = Vec::new();
         for _ in 0..2 {
+            let tw = Instant::now();
             self.walk_heaps(brk);
             let w = self.walk.as_ref()?;
+            let walked_ms = tw.elapsed().as_secs_f64() * 1e3;
             let (Ok(m), Ok(mem)) = (procfs::read_maps(pid), ProcMemory::open(pid)) else {
                 return None;
             };
             let deadline = Instant::now() + REACH_BUDGET;
             let mut blocks = Vec::new();
+            let mut tcaches = Vec::new();
             let complete = glibc::each_in_use(&mem, &w.chains, deadline, &mut |u, n, _| {
                 // The user part: from the user address to the next chunk's size field.
                 blocks.push((u, n.saturating_sub(8)));
+                if n == reach::TCACHE_CHUNK {
+                    tcaches.push(u);
+                }
             });
-            let blocks = reach::Blocks::new(blocks);
+            // Chunks parked in the threads' tcaches are free, though they look in use.
+            let listed = reach::Blocks::new(blocks);
+            let cached = reach::tcache_cached(&mem, &tcaches, |a| listed.contains(a));
+            let blocks = if cached.is_empty() {
+                listed
+            } else {
+                reach::Blocks::new(
+                    (0..listed.len())
+                        .map(|i| listed.get(i))
+                        .filter(|(a, _)| !cached.contains(a))
+                        .collect(),
+                )
+            };
             let sites = self.heap_sites(&m, brk);
             let roots = reach_roots(
                 &m,
@@ -1137,8 +1155,21 @@ impl Worker {
                 &procfs::thread_stack_pointers(pid),
                 pid,
             );
+            let listed_ms = tw.elapsed().as_secs_f64() * 1e3 - walked_ms;
+            let ts = Instant::now();
             let mut scan = reach::scan(&mem, &blocks, &roots, deadline, REACH_MAX_BYTES);
-            if !complete && scan.incomplete.is_none() {
+            log::debug!(
+                "reachability pass: heap walk {walked_ms:.0} ms, blocks listed {listed_ms:.0} ms, scan {:.0} ms ({} MiB)",
+                ts.elapsed().as_secs_f64() * 1e3,
+                scan.bytes_scanned >> 20
+            );
+            if let Some(u) = w.unwalkable.first() {
+                // Its blocks are not listed: they would be neither scanned nor judged.
+                scan.incomplete = Some(format!(
+                    "could not list the blocks of the heap at {} ({})",
+                    u.heap, u.reason
+                ));
+            } else if !complete && scan.incomplete.is_none() {
                 scan.incomplete = Some("the heap changed while its blocks were listed".into());
             }
             stats.bytes_scanned += scan.bytes_scanned;
