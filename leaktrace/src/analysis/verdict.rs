@@ -286,6 +286,9 @@ pub struct Facts<'a> {
 pub struct ReachFacts {
     /// Unreferenced blocks allocated since attach, per stack: (blocks, bytes).
     pub unreferenced_by_stack: rustc_hash::FxHashMap<i64, (u64, u64)>,
+    /// What holds each stack's blocks allocated since attach, most bytes first:
+    /// (holder, blocks, bytes).
+    pub held_by_stack: rustc_hash::FxHashMap<i64, Vec<(String, u64, u64)>>,
     /// The roots holding the most of the heap.
     pub held_by: Vec<crate::heap::reach::HeldBy>,
     /// The scans read everything (else nothing is called unreferenced).
@@ -523,6 +526,13 @@ fn reach_evidence(v: &mut Verdict, r: &ReachFacts) {
             bytes(lost.1),
             lost.0
         )
+    } else if let Some((holder, n, b)) = r.held_by_stack.get(&s.stack_id).and_then(|h| h.first()) {
+        v.evidence.push(Evidence {
+            metric: "held_by_bytes",
+            value: *b as f64,
+            text: format!("{n} of its blocks ({}) are held by {holder}", bytes(*b)),
+        });
+        format!(" Held: {n} of its blocks, {}, by {holder}.", bytes(*b))
     } else if let Some(h) = r.held_by.first() {
         v.evidence.push(Evidence {
             metric: "held_by_bytes",
@@ -1888,6 +1898,55 @@ mod tests {
     /// after the blocks were freed: fragmentation, with its own remedy and the bytes it
     /// holds; the same samples without it (an allocator leaktrace knows nothing of)
     /// are a working set that filled and held.
+    /// The reachability scans in a leak's summary: its blocks lost (nothing points to
+    /// them), or held, by the holder named.
+    #[test]
+    fn leak_says_lost_or_held() {
+        let pts = points(|i| {
+            (
+                20 * MIB + i * 256 * 1024,
+                16 * MIB + i * 256 * 1024,
+                20 * MIB + i * 256 * 1024,
+                0,
+            )
+        });
+        let decide_with = |r: &ReachFacts| {
+            decide(&Facts {
+                points: &pts,
+                candidates: vec![candidate(1, |i| i * 256 * 1024)],
+                reach: Some(r),
+                ..Facts::default()
+            })
+        };
+        let mut r = ReachFacts {
+            complete: true,
+            ..ReachFacts::default()
+        };
+        r.unreferenced_by_stack.insert(1, (1000, 980_000));
+        let v = decide_with(&r);
+        assert_eq!(v.kind, VerdictKind::Leak);
+        assert!(
+            v.summary
+                .contains("Nothing points to 957.0 KiB in 1000 of its blocks"),
+            "{}",
+            v.summary
+        );
+        r.unreferenced_by_stack.clear();
+        r.held_by_stack
+            .insert(1, vec![("request_cache in server".into(), 2000, 968 << 10)]);
+        let v = decide_with(&r);
+        assert!(
+            v.summary
+                .contains("Held: 2000 of its blocks, 968.0 KiB, by request_cache in server."),
+            "{}",
+            v.summary
+        );
+        // A scan cut short says nothing.
+        r.complete = false;
+        let v = decide_with(&r);
+        assert!(!v.summary.contains("Held"), "{}", v.summary);
+    }
+
     #[test]
     fn other_allocator_keeping_freed_memory() {
         use crate::probes::allocators::{Allocator, Found};

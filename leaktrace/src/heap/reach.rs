@@ -346,6 +346,11 @@ pub struct Reachability {
     pub unreferenced_bytes: u64,
     /// The roots holding the most, largest first.
     pub held_by: Vec<HeldBy>,
+    /// Every reached block (start) with the index of its holder's name in
+    /// `holder_names`: what holds a given stack's blocks.
+    pub reached: Vec<(u64, u32)>,
+    /// Holders' names.
+    pub holder_names: Vec<String>,
     /// The scans.
     pub scan: ScanStats,
     /// Monotonic time the first pass started, ns (a block allocated since is not
@@ -368,15 +373,29 @@ pub fn confirmed(first: (&Blocks, &Scan), second: (&Blocks, &Scan)) -> Vec<(u64,
         .collect()
 }
 
+/// Holders named at most (the largest first; the rest hold less than they do).
+const MAX_NAMED: usize = 10_000;
+
 /// Reached blocks summed by holder: `name(root, word address)` names each holder (a
-/// global's symbol, a stack), the largest first.
+/// global's symbol, a stack), the `top` largest first; and each reached block with
+/// the index of its holder's name in `names`, where it was named.
+pub struct Held {
+    /// The largest holders.
+    pub top: Vec<HeldBy>,
+    /// Holders' names.
+    pub names: Vec<String>,
+    /// (block start, index in `names`) of every reached block whose holder was named.
+    pub blocks: Vec<(u64, u32)>,
+}
+
+/// See [`Held`].
 pub fn held_by(
     blocks: &Blocks,
     scan: &Scan,
     roots: &[Root],
     mut name: impl FnMut(&Root, u64) -> String,
     top: usize,
-) -> Vec<HeldBy> {
+) -> Held {
     let mut per_holder = vec![(0u64, 0u64); scan.holders.len()];
     for (i, &v) in scan.via.iter().enumerate() {
         if v != UNREACHED {
@@ -386,19 +405,34 @@ pub fn held_by(
         }
     }
     let mut named: rustc_hash::FxHashMap<(String, RootKind), (u64, u64)> = Default::default();
+    let mut names: Vec<String> = Vec::new();
+    let mut index: rustc_hash::FxHashMap<String, u32> = Default::default();
+    let mut holder_name = vec![u32::MAX; per_holder.len()];
     // Naming costs a symbol lookup: only holders that hold something, the largest
-    // first, until `top` names are found or the rest is small.
+    // first.
     let mut order: Vec<usize> = (0..per_holder.len())
         .filter(|&h| per_holder[h].0 > 0)
         .collect();
     order.sort_unstable_by_key(|&h| std::cmp::Reverse(per_holder[h].1));
-    for h in order.into_iter().take(top * 64) {
+    for h in order.into_iter().take(MAX_NAMED) {
         let (r, at) = scan.holders[h];
         let root = &roots[r as usize];
-        let e = named.entry((name(root, at), root.kind)).or_default();
+        let n = name(root, at);
+        holder_name[h] = *index.entry(n.clone()).or_insert_with(|| {
+            names.push(n.clone());
+            (names.len() - 1) as u32
+        });
+        let e = named.entry((n, root.kind)).or_default();
         e.0 += per_holder[h].0;
         e.1 += per_holder[h].1;
     }
+    let reached: Vec<(u64, u32)> = scan
+        .via
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v != UNREACHED && holder_name[**v as usize] != u32::MAX)
+        .map(|(i, v)| (blocks.get(i).0, holder_name[*v as usize]))
+        .collect();
     let mut out: Vec<HeldBy> = named
         .into_iter()
         .map(|((root, kind), (blocks, bytes))| HeldBy {
@@ -410,7 +444,11 @@ pub fn held_by(
         .collect();
     out.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.root.cmp(&b.root)));
     out.truncate(top);
-    out
+    Held {
+        top: out,
+        names,
+        blocks: reached,
+    }
 }
 
 /// A glibc tcache's chunk size (`tcache_perthread_struct`: 64 counts of 2 bytes, 64
@@ -539,7 +577,7 @@ mod tests {
         m.put(t + 128 + 24, 0x5010);
         // 0x3010 → 0x4010, stored mangled.
         m.put(0x3010, 0x4010 ^ (0x3010 >> 12));
-        m.put(0x4010, 0 ^ (0x4010 >> 12));
+        m.put(0x4010, 0x4010 >> 12);
         let blocks = |a: u64| [0x3010, 0x4010, 0x5010].contains(&a);
         let c = tcache_cached(&m, &[t], blocks);
         assert_eq!(c.len(), 3, "{c:?}");

@@ -1182,7 +1182,32 @@ impl Session<'_> {
                     e.1 += b.size;
                 }
             }
+            // What holds each stack's blocks.
+            let mut held: rustc_hash::FxHashMap<i64, rustc_hash::FxHashMap<u32, (u64, u64)>> =
+                Default::default();
+            for &(addr, name) in &r.reached {
+                if let Some(b) = self.ledger.live().get(&addr) {
+                    let e = held.entry(b.stack_id).or_default().entry(name).or_default();
+                    e.0 += 1;
+                    e.1 += b.size;
+                }
+            }
+            let held_by_stack = held
+                .into_iter()
+                .map(|(stack, by)| {
+                    let mut v: Vec<(String, u64, u64)> = by
+                        .into_iter()
+                        .filter_map(|(n, (blocks, bytes))| {
+                            Some((r.holder_names.get(n as usize)?.clone(), blocks, bytes))
+                        })
+                        .collect();
+                    v.sort_unstable_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+                    v.truncate(3);
+                    (stack, v)
+                })
+                .collect();
             verdict::ReachFacts {
+                held_by_stack,
                 unreferenced_by_stack: by_stack,
                 held_by: r.held_by.clone(),
                 complete: r.scan.incomplete.is_none(),

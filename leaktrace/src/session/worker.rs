@@ -1188,7 +1188,7 @@ impl Worker {
         };
         // Globals are named by their symbol in the object that holds them.
         let mut objects: FxHashMap<String, Option<(Vec<u8>, u64)>> = FxHashMap::default();
-        let held_by = reach::held_by(
+        let held = reach::held_by(
             &b2,
             &s2,
             &roots,
@@ -1237,7 +1237,9 @@ impl Worker {
             unreferenced_blocks: unreferenced.len() as u64,
             unreferenced_bytes: unreferenced.iter().map(|b| b.1).sum(),
             unreferenced: unreferenced.into_iter().take(reach::MAX_LISTED).collect(),
-            held_by,
+            held_by: held.top,
+            reached: held.blocks,
+            holder_names: held.names,
             scan: stats,
             first_pass_ns,
         })
