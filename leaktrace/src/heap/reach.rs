@@ -276,23 +276,33 @@ pub fn scan(
                 }
             }
             Source::Memory { start, end } => {
-                let mut at = start.next_multiple_of(8);
-                while at + 8 <= *end {
-                    if s.out_of_budget() {
-                        return s.scan;
-                    }
-                    let n = ((end - at) as usize / 8 * 8).min(region.len());
-                    let buf = &mut region[..n];
-                    s.scan.bytes_scanned += n as u64;
-                    if mem.read(at, buf).is_ok() {
-                        // The root region is copied before its words are followed: a
-                        // block read meanwhile reuses the scanner's own buffer.
-                        for (k, w) in buf.chunks_exact(8).enumerate() {
-                            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-                            s.root_word(w, r, at + 8 * k as u64);
+                // Only its resident pages: a thread stack's 8 MiB are mostly never
+                // touched (reading them would fault in the zero page, page by page),
+                // and a page swapped out is not read in (noted: see `swapped`).
+                let runs = match mem.residency(start & !0xfff, end.next_multiple_of(0x1000)) {
+                    Ok(r) => r.runs().to_vec(),
+                    Err(_) => vec![(*start, *end)],
+                };
+                for (rs, re) in runs {
+                    let (start, end) = (&(rs.max(*start)), &(re.min(*end)));
+                    let mut at = start.next_multiple_of(8);
+                    while at + 8 <= *end {
+                        if s.out_of_budget() {
+                            return s.scan;
                         }
+                        let n = ((end - at) as usize / 8 * 8).min(region.len());
+                        let buf = &mut region[..n];
+                        s.scan.bytes_scanned += n as u64;
+                        if mem.read(at, buf).is_ok() {
+                            // The root region is copied before its words are followed: a
+                            // block read meanwhile reuses the scanner's own buffer.
+                            for (k, w) in buf.chunks_exact(8).enumerate() {
+                                let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+                                s.root_word(w, r, at + 8 * k as u64);
+                            }
+                        }
+                        at += n as u64;
                     }
-                    at += n as u64;
                 }
             }
         }

@@ -114,6 +114,11 @@ impl Residency {
             - self.runs[j - 1].1.saturating_sub(e)
     }
 
+    /// The resident runs, `[start, end)` in address order.
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.runs
+    }
+
     /// Resident bytes of the whole range.
     pub fn total(&self) -> u64 {
         self.before.last().copied().unwrap_or(0)

@@ -1177,14 +1177,20 @@ impl Worker {
             stats.blocks = blocks.len() as u64;
             stats.roots = roots.len() as u64;
             stats.incomplete = stats.incomplete.or(scan.incomplete.clone());
+            let cut = scan.incomplete.is_some();
             passes.push((blocks, scan, roots));
             maps = m;
+            if cut {
+                // Nothing will be called unreferenced: a second pass would only cost.
+                break;
+            }
         }
-        let [(b1, s1, _), (b2, s2, roots)] = <[_; 2]>::try_from(passes).ok()?;
-        let unreferenced = if stats.incomplete.is_none() {
-            reach::confirmed((&b1, &s1), (&b2, &s2))
-        } else {
-            Vec::new()
+        let (b2, s2, roots) = passes.pop()?;
+        let unreferenced = match passes.pop() {
+            Some((b1, s1, _)) if stats.incomplete.is_none() => {
+                reach::confirmed((&b1, &s1), (&b2, &s2))
+            }
+            _ => Vec::new(),
         };
         // Globals are named by their symbol in the object that holds them.
         let mut objects: FxHashMap<String, Option<(Vec<u8>, u64)>> = FxHashMap::default();
