@@ -88,13 +88,14 @@ fuzz_target!(|data: &[u8]| {
         let roots = [reach::Root {
             name: "fuzzed".into(),
             kind: reach::RootKind::Data,
+            object: None,
             source: reach::Source::Memory {
                 start: base,
                 end: base + PAGE,
             },
         }];
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
-        let s = reach::scan(&m, &blocks, &roots, deadline, 64 << 20);
+        let s = reach::scan(&m, &blocks, None, &roots, deadline, 64 << 20);
         assert_eq!(s.via.len(), blocks.len());
     }
 });

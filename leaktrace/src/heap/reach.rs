@@ -166,6 +166,9 @@ impl Scan {
 struct Scanner<'a, M: Memory> {
     mem: &'a M,
     blocks: &'a Blocks,
+    /// The heap's resident runs, where known: a block is read only there (its pages
+    /// never touched hold zeros; a page swapped out is not read in).
+    resident: Option<&'a [(u64, u64)]>,
     scan: Scan,
     stack: Vec<u32>,
     buf: Vec<u8>,
@@ -221,31 +224,46 @@ impl<M: Memory> Scanner<'_, M> {
             }
             let holder = self.scan.via[b as usize];
             let (start, len) = self.blocks.get(b as usize);
-            let mut at = start.next_multiple_of(8);
-            let end = start + len;
-            while at + 8 <= end {
-                let n = ((end - at) as usize / 8 * 8).min(CHUNK);
-                let mut buf = std::mem::take(&mut self.buf);
-                buf.resize(n, 0);
-                let ok = self.mem.read(at, &mut buf).is_ok();
-                self.scan.bytes_scanned += n as u64;
-                if ok {
-                    for w in buf.chunks_exact(8) {
-                        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-                        self.word(w, holder);
-                    }
+            let parts = match self.resident {
+                Some(runs) => {
+                    let end = start + len;
+                    let first = runs.partition_point(|r| r.1 <= start);
+                    runs[first..]
+                        .iter()
+                        .take_while(|r| r.0 < end)
+                        .map(|r| (r.0.max(start), r.1.min(end)))
+                        .collect()
                 }
-                self.buf = buf;
-                at += n as u64;
+                None => vec![(start, start + len)],
+            };
+            for (start, end) in parts {
+                let mut at = start.next_multiple_of(8);
+                while at + 8 <= end {
+                    let n = ((end - at) as usize / 8 * 8).min(CHUNK);
+                    let mut buf = std::mem::take(&mut self.buf);
+                    buf.resize(n, 0);
+                    let ok = self.mem.read(at, &mut buf).is_ok();
+                    self.scan.bytes_scanned += n as u64;
+                    if ok {
+                        for w in buf.chunks_exact(8) {
+                            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+                            self.word(w, holder);
+                        }
+                    }
+                    self.buf = buf;
+                    at += n as u64;
+                }
             }
         }
     }
 }
 
-/// Scans from `roots` through `blocks` in `mem`, within `deadline` and `max_bytes`.
+/// Scans from `roots` through `blocks` in `mem`, within `deadline` and `max_bytes`,
+/// reading blocks only in `resident` runs (sorted) where given.
 pub fn scan(
     mem: &impl Memory,
     blocks: &Blocks,
+    resident: Option<&[(u64, u64)]>,
     roots: &[Root],
     deadline: Instant,
     max_bytes: u64,
@@ -253,6 +271,7 @@ pub fn scan(
     let mut s = Scanner {
         mem,
         blocks,
+        resident,
         scan: Scan {
             via: vec![UNREACHED; blocks.len()],
             ..Scan::default()
@@ -565,7 +584,7 @@ mod tests {
                 source: Source::Words(vec![7, 0x2400]),
             },
         ];
-        let s = scan(&m, &blocks, &roots, far(), u64::MAX);
+        let s = scan(&m, &blocks, None, &roots, far(), u64::MAX);
         assert_eq!(s.incomplete, None);
         assert_eq!(s.unreferenced().collect::<Vec<_>>(), vec![2]);
         // Blocks 0 and 1 through the global's word at 0x1008.
@@ -621,14 +640,14 @@ mod tests {
                 end: 0x1008,
             },
         }];
-        let s = scan(&m, &blocks, &roots, far(), u64::MAX);
+        let s = scan(&m, &blocks, None, &roots, far(), u64::MAX);
         assert_eq!(blocks.len(), 17);
         assert_eq!(s.unreferenced().count(), 1, "only the unreadable block");
         // Out of bytes: incomplete, and then nothing is called unreferenced.
-        let s = scan(&m, &blocks, &roots, far(), 0x200);
+        let s = scan(&m, &blocks, None, &roots, far(), 0x200);
         assert!(s.incomplete.is_some());
         assert_eq!(s.unreferenced().count(), 0);
-        let s = scan(&m, &blocks, &roots, Instant::now(), u64::MAX);
+        let s = scan(&m, &blocks, None, &roots, Instant::now(), u64::MAX);
         assert!(s.incomplete.is_some());
     }
 }

@@ -187,6 +187,8 @@ pub struct Status {
     pub has_mm: bool,
     /// Threads in the process.
     pub threads: u64,
+    /// Bytes of its anonymous memory swapped out (`VmSwap`).
+    pub swap_bytes: u64,
 }
 
 /// Parses the text of `/proc/PID/status`.
@@ -215,6 +217,7 @@ pub fn parse_status(text: &str) -> Status {
             "RssFile" => st.rss.file_bytes = kb(),
             "RssShmem" => st.rss.shmem_bytes = kb(),
             "Threads" => st.threads = v.parse().unwrap_or(0),
+            "VmSwap" => st.swap_bytes = kb(),
             _ => {}
         }
     }

@@ -1149,21 +1149,40 @@ impl Worker {
                 )
             };
             let sites = self.heap_sites(&m, brk);
-            let roots = reach_roots(
-                &m,
-                &heap_ranges(&m, &sites),
-                &procfs::thread_stack_pointers(pid),
-                pid,
-            );
+            let ranges = heap_ranges(&m, &sites);
+            let roots = reach_roots(&m, &ranges, &procfs::thread_stack_pointers(pid), pid);
+            // Blocks are read where their pages are resident.
+            let mut resident: Vec<(u64, u64)> = Vec::new();
+            for &(s, e) in &ranges {
+                match mem.residency(s & !0xfff, e.next_multiple_of(0x1000)) {
+                    Ok(r) => resident.extend_from_slice(r.runs()),
+                    Err(_) => resident.push((s, e)),
+                }
+            }
+            resident.sort_unstable();
             let listed_ms = tw.elapsed().as_secs_f64() * 1e3 - walked_ms;
             let ts = Instant::now();
-            let mut scan = reach::scan(&mem, &blocks, &roots, deadline, REACH_MAX_BYTES);
+            let mut scan = reach::scan(
+                &mem,
+                &blocks,
+                Some(&resident),
+                &roots,
+                deadline,
+                REACH_MAX_BYTES,
+            );
             log::debug!(
                 "reachability pass: heap walk {walked_ms:.0} ms, blocks listed {listed_ms:.0} ms, scan {:.0} ms ({} MiB)",
                 ts.elapsed().as_secs_f64() * 1e3,
                 scan.bytes_scanned >> 20
             );
-            if let Some(u) = w.unwalkable.first() {
+            let swapped = procfs::read_status(pid).map_or(0, |s| s.swap_bytes);
+            if swapped > 0 {
+                // A pointer may sit in a page swapped out, which is not read in.
+                scan.incomplete = Some(format!(
+                    "did not read the {} the target has swapped out",
+                    crate::units::bytes(swapped)
+                ));
+            } else if let Some(u) = w.unwalkable.first() {
                 // Its blocks are not listed: they would be neither scanned nor judged.
                 scan.incomplete = Some(format!(
                     "could not list the blocks of the heap at {} ({})",
