@@ -473,11 +473,7 @@ fn root_mimalloc_state_read_before_growth() {
     let free_slices = m["free_resident_bytes"].as_u64().unwrap();
     assert_eq!(m["purgeable_bytes"], free_slices, "not pinned: {m:#}");
     assert!(free_slices > 40 << 20, "{m:#}");
-    fx.send("release");
-    let line = fx.read_line();
-    let words: Vec<&str> = line.split(' ').collect();
-    assert_eq!((words[0], words[3]), ("released", "mi_collect"), "{line}");
-    let returned = (words[1].parse::<u64>().unwrap() - words[2].parse::<u64>().unwrap()) * 1024;
+    let returned = released(&mut fx, "mi_collect");
     eprintln!(
         "leaktrace: {:.1} MiB of free slices not purged; mi_collect(true) returned {:.1} MiB",
         free_slices as f64 / (1 << 20) as f64,
@@ -489,27 +485,13 @@ fn root_mimalloc_state_read_before_growth() {
         "free slices {free_slices} vs returned {returned}"
     );
     let kept = m["page_free_bytes"].as_u64().unwrap() + free_slices;
-    let v = &r["verdict"];
-    assert_eq!(v["kind"], "fragmentation", "{v:#}");
-    let top = &v["remedies"][0];
-    assert!(
-        top["action"]
-            .as_str()
-            .unwrap()
-            .starts_with("MIMALLOC_PURGE_DELAY=0 (mimalloc 3"),
-        "{top:#}"
+    check_state_verdict(
+        &r,
+        "MIMALLOC_PURGE_DELAY=0 (mimalloc 3",
+        free_slices,
+        kept,
+        own[0],
     );
-    assert_eq!(top["expected_bytes"].as_u64().unwrap(), free_slices);
-    let parts = r["memory"]["parts"].as_array().unwrap();
-    let sum = |kind: &str| -> u64 {
-        parts
-            .iter()
-            .filter(|p| p["kind"] == kind)
-            .map(|p| p["bytes"].as_u64().unwrap())
-            .sum()
-    };
-    assert_eq!(sum("allocator-free"), kept, "{parts:#?}");
-    assert_eq!(sum("allocator-in-use"), own[0], "{parts:#?}");
     let notes = r["allocator"]["notes"].to_string();
     assert!(notes.contains("its own state is read"), "{notes}");
 }
@@ -563,15 +545,7 @@ fn root_tcmalloc_state_read_before_growth() {
     // Four threads' 24 MiB each, all but survivors freed: most of it in free spans.
     let spans = t["page_heap_free_bytes"].as_u64().unwrap();
     assert!(spans > 40 << 20, "{t:#}");
-    fx.send("release");
-    let line = fx.read_line();
-    let words: Vec<&str> = line.split(' ').collect();
-    assert_eq!(
-        (words[0], words[3]),
-        ("released", "gperftools-release"),
-        "{line}"
-    );
-    let returned = (words[1].parse::<u64>().unwrap() - words[2].parse::<u64>().unwrap()) * 1024;
+    let returned = released(&mut fx, "gperftools-release");
     eprintln!(
         "leaktrace: {:.1} MiB of free spans; ReleaseFreeMemory returned {:.1} MiB",
         spans as f64 / (1 << 20) as f64,
@@ -582,17 +556,52 @@ fn root_tcmalloc_state_read_before_growth() {
             && returned as f64 <= 1.05 * spans as f64 + (1 << 20) as f64,
         "free spans {spans} vs returned {returned}"
     );
+    let kept = spans
+        + t["thread_cache_bytes"].as_u64().unwrap()
+        + t["central_cache_bytes"].as_u64().unwrap()
+        + t["transfer_cache_bytes"].as_u64().unwrap();
+    check_state_verdict(
+        &r,
+        "TCMALLOC_RELEASE_RATE=10",
+        spans,
+        kept,
+        own["allocated"],
+    );
+    let parts = r["memory"]["parts"].as_array().unwrap();
+    let unwalked: u64 = parts
+        .iter()
+        .filter(|p| p["kind"] == "heap-unwalked")
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(unwalked, 0, "its brk heap is its own: {parts:#?}");
+    let notes = r["allocator"]["notes"].to_string();
+    assert!(notes.contains("its own state is read"), "{notes}");
+}
+
+/// Asks the fixture to make its allocator release free memory (`release`) and returns
+/// the bytes its RssAnon dropped by, checking the fixture says it did so by `how`.
+#[track_caller]
+fn released(fx: &mut Fixture, how: &str) -> u64 {
+    fx.send("release");
+    let line = fx.read_line();
+    let words: Vec<&str> = line.split(' ').collect();
+    assert_eq!((words[0], words[3]), ("released", how), "{line}");
+    (words[1].parse::<u64>().unwrap() - words[2].parse::<u64>().unwrap()) * 1024
+}
+
+/// A report whose allocator state was read: the verdict is fragmentation with the
+/// allocator's remedy first, expecting `expected` bytes; "where RSS goes" puts `kept`
+/// under allocator-free and `in_use` under allocator-in-use.
+#[track_caller]
+fn check_state_verdict(r: &serde_json::Value, remedy: &str, expected: u64, kept: u64, in_use: u64) {
     let v = &r["verdict"];
     assert_eq!(v["kind"], "fragmentation", "{v:#}");
     let top = &v["remedies"][0];
     assert!(
-        top["action"]
-            .as_str()
-            .unwrap()
-            .starts_with("TCMALLOC_RELEASE_RATE=10"),
+        top["action"].as_str().unwrap().starts_with(remedy),
         "{top:#}"
     );
-    assert_eq!(top["expected_bytes"].as_u64().unwrap(), spans);
+    assert_eq!(top["expected_bytes"].as_u64().unwrap(), expected);
     let parts = r["memory"]["parts"].as_array().unwrap();
     let sum = |kind: &str| -> u64 {
         parts
@@ -601,19 +610,8 @@ fn root_tcmalloc_state_read_before_growth() {
             .map(|p| p["bytes"].as_u64().unwrap())
             .sum()
     };
-    let kept = spans
-        + t["thread_cache_bytes"].as_u64().unwrap()
-        + t["central_cache_bytes"].as_u64().unwrap()
-        + t["transfer_cache_bytes"].as_u64().unwrap();
     assert_eq!(sum("allocator-free"), kept, "{parts:#?}");
-    assert_eq!(sum("allocator-in-use"), own["allocated"], "{parts:#?}");
-    assert_eq!(
-        sum("heap-unwalked"),
-        0,
-        "its brk heap is its own: {parts:#?}"
-    );
-    let notes = r["allocator"]["notes"].to_string();
-    assert!(notes.contains("its own state is read"), "{notes}");
+    assert_eq!(sum("allocator-in-use"), in_use, "{parts:#?}");
 }
 
 /// A Go program built with its symbols and debug information (tests/fixtures/go_heap.go):
