@@ -355,14 +355,7 @@ fn check_jemalloc_state(program: &std::path::Path, tracer_args: &[&str]) {
     let before = rss_anon(fx.pid);
     fx.run_scenario();
     let grew = rss_anon(fx.pid) - before;
-    let pid = fx.pid.to_string();
-    let mut args = vec!["--pid", &pid, "-d", "2"];
-    args.extend_from_slice(tracer_args);
-    let mut tracer = Tracer::start(&args);
-    let r = tracer.wait_report(0);
-    check_shape(&r);
-    fx.send("counts");
-    let counts = fx.read_line();
+    let (r, counts) = report_then_counts(&mut fx, tracer_args);
     let pages: Vec<u64> = counts
         .split_whitespace()
         .skip(1)
@@ -442,12 +435,7 @@ fn root_mimalloc_state_read_before_growth() {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_alloc_mimalloc"));
     let mut fx = Fixture::spawn_program(bin, &["fragment"], &[]);
     fx.run_scenario();
-    let pid = fx.pid.to_string();
-    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
-    let r = tracer.wait_report(0);
-    check_shape(&r);
-    fx.send("counts");
-    let counts = fx.read_line();
+    let (r, counts) = report_then_counts(&mut fx, &[]);
     let own: Vec<u64> = counts
         .split_whitespace()
         .skip(1)
@@ -473,16 +461,12 @@ fn root_mimalloc_state_read_before_growth() {
     let free_slices = m["free_resident_bytes"].as_u64().unwrap();
     assert_eq!(m["purgeable_bytes"], free_slices, "not pinned: {m:#}");
     assert!(free_slices > 40 << 20, "{m:#}");
-    let returned = released(&mut fx, "mi_collect");
-    eprintln!(
-        "leaktrace: {:.1} MiB of free slices not purged; mi_collect(true) returned {:.1} MiB",
-        free_slices as f64 / (1 << 20) as f64,
-        returned as f64 / (1 << 20) as f64
-    );
-    assert!(
-        returned as f64 >= 0.95 * free_slices as f64
-            && returned as f64 <= 1.05 * free_slices as f64 + (1 << 20) as f64,
-        "free slices {free_slices} vs returned {returned}"
+    released(
+        &mut fx,
+        "mi_collect",
+        free_slices,
+        0.95,
+        "free slices not purged",
     );
     let kept = m["page_free_bytes"].as_u64().unwrap() + free_slices;
     check_state_verdict(
@@ -514,18 +498,8 @@ fn root_tcmalloc_state_read_before_growth() {
     let mut fx =
         Fixture::spawn_with_env("verdicts", &["prefragmented", "5"], &[("LD_PRELOAD", &lib)]);
     fx.run_scenario();
-    let pid = fx.pid.to_string();
-    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
-    let r = tracer.wait_report(0);
-    check_shape(&r);
-    fx.send("counts");
-    let counts = fx.read_line();
-    let own: std::collections::HashMap<&str, u64> = counts
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .chunks(2)
-        .map(|w| (w[0], w[1].parse().expect("a count")))
-        .collect();
+    let (r, counts) = report_then_counts(&mut fx, &[]);
+    let own = named_counts(&counts);
     let state = &r["allocator"]["state"];
     assert_eq!(state["tcmalloc"].as_array().unwrap().len(), 1, "{state:#}");
     let t = &state["tcmalloc"][0];
@@ -545,17 +519,7 @@ fn root_tcmalloc_state_read_before_growth() {
     // Four threads' 24 MiB each, all but survivors freed: most of it in free spans.
     let spans = t["page_heap_free_bytes"].as_u64().unwrap();
     assert!(spans > 40 << 20, "{t:#}");
-    let returned = released(&mut fx, "gperftools-release");
-    eprintln!(
-        "leaktrace: {:.1} MiB of free spans; ReleaseFreeMemory returned {:.1} MiB",
-        spans as f64 / (1 << 20) as f64,
-        returned as f64 / (1 << 20) as f64
-    );
-    assert!(
-        returned as f64 >= 0.85 * spans as f64
-            && returned as f64 <= 1.05 * spans as f64 + (1 << 20) as f64,
-        "free spans {spans} vs returned {returned}"
-    );
+    released(&mut fx, "gperftools-release", spans, 0.85, "free spans");
     let kept = spans
         + t["thread_cache_bytes"].as_u64().unwrap()
         + t["central_cache_bytes"].as_u64().unwrap()
@@ -578,15 +542,50 @@ fn root_tcmalloc_state_read_before_growth() {
     assert!(notes.contains("its own state is read"), "{notes}");
 }
 
-/// Asks the fixture to make its allocator release free memory (`release`) and returns
-/// the bytes its RssAnon dropped by, checking the fixture says it did so by `how`.
+/// Traces a fixture whose scenario has run (its heap fragmented before attach) for
+/// 2 s, then asks it for its allocator's own counts: the report, and its counts line.
 #[track_caller]
-fn released(fx: &mut Fixture, how: &str) -> u64 {
+fn report_then_counts(fx: &mut Fixture, tracer_args: &[&str]) -> (serde_json::Value, String) {
+    let pid = fx.pid.to_string();
+    let mut args = vec!["--pid", &pid, "-d", "2"];
+    args.extend_from_slice(tracer_args);
+    let mut tracer = Tracer::start(&args);
+    let r = tracer.wait_report(0);
+    check_shape(&r);
+    fx.send("counts");
+    (r, fx.read_line())
+}
+
+/// A counts line `name N name N …` by name.
+fn named_counts(line: &str) -> std::collections::HashMap<&str, u64> {
+    line.split_whitespace()
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .map(|kv| (kv[0], kv[1].parse().expect("a count")))
+        .collect()
+}
+
+/// Asks the fixture to make its allocator release free memory (`release`, done by
+/// `how`): what its RssAnon dropped by must be what leaktrace said (`said` bytes of
+/// `what`), at least `least` of it and at most 5% (and a MiB) more.
+#[track_caller]
+fn released(fx: &mut Fixture, how: &str, said: u64, least: f64, what: &str) {
     fx.send("release");
     let line = fx.read_line();
     let words: Vec<&str> = line.split(' ').collect();
     assert_eq!((words[0], words[3]), ("released", how), "{line}");
-    (words[1].parse::<u64>().unwrap() - words[2].parse::<u64>().unwrap()) * 1024
+    let returned = (words[1].parse::<u64>().unwrap() - words[2].parse::<u64>().unwrap()) * 1024;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "leaktrace: {:.1} MiB of {what}; {how} returned {:.1} MiB",
+        mib(said),
+        mib(returned)
+    );
+    assert!(
+        returned as f64 >= least * said as f64
+            && returned as f64 <= 1.05 * said as f64 + (1 << 20) as f64,
+        "{what}: {said} said vs {returned} returned"
+    );
 }
 
 /// A report whose allocator state was read: the verdict is fragmentation with the
@@ -624,18 +623,8 @@ fn root_go_runtime_statistics_read() {
     require_root();
     let mut fx = Fixture::spawn("go_heap", &[]);
     fx.run_scenario();
-    let pid = fx.pid.to_string();
-    let mut tracer = Tracer::start(&["--pid", &pid, "-d", "2"]);
-    let r = tracer.wait_report(0);
-    check_shape(&r);
-    fx.send("counts");
-    let counts = fx.read_line();
-    let own: std::collections::HashMap<&str, u64> = counts
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .chunks(2)
-        .map(|kv| (kv[0], kv[1].parse().expect("a count")))
-        .collect();
+    let (r, counts) = report_then_counts(&mut fx, &[]);
+    let own = named_counts(&counts);
     let h = &r["allocator"]["state"]["go"];
     eprintln!("ReadMemStats: {counts}; leaktrace: {h:#}");
     assert!(h["object"].as_str().unwrap().ends_with("/go_heap"), "{h:#}");
