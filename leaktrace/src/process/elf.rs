@@ -95,23 +95,39 @@ pub fn file_offsets_to_addresses(
     )
 }
 
-/// The data symbol (an object or a TLS variable, by its link-time range) holding the
-/// link-time address `addr`, demangled where it is C++ or Rust.
-pub fn symbol_containing(data: &[u8], addr: u64) -> Option<String> {
+/// An object's data symbols (objects and TLS variables) by link-time range, sorted by
+/// start, C++ names demangled: built once per object, then looked up by address.
+pub fn data_symbol_table(data: &[u8]) -> Vec<(u64, u64, String)> {
     use object::{Object as _, ObjectSymbol as _};
-    let file = object::File::parse(data).ok()?;
-    let found = file
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    let mut t: Vec<(u64, u64, String)> = file
         .symbols()
         .chain(file.dynamic_symbols())
         .filter(|s| s.kind() == object::SymbolKind::Data && s.is_definition())
-        .find(|s| s.address() <= addr && addr - s.address() < s.size().max(1))?;
-    let name = found.name().ok()?;
-    Some(
-        cpp_demangle::Symbol::new(name)
-            .ok()
-            .and_then(|s| s.demangle().ok())
-            .unwrap_or_else(|| name.to_owned()),
-    )
+        .filter_map(|s| {
+            let name = s.name().ok()?;
+            let shown = cpp_demangle::Symbol::new(name)
+                .ok()
+                .and_then(|d| d.demangle().ok())
+                .unwrap_or_else(|| name.to_owned());
+            Some((
+                s.address(),
+                s.address().saturating_add(s.size().max(1)),
+                shown,
+            ))
+        })
+        .collect();
+    t.sort_unstable();
+    t.dedup_by_key(|e| e.0);
+    t
+}
+
+/// The symbol of `table` ([`data_symbol_table`]) holding the link-time address `addr`.
+pub fn symbol_containing(table: &[(u64, u64, String)], addr: u64) -> Option<&str> {
+    let i = table.partition_point(|e| e.0 <= addr).checked_sub(1)?;
+    (addr < table[i].1).then(|| table[i].2.as_str())
 }
 
 #[cfg(test)]

@@ -1211,8 +1211,11 @@ impl Worker {
             }
             _ => Vec::new(),
         };
-        // Globals are named by their symbol in the object that holds them.
-        let mut objects: FxHashMap<String, Option<(Vec<u8>, u64)>> = FxHashMap::default();
+        // Globals are named by their symbol in the object that holds them: each
+        // object's data symbols read once (as the allocator layouts are found).
+        type Table = Vec<(u64, u64, String)>;
+        let mut objects: FxHashMap<String, Result<(Table, u64), String>> = FxHashMap::default();
+        let dirs = self.setup.debug_dirs.clone();
         let held = reach::held_by(
             &b2,
             &s2,
@@ -1222,28 +1225,16 @@ impl Worker {
                     return root.name.clone();
                 };
                 let found = objects.entry(object.to_owned()).or_insert_with(|| {
-                    let first = maps
-                        .iter()
-                        .filter(|m| m.path == object)
-                        .min_by_key(|m| m.start)?;
-                    let host = std::path::PathBuf::from(format!(
-                        "/proc/{pid}/map_files/{:x}-{:x}",
-                        first.start, first.end
-                    ));
-                    let data = procfs::read_object(&host).ok()?;
-                    let bias = crate::process::elf::load_bias(
-                        &data,
-                        first.start,
-                        first.offset,
-                        first.is_exec(),
-                    )?;
-                    Some((data, bias))
+                    crate::heap::locate(pid, &maps, object, &dirs, |d| {
+                        Ok(crate::process::elf::data_symbol_table(d))
+                    })
                 });
                 let base = object.rsplit('/').next().unwrap_or(object);
                 found
                     .as_ref()
-                    .and_then(|(data, bias)| {
-                        crate::process::elf::symbol_containing(data, at.wrapping_sub(*bias))
+                    .ok()
+                    .and_then(|(table, bias)| {
+                        crate::process::elf::symbol_containing(table, at.wrapping_sub(*bias))
                     })
                     .map_or_else(|| root.name.clone(), |sym| format!("{sym} in {base}"))
             },
