@@ -15,6 +15,7 @@ pub mod glibc;
 pub mod go;
 pub mod jemalloc;
 pub mod mimalloc;
+pub mod pygc;
 pub mod pymalloc;
 pub mod reach;
 pub mod tcmalloc;
