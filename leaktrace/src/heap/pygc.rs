@@ -42,6 +42,7 @@ const TP_NAME: u64 = 24;
 const TP_BASICSIZE: u64 = 32;
 const TP_ITEMSIZE: u64 = 40;
 const TP_FLAGS: u64 = 168;
+const TP_TRAVERSE: u64 = 184;
 const TP_BASE: u64 = 256;
 const TP_DICT: u64 = 264;
 const TP_DICTOFFSET: u64 = 288;
@@ -123,7 +124,7 @@ struct Inner {
 }
 
 /// How CPython `major.minor` lays out what the collector reads (64-bit; measured on
-/// pyenv's builds' DWARF, 2.7.18 and 3.6.15–3.13.0).
+/// pyenv's builds' DWARF, 2.7.18 and 3.6.15–3.13.0, and Debian's 3.14.10 read live).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub version: (u32, u32),
@@ -159,7 +160,10 @@ impl Layout {
         };
         let (state, inner) = match (major, minor) {
             // Static variables: only their addresses matter.
-            (2, 7) | (3, 6) => (StateAt::Statics, Inner { stride: 48, ..modern }),
+            // 2.7's 32-byte head is 8-aligned (`generations` is 120 bytes); 3.6's is
+            // 16-aligned (144).
+            (2, 7) => (StateAt::Statics, Inner { stride: 40, ..modern }),
+            (3, 6) => (StateAt::Statics, Inner { stride: 48, ..modern }),
             (3, 7) => (
                 StateAt::Runtime { gc: 32 },
                 Inner {
@@ -177,6 +181,18 @@ impl Layout {
             (3, 11) => (StateAt::Interp { main: 48, gc: 648 }, modern),
             (3, 12) => (StateAt::Interp { main: 48, gc: 112 }, modern),
             (3, 13) => (StateAt::Interp { main: 640, gc: 7400 }, modern),
+            // `generation0` left the middle of the struct (3.14.0–3.14.4 name the
+            // generations `young`, `old[2]`: the same three heads at the same places).
+            (3, 14) => (
+                StateAt::Interp { main: 816, gc: 7408 },
+                Inner {
+                    permanent: Some(96),
+                    stats: Some(120),
+                    collecting: 192,
+                    garbage: 200,
+                    ..modern
+                },
+            ),
             _ => return None,
         };
         let (dict, managed) = match minor {
@@ -206,7 +222,8 @@ impl Layout {
             dict,
             managed,
             set_key: if major == 2 { 8 } else { 0 },
-            tuple_items: 24,
+            // 3.14 caches a tuple's hash before its items.
+            tuple_items: if (major, minor) >= (3, 14) { 32 } else { 24 },
             ht_slots,
             ht_cached_keys,
             ascii_data: match (major, minor) {
@@ -593,6 +610,10 @@ struct Reader<'a, 'm, M: Memory> {
     l: &'a Layout,
     t: &'a Types,
     types: &'a RefCell<FxHashMap<u64, Option<TypeInfo>>>,
+    /// `subtype_traverse`: the `tp_traverse` of every class a `class` statement made
+    /// (learnt as the most common one among the tracked objects' heap types; C
+    /// extensions' heap types have their own, and references this reader cannot see).
+    subtype_traverse: &'a RefCell<Option<u64>>,
     deadline: Instant,
 }
 
@@ -692,7 +713,9 @@ impl<M: Memory> Reader<'_, '_, M> {
             let Some(flags) = m.word(t + TP_FLAGS) else {
                 return false;
             };
-            if flags & HEAPTYPE == 0 {
+            if flags & HEAPTYPE == 0
+                || *self.subtype_traverse.borrow() != m.word(t + TP_TRAVERSE)
+            {
                 return false;
             }
             let slots = m.word(t + self.l.ht_slots).unwrap_or(1);
@@ -928,7 +951,15 @@ impl<M: Memory> Reader<'_, '_, M> {
     /// An instance's attributes: its dict, or its values (3.11+), and their bytes.
     fn attributes(&self, o: u64, info: &TypeInfo, out: &mut Vec<(u64, Label)>) -> Option<u64> {
         let m = &self.mem;
-        let managed = info.flags & MANAGED_DICT != 0;
+        // 3.11–3.12 values: an array as long as the shared keys can grow, after a
+        // prefix of insertion-order bytes rounded to words.
+        let split_bytes = || -> u64 {
+            let k = info.cached_keys;
+            let n = (m.word(k + 16).unwrap_or(0) + m.word(k + 24).unwrap_or(0)).min(MAX_SHARED);
+            (n + 2).div_ceil(8) * 8 + n * 8
+        };
+        // (Bit 4 meant other things before 3.11.)
+        let managed = self.l.managed != Managed::No && info.flags & MANAGED_DICT != 0;
         let values = |at: u64, n: u64, out: &mut Vec<(u64, Label)>| -> Option<()> {
             let names = self.shared_names(info.cached_keys)?;
             let n = n.min(names.len() as u64);
@@ -952,13 +983,13 @@ impl<M: Memory> Reader<'_, '_, M> {
                     values(v, MAX_SHARED, out)?;
                 }
                 out.push((d, Label::Dict));
-                Some(if v != 0 { 8 * 30 } else { 0 })
+                Some(if v != 0 { split_bytes() } else { 0 })
             }
             Managed::V312 => {
                 let dv = m.word(o.checked_sub(24)?)?;
                 if dv & 1 == 1 {
                     values(dv + 1, MAX_SHARED, out)?;
-                    Some(8 * 30)
+                    Some(split_bytes())
                 } else {
                     out.push((dv, Label::Dict));
                     Some(0)
@@ -975,7 +1006,8 @@ impl<M: Memory> Reader<'_, '_, M> {
                 if m.byte(at + 3)? != 0 {
                     values(at + 8, capacity, out)?;
                 }
-                Some(8 + capacity * 9)
+                // Part of the object's block: its header, values and order bytes.
+                Some(8 + capacity * 8 + capacity.div_ceil(8) * 8)
             }
         }
     }
@@ -1009,9 +1041,37 @@ impl<M: Memory> Reader<'_, '_, M> {
         Ok(out)
     }
 
+    /// Learns `subtype_traverse` from the classes of `tracked` objects, once.
+    fn learn_traverse(&self, tracked: &[(u64, u8)]) {
+        if self.subtype_traverse.borrow().is_some() {
+            return;
+        }
+        let m = &self.mem;
+        let mut classes = FxHashSet::default();
+        for &(a, _) in tracked.iter().take(1 << 20) {
+            if let Some(t) = m.word(a + 8)
+                && classes.len() < 100_000
+            {
+                classes.insert(t);
+            }
+        }
+        let mut votes: FxHashMap<u64, u32> = FxHashMap::default();
+        for t in classes {
+            if m.word(t + TP_FLAGS).is_some_and(|f| f & HEAPTYPE != 0)
+                && self.is_type(t)
+                && let Some(tr) = m.word(t + TP_TRAVERSE).filter(|&tr| tr != 0)
+            {
+                *votes.entry(tr).or_default() += 1;
+            }
+        }
+        let best = votes.into_iter().max_by_key(|&(tr, n)| (n, std::cmp::Reverse(tr)));
+        *self.subtype_traverse.borrow_mut() = best.map(|b| b.0);
+    }
+
     /// One pass: tracked objects, their references, and what is unreachable.
     fn pass(&self, place: &Place, gens: usize) -> Result<Graph, String> {
         let tracked = self.walk(place, gens)?;
+        self.learn_traverse(&tracked);
         let mut index = FxHashMap::default();
         index.reserve(tracked.len());
         for (i, &(a, _)) in tracked.iter().enumerate() {
@@ -1127,6 +1187,7 @@ fn by_type(items: impl Iterator<Item = (String, u64)>) -> Vec<TypeCount> {
 pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<PyGc, String> {
     let started = Instant::now();
     let types = RefCell::new(FxHashMap::default());
+    let subtype_traverse = RefCell::new(None);
     let state_mem = Cached::new(mem);
     let head_ok = |h: u64| -> bool {
         // An empty list points at itself both ways; a full one's first object points
@@ -1171,6 +1232,7 @@ pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<
             l,
             t,
             types: &types,
+            subtype_traverse: &subtype_traverse,
             deadline: Instant::now() + BUDGET,
         };
         match r.pass(place, 3) {
@@ -1187,6 +1249,7 @@ pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<
         l,
         t,
         types: &types,
+        subtype_traverse: &subtype_traverse,
         deadline: Instant::now() + BUDGET,
     });
     if let Some(p) = place.permanent {
@@ -1496,6 +1559,7 @@ mod tests {
                 w.m.put(t + TP_BASICSIZE, basic);
                 w.m.put(t + TP_DICTOFFSET, dictoff);
                 w.m.put(t + TP_BASE, OBJECT);
+                w.m.put(t + TP_TRAVERSE, if flags & HEAPTYPE != 0 { 0x77 } else { t });
             }
             // Generation heads: three empty lists.
             for g in 0..3 {
@@ -1668,9 +1732,10 @@ mod tests {
 
     #[test]
     fn versions() {
-        for (maj, min) in [(2, 7), (3, 6), (3, 7), (3, 8), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)] {
+        for (maj, min) in [(2, 7), (3, 6), (3, 7), (3, 8), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13), (3, 14)] {
             assert!(Layout::for_version(maj, min).is_some(), "{maj}.{min}");
         }
         assert_eq!(Layout::for_version(3, 5), None);
+        assert_eq!(Layout::for_version(3, 15), None);
     }
 }

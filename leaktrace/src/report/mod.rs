@@ -262,6 +262,12 @@ pub struct PythonInfo {
     /// when 0.
     #[serde(skip_serializing_if = "crate::units::is_zero")]
     pub frames_replaced: u64,
+    /// The cyclic garbage collector, read from outside (final reports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc: Option<crate::heap::pygc::PyGc>,
+    /// Why the collector was not read, when it was looked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc_not_read: Option<String>,
 }
 
 /// Heap section.

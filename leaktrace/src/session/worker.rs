@@ -26,6 +26,7 @@ use crate::{
         census::{self, Census},
         glibc::{self, ArenaLimit, HeapWalk},
         go, jemalloc, mimalloc,
+        pygc,
         pymalloc::{self, PymallocWalk},
         reach, tcmalloc,
     },
@@ -589,8 +590,17 @@ impl Worker {
                 let reach = (walk && then == Then::FinalReport && self.setup.reachability)
                     .then(|| self.reachability(brk))
                     .flatten();
+                let gc = (then == Then::FinalReport && self.setup.reachability)
+                    .then(|| self.python_gc())
+                    .flatten();
                 let mut snap = self.snapshot();
                 snap.reach = reach;
+                if let (Some(p), Some(gc)) = (snap.python.as_mut(), gc) {
+                    match gc {
+                        Ok(gc) => p.gc = Some(gc),
+                        Err(why) => p.gc_not_read = Some(why),
+                    }
+                }
                 self.reply(Reply::Snapshot(then, Box::new(snap)));
             }
             Job::Exiting { then, brk } => {
@@ -1452,6 +1462,53 @@ impl Worker {
         self.record_census(c);
     }
 
+    /// CPython's collector, read from outside: its state, the cyclic garbage waiting
+    /// for it, `gc.garbage`, and who holds the program's objects.
+    fn python_gc(&mut self) -> Option<Result<pygc::PyGc, String>> {
+        let interp = self.py.state.interpreter()?.clone();
+        let pid = self.setup.pid;
+        let (major, minor) = interp.version;
+        Some((|| {
+            let layout = pygc::Layout::for_version(major, minor)
+                .ok_or_else(|| format!("CPython {major}.{minor}'s collector layout is not known"))?;
+            let maps = procfs::read_maps(pid).map_err(|e| format!("reading maps: {e}"))?;
+            let (syms, bias) = crate::heap::locate(
+                pid,
+                &maps,
+                &interp.object,
+                &self.setup.debug_dirs,
+                pygc_symbols,
+            )?;
+            let at = |a: Option<u64>| a.map(|a| a.wrapping_add(bias));
+            let mem = ProcMemory::open(pid).map_err(|e| format!("opening its memory: {e}"))?;
+            let statics = pygc::Statics {
+                generations: at(syms.statics[0]),
+                enabled: at(syms.statics[1]),
+                garbage: at(syms.statics[2]),
+                collecting: at(syms.statics[3]),
+                stats: at(syms.statics[4]),
+            };
+            let place = layout.place(&mem, at(syms.runtime), &statics)?;
+            let types = pygc::Types::from_addresses(
+                &syms.types.map(|a| a.map_or(0, |a| a.wrapping_add(bias))),
+            );
+            if types.type_type == 0 || types.list == 0 || types.dict == 0 {
+                return Err("the interpreter exports no PyType_Type, PyList_Type or PyDict_Type".into());
+            }
+            let t = Instant::now();
+            let gc = pygc::read(&mem, &layout, &place, &types)?;
+            log::info!(
+                "python gc: {} tracked, {} unreachable ({} B), {} in gc.garbage, {:.0} ms",
+                gc.tracked.iter().sum::<u64>(),
+                gc.cyclic_unreachable.objects,
+                gc.cyclic_unreachable.bytes,
+                gc.garbage.objects,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            Ok(gc)
+        })())
+    }
+
     /// What the report says about the interpreter.
     fn python_info(&self) -> Option<PythonInfo> {
         let interp = self.py.state.interpreter()?;
@@ -1484,6 +1541,59 @@ impl Worker {
             unavailable,
             note,
             frames_replaced: self.py.symbols.replaced,
+            gc: None,
+            gc_not_read: None,
         })
     }
+}
+
+/// What the collector's reader needs from the interpreter's symbols (link-time).
+struct PygcSymbols {
+    runtime: Option<u64>,
+    types: [Option<u64>; 11],
+    /// `generations`, `enabled`, `garbage`, `collecting`, `generation_stats`: static
+    /// variables of `gcmodule.c` (2.7, 3.6), `.symtab` only.
+    statics: [Option<u64>; 5],
+}
+
+/// Finds [`PygcSymbols`] in an interpreter's object. Static variables have common
+/// names (`enabled`): of several, the one nearest `generations` is gcmodule.c's.
+fn pygc_symbols(data: &[u8]) -> Result<PygcSymbols, String> {
+    use object::{Object as _, ObjectSymbol as _};
+    let file = object::File::parse(data).map_err(|e| format!("parsing: {e}"))?;
+    const STATICS: [&str; 5] = ["generations", "enabled", "garbage", "collecting", "generation_stats"];
+    let mut runtime = None;
+    let mut types = [None; 11];
+    let mut statics: [Vec<u64>; 5] = Default::default();
+    for s in file.symbols().chain(file.dynamic_symbols()) {
+        let Ok(n) = s.name() else { continue };
+        if !s.is_definition() {
+            continue;
+        }
+        if n == "_PyRuntime" {
+            runtime.get_or_insert(s.address());
+        } else if let Some(i) = pygc::Types::SYMBOLS.iter().position(|w| *w == n) {
+            types[i].get_or_insert(s.address());
+        } else if let Some(i) = STATICS.iter().position(|w| *w == n)
+            && s.kind() == object::SymbolKind::Data
+        {
+            statics[i].push(s.address());
+        }
+    }
+    let generations = statics[0].first().copied();
+    let nearest = |v: &[u64]| -> Option<u64> {
+        let g = generations?;
+        v.iter().copied().min_by_key(|&a| a.abs_diff(g))
+    };
+    Ok(PygcSymbols {
+        runtime,
+        types,
+        statics: [
+            generations,
+            nearest(&statics[1]),
+            nearest(&statics[2]),
+            nearest(&statics[3]),
+            nearest(&statics[4]),
+        ],
+    })
 }
