@@ -767,3 +767,94 @@ fn root_python_census_every_version() {
     check_census("python3.14 (sid, chroot)", cmd);
     let _ = std::fs::remove_dir_all(host.parent().unwrap());
 }
+
+/// Python's collector read from outside on `name` (run as `cmd`, py_gc.py with 1000
+/// cycles of two `Node`s, 2000 `Session`s in `registry.SESSIONS` and, on 2.x, 300
+/// `__del__` cycles): every figure against what the interpreter itself reports.
+fn check_gc(name: &str, cmd: std::process::Command) {
+    let mut fx = Fixture::spawn_command(cmd);
+    let pid = fx.pid().to_string();
+    let tracer = Tracer::start(&["--pid", &pid]);
+    fx.send("go");
+    let want: Value = serde_json::from_str(&fx.read_line()).expect("the fixture's state");
+    fx.expect_line("done");
+    let r = tracer.finish();
+    check_shape(&r);
+    let gc = &r["python"]["gc"];
+    assert!(gc.is_object(), "{name}: no python.gc: {:#}", r["python"]);
+    let within = |got: &Value, want: &Value| {
+        let (g, w) = (got.as_f64().unwrap_or(-1.0), want.as_f64().unwrap());
+        (g - w).abs() <= 0.1 * w
+    };
+    eprintln!(
+        "{name}: {} tracked; cyclic {} objects, {} B (the collector finds {}); garbage {} ({}); {} ms",
+        gc["tracked"],
+        gc["cyclic_unreachable"]["objects"],
+        gc["cyclic_unreachable"]["bytes"],
+        want["collector_finds"],
+        gc["garbage"]["objects"],
+        want["garbage"],
+        gc["scan"]["ms"]
+    );
+    assert_eq!(gc["enabled"], want["enabled"], "{name}");
+    assert_eq!(gc["thresholds"], want["threshold"], "{name}");
+    assert!(within(&gc["counts"][0], &want["count"][0]), "{name}: {gc:#}");
+    assert_eq!(gc["scan"]["passes"], 2, "{name}: {gc:#}");
+    let cyc = &gc["cyclic_unreachable"];
+    assert!(
+        within(&cyc["objects"], &want["collector_finds"]),
+        "{name}: {cyc:#} against the collector's {}",
+        want["collector_finds"]
+    );
+    let nodes = cyc["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "Node")
+        .unwrap_or_else(|| panic!("{name}: no Node in {cyc:#}"));
+    assert_eq!(nodes["count"], 2000, "{name}: {cyc:#}");
+    let held = gc["held_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["type"] == "Session")
+        .unwrap_or_else(|| panic!("{name}: no Session holder in {:#}", gc["held_by"]));
+    assert_eq!(held["path"], "registry.SESSIONS[…]", "{name}: {held:#}");
+    assert!(within(&held["objects"], &want["held"]), "{name}: {held:#}");
+    let garbage = &gc["garbage"];
+    assert_eq!(garbage["objects"], want["garbage"], "{name}: {garbage:#}");
+    if want["garbage"].as_u64() > Some(0) {
+        assert_eq!(garbage["types"][0]["name"], "Finalized", "{name}: {garbage:#}");
+    }
+    // The verdict says how much waits for the collector, and why it has not run.
+    let text = r["verdict"]["evidence"].to_string();
+    assert!(text.contains("gc.collect()") && text.contains("disabled"), "{name}: {text}");
+}
+
+fn gc_cmd(interpreter: &Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(interpreter);
+    cmd.arg(script_path("py_gc.py")).args(args);
+    cmd
+}
+
+/// The collector from outside on Debian's 3.11, pyenv's 2.7 (with `gc.garbage`) and
+/// sid's 3.14 (in its root). Each must be installed.
+#[test]
+fn root_python_gc_cycles_garbage_and_holders() {
+    require_root();
+    check_gc("python3.11 (Debian)", gc_cmd(Path::new(DEBIAN_311), &["1000", "2000"]));
+    let root =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let p27 = root.join("versions/2.7.18/bin/python2.7");
+    assert!(p27.exists(), "pyenv 2.7.18 is missing ({})", p27.display());
+    check_gc("python2.7", gc_cmd(&p27, &["1000", "2000", "300"]));
+    let sid = sid_root();
+    let inside = format!("/tmp/leaktrace-tests-{}-gc/py_gc.py", std::process::id());
+    let host = sid.join(inside.trim_start_matches('/'));
+    std::fs::create_dir_all(host.parent().unwrap()).expect("script dir in the root");
+    std::fs::copy(script_path("py_gc.py"), &host).expect("copy the fixture into the root");
+    let mut cmd = std::process::Command::new("chroot");
+    cmd.arg(&sid).args(["/usr/bin/python3.14", &inside, "1000", "2000"]);
+    check_gc("python3.14 (sid, chroot)", cmd);
+    let _ = std::fs::remove_dir_all(host.parent().unwrap());
+}

@@ -279,6 +279,8 @@ pub struct Facts<'a> {
     pub census: Option<&'a crate::heap::census::Census>,
     /// Who keeps the heap alive (the final report's scans).
     pub reach: Option<&'a ReachFacts>,
+    /// CPython's collector, read from outside (final reports).
+    pub pygc: Option<&'a crate::heap::pygc::PyGc>,
 }
 
 /// What the reachability scans say, per allocating stack.
@@ -489,7 +491,117 @@ pub fn decide(f: &Facts<'_>) -> Verdict {
     if let Some(r) = f.reach {
         reach_evidence(&mut v, r);
     }
+    if let Some(g) = f.pygc {
+        gc_evidence(&mut v, g);
+    }
     v
+}
+
+/// Python cyclic garbage a collection would free in the summary when at least this
+/// much.
+pub const GC_SUMMARY_BYTES: u64 = 1 << 20;
+
+/// What CPython's collector adds: memory in reference cycles waiting for a
+/// collection and why none has run, `gc.garbage`, and who holds the program's
+/// objects; with remedies and their expected bytes.
+fn gc_evidence(v: &mut Verdict, g: &crate::heap::pygc::PyGc) {
+    let types = |t: &[crate::heap::pygc::TypeCount]| {
+        t.iter()
+            .take(3)
+            .map(|t| format!("{} {}", t.count, t.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let c = &g.cyclic_unreachable;
+    if c.bytes > 0 && g.scan.incomplete.is_none() {
+        let oldest = c.by_generation.iter().rposition(|&n| n > 0).unwrap_or(0);
+        let why = if g.enabled {
+            let (count, threshold) = (
+                g.counts.get(oldest).copied().unwrap_or(0),
+                g.thresholds.get(oldest).copied().unwrap_or(0),
+            );
+            format!(
+                "the collector is enabled; generation {oldest} runs when its count ({count}) passes its threshold ({threshold})"
+            )
+        } else {
+            "the collector is disabled (gc.disable()): only an explicit gc.collect() frees cycles".to_owned()
+        };
+        v.evidence.push(Evidence {
+            metric: "python_cyclic_garbage_bytes",
+            value: c.bytes as f64,
+            text: format!(
+                "{} in {} Python objects ({}) sit in reference cycles nothing else refers to, waiting for a collection: {why}",
+                bytes(c.bytes),
+                c.objects,
+                types(&c.types)
+            ),
+        });
+        let action = if g.enabled {
+            "call gc.collect() in the process (or lower gc.set_threshold's values)".to_owned()
+        } else {
+            "call gc.enable() and gc.collect() in the process (or break the cycles, e.g. with weakref)"
+                .to_owned()
+        };
+        v.remedies.push(Remedy {
+            action,
+            expected_bytes: c.bytes,
+            why: format!(
+                "{} of cyclic garbage read from the collector's lists (a lower bound: objects of types leaktrace does not decode count as referenced)",
+                bytes(c.bytes)
+            ),
+        });
+        v.remedies.sort_by(|a, b| b.expected_bytes.cmp(&a.expected_bytes));
+        if c.bytes >= GC_SUMMARY_BYTES {
+            v.summary.push_str(&format!(
+                " Python: {} in reference cycles waits for the collector, which {}.",
+                bytes(c.bytes),
+                if g.enabled {
+                    "has not reached them yet"
+                } else {
+                    "is disabled"
+                }
+            ));
+        }
+    }
+    let gb = &g.garbage;
+    if gb.objects > 0 {
+        let first = gb.types.first().map_or("?", |t| t.name.as_str());
+        v.evidence.push(Evidence {
+            metric: "python_gc_garbage_bytes",
+            value: gb.holds_bytes as f64,
+            text: format!(
+                "gc.garbage holds {} objects ({}) a collection found in cycles but could not free, keeping {} alive",
+                gb.objects,
+                types(&gb.types),
+                bytes(gb.holds_bytes)
+            ),
+        });
+        v.remedies.push(Remedy {
+            action: format!(
+                "break the cycles at {first} (a weakref, or no __del__ on objects in cycles), then empty gc.garbage (del gc.garbage[:])"
+            ),
+            expected_bytes: gb.holds_bytes,
+            why: format!(
+                "{} objects in gc.garbage hold {} (Python 2 cannot collect cycles with __del__)",
+                gb.objects,
+                bytes(gb.holds_bytes)
+            ),
+        });
+        v.remedies.sort_by(|a, b| b.expected_bytes.cmp(&a.expected_bytes));
+    }
+    if let Some(h) = g.held_by.first() {
+        v.evidence.push(Evidence {
+            metric: "python_held_by_bytes",
+            value: h.bytes as f64,
+            text: format!(
+                "{} {} objects ({}) are held by {}",
+                h.objects,
+                h.type_name,
+                bytes(h.bytes),
+                h.path
+            ),
+        });
+    }
 }
 
 /// What the reachability scans add to a leak: whether its blocks are lost (nothing

@@ -475,6 +475,68 @@ fn render_allocators(o: &mut String, a: &Allocator) {
 /// Types shown in the text table.
 const CENSUS_ROWS: usize = 12;
 
+/// Python's part of "Who keeps it alive": the collector's state, cyclic garbage
+/// waiting for it, `gc.garbage`, and the paths holding the program's objects.
+fn render_python_gc(o: &mut String, p: &super::PythonInfo) {
+    if let Some(why) = &p.gc_not_read {
+        let _ = writeln!(o, "\nPython's collector: not read ({why})");
+        return;
+    }
+    let Some(g) = &p.gc else { return };
+    let list = |t: &[crate::heap::pygc::TypeCount]| {
+        t.iter()
+            .take(4)
+            .map(|t| format!("{} {} ({})", t.count, t.name, bytes(t.bytes)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        o,
+        "\nPython's collector ({}; thresholds {:?}, counts {:?}{}; {} tracked objects read twice in {:.0} ms, the target not stopped):",
+        if g.enabled { "enabled" } else { "DISABLED" },
+        g.thresholds,
+        g.counts,
+        g.collections
+            .as_ref()
+            .map_or(String::new(), |c| format!(", collections {c:?}")),
+        g.tracked.iter().sum::<u64>(),
+        g.scan.ms
+    );
+    let c = &g.cyclic_unreachable;
+    if let Some(why) = &g.scan.incomplete {
+        let _ = writeln!(o, "  cyclic garbage not computed: {why}");
+    } else if c.objects == 0 {
+        let _ = writeln!(o, "  no cyclic garbage waits for a collection");
+    } else {
+        let _ = writeln!(
+            o,
+            "  in reference cycles, waiting for a collection: {} in {} objects: {}",
+            bytes(c.bytes),
+            c.objects,
+            list(&c.types)
+        );
+    }
+    if g.garbage.objects > 0 {
+        let _ = writeln!(
+            o,
+            "  gc.garbage (found, not freeable): {} objects: {}; they keep {} alive",
+            g.garbage.objects,
+            list(&g.garbage.types),
+            bytes(g.garbage.holds_bytes)
+        );
+    }
+    for h in g.held_by.iter().take(6) {
+        let _ = writeln!(
+            o,
+            "  {} {} ({}) held by {}",
+            h.objects,
+            h.type_name,
+            bytes(h.bytes),
+            h.path
+        );
+    }
+}
+
 /// "Who keeps it alive": what nothing points to, by allocating stack or size, and the
 /// roots holding the most of the rest.
 fn render_reachability(o: &mut String, a: &super::Reachability) {
@@ -1023,6 +1085,9 @@ pub fn render_text(r: &Report, shown: Frames) -> String {
     }
     if let Some(a) = &r.reachability {
         render_reachability(&mut o, a);
+    }
+    if let Some(p) = &r.python {
+        render_python_gc(&mut o, p);
     }
     if let Some(d) = &r.heap_detached {
         let _ = writeln!(

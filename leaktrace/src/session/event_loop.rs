@@ -1231,6 +1231,7 @@ impl Session<'_> {
             tcmalloc: &snap.other.tcmalloc,
             census: snap.census.as_ref(),
             reach: reach_facts.as_ref(),
+            pygc: snap.python.as_ref().and_then(|p| p.gc.as_ref()),
         });
         let mut r = report::build(&report::Inputs {
             pid: self.pid,
@@ -1318,6 +1319,7 @@ impl Session<'_> {
                     tcmalloc: &[],
                     census: None,
                     reach: None,
+                    pygc: None,
                 });
                 let r = report::build(&report::Inputs {
                     pid,
