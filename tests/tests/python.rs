@@ -773,7 +773,7 @@ fn root_python_census_every_version() {
 /// `__del__` cycles): every figure against what the interpreter itself reports.
 fn check_gc(name: &str, cmd: std::process::Command) {
     let mut fx = Fixture::spawn_command(cmd);
-    let pid = fx.pid().to_string();
+    let pid = fx.pid.to_string();
     let tracer = Tracer::start(&["--pid", &pid]);
     fx.send("go");
     let want: Value = serde_json::from_str(&fx.read_line()).expect("the fixture's state");
@@ -798,7 +798,10 @@ fn check_gc(name: &str, cmd: std::process::Command) {
     );
     assert_eq!(gc["enabled"], want["enabled"], "{name}");
     assert_eq!(gc["thresholds"], want["threshold"], "{name}");
-    assert!(within(&gc["counts"][0], &want["count"][0]), "{name}: {gc:#}");
+    assert!(
+        within(&gc["counts"][0], &want["count"][0]),
+        "{name}: {gc:#}"
+    );
     assert_eq!(gc["scan"]["passes"], 2, "{name}: {gc:#}");
     let cyc = &gc["cyclic_unreachable"];
     assert!(
@@ -824,11 +827,17 @@ fn check_gc(name: &str, cmd: std::process::Command) {
     let garbage = &gc["garbage"];
     assert_eq!(garbage["objects"], want["garbage"], "{name}: {garbage:#}");
     if want["garbage"].as_u64() > Some(0) {
-        assert_eq!(garbage["types"][0]["name"], "Finalized", "{name}: {garbage:#}");
+        assert_eq!(
+            garbage["types"][0]["name"], "Finalized",
+            "{name}: {garbage:#}"
+        );
     }
     // The verdict says how much waits for the collector, and why it has not run.
     let text = r["verdict"]["evidence"].to_string();
-    assert!(text.contains("gc.collect()") && text.contains("disabled"), "{name}: {text}");
+    assert!(
+        text.contains("gc.collect()") && text.contains("disabled"),
+        "{name}: {text}"
+    );
 }
 
 fn gc_cmd(interpreter: &Path, args: &[&str]) -> std::process::Command {
@@ -842,7 +851,10 @@ fn gc_cmd(interpreter: &Path, args: &[&str]) -> std::process::Command {
 #[test]
 fn root_python_gc_cycles_garbage_and_holders() {
     require_root();
-    check_gc("python3.11 (Debian)", gc_cmd(Path::new(DEBIAN_311), &["1000", "2000"]));
+    check_gc(
+        "python3.11 (Debian)",
+        gc_cmd(Path::new(DEBIAN_311), &["1000", "2000"]),
+    );
     let root =
         std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
     let p27 = root.join("versions/2.7.18/bin/python2.7");
@@ -854,7 +866,8 @@ fn root_python_gc_cycles_garbage_and_holders() {
     std::fs::create_dir_all(host.parent().unwrap()).expect("script dir in the root");
     std::fs::copy(script_path("py_gc.py"), &host).expect("copy the fixture into the root");
     let mut cmd = std::process::Command::new("chroot");
-    cmd.arg(&sid).args(["/usr/bin/python3.14", &inside, "1000", "2000"]);
+    cmd.arg(&sid)
+        .args(["/usr/bin/python3.14", &inside, "1000", "2000"]);
     check_gc("python3.14 (sid, chroot)", cmd);
     let _ = std::fs::remove_dir_all(host.parent().unwrap());
 }

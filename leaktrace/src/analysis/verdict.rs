@@ -524,7 +524,8 @@ fn gc_evidence(v: &mut Verdict, g: &crate::heap::pygc::PyGc) {
                 "the collector is enabled; generation {oldest} runs when its count ({count}) passes its threshold ({threshold})"
             )
         } else {
-            "the collector is disabled (gc.disable()): only an explicit gc.collect() frees cycles".to_owned()
+            "the collector is disabled (gc.disable()): only an explicit gc.collect() frees cycles"
+                .to_owned()
         };
         v.evidence.push(Evidence {
             metric: "python_cyclic_garbage_bytes",
@@ -550,7 +551,8 @@ fn gc_evidence(v: &mut Verdict, g: &crate::heap::pygc::PyGc) {
                 bytes(c.bytes)
             ),
         });
-        v.remedies.sort_by(|a, b| b.expected_bytes.cmp(&a.expected_bytes));
+        v.remedies
+            .sort_by_key(|r| std::cmp::Reverse(r.expected_bytes));
         if c.bytes >= GC_SUMMARY_BYTES {
             v.summary.push_str(&format!(
                 " Python: {} in reference cycles waits for the collector, which {}.",
@@ -587,7 +589,8 @@ fn gc_evidence(v: &mut Verdict, g: &crate::heap::pygc::PyGc) {
                 bytes(gb.holds_bytes)
             ),
         });
-        v.remedies.sort_by(|a, b| b.expected_bytes.cmp(&a.expected_bytes));
+        v.remedies
+            .sort_by_key(|r| std::cmp::Reverse(r.expected_bytes));
     }
     if let Some(h) = g.held_by.first() {
         v.evidence.push(Evidence {

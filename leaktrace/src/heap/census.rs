@@ -8,7 +8,7 @@
 //!
 //! ```text
 //!   [pre-header 16: managed dict/values or weakref]  3.11+ (MANAGED_DICT, 3.12+: or MANAGED_WEAKREF)
-//!   [PyGC_Head: 16 bytes (3.8+), 24 (3.0–3.7), 32 (2.7)]  types with Py_TPFLAGS_HAVE_GC
+//!   [PyGC_Head: 16 bytes (3.8+), 32 (2.7–3.7)]  types with Py_TPFLAGS_HAVE_GC
 //!   ob_refcnt, ob_type, …
 //! ```
 //!
@@ -70,8 +70,9 @@ impl Layout {
         let (gc_head, preheader_flags) = match (major, minor) {
             // `union { struct {next, prev, refs}; long double dummy; }`: 32 bytes.
             (2, 7) => (32, 0),
-            // `double dummy`: 24 bytes.
-            (3, 0..=7) => (24, 0),
+            // `long double dummy` (bpo-27987): 32 bytes, as measured on pyenv's 3.6.15
+            // and 3.7.16 (early releases padded to 24 with a `double`).
+            (3, 0..=7) => (32, 0),
             (3, 8..=10) => (16, 0),
             // Py_TPFLAGS_MANAGED_DICT.
             (3, 11) => (16, 1 << 4),
@@ -738,7 +739,7 @@ mod tests {
     fn versions() {
         let off = |maj, min, flags| Layout::for_version(maj, min, 0).unwrap().offset(flags);
         assert_eq!(off(2, 7, HAVE_GC), 32);
-        assert_eq!(off(3, 7, HAVE_GC), 24);
+        assert_eq!(off(3, 7, HAVE_GC), 32);
         assert_eq!(off(3, 10, HAVE_GC | (1 << 4)), 16);
         assert_eq!(off(3, 11, HAVE_GC | (1 << 4)), 32);
         assert_eq!(off(3, 11, HAVE_GC | (1 << 3)), 16);

@@ -106,9 +106,18 @@ pub enum StateAt {
     /// `garbage`, `collecting`, `generation_stats`, found by symbol.
     Statics,
     /// `_PyRuntime.gc` (3.7–3.8), at this offset.
-    Runtime { gc: u64 },
+    /// `_PyRuntime.gc` (3.7–3.8).
+    Runtime {
+        /// `offsetof(_PyRuntimeState, gc)`.
+        gc: u64,
+    },
     /// `_PyRuntime.interpreters.main->gc` (3.9+).
-    Interp { main: u64, gc: u64 },
+    Interp {
+        /// `offsetof(_PyRuntimeState, interpreters.main)`.
+        main: u64,
+        /// `offsetof(PyInterpreterState, gc)`.
+        gc: u64,
+    },
 }
 
 /// Offsets inside `struct _gc_runtime_state`.
@@ -127,6 +136,7 @@ struct Inner {
 /// pyenv's builds' DWARF, 2.7.18 and 3.6.15–3.13.0, and Debian's 3.14.10 read live).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
+    /// (major, minor).
     pub version: (u32, u32),
     gc_head: u64,
     preheader_flags: u64,
@@ -142,6 +152,7 @@ pub struct Layout {
     ht_cached_keys: u64,
     /// Where a compact ASCII `str` keeps its characters (0: 2.x `str`, at 36).
     ascii_data: u64,
+    /// Where the collector's state lives.
     pub state: StateAt,
     inner: Inner,
 }
@@ -162,8 +173,20 @@ impl Layout {
             // Static variables: only their addresses matter.
             // 2.7's 32-byte head is 8-aligned (`generations` is 120 bytes); 3.6's is
             // 16-aligned (144).
-            (2, 7) => (StateAt::Statics, Inner { stride: 40, ..modern }),
-            (3, 6) => (StateAt::Statics, Inner { stride: 48, ..modern }),
+            (2, 7) => (
+                StateAt::Statics,
+                Inner {
+                    stride: 40,
+                    ..modern
+                },
+            ),
+            (3, 6) => (
+                StateAt::Statics,
+                Inner {
+                    stride: 48,
+                    ..modern
+                },
+            ),
             (3, 7) => (
                 StateAt::Runtime { gc: 32 },
                 Inner {
@@ -180,11 +203,20 @@ impl Layout {
             (3, 9 | 10) => (StateAt::Interp { main: 40, gc: 616 }, modern),
             (3, 11) => (StateAt::Interp { main: 48, gc: 648 }, modern),
             (3, 12) => (StateAt::Interp { main: 48, gc: 112 }, modern),
-            (3, 13) => (StateAt::Interp { main: 640, gc: 7400 }, modern),
+            (3, 13) => (
+                StateAt::Interp {
+                    main: 640,
+                    gc: 7400,
+                },
+                modern,
+            ),
             // `generation0` left the middle of the struct (3.14.0–3.14.4 name the
             // generations `young`, `old[2]`: the same three heads at the same places).
             (3, 14) => (
-                StateAt::Interp { main: 816, gc: 7408 },
+                StateAt::Interp {
+                    main: 816,
+                    gc: 7408,
+                },
                 Inner {
                     permanent: Some(96),
                     stats: Some(120),
@@ -287,17 +319,26 @@ impl Layout {
         } else {
             0
         };
-        (if flags & HAVE_GC != 0 { self.gc_head } else { 0 }) + pre
+        (if flags & HAVE_GC != 0 {
+            self.gc_head
+        } else {
+            0
+        }) + pre
     }
 }
 
 /// Addresses of `gcmodule.c`'s static variables (2.7, 3.6), from `.symtab`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Statics {
+    /// `generations[0]`.
     pub generations: Option<u64>,
+    /// `enabled`.
     pub enabled: Option<u64>,
+    /// `garbage` (the `gc.garbage` list's pointer).
     pub garbage: Option<u64>,
+    /// `collecting`.
     pub collecting: Option<u64>,
+    /// `generation_stats` (3.6).
     pub stats: Option<u64>,
 }
 
@@ -318,17 +359,27 @@ pub struct Place {
 /// (0: absent).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Types {
+    /// `PyType_Type`.
     pub type_type: u64,
+    /// `PyBaseObject_Type` (`object`).
     pub object: u64,
+    /// `PyList_Type`.
     pub list: u64,
+    /// `PyTuple_Type`.
     pub tuple: u64,
+    /// `PyDict_Type`.
     pub dict: u64,
+    /// `PySet_Type`.
     pub set: u64,
+    /// `PyFrozenSet_Type`.
     pub frozenset: u64,
+    /// `PyCell_Type`.
     pub cell: u64,
+    /// `PyModule_Type`.
     pub module: u64,
     /// 2.7's classic instances and classes.
     pub instance: u64,
+    /// 2.7's `PyClass_Type`.
     pub class: u64,
 }
 
@@ -400,29 +451,39 @@ pub struct PyGc {
 /// Objects by type.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Group {
+    /// Objects.
     pub objects: u64,
+    /// Their bytes (object, GC header, and the tables it owns, as `sys.getsizeof` counts).
     pub bytes: u64,
     /// Per generation (the oldest one holding any is where a collection must reach).
     pub by_generation: Vec<u64>,
+    /// The types with the most bytes.
     pub types: Vec<TypeCount>,
 }
 
 /// `gc.garbage`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Garbage {
+    /// Objects in the list.
     pub objects: u64,
+    /// Their bytes.
     pub bytes: u64,
+    /// Their types, most bytes first.
     pub types: Vec<TypeCount>,
     /// Tracked objects reachable from them (themselves included): what they keep.
     pub holds_objects: u64,
+    /// Their bytes.
     pub holds_bytes: u64,
 }
 
 /// One type's objects.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TypeCount {
+    /// `tp_name`.
     pub name: String,
+    /// Objects.
     pub count: u64,
+    /// Their bytes.
     pub bytes: u64,
 }
 
@@ -430,17 +491,22 @@ pub struct TypeCount {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct HeldBy {
     #[serde(rename = "type")]
+    /// The class's name.
     pub type_name: String,
     /// `registry.SESSIONS[…]`: a module global, its attributes and items.
     pub path: String,
+    /// Objects it holds.
     pub objects: u64,
+    /// Their bytes.
     pub bytes: u64,
 }
 
 /// What reading the collector's objects cost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct GcScan {
+    /// Both passes, milliseconds.
     pub ms: f64,
+    /// Passes completed (2 when the figures are confirmed).
     pub passes: u32,
     /// References decoded between tracked objects (the last pass).
     pub references: u64,
@@ -643,7 +709,7 @@ impl<M: Memory> Reader<'_, '_, M> {
 
     fn is_type(&self, t: u64) -> bool {
         let tt = self.t.type_type;
-        if t == 0 || t % 8 != 0 {
+        if t == 0 || !t.is_multiple_of(8) {
             return false;
         }
         let Some(meta) = self.mem.word(t + 8) else {
@@ -713,9 +779,7 @@ impl<M: Memory> Reader<'_, '_, M> {
             let Some(flags) = m.word(t + TP_FLAGS) else {
                 return false;
             };
-            if flags & HEAPTYPE == 0
-                || *self.subtype_traverse.borrow() != m.word(t + TP_TRAVERSE)
-            {
+            if flags & HEAPTYPE == 0 || *self.subtype_traverse.borrow() != m.word(t + TP_TRAVERSE) {
                 return false;
             }
             let slots = m.word(t + self.l.ht_slots).unwrap_or(1);
@@ -785,11 +849,14 @@ impl<M: Memory> Reader<'_, '_, M> {
                 if !size.is_power_of_two() || size > MAX_ITEMS || n > size {
                     return None;
                 }
-                let ix = match size {
-                    ..=0xff => 1,
-                    ..=0xffff => 2,
-                    ..=0xffff_ffff => 4,
-                    _ => 8,
+                let ix = if size <= 0xff {
+                    1
+                } else if size <= 0xffff {
+                    2
+                } else if size <= 0xffff_ffff {
+                    4
+                } else {
+                    8
                 };
                 let entries = keys + 40 + size * ix;
                 let e = m.words(entries, n * 3)?;
@@ -1019,7 +1086,10 @@ impl<M: Memory> Reader<'_, '_, M> {
         for g in 0..gens {
             let head = place.generations + g as u64 * place.stride;
             let mut prev = head;
-            let mut at = m.word(head).ok_or("the collector's state is not readable")? & !7;
+            let mut at = m
+                .word(head)
+                .ok_or("the collector's state is not readable")?
+                & !7;
             while at != head {
                 if out.len() >= MAX_TRACKED {
                     return Err(format!("more than {MAX_TRACKED} tracked objects"));
@@ -1030,7 +1100,7 @@ impl<M: Memory> Reader<'_, '_, M> {
                 let (Some(next), Some(back)) = (m.word(at), m.word(at + 8)) else {
                     return Err("a tracked object could not be read".into());
                 };
-                if back & !7 != prev || at % 8 != 0 {
+                if back & !7 != prev || !at.is_multiple_of(8) {
                     return Err("the collector's lists changed while read".into());
                 }
                 out.push((at + self.l.gc_head, g as u8));
@@ -1064,7 +1134,9 @@ impl<M: Memory> Reader<'_, '_, M> {
                 *votes.entry(tr).or_default() += 1;
             }
         }
-        let best = votes.into_iter().max_by_key(|&(tr, n)| (n, std::cmp::Reverse(tr)));
+        let best = votes
+            .into_iter()
+            .max_by_key(|&(tr, n)| (n, std::cmp::Reverse(tr)));
         *self.subtype_traverse.borrow_mut() = best.map(|b| b.0);
     }
 
@@ -1199,9 +1271,7 @@ pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<
         (n == h && p == h) || (n != 0 && state_mem.word(n + 8).is_some_and(|b| b & !7 == h))
     };
     if !(0..3).all(|g| head_ok(place.generations + g * place.stride)) {
-        return Err(
-            "the collector's generations are not where this version keeps them".to_owned(),
-        );
+        return Err("the collector's generations are not where this version keeps them".to_owned());
     }
     let enabled = int32(mem, place.enabled).ok_or("gc state unreadable")?;
     let mut gc = PyGc {
@@ -1210,8 +1280,10 @@ pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<
     };
     for g in 0..3 {
         let at = place.generations + g * place.stride + l.gc_head;
-        gc.thresholds.push(int32(mem, at).ok_or("gc state unreadable")?);
-        gc.counts.push(int32(mem, at + 4).ok_or("gc state unreadable")?);
+        gc.thresholds
+            .push(int32(mem, at).ok_or("gc state unreadable")?);
+        gc.counts
+            .push(int32(mem, at + 4).ok_or("gc state unreadable")?);
     }
     gc.collections = place.stats.and_then(|s| {
         (0..3)
@@ -1253,7 +1325,16 @@ pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<
         deadline: Instant::now() + BUDGET,
     });
     if let Some(p) = place.permanent {
-        gc.frozen = r.walk(&Place { generations: p, ..*place }, 1).ok().map(|v| v.len() as u64);
+        gc.frozen = r
+            .walk(
+                &Place {
+                    generations: p,
+                    ..*place
+                },
+                1,
+            )
+            .ok()
+            .map(|v| v.len() as u64);
     }
     gc.scan.passes = passes.len() as u32;
     if let Some(g) = passes.last() {
@@ -1417,8 +1498,7 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
             } else {
                 o.ty
             };
-            if oty != ty || !g.reachable[i] || !matches!(o.kind, Kind::Plain | Kind::Instance27)
-            {
+            if oty != ty || !g.reachable[i] || !matches!(o.kind, Kind::Plain | Kind::Instance27) {
                 continue;
             }
             let holder = match parent[i] {
@@ -1430,16 +1510,15 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
                     format!("{base}{}", step(r, &parent, p, label))
                 }
                 None if seed_name.contains_key(&(i as u32)) => continue,
-                None => "(not reached from a module: a frame, C code or an undecoded object)"
-                    .to_owned(),
+                None => {
+                    "(not reached from a module: a frame, C code or an undecoded object)".to_owned()
+                }
             };
             let e = groups.entry(holder).or_default();
             e.0 += 1;
             e.1 += o.size;
         }
-        let name = r
-            .type_info(ty)
-            .map_or_else(|| "?".to_owned(), |i| i.name);
+        let name = r.type_info(ty).map_or_else(|| "?".to_owned(), |i| i.name);
         let mut v: Vec<(String, (u64, u64))> = groups.into_iter().collect();
         v.sort_by(|a, b| b.1.1.cmp(&a.1.1).then_with(|| a.0.cmp(&b.0)));
         for (path, (objects, bytes)) in v.into_iter().take(HELD_PATHS) {
@@ -1498,7 +1577,10 @@ fn step<M: Memory>(
     p: u32,
     label: Label,
 ) -> String {
-    let attr = |k: u64| r.text(k).map_or_else(|| "[…]".to_owned(), |t| format!(".{t}"));
+    let attr = |k: u64| {
+        r.text(k)
+            .map_or_else(|| "[…]".to_owned(), |t| format!(".{t}"))
+    };
     match label {
         Label::Dict | Label::Class => String::new(),
         Label::Cell => ".cell_contents".into(),
@@ -1559,7 +1641,10 @@ mod tests {
                 w.m.put(t + TP_BASICSIZE, basic);
                 w.m.put(t + TP_DICTOFFSET, dictoff);
                 w.m.put(t + TP_BASE, OBJECT);
-                w.m.put(t + TP_TRAVERSE, if flags & HEAPTYPE != 0 { 0x77 } else { t });
+                w.m.put(
+                    t + TP_TRAVERSE,
+                    if flags & HEAPTYPE != 0 { 0x77 } else { t },
+                );
             }
             // Generation heads: three empty lists.
             for g in 0..3 {
@@ -1732,7 +1817,18 @@ mod tests {
 
     #[test]
     fn versions() {
-        for (maj, min) in [(2, 7), (3, 6), (3, 7), (3, 8), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13), (3, 14)] {
+        for (maj, min) in [
+            (2, 7),
+            (3, 6),
+            (3, 7),
+            (3, 8),
+            (3, 9),
+            (3, 10),
+            (3, 11),
+            (3, 12),
+            (3, 13),
+            (3, 14),
+        ] {
             assert!(Layout::for_version(maj, min).is_some(), "{maj}.{min}");
         }
         assert_eq!(Layout::for_version(3, 5), None);

@@ -25,8 +25,7 @@ use crate::{
         NotRead, OtherState,
         census::{self, Census},
         glibc::{self, ArenaLimit, HeapWalk},
-        go, jemalloc, mimalloc,
-        pygc,
+        go, jemalloc, mimalloc, pygc,
         pymalloc::{self, PymallocWalk},
         reach, tcmalloc,
     },
@@ -1469,8 +1468,9 @@ impl Worker {
         let pid = self.setup.pid;
         let (major, minor) = interp.version;
         Some((|| {
-            let layout = pygc::Layout::for_version(major, minor)
-                .ok_or_else(|| format!("CPython {major}.{minor}'s collector layout is not known"))?;
+            let layout = pygc::Layout::for_version(major, minor).ok_or_else(|| {
+                format!("CPython {major}.{minor}'s collector layout is not known")
+            })?;
             let maps = procfs::read_maps(pid).map_err(|e| format!("reading maps: {e}"))?;
             let (syms, bias) = crate::heap::locate(
                 pid,
@@ -1493,7 +1493,9 @@ impl Worker {
                 &syms.types.map(|a| a.map_or(0, |a| a.wrapping_add(bias))),
             );
             if types.type_type == 0 || types.list == 0 || types.dict == 0 {
-                return Err("the interpreter exports no PyType_Type, PyList_Type or PyDict_Type".into());
+                return Err(
+                    "the interpreter exports no PyType_Type, PyList_Type or PyDict_Type".into(),
+                );
             }
             let t = Instant::now();
             let gc = pygc::read(&mem, &layout, &place, &types)?;
@@ -1561,7 +1563,13 @@ struct PygcSymbols {
 fn pygc_symbols(data: &[u8]) -> Result<PygcSymbols, String> {
     use object::{Object as _, ObjectSymbol as _};
     let file = object::File::parse(data).map_err(|e| format!("parsing: {e}"))?;
-    const STATICS: [&str; 5] = ["generations", "enabled", "garbage", "collecting", "generation_stats"];
+    const STATICS: [&str; 5] = [
+        "generations",
+        "enabled",
+        "garbage",
+        "collecting",
+        "generation_stats",
+    ];
     let mut runtime = None;
     let mut types = [None; 11];
     let mut statics: [Vec<u64>; 5] = Default::default();
