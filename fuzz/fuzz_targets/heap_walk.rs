@@ -5,11 +5,12 @@
 //! pools and chunks, their types read from the same bytes; C++ objects by vtable); nor
 //! do the readers of mimalloc's and tcmalloc's state (with the layouts of the seed
 //! objects, their statics at the fuzzed bytes), nor the reachability scan (blocks and
-//! roots taken from the same bytes).
+//! roots taken from the same bytes), nor the reader of Python's collector (its
+//! state, the builtin types and every object in the fuzzed bytes).
 #![no_main]
 
 use leaktrace::{
-    heap::{census, glibc, mimalloc, pymalloc, reach, tcmalloc},
+    heap::{census, glibc, mimalloc, pygc, pymalloc, reach, tcmalloc},
     process::{elf, memory::Laid},
 };
 use libfuzzer_sys::fuzz_target;
@@ -72,6 +73,20 @@ fuzz_target!(|data: &[u8]| {
         ) {
             if let Ok(s) = tcmalloc::read(&m, &l, base.wrapping_sub(at), "fuzzed") {
                 let _ = s.kept_bytes();
+            }
+        }
+        // Python's collector: its state at `base`, types in the first KiB.
+        for v in [(2, 7), (3, 6), (3, 10), (3, 11), (3, 12), (3, 13), (3, 14)] {
+            let l = pygc::Layout::for_version(v.0, v.1).expect("layout");
+            let mut a = [0u64; 11];
+            for (i, x) in a.iter_mut().enumerate() {
+                *x = base + 0x400 + 0x40 * i as u64;
+            }
+            let types = pygc::Types::from_addresses(&a);
+            let budget = std::time::Duration::from_millis(200);
+            if let Ok(g) = pygc::read_within(&m, &l, &pygc::Place::modern_at(base), &types, budget) {
+                assert!(g.scan.passes <= 2);
+                assert!(g.cyclic_unreachable.objects <= g.tracked.iter().sum::<u64>(), "{g:?}");
             }
         }
         // Reachability: blocks from the walk's chains and from the bytes themselves,

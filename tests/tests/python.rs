@@ -871,3 +871,32 @@ fn root_python_gc_cycles_garbage_and_holders() {
     check_gc("python3.14 (sid, chroot)", cmd);
     let _ = std::fs::remove_dir_all(host.parent().unwrap());
 }
+
+/// A hostile heap for the collector's reader: a million objects in 500,000 cycles
+/// (py_gc.py 500000 0 on Debian's 3.11). The reading stays within its budget (4 s a
+/// pass): either both passes finish and find the million, or it says it is incomplete
+/// and calls nothing garbage.
+#[test]
+fn root_python_gc_million_object_cycles_within_budget() {
+    require_root();
+    let mut fx = Fixture::spawn_command(gc_cmd(Path::new(DEBIAN_311), &["500000", "0"]));
+    let pid = fx.pid.to_string();
+    let tracer = Tracer::start(&["--pid", &pid]);
+    fx.send("go");
+    let want: Value = serde_json::from_str(&fx.read_line()).expect("the fixture's state");
+    fx.expect_line("done");
+    let t = std::time::Instant::now();
+    let r = tracer.finish();
+    let took = t.elapsed();
+    let gc = &r["python"]["gc"];
+    eprintln!("{:#}; final report in {took:?}", gc["scan"]);
+    assert!(gc["scan"]["ms"].as_f64().unwrap() < 9000.0, "{gc:#}");
+    let objects = gc["cyclic_unreachable"]["objects"].as_f64().unwrap();
+    if gc["scan"]["passes"] == 2 {
+        let found = want["collector_finds"].as_f64().unwrap();
+        assert!((objects - found).abs() <= 0.1 * found, "{gc:#}");
+    } else {
+        assert!(gc["scan"]["incomplete"].is_string(), "{gc:#}");
+        assert_eq!(objects, 0.0, "{gc:#}");
+    }
+}

@@ -342,6 +342,21 @@ pub struct Statics {
     pub stats: Option<u64>,
 }
 
+impl Place {
+    /// The state laid out as 3.8–3.13 keep it, at `base` (for tests and fuzzing).
+    pub fn modern_at(base: u64) -> Self {
+        Self {
+            generations: base + 24,
+            stride: 24,
+            enabled: base + 12,
+            permanent: Some(base + 104),
+            stats: Some(base + 128),
+            collecting: Some(base + 200),
+            garbage: Some(base + 208),
+        }
+    }
+}
+
 /// Where the collector's state is in the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Place {
@@ -1257,6 +1272,17 @@ fn by_type(items: impl Iterator<Item = (String, u64)>) -> Vec<TypeCount> {
 
 /// Reads the collector's state and objects: two passes, within [`BUDGET`] each.
 pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<PyGc, String> {
+    read_within(mem, l, place, t, BUDGET)
+}
+
+/// [`read`] with `budget` per pass.
+pub fn read_within<M: Memory>(
+    mem: &M,
+    l: &Layout,
+    place: &Place,
+    t: &Types,
+    budget: Duration,
+) -> Result<PyGc, String> {
     let started = Instant::now();
     let types = RefCell::new(FxHashMap::default());
     let subtype_traverse = RefCell::new(None);
@@ -1305,7 +1331,7 @@ pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<
             t,
             types: &types,
             subtype_traverse: &subtype_traverse,
-            deadline: Instant::now() + BUDGET,
+            deadline: Instant::now() + budget,
         };
         match r.pass(place, 3) {
             Ok(g) => passes.push(g),
@@ -1322,7 +1348,7 @@ pub fn read<M: Memory>(mem: &M, l: &Layout, place: &Place, t: &Types) -> Result<
         t,
         types: &types,
         subtype_traverse: &subtype_traverse,
-        deadline: Instant::now() + BUDGET,
+        deadline: Instant::now() + budget,
     });
     if let Some(p) = place.permanent {
         gc.frozen = r
