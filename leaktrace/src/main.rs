@@ -17,7 +17,14 @@ EXAMPLES:
         sudo leaktrace -- ./myprog --its-flags
 
     One JSON document at the end, to a file:
-        sudo leaktrace --pid 1234 --duration 30 --format json -o report.json";
+        sudo leaktrace --pid 1234 --duration 30 --format json -o report.json
+
+    A pprof heap profile (go tool pprof, Pyroscope, Parca) and a flamegraph:
+        sudo leaktrace --pid 1234 --duration 30 --format pprof -o heap.pb.gz --flamegraph heap.svg
+
+    Later, without root: a JSON report as pprof or folded stacks, two reports compared:
+        leaktrace --convert report.json --format folded
+        leaktrace --diff before.json after.json";
 
 /// Attach to a live process and account its outstanding memory by call stack.
 ///
@@ -26,7 +33,7 @@ EXAMPLES:
 /// free) and traces its mmap/munmap/mremap/brk/mprotect/madvise syscalls, with eBPF.
 /// Nothing is injected into the target and it is not restarted.
 #[derive(Debug, Parser)]
-#[command(version, after_long_help = EXAMPLES, allow_negative_numbers = true, group(ArgGroup::new("what").required(true).args(["pid", "command"])))]
+#[command(version, after_long_help = EXAMPLES, allow_negative_numbers = true, group(ArgGroup::new("what").required(true).args(["pid", "command", "convert", "diff"])))]
 struct Opts {
     /// Process to attach to.
     #[arg(short, long, value_name = "PID", value_parser = parse_pid)]
@@ -68,6 +75,20 @@ struct Opts {
     /// Write reports to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
+
+    /// Also draw the final report's live heap by stack as a flamegraph (SVG) in FILE.
+    #[arg(long, value_name = "FILE")]
+    flamegraph: Option<PathBuf>,
+
+    /// Trace nothing: read a JSON report (or the last of a JSON Lines file) and write
+    /// it in --format (pprof, folded, json), and --flamegraph if given.
+    #[arg(long, value_name = "REPORT", conflicts_with_all = ["pid", "command", "diff"])]
+    convert: Option<PathBuf>,
+
+    /// Trace nothing: compare two JSON reports stack by stack (grown, shrunk, new,
+    /// gone), in text or --format json.
+    #[arg(long, num_args = 2, value_names = ["BASE", "NEW"], conflicts_with_all = ["pid", "command", "convert"])]
+    diff: Option<Vec<PathBuf>>,
 
     /// Ring-buffer size in KiB (power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = Config::default().ring_bytes / 1024, value_parser = parse_ring_kib)]
@@ -182,6 +203,10 @@ enum UnwindArg {
 enum FormatArg {
     Text,
     Json,
+    /// A gzipped pprof heap profile.
+    Pprof,
+    /// Folded stacks (`outermost;…;innermost bytes`).
+    Folded,
 }
 
 fn parse_pid(s: &str) -> Result<u32, String> {
@@ -290,8 +315,11 @@ fn config(opts: Opts) -> Config {
         format: match opts.format {
             FormatArg::Text => Format::Text,
             FormatArg::Json => Format::Json,
+            FormatArg::Pprof => Format::Pprof,
+            FormatArg::Folded => Format::Folded,
         },
         output: opts.output,
+        flamegraph: opts.flamegraph,
         ring_bytes: opts.ring_kib * 1024,
         stack_capacity: opts.stack_capacity,
         inflight_capacity: opts.inflight_capacity,
@@ -358,6 +386,18 @@ fn main() -> ExitCode {
         eprintln!("leaktrace: --dry-run only counts calls; drop --sample-rate and --max-overhead");
         return ExitCode::from(2);
     }
+    if matches!(opts.format, FormatArg::Pprof | FormatArg::Folded) && opts.interval.is_some() {
+        eprintln!(
+            "leaktrace: --format pprof and folded write one document at the end; drop --interval"
+        );
+        return ExitCode::from(2);
+    }
+    if let Some(report) = &opts.convert {
+        return offline(convert(report, &opts));
+    }
+    if let Some(files) = &opts.diff {
+        return offline(diff(&files[0], &files[1], &opts));
+    }
     let mut opts = opts;
     if opts.dry_run && opts.duration.is_none() {
         opts.duration = Some(Duration::from_secs(5));
@@ -385,4 +425,66 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The exit of a mode that traces nothing: one line on stderr when it failed.
+fn offline(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("leaktrace: {why}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Where an offline mode writes.
+fn out(opts: &Opts) -> Result<leaktrace::session::output::Output, String> {
+    use leaktrace::session::output::Output;
+    match &opts.output {
+        Some(p) => Output::file(p).map_err(|e| leaktrace::error::chain(&e)),
+        None => Ok(Output::stdout()),
+    }
+}
+
+/// `--convert`: a JSON report in another format.
+fn convert(report: &std::path::Path, opts: &Opts) -> Result<(), String> {
+    use leaktrace::report::{diff, pprof};
+    let heaps = diff::load(report)?;
+    let mut o = out(opts)?;
+    let written = match opts.format {
+        FormatArg::Pprof => o.write_bytes(&pprof::encode(&heaps)),
+        FormatArg::Folded => o.write(&pprof::folded(&heaps, false)),
+        FormatArg::Json | FormatArg::Text if opts.flamegraph.is_some() => Ok(()),
+        FormatArg::Json | FormatArg::Text => {
+            return Err("--convert writes --format pprof or folded (or --flamegraph FILE)".into());
+        }
+    };
+    written.map_err(|e| leaktrace::error::chain(&e))?;
+    if let Some(svg) = &opts.flamegraph {
+        leaktrace::session::write_flamegraph(svg, &heaps)
+            .map_err(|e| leaktrace::error::chain(&e))?;
+    }
+    Ok(())
+}
+
+/// `--diff`: two JSON reports compared.
+fn diff(base: &std::path::Path, new: &std::path::Path, opts: &Opts) -> Result<(), String> {
+    use leaktrace::report::diff;
+    let d = diff::compare(&diff::load(base)?, &diff::load(new)?);
+    let text = match opts.format {
+        FormatArg::Text => {
+            diff::render(&d, &base.display().to_string(), &new.display().to_string())
+        }
+        FormatArg::Json => serde_json::to_string_pretty(&d).map_err(|e| e.to_string())? + "\n",
+        FormatArg::Pprof | FormatArg::Folded => {
+            return Err(
+                "--diff writes text or --format json (for pprof, use go tool pprof -diff_base)"
+                    .into(),
+            );
+        }
+    };
+    out(opts)?
+        .write(&text)
+        .map_err(|e| leaktrace::error::chain(&e))
 }

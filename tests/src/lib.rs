@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -286,12 +286,24 @@ impl Tracer {
         Self::start_with(args, Stdio::null())
     }
 
+    /// Starts `leaktrace ARGS --format FORMAT -o TMP` and waits for the attach line;
+    /// [`Tracer::finish_bytes`] returns what it wrote.
+    #[track_caller]
+    pub fn start_as(format: &str, args: &[&str]) -> Self {
+        Self::start_format(format, args, Stdio::null())
+    }
+
     /// Like [`Tracer::start`], with the given stdin for a launched command.
     #[track_caller]
     pub fn start_with(args: &[&str], stdin: Stdio) -> Self {
+        Self::start_format("json", args, stdin)
+    }
+
+    #[track_caller]
+    fn start_format(format: &str, args: &[&str], stdin: Stdio) -> Self {
         let out = temp_path("report.json");
         let mut child = Command::new(leaktrace_bin())
-            .args(["--format", "json", "-o"])
+            .args(["--format", format, "-o"])
             .arg(&out)
             .args(args)
             .stdin(stdin)
@@ -424,6 +436,32 @@ impl Tracer {
         let text = std::fs::read_to_string(&self.out).expect("report file");
         let _ = std::fs::remove_file(&self.out);
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is not JSON ({e}): {text}"))
+    }
+
+    /// Sends SIGTERM, waits for a clean exit, and returns the bytes of the report
+    /// file (another format than JSON).
+    #[track_caller]
+    pub fn finish_bytes(mut self) -> Vec<u8> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for leaktrace");
+        self.reaped = true;
+        let rest: Vec<String> = self.stderr.try_iter().collect();
+        self.stderr_lines.extend(rest);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "leaktrace exit; stderr: {:?}",
+            self.stderr_lines
+        );
+        let bytes = std::fs::read(&self.out).expect("report file");
+        let _ = std::fs::remove_file(&self.out);
+        bytes
+    }
+
+    /// The report file's path (it grows line by line with --interval and JSON).
+    pub fn out_path(&self) -> &Path {
+        &self.out
     }
 
     /// Kills leaktrace with SIGKILL.

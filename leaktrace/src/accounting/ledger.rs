@@ -200,6 +200,10 @@ pub struct StackActivity {
     pub allocs: u64,
     /// Of those, freed.
     pub frees: u64,
+    /// Blocks allocated, estimated when sampling (as live blocks are).
+    pub alloc_count: u64,
+    /// Bytes allocated, estimated when sampling.
+    pub alloc_bytes: u64,
 }
 
 /// The books.
@@ -416,10 +420,11 @@ impl Ledger {
             self.counters.alloc_over_live += 1;
             self.sub_heap(old);
         }
-        self.stack_activity
-            .entry(block.stack_id)
-            .or_default()
-            .allocs += 1;
+        let (bytes, count, _) = weigh(block.size, self.sample_rate, block.duty_ppm);
+        let a = self.stack_activity.entry(block.stack_id).or_default();
+        a.allocs += 1;
+        a.alloc_count += count;
+        a.alloc_bytes += bytes;
         self.add_heap(block);
     }
 
@@ -686,6 +691,11 @@ impl Ledger {
     /// Allocations and frees since attach by allocating stack.
     pub fn stack_activity(&self, id: i64) -> StackActivity {
         self.stack_activity.get(&id).copied().unwrap_or_default()
+    }
+
+    /// Every stack that allocated since attach, with its activity.
+    pub fn stack_activities(&self) -> &FxHashMap<i64, StackActivity> {
+        &self.stack_activity
     }
 
     /// Largest mmapped chunk the allocator freed (≤ 32 MiB), to which glibc raised its mmap threshold.

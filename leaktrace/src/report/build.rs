@@ -112,16 +112,32 @@ pub fn build(i: &Inputs<'_>) -> Report {
             .map(|(&id, t)| (id, *t))
             .collect()
     };
+    // Every stack (pprof, folded): those whose blocks were all freed too.
+    let churned: Vec<(i64, Totals)> = if i.top == usize::MAX {
+        let live: rustc_hash::FxHashSet<i64> = heap.iter().map(|h| h.0).collect();
+        i.ledger
+            .stack_activities()
+            .keys()
+            .filter(|id| !live.contains(id))
+            .map(|&id| (id, Totals::default()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let heap_stacks = largest(heap, i.top, |t| t.bytes)
         .into_iter()
+        .chain(churned)
         .map(|(id, t)| {
             let (frames, truncated) = frames(id);
+            let a = i.ledger.stack_activity(id);
             HeapStack {
                 live_bytes: t.bytes,
                 live_allocations: t.count,
                 samples: t.samples,
                 live_bytes_error95: error95(t.variance),
                 oldest_age_s: age(id),
+                allocations: a.alloc_count,
+                allocated_bytes: a.alloc_bytes,
                 growth: i.timeline.stack_growth(id),
                 stack_id: id,
                 truncated,

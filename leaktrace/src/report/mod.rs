@@ -4,6 +4,8 @@
 //! The JSON shape is a stable contract (see README): fields are only added.
 
 mod build;
+pub mod diff;
+pub mod pprof;
 mod text;
 
 use serde::Serialize;
@@ -40,6 +42,10 @@ pub struct HeapStack {
     pub live_bytes_error95: u64,
     /// Age of the oldest outstanding block, seconds.
     pub oldest_age_s: f64,
+    /// Blocks it allocated since attach, freed or not (estimated when sampling).
+    pub allocations: u64,
+    /// Bytes it allocated since attach, freed or not (estimated when sampling).
+    pub allocated_bytes: u64,
     /// How its outstanding bytes moved over the trace (null until three samples).
     pub growth: Option<Growth>,
     /// Kernel stack id (negative: capture failed, see `lost`).
@@ -536,6 +542,8 @@ mod tests {
                         samples: 200,
                         live_bytes_error95: 0,
                         oldest_age_s: 4.96,
+                        allocations: 260,
+                        allocated_bytes: 1_064_960,
                         growth: Some(Growth { bytes_per_s: 163_840.0, steadiness: 1.0, points: 20 }),
                         stack_id: 1,
                         truncated: false,
@@ -545,7 +553,7 @@ mod tests {
                             frame("main", "/src/leaky.c", 59, "/usr/bin/leaky", false),
                         ],
                     },
-                    HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, growth: None, stack_id: -14, truncated: false, frames: vec![] },
+                    HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, allocations: 2000, allocated_bytes: 112_000, growth: None, stack_id: -14, truncated: false, frames: vec![] },
                 ],
             },
             mappings: Mappings {

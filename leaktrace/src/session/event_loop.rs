@@ -61,6 +61,8 @@ struct Child {
 /// The state the event loop keeps on its own thread.
 struct Session<'a> {
     config: &'a Config,
+    /// Reports list every heap stack (a flamegraph beside a text or JSON report).
+    every_stack: bool,
     pid: u32,
     launched: bool,
     /// The books: live blocks and the address space.
@@ -207,6 +209,7 @@ pub fn run(
         .map_err(|e| Error::Worker(format!("cannot start it: {e}")))?;
     let mut s = Session {
         config,
+        every_stack: false,
         pid,
         launched: blocked.is_some(),
         ledger: Ledger::new(start_brk, brk).with_sampling(u64::from(config.sample_rate)),
@@ -493,11 +496,13 @@ impl Session<'_> {
                     };
                     if let Some((Then::IntervalReport, snap)) = self.on_reply(reply, &mut m) {
                         let r = self.report(&snap, &m, false, None);
-                        self.out.write(&match self.config.format {
-                            Format::Text => report::render_text(&r, self.config.frames()),
+                        match self.config.format {
+                            Format::Text => self.out.write(&report::render_text(&r, self.config.frames()))?,
                             // JSON Lines: one document per line, the final one last.
-                            Format::Json => serde_json::to_string(&r).expect("report serializes") + "\n",
-                        })?;
+                            Format::Json => self.out.write(&(serde_json::to_string(&r).expect("report serializes") + "\n"))?,
+                            // One document, at the end (main refuses --interval with them).
+                            Format::Pprof | Format::Folded => {}
+                        }
                     }
                 }
                 _ = sigchld.recv(), if self.launched => self.on_child_event(&mut m),
@@ -587,7 +592,7 @@ impl Session<'_> {
         if self.config.dry_run {
             let o = self.overhead.clone().unwrap_or_default();
             let text = match self.config.format {
-                Format::Text => report::render_dry_run(self.pid, self.started.elapsed().as_secs_f64(), &o, &reason),
+                Format::Text | Format::Pprof | Format::Folded => report::render_dry_run(self.pid, self.started.elapsed().as_secs_f64(), &o, &reason),
                 Format::Json => serde_json::to_string_pretty(&serde_json::json!({
                     "pid": self.pid, "dry_run": true, "duration_s": self.started.elapsed().as_secs_f64(),
                     "end_reason": reason, "overhead": o,
@@ -601,16 +606,31 @@ impl Session<'_> {
             });
         }
         let report = self.report(&snap, &m, true, Some(reason));
-        let text = match self.config.format {
-            Format::Text => report::render_text(&report, self.config.frames()),
-            Format::Json if self.config.interval.is_some() => {
-                serde_json::to_string(&report).expect("report serializes") + "\n"
-            }
-            Format::Json => {
-                serde_json::to_string_pretty(&report).expect("report serializes") + "\n"
-            }
-        };
-        self.out.write(&text)?;
+        let heaps = || report::pprof::Heaps::from(&report);
+        match self.config.format {
+            Format::Text => self
+                .out
+                .write(&report::render_text(&report, self.config.frames()))?,
+            Format::Json if self.config.interval.is_some() => self
+                .out
+                .write(&(serde_json::to_string(&report).expect("report serializes") + "\n"))?,
+            Format::Json => self.out.write(
+                &(serde_json::to_string_pretty(&report).expect("report serializes") + "\n"),
+            )?,
+            Format::Pprof => self.out.write_bytes(&report::pprof::encode(&heaps()))?,
+            Format::Folded => self.out.write(&report::pprof::folded(&heaps(), false))?,
+        }
+        if let Some(path) = &self.config.flamegraph {
+            let all = if self.config.format.every_stack() {
+                heaps()
+            } else {
+                self.every_stack = true;
+                let r = self.report(&snap, &m, true, None);
+                self.every_stack = false;
+                report::pprof::Heaps::from(&r)
+            };
+            write_flamegraph(path, &all)?;
+        }
         log::info!(
             "final report: drained in {:.0} ms, worker's snapshot by {:.0} ms, written by {:.0} ms",
             drained.as_secs_f64() * 1e3,
@@ -1241,7 +1261,11 @@ impl Session<'_> {
             rss: self.rss,
             duration_s: self.started.elapsed().as_secs_f64(),
             now_ns,
-            top: self.config.top,
+            top: if self.every_stack || self.config.format.every_stack() {
+                usize::MAX
+            } else {
+                self.config.top
+            },
             final_report,
             end_reason: reason,
             target_exited: self.target_exited,
@@ -1454,4 +1478,16 @@ fn open_pidfd(pid: u32) -> Option<OwnedFd> {
 fn async_fd<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, Error> {
     // SAFETY: `inner` owns its descriptor, which stays open as long as the AsyncFd holds it.
     unsafe { AsyncFd::register(inner) }.map_err(|e| Error::Runtime(e.into()))
+}
+
+/// Draws `heaps`' live bytes by stack as a flamegraph in `path` (replaced whole, never
+/// through a link planted there).
+pub fn write_flamegraph(path: &std::path::Path, heaps: &report::pprof::Heaps) -> Result<(), Error> {
+    let folded = report::pprof::folded(heaps, false);
+    let title = format!("leaktrace: live heap of pid {} by stack", heaps.pid);
+    let svg = report::pprof::flamegraph(&folded, &title).map_err(|why| Error::Output {
+        path: path.display().to_string(),
+        source: std::io::Error::other(why),
+    })?;
+    Output::file(path)?.write_bytes(&svg)
 }

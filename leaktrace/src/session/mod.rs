@@ -7,7 +7,8 @@ mod duty;
 mod event_loop;
 pub mod follow;
 mod notice;
-mod output;
+pub mod output;
+pub use event_loop::write_flamegraph;
 pub mod prepare;
 pub mod stop;
 pub mod worker;
@@ -35,6 +36,17 @@ pub enum Format {
     Text,
     /// One JSON document at the end.
     Json,
+    /// A gzipped pprof heap profile at the end (Go's heap-profile convention).
+    Pprof,
+    /// Folded stacks of live bytes at the end (`outermost;…;innermost bytes`).
+    Folded,
+}
+
+impl Format {
+    /// Whether the format is one document with every heap stack, written at the end.
+    pub fn every_stack(self) -> bool {
+        matches!(self, Self::Pprof | Self::Folded)
+    }
 }
 
 /// A validated session configuration.
@@ -60,6 +72,8 @@ pub struct Config {
     pub format: Format,
     /// Write reports here instead of stdout.
     pub output: Option<PathBuf>,
+    /// Also draw the final report's live heap as a flamegraph (SVG) in this file.
+    pub flamegraph: Option<PathBuf>,
     /// Ring-buffer size in bytes (power of two).
     pub ring_bytes: u32,
     /// Stack map capacity.
@@ -134,6 +148,7 @@ impl Default for Config {
             follow_forks: false,
             format: Format::Text,
             output: None,
+            flamegraph: None,
             ring_bytes: DEFAULT_RING_BYTES,
             stack_capacity: DEFAULT_STACK_CAPACITY,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,

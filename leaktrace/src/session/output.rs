@@ -112,13 +112,18 @@ impl Output {
 
     /// Writes `s` (a whole report) and flushes it; the first write puts the file in place.
     pub fn write(&mut self, s: &str) -> Result<(), Error> {
+        self.write_bytes(s.as_bytes())
+    }
+
+    /// Writes bytes (a binary profile) as [`Output::write`] writes text.
+    pub fn write_bytes(&mut self, s: &[u8]) -> Result<(), Error> {
         let result = match &mut self.out {
-            Sink::Stdout(o) => o.write_all(s.as_bytes()).and_then(|()| o.flush()),
+            Sink::Stdout(o) => o.write_all(s).and_then(|()| o.flush()),
             Sink::File {
                 file,
                 pending,
                 dest,
-            } => file.write_all(s.as_bytes()).and_then(|()| {
+            } => file.write_all(s).and_then(|()| {
                 file.flush()?;
                 if let Some(temp) = pending.take() {
                     std::fs::rename(&temp, dest).inspect_err(|_| {

@@ -4,7 +4,7 @@
 use rustc_hash::FxHashMap;
 
 /// What kind of code a frame is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FrameKind {
     /// Machine code, symbolized from the object's symbols and debug info.
@@ -14,7 +14,7 @@ pub enum FrameKind {
 }
 
 /// One frame of a symbolized stack.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Frame {
     /// Function name, demangled; `null` when unknown.
     pub function: Option<String>,

@@ -1,0 +1,233 @@
+//! The formats other tools read, each checked by its reference reader: pprof by
+//! `go tool pprof` (Debian's golang-go), folded stacks by their grammar and inferno
+//! (the flamegraph), and two reports compared by `--diff` and by pprof's
+//! `-diff_base`.
+
+use std::{path::Path, process::Command};
+
+use leaktrace_tests::{Fixture, Tracer, leaktrace_bin, require_root, temp_path};
+
+/// `go tool pprof ARGS FILE`'s stdout; it must succeed.
+#[track_caller]
+fn pprof(args: &[&str], file: &Path) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(file)
+        .output()
+        .expect("go tool pprof runs (golang-go is installed by cargo xtask setup)");
+    assert!(
+        out.status.success(),
+        "go tool pprof {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `flat` per function from `go tool pprof -top` in bytes or counts (`-unit=byte`
+/// prints `500B`; counts print bare).
+fn flat(top: &str, function: &str) -> Option<u64> {
+    top.lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.len() == 6 && cols[5] == function)
+            .then(|| cols[0].trim_end_matches('B').parse().ok())
+            .flatten()
+    })
+}
+
+/// Runs leaktrace offline (no target) with `args`; it must succeed.
+#[track_caller]
+fn offline(args: &[&str]) -> String {
+    let out = Command::new(leaktrace_bin())
+        .args(args)
+        .output()
+        .expect("leaktrace runs");
+    assert!(
+        out.status.success(),
+        "leaktrace {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// heap_ops `basic` leaves 5 blocks of 100 bytes from leak_malloc and 3 of 300 from
+/// leak_calloc, and churns 1000 malloc'd blocks of 16..1015 bytes in churn, all
+/// freed. A live `--format pprof` profile read by go tool pprof says exactly that per
+/// function, in Go's four sample types; the flamegraph drawn beside it is an SVG
+/// naming both.
+#[test]
+fn root_pprof_is_read_by_go_tool_pprof() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let svg = temp_path("heap.svg");
+    let pid = fx.pid.to_string();
+    let tracer = Tracer::start_as(
+        "pprof",
+        &["--pid", &pid, "--flamegraph", svg.to_str().unwrap()],
+    );
+    fx.run_scenario();
+    let bytes = tracer.finish_bytes();
+    assert_eq!(&bytes[..2], &[0x1f, 0x8b], "gzipped");
+    let file = temp_path("heap.pb.gz");
+    std::fs::write(&file, &bytes).unwrap();
+    let inuse = pprof(&["-top", "-sample_index=inuse_space", "-unit=byte"], &file);
+    assert_eq!(flat(&inuse, "leak_malloc"), Some(500), "{inuse}");
+    assert_eq!(flat(&inuse, "leak_calloc"), Some(900), "{inuse}");
+    assert_eq!(flat(&inuse, "churn"), None, "{inuse}");
+    let objects = pprof(&["-top", "-sample_index=inuse_objects"], &file);
+    assert_eq!(flat(&objects, "leak_malloc"), Some(5), "{objects}");
+    let allocs = pprof(&["-top", "-sample_index=alloc_space", "-unit=byte"], &file);
+    // sum(16 + i for i < 1000), plus the 100 calloc(4, 8) blocks of the second loop.
+    assert_eq!(flat(&allocs, "churn"), Some(515_500 + 3_200), "{allocs}");
+    let alloc_objects = pprof(&["-top", "-sample_index=alloc_objects"], &file);
+    assert_eq!(flat(&alloc_objects, "churn"), Some(1100), "{alloc_objects}");
+    let raw = pprof(&["-raw"], &file);
+    assert!(
+        raw.contains("alloc_objects/count alloc_space/bytes inuse_objects/count inuse_space/bytes"),
+        "{raw}"
+    );
+    assert!(raw.contains("PeriodType: space bytes"), "{raw}");
+    assert!(raw.contains("heap_ops.c:10"), "lines: {raw}");
+    let svg = std::fs::read_to_string(&svg).expect("the flamegraph");
+    assert!(
+        svg.starts_with("<?xml") && svg.contains("<svg"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+    assert!(svg.contains("leak_calloc") && svg.contains("leak_malloc"));
+    let _ = std::fs::remove_file(&file);
+}
+
+/// One run's interval reports (JSON Lines): the first before the scenario, the last
+/// after. `--diff` of the two says leak_malloc and leak_calloc are new with their exact
+/// bytes; each converted to pprof, `go tool pprof -diff_base` says the same; folded
+/// lines follow the grammar and sum to the live heap.
+#[test]
+fn root_reports_diff_convert_and_fold() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let pid = fx.pid.to_string();
+    let tracer = Tracer::start(&["--pid", &pid, "--interval", "0.2"]);
+    let lines = || {
+        std::fs::read_to_string(tracer.out_path())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let t = std::time::Instant::now();
+    while lines().is_empty() {
+        assert!(t.elapsed().as_secs() < 30, "no interval report");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = lines()[0].clone();
+    fx.run_scenario();
+    let all = String::from_utf8(tracer.finish_bytes()).expect("JSON Lines");
+    let report: serde_json::Value =
+        serde_json::from_str(all.lines().last().expect("a final report")).expect("JSON");
+    assert_eq!(report["final_report"], true);
+    // The new side is the whole JSON Lines file: its last document is read.
+    let (a, b) = (temp_path("before.json"), temp_path("after.jsonl"));
+    std::fs::write(&a, &before).unwrap();
+    std::fs::write(&b, &all).unwrap();
+    let text = offline(&["--diff", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(
+        text.contains("leak_malloc") && text.contains("+500 B"),
+        "{text}"
+    );
+    let d: serde_json::Value = serde_json::from_str(&offline(&[
+        "--diff",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--format",
+        "json",
+    ]))
+    .expect("diff JSON");
+    let new_bytes = |f: &str| {
+        d["new"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["frames"][0] == f)
+            .map(|c| c["change_bytes"].as_i64().unwrap())
+    };
+    assert_eq!(new_bytes("leak_malloc"), Some(500), "{d:#}");
+    assert_eq!(new_bytes("leak_calloc"), Some(900), "{d:#}");
+    // pprof's own diff of two of our profiles.
+    let (pa, pb) = (temp_path("before.pb.gz"), temp_path("after.pb.gz"));
+    offline(&[
+        "--convert",
+        a.to_str().unwrap(),
+        "--format",
+        "pprof",
+        "-o",
+        pa.to_str().unwrap(),
+    ]);
+    offline(&[
+        "--convert",
+        b.to_str().unwrap(),
+        "--format",
+        "pprof",
+        "-o",
+        pb.to_str().unwrap(),
+    ]);
+    let diffed = pprof(
+        &[
+            "-top",
+            "-sample_index=inuse_space",
+            "-unit=byte",
+            &format!("-diff_base={}", pa.display()),
+        ],
+        &pb,
+    );
+    assert_eq!(flat(&diffed, "leak_malloc"), Some(500), "{diffed}");
+    assert_eq!(flat(&diffed, "leak_calloc"), Some(900), "{diffed}");
+    // Folded stacks: `frame;frame;… N`, no empty frame, N the live bytes.
+    let folded = offline(&["--convert", b.to_str().unwrap(), "--format", "folded"]);
+    let mut sum = 0;
+    for l in folded.lines() {
+        let (stack, n) = l
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no count: {l:?}"));
+        assert!(stack.split(';').all(|f| !f.is_empty()), "{l:?}");
+        assert!(stack.split(';').next_back() != Some(""), "{l:?}");
+        sum += n.parse::<u64>().unwrap_or_else(|_| panic!("count: {l:?}"));
+    }
+    let live: u64 = report["heap"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["live_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, live, "{folded}");
+    assert!(
+        folded.lines().any(|l| l.ends_with(";leak_malloc 500")),
+        "{folded}"
+    );
+    for f in [a, b, pa, pb] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Bad input gets one clear line and a non-zero exit.
+#[test]
+fn offline_modes_refuse_bad_input() {
+    let not_json = temp_path("not.json");
+    std::fs::write(&not_json, "hello").unwrap();
+    for args in [
+        vec!["--convert", not_json.to_str().unwrap(), "--format", "pprof"],
+        vec![
+            "--diff",
+            not_json.to_str().unwrap(),
+            "/nonexistent/report.json",
+        ],
+        vec!["--convert", not_json.to_str().unwrap(), "--format", "text"],
+    ] {
+        let out = Command::new(leaktrace_bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("leaktrace: "), "{err}");
+    }
+    let _ = std::fs::remove_file(not_json);
+}
