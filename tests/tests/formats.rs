@@ -88,6 +88,16 @@ fn root_pprof_is_read_by_go_tool_pprof() {
     );
     assert!(raw.contains("PeriodType: space bytes"), "{raw}");
     assert!(raw.contains("heap_ops.c:10"), "lines: {raw}");
+    // Mappings carry the objects' build ids (gcc and Debian's libc have them).
+    let libc = raw
+        .lines()
+        .find(|l| l.contains("libc.so.6") && l.contains("/0x"))
+        .unwrap_or_else(|| panic!("no libc mapping: {raw}"));
+    assert!(
+        libc.split_whitespace()
+            .any(|w| w.len() == 40 && w.chars().all(|c| c.is_ascii_hexdigit())),
+        "no build id: {libc}"
+    );
     let svg = std::fs::read_to_string(&svg).expect("the flamegraph");
     assert!(
         svg.starts_with("<?xml") && svg.contains("<svg"),

@@ -27,6 +27,38 @@ pub struct Heaps {
     pub duration_s: f64,
     /// The heap section.
     pub heap: HeapPart,
+    /// Build ids (hex) of the objects the frames name, where read (live reports).
+    #[serde(skip)]
+    pub build_ids: FxHashMap<String, String>,
+}
+
+impl Heaps {
+    /// Reads the build id of each object the frames name, as process `pid` sees it
+    /// (through `/proc/PID/root`), for the profile's mappings.
+    pub fn read_build_ids(&mut self, pid: u32) {
+        use object::Object as _;
+        let mut modules: Vec<&str> = self
+            .heap
+            .stacks
+            .iter()
+            .flat_map(|s| &s.frames)
+            .filter_map(|f| f.module.as_deref())
+            .collect();
+        modules.sort_unstable();
+        modules.dedup();
+        let mut ids = FxHashMap::default();
+        for m in modules.into_iter().take(1024) {
+            let path = std::path::PathBuf::from(format!("/proc/{pid}/root{m}"));
+            let Ok(data) = crate::process::procfs::read_object(&path) else {
+                continue;
+            };
+            if let Ok(Some(id)) = object::File::parse(&*data).and_then(|f| f.build_id()) {
+                let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+                ids.insert(m.to_owned(), hex);
+            }
+        }
+        self.build_ids = ids;
+    }
 }
 
 /// The heap section's stacks.
@@ -78,6 +110,7 @@ impl From<&Report> for Heaps {
                     })
                     .collect(),
             },
+            build_ids: FxHashMap::default(),
         }
     }
 }
@@ -244,7 +277,7 @@ impl Builder {
         id
     }
 
-    fn mapping(&mut self, module: &str, address: u64) -> u64 {
+    fn mapping(&mut self, module: &str, address: u64, build_id: Option<&str>) -> u64 {
         if let Some(&i) = self.mappings.get(module) {
             let m = &mut self.p.mapping[i];
             m.memory_start = m.memory_start.min(address);
@@ -253,13 +286,14 @@ impl Builder {
         }
         let id = self.p.mapping.len() as u64 + 1;
         let filename = self.string(module);
+        let build_id = build_id.map_or(0, |b| self.string(b));
         self.p.mapping.push(Mapping {
             id,
             memory_start: address,
             memory_limit: address + 1,
             file_offset: 0,
             filename,
-            build_id: 0,
+            build_id,
             has_functions: true,
             has_filenames: true,
             has_line_numbers: true,
@@ -272,7 +306,7 @@ impl Builder {
 
     /// Locations for `frames` (innermost first): an inlined frame joins the next
     /// frame's location as an extra line.
-    fn locations(&mut self, frames: &[Frame]) -> Vec<u64> {
+    fn locations(&mut self, frames: &[Frame], build_ids: &FxHashMap<String, String>) -> Vec<u64> {
         let mut out = Vec::new();
         let mut lines: Vec<(u64, i64)> = Vec::new();
         for f in frames {
@@ -289,7 +323,9 @@ impl Builder {
                 0
             };
             let mapping_id = match (&f.module, f.kind) {
-                (Some(m), FrameKind::Native) if address != 0 => self.mapping(m, address),
+                (Some(m), FrameKind::Native) if address != 0 => {
+                    self.mapping(m, address, build_ids.get(m).map(String::as_str))
+                }
                 _ => 0,
             };
             let key = (address, std::mem::take(&mut lines));
@@ -371,7 +407,7 @@ pub fn encode(r: &Heaps) -> Vec<u8> {
     b.p.comment.push(c);
     let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for s in &r.heap.stacks {
-        let location_id = b.locations(&s.frames);
+        let location_id = b.locations(&s.frames, &r.build_ids);
         b.p.sample.push(Sample {
             location_id,
             value: vec![

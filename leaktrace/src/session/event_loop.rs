@@ -606,7 +606,13 @@ impl Session<'_> {
             });
         }
         let report = self.report(&snap, &m, true, Some(reason));
-        let heaps = || report::pprof::Heaps::from(&report);
+        let heaps = || {
+            let mut h = report::pprof::Heaps::from(&report);
+            if !self.target_exited {
+                h.read_build_ids(self.pid);
+            }
+            h
+        };
         match self.config.format {
             Format::Text => self
                 .out
