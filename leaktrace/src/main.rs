@@ -81,7 +81,7 @@ struct Opts {
     flamegraph: Option<PathBuf>,
 
     /// Trace nothing: read a JSON report (or the last of a JSON Lines file) and write
-    /// it in --format (pprof, folded, json), and --flamegraph if given.
+    /// it as --format pprof or folded, and --flamegraph FILE if given.
     #[arg(long, value_name = "REPORT", conflicts_with_all = ["pid", "command", "diff"])]
     convert: Option<PathBuf>,
 

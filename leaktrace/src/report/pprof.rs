@@ -310,7 +310,12 @@ impl Builder {
         let mut out = Vec::new();
         let mut lines: Vec<(u64, i64)> = Vec::new();
         for f in frames {
-            let name = frame_name(f);
+            let mut name = frame_name(f);
+            if f.kind == FrameKind::Python {
+                // pprof strips `<…>` from names as C++ template arguments: `<module>`
+                // would show as nothing.
+                name = name.replace('<', "‹").replace('>', "›");
+            }
             let file = f.file.as_deref().unwrap_or("");
             let func = self.function(&name, file);
             lines.push((func, i64::from(f.line.unwrap_or(0))));
