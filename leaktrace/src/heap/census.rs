@@ -30,13 +30,13 @@ const TP_NAME: usize = 24;
 const TP_FLAGS: usize = 168;
 const TP_DICTOFFSET: usize = 288;
 /// `Py_TPFLAGS_HAVE_GC`.
-const HAVE_GC: u64 = 1 << 14;
+pub(crate) const HAVE_GC: u64 = 1 << 14;
 /// `Py_TPFLAGS_TYPE_SUBCLASS`: a subclass of `type` (a metaclass).
 const TYPE_SUBCLASS: u64 = 1 << 31;
 /// `Py_TPFLAGS_HEAPTYPE`: a class (its type object is a `PyHeapTypeObject`).
-const HEAPTYPE: u64 = 1 << 9;
+pub(crate) const HEAPTYPE: u64 = 1 << 9;
 /// `Py_TPFLAGS_MANAGED_DICT` (3.11+).
-const MANAGED_DICT: u64 = 1 << 4;
+pub(crate) const MANAGED_DICT: u64 = 1 << 4;
 /// Type objects remembered at most (a hostile heap cannot grow the cache past this).
 const MAX_TYPES: usize = 200_000;
 /// Reference counts above this are not an object's (3.12+ immortal objects have

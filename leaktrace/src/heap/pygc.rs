@@ -35,6 +35,7 @@ use std::{
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
+use super::census::{HAVE_GC, HEAPTYPE, MANAGED_DICT};
 use crate::process::Memory;
 
 /// `PyTypeObject` fields (64-bit, 2.7 to 3.14).
@@ -46,11 +47,7 @@ const TP_TRAVERSE: u64 = 184;
 const TP_BASE: u64 = 256;
 const TP_DICT: u64 = 264;
 const TP_DICTOFFSET: u64 = 288;
-/// `Py_TPFLAGS_HEAPTYPE`, `Py_TPFLAGS_HAVE_GC`, `Py_TPFLAGS_MANAGED_DICT` (3.11+),
 /// `Py_TPFLAGS_INLINE_VALUES` (3.13+).
-const HEAPTYPE: u64 = 1 << 9;
-const HAVE_GC: u64 = 1 << 14;
-const MANAGED_DICT: u64 = 1 << 4;
 const INLINE_VALUES: u64 = 1 << 2;
 
 /// Tracked objects read at most in one pass.
@@ -543,6 +540,17 @@ struct Cached<'m, M: Memory> {
     chunks: RefCell<FxHashMap<u64, Option<Box<[u8]>>>>,
 }
 
+impl<M: Memory> Memory for Cached<'_, M> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        Cached::read(self, addr, buf)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+    }
+
+    fn resident(&self, start: u64, end: u64) -> std::io::Result<Vec<bool>> {
+        self.mem.resident(start, end)
+    }
+}
+
 impl<'m, M: Memory> Cached<'m, M> {
     fn new(mem: &'m M) -> Self {
         Self {
@@ -738,17 +746,7 @@ impl<M: Memory> Reader<'_, '_, M> {
             return None;
         }
         let m = &self.mem;
-        let name_at = m.word(t + TP_NAME)?;
-        let mut b = [0u8; 96];
-        let mut len = b.len();
-        while m.read(name_at, &mut b[..len]).is_none() {
-            len /= 2;
-            if len < 8 {
-                return None;
-            }
-        }
-        let end = b[..len].iter().position(|&c| c == 0)?;
-        let name = String::from_utf8_lossy(&b[..end]).into_owned();
+        let name = crate::process::memory::read_cstr(m, m.word(t + TP_NAME)?, 96)?;
         let flags = m.word(t + TP_FLAGS)?;
         let basicsize = m.word(t + TP_BASICSIZE)?;
         let itemsize = m.word(t + TP_ITEMSIZE)?;
@@ -843,12 +841,7 @@ impl<M: Memory> Reader<'_, '_, M> {
         let m = &self.mem;
         match self.l.dict {
             DictLayout::V27 => {
-                let mask = m.word(d + 32)?;
-                let table = m.word(d + 40)?;
-                if mask >= MAX_ITEMS || !(mask + 1).is_power_of_two() {
-                    return None;
-                }
-                let e = m.words(table, (mask + 1) * 3)?;
+                let (table, mask, e) = self.hash_table(d, 3)?;
                 for c in e.chunks_exact(3) {
                     if c[1] != 0 && c[2] != 0 {
                         out.push((c[1], c[2]));
@@ -930,6 +923,18 @@ impl<M: Memory> Reader<'_, '_, M> {
         }
     }
 
+    /// An open-addressing table as 2.7's dict and every set keep it: `mask` at 32, the
+    /// table's address at 40, entries of `words` words. (table, mask, entries).
+    fn hash_table(&self, o: u64, words: u64) -> Option<(u64, u64, Vec<u64>)> {
+        let m = &self.mem;
+        let mask = m.word(o + 32)?;
+        let table = m.word(o + 40)?;
+        if mask >= MAX_ITEMS || !(mask + 1).is_power_of_two() {
+            return None;
+        }
+        Some((table, mask, m.words(table, (mask + 1) * words)?))
+    }
+
     /// A 3.11+ keys object: where its entries start, how many are used, whether they
     /// are general (`{hash, key, value}`) and the bytes it takes.
     fn keys(&self, keys: u64) -> Option<(u64, u64, bool, u64)> {
@@ -1002,12 +1007,7 @@ impl<M: Memory> Reader<'_, '_, M> {
                 }
             }
             Kind::Set => {
-                let mask = m.word(o + 32)?;
-                let table = m.word(o + 40)?;
-                if mask >= MAX_ITEMS || !(mask + 1).is_power_of_two() {
-                    return None;
-                }
-                let e = m.words(table, (mask + 1) * 2)?;
+                let (_, mask, e) = self.hash_table(o, 2)?;
                 out.extend(
                     e.chunks_exact(2)
                         .map(|c| (c[(l.set_key / 8) as usize], Label::Item)),

@@ -34,6 +34,21 @@ pub trait Memory {
     }
 }
 
+/// A NUL-terminated string of at most `max` bytes at `addr` (a name that may sit near
+/// the end of a mapping: the read shrinks until it succeeds).
+pub fn read_cstr<M: Memory + ?Sized>(mem: &M, addr: u64, max: usize) -> Option<String> {
+    let mut b = vec![0u8; max];
+    let mut len = b.len();
+    while mem.read(addr, &mut b[..len]).is_err() {
+        len /= 2;
+        if len < 8 {
+            return None;
+        }
+    }
+    let end = b[..len].iter().position(|&c| c == 0)?;
+    Some(String::from_utf8_lossy(&b[..end]).into_owned())
+}
+
 /// [`Memory::residency`] from [`Memory::resident`] windows.
 fn scan_windows<M: Memory + ?Sized>(mem: &M, start: u64, end: u64) -> io::Result<Residency> {
     let mut runs = Residency::builder();

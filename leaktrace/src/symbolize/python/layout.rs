@@ -32,17 +32,7 @@ const GLIBC_SPECIFIC_1STBLOCK: u64 = 0x310;
 const SUPPORTED: &str = "2.7 and 3.9–3.14";
 
 fn read_cstr<M: Memory>(mem: &M, addr: u64) -> Option<String> {
-    let mut b = [0u8; 64];
-    // A name may sit near the end of a mapping: shrink the read until it succeeds.
-    let mut len = b.len();
-    while mem.read(addr, &mut b[..len]).is_err() {
-        len /= 2;
-        if len < 8 {
-            return None;
-        }
-    }
-    let end = b[..len].iter().position(|&c| c == 0)?;
-    Some(String::from_utf8_lossy(&b[..end]).into_owned())
+    crate::process::memory::read_cstr(mem, addr, 64)
 }
 
 /// `{name: offset}` of a type's `tp_members` (`PyMemberDef` is 40 bytes on 64-bit,
