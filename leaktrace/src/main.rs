@@ -450,15 +450,15 @@ fn out(opts: &Opts) -> Result<leaktrace::session::output::Output, String> {
 /// `--convert`: a JSON report in another format.
 fn convert(report: &std::path::Path, opts: &Opts) -> Result<(), String> {
     use leaktrace::report::{diff, pprof};
+    if matches!(opts.format, FormatArg::Json | FormatArg::Text) && opts.flamegraph.is_none() {
+        return Err("--convert writes --format pprof or folded (or --flamegraph FILE)".into());
+    }
     let heaps = diff::load(report)?;
     let mut o = out(opts)?;
     let written = match opts.format {
         FormatArg::Pprof => o.write_bytes(&pprof::encode(&heaps)),
         FormatArg::Folded => o.write(&pprof::folded(&heaps, false)),
-        FormatArg::Json | FormatArg::Text if opts.flamegraph.is_some() => Ok(()),
-        FormatArg::Json | FormatArg::Text => {
-            return Err("--convert writes --format pprof or folded (or --flamegraph FILE)".into());
-        }
+        FormatArg::Json | FormatArg::Text => Ok(()),
     };
     written.map_err(|e| leaktrace::error::chain(&e))?;
     if let Some(svg) = &opts.flamegraph {

@@ -224,6 +224,12 @@ fn root_reports_diff_convert_and_fold() {
 fn offline_modes_refuse_bad_input() {
     let not_json = temp_path("not.json");
     std::fs::write(&not_json, "hello").unwrap();
+    let report = temp_path("minimal.json");
+    std::fs::write(
+        &report,
+        r#"{"pid": 1, "duration_s": 1.0, "heap": {"sample_rate_bytes": 0, "stacks": []}}"#,
+    )
+    .unwrap();
     for args in [
         vec!["--convert", not_json.to_str().unwrap(), "--format", "pprof"],
         vec![
@@ -231,7 +237,8 @@ fn offline_modes_refuse_bad_input() {
             not_json.to_str().unwrap(),
             "/nonexistent/report.json",
         ],
-        vec!["--convert", not_json.to_str().unwrap(), "--format", "text"],
+        vec!["--convert", report.to_str().unwrap(), "--format", "text"],
+        vec!["--format", "pprof", "--interval", "1", "--pid", "1"],
     ] {
         let out = Command::new(leaktrace_bin()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -239,5 +246,12 @@ fn offline_modes_refuse_bad_input() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("leaktrace: "), "{err}");
     }
+    // A well-formed report converts, even with no stack.
+    let out = Command::new(leaktrace_bin())
+        .args(["--convert", report.to_str().unwrap(), "--format", "folded"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
     let _ = std::fs::remove_file(not_json);
+    let _ = std::fs::remove_file(report);
 }

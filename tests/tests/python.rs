@@ -890,13 +890,15 @@ fn root_python_gc_million_object_cycles_within_budget() {
     let took = t.elapsed();
     let gc = &r["python"]["gc"];
     eprintln!("{:#}; final report in {took:?}", gc["scan"]);
-    assert!(gc["scan"]["ms"].as_f64().unwrap() < 9000.0, "{gc:#}");
+    // Two passes of 4 s at most, then the little that follows.
+    assert!(gc["scan"]["ms"].as_f64().unwrap() < 10_000.0, "{gc:#}");
     let objects = gc["cyclic_unreachable"]["objects"].as_f64().unwrap();
     if gc["scan"]["passes"] == 2 {
         let found = want["collector_finds"].as_f64().unwrap();
         assert!((objects - found).abs() <= 0.1 * found, "{gc:#}");
     } else {
-        assert!(gc["scan"]["incomplete"].is_string(), "{gc:#}");
+        let why = gc["scan"]["incomplete"].as_str().unwrap_or_default();
+        assert!(why.contains("time budget"), "{gc:#}");
         assert_eq!(objects, 0.0, "{gc:#}");
     }
 }

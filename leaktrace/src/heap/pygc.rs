@@ -55,7 +55,10 @@ pub const MAX_TRACKED: usize = 1 << 24;
 /// References kept at most in one pass.
 const MAX_EDGES: usize = 1 << 26;
 /// Items read at most from one container.
-const MAX_ITEMS: u64 = 1 << 24;
+const MAX_ITEMS: u64 = 1 << 22;
+/// Words one pass reads at most in arrays (512 MiB): past it, containers are not
+/// decoded (taken as referenced from outside).
+const WORDS_PER_PASS: u64 = 1 << 26;
 /// A shared-keys table holds at most 30 keys (`SHARED_KEYS_MAX_SIZE`).
 const MAX_SHARED: u64 = 64;
 /// Time one pass may take.
@@ -289,23 +292,23 @@ impl Layout {
                     garbage: statics.garbage,
                 });
             }
-            StateAt::Runtime { gc } => runtime.ok_or("no `_PyRuntime`")? + gc,
+            StateAt::Runtime { gc } => runtime.ok_or("no `_PyRuntime`")?.wrapping_add(gc),
             StateAt::Interp { main, gc } => {
                 let r = runtime.ok_or("no `_PyRuntime`")?;
-                let interp = word(mem, r + main)
+                let interp = word(mem, r.wrapping_add(main))
                     .filter(|&p| p != 0 && p % 8 == 0)
                     .ok_or("no main interpreter yet")?;
-                interp + gc
+                interp.wrapping_add(gc)
             }
         };
         Ok(Place {
-            generations: base + i.generations,
+            generations: base.wrapping_add(i.generations),
             stride: i.stride,
-            enabled: base + i.enabled,
-            permanent: i.permanent.map(|p| base + p),
-            stats: i.stats.map(|s| base + s),
-            collecting: Some(base + i.collecting),
-            garbage: Some(base + i.garbage),
+            enabled: base.wrapping_add(i.enabled),
+            permanent: i.permanent.map(|p| base.wrapping_add(p)),
+            stats: i.stats.map(|s| base.wrapping_add(s)),
+            collecting: Some(base.wrapping_add(i.collecting)),
+            garbage: Some(base.wrapping_add(i.garbage)),
         })
     }
 
@@ -342,14 +345,15 @@ pub struct Statics {
 impl Place {
     /// The state laid out as 3.8–3.13 keep it, at `base` (for tests and fuzzing).
     pub fn modern_at(base: u64) -> Self {
+        let at = |o: u64| base.wrapping_add(o);
         Self {
-            generations: base + 24,
+            generations: at(24),
             stride: 24,
-            enabled: base + 12,
-            permanent: Some(base + 104),
-            stats: Some(base + 128),
-            collecting: Some(base + 200),
-            garbage: Some(base + 208),
+            enabled: at(12),
+            permanent: Some(at(104)),
+            stats: Some(at(128)),
+            collecting: Some(at(200)),
+            garbage: Some(at(208)),
         }
     }
 }
@@ -538,6 +542,8 @@ pub struct GcScan {
 struct Cached<'m, M: Memory> {
     mem: &'m M,
     chunks: RefCell<FxHashMap<u64, Option<Box<[u8]>>>>,
+    /// Words the pass may still read in arrays (a container's items, a table).
+    words_left: std::cell::Cell<u64>,
 }
 
 impl<M: Memory> Memory for Cached<'_, M> {
@@ -556,13 +562,14 @@ impl<'m, M: Memory> Cached<'m, M> {
         Self {
             mem,
             chunks: RefCell::default(),
+            words_left: std::cell::Cell::new(WORDS_PER_PASS),
         }
     }
 
     fn read(&self, addr: u64, buf: &mut [u8]) -> Option<()> {
         let c = addr & !(CHUNK - 1);
         let end = addr.checked_add(buf.len() as u64)?;
-        if end > c + CHUNK {
+        if end - c > CHUNK {
             return self.mem.read(addr, buf).ok();
         }
         let mut chunks = self.chunks.borrow_mut();
@@ -595,7 +602,9 @@ impl<'m, M: Memory> Cached<'m, M> {
     }
 
     fn words(&self, addr: u64, n: u64) -> Option<Vec<u64>> {
-        let n = usize::try_from(n.min(MAX_ITEMS)).ok()?;
+        let n = n.min(MAX_ITEMS);
+        self.words_left.set(self.words_left.get().checked_sub(n)?);
+        let n = usize::try_from(n).ok()?;
         let mut b = vec![0u8; n * 8];
         self.read(addr, &mut b)?;
         Some(
@@ -735,10 +744,10 @@ impl<M: Memory> Reader<'_, '_, M> {
         if t == 0 || !t.is_multiple_of(8) {
             return false;
         }
-        let Some(meta) = self.mem.word(t + 8) else {
+        let Some(meta) = self.mem.word(t.wrapping_add(8)) else {
             return false;
         };
-        meta == tt || (meta != 0 && self.mem.word(meta + 8) == Some(tt))
+        meta == tt || (meta != 0 && self.mem.word(meta.wrapping_add(8)) == Some(tt))
     }
 
     fn read_type(&self, t: u64) -> Option<TypeInfo> {
@@ -746,11 +755,11 @@ impl<M: Memory> Reader<'_, '_, M> {
             return None;
         }
         let m = &self.mem;
-        let name = crate::process::memory::read_cstr(m, m.word(t + TP_NAME)?, 96)?;
-        let flags = m.word(t + TP_FLAGS)?;
-        let basicsize = m.word(t + TP_BASICSIZE)?;
-        let itemsize = m.word(t + TP_ITEMSIZE)?;
-        let dictoffset = m.word(t + TP_DICTOFFSET)?;
+        let name = crate::process::memory::read_cstr(m, m.word(t.wrapping_add(TP_NAME))?, 96)?;
+        let flags = m.word(t.wrapping_add(TP_FLAGS))?;
+        let basicsize = m.word(t.wrapping_add(TP_BASICSIZE))?;
+        let itemsize = m.word(t.wrapping_add(TP_ITEMSIZE))?;
+        let dictoffset = m.word(t.wrapping_add(TP_DICTOFFSET))?;
         let x = self.t;
         let kind = match t {
             _ if t == x.list => Kind::List,
@@ -767,7 +776,7 @@ impl<M: Memory> Reader<'_, '_, M> {
             _ => Kind::Other,
         };
         let cached_keys = if self.l.ht_cached_keys != 0 && flags & HEAPTYPE != 0 {
-            m.word(t + self.l.ht_cached_keys).unwrap_or(0)
+            m.word(t.wrapping_add(self.l.ht_cached_keys)).unwrap_or(0)
         } else {
             0
         };
@@ -789,20 +798,24 @@ impl<M: Memory> Reader<'_, '_, M> {
             if t == self.t.object {
                 return true;
             }
-            let Some(flags) = m.word(t + TP_FLAGS) else {
+            let Some(flags) = m.word(t.wrapping_add(TP_FLAGS)) else {
                 return false;
             };
-            if flags & HEAPTYPE == 0 || *self.subtype_traverse.borrow() != m.word(t + TP_TRAVERSE) {
+            if flags & HEAPTYPE == 0
+                || *self.subtype_traverse.borrow() != m.word(t.wrapping_add(TP_TRAVERSE))
+            {
                 return false;
             }
-            let slots = m.word(t + self.l.ht_slots).unwrap_or(1);
+            let slots = m.word(t.wrapping_add(self.l.ht_slots)).unwrap_or(1);
             if slots != 0 {
                 // A tuple of slot names: plain only when empty.
-                if m.word(slots + 8) != Some(self.t.tuple) || m.word(slots + 16) != Some(0) {
+                if m.word(slots.wrapping_add(8)) != Some(self.t.tuple)
+                    || m.word(slots.wrapping_add(16)) != Some(0)
+                {
                     return false;
                 }
             }
-            match m.word(t + TP_BASE) {
+            match m.word(t.wrapping_add(TP_BASE)) {
                 Some(b) if b != 0 && self.is_type(b) => t = b,
                 _ => return false,
             }
@@ -813,19 +826,19 @@ impl<M: Memory> Reader<'_, '_, M> {
     /// A `str`'s text (names in paths), if it is a short compact ASCII string.
     fn text(&self, s: u64) -> Option<String> {
         let m = &self.mem;
-        let len = m.word(s + 16)?;
+        let len = m.word(s.wrapping_add(16))?;
         if len == 0 || len > 80 {
             return None;
         }
         let at = if self.l.ascii_data == 0 {
-            s + 36
+            s.wrapping_add(36)
         } else {
-            let state = m.byte(s + 32)?;
+            let state = m.byte(s.wrapping_add(32))?;
             // compact (bit 5) and ascii (bit 6), 1-byte kind (bits 2–4).
             if state & 0x60 != 0x60 || (state >> 2) & 7 != 1 {
                 return None;
             }
-            s + self.l.ascii_data
+            s.wrapping_add(self.l.ascii_data)
         };
         let mut b = vec![0u8; len as usize];
         m.read(at, &mut b)?;
@@ -847,13 +860,17 @@ impl<M: Memory> Reader<'_, '_, M> {
                         out.push((c[1], c[2]));
                     }
                 }
-                Some(if table == d + 56 { 0 } else { (mask + 1) * 24 })
+                Some(if table == d.wrapping_add(56) {
+                    0
+                } else {
+                    (mask + 1) * 24
+                })
             }
             DictLayout::V36 => {
-                let keys = m.word(d + 32)?;
-                let values = m.word(d + 40)?;
-                let size = m.word(keys + 8)?;
-                let n = m.word(keys + 32)?;
+                let keys = m.word(d.wrapping_add(32))?;
+                let values = m.word(d.wrapping_add(40))?;
+                let size = m.word(keys.wrapping_add(8))?;
+                let n = m.word(keys.wrapping_add(32))?;
                 if !size.is_power_of_two() || size > MAX_ITEMS || n > size {
                     return None;
                 }
@@ -866,7 +883,7 @@ impl<M: Memory> Reader<'_, '_, M> {
                 } else {
                     8
                 };
-                let entries = keys + 40 + size * ix;
+                let entries = keys.wrapping_add(40 + size * ix);
                 let e = m.words(entries, n * 3)?;
                 let table = 40 + size * ix + size * 2 / 3 * 24;
                 if values != 0 {
@@ -887,8 +904,8 @@ impl<M: Memory> Reader<'_, '_, M> {
                 }
             }
             DictLayout::V311 | DictLayout::V313 => {
-                let keys = m.word(d + 32)?;
-                let values = m.word(d + 40)?;
+                let keys = m.word(d.wrapping_add(32))?;
+                let values = m.word(d.wrapping_add(40))?;
                 let (entries, n, general, table) = self.keys(keys)?;
                 let stride = if general { 3 } else { 2 };
                 let e = m.words(entries, n * stride)?;
@@ -896,10 +913,10 @@ impl<M: Memory> Reader<'_, '_, M> {
                 if values != 0 {
                     let (at, owned) = if self.l.dict == DictLayout::V313 {
                         // Embedded in their owner, which holds them.
-                        if m.byte(values + 2)? != 0 {
+                        if m.byte(values.wrapping_add(2))? != 0 {
                             return Some(0);
                         }
-                        (values + 8, 8 + n * 9)
+                        (values.wrapping_add(8), 8 + n * 9)
                     } else {
                         (values, n * 9)
                     };
@@ -927,8 +944,8 @@ impl<M: Memory> Reader<'_, '_, M> {
     /// table's address at 40, entries of `words` words. (table, mask, entries).
     fn hash_table(&self, o: u64, words: u64) -> Option<(u64, u64, Vec<u64>)> {
         let m = &self.mem;
-        let mask = m.word(o + 32)?;
-        let table = m.word(o + 40)?;
+        let mask = m.word(o.wrapping_add(32))?;
+        let table = m.word(o.wrapping_add(40))?;
         if mask >= MAX_ITEMS || !(mask + 1).is_power_of_two() {
             return None;
         }
@@ -939,15 +956,15 @@ impl<M: Memory> Reader<'_, '_, M> {
     /// are general (`{hash, key, value}`) and the bytes it takes.
     fn keys(&self, keys: u64) -> Option<(u64, u64, bool, u64)> {
         let m = &self.mem;
-        let log2 = m.byte(keys + 8)?;
-        let log2_ix = m.byte(keys + 9)?;
-        let kind = m.byte(keys + 10)?;
-        let n = m.word(keys + 24)?;
+        let log2 = m.byte(keys.wrapping_add(8))?;
+        let log2_ix = m.byte(keys.wrapping_add(9))?;
+        let kind = m.byte(keys.wrapping_add(10))?;
+        let n = m.word(keys.wrapping_add(24))?;
         if log2 > 26 || log2_ix > 29 || kind > 2 || n > 1 << log2 {
             return None;
         }
         let general = kind == 0;
-        let entries = keys + 32 + (1 << log2_ix);
+        let entries = keys.wrapping_add(32 + (1 << log2_ix));
         let usable = (2u64 << log2) / 3;
         let table = 32 + (1 << log2_ix) + usable * if general { 24 } else { 16 };
         Some((entries, n, general, table))
@@ -969,15 +986,15 @@ impl<M: Memory> Reader<'_, '_, M> {
         let l = self.l;
         let mut size = l.header(info.flags) + info.basicsize;
         if info.itemsize > 0 {
-            let n = m.word(o + 16)? as i64;
+            let n = m.word(o.wrapping_add(16))? as i64;
             size += info.itemsize * n.unsigned_abs().min(MAX_ITEMS);
         }
         let mut items = Vec::new();
         match info.kind {
             Kind::List => {
-                let n = m.word(o + 16)?;
-                let items_at = m.word(o + 24)?;
-                let allocated = m.word(o + 32)?;
+                let n = m.word(o.wrapping_add(16))?;
+                let items_at = m.word(o.wrapping_add(24))?;
+                let allocated = m.word(o.wrapping_add(32))?;
                 if n > allocated || allocated > MAX_ITEMS {
                     return None;
                 }
@@ -987,12 +1004,12 @@ impl<M: Memory> Reader<'_, '_, M> {
                 size += allocated * 8;
             }
             Kind::Tuple => {
-                let n = m.word(o + 16)?;
+                let n = m.word(o.wrapping_add(16))?;
                 if n > MAX_ITEMS {
                     return None;
                 }
                 out.extend(
-                    m.words(o + l.tuple_items, n)?
+                    m.words(o.wrapping_add(l.tuple_items), n)?
                         .into_iter()
                         .map(|p| (p, Label::Item)),
                 );
@@ -1016,14 +1033,14 @@ impl<M: Memory> Reader<'_, '_, M> {
                     size += (mask + 1) * 16;
                 }
             }
-            Kind::Cell => out.push((m.word(o + 16)?, Label::Cell)),
-            Kind::Module => out.push((m.word(o + 16)?, Label::Dict)),
-            Kind::Type => out.push((m.word(o + TP_DICT)?, Label::Dict)),
+            Kind::Cell => out.push((m.word(o.wrapping_add(16))?, Label::Cell)),
+            Kind::Module => out.push((m.word(o.wrapping_add(16))?, Label::Dict)),
+            Kind::Type => out.push((m.word(o.wrapping_add(TP_DICT))?, Label::Dict)),
             Kind::Instance27 => {
-                out.push((m.word(o + 16)?, Label::Class));
-                out.push((m.word(o + 24)?, Label::Dict));
+                out.push((m.word(o.wrapping_add(16))?, Label::Class));
+                out.push((m.word(o.wrapping_add(24))?, Label::Dict));
             }
-            Kind::Class27 => out.push((m.word(o + 24)?, Label::Dict)),
+            Kind::Class27 => out.push((m.word(o.wrapping_add(24))?, Label::Dict)),
             Kind::Plain => size += self.attributes(o, info, out)?,
             Kind::Other => {}
         }
@@ -1037,7 +1054,11 @@ impl<M: Memory> Reader<'_, '_, M> {
         // prefix of insertion-order bytes rounded to words.
         let split_bytes = || -> u64 {
             let k = info.cached_keys;
-            let n = (m.word(k + 16).unwrap_or(0) + m.word(k + 24).unwrap_or(0)).min(MAX_SHARED);
+            let n = m
+                .word(k.wrapping_add(16))
+                .unwrap_or(0)
+                .saturating_add(m.word(k.wrapping_add(24)).unwrap_or(0))
+                .min(MAX_SHARED);
             (n + 2).div_ceil(8) * 8 + n * 8
         };
         // (Bit 4 meant other things before 3.11.)
@@ -1053,7 +1074,7 @@ impl<M: Memory> Reader<'_, '_, M> {
         match self.l.managed {
             _ if !managed => {
                 if info.dictoffset > 0 && info.dictoffset < info.basicsize {
-                    out.push((m.word(o + info.dictoffset)?, Label::Dict));
+                    out.push((m.word(o.wrapping_add(info.dictoffset))?, Label::Dict));
                 }
                 Some(0)
             }
@@ -1070,7 +1091,7 @@ impl<M: Memory> Reader<'_, '_, M> {
             Managed::V312 => {
                 let dv = m.word(o.checked_sub(24)?)?;
                 if dv & 1 == 1 {
-                    values(dv + 1, MAX_SHARED, out)?;
+                    values(dv.wrapping_add(1), MAX_SHARED, out)?;
                     Some(split_bytes())
                 } else {
                     out.push((dv, Label::Dict));
@@ -1083,10 +1104,10 @@ impl<M: Memory> Reader<'_, '_, M> {
                 if info.flags & INLINE_VALUES == 0 {
                     return Some(0);
                 }
-                let at = o + info.basicsize;
+                let at = o.wrapping_add(info.basicsize);
                 let capacity = u64::from(m.byte(at)?);
-                if m.byte(at + 3)? != 0 {
-                    values(at + 8, capacity, out)?;
+                if m.byte(at.wrapping_add(3))? != 0 {
+                    values(at.wrapping_add(8), capacity, out)?;
                 }
                 // Part of the object's block: its header, values and order bytes.
                 Some(8 + capacity * 8 + capacity.div_ceil(8) * 8)
@@ -1099,7 +1120,7 @@ impl<M: Memory> Reader<'_, '_, M> {
         let m = &self.mem;
         let mut out = Vec::new();
         for g in 0..gens {
-            let head = place.generations + g as u64 * place.stride;
+            let head = place.generations.wrapping_add(g as u64 * place.stride);
             let mut prev = head;
             let mut at = m
                 .word(head)
@@ -1112,13 +1133,13 @@ impl<M: Memory> Reader<'_, '_, M> {
                 if Instant::now() > self.deadline {
                     return Err("the collector's lists took over the time budget".into());
                 }
-                let (Some(next), Some(back)) = (m.word(at), m.word(at + 8)) else {
+                let (Some(next), Some(back)) = (m.word(at), m.word(at.wrapping_add(8))) else {
                     return Err("a tracked object could not be read".into());
                 };
                 if back & !7 != prev || !at.is_multiple_of(8) {
                     return Err("the collector's lists changed while read".into());
                 }
-                out.push((at + self.l.gc_head, g as u8));
+                out.push((at.wrapping_add(self.l.gc_head), g as u8));
                 prev = at;
                 at = next & !7;
             }
@@ -1134,7 +1155,7 @@ impl<M: Memory> Reader<'_, '_, M> {
         let m = &self.mem;
         let mut classes = FxHashSet::default();
         for &(a, _) in tracked.iter().take(1 << 20) {
-            if let Some(t) = m.word(a + 8)
+            if let Some(t) = m.word(a.wrapping_add(8))
                 && classes.len() < 100_000
             {
                 classes.insert(t);
@@ -1142,9 +1163,10 @@ impl<M: Memory> Reader<'_, '_, M> {
         }
         let mut votes: FxHashMap<u64, u32> = FxHashMap::default();
         for t in classes {
-            if m.word(t + TP_FLAGS).is_some_and(|f| f & HEAPTYPE != 0)
+            if m.word(t.wrapping_add(TP_FLAGS))
+                .is_some_and(|f| f & HEAPTYPE != 0)
                 && self.is_type(t)
-                && let Some(tr) = m.word(t + TP_TRAVERSE).filter(|&tr| tr != 0)
+                && let Some(tr) = m.word(t.wrapping_add(TP_TRAVERSE)).filter(|&tr| tr != 0)
             {
                 *votes.entry(tr).or_default() += 1;
             }
@@ -1178,7 +1200,7 @@ impl<M: Memory> Reader<'_, '_, M> {
             if Instant::now() > self.deadline {
                 return Err("reading tracked objects took over the time budget".into());
             }
-            let (rc, ty) = (self.mem.word(a), self.mem.word(a + 8));
+            let (rc, ty) = (self.mem.word(a), self.mem.word(a.wrapping_add(8)));
             let info = ty.and_then(|t| self.type_info(t));
             refs.clear();
             let (kind, size) = match (&info, rc) {
@@ -1290,30 +1312,39 @@ pub fn read_within<M: Memory>(
     let head_ok = |h: u64| -> bool {
         // An empty list points at itself both ways; a full one's first object points
         // back at the head.
-        let (Some(n), Some(p)) = (state_mem.word(h), state_mem.word(h + 8)) else {
+        let (Some(n), Some(p)) = (state_mem.word(h), state_mem.word(h.wrapping_add(8))) else {
             return false;
         };
         let (n, p) = (n & !7, p & !7);
-        (n == h && p == h) || (n != 0 && state_mem.word(n + 8).is_some_and(|b| b & !7 == h))
+        (n == h && p == h)
+            || (n != 0
+                && state_mem
+                    .word(n.wrapping_add(8))
+                    .is_some_and(|b| b & !7 == h))
     };
-    if !(0..3).all(|g| head_ok(place.generations + g * place.stride)) {
+    if !(0..3).all(|g| head_ok(place.generations.wrapping_add(g * place.stride))) {
         return Err("the collector's generations are not where this version keeps them".to_owned());
     }
     let enabled = int32(mem, place.enabled).ok_or("gc state unreadable")?;
     let mut gc = PyGc {
         enabled: enabled != 0,
+        tracked: vec![0; 3],
+        cyclic_unreachable: Group {
+            by_generation: vec![0; 3],
+            ..Group::default()
+        },
         ..PyGc::default()
     };
     for g in 0..3 {
-        let at = place.generations + g * place.stride + l.gc_head;
+        let at = place.generations.wrapping_add(g * place.stride + l.gc_head);
         gc.thresholds
             .push(int32(mem, at).ok_or("gc state unreadable")?);
         gc.counts
-            .push(int32(mem, at + 4).ok_or("gc state unreadable")?);
+            .push(int32(mem, at.wrapping_add(4)).ok_or("gc state unreadable")?);
     }
     gc.collections = place.stats.and_then(|s| {
         (0..3)
-            .map(|g| word(mem, s + g * 24).filter(|&c| c < 1 << 48))
+            .map(|g| word(mem, s.wrapping_add(g * 24)).filter(|&c| c < 1 << 48))
             .collect()
     });
     gc.collecting = place
@@ -1321,35 +1352,52 @@ pub fn read_within<M: Memory>(
         .and_then(|c| int32(mem, c))
         .is_some_and(|c| c != 0);
 
-    let mut passes = Vec::new();
-    let mut incomplete = None;
-    let mut last_reader = None;
-    for _ in 0..2 {
-        let r = Reader {
-            mem: Cached::new(mem),
-            l,
-            t,
-            types: &types,
-            subtype_traverse: &subtype_traverse,
-            deadline: Instant::now() + budget,
-        };
-        match r.pass(place, 3) {
-            Ok(g) => passes.push(g),
-            Err(why) => {
-                incomplete = Some(why);
-                break;
-            }
-        }
-        last_reader = Some(r);
-    }
-    let r = last_reader.unwrap_or(Reader {
+    let reader = || Reader {
         mem: Cached::new(mem),
         l,
         t,
         types: &types,
         subtype_traverse: &subtype_traverse,
         deadline: Instant::now() + budget,
-    });
+    };
+    // The first pass is kept as its unreachable set only; each pass's cache goes
+    // before the next pass reads.
+    let mut first: Option<FxHashSet<(u64, u64)>> = None;
+    let mut last: Option<Graph> = None;
+    let mut incomplete = None;
+    for pass in 0..2 {
+        last = None;
+        let r = reader();
+        match r.pass(place, 3) {
+            Ok(g) => {
+                gc.scan.passes += 1;
+                let mut tracked = vec![0u64; 3];
+                for o in &g.objs {
+                    tracked[o.generation as usize] += 1;
+                }
+                gc.tracked = tracked;
+                gc.scan.references = g.edges.len() as u64;
+                gc.scan.undecoded = g.undecoded;
+                gc.scan.inconsistent = g.inconsistent;
+                if pass == 0 {
+                    first = Some(
+                        g.unreachable
+                            .iter()
+                            .map(|&i| (g.objs[i as usize].addr, g.objs[i as usize].ty))
+                            .collect(),
+                    );
+                } else {
+                    last = Some(g);
+                }
+            }
+            Err(why) => {
+                incomplete = Some(why);
+                break;
+            }
+        }
+    }
+    // What follows reads little: a fresh budget.
+    let r = reader();
     if let Some(p) = place.permanent {
         gc.frozen = r
             .walk(
@@ -1362,23 +1410,7 @@ pub fn read_within<M: Memory>(
             .ok()
             .map(|v| v.len() as u64);
     }
-    gc.scan.passes = passes.len() as u32;
-    if let Some(g) = passes.last() {
-        let mut tracked = vec![0u64; 3];
-        for o in &g.objs {
-            tracked[o.generation as usize] += 1;
-        }
-        gc.tracked = tracked;
-        gc.scan.references = g.edges.len() as u64;
-        gc.scan.undecoded = g.undecoded;
-        gc.scan.inconsistent = g.inconsistent;
-    }
-    if let [a, b] = passes.as_slice() {
-        let first: FxHashSet<(u64, u64)> = a
-            .unreachable
-            .iter()
-            .map(|&i| (a.objs[i as usize].addr, a.objs[i as usize].ty))
-            .collect();
+    if let (Some(first), Some(b)) = (&first, &last) {
         let confirmed: Vec<&Obj> = b
             .unreachable
             .iter()
@@ -1399,7 +1431,7 @@ pub fn read_within<M: Memory>(
     } else if incomplete.is_none() {
         incomplete = Some("only one pass completed".into());
     }
-    gc.garbage = garbage(&r, place, passes.last());
+    gc.garbage = garbage(&r, place, last.as_ref());
     gc.scan.incomplete = incomplete;
     gc.scan.ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(gc)
@@ -1411,10 +1443,11 @@ fn garbage<M: Memory>(r: &Reader<'_, '_, M>, place: &Place, g: Option<&Graph>) -
     let Some(list) = place.garbage.and_then(|a| m.word(a)).filter(|&p| p != 0) else {
         return Garbage::default();
     };
-    if m.word(list + 8) != Some(r.t.list) {
+    if m.word(list.wrapping_add(8)) != Some(r.t.list) {
         return Garbage::default();
     }
-    let (Some(n), Some(items)) = (m.word(list + 16), m.word(list + 24)) else {
+    let (Some(n), Some(items)) = (m.word(list.wrapping_add(16)), m.word(list.wrapping_add(24)))
+    else {
         return Garbage::default();
     };
     let Some(items) = m.words(items, n.min(MAX_ITEMS)) else {
@@ -1423,14 +1456,19 @@ fn garbage<M: Memory>(r: &Reader<'_, '_, M>, place: &Place, g: Option<&Graph>) -
     let mut out = Garbage::default();
     let mut sized = Vec::new();
     for &p in &items {
+        if Instant::now() > r.deadline {
+            break;
+        }
+        let ty = m.word(p.wrapping_add(8)).unwrap_or(0);
+        // Its size from the pass; an object the pass did not see (untracked) counts
+        // its header and basic size only.
         let size = g
             .and_then(|g| g.index.get(&p).map(|&i| g.objs[i as usize].size))
             .or_else(|| {
-                let info = r.type_info(m.word(p + 8)?)?;
-                r.decode(p, &info, &mut Vec::new())
+                let info = r.type_info(ty)?;
+                Some(r.l.header(info.flags) + info.basicsize)
             })
             .unwrap_or(0);
-        let ty = m.word(p + 8).unwrap_or(0);
         sized.push((r.name(ty), size));
     }
     out.objects = items.len() as u64;
@@ -1469,7 +1507,7 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
     for (i, o) in g.objs.iter().enumerate() {
         if g.reachable[i] && matches!(o.kind, Kind::Plain | Kind::Instance27) {
             let ty = if o.kind == Kind::Instance27 {
-                r.mem.word(o.addr + 16).unwrap_or(0)
+                r.mem.word(o.addr.wrapping_add(16)).unwrap_or(0)
             } else {
                 o.ty
             };
@@ -1520,7 +1558,7 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
         let mut groups: FxHashMap<String, (u64, u64)> = FxHashMap::default();
         for (i, o) in g.objs.iter().enumerate() {
             let oty = if o.kind == Kind::Instance27 {
-                r.mem.word(o.addr + 16).unwrap_or(0)
+                r.mem.word(o.addr.wrapping_add(16)).unwrap_or(0)
             } else {
                 o.ty
             };
@@ -1561,7 +1599,7 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
 
 /// A module's `__name__`.
 fn module_name<M: Memory>(r: &Reader<'_, '_, M>, module: u64) -> Option<String> {
-    let d = r.mem.word(module + 16)?;
+    let d = r.mem.word(module.wrapping_add(16))?;
     let mut items = Vec::new();
     r.dict_items(d, &mut items)?;
     items
@@ -1839,6 +1877,25 @@ mod tests {
         assert_eq!(gc.scan.passes, 0);
         assert!(gc.scan.incomplete.is_some());
         assert_eq!(gc.cyclic_unreachable.objects, 0);
+    }
+
+    #[test]
+    fn pointers_near_the_top_of_the_address_space_do_not_panic() {
+        let mut w = World::new();
+        let bad = w.obj(0xffff_ffff_ffff_fff8, 1, 32);
+        let list = w.obj(LIST, 1, 40);
+        w.m.put(list + 16, 3);
+        w.m.put(list + 24, u64::MAX - 7);
+        w.m.put(list + 32, 3);
+        let node = w.obj(NODE, 1, 32);
+        w.m.put(node + 16, u64::MAX);
+        let gc = read(&w.m, &w.l, &place(), &types()).expect("read");
+        assert_eq!(gc.scan.passes, 2);
+        assert_eq!(gc.scan.undecoded, 2, "{gc:#?}");
+        let _ = bad;
+        // The state itself at the very top: refused, not a panic.
+        let top = Place::modern_at(u64::MAX - 100);
+        assert!(read(&w.m, &w.l, &top, &types()).is_err());
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
     } else {
         Vec::new()
     };
+    let stacks_total = heap.len() as u64;
     let heap_stacks = largest(heap, i.top, |t| t.bytes)
         .into_iter()
         .chain(churned)
@@ -190,6 +191,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             duty_cycle: i.duty.clone(),
             not_traced: i.heap_not_traced.clone(),
             stacks: heap_stacks,
+            stacks_total,
         },
         mappings: Mappings {
             anon_mapped_bytes: i.ledger.anon_mapped_bytes(),

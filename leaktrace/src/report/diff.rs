@@ -91,6 +91,10 @@ pub struct Counts {
     pub gone: usize,
     /// Unchanged.
     pub same: usize,
+    /// In one report only, which listed only its `--top` stacks: perhaps below its
+    /// cut, so neither new nor gone (for every stack, compare `--format pprof` or
+    /// reports made with a large `--top`).
+    pub not_comparable: usize,
 }
 
 /// A stack's identity across runs.
@@ -112,46 +116,75 @@ fn key(s: &StackPart) -> String {
     }
 }
 
-/// Compares `new` against `base`.
+/// One side's figures for a stack key (stacks with the same frames summed).
+#[derive(Clone, Copy, Default)]
+struct Side {
+    bytes: u64,
+    allocations: u64,
+}
+
+/// A stack key's base side, new side, and frame names.
+type Merged = (Option<Side>, Option<Side>, Vec<String>);
+
+/// `new − base`, saturated.
+fn change(new: u64, base: u64) -> i64 {
+    let d = i128::from(new) - i128::from(base);
+    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Whether a report lists fewer stacks than it had (`--top`).
+fn cut(h: &Heaps) -> bool {
+    h.heap
+        .stacks_total
+        .is_some_and(|t| t > h.heap.stacks.iter().filter(|s| s.live_bytes > 0).count() as u64)
+}
+
+/// Compares `new` against `base`. A stack absent from a report that kept only its
+/// `--top` stacks may be below its cut: it is counted as not comparable, not as new
+/// or gone.
 pub fn compare(base: &Heaps, new: &Heaps) -> Diff {
-    let mut merged: FxHashMap<String, (Option<&StackPart>, Option<&StackPart>)> =
-        FxHashMap::default();
-    for s in &base.heap.stacks {
-        merged.entry(key(s)).or_default().0 = Some(s);
+    let mut merged: FxHashMap<String, Merged> = FxHashMap::default();
+    let frames = |s: &StackPart| s.frames.iter().take(FRAMES).map(frame_name).collect();
+    for (i, h) in [base, new].into_iter().enumerate() {
+        for s in &h.heap.stacks {
+            let e = merged
+                .entry(key(s))
+                .or_insert_with(|| (None, None, frames(s)));
+            let side = if i == 0 { &mut e.0 } else { &mut e.1 };
+            let v = side.get_or_insert_with(Side::default);
+            v.bytes = v.bytes.saturating_add(s.live_bytes);
+            v.allocations = v.allocations.saturating_add(s.live_allocations);
+        }
     }
-    for s in &new.heap.stacks {
-        merged.entry(key(s)).or_default().1 = Some(s);
-    }
+    let sum = |h: &Heaps| {
+        h.heap
+            .stacks
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.live_bytes))
+    };
     let mut d = Diff {
-        base_bytes: base.heap.stacks.iter().map(|s| s.live_bytes).sum(),
-        new_bytes: new.heap.stacks.iter().map(|s| s.live_bytes).sum(),
+        base_bytes: sum(base),
+        new_bytes: sum(new),
         grown: Vec::new(),
         shrunk: Vec::new(),
         new: Vec::new(),
         gone: Vec::new(),
         counts: Counts::default(),
     };
-    for (_, (b, n)) in merged {
-        let frames = b
-            .or(n)
-            .map(|s| s.frames.iter().take(FRAMES).map(frame_name).collect())
-            .unwrap_or_default();
+    let (base_cut, new_cut) = (cut(base), cut(new));
+    for (_, (b, n, frames)) in merged {
+        let (b, n) = (b.unwrap_or_default(), n.unwrap_or_default());
         let c = Change {
-            base_bytes: b.map_or(0, |s| s.live_bytes),
-            new_bytes: n.map_or(0, |s| s.live_bytes),
-            change_bytes: 0,
-            base_allocations: b.map_or(0, |s| s.live_allocations),
-            new_allocations: n.map_or(0, |s| s.live_allocations),
+            base_bytes: b.bytes,
+            new_bytes: n.bytes,
+            change_bytes: change(n.bytes, b.bytes),
+            base_allocations: b.allocations,
+            new_allocations: n.allocations,
             frames,
         };
-        let c = Change {
-            change_bytes: c.new_bytes as i64 - c.base_bytes as i64,
-            ..c
-        };
-        match (
-            b.is_some() && b.is_some_and(|s| s.live_bytes > 0),
-            n.is_some_and(|s| s.live_bytes > 0),
-        ) {
+        match (b.bytes > 0, n.bytes > 0) {
+            (false, true) if base_cut => d.counts.not_comparable += 1,
+            (true, false) if new_cut => d.counts.not_comparable += 1,
             (false, true) => d.new.push(c),
             (true, false) => d.gone.push(c),
             (true, true) if c.change_bytes > 0 => d.grown.push(c),
@@ -183,7 +216,7 @@ pub fn compare(base: &Heaps, new: &Heaps) -> Diff {
 /// The comparison as text.
 pub fn render(d: &Diff, base: &str, new: &str) -> String {
     let mut o = String::new();
-    let change = d.new_bytes as i64 - d.base_bytes as i64;
+    let total = change(d.new_bytes, d.base_bytes);
     let signed = |c: i64| {
         if c < 0 {
             format!("−{}", bytes(c.unsigned_abs()))
@@ -196,13 +229,20 @@ pub fn render(d: &Diff, base: &str, new: &str) -> String {
         "Heap by stack, {base} → {new}: {} → {} live ({}); {} grown, {} shrunk, {} new, {} gone, {} unchanged",
         bytes(d.base_bytes),
         bytes(d.new_bytes),
-        signed(change),
+        signed(total),
         d.counts.grown,
         d.counts.shrunk,
         d.counts.new,
         d.counts.gone,
         d.counts.same
     );
+    if d.counts.not_comparable > 0 {
+        let _ = writeln!(
+            o,
+            "  {} stacks are in one report only, which listed only its --top stacks: not called new or gone",
+            d.counts.not_comparable
+        );
+    }
     for (title, list) in [
         ("grown", &d.grown),
         ("new", &d.new),

@@ -295,6 +295,8 @@ pub struct Heap {
     pub not_traced: Option<String>,
     /// Stacks by outstanding bytes, largest first.
     pub stacks: Vec<HeapStack>,
+    /// Stacks with outstanding blocks, listed or not (`stacks` keeps `--top` of them).
+    pub stacks_total: u64,
 }
 
 /// How sampled mode's duty cycle went: the heap probes were attached for one window
@@ -555,6 +557,7 @@ mod tests {
                     },
                     HeapStack { live_bytes: 112_000, live_allocations: 2000, samples: 2000, live_bytes_error95: 0, oldest_age_s: 0.5, allocations: 2000, allocated_bytes: 112_000, growth: None, stack_id: -14, truncated: false, frames: vec![] },
                 ],
+                stacks_total: 2,
             },
             mappings: Mappings {
                 anon_mapped_bytes: 1 << 20,

@@ -68,6 +68,10 @@ pub struct HeapPart {
     pub sample_rate_bytes: u64,
     /// Stacks.
     pub stacks: Vec<StackPart>,
+    /// Stacks with live blocks, listed or not (absent in reports before it): more
+    /// than `stacks` holds when the report kept only `--top`.
+    #[serde(default)]
+    pub stacks_total: Option<u64>,
 }
 
 /// One heap stack.
@@ -109,6 +113,7 @@ impl From<&Report> for Heaps {
                         frames: s.frames.clone(),
                     })
                     .collect(),
+                stacks_total: Some(r.heap.stacks_total),
             },
             build_ids: FxHashMap::default(),
         }
@@ -281,7 +286,7 @@ impl Builder {
         if let Some(&i) = self.mappings.get(module) {
             let m = &mut self.p.mapping[i];
             m.memory_start = m.memory_start.min(address);
-            m.memory_limit = m.memory_limit.max(address + 1);
+            m.memory_limit = m.memory_limit.max(address.saturating_add(1));
             return m.id;
         }
         let id = self.p.mapping.len() as u64 + 1;
@@ -290,7 +295,7 @@ impl Builder {
         self.p.mapping.push(Mapping {
             id,
             memory_start: address,
-            memory_limit: address + 1,
+            memory_limit: address.saturating_add(1),
             file_offset: 0,
             filename,
             build_id,
@@ -309,7 +314,7 @@ impl Builder {
     fn locations(&mut self, frames: &[Frame], build_ids: &FxHashMap<String, String>) -> Vec<u64> {
         let mut out = Vec::new();
         let mut lines: Vec<(u64, i64)> = Vec::new();
-        for f in frames {
+        for (i, f) in frames.iter().enumerate() {
             let mut name = frame_name(f);
             if f.kind == FrameKind::Python {
                 // pprof strips `<…>` from names as C++ template arguments: `<module>`
@@ -319,7 +324,9 @@ impl Builder {
             let file = f.file.as_deref().unwrap_or("");
             let func = self.function(&name, file);
             lines.push((func, i64::from(f.line.unwrap_or(0))));
-            if f.inlined && f.kind == FrameKind::Native {
+            // An inlined frame joins its caller's location, unless the walk stopped
+            // there (the last frame ends a location whatever it is).
+            if f.inlined && f.kind == FrameKind::Native && i + 1 < frames.len() {
                 continue;
             }
             let address = if f.kind == FrameKind::Native {

@@ -606,13 +606,7 @@ impl Session<'_> {
             });
         }
         let report = self.report(&snap, &m, true, Some(reason));
-        let heaps = || {
-            let mut h = report::pprof::Heaps::from(&report);
-            if !self.target_exited {
-                h.read_build_ids(self.pid);
-            }
-            h
-        };
+        let heaps = || report::pprof::Heaps::from(&report);
         match self.config.format {
             Format::Text => self
                 .out
@@ -623,7 +617,13 @@ impl Session<'_> {
             Format::Json => self.out.write(
                 &(serde_json::to_string_pretty(&report).expect("report serializes") + "\n"),
             )?,
-            Format::Pprof => self.out.write_bytes(&report::pprof::encode(&heaps()))?,
+            Format::Pprof => {
+                let mut h = heaps();
+                if !self.target_exited {
+                    h.read_build_ids(self.pid);
+                }
+                self.out.write_bytes(&report::pprof::encode(&h))?;
+            }
             Format::Folded => self.out.write(&report::pprof::folded(&heaps(), false))?,
         }
         if let Some(path) = &self.config.flamegraph {
@@ -1490,6 +1490,14 @@ fn async_fd<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, Error> {
 /// through a link planted there).
 pub fn write_flamegraph(path: &std::path::Path, heaps: &report::pprof::Heaps) -> Result<(), Error> {
     let folded = report::pprof::folded(heaps, false);
+    if folded.is_empty() {
+        // Nothing live to draw is a finding, not a failure of the run.
+        eprintln!(
+            "leaktrace: no heap stack holds live bytes: no flamegraph written to {}",
+            path.display()
+        );
+        return Ok(());
+    }
     let title = format!("leaktrace: live heap of pid {} by stack", heaps.pid);
     let svg = report::pprof::flamegraph(&folded, &title).map_err(|why| Error::Output {
         path: path.display().to_string(),
