@@ -47,8 +47,9 @@ const TP_TRAVERSE: u64 = 184;
 const TP_BASE: u64 = 256;
 const TP_DICT: u64 = 264;
 const TP_DICTOFFSET: u64 = 288;
-/// `Py_TPFLAGS_INLINE_VALUES` (3.13+).
+/// `Py_TPFLAGS_INLINE_VALUES` (3.13+), `Py_TPFLAGS_TYPE_SUBCLASS`.
 const INLINE_VALUES: u64 = 1 << 2;
+const TYPE_SUBCLASS: u64 = 1 << 31;
 
 /// Tracked objects read at most in one pass.
 pub const MAX_TRACKED: usize = 1 << 24;
@@ -68,6 +69,9 @@ const TYPES_SHOWN: usize = 20;
 /// Classes whose holders are named, and holders named per class.
 const HELD_TYPES: usize = 8;
 const HELD_PATHS: usize = 3;
+/// Objects a class needs for its holders to be named (a handful of module-level
+/// singletons is not what holds memory).
+const HELD_MIN_OBJECTS: u64 = 16;
 /// Bytes of the target cached while a pass reads it (64 KiB chunks).
 const CACHE_BYTES: usize = 256 << 20;
 const CHUNK: u64 = 64 << 10;
@@ -770,8 +774,9 @@ impl<M: Memory> Reader<'_, '_, M> {
             _ if t == x.module => Kind::Module,
             _ if t == x.instance && t != 0 => Kind::Instance27,
             _ if t == x.class && t != 0 => Kind::Class27,
-            // `type` itself, or a metaclass: the objects are classes.
-            _ if t == x.type_type => Kind::Type,
+            // `type` itself, or a metaclass (`Py_TPFLAGS_TYPE_SUBCLASS`, as `EnumType`):
+            // its objects are classes, whose attributes are in `tp_dict`.
+            _ if t == x.type_type || flags & TYPE_SUBCLASS != 0 => Kind::Type,
             _ if self.plain(t) => Kind::Plain,
             _ => Kind::Other,
         };
@@ -1517,6 +1522,7 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
         }
     }
     let mut top: Vec<(u64, (u64, u64))> = classes.into_iter().collect();
+    top.retain(|t| t.1.0 >= HELD_MIN_OBJECTS);
     top.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(a.0.cmp(&b.0)));
     top.truncate(HELD_TYPES);
     if top.is_empty() {
@@ -1555,7 +1561,8 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
     let mut paths: FxHashMap<u32, String> = FxHashMap::default();
     let mut out = Vec::new();
     for (ty, _) in top {
-        let mut groups: FxHashMap<String, (u64, u64)> = FxHashMap::default();
+        // (container's path, last step) → (objects, bytes).
+        let mut groups: FxHashMap<(String, String), (u64, u64)> = FxHashMap::default();
         for (i, o) in g.objs.iter().enumerate() {
             let oty = if o.kind == Kind::Instance27 {
                 r.mem.word(o.addr.wrapping_add(16)).unwrap_or(0)
@@ -1571,19 +1578,41 @@ fn held_by<M: Memory>(r: &Reader<'_, '_, M>, g: &Graph) -> Vec<HeldBy> {
                         .entry(p)
                         .or_insert_with(|| path(r, &parent, &seed_name, p))
                         .clone();
-                    format!("{base}{}", step(r, &parent, p, label))
+                    (base, step(r, &parent, p, label))
                 }
                 None if seed_name.contains_key(&(i as u32)) => continue,
-                None => {
-                    "(not reached from a module: a frame, C code or an undecoded object)".to_owned()
-                }
+                None => (
+                    "(not reached from a module: a frame, C code or an undecoded object)"
+                        .to_owned(),
+                    String::new(),
+                ),
             };
             let e = groups.entry(holder).or_default();
             e.0 += 1;
             e.1 += o.size;
         }
+        // Several attributes of one namespace holding this class (a class's or a
+        // module's constants) are one holder: `HTTPStatus.*`.
+        let mut attrs: FxHashMap<&str, u32> = FxHashMap::default();
+        for (base, step) in groups.keys() {
+            if step.starts_with('.') {
+                *attrs.entry(base.as_str()).or_default() += 1;
+            }
+        }
+        let mut merged: FxHashMap<String, (u64, u64)> = FxHashMap::default();
+        for ((base, step), (n, b)) in &groups {
+            let path = if step.starts_with('.') && attrs.get(base.as_str()).is_some_and(|&k| k > 1)
+            {
+                format!("{base}.*")
+            } else {
+                format!("{base}{step}")
+            };
+            let e = merged.entry(path).or_default();
+            e.0 += n;
+            e.1 += b;
+        }
         let name = r.type_info(ty).map_or_else(|| "?".to_owned(), |i| i.name);
-        let mut v: Vec<(String, (u64, u64))> = groups.into_iter().collect();
+        let mut v: Vec<(String, (u64, u64))> = merged.into_iter().collect();
         v.sort_by(|a, b| b.1.1.cmp(&a.1.1).then_with(|| a.0.cmp(&b.0)));
         for (path, (objects, bytes)) in v.into_iter().take(HELD_PATHS) {
             out.push(HeldBy {
@@ -1798,9 +1827,9 @@ mod tests {
     #[test]
     fn cycles_are_unreachable_and_globals_are_named() {
         let mut w = World::new();
-        // Two Nodes in SESSIONS, each with an empty attribute dict.
+        // Sixteen Nodes in SESSIONS, each with an empty attribute dict.
         let mut held = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..16 {
             let n = w.obj(NODE, 1, 32);
             let d = w.dict(1, &[]);
             w.m.put(n + 16, d);
@@ -1808,12 +1837,13 @@ mod tests {
         }
         let list = w.obj(LIST, 1, 40);
         let items = w.at;
-        w.at += 32;
-        w.m.put(items, held[0]);
-        w.m.put(items + 8, held[1]);
-        w.m.put(list + 16, 2);
+        w.at += 8 * held.len() as u64;
+        for (i, &n) in held.iter().enumerate() {
+            w.m.put(items + 8 * i as u64, n);
+        }
+        w.m.put(list + 16, held.len() as u64);
         w.m.put(list + 24, items);
-        w.m.put(list + 32, 2);
+        w.m.put(list + 32, held.len() as u64);
         let k_sessions = w.ascii("SESSIONS");
         let k_name = w.ascii("__name__");
         let v_app = w.ascii("app");
@@ -1856,7 +1886,7 @@ mod tests {
         assert_eq!(
             held,
             vec![
-                ("Node", "app.SESSIONS[…]", 2),
+                ("Node", "app.SESSIONS[…]", 16),
                 (
                     "Node",
                     "(not reached from a module: a frame, C code or an undecoded object)",
