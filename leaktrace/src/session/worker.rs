@@ -589,7 +589,7 @@ impl Worker {
                 let reach = (walk && then == Then::FinalReport && self.setup.reachability)
                     .then(|| self.reachability(brk))
                     .flatten();
-                let gc = (then == Then::FinalReport && self.setup.reachability)
+                let gc = (walk && then == Then::FinalReport && self.setup.reachability)
                     .then(|| self.python_gc())
                     .flatten();
                 let mut snap = self.snapshot();
