@@ -80,6 +80,15 @@ struct Opts {
     #[arg(long, value_name = "FILE")]
     flamegraph: Option<PathBuf>,
 
+    /// With --interval: also write a pprof heap profile of every stack into DIR at each
+    /// report and at the end (leaktrace-PID-UNIXMS.pb.gz), for continuous profilers.
+    #[arg(long, value_name = "DIR", requires = "interval", value_parser = parse_dir)]
+    pprof_dir: Option<PathBuf>,
+
+    /// Profiles --pprof-dir keeps (the oldest of this run are removed).
+    #[arg(long, value_name = "N", default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    pprof_keep: u32,
+
     /// Trace nothing: read a JSON report (or the last of a JSON Lines file) and write
     /// it as --format pprof or folded, and --flamegraph FILE if given.
     #[arg(long, value_name = "REPORT", conflicts_with_all = ["pid", "command", "diff"])]
@@ -320,6 +329,7 @@ fn config(opts: Opts) -> Config {
         },
         output: opts.output,
         flamegraph: opts.flamegraph,
+        pprof_dir: opts.pprof_dir.map(|d| (d, opts.pprof_keep as usize)),
         ring_bytes: opts.ring_kib * 1024,
         stack_capacity: opts.stack_capacity,
         inflight_capacity: opts.inflight_capacity,

@@ -255,3 +255,53 @@ fn offline_modes_refuse_bad_input() {
     let _ = std::fs::remove_file(not_json);
     let _ = std::fs::remove_file(report);
 }
+
+/// `--pprof-dir` with `--interval`: a profile at each report, the newest kept, each
+/// read by go tool pprof; the last one has heap_ops' exact bytes.
+#[test]
+fn root_pprof_dir_keeps_the_newest_profiles() {
+    require_root();
+    let dir = temp_path("pprof-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let pid = fx.pid.to_string();
+    let tracer = Tracer::start(&[
+        "--pid",
+        &pid,
+        "--interval",
+        "0.2",
+        "--pprof-dir",
+        dir.to_str().unwrap(),
+        "--pprof-keep",
+        "3",
+    ]);
+    fx.run_scenario();
+    let listed = || {
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    // Enough reports to have rotated.
+    let t = std::time::Instant::now();
+    while t.elapsed().as_secs_f64() < 1.5 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = tracer.finish_bytes();
+    let files = listed();
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in &files {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with(&format!("leaktrace-{pid}-")) && name.ends_with(".pb.gz"),
+            "{name}"
+        );
+    }
+    let last = files.last().unwrap();
+    let top = pprof(&["-top", "-sample_index=inuse_space", "-unit=byte"], last);
+    assert_eq!(flat(&top, "leak_malloc"), Some(500), "{top}");
+    assert_eq!(flat(&top, "leak_calloc"), Some(900), "{top}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -63,6 +63,8 @@ struct Session<'a> {
     config: &'a Config,
     /// Reports list every heap stack (a flamegraph beside a text or JSON report).
     every_stack: bool,
+    /// The profiles `--pprof-dir` holds of this run, oldest first.
+    pprof_written: Vec<std::path::PathBuf>,
     pid: u32,
     launched: bool,
     /// The books: live blocks and the address space.
@@ -210,6 +212,7 @@ pub fn run(
     let mut s = Session {
         config,
         every_stack: false,
+        pprof_written: Vec::new(),
         pid,
         launched: blocked.is_some(),
         ledger: Ledger::new(start_brk, brk).with_sampling(u64::from(config.sample_rate)),
@@ -503,6 +506,7 @@ impl Session<'_> {
                             // One document, at the end (main refuses --interval with them).
                             Format::Pprof | Format::Folded => {}
                         }
+                        self.write_pprof_dir(&snap, &m, false)?;
                     }
                 }
                 _ = sigchld.recv(), if self.launched => self.on_child_event(&mut m),
@@ -626,6 +630,7 @@ impl Session<'_> {
             }
             Format::Folded => self.out.write(&report::pprof::folded(&heaps(), false))?,
         }
+        self.write_pprof_dir(&snap, &m, true)?;
         if let Some(path) = &self.config.flamegraph {
             let all = if self.config.format.every_stack() {
                 heaps()
@@ -1184,6 +1189,41 @@ impl Session<'_> {
     }
 
     /// The verdict, then the report, from the books and the worker's snapshot.
+    /// With `--pprof-dir`: a pprof profile of every heap stack, as
+    /// `leaktrace-PID-UNIXMS.pb.gz`, and the oldest of this run's beyond the kept count
+    /// removed.
+    fn write_pprof_dir(
+        &mut self,
+        snap: &Snapshot,
+        m: &Maps,
+        final_report: bool,
+    ) -> Result<(), Error> {
+        let Some((dir, keep)) = self.config.pprof_dir.clone() else {
+            return Ok(());
+        };
+        self.every_stack = true;
+        let r = self.report(snap, m, final_report, None);
+        self.every_stack = false;
+        let mut h = report::pprof::Heaps::from(&r);
+        if !self.target_exited {
+            h.read_build_ids(self.pid);
+        }
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let prefix = format!("leaktrace-{}-", self.pid);
+        let path = dir.join(format!("{prefix}{ms}.pb.gz"));
+        Output::file(&path)?.write_bytes(&report::pprof::encode(&h))?;
+        self.pprof_written.push(path);
+        while self.pprof_written.len() > keep.max(1) {
+            let old = self.pprof_written.remove(0);
+            if let Err(e) = std::fs::remove_file(&old) {
+                log::warn!("removing {}: {e}", old.display());
+            }
+        }
+        Ok(())
+    }
+
     fn report(
         &self,
         snap: &Snapshot,

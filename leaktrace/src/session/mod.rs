@@ -74,6 +74,9 @@ pub struct Config {
     pub output: Option<PathBuf>,
     /// Also draw the final report's live heap as a flamegraph (SVG) in this file.
     pub flamegraph: Option<PathBuf>,
+    /// Also write a pprof heap profile into this directory at each interval report
+    /// and at the end, keeping the newest this many (for continuous profilers).
+    pub pprof_dir: Option<(PathBuf, usize)>,
     /// Ring-buffer size in bytes (power of two).
     pub ring_bytes: u32,
     /// Stack map capacity.
@@ -149,6 +152,7 @@ impl Default for Config {
             format: Format::Text,
             output: None,
             flamegraph: None,
+            pprof_dir: None,
             ring_bytes: DEFAULT_RING_BYTES,
             stack_capacity: DEFAULT_STACK_CAPACITY,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
