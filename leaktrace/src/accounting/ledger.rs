@@ -397,7 +397,7 @@ impl Ledger {
                 self.sub_heap(b);
                 let block = Block { size: ev.size, ..b };
                 self.live.insert(ev.addr, block);
-                self.add_heap(block);
+                let _ = self.add_heap(block);
                 return;
             }
             // A block from before attach (or one whose allocation was missed): from now on
@@ -407,7 +407,7 @@ impl Ledger {
             if let Some(old) = self.live.insert(ev.addr, block) {
                 self.sub_heap(old);
             }
-            self.add_heap(block);
+            let _ = self.add_heap(block);
             return;
         }
         if is_realloc && ev.aux != 0 {
@@ -420,15 +420,15 @@ impl Ledger {
             self.counters.alloc_over_live += 1;
             self.sub_heap(old);
         }
-        let (bytes, count, _) = weigh(block.size, self.sample_rate, block.duty_ppm);
+        let (bytes, count) = self.add_heap(block);
         let a = self.stack_activity.entry(block.stack_id).or_default();
         a.allocs += 1;
         a.alloc_count += count;
         a.alloc_bytes += bytes;
-        self.add_heap(block);
     }
 
-    fn add_heap(&mut self, b: Block) {
+    /// Adds a live block; returns what it stands for (estimated bytes, blocks).
+    fn add_heap(&mut self, b: Block) -> (u64, u64) {
         let (bytes, count, var) = weigh(b.size, self.sample_rate, b.duty_ppm);
         self.live_bytes += bytes;
         self.live_count += count;
@@ -438,6 +438,7 @@ impl Ledger {
         t.count += count;
         t.samples += 1;
         t.variance += var;
+        (bytes, count)
     }
 
     /// Releases a realloc's old block, unless the address was handed out again

@@ -592,6 +592,8 @@ fn gc_evidence(v: &mut Verdict, g: &crate::heap::pygc::PyGc) {
         v.remedies
             .sort_by_key(|r| std::cmp::Reverse(r.expected_bytes));
     }
+    v.remedies
+        .sort_by_key(|r| std::cmp::Reverse(r.expected_bytes));
     if let Some(h) = g.held_by.first() {
         v.evidence.push(Evidence {
             metric: "python_held_by_bytes",

@@ -625,16 +625,11 @@ impl<'m, M: Memory> Cached<'m, M> {
     }
 }
 
-fn word<M: Memory>(mem: &M, addr: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    mem.read(addr, &mut b).ok()?;
-    Some(u64::from_le_bytes(b))
-}
+use crate::symbolize::python::read_u64 as word;
 
+/// A C `int` of the collector's state.
 fn int32<M: Memory>(mem: &M, addr: u64) -> Option<i64> {
-    let mut b = [0u8; 4];
-    mem.read(addr, &mut b).ok()?;
-    Some(i64::from(i32::from_le_bytes(b)))
+    crate::symbolize::python::read_u32(mem, addr).map(|v| i64::from(v as i32))
 }
 
 /// What a type's objects are, for decoding.

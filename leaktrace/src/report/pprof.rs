@@ -36,7 +36,6 @@ impl Heaps {
     /// Reads the build id of each object the frames name, as process `pid` sees it
     /// (through `/proc/PID/root`), for the profile's mappings.
     pub fn read_build_ids(&mut self, pid: u32) {
-        use object::Object as _;
         let mut modules: Vec<&str> = self
             .heap
             .stacks
@@ -48,12 +47,9 @@ impl Heaps {
         modules.dedup();
         let mut ids = FxHashMap::default();
         for m in modules.into_iter().take(1024) {
+            // Only the notes are read, not the object.
             let path = std::path::PathBuf::from(format!("/proc/{pid}/root{m}"));
-            let Ok(data) = crate::process::procfs::read_object(&path) else {
-                continue;
-            };
-            if let Ok(Some(id)) = object::File::parse(&*data).and_then(|f| f.build_id()) {
-                let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            if let Some(hex) = crate::symbolize::native::build_id(&path) {
                 ids.insert(m.to_owned(), hex);
             }
         }

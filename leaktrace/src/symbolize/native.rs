@@ -542,7 +542,7 @@ pub(crate) fn debug_file_by_build_id(object: &Path, dirs: &[PathBuf]) -> Option<
 }
 
 /// The GNU build id of an ELF file, hex.
-fn build_id(path: &Path) -> Option<String> {
+pub(crate) fn build_id(path: &Path) -> Option<String> {
     let id = blazesym::helper::read_elf_build_id(path).ok()??;
     Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }

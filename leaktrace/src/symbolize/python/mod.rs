@@ -139,13 +139,13 @@ enum TextLayout {
 /// Why Python frames are not available (said in the report).
 pub type Unavailable = String;
 
-fn read_u64<M: Memory>(mem: &M, addr: u64) -> Option<u64> {
+pub(crate) fn read_u64<M: Memory>(mem: &M, addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
     mem.read(addr, &mut b).ok()?;
     Some(u64::from_le_bytes(b))
 }
 
-fn read_u32<M: Memory>(mem: &M, addr: u64) -> Option<u32> {
+pub(crate) fn read_u32<M: Memory>(mem: &M, addr: u64) -> Option<u32> {
     let mut b = [0u8; 4];
     mem.read(addr, &mut b).ok()?;
     Some(u32::from_le_bytes(b))
