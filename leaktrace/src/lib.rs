@@ -18,6 +18,7 @@
 
 pub mod accounting;
 pub mod analysis;
+pub mod capture;
 pub mod error;
 pub mod heap;
 pub mod probes;

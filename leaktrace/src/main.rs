@@ -22,6 +22,10 @@ EXAMPLES:
     A pprof heap profile (go tool pprof, Pyroscope, Parca) and a flamegraph:
         sudo leaktrace --pid 1234 --duration 30 --format pprof -o heap.pb.gz --flamegraph heap.svg
 
+    Record a capture while tracing; later, elsewhere, without root, redo the analysis:
+        sudo leaktrace --pid 1234 --duration 600 --record run.ltcap
+        leaktrace --replay run.ltcap --format pprof -o heap.pb.gz
+
     Later, without root: a JSON report as pprof or folded stacks, two reports compared:
         leaktrace --convert report.json --format folded
         leaktrace --diff before.json after.json";
@@ -33,7 +37,7 @@ EXAMPLES:
 /// free) and traces its mmap/munmap/mremap/brk/mprotect/madvise syscalls, with eBPF.
 /// Nothing is injected into the target and it is not restarted.
 #[derive(Debug, Parser)]
-#[command(version, after_long_help = EXAMPLES, allow_negative_numbers = true, group(ArgGroup::new("what").required(true).args(["pid", "command", "convert", "diff"])))]
+#[command(version, after_long_help = EXAMPLES, allow_negative_numbers = true, group(ArgGroup::new("what").required(true).args(["pid", "command", "convert", "diff", "replay"])))]
 struct Opts {
     /// Process to attach to.
     #[arg(short, long, value_name = "PID", value_parser = parse_pid)]
@@ -91,13 +95,24 @@ struct Opts {
 
     /// Trace nothing: read a JSON report (or the last of a JSON Lines file) and write
     /// it as --format pprof or folded, and --flamegraph FILE if given.
-    #[arg(long, value_name = "REPORT", conflicts_with_all = ["pid", "command", "diff"])]
+    #[arg(long, value_name = "REPORT", conflicts_with_all = ["pid", "command", "diff", "replay"])]
     convert: Option<PathBuf>,
 
-    /// Trace nothing: compare two JSON reports stack by stack (grown, shrunk, new,
-    /// gone), in text or --format json.
-    #[arg(long, num_args = 2, value_names = ["BASE", "NEW"], conflicts_with_all = ["pid", "command", "convert"])]
+    /// Trace nothing: compare two JSON reports or captures stack by stack (grown,
+    /// shrunk, new, gone), in text or --format json.
+    #[arg(long, num_args = 2, value_names = ["BASE", "NEW"], conflicts_with_all = ["pid", "command", "convert", "replay"])]
     diff: Option<Vec<PathBuf>>,
+
+    /// While tracing, also record a capture in FILE: the events, the stacks named, the
+    /// RSS samples and what each report read from the target. --replay redoes the
+    /// analysis from it; a capture cut short reads up to its last complete record.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["dry_run", "follow_forks"])]
+    record: Option<PathBuf>,
+
+    /// Trace nothing: redo the analysis of a capture made with --record, without root
+    /// or the target, and write its final report in --format (and --flamegraph FILE).
+    #[arg(long, value_name = "CAPTURE", conflicts_with_all = ["pid", "command", "convert", "diff", "record"])]
+    replay: Option<PathBuf>,
 
     /// Ring-buffer size in KiB (power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = Config::default().ring_bytes / 1024, value_parser = parse_ring_kib)]
@@ -330,6 +345,7 @@ fn config(opts: Opts) -> Config {
         output: opts.output,
         flamegraph: opts.flamegraph,
         pprof_dir: opts.pprof_dir.map(|d| (d, opts.pprof_keep as usize)),
+        record: opts.record,
         ring_bytes: opts.ring_kib * 1024,
         stack_capacity: opts.stack_capacity,
         inflight_capacity: opts.inflight_capacity,
@@ -408,6 +424,9 @@ fn main() -> ExitCode {
     if let Some(files) = &opts.diff {
         return offline(diff(&files[0], &files[1], &opts));
     }
+    if let Some(capture) = &opts.replay {
+        return offline(replay(capture, &opts));
+    }
     let mut opts = opts;
     if opts.dry_run && opts.duration.is_none() {
         opts.duration = Some(Duration::from_secs(5));
@@ -474,6 +493,58 @@ fn convert(report: &std::path::Path, opts: &Opts) -> Result<(), String> {
     if let Some(svg) = &opts.flamegraph {
         leaktrace::session::write_flamegraph(svg, &heaps)
             .map_err(|e| leaktrace::error::chain(&e))?;
+    }
+    Ok(())
+}
+
+/// `--replay`: a capture's analysis redone, its final report written.
+fn replay(path: &std::path::Path, opts: &Opts) -> Result<(), String> {
+    use leaktrace::report::pprof::{self, Heaps};
+    let r = leaktrace::capture::Replay::load(path)?;
+    let shown = path.display();
+    eprintln!(
+        "leaktrace: replaying {shown}: pid {} ({}), {} events, recorded by leaktrace {}",
+        r.start.pid,
+        leaktrace::units::printable(&r.start.command),
+        r.events,
+        r.start.version
+    );
+    if let Some(cut) = &r.cut {
+        eprintln!("leaktrace: {shown} is cut short {cut}: replayed up to there");
+    } else if !r.complete {
+        eprintln!(
+            "leaktrace: {shown} has no final report (leaktrace was stopped): replayed to its last sample"
+        );
+    }
+    let every = matches!(opts.format, FormatArg::Pprof | FormatArg::Folded);
+    let report = r.report(if every { usize::MAX } else { opts.top });
+    let mut o = out(opts)?;
+    let written = match opts.format {
+        FormatArg::Text => o.write(&leaktrace::report::render_text(
+            &report,
+            leaktrace::report::Frames {
+                max: opts.max_frames,
+                fold_python: !opts.full_stacks,
+            },
+        )),
+        FormatArg::Json => {
+            o.write(&(serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n"))
+        }
+        FormatArg::Pprof => {
+            let mut h = Heaps::from(&report);
+            h.build_ids = r.build_ids.clone();
+            o.write_bytes(&pprof::encode(&h))
+        }
+        FormatArg::Folded => o.write(&pprof::folded(&Heaps::from(&report), false)),
+    };
+    written.map_err(|e| leaktrace::error::chain(&e))?;
+    if let Some(svg) = &opts.flamegraph {
+        let all = if every {
+            Heaps::from(&report)
+        } else {
+            Heaps::from(&r.report(usize::MAX))
+        };
+        leaktrace::session::write_flamegraph(svg, &all).map_err(|e| leaktrace::error::chain(&e))?;
     }
     Ok(())
 }

@@ -305,3 +305,139 @@ fn root_pprof_dir_keeps_the_newest_profiles() {
     assert_eq!(flat(&top, "leak_calloc"), Some(900), "{top}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs leaktrace offline with `args`; it must succeed. Returns stdout and stderr.
+#[track_caller]
+fn offline_both(args: &[&str]) -> (String, String) {
+    let out = Command::new(leaktrace_bin())
+        .args(args)
+        .output()
+        .expect("leaktrace runs");
+    assert!(
+        out.status.success(),
+        "leaktrace {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A capture recorded beside a live JSON report replays, without the target, to the
+/// same report: every field, the verdict and the bytes per stack included. Its pprof
+/// replay is read by go tool pprof with leak_malloc's and leak_calloc's exact bytes.
+/// A copy taken before the scenario (its last record possibly cut mid-write) replays
+/// to before the leaks, and `--diff` of the two captures says what the scenario left.
+#[test]
+fn root_record_replays_to_the_live_report() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let pid = fx.pid.to_string();
+    let cap = temp_path("run.ltcap");
+    let tracer = Tracer::start(&[
+        "--pid",
+        &pid,
+        "--interval",
+        "0.2",
+        "--record",
+        cap.to_str().unwrap(),
+    ]);
+    // The first interval report is in the capture: copy it as it is now.
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(tracer.out_path())
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(t.elapsed().as_secs() < 30, "no interval report");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let early = temp_path("early.ltcap");
+    std::fs::copy(&cap, &early).expect("the capture is in place while recording");
+    fx.run_scenario();
+    let all = String::from_utf8(tracer.finish_bytes()).expect("JSON Lines");
+    let live: serde_json::Value =
+        serde_json::from_str(all.lines().last().expect("a final report")).expect("JSON");
+    assert_eq!(live["final_report"], true);
+
+    let (json, said) = offline_both(&["--replay", cap.to_str().unwrap(), "--format", "json"]);
+    assert!(
+        said.contains(&format!("replaying {}: pid {pid}", cap.display())),
+        "{said}"
+    );
+    assert!(!said.contains("cut short"), "{said}");
+    let replayed: serde_json::Value = serde_json::from_str(&json).expect("replayed JSON");
+    for key in live.as_object().expect("an object").keys() {
+        assert_eq!(replayed[key], live[key], "{key} differs");
+    }
+    assert_eq!(replayed, live);
+    let leaked = |r: &serde_json::Value, f: &str| {
+        r["heap"]["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["frames"][0]["function"] == f)
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+    };
+    assert_eq!(leaked(&replayed, "leak_malloc"), Some(500));
+    assert_eq!(leaked(&replayed, "leak_calloc"), Some(900));
+
+    let profile = temp_path("replayed.pb.gz");
+    offline(&[
+        "--replay",
+        cap.to_str().unwrap(),
+        "--format",
+        "pprof",
+        "-o",
+        profile.to_str().unwrap(),
+    ]);
+    let inuse = pprof(
+        &["-top", "-sample_index=inuse_space", "-unit=byte"],
+        &profile,
+    );
+    assert_eq!(flat(&inuse, "leak_malloc"), Some(500), "{inuse}");
+    assert_eq!(flat(&inuse, "leak_calloc"), Some(900), "{inuse}");
+    let raw = pprof(&["-raw"], &profile);
+    assert!(
+        raw.lines().any(|l| l.contains("libc.so.6")
+            && l.split_whitespace()
+                .any(|w| w.len() == 40 && w.chars().all(|c| c.is_ascii_hexdigit()))),
+        "the recorded build ids: {raw}"
+    );
+
+    // The early copy: before the scenario, with or without a last record cut short.
+    let (early_json, _) = offline_both(&["--replay", early.to_str().unwrap(), "--format", "json"]);
+    let before: serde_json::Value = serde_json::from_str(&early_json).expect("JSON");
+    assert_eq!(leaked(&before, "leak_malloc"), None);
+    let d: serde_json::Value = serde_json::from_str(&offline(&[
+        "--diff",
+        early.to_str().unwrap(),
+        cap.to_str().unwrap(),
+        "--format",
+        "json",
+    ]))
+    .expect("diff JSON");
+    let new_bytes = |f: &str| {
+        d["new"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["frames"][0] == f)
+            .map(|c| c["change_bytes"].as_i64().unwrap())
+    };
+    assert_eq!(new_bytes("leak_malloc"), Some(500), "{d:#}");
+    assert_eq!(new_bytes("leak_calloc"), Some(900), "{d:#}");
+
+    // Cut anywhere: it replays up to its last complete record and says so.
+    let bytes = std::fs::read(&cap).unwrap();
+    let cut = temp_path("cut.ltcap");
+    for at in [bytes.len() / 3, bytes.len() - 5] {
+        std::fs::write(&cut, &bytes[..at]).unwrap();
+        let (text, said) = offline_both(&["--replay", cut.to_str().unwrap()]);
+        assert!(said.contains("is cut short after record"), "{said}");
+        assert!(text.contains("the capture is cut short"), "{text}");
+    }
+    for f in [&cap, &early, &cut, &profile] {
+        let _ = std::fs::remove_file(f);
+    }
+}

@@ -13,12 +13,12 @@
 //! after it (tcmalloc grows its heap with brk). The parts sum to smaps' resident bytes (`rss_bytes`); `vmrss_bytes` is
 //! the kernel's batched counter beside it (top's RES).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{heap::glibc::HeapWalk, process::procfs::SmapsEntry, units::bytes};
 
 /// What a part of RSS is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PartKind {
     /// glibc heap pages holding blocks in use (or chunk headers).
@@ -74,7 +74,7 @@ impl PartKind {
 }
 
 /// One part of RSS.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
     /// What it is.
     pub kind: PartKind,
@@ -85,7 +85,7 @@ pub struct Part {
 }
 
 /// Where RSS goes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryMap {
     /// RSS as smaps counts it, page by page, at the moment of the composition.
     pub rss_bytes: u64,

@@ -142,7 +142,7 @@ pub struct Verdict {
     /// How RSS and the live heap moved while traced (none for a trace too short).
     pub trend: Option<Trend>,
     /// Other findings beside the primary one (a leak amid fragmentation).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secondary: Vec<Finding>,
 }
 

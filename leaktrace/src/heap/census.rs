@@ -21,7 +21,7 @@
 //! The target keeps running: a block changed while read costs that block only.
 
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::process::Memory;
 
@@ -135,7 +135,7 @@ struct TypeInfo {
 }
 
 /// Objects of one type.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeCount {
     /// `tp_name`: the class name for a class, the module-qualified name for some
     /// built-in types.
@@ -154,10 +154,10 @@ pub struct TypeCount {
 }
 
 /// A census of the live heap by type.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Census {
     /// "python" or "c++".
-    pub kind: &'static str,
+    pub kind: String,
     /// Types, most bytes first ([`TYPES_SHOWN`] of them).
     pub types: Vec<TypeCount>,
     /// Types whose objects grew since the census at attach, most bytes first.
@@ -178,13 +178,13 @@ pub struct Census {
     pub incomplete: Option<String>,
     /// Whole parts were not read (the time budget, a heap's chain broken): no change
     /// is computed against it.
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     pub cut_short: bool,
     /// Every type's count and bytes, for comparing censuses (not in the JSON).
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     pub all: FxHashMap<String, (u64, u64)>,
     /// Per type, the bytes of its instances' dicts included in its bytes.
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     pub dict_bytes: FxHashMap<String, u64>,
 }
 
@@ -468,7 +468,7 @@ impl<'m> PyCensus<'m> {
         }
         Census {
             dict_bytes,
-            kind: "python",
+            kind: "python".into(),
             objects,
             attributed_bytes: attributed,
             heap_in_use_bytes: self.in_use,
@@ -585,7 +585,7 @@ impl<'v> CxxCensus<'v> {
             attributed += b;
         }
         Census {
-            kind: "c++",
+            kind: "c++".into(),
             objects,
             attributed_bytes: attributed,
             heap_in_use_bytes: self.in_use,

@@ -25,7 +25,7 @@
 //! look in use from outside (they are small: at most 7 per size class per thread).
 
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     process::{Memory, procfs::MapEntry},
@@ -186,7 +186,7 @@ fn walk<M: Memory>(
 }
 
 /// Which kind of arena.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ArenaKind {
     /// The main arena: the brk heap.
@@ -207,7 +207,7 @@ impl ArenaKind {
 }
 
 /// What the walk says about one arena.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArenaStats {
     /// Main or per-thread.
     pub kind: ArenaKind,
@@ -239,17 +239,17 @@ pub struct ArenaStats {
     pub trimmable_bytes: u64,
     /// Bytes of its heaps whose residency was not read (past the pagemap scan limit
     /// of a kernel older than 6.7; counted as not resident). Absent when 0.
-    #[serde(skip_serializing_if = "crate::units::is_zero")]
+    #[serde(default, skip_serializing_if = "crate::units::is_zero")]
     pub residency_unread_bytes: u64,
     /// In-use chunks sitting right above a large free chunk, largest held first: the
     /// heap cannot shrink past them, so the free memory below stays (but for an
     /// explicit `malloc_trim`).
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     pub pins: Vec<Pin>,
 }
 
 /// An in-use chunk right above a free chunk of at least [`PIN_MIN_BYTES`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pin {
     /// The in-use chunk's address (its user pointer is 16 bytes on).
     pub chunk: u64,
@@ -267,7 +267,7 @@ pub const PIN_MIN_BYTES: u64 = 1 << 20;
 const PINS_KEPT: usize = 8;
 
 /// A heap that could not be walked.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unwalkable {
     /// Heap start.
     pub heap: String,
@@ -276,7 +276,7 @@ pub struct Unwalkable {
 }
 
 /// glibc's arena limit for this process.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArenaLimit {
     /// Maximum number of arenas.
     pub limit: u64,
@@ -285,7 +285,7 @@ pub struct ArenaLimit {
 }
 
 /// The whole walk.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeapWalk {
     /// Arenas, main first, then by resident free bytes.
     pub arenas: Vec<ArenaStats>,
@@ -302,7 +302,7 @@ pub struct HeapWalk {
     /// Resident bytes of all heaps.
     pub resident_bytes: u64,
     /// Each walked heap's chunk chain: (first chunk, heap end), for the census.
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     pub chains: Vec<(u64, u64)>,
 }
 

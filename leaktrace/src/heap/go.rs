@@ -16,7 +16,7 @@
 //! removes it, and then nothing is read): a version whose runtime names these
 //! differently is said not to be read, never guessed.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::process::{dwarf, memory::Memory};
 
@@ -85,7 +85,7 @@ impl Layout {
 }
 
 /// The Go runtime's heap, as it counts it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GoHeap {
     /// The program (as the target names it).
     pub object: String,

@@ -22,7 +22,7 @@
 //! paths are jemalloc 5.3's (`pa_shard`, `pac`, `ecache`); a version that names them
 //! otherwise is said not to be read.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::process::{dwarf, elf, memory::Memory};
 
@@ -88,7 +88,7 @@ fn symbol(data: &[u8], prefix: &str, name: &str) -> Result<(u64, u64), String> {
 }
 
 /// One arena's pages, in bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArenaPages {
     /// The arena's index.
     pub arena: u32,
@@ -104,7 +104,7 @@ pub struct ArenaPages {
 }
 
 /// jemalloc's state: its arenas and their totals.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JemallocState {
     /// The object it was read from, as the target names it.
     pub object: String,

@@ -26,7 +26,7 @@
 //! believed only when its header names the arena and slice it was found at and its
 //! blocks start within its own slices (which fixes the slice size).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::process::{dwarf, memory::Memory};
 
@@ -181,7 +181,7 @@ impl Layout {
 }
 
 /// One arena, in bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MiArena {
     /// Its index in the sub-process.
     pub arena: u32,
@@ -206,7 +206,7 @@ pub struct MiArena {
 }
 
 /// mimalloc's state: its arenas and their totals.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MimallocState {
     /// The object it was read from, as the target names it.
     pub object: String,

@@ -21,7 +21,7 @@ pub mod reach;
 pub mod tcmalloc;
 
 /// Other allocators' own state, read from outside where their layout is known.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OtherState {
     /// jemalloc's arenas, per object that holds a jemalloc.
     pub jemalloc: Vec<jemalloc::JemallocState>,
@@ -36,7 +36,7 @@ pub struct OtherState {
 }
 
 /// An allocator whose own state is not read.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NotRead {
     /// Which allocator (`jemalloc`, `tcmalloc`, `mimalloc`).
     pub allocator: String,

@@ -33,7 +33,7 @@ use std::{
 };
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::census::{HAVE_GC, HEAPTYPE, MANAGED_DICT};
 use crate::process::Memory;
@@ -438,7 +438,7 @@ impl Types {
 }
 
 /// The collector, read from outside.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PyGc {
     /// `gc.isenabled()`.
     pub enabled: bool,
@@ -447,10 +447,10 @@ pub struct PyGc {
     /// `gc.get_count()`.
     pub counts: Vec<i64>,
     /// Collections of each generation so far (3.4+).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collections: Option<Vec<u64>>,
     /// Objects `gc.freeze()` moved out of the collector's reach (3.7+).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen: Option<u64>,
     /// A collection was running while read.
     pub collecting: bool,
@@ -469,7 +469,7 @@ pub struct PyGc {
 }
 
 /// Objects by type.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     /// Objects.
     pub objects: u64,
@@ -482,7 +482,7 @@ pub struct Group {
 }
 
 /// `gc.garbage`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Garbage {
     /// Objects in the list.
     pub objects: u64,
@@ -497,7 +497,7 @@ pub struct Garbage {
 }
 
 /// One type's objects.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeCount {
     /// `tp_name`.
     pub name: String,
@@ -508,7 +508,7 @@ pub struct TypeCount {
 }
 
 /// The path from a root that holds a class's objects.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldBy {
     #[serde(rename = "type")]
     /// The class's name.
@@ -522,7 +522,7 @@ pub struct HeldBy {
 }
 
 /// What reading the collector's objects cost.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct GcScan {
     /// Both passes, milliseconds.
     pub ms: f64,
@@ -537,7 +537,7 @@ pub struct GcScan {
     /// read): taken as referenced from outside.
     pub inconsistent: u64,
     /// Why the figures may be short.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete: Option<String>,
 }
 

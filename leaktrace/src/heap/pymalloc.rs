@@ -34,7 +34,7 @@
 //! read once more, then counted as in use when it lies inside an arena (never as
 //! free), and the walk stops at a time budget, saying so.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     process::Memory,
@@ -55,7 +55,7 @@ const ARENAS_KEPT: usize = 16;
 pub const MOSTLY_EMPTY_SHARE: f64 = 0.25;
 
 /// pymalloc's geometry for one CPython version (64-bit).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// `POOL_SIZE`.
     pub pool_bytes: u64,
@@ -148,7 +148,7 @@ fn parse(raw: &[u8; POOL_OVERHEAD as usize], addr: u64, l: &Layout) -> Option<Po
 }
 
 /// Live blocks of one size.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SizeClass {
     /// Block size.
     pub block_bytes: u64,
@@ -157,7 +157,7 @@ pub struct SizeClass {
 }
 
 /// What the walk says about one arena.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PyArena {
     /// Address of its first pool (the arena's mapping starts at most a pool before).
     pub address: String,
@@ -177,9 +177,9 @@ pub struct PyArena {
     pub free_resident_bytes: u64,
     /// Live blocks by size, most bytes first.
     pub size_classes: Vec<SizeClass>,
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     start: u64,
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     classes: Vec<u64>,
 }
 
@@ -238,7 +238,7 @@ impl PyArena {
 }
 
 /// The mostly-empty arenas together: what their few live blocks keep.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pinned {
     /// Mostly-empty arenas.
     pub arenas: u64,
@@ -255,7 +255,7 @@ pub struct Pinned {
 }
 
 /// The whole walk.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PymallocWalk {
     /// The geometry walked with.
     pub layout: Option<Layout>,
@@ -280,10 +280,10 @@ pub struct PymallocWalk {
     /// Why the walk stopped early, if it did.
     pub incomplete: Option<String>,
     /// Pools that changed between their header's reading and the census's (skipped).
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     pub census_torn_pools: u64,
     /// Each arena: (first pool, end, resident in use, resident free).
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "crate::capture::outside")]
     pub spans: Vec<(u64, u64, u64, u64)>,
 }
 

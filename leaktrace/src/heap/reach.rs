@@ -123,7 +123,7 @@ pub struct Root {
 }
 
 /// Where a root's pointers live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RootKind {
     /// A loaded object's writable data: its globals.
@@ -332,7 +332,7 @@ pub fn scan(
 
 /// What holds part of the heap: a root (a global by name where the object has a
 /// symbol for it), with the blocks and bytes reached through it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HeldBy {
     /// `request_cache in reach`, `thread 4711's stack`, `anonymous mapping at 0x7f…`.
     pub root: String,
@@ -345,7 +345,7 @@ pub struct HeldBy {
 }
 
 /// How the scans went.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ScanStats {
     /// Bytes read by both passes: roots and blocks.
     pub bytes_scanned: u64,
@@ -364,7 +364,7 @@ pub struct ScanStats {
 }
 
 /// The reachability of the heap, from two scans.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Reachability {
     /// Blocks unreferenced in both passes, unchanged (start, length), at most
     /// [`MAX_LISTED`] of them.

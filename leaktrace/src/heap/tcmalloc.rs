@@ -18,7 +18,7 @@
 //! The layout comes from the object's DWARF and its symbol table: never guessed. The
 //! figures are read without its locks: one may be an operation old.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::process::{dwarf, elf, memory::Memory};
 
@@ -165,7 +165,7 @@ impl Layout {
 }
 
 /// tcmalloc's state, in bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcmallocState {
     /// The object it was read from, as the target names it.
     pub object: String,

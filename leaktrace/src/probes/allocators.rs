@@ -22,7 +22,7 @@ use std::{
 
 use leaktrace_common::AllocFn;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::probes::placement::{self, Placement};
 
@@ -125,7 +125,7 @@ const MIMALLOC: [(AllocFn, &str); 27] = [
 pub const FAMILY_FUNCTIONS: [&[(AllocFn, &str)]; 4] = [&JE, &RJEM, &TCMALLOC, &MIMALLOC];
 
 /// The allocators leaktrace tells apart by their symbols.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Allocator {
     /// glibc's ptmalloc.
@@ -160,7 +160,7 @@ impl Allocator {
 }
 
 /// An allocator found in one object.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Found {
     /// Which allocator.
     pub allocator: Allocator,

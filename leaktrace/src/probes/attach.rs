@@ -8,7 +8,7 @@ use aya::{
     programs::{TracePoint, UProbe, trace_point::TracePointLinkId, uprobe::UProbeScope},
 };
 use leaktrace_common::AllocFn;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     error::Error,
@@ -24,7 +24,7 @@ use crate::{
 pub const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "mprotect", "madvise"];
 
 /// How a probed function's return is seen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReturnProbe {
     /// A return probe on every call.
@@ -36,7 +36,7 @@ pub enum ReturnProbe {
 }
 
 /// A probe leaktrace attached.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeInfo {
     /// Function name.
     pub function: String,

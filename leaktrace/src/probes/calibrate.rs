@@ -15,7 +15,7 @@ use aya::{
     Ebpf,
     programs::{UProbe, uprobe::UProbeScope},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
@@ -23,7 +23,7 @@ use crate::error::Error;
 pub const PROGRAM: &str = "calibrate";
 
 /// Measured costs, µs per hit.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrapCosts {
     /// An entry probe on an instruction the kernel emulates.
     pub emulated_us: f64,

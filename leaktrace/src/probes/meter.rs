@@ -9,7 +9,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
 };
 use leaktrace_common::{AllocFn, maps::HIT_SLOTS};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     probes::{allocators::ProbeSite, attach::Attached, calibrate::TrapCosts, cost},
@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Allocator call rates and what the probes cost, projected from them.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Overhead {
     /// Seconds measured.
     pub window_s: f64,
@@ -38,7 +38,7 @@ pub struct Overhead {
     pub bpf_us_per_call: Option<f64>,
     /// Per BPF program, over the whole run while statistics were on: runs and mean
     /// nanoseconds per run (empty when not measured).
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub bpf_programs: std::collections::BTreeMap<String, ProgramCost>,
     /// CPU seconds per second the kernel charged the target (traps included).
     pub target_cpu_per_s: f64,
@@ -47,7 +47,7 @@ pub struct Overhead {
 }
 
 /// What one BPF program cost, measured by the kernel's BPF statistics.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProgramCost {
     /// Runs while the statistics were on.
     pub runs: u64,
@@ -56,7 +56,7 @@ pub struct ProgramCost {
 }
 
 /// The overhead budget detached the heap probes.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeapDetached {
     /// Seconds after attach.
     pub after_s: f64,

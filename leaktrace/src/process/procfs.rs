@@ -162,7 +162,7 @@ pub fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
 }
 
 /// Memory figures from `/proc/PID/status`, in bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rss {
     /// VmRSS.
     pub rss_bytes: u64,

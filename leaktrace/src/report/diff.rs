@@ -21,6 +21,10 @@ const FRAMES: usize = 6;
 pub fn load(path: &std::path::Path) -> Result<Heaps, String> {
     use std::io::Read as _;
     let shown = path.display();
+    if crate::capture::is_capture(path) {
+        let r = crate::capture::Replay::load(path)?;
+        return Ok(Heaps::from(&r.report(usize::MAX)));
+    }
     let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
     let mut text = String::new();
     f.take(MAX_REPORT_BYTES + 1)

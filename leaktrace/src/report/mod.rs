@@ -8,7 +8,7 @@ pub mod diff;
 pub mod pprof;
 mod text;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use build::{Inputs, build};
 pub use text::{Frames, render_dry_run, render_text};
@@ -210,7 +210,7 @@ pub struct GlibcHeaps {
 }
 
 /// How native stacks are unwound.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Unwinder {
     /// No stacks (`--no-stacks`).
     #[default]
@@ -251,7 +251,7 @@ pub struct StackInfo {
 }
 
 /// The target's CPython interpreter.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PythonInfo {
     /// "3.11".
     pub version: String,
@@ -266,13 +266,13 @@ pub struct PythonInfo {
     /// Python frames left unnamed because their code object had been freed and
     /// another (with another name) made at its address before it was read. Absent
     /// when 0.
-    #[serde(skip_serializing_if = "crate::units::is_zero")]
+    #[serde(default, skip_serializing_if = "crate::units::is_zero")]
     pub frames_replaced: u64,
     /// The cyclic garbage collector, read from outside (final reports).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc: Option<crate::heap::pygc::PyGc>,
     /// Why the collector was not read, when it was looked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc_not_read: Option<String>,
 }
 
@@ -301,7 +301,7 @@ pub struct Heap {
 
 /// How sampled mode's duty cycle went: the heap probes were attached for one window
 /// at a random moment of each second, as often as the cost budget allowed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DutyReport {
     /// The budget, percent of the target's own CPU time.
     pub budget_pct: f64,
@@ -336,6 +336,71 @@ pub struct Mappings {
     pub arenas: Vec<ArenaInfo>,
     /// Stacks by mapped bytes, largest first.
     pub stacks: Vec<MapStack>,
+}
+
+/// What a report states of the run besides the books and the worker's snapshot, taken
+/// once per report (and recorded with it in a capture).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunFacts {
+    /// The traced process.
+    pub pid: u32,
+    /// The kernel's counters, indexed by `counter::*`.
+    pub kernel_counters: Vec<u64>,
+    /// The target's RSS, last sampled.
+    pub rss: Rss,
+    /// Seconds traced.
+    pub duration_s: f64,
+    /// CLOCK_MONOTONIC when the report was made (ages are measured to it).
+    pub now_ns: u64,
+    /// The report at the end of the run.
+    pub final_report: bool,
+    /// Why the run ended.
+    pub end_reason: Option<String>,
+    /// The target is gone.
+    pub target_exited: bool,
+    /// The probes attached.
+    pub probes: Vec<ProbeInfo>,
+    /// The allocators found, the one serving `malloc` marked.
+    pub allocators: Vec<crate::probes::allocators::Found>,
+    /// The probes' cost.
+    pub overhead: Option<Overhead>,
+    /// Why and when the heap probes were detached by the overhead budget.
+    pub heap_detached: Option<HeapDetached>,
+    /// Sampled mode's duty cycle.
+    pub duty: Option<DutyReport>,
+    /// Why the heap is not traced at all.
+    pub heap_not_traced: Option<String>,
+    /// `--min-age`, in seconds.
+    pub min_age_s: f64,
+    /// How stacks were captured.
+    pub unwinder: Unwinder,
+    /// The target's execs while traced.
+    pub execs: Vec<ExecNote>,
+}
+
+impl RunFacts {
+    /// Facts of a run nothing is known of but its pid (a capture cut before any).
+    pub fn unknown(pid: u32) -> Self {
+        Self {
+            pid,
+            kernel_counters: Vec::new(),
+            rss: Rss::default(),
+            duration_s: 0.0,
+            now_ns: 0,
+            final_report: true,
+            end_reason: None,
+            target_exited: false,
+            probes: Vec::new(),
+            allocators: Vec::new(),
+            overhead: None,
+            heap_detached: None,
+            duty: None,
+            heap_not_traced: None,
+            min_age_s: 0.0,
+            unwinder: Unwinder::default(),
+            execs: Vec::new(),
+        }
+    }
 }
 
 /// A report, as printed at each interval and at the end.
@@ -402,7 +467,7 @@ pub struct Report {
 }
 
 /// An exec of the traced process.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExecNote {
     /// Seconds after the start of tracing.
     pub at_s: f64,
@@ -629,7 +694,7 @@ mod tests {
             },
             census: Some({
                 let mut c = crate::heap::census::Census {
-                    kind: "python",
+                    kind: "python".into(),
                     objects: 61_000,
                     attributed_bytes: 4 << 20,
                     heap_in_use_bytes: 5 << 20,
@@ -645,7 +710,7 @@ mod tests {
                     ..Default::default()
                 };
                 let first = crate::heap::census::Census {
-                    kind: "python",
+                    kind: "python".into(),
                     all: [
                         ("Order".to_owned(), (30_000, 1_920_000)),
                         ("Session".to_owned(), (10_000, 480_000)),

@@ -36,25 +36,34 @@ impl Heaps {
     /// Reads the build id of each object the frames name, as process `pid` sees it
     /// (through `/proc/PID/root`), for the profile's mappings.
     pub fn read_build_ids(&mut self, pid: u32) {
-        let mut modules: Vec<&str> = self
-            .heap
-            .stacks
-            .iter()
-            .flat_map(|s| &s.frames)
-            .filter_map(|f| f.module.as_deref())
-            .collect();
-        modules.sort_unstable();
-        modules.dedup();
-        let mut ids = FxHashMap::default();
-        for m in modules.into_iter().take(1024) {
-            // Only the notes are read, not the object.
-            let path = std::path::PathBuf::from(format!("/proc/{pid}/root{m}"));
-            if let Some(hex) = crate::symbolize::native::build_id(&path) {
-                ids.insert(m.to_owned(), hex);
-            }
-        }
-        self.build_ids = ids;
+        self.build_ids = read_build_ids(
+            pid,
+            self.heap
+                .stacks
+                .iter()
+                .flat_map(|s| &s.frames)
+                .filter_map(|f| f.module.as_deref()),
+        );
     }
+}
+
+/// The build ids of objects (paths in the target's mount namespace), read through
+/// `/proc/PID/root`: only their notes, of 1024 objects at most.
+pub fn read_build_ids<'a>(
+    pid: u32,
+    modules: impl Iterator<Item = &'a str>,
+) -> FxHashMap<String, String> {
+    let mut modules: Vec<&str> = modules.collect();
+    modules.sort_unstable();
+    modules.dedup();
+    let mut ids = FxHashMap::default();
+    for m in modules.into_iter().take(1024) {
+        let path = std::path::PathBuf::from(format!("/proc/{pid}/root{m}"));
+        if let Some(hex) = crate::symbolize::native::build_id(&path) {
+            ids.insert(m.to_owned(), hex);
+        }
+    }
+    ids
 }
 
 /// The heap section's stacks.

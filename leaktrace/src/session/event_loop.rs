@@ -17,7 +17,7 @@ use rustc_hash::FxHashSet;
 use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedReceiver};
 
 use crate::{
-    accounting::{ledger::Ledger, losses::Losses, timeline::Timeline},
+    accounting::{ledger::Ledger, timeline::Timeline},
     analysis::verdict::{self, Facts},
     error::Error,
     probes::{
@@ -27,7 +27,7 @@ use crate::{
         meter::{self, HeapDetached, Meter, Overhead},
     },
     process::{launch, procfs},
-    report::{self, Report, Unwinder},
+    report::{self, Report, RunFacts, Unwinder},
     session::{
         Config, Format, Outcome,
         output::Output,
@@ -109,6 +109,8 @@ struct Session<'a> {
     worker: worker::Handle,
     replies: UnboundedReceiver<Reply>,
     out: Output,
+    /// `--record`: the capture being written.
+    recorder: Option<crate::capture::Recorder>,
 }
 
 /// Takes a map out of the loaded object.
@@ -127,6 +129,7 @@ pub fn run(
     config: &Config,
     p: Prepared,
     out: Output,
+    mut recorder: Option<crate::capture::Recorder>,
     attaching: super::notice::Notice,
 ) -> Result<Outcome, Error> {
     let Prepared {
@@ -206,6 +209,20 @@ pub fn run(
     } else {
         None
     };
+    if let Some(r) = recorder.as_mut() {
+        r.start(&crate::capture::Start {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid,
+            command: super::follow::command_line(pid),
+            unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            start_brk,
+            brk,
+            sample_rate: u64::from(config.sample_rate),
+            launched: blocked.is_some(),
+        });
+    }
     let (reply_tx, replies) = tokio::sync::mpsc::unbounded_channel();
     let worker = worker::Handle::start(setup, reply_tx)
         .map_err(|e| Error::Worker(format!("cannot start it: {e}")))?;
@@ -241,6 +258,7 @@ pub fn run(
         worker,
         replies,
         out,
+        recorder,
     };
     let outcome = rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked));
     match &outcome {
@@ -361,6 +379,7 @@ impl Session<'_> {
         };
         let stats_on = stats.is_some();
         meter.start_bpf(meter::bpf_run_ns(ebpf, &self.attached, stats_on));
+        let mut budget_ticks = 0u64;
         let mut budget_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + BUDGET_EVERY, BUDGET_EVERY);
         budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -412,6 +431,7 @@ impl Session<'_> {
         // Said before the attach line, if attaching took long enough to be mentioned.
         drop(self.attaching.take());
         self.started = go(self.config, self.pid, self.attached.probes.len(), blocked)?;
+        self.record_facts(&m);
         if self.config.duty_budget_pct.is_some()
             && self.attached.multi.is_none()
             && !self.config.dry_run
@@ -471,7 +491,7 @@ impl Session<'_> {
                 }
                 _ = tick.tick() => {
                     self.sample_rss();
-                    self.timeline.sample(self.started.elapsed().as_secs_f64(), &self.ledger, self.rss, self.threads);
+                    self.sample_timeline(&m);
                     self.sample_followers();
                     self.worker.send(Job::Resolve);
                 }
@@ -482,6 +502,10 @@ impl Session<'_> {
                     {
                         self.check_budget(ebpf, &window);
                         self.overhead = Some(window);
+                    }
+                    budget_ticks += 1;
+                    if budget_ticks.is_multiple_of(10) {
+                        self.record_facts(&m);
                     }
                 }
                 _ = report_tick.tick() => {
@@ -498,7 +522,9 @@ impl Session<'_> {
                         return Err(Error::Worker("it stopped".into()));
                     };
                     if let Some((Then::IntervalReport, snap)) = self.on_reply(reply, &mut m) {
-                        let r = self.report(&snap, &m, false, None);
+                        let facts = self.facts(&m, false, None);
+                        self.record_report(&facts, &snap);
+                        let r = self.report(&snap, &facts);
                         match self.config.format {
                             Format::Text => self.out.write(&report::render_text(&r, self.config.frames()))?,
                             // JSON Lines: one document per line, the final one last.
@@ -506,7 +532,7 @@ impl Session<'_> {
                             // One document, at the end (main refuses --interval with them).
                             Format::Pprof | Format::Folded => {}
                         }
-                        self.write_pprof_dir(&snap, &m, false)?;
+                        self.write_pprof_dir(&snap, &facts)?;
                     }
                 }
                 _ = sigchld.recv(), if self.launched => self.on_child_event(&mut m),
@@ -559,12 +585,7 @@ impl Session<'_> {
         if !self.target_exited {
             self.sample_rss();
         }
-        self.timeline.sample(
-            self.started.elapsed().as_secs_f64(),
-            &self.ledger,
-            self.rss,
-            self.threads,
-        );
+        self.sample_timeline(&m);
         self.sample_followers();
         self.ask_snapshot(Then::FinalReport);
         // The whole run's figures, unless the budget stopped the heap probes: then
@@ -603,13 +624,15 @@ impl Session<'_> {
                 })).expect("serializes") + "\n",
             };
             self.out.write(&text)?;
-            let report = self.report(&snap, &m, true, Some(reason));
+            let report = self.report(&snap, &self.facts(&m, true, Some(reason)));
             return Ok(Outcome {
                 report,
                 interrupted,
             });
         }
-        let report = self.report(&snap, &m, true, Some(reason));
+        let facts = self.facts(&m, true, Some(reason));
+        self.record_report(&facts, &snap);
+        let report = self.report(&snap, &facts);
         let heaps = || report::pprof::Heaps::from(&report);
         match self.config.format {
             Format::Text => self
@@ -630,17 +653,37 @@ impl Session<'_> {
             }
             Format::Folded => self.out.write(&report::pprof::folded(&heaps(), false))?,
         }
-        self.write_pprof_dir(&snap, &m, true)?;
+        self.write_pprof_dir(&snap, &facts)?;
         if let Some(path) = &self.config.flamegraph {
             let all = if self.config.format.every_stack() {
                 heaps()
             } else {
                 self.every_stack = true;
-                let r = self.report(&snap, &m, true, None);
+                let r = self.report(&snap, &facts);
                 self.every_stack = false;
                 report::pprof::Heaps::from(&r)
             };
             write_flamegraph(path, &all)?;
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.finish();
+            if let Some(why) = &r.failed {
+                log::warn!(
+                    "the capture {} stopped after {} events ({why}): it replays up to there",
+                    r.path(),
+                    r.events_total
+                );
+            } else if self.config.announce {
+                #[expect(clippy::print_stderr, reason = "a closing line for the user")]
+                {
+                    eprintln!(
+                        "leaktrace: recorded {} events in {} ({}): leaktrace --replay {0}",
+                        r.events_total,
+                        r.path(),
+                        crate::units::bytes(r.bytes_total),
+                    );
+                }
+            }
         }
         log::info!(
             "final report: drained in {:.0} ms, worker's snapshot by {:.0} ms, written by {:.0} ms",
@@ -659,6 +702,9 @@ impl Session<'_> {
         match reply {
             Reply::Ready => {}
             Reply::Stacks { stacks, unreadable } => {
+                if let Some(r) = self.recorder.as_mut() {
+                    r.stacks(&stacks, unreadable);
+                }
                 self.stacks.extend(stacks);
                 self.ledger.counters.stack_unreadable += unreadable;
             }
@@ -674,9 +720,11 @@ impl Session<'_> {
             }
             Reply::Done(_) => {}
             Reply::Interpreter(version) => {
-                // pymalloc maps 1 MiB arenas since CPython 3.10, 256 KiB ones before.
-                let arena = version.map(|v| if v >= (3, 10) { 1 << 20 } else { 256 << 10 });
-                self.ledger.set_pymalloc_arena(arena);
+                if let Some(r) = self.recorder.as_mut() {
+                    r.interpreter(version);
+                }
+                self.ledger
+                    .set_pymalloc_arena(crate::capture::pymalloc_arena(version));
             }
             Reply::Snapshot(then, snap) => return Some((then, snap)),
         }
@@ -750,6 +798,9 @@ impl Session<'_> {
             more = budget == 0;
             if item.len() < size_of::<Event>() {
                 self.ledger.counters.bad_events += 1;
+                if let Some(r) = self.recorder.as_mut() {
+                    r.bad_events(1);
+                }
                 continue;
             }
             // SAFETY: the buffer holds at least one Event, a Pod written by our BPF program;
@@ -760,6 +811,9 @@ impl Session<'_> {
             }
             if self.family.is_some() && self.route(&ev) {
                 continue;
+            }
+            if let Some(r) = self.recorder.as_mut() {
+                r.event(&ev);
             }
             self.ledger.apply(&ev);
             if ev.kind == leaktrace_common::kind::MMAP && ev.aux & PROT_EXEC != 0 {
@@ -1098,6 +1152,9 @@ impl Session<'_> {
             // The window is timed from when its probes are in place.
             d.open(tokio::time::Instant::now());
             self.ledger.set_duty(d.duty());
+            if let Some(r) = self.recorder.as_mut() {
+                r.duty(d.duty());
+            }
             load::enable(ebpf, leaktrace_common::ENABLE_ALL)?;
             log::debug!(
                 "duty cycle: window {} attached in {:.2} ms",
@@ -1173,36 +1230,18 @@ impl Session<'_> {
     /// malloc when it is not glibc's, else one called through its own prefixed API (a
     /// Rust program's jemalloc or mimalloc), whose probes were placed.
     fn other_allocator(&self) -> Option<&crate::probes::allocators::Found> {
-        let other = |f: &&crate::probes::allocators::Found| {
-            !matches!(f.allocator, Allocator::Glibc | Allocator::Go)
-        };
-        self.allocators
-            .iter()
-            .filter(other)
-            .find(|f| f.serves_malloc)
-            .or_else(|| {
-                self.allocators
-                    .iter()
-                    .filter(other)
-                    .find(|f| !f.prefix.is_empty() && f.probes > 0)
-            })
+        crate::analysis::other_allocator(&self.allocators)
     }
 
-    /// The verdict, then the report, from the books and the worker's snapshot.
     /// With `--pprof-dir`: a pprof profile of every heap stack, as
     /// `leaktrace-PID-UNIXMS.pb.gz`, and the oldest of this run's beyond the kept count
     /// removed.
-    fn write_pprof_dir(
-        &mut self,
-        snap: &Snapshot,
-        m: &Maps,
-        final_report: bool,
-    ) -> Result<(), Error> {
+    fn write_pprof_dir(&mut self, snap: &Snapshot, facts: &RunFacts) -> Result<(), Error> {
         let Some((dir, keep)) = self.config.pprof_dir.clone() else {
             return Ok(());
         };
         self.every_stack = true;
-        let r = self.report(snap, m, final_report, None);
+        let r = self.report(snap, facts);
         self.every_stack = false;
         let mut h = report::pprof::Heaps::from(&r);
         if !self.target_exited {
@@ -1224,123 +1263,96 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn report(
-        &self,
-        snap: &Snapshot,
-        m: &Maps,
-        final_report: bool,
-        reason: Option<String>,
-    ) -> Report {
-        let kernel = m.kernel_counters();
-        let now_ns = monotonic_ns();
-        // Unreferenced blocks allocated since attach (before the first scan), per stack.
-        let reach_facts = snap.reach.as_ref().map(|r| {
-            let mut by_stack: rustc_hash::FxHashMap<i64, (u64, u64)> = Default::default();
-            for &(addr, _) in &r.unreferenced {
-                if let Some(b) = self
-                    .ledger
-                    .live()
-                    .get(&addr)
-                    .filter(|b| b.ts_ns < r.first_pass_ns)
-                {
-                    let e = by_stack.entry(b.stack_id).or_default();
-                    e.0 += 1;
-                    e.1 += b.size;
-                }
-            }
-            // What holds each stack's blocks.
-            let mut held: rustc_hash::FxHashMap<i64, rustc_hash::FxHashMap<u32, (u64, u64)>> =
-                Default::default();
-            for &(addr, name) in &r.reached {
-                if let Some(b) = self.ledger.live().get(&addr) {
-                    let e = held.entry(b.stack_id).or_default().entry(name).or_default();
-                    e.0 += 1;
-                    e.1 += b.size;
-                }
-            }
-            let held_by_stack = held
-                .into_iter()
-                .map(|(stack, by)| {
-                    let mut v: Vec<(String, u64, u64)> = by
-                        .into_iter()
-                        .filter_map(|(n, (blocks, bytes))| {
-                            Some((r.holder_names.get(n as usize)?.clone(), blocks, bytes))
-                        })
-                        .collect();
-                    v.sort_unstable_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
-                    v.truncate(3);
-                    (stack, v)
-                })
-                .collect();
-            verdict::ReachFacts {
-                held_by_stack,
-                unreferenced_by_stack: by_stack,
-                held_by: r.held_by.clone(),
-                complete: r.scan.incomplete.is_none(),
-            }
-        });
-        let verdict = verdict::decide(&Facts {
-            points: self.timeline.points(),
-            candidates: verdict::candidates(&self.ledger, &self.timeline, &self.stacks, now_ns),
-            walk: snap.walk.as_ref(),
-            arena_limit: snap.arena_limit.clone(),
-            mmap_threshold_raised_to: self.ledger.mmap_threshold_raised_to(),
-            malloc_env: snap.malloc_env.clone(),
-            heap_detached: self.heap_detached.is_some(),
-            heap_untraced: self.heap_not_traced.is_some(),
-            lost_total: Losses::tally(&kernel, &self.ledger.counters).total,
-            python: snap.python.is_some(),
-            pymalloc: snap.pymalloc.as_ref(),
-            allocator: self.other_allocator(),
-            jemalloc: &snap.other.jemalloc,
-            mimalloc: &snap.other.mimalloc,
-            tcmalloc: &snap.other.tcmalloc,
-            census: snap.census.as_ref(),
-            reach: reach_facts.as_ref(),
-            pygc: snap.python.as_ref().and_then(|p| p.gc.as_ref()),
-        });
-        let mut r = report::build(&report::Inputs {
+    /// Takes an RSS sample into the timeline (and the capture).
+    fn sample_timeline(&mut self, m: &Maps) {
+        let t = self.started.elapsed().as_secs_f64();
+        self.timeline
+            .sample(t, &self.ledger, self.rss, self.threads);
+        if let Some(r) = self.recorder.as_mut() {
+            r.sample(
+                t,
+                self.rss,
+                self.threads,
+                &m.kernel_counters(),
+                monotonic_ns(),
+            );
+            r.flush();
+        }
+    }
+
+    /// Records the run's facts as they are now (what a capture cut short reports).
+    fn record_facts(&mut self, m: &Maps) {
+        if self.recorder.is_none() {
+            return;
+        }
+        let facts = self.facts(m, false, None);
+        if let Some(r) = self.recorder.as_mut() {
+            r.facts(&facts);
+        }
+    }
+
+    /// Records a report's inputs, with the build ids of the objects in the stacks
+    /// (read now, while the target's files are surely there).
+    fn record_report(&mut self, facts: &RunFacts, snap: &Snapshot) {
+        if self.recorder.is_none() {
+            return;
+        }
+        let build_ids = if self.target_exited {
+            Default::default()
+        } else {
+            report::pprof::read_build_ids(
+                self.pid,
+                self.stacks
+                    .iter()
+                    .flat_map(|(_, s)| &s.frames)
+                    .filter_map(|f| f.module.as_deref()),
+            )
+        };
+        if let Some(r) = self.recorder.as_mut() {
+            r.report(facts, snap, &build_ids);
+        }
+    }
+
+    /// The run's facts for a report made now.
+    fn facts(&self, m: &Maps, final_report: bool, reason: Option<String>) -> RunFacts {
+        RunFacts {
             pid: self.pid,
-            ledger: &self.ledger,
-            stacks: &self.stacks,
-            kernel_counters: &kernel,
+            kernel_counters: m.kernel_counters(),
             rss: self.rss,
             duration_s: self.started.elapsed().as_secs_f64(),
-            now_ns,
-            top: if self.every_stack || self.config.format.every_stack() {
-                usize::MAX
-            } else {
-                self.config.top
-            },
+            now_ns: monotonic_ns(),
             final_report,
             end_reason: reason,
             target_exited: self.target_exited,
-            probes: &self.attached.probes,
-            allocators: &self.allocators,
+            probes: self.attached.probes.clone(),
+            allocators: self.allocators.clone(),
             overhead: self.overhead.clone(),
             heap_detached: self.heap_detached.clone(),
             duty: self.duty_report(),
             heap_not_traced: self.heap_not_traced.clone(),
-            timeline: &self.timeline,
-            verdict,
-            memory: snap.memory.clone(),
             min_age_s: self.config.min_age.map_or(0.0, |d| d.as_secs_f64()),
-            walk: snap.walk.as_ref(),
-            pymalloc: snap.pymalloc.as_ref(),
-            other: Some(&snap.other),
-            census: snap.census.as_ref(),
-            reach: snap.reach.as_ref(),
-            arena_limit: snap.arena_limit.clone(),
-            malloc_env: snap.malloc_env.clone(),
-            python: snap.python.clone(),
-            thread_names: &snap.thread_names,
             unwinder: self.unwinder,
-            unwind: snap.unwind.as_ref(),
-            unnamed: &snap.unnamed,
-        });
-        r.execs = self.execs.clone();
+            execs: self.execs.clone(),
+        }
+    }
+
+    /// The verdict, then the report, from the books, the worker's snapshot and the
+    /// run's facts (taken once per snapshot: every report made of it states the same).
+    fn report(&self, snap: &Snapshot, f: &RunFacts) -> Report {
+        let books = crate::analysis::Books {
+            ledger: &self.ledger,
+            timeline: &self.timeline,
+            stacks: &self.stacks,
+        };
+        let top = if self.every_stack || self.config.format.every_stack() {
+            usize::MAX
+        } else {
+            self.config.top
+        };
+        let mut r = crate::analysis::analyse(books, snap, f, top);
+        let (kernel, now_ns, final_report) = (&f.kernel_counters, f.now_ns, f.final_report);
         if let Some(fam) = &self.family {
-            let f = self.followed(fam, &r, snap, &kernel, now_ns, final_report);
+            let f = self.followed(fam, &r, snap, kernel, now_ns, final_report);
             // Every loss is the report's: the followed processes' books' too.
             for (name, v) in f.processes.iter().flat_map(|p| &p.lost) {
                 *r.lost.entry(name.clone()).or_default() += v;

@@ -77,6 +77,8 @@ pub struct Config {
     /// Also write a pprof heap profile into this directory at each interval report
     /// and at the end, keeping the newest this many (for continuous profilers).
     pub pprof_dir: Option<(PathBuf, usize)>,
+    /// Record a capture here (`--replay` redoes the analysis from it).
+    pub record: Option<PathBuf>,
     /// Ring-buffer size in bytes (power of two).
     pub ring_bytes: u32,
     /// Stack map capacity.
@@ -153,6 +155,7 @@ impl Default for Config {
             output: None,
             flamegraph: None,
             pprof_dir: None,
+            record: None,
             ring_bytes: DEFAULT_RING_BYTES,
             stack_capacity: DEFAULT_STACK_CAPACITY,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
@@ -195,6 +198,10 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         Some(p) => output::Output::file(p)?,
         None => output::Output::stdout(),
     };
+    let recorder = match &config.record {
+        Some(p) => Some(crate::capture::Recorder::create(p)?),
+        None => None,
+    };
     // A kernel leaktrace cannot run on is said in one line, before anything else.
     crate::probes::load::check_kernel()?;
     let attaching = notice::Notice::after(
@@ -208,5 +215,5 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     if let Some(sig) = stop::requested() {
         return Err(Error::Stopped { signal: sig });
     }
-    event_loop::run(config, prepared, out, attaching)
+    event_loop::run(config, prepared, out, recorder, attaching)
 }

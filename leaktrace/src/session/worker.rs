@@ -156,7 +156,7 @@ pub enum Reply {
 }
 
 /// What a report reads from the target, besides the books.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     /// The latest walk of glibc's heaps (kept from an earlier report once the target
     /// is gone).

@@ -14,7 +14,7 @@ use blazesym::symbolize::{
 };
 use leaktrace_common::{STACK_CFI, STACK_SYSCALL, STACK_TRUNCATED, StackTrace};
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     process::procfs::{self, MapEntry},
@@ -68,7 +68,7 @@ struct ObjectNames {
 /// An object in which addresses of the target's stacks had no symbol (a stripped
 /// file, or static functions missing from its symbol table), with what finds its
 /// debug information.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unnamed {
     /// The file, as the target maps it.
     pub object: String,

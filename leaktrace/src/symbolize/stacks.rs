@@ -33,7 +33,7 @@ pub struct Frame {
 }
 
 /// A resolved stack.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stack {
     /// Frames, innermost first.
     pub frames: Vec<Frame>,
@@ -58,6 +58,11 @@ impl StackStore {
     /// A resolved stack.
     pub fn get(&self, id: i64) -> Option<&Stack> {
         self.stacks.get(&id)
+    }
+
+    /// The stacks, by id, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (i64, &Stack)> {
+        self.stacks.iter().map(|(&id, s)| (id, s))
     }
 
     /// Stacks resolved so far.

@@ -30,7 +30,7 @@ use std::{
 use leaktrace_common::{UnwindObject, UnwindRow};
 
 /// What the unwinder loaded, for the report.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct UnwindStats {
     /// Objects with a table in the kernel.
     pub objects: usize,
