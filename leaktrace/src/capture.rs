@@ -54,6 +54,27 @@ fn capture_json<T: Serialize>(r: &T) -> serde_json::Result<Vec<u8>> {
     json
 }
 
+/// The end of user address space (x86-64 with 5-level paging; aarch64's is lower).
+const USER_END: u64 = 1 << 56;
+
+/// Whether an event read from a capture could have come from the kernel: its
+/// addresses and lengths lie in user address space. A capture is a file anyone may
+/// have written; an event that is not is counted as bad and not applied.
+pub fn plausible(ev: &Event) -> bool {
+    use leaktrace_common::kind;
+    let span = |a: u64, len: u64| a.checked_add(len).is_some_and(|e| e <= USER_END);
+    match ev.kind {
+        // A failed call has no block; its requested size may be anything.
+        kind::ALLOC if ev.addr == 0 => ev.aux < USER_END,
+        kind::ALLOC => span(ev.addr, ev.size) && ev.aux < USER_END,
+        kind::FREE => ev.addr < USER_END,
+        kind::MMAP | kind::MUNMAP | kind::MPROTECT | kind::MADVISE => span(ev.addr, ev.size),
+        kind::MREMAP => span(ev.addr, ev.size) && span(ev.aux, ev.aux2),
+        kind::BRK => ev.addr < USER_END && ev.aux < USER_END,
+        _ => true,
+    }
+}
+
 /// pymalloc's arena size for a CPython version: 1 MiB since 3.10, 256 KiB before.
 pub fn pymalloc_arena(version: Option<(u32, u32)>) -> Option<u64> {
     version.map(|v| if v >= (3, 10) { 1 << 20 } else { 256 << 10 })
@@ -378,14 +399,6 @@ pub struct Reader<R> {
     max_record: u64,
 }
 
-impl Reader<std::io::BufReader<std::fs::File>> {
-    /// Opens a capture, checking its magic.
-    pub fn open(path: &Path) -> Result<Self, String> {
-        let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::new(std::io::BufReader::new(f)).map_err(|e| format!("{}: {e}", path.display()))
-    }
-}
-
 impl<R: Read> Reader<R> {
     /// Reads the magic.
     pub fn new(mut input: R) -> Result<Self, String> {
@@ -516,20 +529,24 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Reads a capture and rebuilds its books.
+    /// Reads a capture file and rebuilds its books.
     pub fn load(path: &Path) -> Result<Self, String> {
         let shown = path.display().to_string();
-        let mut rd = Reader::open(path)?;
+        let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+        Self::read(std::io::BufReader::new(f)).map_err(|e| format!("{shown}: {e}"))
+    }
+
+    /// Reads a capture and rebuilds its books.
+    pub fn read(input: impl Read) -> Result<Self, String> {
+        let mut rd = Reader::new(input)?;
         let start = match rd.next_item() {
             Some(Item::Record(Record::Start(s))) => *s,
             Some(_) => {
-                return Err(format!(
-                    "{shown}: a capture that does not begin with its start"
-                ));
+                return Err("a capture that does not begin with its start".into());
             }
             None => {
                 return Err(format!(
-                    "{shown}: nothing readable ({})",
+                    "nothing readable ({})",
                     rd.cut.as_deref().unwrap_or("no records")
                 ));
             }
@@ -550,6 +567,10 @@ impl Replay {
             match item {
                 Item::Events(evs) => {
                     for ev in &evs {
+                        if !plausible(ev) {
+                            ledger.counters.bad_events += 1;
+                            continue;
+                        }
                         ledger.apply(ev);
                         // As the event loop does: the old program's samples go with it.
                         if ev.kind == leaktrace_common::kind::EXEC {

@@ -239,6 +239,9 @@ fn offline_modes_refuse_bad_input() {
         ],
         vec!["--convert", report.to_str().unwrap(), "--format", "text"],
         vec!["--format", "pprof", "--interval", "1", "--pid", "1"],
+        vec!["--replay", report.to_str().unwrap()],
+        vec!["--replay", "/nonexistent/run.ltcap"],
+        vec!["--pid", "1", "--follow-forks", "--record", "/tmp/x.ltcap"],
     ] {
         let out = Command::new(leaktrace_bin()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -246,6 +249,14 @@ fn offline_modes_refuse_bad_input() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("leaktrace: "), "{err}");
     }
+    let out = Command::new(leaktrace_bin())
+        .args(["--replay", report.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("leaktrace: {}: not a leaktrace capture\n", report.display())
+    );
     // A well-formed report converts, even with no stack.
     let out = Command::new(leaktrace_bin())
         .args(["--convert", report.to_str().unwrap(), "--format", "folded"])

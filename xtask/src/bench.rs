@@ -44,6 +44,7 @@ enum Tool {
     LeaktraceStats,
     LeaktraceFp,
     LeaktraceCopy,
+    LeaktraceRecord,
     Bpftrace,
     Heaptrack,
 }
@@ -65,6 +66,7 @@ impl Tool {
             Self::LeaktraceStats => "leaktrace (exact), BPF stats on",
             Self::LeaktraceFp => "leaktrace --unwind fp",
             Self::LeaktraceCopy => "leaktrace, 8 KiB stack copies",
+            Self::LeaktraceRecord => "leaktrace (exact) --record",
             Self::Bpftrace => "bpftrace memleak-equivalent",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
         }
@@ -83,6 +85,8 @@ struct Sample {
     events: Option<f64>,
     /// BPF programs' runs and mean ns per run (kernel statistics), from the report.
     programs: Vec<(String, f64, f64)>,
+    /// With --record: the capture's size in bytes.
+    capture_bytes: Option<u64>,
 }
 
 /// utime + stime of a process, seconds.
@@ -155,6 +159,9 @@ fn command(tool: Tool, w: &Workload, leaktrace: &Path, bench_dir: &Path, libc: &
             if tool == Tool::LeaktraceCopy {
                 c.arg("--copy-stacks");
             }
+            if tool == Tool::LeaktraceRecord {
+                c.arg("--record").arg(out.with_extension("ltcap"));
+            }
             c.arg("--").args(&w.cmd);
             c
         }
@@ -215,6 +222,7 @@ fn run_one(
             ops: None,
             events: None,
             programs: Vec::new(),
+            capture_bytes: None,
         });
     }
     loop {
@@ -278,6 +286,15 @@ fn run_one(
                 .collect()
         })
         .unwrap_or_default();
+    let capture_bytes = (tool == Tool::LeaktraceRecord)
+        .then(|| {
+            let path =
+                std::env::temp_dir().join(format!("leaktrace-bench-{}.ltcap", std::process::id()));
+            let size = std::fs::metadata(&path).ok().map(|m| m.len());
+            let _ = std::fs::remove_file(&path);
+            size
+        })
+        .flatten();
     Ok(Sample {
         ns_per_op,
         tracer_cpu,
@@ -285,6 +302,7 @@ fn run_one(
         ops,
         events,
         programs,
+        capture_bytes,
     })
 }
 
@@ -384,6 +402,7 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         Tool::LeaktraceStats,
         Tool::LeaktraceFp,
         Tool::LeaktraceCopy,
+        Tool::LeaktraceRecord,
     ];
     for (tool, bin) in [(Tool::Bpftrace, "bpftrace"), (Tool::Heaptrack, "heaptrack")] {
         if which::which(bin).is_ok() {
@@ -408,6 +427,9 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
         let mut per_event = Vec::new();
         let mut programs: Vec<(String, f64, f64)> = Vec::new();
         let mut program_ops = None;
+        // --record's capture: bytes, events, tracer CPU; and the exact row's CPU.
+        let mut capture: Option<(u64, f64, Option<f64>)> = None;
+        let mut exact_cpu: Option<f64> = None;
         let python = w.name.contains("CPython");
         for &tool in tools
             .iter()
@@ -418,6 +440,8 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
                 (w.name == "malloc/free, 1 thread" || python)
                     || !matches!(t, Tool::LeaktraceStats | Tool::LeaktraceSampledNoSessions)
             })
+            // Captures are measured on the flat-out loop and CPython.
+            .filter(|&&t| w.name == "malloc/free, 1 thread" || python || t != Tool::LeaktraceRecord)
             // The unwinders are compared where stacks are deep: the 20-frame loop and CPython.
             .filter(|&&t| {
                 w.name.contains("deep")
@@ -452,6 +476,12 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
             added.push((tool, add));
             if let (Some(ops), Some(ev)) = (s.ops, s.events) {
                 per_event.push((tool, ev / ops));
+            }
+            if let (Some(bytes), Some(ev)) = (s.capture_bytes, s.events) {
+                capture = Some((bytes, ev, s.tracer_cpu));
+            }
+            if tool == Tool::Leaktrace {
+                exact_cpu = s.tracer_cpu;
             }
             // Every leaktrace report has the programs' run times now; the exact row's (or
             // the BPF-stats row's, which comes after it) are the ones to show, not the
@@ -497,6 +527,18 @@ pub fn run(workspace: &Path, leaktrace: &Path, quick: bool) -> Result<()> {
                 parts.push(format!("= {:.3} µs per {}", per_op / 1000.0, w.op));
             }
             println!("{:<38} BPF time (kernel stats): {}", "", parts.join(", "));
+        }
+        if let Some((bytes, events, cpu)) = capture.filter(|c| c.1 > 0.0) {
+            println!(
+                "{:<38} --record: {:.1} MiB per million events ({:.1} bytes each); tracer CPU {} (exact without it: {}), {} per {}",
+                "",
+                bytes as f64 / events * 1e6 / (1024.0 * 1024.0),
+                bytes as f64 / events,
+                cpu.map_or("-".into(), |c| format!("{:.1}%", c * 100.0)),
+                exact_cpu.map_or("-".into(), |c| format!("{:.1}%", c * 100.0)),
+                get(Tool::LeaktraceRecord).map_or("-".into(), |a| format!("{a:.3} µs added")),
+                w.op
+            );
         }
         if let (Some(s), Some(n)) = (
             get(Tool::LeaktraceSampled),

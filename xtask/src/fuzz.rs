@@ -7,7 +7,13 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, Result, bail};
 
 /// The targets, as named in fuzz/Cargo.toml.
-pub const TARGETS: &[&str] = &["proc_text", "elf_objects", "heap_walk", "python_code"];
+pub const TARGETS: &[&str] = &[
+    "proc_text",
+    "elf_objects",
+    "heap_walk",
+    "python_code",
+    "capture",
+];
 
 /// cargo-fuzz on the nightly toolchain, in `fuzz/`, without the BPF build (the
 /// targets only call parsers) and without the stable toolchain's environment.

@@ -70,7 +70,7 @@ impl RegionMap {
             self.regions.insert(
                 start,
                 Region {
-                    end: start + len,
+                    end: start.saturating_add(len),
                     ..region
                 },
             );

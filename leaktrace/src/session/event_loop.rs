@@ -213,7 +213,15 @@ pub fn run(
         r.start(&crate::capture::Start {
             version: env!("CARGO_PKG_VERSION").into(),
             pid,
-            command: super::follow::command_line(pid),
+            command: match &config.target {
+                // Not exec'd yet: its /proc/PID/cmdline is still leaktrace's.
+                super::Target::Command(args) => args
+                    .iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                super::Target::Pid(_) => super::follow::command_line(pid),
+            },
             unix_s: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -677,10 +685,10 @@ impl Session<'_> {
                 #[expect(clippy::print_stderr, reason = "a closing line for the user")]
                 {
                     eprintln!(
-                        "leaktrace: recorded {} events in {} ({}): leaktrace --replay {0}",
+                        "leaktrace: recorded {} events in {path} ({}): leaktrace --replay {path}",
                         r.events_total,
-                        r.path(),
                         crate::units::bytes(r.bytes_total),
+                        path = r.path(),
                     );
                 }
             }
