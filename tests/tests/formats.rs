@@ -452,3 +452,38 @@ fn root_record_replays_to_the_live_report() {
         let _ = std::fs::remove_file(f);
     }
 }
+
+/// A sampled, duty-cycled trace of a CPython daemon (Debian's 3.11) that leaks:
+/// replayed, its report is the live one, field for field: the Python stacks, the
+/// census, the collector's state, the duty cycle's windows and the verdict (a leak).
+#[test]
+fn root_record_replays_a_sampled_python_run() {
+    require_root();
+    let python = Path::new("/usr/bin/python3.11");
+    assert!(python.exists(), "Debian's python3.11 is missing");
+    let script = leaktrace_tests::script_path("py_verdict.py");
+    let mut fx = Fixture::spawn_program(python, &[script.to_str().unwrap(), "leak", "50"], &[]);
+    let pid = fx.pid.to_string();
+    let cap = temp_path("py.ltcap");
+    let tracer = Tracer::start(&[
+        "--pid",
+        &pid,
+        "--sample-rate",
+        "64K",
+        "--record",
+        cap.to_str().unwrap(),
+    ]);
+    fx.run_scenario();
+    let live = tracer.finish();
+    assert_eq!(live["verdict"]["kind"], "leak", "{:#}", live["verdict"]);
+    let duty = &live["heap"]["duty_cycle"];
+    assert!(duty["windows"].as_u64().unwrap() > 0, "{duty:#}");
+    assert!(!live["python"]["gc"].is_null() && !live["census"].is_null());
+    let (json, _) = offline_both(&["--replay", cap.to_str().unwrap(), "--format", "json"]);
+    let replayed: serde_json::Value = serde_json::from_str(&json).expect("replayed JSON");
+    for key in live.as_object().expect("an object").keys() {
+        assert_eq!(replayed[key], live[key], "{key} differs");
+    }
+    assert_eq!(replayed, live);
+    let _ = std::fs::remove_file(&cap);
+}
