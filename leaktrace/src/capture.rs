@@ -632,7 +632,7 @@ impl Replay {
             facts.final_report = true;
             facts.end_reason = Some(match &rd.cut {
                 Some(why) => format!("the capture is cut short {why}"),
-                None => "the capture ends before its final report (leaktrace was stopped)".into(),
+                None => "the capture ends before its final report (copied while recording, or leaktrace was killed)".into(),
             });
         }
         Ok(Self {

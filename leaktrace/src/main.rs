@@ -513,7 +513,7 @@ fn replay(path: &std::path::Path, opts: &Opts) -> Result<(), String> {
         eprintln!("leaktrace: {shown} is cut short {cut}: replayed up to there");
     } else if !r.complete {
         eprintln!(
-            "leaktrace: {shown} has no final report (leaktrace was stopped): replayed to its last sample"
+            "leaktrace: {shown} has no final report (copied while recording, or leaktrace was killed): replayed to its last sample"
         );
     }
     let every = matches!(opts.format, FormatArg::Pprof | FormatArg::Folded);

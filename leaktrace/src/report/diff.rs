@@ -23,6 +23,24 @@ pub fn load(path: &std::path::Path) -> Result<Heaps, String> {
     let shown = path.display();
     if crate::capture::is_capture(path) {
         let r = crate::capture::Replay::load(path)?;
+        if let Some(why) = r
+            .cut
+            .as_deref()
+            .map(|c| format!("cut short {c}"))
+            .or_else(|| {
+                (!r.complete).then(|| {
+                    "without its final report (copied while recording, or leaktrace was killed)"
+                        .to_owned()
+                })
+            })
+        {
+            #[expect(clippy::print_stderr, reason = "a note for the user: what is compared")]
+            {
+                eprintln!(
+                    "leaktrace: {shown} is a capture {why}: its heap up to there is compared"
+                );
+            }
+        }
         return Ok(Heaps::from(&r.report(usize::MAX)));
     }
     let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
