@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use super::pprof::{Heaps, StackPart, frame_name};
+use super::pprof::{CensusPart, Heaps, StackPart, TypePart, frame_name};
 use crate::units::bytes;
 
 /// Largest report file read.
@@ -96,6 +96,46 @@ pub struct Diff {
     pub new: Vec<Change>,
     /// Stacks only in the base report, most bytes first.
     pub gone: Vec<Change>,
+    /// How many of each there were (the lists keep the first 20).
+    pub counts: Counts,
+    /// The live heap by type, where both reports have a census of the same kind.
+    pub types: Option<TypeDiff>,
+}
+
+/// One type's change between two censuses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TypeChange {
+    /// The type's name.
+    pub name: String,
+    /// Bytes in the base census (0 when absent).
+    pub base_bytes: u64,
+    /// Bytes in the new census.
+    pub new_bytes: u64,
+    /// `new_bytes − base_bytes`.
+    pub change_bytes: i64,
+    /// Objects in the base census.
+    pub base_count: u64,
+    /// Objects in the new census.
+    pub new_count: u64,
+}
+
+/// Two censuses compared, type by type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TypeDiff {
+    /// The census's kind ("python" or "c++").
+    pub kind: String,
+    /// Bytes of the types listed in both, in the base census.
+    pub base_bytes: u64,
+    /// In the new census.
+    pub new_bytes: u64,
+    /// Types whose bytes grew, most first.
+    pub grown: Vec<TypeChange>,
+    /// Types whose bytes shrank, most first.
+    pub shrunk: Vec<TypeChange>,
+    /// Types only in the new census.
+    pub new: Vec<TypeChange>,
+    /// Types only in the base census.
+    pub gone: Vec<TypeChange>,
     /// How many of each there were (the lists keep the first 20).
     pub counts: Counts,
 }
@@ -192,6 +232,7 @@ pub fn compare(base: &Heaps, new: &Heaps) -> Diff {
         new: Vec::new(),
         gone: Vec::new(),
         counts: Counts::default(),
+        types: None,
     };
     let (base_cut, new_cut) = (cut(base), cut(new));
     for (_, (b, n, frames)) in merged {
@@ -224,6 +265,70 @@ pub fn compare(base: &Heaps, new: &Heaps) -> Diff {
     };
     for v in [&mut d.grown, &mut d.shrunk, &mut d.new, &mut d.gone] {
         order(v);
+    }
+    d.counts.grown = d.grown.len();
+    d.counts.shrunk = d.shrunk.len();
+    d.counts.new = d.new.len();
+    d.counts.gone = d.gone.len();
+    for v in [&mut d.grown, &mut d.shrunk, &mut d.new, &mut d.gone] {
+        v.truncate(LISTED);
+    }
+    d.types = match (&base.census, &new.census) {
+        (Some(b), Some(n)) if b.kind == n.kind => Some(compare_types(b, n)),
+        _ => None,
+    };
+    d
+}
+
+/// Compares two censuses type by type. A type absent from a census that listed only
+/// its largest types may be below its cut: not comparable, not new or gone.
+fn compare_types(base: &CensusPart, new: &CensusPart) -> TypeDiff {
+    let mut merged: FxHashMap<&str, (Option<&TypePart>, Option<&TypePart>)> = FxHashMap::default();
+    for t in &base.types {
+        merged.entry(&t.name).or_default().0 = Some(t);
+    }
+    for t in &new.types {
+        merged.entry(&t.name).or_default().1 = Some(t);
+    }
+    let sum = |c: &CensusPart| c.types.iter().fold(0u64, |a, t| a.saturating_add(t.bytes));
+    let mut d = TypeDiff {
+        kind: new.kind.clone(),
+        base_bytes: sum(base),
+        new_bytes: sum(new),
+        grown: Vec::new(),
+        shrunk: Vec::new(),
+        new: Vec::new(),
+        gone: Vec::new(),
+        counts: Counts::default(),
+    };
+    for (name, (b, n)) in merged {
+        let (bb, bc) = b.map_or((0, 0), |t| (t.bytes, t.count));
+        let (nb, nc) = n.map_or((0, 0), |t| (t.bytes, t.count));
+        let c = TypeChange {
+            name: name.to_owned(),
+            base_bytes: bb,
+            new_bytes: nb,
+            change_bytes: change(nb, bb),
+            base_count: bc,
+            new_count: nc,
+        };
+        match (b, n) {
+            (None, Some(_)) if !base.whole => d.counts.not_comparable += 1,
+            (Some(_), None) if !new.whole => d.counts.not_comparable += 1,
+            (None, Some(_)) => d.new.push(c),
+            (Some(_), None) => d.gone.push(c),
+            _ if c.change_bytes > 0 => d.grown.push(c),
+            _ if c.change_bytes < 0 => d.shrunk.push(c),
+            _ => d.counts.same += 1,
+        }
+    }
+    for v in [&mut d.grown, &mut d.shrunk, &mut d.new, &mut d.gone] {
+        v.sort_by(|a, b| {
+            b.change_bytes
+                .unsigned_abs()
+                .cmp(&a.change_bytes.unsigned_abs())
+                .then_with(|| a.name.cmp(&b.name))
+        });
     }
     d.counts.grown = d.grown.len();
     d.counts.shrunk = d.shrunk.len();
@@ -286,6 +391,50 @@ pub fn render(d: &Diff, base: &str, new: &str) -> String {
                 c.new_allocations,
                 c.frames.join(" ← ")
             );
+        }
+    }
+    if let Some(t) = &d.types {
+        let _ = writeln!(
+            o,
+            "\nHeap by type ({} census): {} → {} in the types listed; {} grown, {} shrunk, {} new, {} gone, {} unchanged",
+            t.kind,
+            bytes(t.base_bytes),
+            bytes(t.new_bytes),
+            t.counts.grown,
+            t.counts.shrunk,
+            t.counts.new,
+            t.counts.gone,
+            t.counts.same
+        );
+        if t.counts.not_comparable > 0 {
+            let _ = writeln!(
+                o,
+                "  {} types are in one census only, which listed only its largest types: not called new or gone",
+                t.counts.not_comparable
+            );
+        }
+        for (title, list) in [
+            ("grown", &t.grown),
+            ("new", &t.new),
+            ("shrunk", &t.shrunk),
+            ("gone", &t.gone),
+        ] {
+            if list.is_empty() {
+                continue;
+            }
+            let _ = writeln!(o, "\n{title} types:");
+            for c in list {
+                let _ = writeln!(
+                    o,
+                    "  {:>12}  {} → {} ({} → {} objects)  {}",
+                    signed(c.change_bytes),
+                    bytes(c.base_bytes),
+                    bytes(c.new_bytes),
+                    c.base_count,
+                    c.new_count,
+                    crate::units::printable(&c.name)
+                );
+            }
         }
     }
     o

@@ -30,6 +30,33 @@ pub struct Heaps {
     /// Build ids (hex) of the objects the frames name, where read (live reports).
     #[serde(skip)]
     pub build_ids: FxHashMap<String, String>,
+    /// The live heap by type (the census), where taken.
+    #[serde(default)]
+    pub census: Option<CensusPart>,
+}
+
+/// The census's types, for comparing reports by type.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CensusPart {
+    /// "python" or "c++".
+    pub kind: String,
+    /// Types listed, most bytes first.
+    pub types: Vec<TypePart>,
+    /// Every type is listed (a live report's census, or a capture's: its whole
+    /// table), not only the largest a JSON report keeps.
+    #[serde(skip)]
+    pub whole: bool,
+}
+
+/// One type in a census.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TypePart {
+    /// The type's name.
+    pub name: String,
+    /// Objects counted.
+    pub count: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 impl Heaps {
@@ -121,6 +148,33 @@ impl From<&Report> for Heaps {
                 stacks_total: Some(r.heap.stacks_total),
             },
             build_ids: FxHashMap::default(),
+            census: r.census.as_ref().map(|c| {
+                let whole = !c.all.is_empty();
+                let types = if whole {
+                    c.all
+                        .iter()
+                        .map(|(name, &(count, bytes))| TypePart {
+                            name: name.clone(),
+                            count,
+                            bytes,
+                        })
+                        .collect()
+                } else {
+                    c.types
+                        .iter()
+                        .map(|t| TypePart {
+                            name: t.name.clone(),
+                            count: t.count,
+                            bytes: t.bytes,
+                        })
+                        .collect()
+                };
+                CensusPart {
+                    kind: c.kind.clone(),
+                    types,
+                    whole,
+                }
+            }),
         }
     }
 }
