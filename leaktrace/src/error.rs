@@ -115,6 +115,18 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    /// The live view cannot take the terminal.
+    #[error("--live cannot start: {0}")]
+    Live(String),
+    /// `--prometheus`'s address cannot be listened on.
+    #[error("cannot serve metrics on {addr}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing the report failed.
     #[error("failed to write the report to {path}")]
     Output {

@@ -109,6 +109,24 @@ struct Opts {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["dry_run", "follow_forks"])]
     record: Option<PathBuf>,
 
+    /// Serve Prometheus metrics on ADDR:PORT (`/metrics`, OpenMetrics text): the
+    /// target's RSS and live heap, where RSS goes, the top stacks' live bytes and
+    /// growth, the verdict, lost events, leaktrace's own CPU and RSS. Refreshed at each
+    /// --interval, else every 15 s (the books' figures every 250 ms).
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["convert", "diff", "replay", "dry_run"])]
+    prometheus: Option<std::net::SocketAddr>,
+
+    /// Show the run in a terminal view, redrawn every second: the verdict, where RSS
+    /// goes, the stacks fastest-growing first (↑↓ select, Enter expands, s sorts, q quits
+    /// and prints the final report).
+    #[arg(long, conflicts_with_all = ["interval", "dry_run", "convert", "diff", "replay"])]
+    live: bool,
+
+    /// Stacks with series in the metrics (the top N by live bytes; a stack that leaves
+    /// the top loses its series, so cardinality stays bounded).
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "prometheus", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    prometheus_top: u32,
+
     /// Trace nothing: redo the analysis of a capture made with --record, without root
     /// or the target, and write its final report in --format (and --flamegraph FILE).
     #[arg(long, value_name = "CAPTURE", conflicts_with_all = ["pid", "command", "convert", "diff", "record"])]
@@ -346,6 +364,9 @@ fn config(opts: Opts) -> Config {
         flamegraph: opts.flamegraph,
         pprof_dir: opts.pprof_dir.map(|d| (d, opts.pprof_keep as usize)),
         record: opts.record,
+        prometheus: opts.prometheus,
+        prometheus_top: opts.prometheus_top as usize,
+        live: opts.live,
         ring_bytes: opts.ring_kib * 1024,
         stack_capacity: opts.stack_capacity,
         inflight_capacity: opts.inflight_capacity,

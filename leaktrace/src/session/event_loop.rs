@@ -111,6 +111,11 @@ struct Session<'a> {
     out: Output,
     /// `--record`: the capture being written.
     recorder: Option<crate::capture::Recorder>,
+    /// `--prometheus`: the metrics served.
+    metrics: Option<super::metrics::Metrics>,
+    /// `--live`: the terminal view, and the last snapshot it shows.
+    live: Option<super::live::Live>,
+    live_snap: Option<Box<Snapshot>>,
 }
 
 /// Takes a map out of the loaded object.
@@ -130,6 +135,7 @@ pub fn run(
     p: Prepared,
     out: Output,
     mut recorder: Option<crate::capture::Recorder>,
+    listener: Option<std::net::TcpListener>,
     attaching: super::notice::Notice,
 ) -> Result<Outcome, Error> {
     let Prepared {
@@ -267,7 +273,18 @@ pub fn run(
         replies,
         out,
         recorder,
+        metrics: None,
+        live: None,
+        live_snap: None,
     };
+    if let Some(l) = listener {
+        let m = super::metrics::Metrics::new(config.prometheus_top, pid);
+        let body = m.body();
+        s.metrics = Some(m);
+        let _guard = rt.enter();
+        let l = tokio::net::TcpListener::from_std(l).map_err(Error::Runtime)?;
+        rt.spawn(super::metrics::serve(l, body));
+    }
     let outcome = rt.block_on(s.event_loop(&mut ebpf, pidfd, blocked));
     match &outcome {
         Ok(_) => s.worker.stop(),
@@ -405,6 +422,24 @@ impl Session<'_> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far = Duration::from_secs(100 * 365 * 24 * 3600);
+        // The live view's snapshot at once, then as often as it or the metrics need.
+        let refresh_every = if self.config.live {
+            super::live::SNAPSHOT_EVERY
+        } else {
+            super::metrics::METRICS_EVERY
+        };
+        let mut refresh_tick = tokio::time::interval_at(
+            tokio::time::Instant::now()
+                + if self.config.live {
+                    Duration::ZERO
+                } else {
+                    refresh_every
+                },
+            refresh_every,
+        );
+        refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut live_tick = tokio::time::interval(super::live::REDRAW_EVERY);
+        live_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut report_tick = tokio::time::interval_at(
             tokio::time::Instant::now() + self.config.interval.unwrap_or(far),
             self.config.interval.unwrap_or(far),
@@ -440,6 +475,12 @@ impl Session<'_> {
         drop(self.attaching.take());
         self.started = go(self.config, self.pid, self.attached.probes.len(), blocked)?;
         self.record_facts(&m);
+        let mut live_keys = None;
+        if self.config.live {
+            let (live, keys) = super::live::Live::start()?;
+            self.live = Some(live);
+            live_keys = Some(keys);
+        }
         if self.config.duty_budget_pct.is_some()
             && self.attached.multi.is_none()
             && !self.config.dry_run
@@ -500,6 +541,9 @@ impl Session<'_> {
                 _ = tick.tick() => {
                     self.sample_rss();
                     self.sample_timeline(&m);
+                    if let Some(mx) = self.metrics.as_mut() {
+                        mx.tick(self.timeline.points().last());
+                    }
                     self.sample_followers();
                     self.worker.send(Job::Resolve);
                 }
@@ -516,6 +560,19 @@ impl Session<'_> {
                         self.record_facts(&m);
                     }
                 }
+                _ = refresh_tick.tick(), if self.live.is_some() || (self.metrics.is_some() && self.config.interval.is_none()) => {
+                    self.ask_snapshot(Then::Refresh);
+                }
+                _ = live_tick.tick(), if self.live.is_some() => self.draw_live(&m),
+                key = async { match live_keys.as_mut() { Some(k) => k.recv().await, None => std::future::pending().await } } => {
+                    let quit = match (key, self.live.as_mut()) {
+                        (Some(k), Some(l)) => l.key(k),
+                        _ => true,
+                    };
+                    if quit {
+                        break ("quit from the live view".to_owned(), false);
+                    }
+                }
                 _ = report_tick.tick() => {
                     let last = match (ends_at, self.config.interval) {
                         (Some(end), Some(every)) => end.saturating_duration_since(Instant::now()) < every / 2,
@@ -529,9 +586,23 @@ impl Session<'_> {
                     let Some(reply) = reply else {
                         return Err(Error::Worker("it stopped".into()));
                     };
-                    if let Some((Then::IntervalReport, snap)) = self.on_reply(reply, &mut m) {
+                    let got = self.on_reply(reply, &mut m);
+                    if let Some((Then::Refresh, snap)) = got {
+                        let facts = self.facts(&m, false, None);
+                        self.update_metrics(&snap, &facts);
+                        if self.live.is_some() {
+                            self.live_snap = Some(snap);
+                            self.draw_live(&m);
+                            if let Some(l) = self.live.as_mut() {
+                                l.repaint();
+                            }
+                        }
+                        continue;
+                    }
+                    if let Some((Then::IntervalReport, snap)) = got {
                         let facts = self.facts(&m, false, None);
                         self.record_report(&facts, &snap);
+                        self.update_metrics(&snap, &facts);
                         let r = self.report(&snap, &facts);
                         match self.config.format {
                             Format::Text => self.out.write(&report::render_text(&r, self.config.frames()))?,
@@ -564,6 +635,9 @@ impl Session<'_> {
                 }
             }
         };
+        // The terminal is given back before anything else is said.
+        drop(self.live.take());
+        drop(live_keys);
         // Whatever is still in the ring buffer belongs in the final report: the programs
         // stop first, so a target that keeps allocating cannot keep the drain going.
         let ending = Instant::now();
@@ -1318,6 +1392,41 @@ impl Session<'_> {
         };
         if let Some(r) = self.recorder.as_mut() {
             r.report(facts, snap, &build_ids);
+        }
+    }
+
+    /// Redraws the live view from the books and its last snapshot.
+    fn draw_live(&mut self, m: &Maps) {
+        if self.live.is_none() {
+            return;
+        }
+        let facts = self.facts(m, false, None);
+        let books = crate::analysis::Books {
+            ledger: &self.ledger,
+            timeline: &self.timeline,
+            stacks: &self.stacks,
+        };
+        let empty = Snapshot::default();
+        let snap = self.live_snap.as_deref().unwrap_or(&empty);
+        let r = crate::analysis::analyse(books, snap, &facts, super::live::STACKS);
+        if let Some(l) = self.live.as_mut() {
+            l.show(r);
+        }
+    }
+
+    /// Refreshes the metrics from a report of their top stacks.
+    fn update_metrics(&mut self, snap: &Snapshot, facts: &RunFacts) {
+        let Some(top) = self.metrics.as_ref().map(|m| m.top) else {
+            return;
+        };
+        let books = crate::analysis::Books {
+            ledger: &self.ledger,
+            timeline: &self.timeline,
+            stacks: &self.stacks,
+        };
+        let r = crate::analysis::analyse(books, snap, facts, top);
+        if let Some(m) = self.metrics.as_mut() {
+            m.report(&r);
         }
     }
 

@@ -6,6 +6,8 @@
 mod duty;
 mod event_loop;
 pub mod follow;
+pub mod live;
+pub mod metrics;
 mod notice;
 pub mod output;
 pub use event_loop::write_flamegraph;
@@ -79,6 +81,12 @@ pub struct Config {
     pub pprof_dir: Option<(PathBuf, usize)>,
     /// Record a capture here (`--replay` redoes the analysis from it).
     pub record: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    pub prometheus: Option<std::net::SocketAddr>,
+    /// Stacks with series in the metrics.
+    pub prometheus_top: usize,
+    /// Show the run in a terminal view (`--live`).
+    pub live: bool,
     /// Ring-buffer size in bytes (power of two).
     pub ring_bytes: u32,
     /// Stack map capacity.
@@ -156,6 +164,9 @@ impl Default for Config {
             flamegraph: None,
             pprof_dir: None,
             record: None,
+            prometheus: None,
+            prometheus_top: 10,
+            live: false,
             ring_bytes: DEFAULT_RING_BYTES,
             stack_capacity: DEFAULT_STACK_CAPACITY,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
@@ -202,6 +213,19 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         Some(p) => Some(crate::capture::Recorder::create(p)?),
         None => None,
     };
+    // An address that cannot be listened on is refused before anything is attached.
+    let listener = match config.prometheus {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| Error::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            Some(l)
+        }
+        None => None,
+    };
     // A kernel leaktrace cannot run on is said in one line, before anything else.
     crate::probes::load::check_kernel()?;
     let attaching = notice::Notice::after(
@@ -215,5 +239,5 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
     if let Some(sig) = stop::requested() {
         return Err(Error::Stopped { signal: sig });
     }
-    event_loop::run(config, prepared, out, recorder, attaching)
+    event_loop::run(config, prepared, out, recorder, listener, attaching)
 }

@@ -131,6 +131,8 @@ pub enum Then {
     IntervalReport,
     /// Build the final report.
     FinalReport,
+    /// Refresh the live view's and the metrics' snapshot.
+    Refresh,
 }
 
 /// The worker's answers.

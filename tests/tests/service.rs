@@ -1,0 +1,213 @@
+//! Left running as a service: `--prometheus` scraped by a real Prometheus (Debian's
+//! package, installed by `cargo xtask setup`), its figures read back through
+//! Prometheus's HTTP API and checked against leaktrace's own report.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use leaktrace_tests::{Fixture, Tracer, require_root, temp_path};
+use serde_json::Value;
+
+/// A loopback port free now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `GET path` on 127.0.0.1:port (HTTP/1.0): the status code and the body.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+/// Percent-encodes a query for a URL.
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prometheus's instant query: the series' labels and values.
+fn query(port: u16, q: &str) -> Vec<(Value, f64)> {
+    let Some((200, body)) = get(port, &format!("/api/v1/query?query={}", encode(q))) else {
+        return Vec::new();
+    };
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    v["data"]["result"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| {
+                    let value = s["value"][1].as_str()?.parse().ok()?;
+                    Some((s["metric"].clone(), value))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `q` until `ok` holds for its result (30 s at most).
+#[track_caller]
+fn until(port: u16, q: &str, ok: impl Fn(&[(Value, f64)]) -> bool) -> Vec<(Value, f64)> {
+    let t = Instant::now();
+    loop {
+        let r = query(port, q);
+        if ok(&r) {
+            return r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{q}: {r:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Prometheus {
+    child: Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `target` every second, its API on a port of its own.
+    fn start(target: u16) -> Self {
+        let bin = Path::new("/usr/bin/prometheus");
+        assert!(
+            bin.exists(),
+            "Prometheus is missing (cargo xtask setup installs it)"
+        );
+        let dir = temp_path("prometheus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: leaktrace\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus starts");
+        let p = Self { child, dir, port };
+        let t = Instant::now();
+        while !matches!(get(port, "/-/ready"), Some((200, _))) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "Prometheus never got ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// heap_ops `basic` leaves 500 bytes from leak_malloc and 900 from leak_calloc. A real
+/// Prometheus scraping `--prometheus` has those exact bytes per function, the live heap
+/// and RSS leaktrace's report states, one verdict kind at 1 (the report's), every loss
+/// reason at 0, where RSS goes by kind, and leaktrace's own CPU and RSS.
+#[test]
+fn root_prometheus_scrapes_the_metrics() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let pid = fx.pid.to_string();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let tracer = Tracer::start(&["--pid", &pid, "--prometheus", &addr, "--interval", "0.5"]);
+    fx.run_scenario();
+    // The endpoint itself: OpenMetrics text, 404 elsewhere.
+    let (code, text) = get(port, "/metrics").expect("/metrics answers");
+    assert_eq!(code, 200);
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(
+        text.contains("# TYPE leaktrace_heap_live_bytes gauge"),
+        "{text}"
+    );
+    assert_eq!(get(port, "/nothing").map(|r| r.0), Some(404));
+
+    let prom = Prometheus::start(port);
+    let p = prom.port;
+    let by_function = |f: &str, want: f64| {
+        until(
+            p,
+            &format!("leaktrace_stack_live_bytes{{function=\"{f}\"}}"),
+            |r| r.len() == 1 && r[0].1 == want,
+        )
+    };
+    let calloc = by_function("leak_calloc", 900.0);
+    assert!(
+        calloc[0].0["stack"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("leak_calloc ← main")),
+        "{calloc:?}"
+    );
+    by_function("leak_malloc", 500.0);
+    // Bounded: the top 10 stacks at most.
+    let stacks = query(p, "leaktrace_stack_live_bytes");
+    assert!(!stacks.is_empty() && stacks.len() <= 10, "{stacks:?}");
+    assert_eq!(
+        query(p, "leaktrace_stack_growth_bytes_per_second").len(),
+        stacks.len()
+    );
+    let losses = until(p, "leaktrace_lost_events_total", |r| !r.is_empty());
+    assert!(
+        losses.iter().all(|(_, v)| *v == 0.0)
+            && losses.iter().any(|(m, _)| m["reason"] == "ringbuf_full"),
+        "{losses:?}"
+    );
+    let verdict = until(p, "leaktrace_verdict == 1", |r| r.len() == 1);
+    let file = until(p, "leaktrace_memory_bytes{kind=\"file\"}", |r| r.len() == 1);
+    assert!(file[0].1 > 0.0, "{file:?}");
+    let cpu = until(p, "leaktrace_cpu_seconds_total", |r| r.len() == 1);
+    assert!(cpu[0].1 > 0.0, "{cpu:?}");
+    let own = until(p, "leaktrace_resident_bytes", |r| r.len() == 1);
+    assert!(own[0].1 > 1e6, "{own:?}");
+    // The figures are the report's: the fixture is idle now.
+    let live = until(p, "leaktrace_heap_live_bytes", |r| r.len() == 1)[0].1;
+    let rss = until(p, "leaktrace_rss_bytes", |r| r.len() == 1)[0].1;
+    drop(prom);
+    let all = String::from_utf8(tracer.finish_bytes()).expect("JSON Lines");
+    let report: Value =
+        serde_json::from_str(all.lines().last().expect("a final report")).expect("JSON");
+    assert_eq!(live, report["heap"]["live_bytes"].as_f64().unwrap());
+    assert!(live >= 1400.0, "{live}");
+    assert_eq!(verdict[0].0["kind"], report["verdict"]["kind"]);
+    let reported_rss = report["rss"]["rss_bytes"].as_f64().unwrap();
+    assert!(
+        (rss - reported_rss).abs() <= reported_rss * 0.05,
+        "RSS {rss} scraped, {reported_rss} reported"
+    );
+}
