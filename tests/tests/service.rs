@@ -211,3 +211,98 @@ fn root_prometheus_scrapes_the_metrics() {
         "RSS {rss} scraped, {reported_rss} reported"
     );
 }
+
+/// tmux's view of a session's pane.
+fn pane(session: &str) -> String {
+    let out = Command::new("tmux")
+        .args(["capture-pane", "-p", "-t", session])
+        .output()
+        .expect("tmux runs (cargo xtask setup installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the pane shows all of `needles` (60 s at most).
+#[track_caller]
+fn until_pane(session: &str, needles: &[&str]) -> String {
+    let t = Instant::now();
+    loop {
+        let p = pane(session);
+        if needles.iter().all(|n| p.contains(n)) {
+            return p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{needles:?} not shown:\n{p}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `--live` in a terminal (tmux), as a user runs it, on a CPython daemon that leaks
+/// (Debian's 3.11): the view shows the verdict LEAK and the growing stack by its Python
+/// frames; `s` re-sorts, Enter expands the stack to its frames, `q` gives the terminal
+/// back, detaches and writes the final report.
+#[test]
+fn root_live_view_shows_a_growing_leak_and_quits() {
+    require_root();
+    let python = Path::new("/usr/bin/python3.11");
+    assert!(python.exists(), "Debian's python3.11 is missing");
+    let script = leaktrace_tests::script_path("py_verdict.py");
+    let mut fx = Fixture::spawn_program(python, &[script.to_str().unwrap(), "leak", "600"], &[]);
+    fx.send("go");
+    let report = temp_path("live-report.txt");
+    let session = format!("leaktrace-live-{}", std::process::id());
+    let status = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &session, "-x", "160", "-y", "40"])
+        .arg(format!(
+            "{} --pid {} --live -o {}; echo leaktrace-exit=$?; sleep 60",
+            leaktrace_tests::leaktrace_bin().display(),
+            fx.pid,
+            report.display()
+        ))
+        .status()
+        .expect("tmux runs (cargo xtask setup installs it)");
+    assert!(status.success());
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .status();
+        }
+    }
+    let _kill = Kill(session.clone());
+    let shown = until_pane(
+        &session,
+        &[
+            "VERDICT: LEAK",
+            "remember (py_verdict.py:25) ← handle (py_verdict.py:30)",
+            "fastest-growing first",
+        ],
+    );
+    assert!(shown.contains("Where RSS goes"), "{shown}");
+    Command::new("tmux")
+        .args(["send-keys", "-t", &session, "s"])
+        .status()
+        .unwrap();
+    until_pane(&session, &["most live bytes first"]);
+    Command::new("tmux")
+        .args(["send-keys", "-t", &session, "Enter"])
+        .status()
+        .unwrap();
+    until_pane(&session, &["Stack: ", "leak_worker (py_verdict.py:36)"]);
+    Command::new("tmux")
+        .args(["send-keys", "-t", &session, "q"])
+        .status()
+        .unwrap();
+    let after = until_pane(&session, &["leaktrace-exit=0"]);
+    assert!(
+        !after.contains("VERDICT: LEAK  "),
+        "the view is gone: {after}"
+    );
+    let text = std::fs::read_to_string(&report).expect("the final report");
+    assert!(text.contains("(quit from the live view)"), "{text}");
+    assert!(text.contains("VERDICT: LEAK"), "{text}");
+    assert!(fx.alive(), "the target lives on");
+    let _ = std::fs::remove_file(&report);
+}

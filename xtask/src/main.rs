@@ -234,6 +234,10 @@ fn setup(kernels: bool) -> Result<()> {
     if !Path::new("/usr/bin/redis-benchmark").exists() {
         missing.push("redis-tools");
     }
+    // A terminal for the live view's test (tmux: send-keys, capture-pane).
+    if !Path::new("/usr/bin/tmux").exists() {
+        missing.push("tmux");
+    }
     // memcached (a stripped binary that fills 1 MiB slab pages) and its load generator.
     if !Path::new("/usr/bin/memcached").exists() {
         missing.push("memcached");

@@ -115,7 +115,7 @@ struct Session<'a> {
     metrics: Option<super::metrics::Metrics>,
     /// `--live`: the terminal view, and the last snapshot it shows.
     live: Option<super::live::Live>,
-    live_snap: Option<Box<Snapshot>>,
+    live_snap: Option<(Box<Snapshot>, Instant)>,
 }
 
 /// Takes a map out of the loaded object.
@@ -591,7 +591,7 @@ impl Session<'_> {
                         let facts = self.facts(&m, false, None);
                         self.update_metrics(&snap, &facts);
                         if self.live.is_some() {
-                            self.live_snap = Some(snap);
+                            self.live_snap = Some((snap, Instant::now()));
                             self.draw_live(&m);
                             if let Some(l) = self.live.as_mut() {
                                 l.repaint();
@@ -1407,10 +1407,14 @@ impl Session<'_> {
             stacks: &self.stacks,
         };
         let empty = Snapshot::default();
-        let snap = self.live_snap.as_deref().unwrap_or(&empty);
+        let snap = self.live_snap.as_ref().map_or(&empty, |(s, _)| s);
         let r = crate::analysis::analyse(books, snap, &facts, super::live::STACKS);
+        let age = self
+            .live_snap
+            .as_ref()
+            .map(|(_, at)| at.elapsed().as_secs_f64());
         if let Some(l) = self.live.as_mut() {
-            l.show(r);
+            l.show(r, age);
         }
     }
 

@@ -24,7 +24,7 @@ use ratatui::{
 };
 use tokio::sync::mpsc;
 
-use crate::{error::Error, report::Report, units::bytes};
+use crate::{error::Error, report::Report, symbolize::stacks::FrameKind, units::bytes};
 
 /// How often the live view asks the worker for a new snapshot.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
@@ -64,6 +64,8 @@ pub struct Live {
     table: TableState,
     expanded: bool,
     last: Option<Report>,
+    /// When the snapshot behind "where RSS goes" was read, seconds before the report.
+    snap_age_s: Option<f64>,
 }
 
 impl Live {
@@ -103,6 +105,7 @@ impl Live {
                 table,
                 expanded: false,
                 last: None,
+                snap_age_s: None,
             },
             keys,
         ))
@@ -131,9 +134,10 @@ impl Live {
         false
     }
 
-    /// Shows a new report.
-    pub fn show(&mut self, r: Report) {
+    /// Shows a new report; its snapshot was read `snap_age_s` before (None: none yet).
+    pub fn show(&mut self, r: Report, snap_age_s: Option<f64>) {
         self.last = Some(r);
+        self.snap_age_s = snap_age_s;
         self.redraw();
     }
 
@@ -149,8 +153,11 @@ impl Live {
         };
         let sort = self.sort;
         let expanded = self.expanded;
+        let age = self.snap_age_s;
         let table = &mut self.table;
-        let _ = self.terminal.draw(|f| draw(f, r, sort, expanded, table));
+        let _ = self
+            .terminal
+            .draw(|f| draw(f, r, sort, expanded, age, table));
     }
 }
 
@@ -224,6 +231,7 @@ fn draw(
     r: &Report,
     sort: Sort,
     expanded: bool,
+    snap_age_s: Option<f64>,
     table: &mut TableState,
 ) {
     let mut stacks = shown(r);
@@ -298,9 +306,13 @@ fn draw(
                 Constraint::Min(10),
             ],
         )
-        .block(
-            Block::bordered().title(format!(" Where RSS goes ({}) ", bytes(r.memory.rss_bytes))),
-        ),
+        .block(Block::bordered().title(match snap_age_s {
+            Some(age) => format!(
+                " Where RSS goes ({} when read, {age:.0} s ago) ",
+                bytes(r.memory.rss_bytes)
+            ),
+            None => " Where RSS goes (not read yet) ".to_owned(),
+        })),
         rows[1],
     );
 
@@ -308,11 +320,16 @@ fn draw(
         .iter()
         .map(|s| {
             let growth = s.growth.as_ref().map_or(0.0, |g| g.bytes_per_s);
+            // A Python stack by its Python frames (after the allocating frame): the
+            // interpreter's own frames between them say little.
+            let python = s.frames.iter().any(|f| f.kind == FrameKind::Python);
             let top = s
                 .frames
                 .iter()
-                .take(4)
-                .map(frame_name)
+                .enumerate()
+                .filter(|(i, f)| !python || *i == 0 || f.kind == FrameKind::Python)
+                .take(5)
+                .map(|(_, f)| frame_name(f))
                 .collect::<Vec<_>>()
                 .join(" ← ");
             Row::new(vec![
@@ -327,8 +344,12 @@ fn draw(
         Sort::Growth => " Heap stacks, fastest-growing first (s: by live bytes) ",
         Sort::Live => " Heap stacks, most live bytes first (s: by growth) ",
     };
-    if table.selected().is_some_and(|i| i >= stacks.len()) {
-        table.select(Some(stacks.len().saturating_sub(1)));
+    // The table drops the selection while it has no rows: the first stack is
+    // selected again once there is one.
+    match table.selected() {
+        None if !stacks.is_empty() => table.select(Some(0)),
+        Some(i) if i >= stacks.len() => table.select(Some(stacks.len().saturating_sub(1))),
+        _ => {}
     }
     f.render_stateful_widget(
         Table::new(
