@@ -111,6 +111,8 @@ pub enum Record {
     Duty(f64),
     /// Ring buffer items too short to be events.
     BadEvents(u64),
+    /// Stacks aged out (`--continuous`).
+    Forget(Vec<i64>),
     /// The run's facts as they were (what a capture cut short reports with): once
     /// tracing began, then every 10 s.
     Facts(Box<crate::report::RunFacts>),
@@ -137,6 +139,9 @@ pub struct Start {
     pub sample_rate: u64,
     /// leaktrace launched the target.
     pub launched: bool,
+    /// The timeline's window, seconds (`--continuous`).
+    #[serde(default)]
+    pub window_s: Option<f64>,
 }
 
 /// A report's inputs besides the books.
@@ -168,6 +173,7 @@ enum RecordRef<'a> {
     Interpreter(Option<(u32, u32)>),
     Duty(f64),
     BadEvents(u64),
+    Forget(&'a [i64]),
     Facts(&'a crate::report::RunFacts),
     Report(ReportRef<'a>),
 }
@@ -318,6 +324,11 @@ impl Recorder {
     /// Items too short to be events.
     pub fn bad_events(&mut self, n: u64) {
         self.record(&RecordRef::BadEvents(n));
+    }
+
+    /// Stacks aged out.
+    pub fn forget(&mut self, ids: &[i64]) {
+        self.record(&RecordRef::Forget(ids));
     }
 
     /// The run's facts as they are.
@@ -553,7 +564,7 @@ impl Replay {
         };
         let mut ledger = crate::accounting::ledger::Ledger::new(start.start_brk, start.brk)
             .with_sampling(start.sample_rate);
-        let mut timeline = crate::accounting::timeline::Timeline::default();
+        let mut timeline = crate::accounting::timeline::Timeline::with_window(start.window_s);
         let mut stacks = crate::symbolize::stacks::StackStore::default();
         let mut facts = None;
         let mut snapshot = None;
@@ -574,7 +585,7 @@ impl Replay {
                         ledger.apply(ev);
                         // As the event loop does: the old program's samples go with it.
                         if ev.kind == leaktrace_common::kind::EXEC {
-                            timeline = crate::accounting::timeline::Timeline::default();
+                            timeline.reset();
                         }
                     }
                     events += evs.len() as u64;
@@ -605,6 +616,11 @@ impl Replay {
                 }
                 Item::Record(Record::Duty(d)) => ledger.set_duty(d),
                 Item::Record(Record::BadEvents(n)) => ledger.counters.bad_events += n,
+                Item::Record(Record::Forget(ids)) => {
+                    ledger.forget_stacks(&ids);
+                    timeline.forget(&ids);
+                    stacks.forget(&ids);
+                }
                 Item::Record(Record::Facts(f)) => facts = Some(*f),
                 Item::Record(Record::Report(r)) => {
                     let ReportInputs {

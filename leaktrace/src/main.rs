@@ -116,6 +116,18 @@ struct Opts {
     #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["convert", "diff", "replay", "dry_run"])]
     prometheus: Option<std::net::SocketAddr>,
 
+    /// Left running for days (a service): sampling at 512 KiB by default (the duty
+    /// cycle keeps the probes' cost under --max-overhead, 1%), growth over the last hour,
+    /// stacks with nothing live and no allocation for 10 minutes forgotten; ends with
+    /// the final report when the target exits. See docs/leaktrace.service.
+    #[arg(long, conflicts_with_all = ["dry_run", "follow_forks", "convert", "diff", "replay"])]
+    continuous: bool,
+
+    /// With --continuous: seconds a stack with nothing live and no allocation is kept
+    /// (default 600).
+    #[arg(long, value_name = "S", requires = "continuous", value_parser = parse_seconds, hide = true)]
+    age_after: Option<Duration>,
+
     /// Show the run in a terminal view, redrawn every second: the verdict, where RSS
     /// goes, the stacks fastest-growing first (↑↓ select, Enter expands, s sorts, q quits
     /// and prints the final report).
@@ -281,6 +293,9 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--continuous`'s sampling interval unless --sample-rate says otherwise.
+const CONTINUOUS_SAMPLE_RATE: u32 = 512 << 10;
+
 /// Largest ring buffer, KiB (1 GiB: its size in bytes must fit the kernel's u32).
 const MAX_RING_KIB: u32 = 1 << 20;
 
@@ -367,6 +382,8 @@ fn config(opts: Opts) -> Config {
         prometheus: opts.prometheus,
         prometheus_top: opts.prometheus_top as usize,
         live: opts.live,
+        continuous: opts.continuous,
+        age_after: opts.age_after.unwrap_or(Config::default().age_after),
         ring_bytes: opts.ring_kib * 1024,
         stack_capacity: opts.stack_capacity,
         inflight_capacity: opts.inflight_capacity,
@@ -449,6 +466,9 @@ fn main() -> ExitCode {
         return offline(replay(capture, &opts));
     }
     let mut opts = opts;
+    if opts.continuous && opts.sample_rate.is_none() {
+        opts.sample_rate = Some(CONTINUOUS_SAMPLE_RATE);
+    }
     if opts.dry_run && opts.duration.is_none() {
         opts.duration = Some(Duration::from_secs(5));
     }

@@ -64,6 +64,9 @@ enum Task {
         /// Allocating threads in the target.
         #[arg(long, default_value_t = 1)]
         threads: u32,
+        /// Run leaktrace with --continuous (sampled, aged, a rolling window).
+        #[arg(long)]
+        continuous: bool,
     },
     /// Set up, build in release mode, and run the benchmarks.
     Bench {
@@ -90,13 +93,18 @@ fn main() -> ExitCode {
         }
         Task::Kernels { series } => setup(true).and_then(|()| kernel_tier(&series)),
         Task::Demo => setup(false).and_then(|()| demo()),
-        Task::Soak { minutes, threads } => setup(false).and_then(|()| {
+        Task::Soak {
+            minutes,
+            threads,
+            continuous,
+        } => setup(false).and_then(|()| {
             run(cargo().args(["build", "--release", "-p", "leaktrace"]))?;
             soak::run(
                 &workspace(),
                 &workspace().join("target/release/leaktrace"),
                 minutes,
                 threads,
+                continuous,
             )
         }),
         Task::Fuzz { secs, target } => {

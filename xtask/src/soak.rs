@@ -32,7 +32,13 @@ fn usage(pid: u32) -> Option<(u64, f64)> {
 
 /// Runs the soak for `minutes` with `threads` allocating threads; writes
 /// target/soak/samples.csv and reports.jsonl and prints the summary.
-pub fn run(workspace: &Path, leaktrace: &Path, minutes: u64, threads: u32) -> Result<()> {
+pub fn run(
+    workspace: &Path,
+    leaktrace: &Path,
+    minutes: u64,
+    threads: u32,
+    continuous: bool,
+) -> Result<()> {
     let dir = workspace.join("target/soak");
     std::fs::create_dir_all(&dir)?;
     let prog = dir.join("soak");
@@ -56,7 +62,11 @@ pub fn run(workspace: &Path, leaktrace: &Path, minutes: u64, threads: u32) -> Re
         .and_then(|p| p.trim().parse().ok())
         .context("soak program's ready line")?;
     let reports = dir.join("reports.jsonl");
-    let mut lt = Command::new(leaktrace)
+    let mut lt = Command::new(leaktrace);
+    if continuous {
+        lt.arg("--continuous");
+    }
+    let mut lt = lt
         .args([
             "--pid",
             &pid.to_string(),
@@ -132,10 +142,21 @@ pub fn run(workspace: &Path, leaktrace: &Path, minutes: u64, threads: u32) -> Re
     let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     let mib = |b: u64| b as f64 / 1048576.0;
     println!(
-        "soak: {minutes} min, {threads} thread(s), {:.0} allocations/s traced ({} reports)",
+        "soak: {minutes} min, {threads} thread(s), {:.0} allocations/s traced ({} reports){}",
         allocs as f64 / secs,
-        docs.len()
+        docs.len(),
+        if continuous {
+            ", --continuous (sampled at 512 KiB, duty-cycled)"
+        } else {
+            ""
+        }
     );
+    if let Some(d) = docs.last() {
+        println!(
+            "  stacks in the last report: {}, aged out: {}",
+            d["heap"]["stacks_total"], d["counters"]["stacks_aged_out"]
+        );
+    }
     println!(
         "  leaktrace RSS: {:.1} MiB at {:.0} s, {:.1} MiB at the end, {:.1} MiB at most",
         mib(settle.1),

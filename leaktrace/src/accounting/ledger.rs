@@ -145,6 +145,9 @@ pub struct UserCounters {
     /// Sampled blocks found freed without their free call being seen, when the
     /// allocator handed their address out again (sampled mode: the probes were detached).
     pub freed_unseen: u64,
+    /// Stacks forgotten because nothing of them was live or allocated for a while
+    /// (`--continuous`).
+    pub stacks_aged_out: u64,
 }
 
 /// Cumulative activity since attach.
@@ -204,6 +207,8 @@ pub struct StackActivity {
     pub alloc_count: u64,
     /// Bytes allocated, estimated when sampling.
     pub alloc_bytes: u64,
+    /// When the last block was allocated (CLOCK_MONOTONIC), for aging stacks out.
+    pub last_ns: u64,
 }
 
 /// The books.
@@ -425,6 +430,7 @@ impl Ledger {
         a.allocs += 1;
         a.alloc_count += count;
         a.alloc_bytes += bytes;
+        a.last_ns = a.last_ns.max(ev.ts_ns);
     }
 
     /// Adds a live block; returns what it stands for (estimated bytes, blocks).
@@ -687,6 +693,28 @@ impl Ledger {
                 }
             })
             .collect()
+    }
+
+    /// Stacks with nothing live (no heap block, no mapping) and no allocation since
+    /// `before_ns`: they no longer matter to any report.
+    pub fn idle_stacks(&self, ids: impl Iterator<Item = i64>, before_ns: u64) -> Vec<i64> {
+        ids.filter(|id| {
+            !self.heap_by_stack.contains_key(id)
+                && !self.mapped_by_stack.contains_key(id)
+                && self
+                    .stack_activity
+                    .get(id)
+                    .is_none_or(|a| a.last_ns < before_ns)
+        })
+        .collect()
+    }
+
+    /// Forgets stacks that aged out: their churn since attach goes with them.
+    pub fn forget_stacks(&mut self, ids: &[i64]) {
+        for id in ids {
+            self.stack_activity.remove(id);
+        }
+        self.counters.stacks_aged_out += ids.len() as u64;
     }
 
     /// Allocations and frees since attach by allocating stack.

@@ -40,6 +40,7 @@ impl Losses {
             untracked_unmapped_bytes,
             stack_unreadable,
             freed_unseen,
+            stacks_aged_out,
         } = *user;
         lost.insert("bad_events".into(), bad_events);
         lost.insert("stack_unreadable".into(), stack_unreadable);
@@ -49,6 +50,7 @@ impl Losses {
         counters.insert("failed_allocs".into(), failed_allocs);
         counters.insert("untracked_unmapped_bytes".into(), untracked_unmapped_bytes);
         counters.insert("freed_unseen".into(), freed_unseen);
+        counters.insert("stacks_aged_out".into(), stacks_aged_out);
         let lost_total = lost.values().sum();
         Self {
             lost,

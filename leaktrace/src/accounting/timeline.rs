@@ -67,6 +67,9 @@ pub struct Timeline {
     points: Vec<Point>,
     stacks: FxHashMap<i64, Vec<(f64, u64)>>,
     mapped: FxHashMap<i64, Vec<(f64, u64)>>,
+    /// Keep only the samples of the last this many seconds (`--continuous`): growth is
+    /// then the recent growth, not the whole run's.
+    window_s: Option<f64>,
 }
 
 fn thin<T: Copy>(v: &mut Vec<T>, max: usize) {
@@ -77,6 +80,27 @@ fn thin<T: Copy>(v: &mut Vec<T>, max: usize) {
 }
 
 impl Timeline {
+    /// A timeline keeping the samples of the last `window_s` seconds only.
+    pub fn with_window(window_s: Option<f64>) -> Self {
+        Self {
+            window_s,
+            ..Self::default()
+        }
+    }
+
+    /// Starts over (an exec: the old program's samples go with it), keeping the window.
+    pub fn reset(&mut self) {
+        *self = Self::with_window(self.window_s);
+    }
+
+    /// Drops the series of stacks that no longer matter (aged out).
+    pub fn forget(&mut self, ids: &[i64]) {
+        for id in ids {
+            self.stacks.remove(id);
+            self.mapped.remove(id);
+        }
+    }
+
     /// Records the ledger's totals and every stack's outstanding bytes at `t_s`.
     pub fn sample(&mut self, t_s: f64, ledger: &Ledger, rss: Rss, threads: u64) {
         self.points.push(Point {
@@ -103,6 +127,18 @@ impl Timeline {
                 .iter()
                 .map(|(&id, t)| (id, t.bytes)),
         );
+        if let Some(w) = self.window_s {
+            let from = t_s - w;
+            let first = self.points.iter().position(|p| p.t_s >= from).unwrap_or(0);
+            self.points.drain(..first);
+            for s in self.stacks.values_mut().chain(self.mapped.values_mut()) {
+                let first = s.iter().position(|&(t, _)| t >= from).unwrap_or(s.len());
+                s.drain(..first);
+            }
+            // A stack whose window holds nothing has no series left.
+            self.stacks.retain(|_, s| !s.is_empty());
+            self.mapped.retain(|_, s| !s.is_empty());
+        }
     }
 
     /// The sampled totals.

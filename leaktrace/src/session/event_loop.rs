@@ -44,6 +44,11 @@ const TICK: Duration = Duration::from_millis(250);
 const BUDGET_EVERY: Duration = Duration::from_secs(1);
 /// How often the ring buffer is drained without a wakeup from the kernel.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// `--continuous`: the timeline's window (growth is the last hour's).
+const CONTINUOUS_WINDOW: Duration = Duration::from_secs(3600);
+/// `--continuous`: how often stacks are aged, at most (a stack with nothing live and
+/// no allocation for `Config::age_after` is forgotten).
+const AGE_EVERY: Duration = Duration::from_secs(60);
 /// `PROT_EXEC` in an mmap event's protection bits.
 const PROT_EXEC: u64 = 4;
 
@@ -235,6 +240,7 @@ pub fn run(
             brk,
             sample_rate: u64::from(config.sample_rate),
             launched: blocked.is_some(),
+            window_s: config.continuous.then_some(CONTINUOUS_WINDOW.as_secs_f64()),
         });
     }
     let (reply_tx, replies) = tokio::sync::mpsc::unbounded_channel();
@@ -247,7 +253,9 @@ pub fn run(
         pid,
         launched: blocked.is_some(),
         ledger: Ledger::new(start_brk, brk).with_sampling(u64::from(config.sample_rate)),
-        timeline: Timeline::default(),
+        timeline: Timeline::with_window(
+            config.continuous.then_some(CONTINUOUS_WINDOW.as_secs_f64()),
+        ),
         stacks: StackStore::default(),
         known_stacks: FxHashSet::default(),
         rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
@@ -438,6 +446,12 @@ impl Session<'_> {
             refresh_every,
         );
         refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let age_every = AGE_EVERY
+            .min(self.config.age_after / 2)
+            .max(Duration::from_millis(250));
+        let mut age_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + age_every, age_every);
+        age_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut live_tick = tokio::time::interval(super::live::REDRAW_EVERY);
         live_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut report_tick = tokio::time::interval_at(
@@ -564,6 +578,7 @@ impl Session<'_> {
                     self.ask_snapshot(Then::Refresh);
                 }
                 _ = live_tick.tick(), if self.live.is_some() => self.draw_live(&m),
+                _ = age_tick.tick(), if self.config.continuous => self.age_stacks(),
                 key = async { match live_keys.as_mut() { Some(k) => k.recv().await, None => std::future::pending().await } } => {
                     let quit = match (key, self.live.as_mut()) {
                         (Some(k), Some(l)) => l.key(k),
@@ -638,6 +653,15 @@ impl Session<'_> {
         // The terminal is given back before anything else is said.
         drop(self.live.take());
         drop(live_keys);
+        if self.target_exited && self.config.announce {
+            #[expect(clippy::print_stderr, reason = "a closing line for the user")]
+            {
+                eprintln!(
+                    "leaktrace: pid {}: {reason}; making the final report",
+                    self.pid
+                );
+            }
+        }
         // Whatever is still in the ring buffer belongs in the final report: the programs
         // stop first, so a target that keeps allocating cannot keep the drain going.
         let ending = Instant::now();
@@ -918,7 +942,7 @@ impl Session<'_> {
                 exec_mapped = false;
                 // The old program's samples go with its books. A launched command's
                 // first exec is the launch itself.
-                self.timeline = Timeline::default();
+                self.timeline.reset();
                 if !(self.launched && self.ledger.activity.execs == 1) {
                     let program = std::fs::read_link(format!("/proc/{}/exe", self.pid))
                         .map(|p| crate::units::printable(&p.display().to_string()))
@@ -1393,6 +1417,29 @@ impl Session<'_> {
         if let Some(r) = self.recorder.as_mut() {
             r.report(facts, snap, &build_ids);
         }
+    }
+
+    /// `--continuous`: forgets the stacks with nothing live and no allocation for
+    /// `Config::age_after`, here, in the capture and in the kernel's maps.
+    fn age_stacks(&mut self) {
+        let before = monotonic_ns().saturating_sub(self.config.age_after.as_nanos() as u64);
+        let ids = self
+            .ledger
+            .idle_stacks(self.stacks.iter().map(|(id, _)| id), before);
+        if ids.is_empty() {
+            return;
+        }
+        log::debug!("{} stacks aged out", ids.len());
+        self.ledger.forget_stacks(&ids);
+        self.timeline.forget(&ids);
+        self.stacks.forget(&ids);
+        for id in &ids {
+            self.known_stacks.remove(id);
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.forget(&ids);
+        }
+        self.worker.send(Job::Forget(ids));
     }
 
     /// Redraws the live view from the books and its last snapshot.

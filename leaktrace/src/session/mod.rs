@@ -87,6 +87,11 @@ pub struct Config {
     pub prometheus_top: usize,
     /// Show the run in a terminal view (`--live`).
     pub live: bool,
+    /// Left running for days (`--continuous`): the timeline keeps its last hour, stacks
+    /// with nothing live and no allocation for 10 minutes are forgotten.
+    pub continuous: bool,
+    /// With `continuous`: how long a stack with nothing live and no allocation is kept.
+    pub age_after: Duration,
     /// Ring-buffer size in bytes (power of two).
     pub ring_bytes: u32,
     /// Stack map capacity.
@@ -167,6 +172,8 @@ impl Default for Config {
             prometheus: None,
             prometheus_top: 10,
             live: false,
+            continuous: false,
+            age_after: Duration::from_secs(600),
             ring_bytes: DEFAULT_RING_BYTES,
             stack_capacity: DEFAULT_STACK_CAPACITY,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,

@@ -91,6 +91,9 @@ pub struct Setup {
 pub enum Job {
     /// Stack ids seen in events for the first time: read them from the kernel now.
     NewStacks(Vec<i64>),
+    /// Stacks aged out: their entries leave the kernel's maps, which stay roomy for
+    /// the stacks that matter in a run of days (one that recurs is stored again).
+    Forget(Vec<i64>),
     /// An executable mapping appeared: snapshot the mappings, load its unwind table.
     CodeMapped,
     /// A launched command stopped after mapping code: load the tables, then reply
@@ -534,6 +537,16 @@ impl Worker {
     fn handle(&mut self, job: Job) {
         match job {
             Job::NewStacks(ids) => self.fetch(&ids),
+            Job::Forget(ids) => {
+                for id in ids {
+                    if let Ok(st) = self.setup.stacks.get(&id, 0)
+                        && st.py_stack >= 0
+                    {
+                        let _ = self.setup.py_stacks.remove(&st.py_stack);
+                    }
+                    let _ = self.setup.stacks.remove(&id);
+                }
+            }
             Job::CodeMapped => {
                 // Stacks recorded before the new code was mapped are named from the
                 // mappings as they were, before the new code can replace them.

@@ -60,6 +60,13 @@ impl StackStore {
         self.stacks.get(&id)
     }
 
+    /// Forgets stacks (aged out).
+    pub fn forget(&mut self, ids: &[i64]) {
+        for id in ids {
+            self.stacks.remove(id);
+        }
+    }
+
     /// The stacks, by id, in no order.
     pub fn iter(&self) -> impl Iterator<Item = (i64, &Stack)> {
         self.stacks.iter().map(|(&id, s)| (id, s))
