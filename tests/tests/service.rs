@@ -306,3 +306,51 @@ fn root_live_view_shows_a_growing_leak_and_quits() {
     assert!(fx.alive(), "the target lives on");
     let _ = std::fs::remove_file(&report);
 }
+
+/// `--continuous` forgets the stacks that stopped mattering: heap_ops `basic` churns
+/// blocks from stacks whose blocks are all freed, which age out (after 1 s here); the
+/// leaks' stacks stay with their exact bytes. When the target exits, leaktrace says so
+/// and writes the final report.
+#[test]
+fn root_continuous_ages_out_stacks_and_ends_with_the_target() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let pid = fx.pid.to_string();
+    let mut tracer = Tracer::start(&[
+        "--pid",
+        &pid,
+        "--continuous",
+        "--sample-rate",
+        "1",
+        "--no-duty-cycle",
+        "--age-after",
+        "1",
+    ]);
+    fx.run_scenario();
+    // Aging runs every 0.5 s here: the churned stacks are idle for 1 s after the
+    // scenario, so 2.5 s covers it.
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(fx);
+    tracer.wait_stderr("target exited");
+    let r = tracer.wait_report(0);
+    assert!(
+        r["end_reason"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("target exited")),
+        "{}",
+        r["end_reason"]
+    );
+    let aged = r["counters"]["stacks_aged_out"].as_u64().unwrap();
+    assert!(aged >= 1, "{:#}", r["counters"]);
+    let live = |f: &str| {
+        r["heap"]["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["frames"][0]["function"] == f)
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+    };
+    assert_eq!(live("leak_malloc"), Some(500));
+    assert_eq!(live("leak_calloc"), Some(900));
+    assert_eq!(r["heap"]["sample_rate_bytes"], 1);
+}
