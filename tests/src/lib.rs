@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -272,6 +272,18 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// Starts one of the Python fixture scripts on Debian's python3.11 (which must be
+/// installed) and waits for its ready line.
+#[track_caller]
+pub fn spawn_debian_python(script: &str, args: &[&str]) -> Fixture {
+    let python = std::path::Path::new("/usr/bin/python3.11");
+    assert!(python.exists(), "Debian's python3.11 is missing");
+    let script = script_path(script);
+    let mut all = vec![script.to_str().expect("a UTF-8 path")];
+    all.extend_from_slice(args);
+    Fixture::spawn_program(python, &all, &[])
+}
+
 /// A unique temporary file path.
 pub fn temp_path(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -457,6 +469,19 @@ impl Tracer {
         let bytes = std::fs::read(&self.out).expect("report file");
         let _ = std::fs::remove_file(&self.out);
         bytes
+    }
+
+    /// Waits for the first interval report in the report file (30 s at most).
+    #[track_caller]
+    pub fn wait_first_report(&self) {
+        let t = Instant::now();
+        while std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .is_empty()
+        {
+            assert!(t.elapsed().as_secs() < 30, "no interval report");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The report file's path (it grows line by line with --interval and JSON).

@@ -50,6 +50,16 @@ fn offline(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The change in bytes of the stack whose innermost frame is `f` among a JSON diff's
+/// new stacks.
+fn new_in_diff(d: &serde_json::Value, f: &str) -> Option<i64> {
+    d["new"]
+        .as_array()?
+        .iter()
+        .find(|c| c["frames"][0] == f)
+        .map(|c| c["change_bytes"].as_i64().unwrap())
+}
+
 /// heap_ops `basic` leaves 5 blocks of 100 bytes from leak_malloc and 3 of 300 from
 /// leak_calloc, and churns 1000 malloc'd blocks of 16..1015 bytes in churn, all
 /// freed. A live `--format pprof` profile read by go tool pprof says exactly that per
@@ -153,16 +163,8 @@ fn root_reports_diff_convert_and_fold() {
         "json",
     ]))
     .expect("diff JSON");
-    let new_bytes = |f: &str| {
-        d["new"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["frames"][0] == f)
-            .map(|c| c["change_bytes"].as_i64().unwrap())
-    };
-    assert_eq!(new_bytes("leak_malloc"), Some(500), "{d:#}");
-    assert_eq!(new_bytes("leak_calloc"), Some(900), "{d:#}");
+    assert_eq!(new_in_diff(&d, "leak_malloc"), Some(500), "{d:#}");
+    assert_eq!(new_in_diff(&d, "leak_calloc"), Some(900), "{d:#}");
     // pprof's own diff of two of our profiles.
     let (pa, pb) = (temp_path("before.pb.gz"), temp_path("after.pb.gz"));
     offline(&[
@@ -355,14 +357,7 @@ fn root_record_replays_to_the_live_report() {
         cap.to_str().unwrap(),
     ]);
     // The first interval report is in the capture: copy it as it is now.
-    let t = std::time::Instant::now();
-    while std::fs::read_to_string(tracer.out_path())
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(t.elapsed().as_secs() < 30, "no interval report");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    tracer.wait_first_report();
     let early = temp_path("early.ltcap");
     std::fs::copy(&cap, &early).expect("the capture is in place while recording");
     fx.run_scenario();
@@ -428,16 +423,8 @@ fn root_record_replays_to_the_live_report() {
         "json",
     ]))
     .expect("diff JSON");
-    let new_bytes = |f: &str| {
-        d["new"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["frames"][0] == f)
-            .map(|c| c["change_bytes"].as_i64().unwrap())
-    };
-    assert_eq!(new_bytes("leak_malloc"), Some(500), "{d:#}");
-    assert_eq!(new_bytes("leak_calloc"), Some(900), "{d:#}");
+    assert_eq!(new_in_diff(&d, "leak_malloc"), Some(500), "{d:#}");
+    assert_eq!(new_in_diff(&d, "leak_calloc"), Some(900), "{d:#}");
 
     // Cut anywhere: it replays up to its last complete record and says so.
     let bytes = std::fs::read(&cap).unwrap();
@@ -461,10 +448,7 @@ fn root_record_replays_to_the_live_report() {
 #[test]
 fn root_record_replays_a_sampled_python_run() {
     require_root();
-    let python = Path::new("/usr/bin/python3.11");
-    assert!(python.exists(), "Debian's python3.11 is missing");
-    let script = leaktrace_tests::script_path("py_verdict.py");
-    let mut fx = Fixture::spawn_program(python, &[script.to_str().unwrap(), "leak", "50"], &[]);
+    let mut fx = leaktrace_tests::spawn_debian_python("py_verdict.py", &["leak", "50"]);
     let pid = fx.pid.to_string();
     let cap = temp_path("py.ltcap");
     let tracer = Tracer::start(&[
@@ -478,14 +462,7 @@ fn root_record_replays_a_sampled_python_run() {
         cap.to_str().unwrap(),
     ]);
     fx.send("go");
-    let t = std::time::Instant::now();
-    while std::fs::read_to_string(tracer.out_path())
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(t.elapsed().as_secs() < 30, "no interval report");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    tracer.wait_first_report();
     let early = temp_path("py-early.ltcap");
     std::fs::copy(&cap, &early).expect("the capture is in place while recording");
     fx.expect_line("done");

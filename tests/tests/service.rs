@@ -245,10 +245,7 @@ fn until_pane(session: &str, needles: &[&str]) -> String {
 #[test]
 fn root_live_view_shows_a_growing_leak_and_quits() {
     require_root();
-    let python = Path::new("/usr/bin/python3.11");
-    assert!(python.exists(), "Debian's python3.11 is missing");
-    let script = leaktrace_tests::script_path("py_verdict.py");
-    let mut fx = Fixture::spawn_program(python, &[script.to_str().unwrap(), "leak", "600"], &[]);
+    let mut fx = leaktrace_tests::spawn_debian_python("py_verdict.py", &["leak", "600"]);
     fx.send("go");
     let report = temp_path("live-report.txt");
     let session = format!("leaktrace-live-{}", std::process::id());

@@ -88,18 +88,160 @@ pub struct Diff {
     pub base_bytes: u64,
     /// In the new report.
     pub new_bytes: u64,
-    /// Stacks in both whose live bytes grew, most first.
-    pub grown: Vec<Change>,
-    /// Stacks in both whose live bytes shrank, most first.
-    pub shrunk: Vec<Change>,
-    /// Stacks only in the new report, most bytes first.
-    pub new: Vec<Change>,
-    /// Stacks only in the base report, most bytes first.
-    pub gone: Vec<Change>,
-    /// How many of each there were (the lists keep the first 20).
-    pub counts: Counts,
+    /// The stacks that grew, shrank, are new or gone.
+    #[serde(flatten)]
+    pub stacks: Changes<Change>,
     /// The live heap by type, where both reports have a census of the same kind.
     pub types: Option<TypeDiff>,
+}
+
+/// What changed between two sides, by kind of change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Changes<T> {
+    /// In both, more bytes now, most first.
+    pub grown: Vec<T>,
+    /// In both, fewer bytes now, most first.
+    pub shrunk: Vec<T>,
+    /// In the new side only, most bytes first.
+    pub new: Vec<T>,
+    /// In the base side only, most bytes first.
+    pub gone: Vec<T>,
+    /// How many of each there were (the lists keep the first 20).
+    pub counts: Counts,
+}
+
+/// One thing's change, as [`Changes`] sorts and prints it.
+pub trait Changed {
+    /// Bytes now minus bytes before.
+    fn change_bytes(&self) -> i64;
+    /// What orders two equal changes.
+    fn key(&self) -> Vec<String>;
+    /// The line after the change, for the text.
+    fn line(&self) -> String;
+}
+
+impl Changed for Change {
+    fn change_bytes(&self) -> i64 {
+        self.change_bytes
+    }
+    fn key(&self) -> Vec<String> {
+        self.frames.clone()
+    }
+    fn line(&self) -> String {
+        format!(
+            "{} → {} ({} → {} blocks)  {}",
+            bytes(self.base_bytes),
+            bytes(self.new_bytes),
+            self.base_allocations,
+            self.new_allocations,
+            self.frames.join(" ← ")
+        )
+    }
+}
+
+impl Changed for TypeChange {
+    fn change_bytes(&self) -> i64 {
+        self.change_bytes
+    }
+    fn key(&self) -> Vec<String> {
+        vec![self.name.clone()]
+    }
+    fn line(&self) -> String {
+        format!(
+            "{} → {} ({} → {} objects)  {}",
+            bytes(self.base_bytes),
+            bytes(self.new_bytes),
+            self.base_count,
+            self.new_count,
+            crate::units::printable(&self.name)
+        )
+    }
+}
+
+impl<T: Changed> Changes<T> {
+    fn new() -> Self {
+        Self {
+            grown: Vec::new(),
+            shrunk: Vec::new(),
+            new: Vec::new(),
+            gone: Vec::new(),
+            counts: Counts::default(),
+        }
+    }
+
+    /// Files one change: in the base side, in the new side; a side that listed only
+    /// part of what it had (`cut`) cannot say something is new or gone.
+    fn file(&mut self, c: T, (in_base, in_new): (bool, bool), (base_cut, new_cut): (bool, bool)) {
+        match (in_base, in_new) {
+            (false, true) if base_cut => self.counts.not_comparable += 1,
+            (true, false) if new_cut => self.counts.not_comparable += 1,
+            (false, true) => self.new.push(c),
+            (true, false) => self.gone.push(c),
+            (true, true) if c.change_bytes() > 0 => self.grown.push(c),
+            (true, true) if c.change_bytes() < 0 => self.shrunk.push(c),
+            _ => self.counts.same += 1,
+        }
+    }
+
+    /// Sorts each list by the size of its changes, counts them, keeps the first 20.
+    fn finish(&mut self) {
+        for v in [
+            &mut self.grown,
+            &mut self.shrunk,
+            &mut self.new,
+            &mut self.gone,
+        ] {
+            v.sort_by_cached_key(|c| (std::cmp::Reverse(c.change_bytes().unsigned_abs()), c.key()));
+        }
+        self.counts.grown = self.grown.len();
+        self.counts.shrunk = self.shrunk.len();
+        self.counts.new = self.new.len();
+        self.counts.gone = self.gone.len();
+        for v in [
+            &mut self.grown,
+            &mut self.shrunk,
+            &mut self.new,
+            &mut self.gone,
+        ] {
+            v.truncate(LISTED);
+        }
+    }
+
+    /// The counts' part of a heading.
+    fn summary(&self) -> String {
+        let c = &self.counts;
+        format!(
+            "{} grown, {} shrunk, {} new, {} gone, {} unchanged",
+            c.grown, c.shrunk, c.new, c.gone, c.same
+        )
+    }
+
+    /// The lists, each titled `grown{what}:` and so on.
+    fn render(&self, o: &mut String, what: &str) {
+        for (title, list) in [
+            ("grown", &self.grown),
+            ("new", &self.new),
+            ("shrunk", &self.shrunk),
+            ("gone", &self.gone),
+        ] {
+            if list.is_empty() {
+                continue;
+            }
+            let _ = writeln!(o, "\n{title}{what}:");
+            for c in list {
+                let _ = writeln!(o, "  {:>12}  {}", signed(c.change_bytes()), c.line());
+            }
+        }
+    }
+}
+
+/// A change in bytes, signed.
+fn signed(c: i64) -> String {
+    if c < 0 {
+        format!("−{}", bytes(c.unsigned_abs()))
+    } else {
+        format!("+{}", bytes(c.unsigned_abs()))
+    }
 }
 
 /// One type's change between two censuses.
@@ -128,16 +270,9 @@ pub struct TypeDiff {
     pub base_bytes: u64,
     /// In the new census.
     pub new_bytes: u64,
-    /// Types whose bytes grew, most first.
-    pub grown: Vec<TypeChange>,
-    /// Types whose bytes shrank, most first.
-    pub shrunk: Vec<TypeChange>,
-    /// Types only in the new census.
-    pub new: Vec<TypeChange>,
-    /// Types only in the base census.
-    pub gone: Vec<TypeChange>,
-    /// How many of each there were (the lists keep the first 20).
-    pub counts: Counts,
+    /// The types that grew, shrank, are new or gone.
+    #[serde(flatten)]
+    pub types: Changes<TypeChange>,
 }
 
 /// Stacks per kind of change.
@@ -227,14 +362,10 @@ pub fn compare(base: &Heaps, new: &Heaps) -> Diff {
     let mut d = Diff {
         base_bytes: sum(base),
         new_bytes: sum(new),
-        grown: Vec::new(),
-        shrunk: Vec::new(),
-        new: Vec::new(),
-        gone: Vec::new(),
-        counts: Counts::default(),
+        stacks: Changes::new(),
         types: None,
     };
-    let (base_cut, new_cut) = (cut(base), cut(new));
+    let cuts = (cut(base), cut(new));
     for (_, (b, n, frames)) in merged {
         let (b, n) = (b.unwrap_or_default(), n.unwrap_or_default());
         let c = Change {
@@ -245,34 +376,9 @@ pub fn compare(base: &Heaps, new: &Heaps) -> Diff {
             new_allocations: n.allocations,
             frames,
         };
-        match (b.bytes > 0, n.bytes > 0) {
-            (false, true) if base_cut => d.counts.not_comparable += 1,
-            (true, false) if new_cut => d.counts.not_comparable += 1,
-            (false, true) => d.new.push(c),
-            (true, false) => d.gone.push(c),
-            (true, true) if c.change_bytes > 0 => d.grown.push(c),
-            (true, true) if c.change_bytes < 0 => d.shrunk.push(c),
-            _ => d.counts.same += 1,
-        }
+        d.stacks.file(c, (b.bytes > 0, n.bytes > 0), cuts);
     }
-    let order = |v: &mut Vec<Change>| {
-        v.sort_by(|a, b| {
-            b.change_bytes
-                .unsigned_abs()
-                .cmp(&a.change_bytes.unsigned_abs())
-                .then_with(|| a.frames.cmp(&b.frames))
-        });
-    };
-    for v in [&mut d.grown, &mut d.shrunk, &mut d.new, &mut d.gone] {
-        order(v);
-    }
-    d.counts.grown = d.grown.len();
-    d.counts.shrunk = d.shrunk.len();
-    d.counts.new = d.new.len();
-    d.counts.gone = d.gone.len();
-    for v in [&mut d.grown, &mut d.shrunk, &mut d.new, &mut d.gone] {
-        v.truncate(LISTED);
-    }
+    d.stacks.finish();
     d.types = match (&base.census, &new.census) {
         (Some(b), Some(n)) if b.kind == n.kind => Some(compare_types(b, n)),
         _ => None,
@@ -295,12 +401,9 @@ fn compare_types(base: &CensusPart, new: &CensusPart) -> TypeDiff {
         kind: new.kind.clone(),
         base_bytes: sum(base),
         new_bytes: sum(new),
-        grown: Vec::new(),
-        shrunk: Vec::new(),
-        new: Vec::new(),
-        gone: Vec::new(),
-        counts: Counts::default(),
+        types: Changes::new(),
     };
+    let cuts = (!base.whole, !new.whole);
     for (name, (b, n)) in merged {
         let (bb, bc) = b.map_or((0, 0), |t| (t.bytes, t.count));
         let (nb, nc) = n.map_or((0, 0), |t| (t.bytes, t.count));
@@ -312,130 +415,48 @@ fn compare_types(base: &CensusPart, new: &CensusPart) -> TypeDiff {
             base_count: bc,
             new_count: nc,
         };
-        match (b, n) {
-            (None, Some(_)) if !base.whole => d.counts.not_comparable += 1,
-            (Some(_), None) if !new.whole => d.counts.not_comparable += 1,
-            (None, Some(_)) => d.new.push(c),
-            (Some(_), None) => d.gone.push(c),
-            _ if c.change_bytes > 0 => d.grown.push(c),
-            _ if c.change_bytes < 0 => d.shrunk.push(c),
-            _ => d.counts.same += 1,
-        }
+        d.types.file(c, (b.is_some(), n.is_some()), cuts);
     }
-    for v in [&mut d.grown, &mut d.shrunk, &mut d.new, &mut d.gone] {
-        v.sort_by(|a, b| {
-            b.change_bytes
-                .unsigned_abs()
-                .cmp(&a.change_bytes.unsigned_abs())
-                .then_with(|| a.name.cmp(&b.name))
-        });
-    }
-    d.counts.grown = d.grown.len();
-    d.counts.shrunk = d.shrunk.len();
-    d.counts.new = d.new.len();
-    d.counts.gone = d.gone.len();
-    for v in [&mut d.grown, &mut d.shrunk, &mut d.new, &mut d.gone] {
-        v.truncate(LISTED);
-    }
+    d.types.finish();
     d
 }
 
 /// The comparison as text.
 pub fn render(d: &Diff, base: &str, new: &str) -> String {
     let mut o = String::new();
-    let total = change(d.new_bytes, d.base_bytes);
-    let signed = |c: i64| {
-        if c < 0 {
-            format!("−{}", bytes(c.unsigned_abs()))
-        } else {
-            format!("+{}", bytes(c.unsigned_abs()))
-        }
-    };
     let _ = writeln!(
         o,
-        "Heap by stack, {base} → {new}: {} → {} live ({}); {} grown, {} shrunk, {} new, {} gone, {} unchanged",
+        "Heap by stack, {base} → {new}: {} → {} live ({}); {}",
         bytes(d.base_bytes),
         bytes(d.new_bytes),
-        signed(total),
-        d.counts.grown,
-        d.counts.shrunk,
-        d.counts.new,
-        d.counts.gone,
-        d.counts.same
+        signed(change(d.new_bytes, d.base_bytes)),
+        d.stacks.summary()
     );
-    if d.counts.not_comparable > 0 {
+    if d.stacks.counts.not_comparable > 0 {
         let _ = writeln!(
             o,
             "  {} stacks are in one report only, which listed only its --top stacks: not called new or gone",
-            d.counts.not_comparable
+            d.stacks.counts.not_comparable
         );
     }
-    for (title, list) in [
-        ("grown", &d.grown),
-        ("new", &d.new),
-        ("shrunk", &d.shrunk),
-        ("gone", &d.gone),
-    ] {
-        if list.is_empty() {
-            continue;
-        }
-        let _ = writeln!(o, "\n{title}:");
-        for c in list {
-            let _ = writeln!(
-                o,
-                "  {:>12}  {} → {} ({} → {} blocks)  {}",
-                signed(c.change_bytes),
-                bytes(c.base_bytes),
-                bytes(c.new_bytes),
-                c.base_allocations,
-                c.new_allocations,
-                c.frames.join(" ← ")
-            );
-        }
-    }
+    d.stacks.render(&mut o, "");
     if let Some(t) = &d.types {
         let _ = writeln!(
             o,
-            "\nHeap by type ({} census): {} → {} in the types listed; {} grown, {} shrunk, {} new, {} gone, {} unchanged",
+            "\nHeap by type ({} census): {} → {} in the types listed; {}",
             t.kind,
             bytes(t.base_bytes),
             bytes(t.new_bytes),
-            t.counts.grown,
-            t.counts.shrunk,
-            t.counts.new,
-            t.counts.gone,
-            t.counts.same
+            t.types.summary()
         );
-        if t.counts.not_comparable > 0 {
+        if t.types.counts.not_comparable > 0 {
             let _ = writeln!(
                 o,
                 "  {} types are in one census only, which listed only its largest types: not called new or gone",
-                t.counts.not_comparable
+                t.types.counts.not_comparable
             );
         }
-        for (title, list) in [
-            ("grown", &t.grown),
-            ("new", &t.new),
-            ("shrunk", &t.shrunk),
-            ("gone", &t.gone),
-        ] {
-            if list.is_empty() {
-                continue;
-            }
-            let _ = writeln!(o, "\n{title} types:");
-            for c in list {
-                let _ = writeln!(
-                    o,
-                    "  {:>12}  {} → {} ({} → {} objects)  {}",
-                    signed(c.change_bytes),
-                    bytes(c.base_bytes),
-                    bytes(c.new_bytes),
-                    c.base_count,
-                    c.new_count,
-                    crate::units::printable(&c.name)
-                );
-            }
-        }
+        t.types.render(&mut o, " types");
     }
     o
 }
