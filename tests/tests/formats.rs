@@ -244,6 +244,7 @@ fn offline_modes_refuse_bad_input() {
         vec!["--replay", report.to_str().unwrap()],
         vec!["--replay", "/nonexistent/run.ltcap"],
         vec!["--pid", "1", "--follow-forks", "--record", "/tmp/x.ltcap"],
+        vec!["--pid", "1", "--live", "--interval", "1"],
     ] {
         let out = Command::new(leaktrace_bin()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

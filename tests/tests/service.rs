@@ -351,3 +351,32 @@ fn root_continuous_ages_out_stacks_and_ends_with_the_target() {
     assert_eq!(live("leak_calloc"), Some(900));
     assert_eq!(r["heap"]["sample_rate_bytes"], 1);
 }
+
+/// A metrics address already in use, or a live view without a terminal, is one line
+/// on stderr and exit status 2, before anything is attached.
+#[test]
+fn root_service_options_refuse_bad_input() {
+    require_root();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (args, said) in [
+        (
+            vec!["--pid", "1", "--prometheus", addr.as_str()],
+            format!(
+                "leaktrace: cannot serve metrics on {addr}: Address already in use (os error 98)\n"
+            ),
+        ),
+        (
+            vec!["--pid", "1", "--live"],
+            "leaktrace: --live cannot start: it needs a terminal on stdin and stdout\n".to_owned(),
+        ),
+    ] {
+        let out = Command::new(leaktrace_tests::leaktrace_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), said, "{args:?}");
+    }
+}

@@ -220,6 +220,15 @@ pub fn run(config: &Config) -> Result<Outcome, Error> {
         Some(p) => Some(crate::capture::Recorder::create(p)?),
         None => None,
     };
+    // So is a live view without a terminal.
+    if config.live {
+        use std::io::IsTerminal as _;
+        if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+            return Err(Error::Live(
+                "it needs a terminal on stdin and stdout".into(),
+            ));
+        }
+    }
     // An address that cannot be listened on is refused before anything is attached.
     let listener = match config.prometheus {
         Some(addr) => {
