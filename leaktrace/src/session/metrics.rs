@@ -21,10 +21,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
-    accounting::timeline::Point, analysis::verdict::VerdictKind, report::Report,
-    symbolize::stacks::FrameKind,
-};
+use crate::{accounting::timeline::Point, analysis::verdict::VerdictKind, report::Report};
 
 /// How often the metrics that need a snapshot are refreshed without `--interval`.
 pub const METRICS_EVERY: Duration = Duration::from_secs(15);
@@ -258,18 +255,15 @@ fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// A stack's labels: `function`, its innermost named frame (the innermost Python frame
-/// in a Python stack), and `stack`, its first frames joined, outermost last; the stack
-/// id keeps two stacks with the same names apart.
+/// A stack's labels: `function`, the frame the verdict names as its suspect (the
+/// innermost Python function in a Python stack, else the first named frame outside
+/// the allocator), and `stack`, its first frames joined, outermost last; the stack id
+/// keeps two stacks with the same names apart.
 fn stack_labels(id: i64, frames: &[crate::symbolize::stacks::Frame]) -> Labels {
     let name = |f: &crate::symbolize::stacks::Frame| {
         f.function.clone().unwrap_or_else(|| f.address.clone())
     };
-    let function = frames
-        .iter()
-        .find(|f| f.kind == FrameKind::Python)
-        .or_else(|| frames.iter().find(|f| f.function.is_some()))
-        .map_or_else(|| "?".to_owned(), name);
+    let function = crate::analysis::verdict::suspect_name(frames);
     let stack = frames
         .iter()
         .take(STACK_FRAMES)
