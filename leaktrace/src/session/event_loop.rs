@@ -626,7 +626,10 @@ impl Session<'_> {
                             // One document, at the end (main refuses --interval with them).
                             Format::Pprof | Format::Folded => {}
                         }
-                        self.write_pprof_dir(&snap, &facts)?;
+                        if self.config.pprof_dir.is_some() {
+                            let all = self.every_report(&snap, &facts);
+                            self.write_pprof_dir(&all)?;
+                        }
                     }
                 }
                 _ = sigchld.recv(), if self.launched => self.on_child_event(&mut m),
@@ -759,17 +762,16 @@ impl Session<'_> {
             }
             Format::Folded => self.out.write(&report::pprof::folded(&heaps(), false))?,
         }
-        self.write_pprof_dir(&snap, &facts)?;
-        if let Some(path) = &self.config.flamegraph {
-            let all = if self.config.format.every_stack() {
-                heaps()
-            } else {
-                self.every_stack = true;
-                let r = self.report(&snap, &facts);
-                self.every_stack = false;
-                report::pprof::Heaps::from(&r)
-            };
-            write_flamegraph(path, &all)?;
+        // Every stack, for --pprof-dir and the flamegraph: the report itself when its
+        // format took every stack, else built once more for both.
+        if self.config.pprof_dir.is_some() || self.config.flamegraph.is_some() {
+            let every =
+                (!self.config.format.every_stack()).then(|| self.every_report(&snap, &facts));
+            let all = every.as_ref().unwrap_or(&report);
+            self.write_pprof_dir(all)?;
+            if let Some(path) = &self.config.flamegraph {
+                write_flamegraph(path, &report::pprof::Heaps::from(all))?;
+            }
         }
         if let Some(r) = self.recorder.as_mut() {
             r.finish();
@@ -1339,17 +1341,14 @@ impl Session<'_> {
         crate::analysis::other_allocator(&self.allocators)
     }
 
-    /// With `--pprof-dir`: a pprof profile of every heap stack, as
+    /// With `--pprof-dir`: a pprof profile of `every` (a report of every heap stack), as
     /// `leaktrace-PID-UNIXMS.pb.gz`, and the oldest of this run's beyond the kept count
     /// removed.
-    fn write_pprof_dir(&mut self, snap: &Snapshot, facts: &RunFacts) -> Result<(), Error> {
+    fn write_pprof_dir(&mut self, every: &Report) -> Result<(), Error> {
         let Some((dir, keep)) = self.config.pprof_dir.clone() else {
             return Ok(());
         };
-        self.every_stack = true;
-        let r = self.report(snap, facts);
-        self.every_stack = false;
-        let mut h = report::pprof::Heaps::from(&r);
+        let mut h = report::pprof::Heaps::from(every);
         if !self.target_exited {
             h.read_build_ids(self.pid);
         }
@@ -1502,6 +1501,14 @@ impl Session<'_> {
             unwinder: self.unwinder,
             execs: self.execs.clone(),
         }
+    }
+
+    /// The report with every heap stack (for pprof files and flamegraphs).
+    fn every_report(&mut self, snap: &Snapshot, f: &RunFacts) -> Report {
+        self.every_stack = true;
+        let r = self.report(snap, f);
+        self.every_stack = false;
+        r
     }
 
     /// The verdict, then the report, from the books, the worker's snapshot and the
