@@ -284,6 +284,15 @@ pub fn spawn_debian_python(script: &str, args: &[&str]) -> Fixture {
     Fixture::spawn_program(python, &all, &[])
 }
 
+/// Live bytes of the heap stack whose innermost frame is `function`, in a JSON report.
+pub fn live_bytes_of(report: &Value, function: &str) -> Option<u64> {
+    report["heap"]["stacks"]
+        .as_array()?
+        .iter()
+        .find(|s| s["frames"][0]["function"] == function)
+        .and_then(|s| s["live_bytes"].as_u64())
+}
+
 /// A unique temporary file path.
 pub fn temp_path(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -378,16 +378,14 @@ fn root_record_replays_to_the_live_report() {
         assert_eq!(replayed[key], live[key], "{key} differs");
     }
     assert_eq!(replayed, live);
-    let leaked = |r: &serde_json::Value, f: &str| {
-        r["heap"]["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["frames"][0]["function"] == f)
-            .map(|s| s["live_bytes"].as_u64().unwrap())
-    };
-    assert_eq!(leaked(&replayed, "leak_malloc"), Some(500));
-    assert_eq!(leaked(&replayed, "leak_calloc"), Some(900));
+    assert_eq!(
+        leaktrace_tests::live_bytes_of(&replayed, "leak_malloc"),
+        Some(500)
+    );
+    assert_eq!(
+        leaktrace_tests::live_bytes_of(&replayed, "leak_calloc"),
+        Some(900)
+    );
 
     let profile = temp_path("replayed.pb.gz");
     offline(&[
@@ -415,7 +413,7 @@ fn root_record_replays_to_the_live_report() {
     // The early copy: before the scenario, with or without a last record cut short.
     let (early_json, _) = offline_both(&["--replay", early.to_str().unwrap(), "--format", "json"]);
     let before: serde_json::Value = serde_json::from_str(&early_json).expect("JSON");
-    assert_eq!(leaked(&before, "leak_malloc"), None);
+    assert_eq!(leaktrace_tests::live_bytes_of(&before, "leak_malloc"), None);
     let d: serde_json::Value = serde_json::from_str(&offline(&[
         "--diff",
         early.to_str().unwrap(),
@@ -506,4 +504,33 @@ fn root_record_replays_a_sampled_python_run() {
     for f in [&cap, &early] {
         let _ = std::fs::remove_file(f);
     }
+}
+
+/// A leaktrace killed with SIGKILL leaves a capture that replays up to its last
+/// complete record (written at least every 250 ms): the scenario's leaks are in it,
+/// and the replay says the capture has no final report.
+#[test]
+fn root_record_killed_replays_to_its_last_record() {
+    require_root();
+    let mut fx = Fixture::spawn("heap_ops", &["basic"]);
+    let pid = fx.pid.to_string();
+    let cap = temp_path("killed.ltcap");
+    let tracer = Tracer::start(&["--pid", &pid, "--record", cap.to_str().unwrap()]);
+    fx.run_scenario();
+    // Two ticks' flushes after the scenario's last event.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    tracer.kill();
+    let (json, said) = offline_both(&["--replay", cap.to_str().unwrap(), "--format", "json"]);
+    assert!(said.contains("has no final report"), "{said}");
+    let r: serde_json::Value = serde_json::from_str(&json).expect("replayed JSON");
+    assert!(
+        r["end_reason"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("the capture ends before its final report")),
+        "{}",
+        r["end_reason"]
+    );
+    assert_eq!(leaktrace_tests::live_bytes_of(&r, "leak_malloc"), Some(500));
+    assert_eq!(leaktrace_tests::live_bytes_of(&r, "leak_calloc"), Some(900));
+    let _ = std::fs::remove_file(&cap);
 }

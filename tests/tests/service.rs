@@ -339,16 +339,8 @@ fn root_continuous_ages_out_stacks_and_ends_with_the_target() {
     );
     let aged = r["counters"]["stacks_aged_out"].as_u64().unwrap();
     assert!(aged >= 1, "{:#}", r["counters"]);
-    let live = |f: &str| {
-        r["heap"]["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["frames"][0]["function"] == f)
-            .map(|s| s["live_bytes"].as_u64().unwrap())
-    };
-    assert_eq!(live("leak_malloc"), Some(500));
-    assert_eq!(live("leak_calloc"), Some(900));
+    assert_eq!(leaktrace_tests::live_bytes_of(&r, "leak_malloc"), Some(500));
+    assert_eq!(leaktrace_tests::live_bytes_of(&r, "leak_calloc"), Some(900));
     assert_eq!(r["heap"]["sample_rate_bytes"], 1);
 }
 
