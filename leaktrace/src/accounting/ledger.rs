@@ -815,6 +815,24 @@ mod tests {
     /// A realloc that resized its block in place (no stack walked) keeps the block's
     /// stack and age and counts neither an allocation nor a free for that stack; one
     /// of a block from before attach becomes known, without a stack.
+    /// A stack is idle once nothing it allocated is live and its last allocation is
+    /// older than the cut; forgetting it drops its churn and counts it.
+    #[test]
+    fn idle_stacks_are_those_with_nothing_live_and_no_recent_allocation() {
+        let mut l = Ledger::new(None, None);
+        l.apply(&alloc(AllocFn::Malloc, 0x1000, 100, 0, 1, 1_000));
+        l.apply(&alloc(AllocFn::Malloc, 0x2000, 100, 0, 2, 1_000));
+        l.apply(&alloc(AllocFn::Malloc, 0x3000, 100, 0, 3, 9_000));
+        l.apply(&free(0x2000));
+        l.apply(&free(0x3000));
+        // 1 holds a live block; 2 is freed and old; 3 is freed but recent.
+        assert_eq!(l.idle_stacks([1, 2, 3, 4].into_iter(), 5_000), vec![2, 4]);
+        l.forget_stacks(&[2, 4]);
+        assert_eq!(l.stack_activity(2), StackActivity::default());
+        assert_eq!(l.stack_activity(3).allocs, 1);
+        assert_eq!(l.counters.stacks_aged_out, 2);
+    }
+
     #[test]
     fn realloc_in_place_keeps_its_stack() {
         let in_place = |addr, size, ts| Event {

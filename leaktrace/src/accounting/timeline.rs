@@ -228,6 +228,36 @@ mod tests {
     }
 
     /// Growth cases: (name, series, expected slope in bytes/s, expected steadiness).
+    /// With a window, only its samples stay, the totals' and each stack's; a stack
+    /// with nothing left in it loses its series.
+    #[test]
+    fn a_window_keeps_only_its_samples() {
+        let mut t = Timeline::with_window(Some(10.0));
+        let mut l = Ledger::new(None, None);
+        let ev = leaktrace_common::Event {
+            kind: leaktrace_common::kind::ALLOC,
+            addr: 0x1000,
+            size: 64,
+            stack_id: 7,
+            func: leaktrace_common::AllocFn::Malloc as u32,
+            ..Default::default()
+        };
+        l.apply(&ev);
+        for s in 0..=30 {
+            t.sample(f64::from(s), &l, Rss::default(), 1);
+        }
+        assert_eq!(t.points().first().map(|p| p.t_s), Some(20.0));
+        assert_eq!(t.points().len(), 11);
+        assert_eq!(t.heap_series()[&7].len(), 11);
+        t.forget(&[7]);
+        assert!(t.heap_series().is_empty());
+        t.reset();
+        assert!(t.points().is_empty());
+        t.sample(100.0, &l, Rss::default(), 1);
+        t.sample(115.0, &l, Rss::default(), 1);
+        assert_eq!(t.points().len(), 1, "the window survives a reset");
+    }
+
     #[test]
     fn slopes_resist_bursts_and_plateaus() {
         type Case = (&'static str, Vec<(f64, u64)>, f64, f64);
