@@ -22,6 +22,12 @@ EXAMPLES:
     A pprof heap profile (go tool pprof, Pyroscope, Parca) and a flamegraph:
         sudo leaktrace --pid 1234 --duration 30 --format pprof -o heap.pb.gz --flamegraph heap.svg
 
+    Watch it live in the terminal (q quits and prints the final report):
+        sudo leaktrace --pid 1234 --live
+
+    Left running beside a service, with metrics for Prometheus:
+        sudo leaktrace --pid 1234 --continuous --prometheus 127.0.0.1:9464 -o report.txt
+
     Record a capture while tracing; later, elsewhere, without root, redo the analysis:
         sudo leaktrace --pid 1234 --duration 600 --record run.ltcap
         leaktrace --replay run.ltcap --format pprof -o heap.pb.gz
