@@ -60,6 +60,21 @@ fn new_in_diff(d: &serde_json::Value, f: &str) -> Option<i64> {
         .map(|c| c["change_bytes"].as_i64().unwrap())
 }
 
+/// `--diff BASE NEW --format json` says heap_ops' two leaks are new, with their bytes.
+#[track_caller]
+fn assert_heap_ops_leaks_new(base: &Path, new: &Path) {
+    let d: serde_json::Value = serde_json::from_str(&offline(&[
+        "--diff",
+        base.to_str().unwrap(),
+        new.to_str().unwrap(),
+        "--format",
+        "json",
+    ]))
+    .expect("diff JSON");
+    assert_eq!(new_in_diff(&d, "leak_malloc"), Some(500), "{d:#}");
+    assert_eq!(new_in_diff(&d, "leak_calloc"), Some(900), "{d:#}");
+}
+
 /// heap_ops `basic` leaves 5 blocks of 100 bytes from leak_malloc and 3 of 300 from
 /// leak_calloc, and churns 1000 malloc'd blocks of 16..1015 bytes in churn, all
 /// freed. A live `--format pprof` profile read by go tool pprof says exactly that per
@@ -155,16 +170,7 @@ fn root_reports_diff_convert_and_fold() {
         text.contains("leak_malloc") && text.contains("+500 B"),
         "{text}"
     );
-    let d: serde_json::Value = serde_json::from_str(&offline(&[
-        "--diff",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--format",
-        "json",
-    ]))
-    .expect("diff JSON");
-    assert_eq!(new_in_diff(&d, "leak_malloc"), Some(500), "{d:#}");
-    assert_eq!(new_in_diff(&d, "leak_calloc"), Some(900), "{d:#}");
+    assert_heap_ops_leaks_new(&a, &b);
     // pprof's own diff of two of our profiles.
     let (pa, pb) = (temp_path("before.pb.gz"), temp_path("after.pb.gz"));
     offline(&[
@@ -414,16 +420,7 @@ fn root_record_replays_to_the_live_report() {
     let (early_json, _) = offline_both(&["--replay", early.to_str().unwrap(), "--format", "json"]);
     let before: serde_json::Value = serde_json::from_str(&early_json).expect("JSON");
     assert_eq!(leaktrace_tests::live_bytes_of(&before, "leak_malloc"), None);
-    let d: serde_json::Value = serde_json::from_str(&offline(&[
-        "--diff",
-        early.to_str().unwrap(),
-        cap.to_str().unwrap(),
-        "--format",
-        "json",
-    ]))
-    .expect("diff JSON");
-    assert_eq!(new_in_diff(&d, "leak_malloc"), Some(500), "{d:#}");
-    assert_eq!(new_in_diff(&d, "leak_calloc"), Some(900), "{d:#}");
+    assert_heap_ops_leaks_new(&early, &cap);
 
     // Cut anywhere: it replays up to its last complete record and says so.
     let bytes = std::fs::read(&cap).unwrap();
