@@ -100,6 +100,7 @@ pub fn analyse(books: Books<'_>, snap: &Snapshot, f: &RunFacts, top: usize) -> R
         mmap_threshold_raised_to: books.ledger.mmap_threshold_raised_to(),
         malloc_env: snap.malloc_env.clone(),
         heap_detached: f.heap_detached.is_some(),
+        frees_windowed: f.duty.as_ref().is_some_and(|d| !d.frees_always_attached),
         heap_untraced: f.heap_not_traced.is_some(),
         lost_total: Losses::tally(&f.kernel_counters, &books.ledger.counters).total,
         python: snap.python.is_some(),

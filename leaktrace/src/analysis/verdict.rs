@@ -255,6 +255,10 @@ pub struct Facts<'a> {
     pub malloc_env: Vec<String>,
     /// The heap probes were detached by the overhead budget.
     pub heap_detached: bool,
+    /// Sampled mode's duty cycle windowed the frees too: a block freed between windows
+    /// stays counted until its address is handed out again in a window, so the live
+    /// heap is an upper bound that can grow while nothing leaks.
+    pub frees_windowed: bool,
     /// The heap was not traced at all (no allocator recognized): only RSS, brk and
     /// mappings are known, and live data can't be told from freed memory kept.
     pub heap_untraced: bool,
@@ -1374,7 +1378,15 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
         );
     }
 
-    if !rss_growing && !heap_growing {
+    if f.frees_windowed {
+        evidence.push(Evidence {
+            metric: "frees_windowed",
+            value: 1.0,
+            text: "the duty cycle windowed the frees too (they alone cost more than its budget): blocks freed between windows stay counted, so the live heap is an upper bound, and its growth is not called a leak while RSS is flat".into(),
+        });
+    }
+    // With the frees windowed, the live heap's growth is no growth by itself.
+    if !rss_growing && (!heap_growing || f.frees_windowed) {
         let early = if rss_net >= threshold {
             format!(
                 " It rose by {} early on and then held: a working set filling up, not growth.",
@@ -1384,9 +1396,14 @@ fn decide_from_growth(f: &Facts<'_>) -> Verdict {
             String::new()
         };
         let mut summary = format!(
-            "No growth: anonymous RSS moved {} over {span:.1} s and was flat in the second half; the live heap moved {}.{early}",
+            "No growth: anonymous RSS moved {} over {span:.1} s and was flat in the second half; the live heap moved {}{}.{early}",
             signed_bytes(rss_net),
-            signed_bytes(heap_net)
+            signed_bytes(heap_net),
+            if f.frees_windowed {
+                " (an upper bound: the duty cycle windowed the frees, and blocks freed between windows stay counted)"
+            } else {
+                ""
+            }
         );
         let remedies = retained_remedies(f);
         if let Some(w) = f.walk
@@ -2009,6 +2026,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Sampled with the frees windowed by the duty cycle, the live heap estimate grows
+    /// with every block freed between windows: with anonymous RSS flat that is no
+    /// growth (the soak's flat-out malloc/free loop was called a 9 GiB leak), said with
+    /// the reason; the same samples with every free seen are a leak.
+    #[test]
+    fn windowed_frees_alone_are_not_a_leak() {
+        let pts = points(|i| (20 * MIB, 16 * MIB + i * 256 * 1024, 20 * MIB, 0));
+        let decide_with = |frees_windowed: bool| {
+            decide(&Facts {
+                points: &pts,
+                candidates: vec![candidate(1, |i| i * 256 * 1024)],
+                frees_windowed,
+                ..Facts::default()
+            })
+        };
+        let v = decide_with(true);
+        assert_eq!(v.kind, VerdictKind::NoGrowth, "{}", v.summary);
+        assert!(v.summary.contains("an upper bound"), "{}", v.summary);
+        assert!(v.evidence.iter().any(|e| e.metric == "frees_windowed"));
+        assert_eq!(decide_with(false).kind, VerdictKind::Leak);
     }
 
     /// Another allocator (its state not read) that took memory while traced and kept it

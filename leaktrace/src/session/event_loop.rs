@@ -1566,6 +1566,7 @@ impl Session<'_> {
                     mmap_threshold_raised_to: f.ledger.mmap_threshold_raised_to(),
                     malloc_env: snap.malloc_env.clone(),
                     heap_detached: false,
+                    frees_windowed: false,
                     heap_untraced: self.heap_not_traced.is_some() || f.attach_error.is_some(),
                     lost_total: 0,
                     python: snap.python.is_some(),
