@@ -207,8 +207,6 @@ pub struct StackActivity {
     pub alloc_count: u64,
     /// Bytes allocated, estimated when sampling.
     pub alloc_bytes: u64,
-    /// When the last block was allocated (CLOCK_MONOTONIC), for aging stacks out.
-    pub last_ns: u64,
 }
 
 /// The books.
@@ -430,7 +428,6 @@ impl Ledger {
         a.allocs += 1;
         a.alloc_count += count;
         a.alloc_bytes += bytes;
-        a.last_ns = a.last_ns.max(ev.ts_ns);
     }
 
     /// Adds a live block; returns what it stands for (estimated bytes, blocks).
@@ -695,17 +692,16 @@ impl Ledger {
             .collect()
     }
 
-    /// Stacks with nothing live (no heap block, no mapping) and no allocation since
-    /// `before_ns`: they no longer matter to any report.
-    pub fn idle_stacks(&self, ids: impl Iterator<Item = i64>, before_ns: u64) -> Vec<i64> {
-        ids.filter(|id| {
-            !self.heap_by_stack.contains_key(id)
-                && !self.mapped_by_stack.contains_key(id)
-                && self
-                    .stack_activity
-                    .get(id)
-                    .is_none_or(|a| a.last_ns < before_ns)
+    /// Of stacks given with the time of their last event, those with nothing live (no
+    /// heap block, no mapping) and no event since `before_ns`: they no longer matter
+    /// to any report.
+    pub fn idle_stacks(&self, ids: impl Iterator<Item = (i64, u64)>, before_ns: u64) -> Vec<i64> {
+        ids.filter(|&(id, last_ns)| {
+            last_ns < before_ns
+                && !self.heap_by_stack.contains_key(&id)
+                && !self.mapped_by_stack.contains_key(&id)
         })
+        .map(|(id, _)| id)
         .collect()
     }
 
@@ -815,8 +811,8 @@ mod tests {
     /// A realloc that resized its block in place (no stack walked) keeps the block's
     /// stack and age and counts neither an allocation nor a free for that stack; one
     /// of a block from before attach becomes known, without a stack.
-    /// A stack is idle once nothing it allocated is live and its last allocation is
-    /// older than the cut; forgetting it drops its churn and counts it.
+    /// A stack is idle once nothing it allocated is live and its last event is older
+    /// than the cut; forgetting it drops its churn and counts it.
     #[test]
     fn idle_stacks_are_those_with_nothing_live_and_no_recent_allocation() {
         let mut l = Ledger::new(None, None);
@@ -825,8 +821,10 @@ mod tests {
         l.apply(&alloc(AllocFn::Malloc, 0x3000, 100, 0, 3, 9_000));
         l.apply(&free(0x2000));
         l.apply(&free(0x3000));
-        // 1 holds a live block; 2 is freed and old; 3 is freed but recent.
-        assert_eq!(l.idle_stacks([1, 2, 3, 4].into_iter(), 5_000), vec![2, 4]);
+        // 1 holds a live block; 2 is freed and old; 3 is freed but recent; 4 has
+        // no block and an old event.
+        let seen = [(1, 1_000), (2, 1_000), (3, 9_000), (4, 0)];
+        assert_eq!(l.idle_stacks(seen.into_iter(), 5_000), vec![2, 4]);
         l.forget_stacks(&[2, 4]);
         assert_eq!(l.stack_activity(2), StackActivity::default());
         assert_eq!(l.stack_activity(3).allocs, 1);

@@ -13,7 +13,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
 };
 use leaktrace_common::{Event, counter, maps};
-use rustc_hash::FxHashSet;
+use rustc_hash::FxHashMap;
 use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedReceiver};
 
 use crate::{
@@ -79,7 +79,9 @@ struct Session<'a> {
     /// Stacks resolved by the worker.
     stacks: StackStore,
     /// Stack ids seen in events so far.
-    known_stacks: FxHashSet<i64>,
+    /// Stack ids seen in events so far, with the last event's time (CLOCK_MONOTONIC):
+    /// `--continuous` forgets those not seen for a while.
+    known_stacks: FxHashMap<i64, u64>,
     rss: procfs::Rss,
     /// Threads in the target at the last sample.
     threads: u64,
@@ -257,7 +259,7 @@ pub fn run(
             config.continuous.then_some(CONTINUOUS_WINDOW.as_secs_f64()),
         ),
         stacks: StackStore::default(),
-        known_stacks: FxHashSet::default(),
+        known_stacks: FxHashMap::default(),
         rss: procfs::read_status(pid).map(|s| s.rss).unwrap_or_default(),
         threads: 0,
         attached,
@@ -578,7 +580,11 @@ impl Session<'_> {
                     self.ask_snapshot(Then::Refresh);
                 }
                 _ = live_tick.tick(), if self.live.is_some() => self.draw_live(&m),
-                _ = age_tick.tick(), if self.config.continuous => self.age_stacks(),
+                _ = age_tick.tick(), if self.config.continuous => {
+                    // Events in the ring name stacks too: read them first.
+                    self.drain(m.ring.get_mut());
+                    self.age_stacks();
+                }
                 key = async { match live_keys.as_mut() { Some(k) => k.recv().await, None => std::future::pending().await } } => {
                     let quit = match (key, self.live.as_mut()) {
                         (Some(k), Some(l)) => l.key(k),
@@ -914,8 +920,17 @@ impl Session<'_> {
             // SAFETY: the buffer holds at least one Event, a Pod written by our BPF program;
             // read_unaligned copes with any alignment.
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            if ev.stack_id >= 0 && self.known_stacks.insert(ev.stack_id) {
-                new_stacks.push(ev.stack_id);
+            if ev.stack_id >= 0 {
+                match self.known_stacks.entry(ev.stack_id) {
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(ev.ts_ns);
+                        new_stacks.push(ev.stack_id);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        let t = e.get_mut();
+                        *t = (*t).max(ev.ts_ns);
+                    }
+                }
             }
             if self.family.is_some() && self.route(&ev) {
                 continue;
@@ -1422,9 +1437,14 @@ impl Session<'_> {
     /// `Config::age_after`, here, in the capture and in the kernel's maps.
     fn age_stacks(&mut self) {
         let before = monotonic_ns().saturating_sub(self.config.age_after.as_nanos() as u64);
-        let ids = self
-            .ledger
-            .idle_stacks(self.stacks.iter().map(|(id, _)| id), before);
+        // Every event of any kind counts as use (a stack that only frees, or maps,
+        // matters as much as one that allocates).
+        let ids = self.ledger.idle_stacks(
+            self.stacks
+                .iter()
+                .map(|(id, _)| (id, self.known_stacks.get(&id).copied().unwrap_or(0))),
+            before,
+        );
         if ids.is_empty() {
             return;
         }
