@@ -124,7 +124,7 @@ struct Opts {
 
     /// Left running for days (a service): sampling at 512 KiB by default (the duty
     /// cycle keeps the probes' cost under --max-overhead, 1%), growth over the last hour,
-    /// stacks with nothing live and no allocation for 10 minutes forgotten; ends with
+    /// stacks with nothing live and no event for 10 minutes forgotten; ends with
     /// the final report when the target exits. See docs/leaktrace.service.
     #[arg(long, conflicts_with_all = ["dry_run", "follow_forks", "convert", "diff", "replay"])]
     continuous: bool,

@@ -47,7 +47,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// `--continuous`: the timeline's window (growth is the last hour's).
 const CONTINUOUS_WINDOW: Duration = Duration::from_secs(3600);
 /// `--continuous`: how often stacks are aged, at most (a stack with nothing live and
-/// no allocation for `Config::age_after` is forgotten).
+/// no event for `Config::age_after` is forgotten).
 const AGE_EVERY: Duration = Duration::from_secs(60);
 /// `PROT_EXEC` in an mmap event's protection bits.
 const PROT_EXEC: u64 = 4;
@@ -1433,7 +1433,7 @@ impl Session<'_> {
         }
     }
 
-    /// `--continuous`: forgets the stacks with nothing live and no allocation for
+    /// `--continuous`: forgets the stacks with nothing live and no event for
     /// `Config::age_after`, here, in the capture and in the kernel's maps.
     fn age_stacks(&mut self) {
         let before = monotonic_ns().saturating_sub(self.config.age_after.as_nanos() as u64);

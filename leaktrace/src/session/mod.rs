@@ -88,7 +88,7 @@ pub struct Config {
     /// Show the run in a terminal view (`--live`).
     pub live: bool,
     /// Left running for days (`--continuous`): the timeline keeps its last hour, stacks
-    /// with nothing live and no allocation for 10 minutes are forgotten.
+    /// with nothing live and no event for 10 minutes are forgotten.
     pub continuous: bool,
     /// With `continuous`: how long a stack with nothing live and no allocation is kept.
     pub age_after: Duration,
