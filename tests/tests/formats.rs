@@ -60,17 +60,35 @@ fn new_in_diff(d: &serde_json::Value, f: &str) -> Option<i64> {
         .map(|c| c["change_bytes"].as_i64().unwrap())
 }
 
-/// `--diff BASE NEW --format json` says heap_ops' two leaks are new, with their bytes.
+/// `--diff BASE NEW --format json`, parsed.
 #[track_caller]
-fn assert_heap_ops_leaks_new(base: &Path, new: &Path) {
-    let d: serde_json::Value = serde_json::from_str(&offline(&[
+fn diff_json(base: &Path, new: &Path) -> serde_json::Value {
+    serde_json::from_str(&offline(&[
         "--diff",
         base.to_str().unwrap(),
         new.to_str().unwrap(),
         "--format",
         "json",
     ]))
-    .expect("diff JSON");
+    .expect("diff JSON")
+}
+
+/// `--replay CAPTURE --format json` equals the live report, field by field.
+#[track_caller]
+fn assert_replays_to(capture: &Path, live: &serde_json::Value) -> serde_json::Value {
+    let (json, _) = offline_both(&["--replay", capture.to_str().unwrap(), "--format", "json"]);
+    let replayed: serde_json::Value = serde_json::from_str(&json).expect("replayed JSON");
+    for key in live.as_object().expect("an object").keys() {
+        assert_eq!(replayed[key], live[key], "{key} differs");
+    }
+    assert_eq!(&replayed, live);
+    replayed
+}
+
+/// `--diff BASE NEW --format json` says heap_ops' two leaks are new, with their bytes.
+#[track_caller]
+fn assert_heap_ops_leaks_new(base: &Path, new: &Path) {
+    let d = diff_json(base, new);
     assert_eq!(new_in_diff(&d, "leak_malloc"), Some(500), "{d:#}");
     assert_eq!(new_in_diff(&d, "leak_calloc"), Some(900), "{d:#}");
 }
@@ -373,17 +391,13 @@ fn root_record_replays_to_the_live_report() {
         serde_json::from_str(all.lines().last().expect("a final report")).expect("JSON");
     assert_eq!(live["final_report"], true);
 
-    let (json, said) = offline_both(&["--replay", cap.to_str().unwrap(), "--format", "json"]);
+    let (_, said) = offline_both(&["--replay", cap.to_str().unwrap(), "--format", "json"]);
     assert!(
         said.contains(&format!("replaying {}: pid {pid}", cap.display())),
         "{said}"
     );
     assert!(!said.contains("cut short"), "{said}");
-    let replayed: serde_json::Value = serde_json::from_str(&json).expect("replayed JSON");
-    for key in live.as_object().expect("an object").keys() {
-        assert_eq!(replayed[key], live[key], "{key} differs");
-    }
-    assert_eq!(replayed, live);
+    let replayed = assert_replays_to(&cap, &live);
     assert_eq!(
         leaktrace_tests::live_bytes_of(&replayed, "leak_malloc"),
         Some(500)
@@ -469,20 +483,8 @@ fn root_record_replays_a_sampled_python_run() {
     let duty = &live["heap"]["duty_cycle"];
     assert!(duty["windows"].as_u64().unwrap() > 0, "{duty:#}");
     assert!(!live["python"]["gc"].is_null() && !live["census"].is_null());
-    let (json, _) = offline_both(&["--replay", cap.to_str().unwrap(), "--format", "json"]);
-    let replayed: serde_json::Value = serde_json::from_str(&json).expect("replayed JSON");
-    for key in live.as_object().expect("an object").keys() {
-        assert_eq!(replayed[key], live[key], "{key} differs");
-    }
-    assert_eq!(replayed, live);
-    let d: serde_json::Value = serde_json::from_str(&offline(&[
-        "--diff",
-        early.to_str().unwrap(),
-        cap.to_str().unwrap(),
-        "--format",
-        "json",
-    ]))
-    .expect("diff JSON");
+    assert_replays_to(&cap, &live);
+    let d = diff_json(&early, &cap);
     let types = &d["types"];
     assert_eq!(types["kind"], "python", "{d:#}");
     let bytearray = types["grown"]
